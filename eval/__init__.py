@@ -1,0 +1,1 @@
+"""Benchmark scorers (hallucination and helpfulness) and the comparison table."""

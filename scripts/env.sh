@@ -1,0 +1,32 @@
+# Sourced by every run_*.sh: make the virtual environment when it is missing, then set the
+# environment DeepSpeed needs on this machine. Re-running is cheap once .venv exists.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.txt" -nt "$ROOT/.venv/.installed" ]; then
+  echo "setting up $ROOT/.venv (first run: a few minutes)" >&2
+  python3 -m venv "$ROOT/.venv"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+  touch "$ROOT/.venv/.installed"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  export DS_ACCELERATOR=cpu
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+fi
+export TOKENIZERS_PARALLELISM=false
+# Launch a stage module with the deepspeed launcher; NUM_GPUS (default: all) / HOSTFILE select ranks.
+launch() {
+  local module="$1"; shift
+  local args=()
+  if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
+  if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
+    args+=(--num_accelerators "${NUM_GPUS:-1}")
+  elif [ -n "${NUM_GPUS:-}" ]; then
+    args+=(--num_gpus "$NUM_GPUS")
+  fi
+  deepspeed "${args[@]}" --master_port "${MASTER_PORT:-$((29500 + RANDOM % 1000))}" --module "$module" "$@"
+}

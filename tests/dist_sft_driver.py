@@ -1,0 +1,13 @@
+"""Run by tests/test_sft_distributed.py under `deepspeed --num_accelerators 2`: SFT at ZeRO 0-3."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sft_helpers import sft_args  # noqa: E402
+
+from training.sft.main import main  # noqa: E402
+
+world, tiny, out = map(Path, sys.argv[1:4])
+for stage in (0, 1, 2, 3):
+    main(sft_args(world, tiny, out / f"zero{stage}", "--zero_stage", str(stage), "--max_steps", "2",
+                  "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5"))

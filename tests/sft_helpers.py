@@ -1,0 +1,32 @@
+"""Shared fixtures for stage tests: a small embedded world and the tiny VLM, built once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from training.model.tiny import ensure_tiny_vlm
+from training.world.generate import WorldConfig, generate
+
+SMALL_WORLD = WorldConfig(seed=7, n_sft=24, n_pref=16, n_ppo=8, n_heldout=8)
+
+
+def make_world(root: Path) -> Path:
+    if not (root / "world.json").exists():
+        generate(root, SMALL_WORLD)
+    return root
+
+
+def make_tiny(root: Path) -> Path:
+    return ensure_tiny_vlm(root, hidden=32, layers=1)
+
+
+def sft_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
+    return ["--from_checkpoint", str(tiny), "--data_path", str(world / "sft_train.json"),
+            "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress",
+            "--logging_steps", "1", "--num_warmup_steps", "0", "--lr_scheduler_type", "constant",
+            *extra]
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(Path(out) / "model.safetensors"))

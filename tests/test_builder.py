@@ -1,0 +1,298 @@
+"""The model builder on tiny random checkpoints of every supported architecture (no download)."""
+import importlib.util
+import math
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from training.config import LoraArgs, ModelArgs
+from training.model.architectures import ARCHITECTURES, detect_architecture
+from training.model.builder import (build_from_parts, enable_gradient_checkpointing, load_model_and_processor,
+                                    save_model)
+from training.model.tiny_archs import SUPPORTED_TINY, build_tokenizer, make_tiny_checkpoint
+
+ARCHS = [a for a in SUPPORTED_TINY if a != "smolvlm" or importlib.util.find_spec("num2words")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch name -> tiny checkpoint dir, built once per module."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny_checkpoint(a, root / a) for a in ARCHS}
+
+
+def _batch(processor, n_images=1):
+    """One conversation (image + question, answer) through the chat template and the processor."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": "What is shown?"}]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    images = [Image.new("RGB", (40, 30), (200, 20 + 60 * i, 20)) for i in range(n_images)]
+    return processor(images=images, text=[text], return_tensors="pt", add_special_tokens=False)
+
+
+def _loss(model, batch):
+    return model(**batch, labels=batch["input_ids"]).loss
+
+
+def _load(path, lora=None, **model_kw):
+    return load_model_and_processor(ModelArgs(from_checkpoint=path, **model_kw), lora or LoraArgs())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward(tiny_ckpts, arch):
+    model, processor, spec = _load(tiny_ckpts[arch])
+    assert spec.name == ("idefics3" if arch == "smolvlm" else arch)
+    assert all(spec.param_group(n) for n, _ in model.named_parameters()), "every parameter has a group"
+    batch = _batch(processor)
+    if arch != "mllama":  # mllama cross-attends: one <|image|> token; the others expand it
+        n_img = (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(spec.image_token)).sum().item()
+        assert 1 <= n_img <= 64
+    loss = _loss(model, batch)
+    assert math.isfinite(loss.item())
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # only the vision tower may hold unused weights (llava*: features from layer -2, so the last layer)
+    assert all(g is not None for n, g in grads.items() if spec.param_group(n) != "vision")
+    grads = {n: g for n, g in grads.items() if g is not None}
+    for group in ("vision", "projector", "lm"):  # the image reaches the loss: every group learns
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if spec.param_group(n) == group), group
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_freezing(tiny_ckpts, arch):
+    for flag, group in (("freeze_vision_tower", "vision"), ("freeze_projector", "projector"),
+                        ("freeze_language_model", "lm")):
+        model, _, spec = _load(tiny_ckpts[arch], **{flag: True})
+        for n, p in model.named_parameters():
+            assert p.requires_grad == (spec.param_group(n) != group), (flag, n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_only_adapters_train(tiny_ckpts, arch):
+    model, processor, spec = _load(tiny_ckpts[arch], LoraArgs(lora_r=4), freeze_vision_tower=True, freeze_projector=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    lora_modules = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert lora_modules and all(spec.param_group(n + ".weight") == "lm" for n in lora_modules)
+    _loss(model, _batch(processor)).backward()
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_lora_keeps_trainable_projector(tiny_ckpts):
+    model, _, spec = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4), freeze_vision_tower=True)
+    groups = {spec.param_group(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert groups == {"projector"}
+
+
+def test_lora_and_frozen_language_model_conflict(tiny_ckpts):
+    with pytest.raises(ValueError, match="freeze_language_model"):
+        _load(tiny_ckpts["llava"], LoraArgs(lora_r=4), freeze_language_model=True)
+
+
+def test_qlora_4bit_on_cpu(tiny_ckpts):
+    import bitsandbytes as bnb
+    model, processor, spec = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, qlora=True), freeze_vision_tower=True)
+    q4 = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert q4 and all(spec.param_group(n + ".weight") == "lm" for n in q4)  # vision/projector not quantized
+    assert model.get_base_model().model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
+    loss = _loss(model, _batch(processor))
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_same_grads(tiny_ckpts, arch):
+    model, processor, _ = _load(tiny_ckpts[arch])
+    batch = _batch(processor)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_gradient_checkpointing(model, lora=False)
+        model.zero_grad()
+        _loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradient_checkpointing_with_lora(tiny_ckpts):
+    model, processor, _ = _load(tiny_ckpts["qwen2_vl"], LoraArgs(lora_r=4), gradient_checkpointing=True,
+                                freeze_vision_tower=True)
+    assert model.get_base_model().is_activation_checkpointing
+    _loss(model, _batch(processor)).backward()
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_unknown_architecture_lists_supported(tiny_ckpts):
+    with pytest.raises(ValueError) as e:
+        detect_architecture(SimpleNamespace(model_type="gpt2"))
+    assert all(name in str(e.value) for name in ARCHITECTURES)
+    with pytest.raises(ValueError, match="llava_next"):
+        detect_architecture(None, override="blip2")
+    assert detect_architecture(SimpleNamespace(model_type="smolvlm")).name == "idefics3"
+    assert detect_architecture(SimpleNamespace(model_type="gpt2"), override="qwen2_vl").name == "qwen2_vl"
+    with pytest.raises(ValueError, match="supported"):
+        _load(tiny_ckpts["llava"], model_architecture="nope")
+
+
+def test_tiny_templates_close_turns_and_prefix(tiny_ckpts):
+    from transformers import AutoProcessor
+    end = {"llava": "</s>", "llava_next": "</s>", "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>\n",
+           "smolvlm": "<end_of_utterance>\n", "qwen2_vl": "<|im_end|>\n", "qwen2_5_vl": "<|im_end|>\n"}
+    for arch in ARCHS:
+        processor = AutoProcessor.from_pretrained(tiny_ckpts[arch])
+        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+        gen = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = processor.apply_chat_template(prompt + [{"role": "assistant", "content": "Yes."}], tokenize=False)
+        assert full.startswith(gen) and full.endswith("Yes." + end[arch]), arch
+        assert gen.count(ARCHITECTURES["idefics3" if arch == "smolvlm" else arch].image_token) == 1, arch
+
+
+def _tiny_lm(kind, path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    if kind == "llama":
+        tok = build_tokenizer(["<unk>", "<s>", "</s>"], add_bos="<s>", unk_token="<unk>", bos_token="<s>",
+                              eos_token="</s>")
+        cls, cfg = LlamaForCausalLM, LlamaConfig
+    else:
+        tok = build_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], add_bos=None,
+                              eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        cls, cfg = Qwen2ForCausalLM, Qwen2Config
+    model = cls(cfg(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=kind == "qwen2"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def _tiny_vision(kind, path):
+    import transformers
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               image_size=32, patch_size=8)
+    prefix = "CLIP" if kind == "clip" else "Siglip"
+    model = getattr(transformers, f"{prefix}VisionModel")(getattr(transformers, f"{prefix}VisionConfig")(**cfg))
+    model.save_pretrained(path)
+    size = {"shortest_edge": 32} if kind == "clip" else {"height": 32, "width": 32}
+    extra = {"crop_size": {"height": 32, "width": 32}} if kind == "clip" else {}
+    getattr(transformers, f"{prefix}ImageProcessor")(size=size, **extra).save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("vision_kind,lm_kind", [("clip", "llama"), ("siglip", "qwen2")])
+def test_build_from_parts(tmp_path, monkeypatch, vision_kind, lm_kind):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the builder composes parts
+    vision = _tiny_vision(vision_kind, tmp_path / "vision")
+    lm, tok = _tiny_lm(lm_kind, tmp_path / "lm")
+    out = build_from_parts(str(tmp_path / "vision"), str(tmp_path / "lm"), tmp_path / "vlm")
+    model, processor, spec = _load(out)
+    assert spec.name == "llava" and "<image>" in processor.tokenizer.get_vocab()
+    # pretrained weights of both parts were copied
+    torch.testing.assert_close(model.model.vision_tower.state_dict(), vision.state_dict())
+    ids = tok("red circle", return_tensors="pt").input_ids
+    with torch.no_grad():
+        vocab = lm.config.vocab_size
+        torch.testing.assert_close(model(input_ids=ids).logits[..., :vocab], lm(input_ids=ids).logits)
+    loss = _loss(model, _batch(processor))
+    assert math.isfinite(loss.item())
+    loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    # the same through ModelArgs(vision_tower=..., language_model=...)
+    model2, _, _ = load_model_and_processor(
+        ModelArgs(vision_tower=str(tmp_path / "vision"), language_model=str(tmp_path / "lm")), LoraArgs())
+    torch.testing.assert_close(model2.state_dict(), model.state_dict())
+
+
+def _tiny_open_clip(tmp_path):
+    """Register a tiny open_clip architecture (random weights, nothing downloaded)."""
+    import json
+
+    import open_clip
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16,
+                          "mlp_ratio": 2.0},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-vit-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-vit-test.json")
+    return "tiny-vit-test"
+
+
+def test_open_clip_conversion_same_features(tmp_path):
+    import open_clip
+
+    from training.model.builder import open_clip_to_clip_vision
+    arch = _tiny_open_clip(tmp_path)
+    visual = open_clip.create_model(arch, pretrained=None).visual.eval()
+    hf = open_clip_to_clip_vision(visual, quick_gelu=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).pooler_output @ visual.proj, visual(x), rtol=1e-4, atol=1e-5)
+
+
+def test_build_from_parts_open_clip(tmp_path):
+    arch = _tiny_open_clip(tmp_path)
+    _tiny_lm("llama", tmp_path / "lm")
+    out = build_from_parts(f"open_clip:{arch}", str(tmp_path / "lm"), tmp_path / "vlm", image_size=48)
+    model, processor, _ = _load(out)
+    assert model.config.vision_config.image_size == 48
+    batch = _batch(processor)
+    assert (batch["input_ids"] == model.config.image_token_index).sum() == (48 // 8) ** 2
+    assert math.isfinite(_loss(model, batch).item())
+    with pytest.raises(FileNotFoundError, match="local file"):
+        build_from_parts(f"open_clip:{arch}:/nonexistent.pt", str(tmp_path / "lm"), tmp_path / "vlm2")
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_save_reload_identical_logits(tiny_ckpts, tmp_path, arch):
+    model, processor, _ = _load(tiny_ckpts[arch])
+    with torch.no_grad():  # stand-in for training: weights differ from the checkpoint
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    batch = _batch(processor)
+    with torch.no_grad():
+        before = model(**batch).logits
+    save_model(model, processor, tmp_path / "saved")
+    assert not list((tmp_path / "saved").glob("*.bin"))
+    reloaded, processor2, _ = _load(str(tmp_path / "saved"))
+    reloaded.eval()
+    with torch.no_grad():
+        after = reloaded(**_batch(processor2)).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the builder merges on the fly
+    from training.model.merge_lora import main as merge_cli
+    model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
+    with torch.no_grad():  # stand-in for training: nonzero adapters, moved projector
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    batch = _batch(processor)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_model(model, processor, tmp_path / "run")
+    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged")])
+    merged, _, _ = _load(str(tmp_path / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    # a LoRA run's output dir also loads directly (merged on the fly)
+    direct, _, _ = _load(str(tmp_path / "run"))
+    for m in (merged, direct):
+        m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, processor, spec = load_model_and_processor(ModelArgs(), LoraArgs(lora_r=4), for_training=False)
+    assert spec.name == "llava" and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not hasattr(model, "peft_config")  # no LoRA when not training

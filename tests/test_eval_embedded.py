@@ -1,0 +1,53 @@
+"""Embedded-world scoring and POPE's parsing on hand-made cases with hand-worked numbers."""
+import json
+
+import pytest
+
+from eval.embedded import chair, first_number, mentioned_kinds, score_answers
+from eval.pope import parse_yes_no, pope_metrics
+
+
+def test_mentions_singular_plural_distinct():
+    assert mentioned_kinds("Two circles, one circle and three crosses.") == ["circle", "cross"]
+    assert mentioned_kinds("nothing here") == []
+
+
+def test_chair_hand_worked():
+    responses = ["one red circle and two stars.",  # star hallucinated: 1 of 2 mentions
+                 "three squares.",                  # correct
+                 "a cat."]                          # mentions nothing
+    gt = [["circle"], ["square", "triangle"], ["diamond"]]
+    m = chair(responses, gt)
+    assert m["CHAIRi"] == pytest.approx(1 / 3)        # 1 hallucinated of 3 mentions
+    assert m["CHAIRs"] == pytest.approx(1 / 3)        # 1 of 3 responses
+    assert m["CHAIRs_refine"] == pytest.approx(1 / 2)  # 1 of 2 responses that mention objects
+    assert m["recall"] == pytest.approx(2 / 4)        # circle + square of 4 GT kinds
+
+
+def test_pope_parsing_rule():
+    assert parse_yes_no("No, there is no star.") == "no"
+    assert parse_yes_no("Yes, there is a star.") == "yes"
+    assert parse_yes_no("There is not a star") == "no"
+    assert parse_yes_no("Yes. No star though") == "yes"  # cut at the first '.'
+    assert parse_yes_no("Nope") == "yes"  # only the tokens No / not / no count
+
+
+def test_pope_metrics_hand_worked():
+    m = pope_metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "no", "yes", "yes"])
+    # tp=2 fp=1 tn=1 fn=1
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(3 / 5)
+
+
+def test_count_and_missing_answers(tmp_path):
+    assert first_number("There are three stars.") == 3 and first_number("2 stars") == 2
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "count": c}) + "\n" for i, c in [("a", 2), ("b", 1)]))
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps({"question_id": "a", "text": "There are two circles."}) + "\n")
+    with pytest.raises(ValueError, match="1 questions have no answer"):
+        score_answers("count", q, a)
+    with a.open("a") as f:
+        f.write(json.dumps({"question_id": "b", "text": "There are three."}) + "\n")
+    assert score_answers("count", q, a)["accuracy"] == pytest.approx(0.5)

@@ -1,0 +1,128 @@
+"""load_image: every source kind, full decoding, and no path outside the image root."""
+import base64
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from training.data.images import ImageError, image_source, is_base64_text, load_image
+
+
+def _png(color=(255, 0, 0), size=(6, 4), fmt="PNG", mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "images"
+    (r / "sub").mkdir(parents=True)
+    (r / "red.png").write_bytes(_png())
+    (r / "sub" / "blue.jpg").write_bytes(_png((0, 0, 255), fmt="JPEG"))
+    (r / "rgba.png").write_bytes(_png((0, 255, 0, 128), mode="RGBA"))
+    (r / "truncated.png").write_bytes(_png(size=(64, 64))[:-40])
+    (r / "notes.txt").write_text("not an image")
+    (tmp_path / "outside.png").write_bytes(_png())
+    return r
+
+
+def _check(img, color=(255, 0, 0), size=(6, 4)):
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == size
+    assert img.getpixel((0, 0)) == color
+
+
+def test_relative_and_nested_paths(root):
+    _check(load_image("red.png", str(root)))
+    blue = load_image("sub/blue.jpg", root)
+    assert blue.mode == "RGB" and max(abs(a - b) for a, b in zip(blue.getpixel((1, 1)), (0, 0, 255))) < 8
+    _check(load_image("sub/../red.png", root))  # '..' that stays inside is fine
+    _check(load_image(root / "red.png", root))  # absolute path inside the root
+    assert load_image("rgba.png", root).mode == "RGB"
+
+
+def test_no_root_means_path_as_given(root, monkeypatch):
+    _check(load_image(str(root / "red.png"), None))
+    monkeypatch.chdir(root)
+    _check(load_image("red.png", ""))
+
+
+@pytest.mark.parametrize("path", ["../outside.png", "sub/../../outside.png"])
+def test_dotdot_escape_rejected(root, path):
+    with pytest.raises(ImageError, match="path escapes the image root"):
+        load_image(path, root)
+
+
+def test_absolute_path_outside_rejected(root):
+    with pytest.raises(ImageError, match="path escapes the image root"):
+        load_image(str(root.parent / "outside.png"), root)
+    with pytest.raises(ImageError, match="path escapes the image root"):
+        load_image("/etc/passwd", root)
+
+
+def test_symlink_pointing_outside_rejected(root):
+    os.symlink(root.parent / "outside.png", root / "link.png")
+    with pytest.raises(ImageError, match="path escapes the image root"):
+        load_image("link.png", root)
+    os.symlink(root / "red.png", root / "inside_link.png")  # a link that stays inside is fine
+    _check(load_image("inside_link.png", root))
+
+
+def test_symlinked_root_is_resolved(root, tmp_path):
+    os.symlink(root, tmp_path / "root_link")
+    _check(load_image("red.png", tmp_path / "root_link"))
+
+
+def test_missing_and_undecodable(root):
+    with pytest.raises(ImageError, match="^file not found$"):
+        load_image("nope.png", root)
+    with pytest.raises(ImageError, match="not a file"):
+        load_image("sub", root)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image("notes.txt", root)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image("truncated.png", root)  # only a full decode (.load()) finds this
+
+
+def test_bytes_struct_base64_pil(root):
+    data = _png()
+    _check(load_image(data, None))
+    _check(load_image(bytearray(data), None))
+    _check(load_image({"bytes": data, "path": "does/not/exist.png"}, root))  # bytes win
+    _check(load_image({"bytes": None, "path": "red.png"}, root))
+    text = base64.b64encode(data).decode()
+    assert is_base64_text(text) and not is_base64_text("red.png")
+    _check(load_image(text, root))
+    _check(load_image("data:image/png;base64," + text, root))
+    _check(load_image(text.encode(), root))  # base64 text kept in a binary column
+    _check(load_image(Image.new("RGB", (6, 4), (255, 0, 0)), None))
+    _check(load_image(Image.new("L", (6, 4), 255), None), color=(255, 255, 255))
+
+
+def test_bad_sources(root):
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image(_png()[:-40], None)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image(b"\x89PNG not really", None)
+    with pytest.raises(ImageError, match="empty image bytes"):
+        load_image(b"", None)
+    with pytest.raises(ImageError, match="neither bytes nor path"):
+        load_image({"bytes": None, "path": None}, root)
+    with pytest.raises(ImageError, match="bad base64"):
+        load_image("A" * 33, root)
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image(base64.b64encode(b"x" * 60).decode(), root)
+    with pytest.raises(ImageError, match="unsupported image source"):
+        load_image(12, root)
+    assert issubclass(ImageError, ValueError)
+
+
+def test_image_source_is_what_records_keep(root):
+    data = _png()
+    assert image_source({"bytes": data, "path": "x.png"}, root) == data
+    assert image_source(base64.b64encode(data).decode(), root) == data
+    assert image_source("sub/../red.png", root) == root / "red.png"
+    assert image_source({"bytes": None, "path": "red.png"}, str(root)) == root / "red.png"
+    with pytest.raises(ImageError, match="NUL"):
+        image_source("red\0.png", root)

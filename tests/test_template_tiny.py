@@ -1,0 +1,86 @@
+"""The chat-template layer on the embedded tiny VLM: labels token by token, truncation, generation."""
+import pytest
+import torch
+from PIL import Image
+
+from training.data.collate import collate_sft
+from training.data.records import Message
+from training.model.architectures import ARCHITECTURES
+from training.model.tiny import build_processor
+from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
+
+N_IMG = 64  # (64 / 8)^2 patches; LLaVA's "default" strategy drops CLS
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return build_processor()
+
+
+def _img():
+    return Image.new("RGB", (64, 64), (200, 10, 10))
+
+
+CONV = [Message("user", "<image>\nDescribe the image in detail."), Message("assistant", "The image shows one red circle."),
+        Message("user", "Is there a star?"), Message("assistant", "No, there is no star.")]
+
+
+def _tokens(proc, ids):
+    return proc.tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_labels_cover_exactly_every_assistant_turn_and_its_eos(proc):
+    e = ChatEncoder(proc, ARCHITECTURES["llava"], 200).encode(CONV, [_img()])
+    toks = _tokens(proc, e.input_ids.tolist())
+    expected = (["user", ":"] + ["<image>"] * N_IMG + "describe the image in detail . assistant :".split()
+                + "the image shows one red circle . </s>".split()
+                + "user : is there a star ? assistant :".split() + "no , there is no star . </s>".split())
+    assert toks == expected
+    target = [t != IGNORE for t in e.labels.tolist()]
+    want = ([False] * (2 + N_IMG + 8) + [True] * 8 + [False] * 9 + [True] * 8)
+    assert target == want
+    assert (e.labels[e.labels != IGNORE] == e.input_ids[e.labels != IGNORE]).all()
+    assert e.prompt_len == len(expected) - 8  # the last assistant turn starts here
+    assert e.vision["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_truncation_cuts_response_text_never_image_tokens(proc):
+    first = 2 + N_IMG + 8
+    enc = ChatEncoder(proc, ARCHITECTURES["llava"], first + 3)
+    e = enc.encode(CONV, [_img()])
+    assert e.truncated and len(e.input_ids) == first + 3
+    assert int((e.input_ids == proc.tokenizer.convert_tokens_to_ids("<image>")).sum()) == N_IMG
+    assert _tokens(proc, e.input_ids[e.labels != IGNORE].tolist()) == ["the", "image", "shows"]
+    # a later turn that does not fit whole is dropped with its prompt, not half-kept
+    e2 = ChatEncoder(proc, ARCHITECTURES["llava"], first + 8 + 4).encode(CONV, [_img()])
+    assert len(e2.input_ids) == first + 8 and int((e2.labels != IGNORE).sum()) == 8
+
+
+def test_prompt_that_cannot_fit_is_an_error_not_a_cut_image(proc):
+    with pytest.raises(PromptTooLong):
+        ChatEncoder(proc, ARCHITECTURES["llava"], 40).encode(CONV, [_img()])
+
+
+def test_placeholder_count_must_match_images(proc):
+    with pytest.raises(ValueError, match="1 image placeholders but 2 images"):
+        ChatEncoder(proc, ARCHITECTURES["llava"], 300).encode(CONV, [_img(), _img()])
+
+
+def test_generation_prompt_ends_with_assistant_and_has_no_labels(proc):
+    e = ChatEncoder(proc, ARCHITECTURES["llava"], 200).encode(CONV[:1], [_img()], add_generation_prompt=True)
+    assert _tokens(proc, e.input_ids.tolist())[-2:] == ["assistant", ":"]
+    assert (e.labels == IGNORE).all()
+
+
+def test_collate_pads_right_for_training_left_for_generation(proc):
+    enc = ChatEncoder(proc, ARCHITECTURES["llava"], 200)
+    a, b = enc.encode(CONV, [_img()]), enc.encode(CONV[:2], [_img()])
+    pad = proc.tokenizer.pad_token_id
+    batch = collate_sft([a, b], pad, "llava")
+    n = len(b.input_ids)
+    assert batch.attention_mask[1, :n].all() and not batch.attention_mask[1, n:].any()
+    assert (batch.input_ids[1, n:] == pad).all() and (batch.labels[1, n:] == IGNORE).all()
+    left = collate_sft([a, b], pad, "llava", left_pad=True)
+    T = left.input_ids.shape[1]
+    assert not left.attention_mask[1, :T - n].any() and torch.equal(left.input_ids[1, T - n:], b.input_ids)
+    assert batch.vision["pixel_values"].shape == (2, 3, 64, 64)

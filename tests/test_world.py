@@ -1,0 +1,84 @@
+"""The embedded world: deterministic, self-consistent, in the formats the readers accept."""
+import hashlib
+import json
+
+from training.data.bad_rows import BadRowReport
+from training.data.formats import read_preferences, read_prompts, read_sft
+from training.model.tiny import build_tokenizer
+from training.world.generate import WorldConfig, generate
+from training.world.scenes import KINDS, describe, facts, sample_scene
+
+SMALL = dict(n_sft=60, n_pref=30, n_ppo=10, n_heldout=12)
+
+
+def _digest(d):
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != "world.json":
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_world_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    generate(a, WorldConfig(seed=3, **SMALL))
+    generate(b, WorldConfig(seed=3, **SMALL))
+    generate(c, WorldConfig(seed=4, **SMALL))
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_files_read_back_with_ground_truth(tmp_path):
+    meta = generate(tmp_path, WorldConfig(seed=1, **SMALL))
+    img = str(tmp_path / "images")
+    sft = read_sft([str(tmp_path / "sft_train.json")], img, BadRowReport())
+    prefs = read_preferences([str(tmp_path / "preference_train.json")], img, BadRowReport())
+    prompts = read_prompts([str(tmp_path / "ppo_prompts.json")], img, BadRowReport())
+    assert len(sft) == 2 * SMALL["n_sft"] and len(prefs) == SMALL["n_pref"] and len(prompts) == SMALL["n_ppo"]
+    scenes = {s["id"]: s for s in meta["scenes"]["pref"]}
+    for p in prefs:
+        truth = {o["kind"] for o in scenes[p.id]["objects"]}
+        chosen, rejected = p.responses
+        assert chosen != rejected and p.facts
+        assert all(f"no {k}" in " ".join(p.facts) for k in KINDS if k not in truth)
+    # the benchmark's ground truth equals the scene's kinds
+    held = {s["id"]: s for s in meta["scenes"]["heldout"]}
+    for line in (tmp_path / "bench_objhal.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert set(r["gt_objects"]) == {o["kind"] for o in held[r["question_id"]]["objects"]}
+
+
+def test_hallucination_share_is_the_configured_rate(tmp_path):
+    meta = generate(tmp_path, WorldConfig(seed=2, n_sft=1000, n_pref=2, n_ppo=2, n_heldout=2, hallucination_rate=0.2))
+    share = meta["n_sft_descriptions_hallucinated"] / 1000
+    assert 0.15 < share < 0.25
+    # and each such description really names a kind that is not in its scene
+    scenes = {s["id"]: {o["kind"] for o in s["objects"]} for s in meta["scenes"]["sft"]}
+    rows = json.loads((tmp_path / "sft_train.json").read_text())
+    from eval.embedded import mentioned_kinds
+    n_bad = sum(bool(set(mentioned_kinds(r["conversations"][1]["value"])) - scenes[r["id"].split("-")[0]])
+                for r in rows if r["id"].endswith("-describe"))
+    assert n_bad == meta["n_sft_descriptions_hallucinated"]
+
+
+def test_tokenizer_covers_every_word_of_the_world(tmp_path):
+    generate(tmp_path, WorldConfig(seed=5, **SMALL))
+    tok = build_tokenizer()
+    texts = []
+    for name in ("sft_train.json", "preference_train.json", "ranked_train.json"):
+        for r in json.loads((tmp_path / name).read_text()):
+            for t in r["conversations"]:
+                v = t["value"]
+                texts += v if isinstance(v, list) else [v.replace("<image>", "")]
+            texts += r.get("facts", [])
+    for t in texts:
+        assert tok.unk_token_id not in tok(t)["input_ids"], t
+
+
+def test_description_and_facts_of_a_scene():
+    import random
+    s = sample_scene(random.Random(0), "x")
+    d = describe(s)
+    for k in s.kinds:
+        assert k in d
+    assert len(facts(s)) == len(KINDS)

@@ -1,0 +1,1 @@
+"""Vision-language model alignment: SFT -> reward model -> PPO, or DPO / ORPO, on DeepSpeed."""

@@ -1,0 +1,141 @@
+"""One config definition per concept, shared by every stage's command line.
+
+Each dataclass is a concept (model, LoRA, data, optimisation, DeepSpeed, checkpointing, logging);
+a stage lists the concepts it needs and `parse_config` builds one argparse parser from them.
+Argument names follow Vision-LLM-Alignment where the concept is the same.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    from_checkpoint: str = _f("", "Model to start from: local path or Hub id. Empty: the embedded tiny VLM.")
+    model_architecture: str = _f("auto", "Architecture override (auto detects it from the config).")
+    template: str = _f("auto", "Chat template override (auto: the processor's own, else the architecture's).")
+    vision_tower: str = _f("", "Build from parts: vision encoder (CLIP/SigLIP path, or open_clip:NAME).")
+    language_model: str = _f("", "Build from parts: causal LM path.")
+    freeze_vision_tower: bool = _f(False, "Freeze the vision encoder.")
+    freeze_projector: bool = _f(False, "Freeze the multimodal projector.")
+    freeze_language_model: bool = _f(False, "Freeze the language model (projector-only pre-training).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    precision: str = _f("fp32", "fp32 | bf16 | fp16", choices=["fp32", "bf16", "fp16"])
+    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off unless you ask).")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = _f(0, "LoRA rank; 0 disables LoRA.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: str = _f("auto", "Comma-separated module names, or auto (per architecture).")
+    qlora: bool = _f(False, "Load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters.")
+    bnb_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.")
+    bnb_compute_dtype: str = _f("auto", "Compute dtype for 4-bit layers (auto: from --precision).")
+
+
+@dataclass
+class DataArgs:
+    data_path: str = _f("", "Training data: file(s) (json, jsonl, parquet), a saved dataset dir, or a Hub id. "
+                            "Comma-separated for several. Empty: the embedded world.")
+    image_folder: str = _f("", "Image root; image paths must resolve inside it.")
+    eval_data_path: str = _f("", "Held-out data (same formats). Empty: the embedded world's held-out split.")
+    max_seq_len: int = _f(512, "Maximum tokens per sample; response text is cut, never image tokens.")
+    skip_bad_rows: bool = _f(False, "Skip bad rows and count them in bad_rows.json instead of stopping.")
+    world_dir: str = _f("data/world", "Where the embedded world is generated (when no data_path).")
+    world_seed: int = _f(0, "Seed of the embedded world.")
+
+
+@dataclass
+class OptimArgs:
+    per_device_train_batch_size: int = _f(8, "Micro batch per process.")
+    per_device_eval_batch_size: int = _f(16, "Eval batch per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step.")
+    optimizer: str = _f("adamw", "adamw | sgd (plain SGD: updates linear in the gradient)", choices=["adamw", "sgd"])
+    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    num_train_epochs: float = _f(1.0, "Epochs over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: from epochs).")
+    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant", choices=["cosine", "linear", "constant"])
+    num_warmup_steps: int = _f(0, "Linear warm-up steps.")
+    warmup_ratio: float = _f(0.0, "Warm-up as a share of all steps (used when num_warmup_steps is 0).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
+    seed: int = _f(1234, "Training seed.")
+
+
+@dataclass
+class DeepSpeedArgs:
+    zero_stage: int = _f(0, "ZeRO stage 0-3.", choices=[0, 1, 2, 3])
+    offload: bool = _f(False, "Offload optimizer states (and ZeRO-3 parameters) to CPU.")
+    deepspeed_config: str = _f("", "A DeepSpeed JSON to start from (our settings fill what it leaves out).")
+    local_rank: int = _f(-1, "Set by the deepspeed launcher.")
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = _f("output/run", "Where the checkpoint, metrics and logs go.")
+    logging_steps: int = _f(10, "Log every N optimizer steps.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0: at the end only).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
+    stop_after_steps: int = _f(0, "Save a resumable checkpoint and exit after this many steps, as if "
+                                  "interrupted (0: run to the end). Continue with --resume.")
+    save_total_limit: int = _f(2, "Keep this many resumable checkpoints.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+def _arg_type(tp):
+    if tp in (int, float, str):
+        return tp
+    return str
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        tp, meta = hints[f.name], dict(f.metadata)
+        kw = {"default": f.default, "help": meta.get("help", "")}
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        if tp is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument(f"--{f.name}", type=_arg_type(tp), **kw)
+
+
+def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = None,
+                 description: str = "") -> dict:
+    """Parse argv into {name: dataclass instance}. `defaults` overrides dataclass defaults per stage."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="", help="JSON file of argument values (a profile in configs/); "
+                                                     "command-line arguments override it")
+    for cls in classes.values():
+        add_dataclass_args(parser, cls)
+    if defaults:
+        parser.set_defaults(**defaults)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        profile = json.loads(Path(pre.config).read_text())
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(profile) - known)
+        if unknown:
+            raise SystemExit(f"{pre.config}: unknown arguments {unknown}")
+        parser.set_defaults(**profile)
+    ns = vars(parser.parse_args(argv))
+    return {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({k: dataclasses.asdict(v) for k, v in cfg.items()}, indent=1))

@@ -1,0 +1,39 @@
+"""Bad input rows: stop with an error naming file, row and field, or skip and count them."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.data.records import RowRef
+
+
+class BadRowError(ValueError):
+    def __init__(self, where: RowRef, field_name: str, reason: str):
+        self.where, self.field_name, self.reason = where, field_name, reason
+        super().__init__(f"{where.file}: row {where.row}: field '{field_name}': {reason} "
+                         "(pass --skip_bad_rows to skip and count such rows)")
+
+
+@dataclass
+class BadRowReport:
+    """Collects skipped rows when skipping is on; raises at once when it is off."""
+    skip: bool = False
+    skipped: list[dict] = field(default_factory=list)
+
+    def bad(self, where: RowRef, field_name: str, reason: str) -> None:
+        err = BadRowError(where, field_name, reason)
+        if not self.skip:
+            raise err
+        self.skipped.append({"file": where.file, "row": where.row, "field": field_name, "reason": reason})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(f"{s['field']}: {s['reason'].split(':')[0]}" for s in self.skipped))
+
+    def write(self, out_dir: str | Path, name: str = "bad_rows.json") -> Path:
+        path = Path(out_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"n_skipped": len(self.skipped), "by_reason": self.counts(),
+                                    "rows": self.skipped}, indent=1))
+        return path

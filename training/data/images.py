@@ -1,0 +1,109 @@
+"""Open an image from any source a data file may hold, and refuse paths outside the image root.
+
+Sources: a path (str or Path), raw bytes, a {"bytes": ..., "path": ...} struct (what parquet and
+`datasets` store for an Image column; bytes win), base64 text or a "data:image/...;base64," URI,
+or a PIL image. Every image is fully decoded here (`.load()`), so a truncated file fails in the
+reader that validates it, with its file and row, not later inside a collate function.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+# Base64 text has no '.', and any real image encodes to well over 32 characters; a path almost
+# always has an extension. That is how a string is told apart from a path.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{32,}")
+_BASE64_BYTES = re.compile(rb"[A-Za-z0-9+/=\s]{32,}")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; str(err) is a short reason for the bad-row report."""
+
+
+def is_base64_text(text: str) -> bool:
+    return text.startswith("data:") or ("." not in text and _BASE64_TEXT.fullmatch(text) is not None)
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 text or a data URI -> bytes."""
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or ";base64" not in header:
+            raise ImageError("data URI is not base64")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"bad base64 text: {err}") from None
+
+
+def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
+    """The real path of an image file (symlinks and '..' resolved), which must lie in image_root.
+
+    With no image_root the path is taken as given (relative to the working directory) and not
+    confined: readers always pass a root (the data file's folder when the user gave none).
+    """
+    if "\0" in str(path):
+        raise ImageError("bad path: contains a NUL character")
+    try:
+        if image_root:
+            root = Path(os.path.realpath(image_root))
+            full = Path(os.path.realpath(root / path))  # an absolute `path` replaces the root here
+            if full != root and root not in full.parents:
+                raise ImageError("path escapes the image root")
+        else:
+            full = Path(os.path.realpath(path))
+        if not full.exists():
+            raise ImageError("file not found")
+        if not full.is_file():
+            raise ImageError("not a file")
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ImageError(f"cannot open: {err}") from None
+    return full
+
+
+def image_source(source: Any, image_root: str | os.PathLike | None) -> bytes | Path | Image.Image:
+    """What a source stands for, undecoded: its bytes, its file (resolved, inside image_root), or a
+    PIL image. Readers keep this in the records; raises ImageError like load_image."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise ImageError("empty image bytes")
+        if _BASE64_BYTES.fullmatch(source):  # base64 text stored in a binary column; no image is all ASCII
+            return decode_base64(bytes(source).decode("ascii"))
+        return bytes(source)
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return image_source(source["bytes"], image_root)
+        if source.get("path"):
+            return image_source(str(source["path"]), image_root)
+        raise ImageError("image struct has neither bytes nor path")
+    if isinstance(source, str):
+        if not source.strip():
+            raise ImageError("empty image path")
+        if is_base64_text(source):
+            return decode_base64(source)
+    if isinstance(source, (str, os.PathLike)):
+        return resolve_image_path(source, image_root)
+    raise ImageError(f"unsupported image source of type {type(source).__name__}")
+
+
+def load_image(source: Any, image_root: str | os.PathLike | None) -> Image.Image:
+    """Decode `source` into a fully loaded RGB PIL image, or raise ImageError(short reason)."""
+    src = image_source(source, image_root)
+    try:
+        if isinstance(src, Image.Image):
+            src.load()
+            return src.convert("RGB")
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            img.load()  # decode every pixel now: truncated files raise here
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad files
+        raise ImageError(f"cannot decode image: {err}") from None

@@ -1,0 +1,277 @@
+"""Read rows from the containers data comes in, and turn them into validated records.
+
+Containers: JSON, JSONL, parquet, `save_to_disk` folders, Hub ids. Rows come out as plain Python
+values, images undecoded (parquet and `datasets` Image columns as {"bytes", "path"} structs).
+Row indices are 0-based: the position in a JSON list, the line number minus one in JSONL.
+
+`read_records` runs one format's row parser over every row and validates the images the parser
+found: decoded in a thread pool a chunk of rows at a time, then reported or kept in row order, so a
+bad row always surfaces with its file, row and field. What each format means is in `formats.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from training.data.bad_rows import BadRowReport
+from training.data.images import ImageError, image_source, is_base64_text, load_image
+from training.data.records import RowRef
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+_BATCH = 256
+_CHUNK = 256
+_WORKERS = min(8, os.cpu_count() or 1)
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read at all (as opposed to one bad row in it)."""
+
+
+class RowProblem(Exception):
+    """Raised by a row parser: the row is bad in `field` for `reason`."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(field, reason)
+        self.field, self.reason = field, reason
+
+
+@dataclass
+class ParsedRow:
+    record: Any  # its `images` are filled in once `sources` are validated
+    sources: list  # raw image sources
+    image_field: str  # named in the report when an image is bad
+
+
+@dataclass
+class Format:
+    name: str
+    fields: str  # listed in the error when no format matches
+    detect: Callable[[dict], bool]  # from the first row's fields
+    parse: Callable[[dict, RowRef, dict], ParsedRow]  # (row, where, context); raises RowProblem
+
+
+def expand_paths(paths: str | os.PathLike | list | tuple) -> list[str]:
+    """A path, a comma-separated string or a list -> data sources.
+
+    A plain folder (not one saved with `save_to_disk`) stands for the data files inside it, sorted,
+    as in a Hub snapshot of parquet shards.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [p.strip() for p in str(paths).split(",") if p.strip()]
+    out = []
+    for p in map(str, paths):
+        if os.path.isdir(p) and not _is_saved_dataset(p):
+            found = sorted(str(f) for f in Path(p).rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file())
+            if not found:
+                raise DataFormatError(f"{p}: folder holds no {', '.join(DATA_SUFFIXES)} files "
+                                      "and was not saved with datasets.save_to_disk")
+            out.extend(found)
+        else:
+            out.append(p)
+    if not out:
+        raise DataFormatError("no data path given")
+    return out
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def read_table(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield (row_index, row) from one source; rows are normally dicts (callers check)."""
+    path = str(path)
+    if os.path.isdir(path):
+        yield from _read_saved_dataset(path)
+    elif os.path.isfile(path):
+        suffix = Path(path).suffix.lower()
+        if suffix == ".parquet":
+            yield from _read_parquet(path)
+        elif suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        else:
+            raise DataFormatError(f"{path}: unknown file type '{suffix}' (known: {', '.join(DATA_SUFFIXES)}, "
+                                  "a folder saved with datasets.save_to_disk, or a Hub dataset id)")
+    else:
+        yield from _read_hub(path)
+
+
+def _read_json(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # many published ".json" files are JSON Lines
+            yield from _read_jsonl(path)
+            return
+        raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise DataFormatError(f"{path}: a dict of columns needs columns of equal length, got {sorted(lengths)}")
+        keys = list(data)
+        data = [{k: data[k][i] for k in keys} for i in range(lengths.pop())]
+    elif isinstance(data, dict):  # one object: a one-line JSON Lines file named .json
+        data = [data]
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON list of rows or a dict of columns, "
+                              f"got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}: line {i + 1}: invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DataFormatError(f"{path}: cannot read parquet: {err}") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=_BATCH):
+        for row in batch.to_pylist():
+            yield i, row
+            i += 1
+
+
+def _iter_dataset(ds) -> Iterator[tuple[int, Any]]:
+    # Arrow format keeps Image columns as {bytes, path} structs instead of decoding them.
+    i = 0
+    for table in ds.with_format("arrow").iter(batch_size=_BATCH):
+        for row in table.to_pylist():
+            yield i, row
+            i += 1
+
+
+def _read_saved_dataset(path: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    if not _is_saved_dataset(path):
+        raise DataFormatError(f"{path}: a folder, but not one saved with datasets.save_to_disk")
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as err:
+        raise DataFormatError(f"{path}: cannot load the saved dataset: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise DataFormatError(f"{path}: saved DatasetDict has splits {list(ds)} and no 'train'; "
+                                  "point at one split's folder")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    yield from _iter_dataset(ds)
+
+
+def _read_hub(path: str) -> Iterator[tuple[int, Any]]:
+    parts = path.split("/")
+    if path.startswith((".", "/", "~")) or len(parts) > 2 or Path(path).suffix.lower() in DATA_SUFFIXES:
+        raise DataFormatError(f"{path}: no such file or folder")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, split="train")
+    except Exception as err:
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+        hint = f" ({' and '.join(offline)} set: only data sets already in the cache can load)" if offline else ""
+        raise DataFormatError(f"{path}: not a local file or folder, and loading it as a Hub dataset "
+                              f"(train split) failed{hint}: {type(err).__name__}: {err}") from None
+    yield from _iter_dataset(ds)
+
+
+# ---------------------------------------------------------------- rows -> validated records
+
+def _detect(path: str, row_index: int, row: dict, kind: str, kinds: dict[str, list[Format]]) -> Format:
+    for fmt in kinds[kind]:
+        if fmt.detect(row):
+            return fmt
+    known = "\n".join(f"  - {f.name}: {f.fields}" for f in kinds[kind])
+    other = [k for k, fmts in kinds.items() if k != kind and any(f.detect(row) for f in fmts)]
+    hint = f"\nIt looks like {other[0]} data; this stage reads {kind} data." if other else ""
+    raise DataFormatError(f"{path}: row {row_index} has fields {sorted(row)}, which match no known {kind} "
+                          f"format. Known {kind} formats:\n{known}{hint}")
+
+
+def _kept_source(src: Any, root: str) -> Any:
+    """Validate one image (decoding it fully) and return what the record keeps: bytes for bytes,
+    {bytes, path} and base64 sources, the resolved absolute path (str) for paths, a PIL image as is."""
+    kept = image_source(src, root)
+    load_image(kept, None)  # `kept` is already confined to the root
+    return str(kept) if isinstance(kept, Path) else kept
+
+
+def _check_image(src: Any, root: str, cache: dict) -> tuple[bool, Any]:
+    path = src.get("path") if isinstance(src, dict) and src.get("bytes") is None else src
+    is_path = isinstance(path, os.PathLike) or (isinstance(path, str) and not is_base64_text(path))
+    key = (root, str(path))
+    if is_path and key in cache:  # LLaVA data reuses each COCO image for several rows
+        return cache[key]
+    try:
+        result = (True, _kept_source(src, root))
+    except ImageError as err:
+        result = (False, f"{err}: {path}" if is_path else str(err))
+    if is_path:
+        cache[key] = result
+    return result
+
+
+def _flush(chunk: list, root: str, report: BadRowReport, out: list, pool: ThreadPoolExecutor, cache: dict) -> None:
+    jobs = [(k, j, src) for k, (_, item) in enumerate(chunk) if isinstance(item, ParsedRow)
+            for j, src in enumerate(item.sources)]
+    results = pool.map(lambda job: _check_image(job[2], root, cache), jobs)
+    checked = {(k, j): result for (k, j, _), result in zip(jobs, results)}
+    for k, (ref, item) in enumerate(chunk):
+        if isinstance(item, RowProblem):
+            report.bad(ref, item.field, item.reason)
+            continue
+        images = [checked[(k, j)] for j in range(len(item.sources))]
+        bad = next((j for j, (ok, _) in enumerate(images) if not ok), None)
+        if bad is not None:
+            report.bad(ref, f"{item.image_field}[{bad}]" if len(images) > 1 else item.image_field, images[bad][1])
+            continue
+        item.record.images = [kept for _, kept in images]
+        out.append(item.record)
+    chunk.clear()
+
+
+def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: str | None,
+                 report: BadRowReport | None, context: dict) -> list:
+    """Records of `kind` from every source in `paths`; bad rows go to `report` (a stopping one if None)."""
+    report = report if report is not None else BadRowReport()
+    out: list = []
+    cache: dict = {}
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        for path in expand_paths(paths):
+            # With no image root, image paths resolve inside the folder that holds the data.
+            root = image_root or os.path.dirname(os.path.abspath(path))
+            fmt, chunk, n_rows = None, [], 0
+            for i, row in read_table(path):
+                n_rows += 1
+                ref = RowRef(path, i)
+                if not isinstance(row, dict):
+                    chunk.append((ref, RowProblem("<row>", f"row is a {type(row).__name__}, not an object")))
+                else:
+                    fmt = fmt or _detect(path, i, row, kind, kinds)
+                    try:
+                        chunk.append((ref, fmt.parse(row, ref, context)))
+                    except RowProblem as problem:
+                        chunk.append((ref, problem))
+                if len(chunk) >= _CHUNK:
+                    _flush(chunk, root, report, out, pool, cache)
+            _flush(chunk, root, report, out, pool, cache)
+            if n_rows == 0:
+                raise DataFormatError(f"{path}: no rows")
+    return out

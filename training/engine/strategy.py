@@ -1,0 +1,164 @@
+"""DeepSpeed, wrapped once: distributed setup, config, engine, backward/step, save and resume.
+
+Every stage goes through this object; nothing else imports deepspeed. On a machine without a GPU
+DS_ACCELERATOR=cpu is set (run_*.sh does it too) and ranks talk over gloo.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from training.config import DeepSpeedArgs, OptimArgs
+
+
+def setup_environment() -> None:
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at optimizer step s (0-based)."""
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        p = min(1.0, (s - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * p))
+        if kind == "linear":
+            return 1.0 - p
+        return 1.0
+    return f
+
+
+class Strategy:
+    def __init__(self, ds: DeepSpeedArgs, optim: OptimArgs, precision: str = "fp32"):
+        setup_environment()
+        import deepspeed
+
+        self.ds, self.optim, self.precision = ds, optim, precision
+        if not torch.distributed.is_initialized():
+            if "RANK" not in os.environ:  # plain `python -m`: a world of one
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+            deepspeed.init_distributed(dist_backend=self._backend(), verbose=False)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        from deepspeed.accelerator import get_accelerator
+        self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    @staticmethod
+    def _backend() -> str:
+        from deepspeed.accelerator import get_accelerator
+        return get_accelerator().communication_backend_name()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def config(self) -> dict:
+        o, d = self.optim, self.ds
+        zero = {"stage": d.zero_stage}
+        if d.offload and d.zero_stage > 0:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if d.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        if d.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        cfg = json.loads(Path(d.deepspeed_config).read_text()) if d.deepspeed_config else {}
+        cfg.update({
+            "train_micro_batch_size_per_gpu": o.per_device_train_batch_size,
+            "gradient_accumulation_steps": o.gradient_accumulation_steps,
+            "train_batch_size": o.per_device_train_batch_size * o.gradient_accumulation_steps * self.world_size,
+            "gradient_clipping": o.max_grad_norm,
+            "zero_optimization": {**cfg.get("zero_optimization", {}), **zero},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        })
+        if self.precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        elif self.precision == "fp16":
+            cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        return cfg
+
+    def prepare(self, model: torch.nn.Module, total_steps: int):
+        """Wrap a model for training: AdamW over trainable params + warm-up/decay schedule."""
+        import deepspeed
+
+        o = self.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check the freeze / LoRA options")
+        if o.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+        elif self.ds.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            opt = DeepSpeedCPUAdam(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+        warmup = o.num_warmup_steps or int(o.warmup_ratio * total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, warmup, total_steps))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=self.config())
+        return engine
+
+    def prepare_frozen(self, model: torch.nn.Module):
+        """Wrap a frozen model (reference / reward model) for inference; ZeRO-3 partitions it too."""
+        import deepspeed
+
+        model.requires_grad_(False)
+        if self.ds.zero_stage != 3:
+            return model.to(self.device).eval()
+        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        return engine.eval()
+
+    # ---- reductions --------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor | float, op: str = "sum") -> torch.Tensor:
+        t = torch.as_tensor(x, dtype=torch.float64).clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+        return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save_hf(self, engine, processor, out_dir: str | Path) -> None:
+        """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 parameters are gathered first."""
+        from training.model.builder import save_model
+
+        out_dir = Path(out_dir)
+        module = engine.module if hasattr(engine, "module") else engine
+        if self.ds.zero_stage == 3:
+            import deepspeed
+            # collective: every rank gathers the partitioned parameters, rank 0 writes them
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.is_main:
+                    save_model(module, processor, out_dir)
+        elif self.is_main:
+            save_model(module, processor, out_dir)
+        self.barrier()
+
+    def save_resume(self, engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int) -> None:
+        ckpt_root = Path(ckpt_root)
+        engine.save_checkpoint(str(ckpt_root), tag=f"step{step}", client_state=client_state)
+        if self.is_main:
+            tags = sorted((p for p in ckpt_root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+            for old in tags[:-keep] if keep > 0 else []:
+                import shutil
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+    def load_resume(self, engine, ckpt_root: str | Path) -> dict | None:
+        """Load the newest resumable checkpoint (written by this project's own runs) if any."""
+        ckpt_root = Path(ckpt_root)
+        if not (ckpt_root / "latest").exists():
+            return None
+        _, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        return client_state

@@ -1,0 +1,398 @@
+"""The one model builder every stage uses: checkpoint -> (model, processor, ArchSpec).
+
+`load_model_and_processor` resolves what to load (a checkpoint, a LoRA adapter checkpoint written by
+`save_model`, parts to compose, or nothing: the embedded tiny VLM), loads it in the requested
+precision (optionally 4-bit NF4 for QLoRA), then applies, in this order: freezing of the three
+parameter groups, LoRA on the language model, gradient checkpointing.
+
+With LoRA the language model's base weights are frozen and only its adapters train; the vision tower
+and the projector keep their own freeze flags, and when trainable they train in full ("stay
+trainable") and `save_model` writes them beside the adapters (non_lora_trainables.safetensors, the
+LLaVA convention) so `merge_lora` restores them.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+from training.config import LoraArgs, ModelArgs
+from training.model.architectures import ArchSpec, detect_architecture
+
+ADAPTER_SUBDIR = "adapter"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+BUILD_INFO_FILE = "vlm_builder.json"  # how the base model was loaded (for merge_lora)
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+           "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_dtype(precision: str):
+    import torch
+    if precision not in _DTYPES:
+        raise ValueError(f"Unknown precision {precision!r}; use fp32, bf16 or fp16")
+    return getattr(torch, _DTYPES[precision])
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """A directory written by `save_model` for a peft model (adapter/ inside, or the adapter dir itself)."""
+    p = Path(path)
+    return (p / ADAPTER_SUBDIR / "adapter_config.json").is_file() or (
+        (p / "adapter_config.json").is_file() and not (p / "config.json").is_file())
+
+
+def resolve_checkpoint(model_args: ModelArgs) -> str:
+    """The plain checkpoint to load: from parts, a merged adapter checkpoint, the given path or Hub id,
+    or (nothing given) the embedded tiny VLM. Built things go to fresh temporary directories; their
+    random parts are seeded, so every rank of a distributed run builds the same weights."""
+    if model_args.vision_tower and model_args.language_model:
+        out = tempfile.mkdtemp(prefix="vlm_from_parts_")
+        return build_from_parts(model_args.vision_tower, model_args.language_model, out)
+    if model_args.vision_tower or model_args.language_model:
+        raise ValueError("Building from parts needs both --vision_tower and --language_model")
+    if not model_args.from_checkpoint:
+        return embedded_tiny_vlm()
+    if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
+        from training.model.merge_lora import merge_lora
+        return merge_lora(model_args.from_checkpoint, tempfile.mkdtemp(prefix="vlm_merged_"))
+    return model_args.from_checkpoint
+
+
+def embedded_tiny_vlm() -> str:
+    """The embedded tiny LLaVA (`training.model.tiny`, seeded) in <tmp>/vlm_builder/tiny_vlm, built
+    once; the first build appears by an atomic rename, so concurrent ranks never read a half-written one."""
+    import os
+    import shutil
+
+    from training.model.tiny import build_tiny_vlm, ensure_tiny_vlm
+    final = Path(tempfile.gettempdir()) / "vlm_builder" / "tiny_vlm"
+    if not (final / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = build_tiny_vlm(tempfile.mkdtemp(dir=final.parent))
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process won the race: its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(ensure_tiny_vlm(final))  # rebuilt in place only if its definition changed
+
+
+def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_training: bool = True):
+    """-> (model, processor, arch_spec). for_training=False: frozen, eval mode, no LoRA or checkpointing
+    (reference / reward-scoring copies); QLoRA still loads the base in 4-bit then."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    path = resolve_checkpoint(model_args)
+    trust = model_args.trust_remote_code
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    spec = detect_architecture(config, model_args.model_architecture)
+    if lora_args.qlora and lora_args.lora_r <= 0 and for_training:
+        raise ValueError("--qlora trains LoRA adapters on a 4-bit base: set --lora_r > 0")
+    if lora_args.lora_r > 0 and model_args.freeze_language_model and for_training:
+        raise ValueError("LoRA adapts the language model, which --freeze_language_model freezes: pick one")
+
+    kwargs = {"dtype": torch_dtype(model_args.precision), "trust_remote_code": trust}
+    if lora_args.qlora:
+        kwargs["quantization_config"] = _bnb_config(spec, model_args, lora_args)
+    model_cls = getattr(transformers, spec.model_class_for(config.model_type))
+    model = model_cls.from_pretrained(path, config=config, **kwargs)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+
+    if not for_training:
+        model.requires_grad_(False)
+        model.eval()
+        return model, processor, spec
+
+    if lora_args.qlora:
+        from peft import prepare_model_for_kbit_training
+        # freezes everything and upcasts norms to fp32; checkpointing is enabled below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for p in model.parameters():  # apply_freezing decides; 4-bit weights are never trainable
+            p.requires_grad_(p.is_floating_point())
+    apply_freezing(model, spec, model_args)
+    if lora_args.lora_r > 0:
+        model = apply_lora(model, spec, model_args, lora_args)
+    if model_args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, lora=lora_args.lora_r > 0)
+    model._vlm_build_info = {"base": str(path), "model_architecture": spec.name,
+                             "trust_remote_code": trust, "precision": model_args.precision}
+    model.train()
+    return model, processor, spec
+
+
+def _module_names(prefixes) -> list[str]:
+    return [p.rstrip(".") for p in prefixes]
+
+
+def _bnb_config(spec: ArchSpec, model_args: ModelArgs, lora_args: LoraArgs):
+    import torch
+    from transformers import BitsAndBytesConfig
+    compute = model_args.precision if lora_args.bnb_compute_dtype == "auto" else lora_args.bnb_compute_dtype
+    # Only the language model is quantized: the vision tower, projector and lm_head stay in `precision`
+    # (module names match from the start, at a module boundary).
+    skip = _module_names(spec.vision_prefixes + spec.projector_prefixes) + ["lm_head"]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=lora_args.bnb_double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(compute),
+                              bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip)
+
+
+def apply_freezing(model, spec: ArchSpec, model_args: ModelArgs) -> None:
+    """requires_grad False for every parameter of a frozen group (longest-prefix group of its name)."""
+    frozen = {g for g, flag in (("vision", model_args.freeze_vision_tower),
+                                ("projector", model_args.freeze_projector),
+                                ("lm", model_args.freeze_language_model)) if flag}
+    for name, p in model.named_parameters():
+        if spec.param_group(name) in frozen or not p.is_floating_point():
+            p.requires_grad_(False)
+
+
+def lora_target_regex(spec: ArchSpec, targets: str = "auto") -> str:
+    """peft target_modules regex (full match on module names): the given linear names, inside the
+    language model only, so vision-tower layers with the same names (q_proj, fc1...) get no adapters."""
+    names = list(spec.lora_targets) if targets in ("", "auto") else [t.strip() for t in targets.split(",") if t.strip()]
+    alt = "|".join(re.escape(n) for n in names)
+    inside = "|".join(re.escape(p) for p in spec.lm_prefixes if p.endswith("."))
+    pattern = rf"(?:{inside})(?:.*\.)?(?:{alt})"
+    if "lm_head" in names:
+        pattern = rf"(?:{pattern}|lm_head)"
+    return pattern
+
+
+def apply_lora(model, spec: ArchSpec, model_args: ModelArgs, lora_args: LoraArgs):
+    """Wrap in a peft LoRA model. Groups trainable before (vision / projector, per the freeze flags)
+    stay trainable; the language model's base weights freeze."""
+    from peft import LoraConfig, get_peft_model
+    keep = [n for n, p in model.named_parameters() if p.requires_grad and spec.param_group(n) != "lm"]
+    config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                        target_modules=lora_target_regex(spec, lora_args.lora_target_modules),
+                        bias="none", task_type=None)
+    model = get_peft_model(model, config)
+    params = dict(model.base_model.model.named_parameters())
+    for n in keep:
+        params[n].requires_grad_(True)
+    return model
+
+
+def enable_gradient_checkpointing(model, lora: bool) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    if getattr(base.config, "text_config", None) is not None:
+        base.config.text_config.use_cache = False
+    if lora:  # harmless with non-reentrant checkpointing, needed if a caller switches to reentrant
+        base.enable_input_require_grads()
+
+
+def non_lora_trainables(model) -> dict:
+    """Trainable non-adapter parameters of a peft model, by their base-model names (cloned, on CPU)."""
+    return {n.removeprefix("base_model.model."): p.detach().to("cpu").clone()
+            for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def save_model(model, processor, out_dir: str | Path) -> str:
+    """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
+    adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
+    out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        adapter = out_dir / ADAPTER_SUBDIR
+        model.save_pretrained(adapter, safe_serialization=True)
+        extra = non_lora_trainables(model)
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(adapter / NON_LORA_FILE))
+        info = getattr(model, "_vlm_build_info", None) or {
+            "base": model.peft_config["default"].base_model_name_or_path}
+        (adapter / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+_VISION_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
+                   "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+
+
+def build_from_parts(vision_tower_path: str, language_model_path: str, out_dir: str | Path,
+                     image_size: int | None = None, seed: int = 0) -> str:
+    """Compose a vision encoder and a causal LM into a LLaVA checkpoint (Vision-LLM-Alignment's
+    `default` architecture) and save it to out_dir, which then loads as an ordinary llava model.
+
+    vision_tower_path: a CLIP or SigLIP checkpoint (full or vision-only) with its image processor, or
+    "open_clip:ARCH" (random weights) / "open_clip:ARCH:FILE" (weights from a local file), converted
+    to a transformers CLIP vision model (plain ViTs only, see `open_clip_to_clip_vision`).
+    The projector is a 2-layer GELU MLP, randomly initialised from `seed`; both parts keep their
+    pretrained weights; the tokenizer gains "<image>" (and "<pad>" when it has no pad token)."""
+    import torch
+    import transformers
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    from training.model.tiny_archs import LLAVA_V1_TEMPLATE
+
+    if vision_tower_path.startswith("open_clip:"):
+        vision, image_processor = load_open_clip_vision(vision_tower_path)
+        model_type = "clip"
+    else:
+        vcfg = AutoConfig.from_pretrained(vision_tower_path)
+        if vcfg.model_type not in _VISION_CLASSES:
+            raise ValueError(f"{vision_tower_path}: vision tower must be CLIP or SigLIP, got {vcfg.model_type!r}")
+        vision = getattr(transformers, _VISION_CLASSES[vcfg.model_type]).from_pretrained(
+            vision_tower_path, dtype=torch.float32)
+        image_processor = AutoImageProcessor.from_pretrained(vision_tower_path)
+        model_type = vcfg.model_type
+    if image_size and image_size != vision.config.image_size:
+        _resize_position_embeddings(vision, image_size)
+        _set_image_size(image_processor, image_size)
+    vision_config = vision.config
+
+    tokenizer = AutoTokenizer.from_pretrained(language_model_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    lm = AutoModelForCausalLM.from_pretrained(language_model_path, dtype="auto")
+    save_dtype = lm.dtype
+    lm = lm.float()
+    lm.resize_token_embeddings(len(tokenizer))
+
+    has_cls = model_type.startswith("clip")  # SigLIP has no CLS token
+    config = LlavaConfig(vision_config=vision_config.to_dict() | {"model_type": vision_config.model_type},
+                         text_config=lm.config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default" if has_cls else "full",
+                         pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    model.to(save_dtype)
+
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=vision_config.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               num_additional_image_tokens=1 if has_cls else 0, chat_template=LLAVA_V1_TEMPLATE)
+    tokenizer.chat_template = LLAVA_V1_TEMPLATE
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def _resize_position_embeddings(vision, image_size: int) -> None:
+    """Bicubic-interpolate a CLIP/SigLIP vision model's patch position embeddings to a new image size."""
+    import torch
+    import torch.nn.functional as F
+
+    emb = getattr(vision, "vision_model", vision).embeddings  # transformers 5 flattened vision_model
+    old = emb.position_embedding.weight.data  # (n_cls + g*g, D)
+    n_cls = 1 if hasattr(emb, "class_embedding") else 0
+    g_old = int(round((old.shape[0] - n_cls) ** 0.5))
+    g_new = image_size // vision.config.patch_size
+    grid = old[n_cls:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    new = torch.cat([old[:n_cls], grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1)])
+    emb.position_embedding = torch.nn.Embedding(new.shape[0], new.shape[1], _weight=new.contiguous())
+    emb.num_patches, emb.num_positions = g_new * g_new, new.shape[0]
+    emb.image_size = image_size
+    emb.register_buffer("position_ids", torch.arange(new.shape[0]).expand((1, -1)), persistent=False)
+    vision.config.image_size = image_size
+
+
+def _set_image_size(image_processor, image_size: int) -> None:
+    size = getattr(image_processor, "size", None) or {}
+    if "shortest_edge" in size:
+        image_processor.size = {"shortest_edge": image_size}
+    else:
+        image_processor.size = {"height": image_size, "width": image_size}
+    if getattr(image_processor, "crop_size", None):
+        image_processor.crop_size = {"height": image_size, "width": image_size}
+
+
+def load_open_clip_vision(spec: str):
+    """"open_clip:ARCH[:LOCAL_WEIGHTS_FILE]" -> (CLIPVisionModel, CLIPImageProcessor). Never downloads:
+    without a file the weights are random."""
+    import open_clip
+    from transformers import CLIPImageProcessor
+
+    _, arch, *rest = spec.split(":", 2)
+    weights = rest[0] if rest else None
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(f"{spec}: open_clip weights must be a local file (no download)")
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(f"{spec}: unknown open_clip architecture {arch!r}")
+    model = open_clip.create_model(arch, pretrained=weights, device="cpu")
+    pre = open_clip.get_model_preprocess_cfg(model)
+    size = pre.get("size", cfg["vision_cfg"].get("image_size", 224))
+    size = size if isinstance(size, int) else size[0]
+    vision = open_clip_to_clip_vision(model.visual, quick_gelu=bool(cfg.get("quick_gelu", False)))
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                   image_mean=list(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                                   image_std=list(pre.get("std", open_clip.OPENAI_DATASET_STD)))
+    return vision, processor
+
+
+def open_clip_to_clip_vision(visual, quick_gelu: bool = False):
+    """Copy an open_clip VisionTransformer into a transformers CLIPVisionModel with the same outputs
+    (pooler_output @ visual.proj == visual(x)). Only the plain CLIP ViT layout is supported."""
+    import torch
+    from open_clip.transformer import VisionTransformer
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    unsupported = [why for why, bad in (
+        ("not a VisionTransformer (timm / ModifiedResNet tower)", not isinstance(visual, VisionTransformer)),
+        ("attentional pooling", getattr(visual, "attn_pool", None) is not None),
+        ("no ln_pre", isinstance(getattr(visual, "ln_pre", None), torch.nn.Identity)),
+        ("pool type other than 'tok'", getattr(visual, "pool_type", "tok") != "tok"),
+        ("final_ln_after_pool", getattr(visual, "final_ln_after_pool", False)),
+    ) if bad]
+    if not unsupported:
+        block = visual.transformer.resblocks[0]
+        if not isinstance(block.attn, torch.nn.MultiheadAttention):
+            unsupported.append("custom attention block")
+        if not isinstance(block.ls_1, torch.nn.Identity):
+            unsupported.append("layer scale")
+    if unsupported:
+        raise NotImplementedError(f"open_clip tower not convertible to CLIP: {', '.join(unsupported)}")
+
+    blocks = visual.transformer.resblocks
+    width = visual.class_embedding.shape[0]
+    patch = visual.conv1.kernel_size[0]
+    grid = int(round((visual.positional_embedding.shape[0] - 1) ** 0.5))
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features,
+                              num_hidden_layers=len(blocks), num_attention_heads=blocks[0].attn.num_heads,
+                              image_size=grid * patch, patch_size=patch, layer_norm_eps=visual.ln_pre.eps,
+                              hidden_act="quick_gelu" if quick_gelu else "gelu",
+                              projection_dim=visual.proj.shape[1] if visual.proj is not None else width)
+    sd = {"vision_model.embeddings.class_embedding": visual.class_embedding,
+          "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
+          "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
+          "vision_model.pre_layrnorm.weight": visual.ln_pre.weight, "vision_model.pre_layrnorm.bias": visual.ln_pre.bias,
+          "vision_model.post_layernorm.weight": visual.ln_post.weight,
+          "vision_model.post_layernorm.bias": visual.ln_post.bias}
+    for i, b in enumerate(blocks):
+        h = f"vision_model.encoder.layers.{i}."
+        qkv_w, qkv_b = b.attn.in_proj_weight.chunk(3), b.attn.in_proj_bias.chunk(3)
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[h + f"self_attn.{name}.weight"], sd[h + f"self_attn.{name}.bias"] = qkv_w[j], qkv_b[j]
+        pairs = {"self_attn.out_proj": b.attn.out_proj, "layer_norm1": b.ln_1, "layer_norm2": b.ln_2,
+                 "mlp.fc1": b.mlp.c_fc, "mlp.fc2": b.mlp.c_proj}
+        for name, mod in pairs.items():
+            sd[h + name + ".weight"], sd[h + name + ".bias"] = mod.weight, mod.bias
+    model = CLIPVisionModel(config)
+    # transformers 5 dropped the `vision_model.` level; keep working with either layout
+    nested = next(iter(model.state_dict())).startswith("vision_model.")
+    sd = {(k if nested else k.removeprefix("vision_model.")): v.detach().float().clone() for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True)
+    return model

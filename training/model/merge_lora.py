@@ -1,0 +1,78 @@
+"""Merge LoRA adapters written by `training.model.builder.save_model` into a plain checkpoint.
+
+    python -m training.model.merge_lora --adapter_dir OUT_OF_A_LORA_RUN --output_dir MERGED
+
+The base is reloaded in full precision (never 4-bit, also after QLoRA), the adapters and the
+non-LoRA trainables (vision tower / projector trained in full) are applied, LoRA is merged into the
+base weights, and the result is saved with safetensors beside the processor: an ordinary checkpoint
+for `load_model_and_processor`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _adapter_dir(path: str | Path) -> Path:
+    from training.model.builder import ADAPTER_SUBDIR
+    p = Path(path)
+    return p / ADAPTER_SUBDIR if (p / ADAPTER_SUBDIR / "adapter_config.json").is_file() else p
+
+
+def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = None):
+    """-> (merged plain model, processor, base path). precision: fp32 | bf16 | fp16, default the
+    training run's (fp32 when unknown)."""
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoProcessor
+
+    from training.model.architectures import detect_architecture
+    from training.model.builder import BUILD_INFO_FILE, NON_LORA_FILE, torch_dtype
+
+    adapter = _adapter_dir(adapter_dir_or_checkpoint)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"No LoRA adapter (adapter_config.json) in {adapter_dir_or_checkpoint}")
+    info_file = adapter / BUILD_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    base = info.get("base") or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    trust = bool(info.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust)
+    spec = detect_architecture(config, info.get("model_architecture", "auto"))
+    model_cls = getattr(transformers, spec.model_class_for(config.model_type))
+    dtype = torch_dtype(precision or info.get("precision") or "fp32")
+    model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust)
+
+    if (adapter / NON_LORA_FILE).is_file():
+        extra = load_file(str(adapter / NON_LORA_FILE))
+        missing = set(extra) - set(dict(model.named_parameters()))
+        if missing:
+            raise ValueError(f"{adapter / NON_LORA_FILE}: parameters not in the base model: {sorted(missing)[:5]}")
+        model.load_state_dict(extra, strict=False)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    processor_dir = adapter.parent if (adapter.parent / "processor_config.json").is_file() or \
+        (adapter.parent / "tokenizer_config.json").is_file() else base
+    processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust)
+    return model, processor, base
+
+
+def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, precision: str | None = None) -> str:
+    """Merge a LoRA run's adapters into its base and save a plain checkpoint to out_dir."""
+    from training.model.builder import save_model
+    model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision)
+    return save_model(model, processor, out_dir)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter_dir", required=True, help="A LoRA run's output dir (or its adapter/ subdir).")
+    ap.add_argument("--output_dir", required=True, help="Where the merged checkpoint goes.")
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="Merge and save in this precision (default: the training run's).")
+    args = ap.parse_args(argv)
+    print(merge_lora(args.adapter_dir, args.output_dir, args.precision))
+
+
+if __name__ == "__main__":
+    main()

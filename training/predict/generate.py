@@ -1,0 +1,40 @@
+"""Batched generation for prompts with images (left-padded, KV-cached, greedy / sampling / beams)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from training.data.collate import collate_sft
+from training.templates.chat import ChatEncoder
+
+
+@dataclass
+class DecodeArgs:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+
+
+def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
+                   decode: DecodeArgs, device=None) -> list[list[str]]:
+    """prompts: list of message lists; images: list of PIL lists. Returns n texts per prompt."""
+    tok = processor.tokenizer
+    enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
+    batch = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True)
+    if device is not None:
+        batch = batch.to(device)
+    kw = dict(max_new_tokens=decode.max_new_tokens, do_sample=decode.do_sample, num_beams=decode.num_beams,
+              num_return_sequences=decode.num_return_sequences, pad_token_id=tok.pad_token_id,
+              eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id)
+    if decode.do_sample:
+        kw.update(temperature=decode.temperature, top_p=decode.top_p)
+    with torch.no_grad():
+        out = model.generate(**batch.model_inputs(), **kw)
+    new = out[:, batch.input_ids.shape[1]:]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    n = decode.num_return_sequences
+    return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]

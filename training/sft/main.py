@@ -1,0 +1,54 @@
+"""SFT stage entry point (launched by run_sft.sh through `deepspeed --module training.sft.main`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.config import DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config, save_config
+from training.engine.strategy import Strategy
+
+CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
+            "ds": DeepSpeedArgs, "run": RunArgs}
+# The embedded world's defaults: a from-scratch tiny VLM needs a high learning rate and many epochs.
+DEFAULTS = {"output_dir": "output/sft", "learning_rate": 2e-3, "num_train_epochs": 6.0,
+            "per_device_train_batch_size": 16, "num_warmup_steps": 50, "max_seq_len": 160}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
+    strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
+    from training.defaults import resolve_defaults
+    resolve_defaults(cfg["model"], cfg["data"], strategy, "sft_train.json")
+
+    import torch
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_sft
+    from training.model.builder import load_model_and_processor
+    from training.sft.trainer import SFTDataset, SFTTrainer
+    from training.templates.chat import ChatEncoder
+
+    torch.manual_seed(cfg["optim"].seed)
+    d, out = cfg["data"], Path(cfg["run"].output_dir)
+    model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
+    report = BadRowReport(skip=d.skip_bad_rows)
+    records = read_sft(d.data_path.split(","), d.image_folder, report)
+    template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
+    dataset = SFTDataset(records, ChatEncoder(processor, arch, d.max_seq_len, template), d.image_folder, report)
+    trainer = SFTTrainer(strategy, None, processor, dataset, cfg, arch.name)
+    trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
+    if strategy.is_main:
+        save_config(cfg, out / "run_config.json")
+    history = trainer.train()
+    if trainer.interrupted:
+        if strategy.is_main:
+            print(f"stopped after {cfg['run'].stop_after_steps} steps; continue with --resume")
+        return {"history": history, "output_dir": str(out), "interrupted": True}
+    strategy.save_hf(trainer.engine, processor, out)
+    if strategy.is_main:
+        report.write(out)
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
+    return {"history": history, "output_dir": str(out)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning loop: assistant-token cross-entropy under DeepSpeed.
+
+The loss of an optimizer step is the mean over ALL target tokens of that step (every micro-batch
+of every rank), so batch 4 x accumulation 1, batch 1 x accumulation 4 and 2 ranks x batch 2 give
+the same update.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.data.collate import collate_sft
+from training.data.images import load_image
+from training.engine.metrics import MetricsLogger
+from training.logprobs import nll_sum
+from training.templates.chat import ChatEncoder, PromptTooLong
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Records -> Encoded samples, lazily (images decoded when a batch is built)."""
+
+    def __init__(self, records, encoder: ChatEncoder, image_root: str, report):
+        self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        images = [load_image(src, self.image_root) for src in r.images]
+        try:
+            return self.encoder.encode(r.messages, images)
+        except PromptTooLong as e:
+            self.report.bad(r.source, "conversations", str(e))
+            return None
+
+
+@dataclass
+class StepPlan:
+    """Micro-batch index lists of every optimizer step, fixed by the seed (resume skips into it)."""
+    steps_per_epoch: int
+    total_steps: int
+
+    @staticmethod
+    def make(n: int, micro: int, accum: int, world: int, epochs: float, max_steps: int) -> "StepPlan":
+        per_epoch = n // (micro * accum * world)
+        if per_epoch == 0:
+            raise ValueError(f"{n} samples are fewer than one optimizer step ({micro} x {accum} x {world} ranks)")
+        total = max_steps if max_steps > 0 else max(1, int(per_epoch * epochs))
+        return StepPlan(per_epoch, total)
+
+
+def epoch_micro_batches(n: int, micro: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: a seeded permutation, interleaved across ranks."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    usable = n - n % (micro * world)
+    mine = perm[:usable][rank::world]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+class SFTTrainer:
+    def __init__(self, strategy, engine, processor, dataset: SFTDataset, cfg, arch_name: str):
+        self.s, self.engine, self.processor, self.dataset, self.cfg = strategy, engine, processor, dataset, cfg
+        self.arch_name = arch_name
+        self.pad_id = processor.tokenizer.pad_token_id
+        o = cfg["optim"]
+        self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
+                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+
+    def _batch(self, idx: list[int]):
+        items = [x for x in (self.dataset[i] for i in idx) if x is not None]
+        return collate_sft(items, self.pad_id, self.arch_name).to(self.s.device) if items else None
+
+    def _step(self, micro_batches: list) -> dict:
+        o = self.cfg["optim"]
+        accum, world = o.gradient_accumulation_steps, self.s.world_size
+        batches = [b for b in micro_batches if b is not None]
+        n_tok = float(self.s.all_reduce(sum(b.n_target_tokens for b in batches)))
+        total_nll = 0.0
+        for b in batches:
+            logits = self.engine(**b.model_inputs()).logits
+            nll, _ = nll_sum(logits, b.labels)
+            # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a token mean
+            self.engine.backward(nll * accum * world / max(n_tok, 1.0))
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total_nll += float(nll.detach())
+        for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
+            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
+            self.engine.step()
+        loss = float(self.s.all_reduce(total_nll)) / max(n_tok, 1.0)
+        return {"loss": loss, "target_tokens": n_tok, "lr": self.engine.get_lr()[0]}
+
+    def train(self) -> list[dict]:
+        c, o = self.cfg["run"], self.cfg["optim"]
+        out = Path(c.output_dir)
+        ckpt = out / "checkpoints"
+        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
+        step = state["step"] if state else 0
+        logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
+        bar = None
+        if self.s.is_main and c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.plan.total_steps, initial=step, desc="sft", dynamic_ncols=True)
+        history, accum = [], o.gradient_accumulation_steps
+        t0, tokens_since = time.time(), 0.0
+        self.engine.train()
+        while step < self.plan.total_steps:
+            epoch, k = divmod(step, self.plan.steps_per_epoch)
+            mbs = epoch_micro_batches(len(self.dataset), o.per_device_train_batch_size, self.s.world_size,
+                                      self.s.rank, o.seed, epoch)
+            for j in range(k, self.plan.steps_per_epoch):
+                m = self._step([self._batch(idx) for idx in mbs[j * accum:(j + 1) * accum]])
+                step += 1
+                tokens_since += m["target_tokens"]
+                if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                    dt = time.time() - t0
+                    m.update(epoch=step / self.plan.steps_per_epoch, target_tokens_per_s=tokens_since / dt)
+                    logger.log(step, m)
+                    history.append({"step": step, **m})
+                    t0, tokens_since = time.time(), 0.0
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{history[-1]['target_tokens_per_s']:.0f}"
+                                    if history else "-")
+                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
+                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
+                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
+                if step >= self.plan.total_steps or stop:
+                    break
+            if c.stop_after_steps and step >= c.stop_after_steps:
+                break
+        if bar:
+            bar.close()
+        logger.close()
+        self.interrupted = step < self.plan.total_steps
+        return history
