@@ -7,7 +7,7 @@ from sft_helpers import sft_args  # noqa: E402
 
 from training.sft.main import main  # noqa: E402
 
-world, tiny, out = map(Path, sys.argv[1:4])
+world, tiny, out = (Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank"))
 for stage in (0, 1, 2, 3):
     main(sft_args(world, tiny, out / f"zero{stage}", "--zero_stage", str(stage), "--max_steps", "2",
                   "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5"))

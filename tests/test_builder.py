@@ -18,7 +18,7 @@ ARCHS = [a for a in SUPPORTED_TINY if a != "smolvlm" or importlib.util.find_spec
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_ckpts(tmp_path_factory):
     """arch name -> tiny checkpoint dir, built once per module."""
     root = tmp_path_factory.mktemp("tiny")
     return {a: make_tiny_checkpoint(a, root / a) for a in ARCHS}
