@@ -1,0 +1,78 @@
+"""PPO numerics against hand-derived values (derivations inline)."""
+import math
+
+import pytest
+import torch
+
+from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_estimate, token_rewards, whiten
+from training.losses import ppo_policy_loss, ppo_value_loss
+
+t = torch.tensor
+
+
+def test_gae_gamma_lambda_one_returns_total_future_reward():
+    # delta = [0+.6-.5, 0+.7-.6, 1+0-.7] = [.1, .1, .3];  A = suffix sums = [.5, .4, .3];  R = A + V = 1
+    adv, ret = gae(t([[0., 0., 1.]]), t([[.5, .6, .7]]), t([[1., 1., 1.]]), 1.0, 1.0)
+    torch.testing.assert_close(adv, t([[.5, .4, .3]]))
+    torch.testing.assert_close(ret, t([[1., 1., 1.]]))
+
+
+def test_gae_discounted_and_masked():
+    # gamma .9, lam .5: delta = [.9*.6-.5, .9*.7-.6, 1-.7] = [.04, .03, .3]
+    # A_2 = .3; A_1 = .03 + .45*.3 = .165; A_0 = .04 + .45*.165 = .11425; the padded 4th position is 0
+    adv, ret = gae(t([[0., 0., 1., 5.]]), t([[.5, .6, .7, 9.]]), t([[1., 1., 1., 0.]]), 0.9, 0.5)
+    torch.testing.assert_close(adv, t([[.11425, .165, .3, 0.]]))
+    torch.testing.assert_close(ret, t([[.61425, .765, 1.0, 0.]]))
+
+
+def test_kl_estimators():
+    lp, ref = t([-1.0, -2.5]), t([-2.0, -2.0])  # d = log pi - log ref = [1, -.5]
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), t([1.0, -0.5]))
+    # k3 = exp(-d) - 1 + d: [e^-1, e^.5 - 1.5]
+    torch.testing.assert_close(kl_estimate(lp, ref, "k3"), t([math.exp(-1), math.exp(0.5) - 1.5]))
+    assert (kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        kl_estimate(lp, ref, "k2")
+
+
+def test_token_rewards_put_score_on_last_response_token():
+    r = token_rewards(t([2.0]), t([[.1, .2, .3, .4]]), t([[1., 1., 1., 0.]]), kl_coef=0.5)
+    torch.testing.assert_close(r, t([[-.05, -.1, -.15 + 2.0, 0.]]))
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(1, 3)
+    logp = torch.log(t([[1.5, 0.5, 1.5]]))
+    adv = t([[2.0, 2.0, -1.0]])
+    # token 0: ratio 1.5, A 2: max(-3, -2*1.2) = -2.4 (clipped)
+    # token 1: ratio .5, A 2: max(-1, -2*.8=-1.6) = -1 (unclipped, pessimistic)
+    # token 2: ratio 1.5, A -1: max(1.5, 1.2) = 1.5 (unclipped)
+    loss, clipfrac = ppo_policy_loss(logp, old, adv, torch.ones(1, 3), clip_eps=0.2)
+    assert float(loss) == pytest.approx((-2.4 - 1 + 1.5) / 3)
+    assert float(clipfrac) == pytest.approx(1 / 3)
+
+
+def test_value_loss_clipping():
+    # token 0: V 1, old .5, R .8 -> V_clip .7: max(.04, .01) = .04
+    # token 1: V 0, old .1, R 1 -> V_clip 0: 1;  token 2 masked
+    v = ppo_value_loss(t([[1.0, 0.0, 7.0]]), t([[.5, .1, 0.]]), t([[.8, 1.0, 0.]]), t([[1., 1., 0.]]), 0.2)
+    assert float(v) == pytest.approx(0.5 * (0.04 + 1.0) / 2)
+
+
+def test_whiten_and_running_moments():
+    w = whiten(t([[1., 2., 3., 100.]]), t([[1., 1., 1., 0.]]))
+    s = math.sqrt(2 / 3)
+    torch.testing.assert_close(w, t([[-1 / s, 0., 1 / s, 0.]]), atol=1e-5, rtol=1e-5)
+    m = RunningMoments()
+    m.update(t([1., 2., 3.]))
+    m.update(t([4., 5.]))
+    assert m.mean == pytest.approx(3.0) and m.var == pytest.approx(2.0)
+
+
+def test_adaptive_kl_controller():
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(12.0, n_steps=100)  # error clipped to +.2
+    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+    f = AdaptiveKLController(0.1)
+    f.update(100.0, 100)
+    assert f.value == 0.1

@@ -1,0 +1,102 @@
+"""RL numerics shared by PPO: KL estimators, reward shaping, GAE and whitening (pure functions).
+
+Shapes: B rollouts, T response positions; `mask` (B, T) is 1 on response tokens (up to and
+including EOS), 0 on padding after it.
+"""
+from __future__ import annotations
+
+import torch
+
+from training.logprobs import masked_mean
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from samples of pi, (B, T).
+
+    k1 = log pi - log ref (unbiased, can be negative);
+    k3 = (r - 1) - log r with r = ref / pi (unbiased, always >= 0, lower variance; Schulman 2020).
+    """
+    d = logp - ref_logp
+    if kind == "k1":
+        return d
+    if kind == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {kind!r} (k1 | k3)")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = -kl_coef * kl_t on every response token, plus the sequence score at the last one. (B, T)."""
+    r = -kl_coef * kl * mask
+    last = mask.sum(-1).long().clamp(min=1) - 1  # (B,)
+    return r.scatter_add(1, last[:, None], score[:, None].to(r.dtype))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens. Returns (advantages, returns), (B, T).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t   (V after the last response token is 0)
+    A_t     = sum_k (gamma * lam)^k delta_{t+k},   returns = A + V
+    """
+    values = values * mask
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]  # padding positions carry nothing back
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over masked positions (mean kept when shift_mean is False)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
+
+
+class RunningMoments:
+    """Running mean / std of scalar scores (Chan et al. parallel update) for reward normalisation."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        m, v = float(x.mean()), float(x.var(unbiased=False))
+        tot = self.count + n
+        delta = m - self.mean
+        self.mean += delta * n / tot
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / tot) / tot
+        self.count = tot
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon.
+    With target None the coefficient stays fixed."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + err * n_steps / self.horizon
