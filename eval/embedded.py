@@ -58,22 +58,68 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def score_rows(bench: str, rows: list[dict], answers: dict[str, str]) -> dict:
+    """Metrics of one embedded benchmark: its question rows and question_id -> answer text."""
+    texts = [answers[str(q["question_id"])] for q in rows]
+    if bench == "objhal":
+        return chair(texts, [q["gt_objects"] for q in rows])
+    if bench.startswith("pope"):
+        return pope_metrics([parse_yes_no(t) for t in texts], [q["label"] for q in rows])
+    if bench == "count":
+        return {"accuracy": sum(first_number(t) == q["count"] for t, q in zip(texts, rows)) / len(rows), "n": len(rows)}
+    raise ValueError(f"unknown embedded benchmark {bench!r}")
+
+
 def score_answers(bench: str, questions: Path, answers: Path) -> dict:
     q = {str(r["question_id"]): r for r in _rows(questions)}
     a = {str(r["question_id"]): r["text"] for r in _rows(answers)}
     missing = [k for k in q if k not in a]
     if missing:
         raise ValueError(f"{answers}: {len(missing)} questions have no answer (first: {missing[0]})")
-    ids = list(q)
-    if bench == "objhal":
-        return chair([a[i] for i in ids], [q[i]["gt_objects"] for i in ids])
-    if bench.startswith("pope"):
-        return pope_metrics([parse_yes_no(a[i]) for i in ids], [q[i]["label"] for i in ids])
-    if bench == "count":
-        return {"accuracy": sum(first_number(a[i]) == q[i]["count"] for i in ids) / len(ids), "n": len(ids)}
-    raise ValueError(f"unknown embedded benchmark {bench!r}")
+    return score_rows(bench, list(q.values()), a)
 
 
 BENCHES = {"objhal": "bench_objhal.jsonl", "pope_random": "bench_pope_random.jsonl",
            "pope_popular": "bench_pope_popular.jsonl", "pope_adversarial": "bench_pope_adversarial.jsonl",
            "count": "bench_count.jsonl"}
+HEADLINE = [("objhal", "CHAIRi"), ("objhal", "CHAIRs"), ("objhal", "recall"), ("pope_random", "f1"),
+            ("pope_adversarial", "f1"), ("count", "accuracy")]
+
+
+# ---------------------------------------------------------------- benchmark adapter
+
+NAME = "embedded"
+DEFAULT_DECODING = {"num_beams": 1, "max_new_tokens": 64}
+DEFAULT_DATA = "data/world"
+JUDGE_MODEL = None
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("embedded (the embedded world's held-out benchmarks; --data is the world folder)")
+    g.add_argument("--embedded_benches", nargs="*", default=None, choices=list(BENCHES))
+
+
+def needs_judge(args) -> bool:
+    return False
+
+
+def _benches(args) -> list[str]:
+    return list(args.embedded_benches or BENCHES)
+
+
+def data_files(args) -> list[Path]:
+    return [Path(args.data) / BENCHES[b] for b in _benches(args)]
+
+
+def questions(args) -> dict[str, list[dict]]:
+    out = {}
+    for b in _benches(args):
+        rows = _rows(Path(args.data) / BENCHES[b])
+        out[b] = [{**r, "question_id": str(r["question_id"])} for r in rows]
+    return out
+
+
+def score(args, qs, answers, judge=None, decoding=None):
+    results = {b: score_rows(b, qs[b], answers[b]) for b in qs}
+    metrics = {f"{b}/{m}": v for b, r in results.items() for m, v in r.items() if m != "n"}
+    return metrics, {"results": results}, []

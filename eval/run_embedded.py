@@ -1,34 +1,31 @@
 """Generate and score every embedded-world benchmark for one or more models; print a table.
 
     python -m eval.run_embedded --models output/sft [output/dpo ...] --world data/world
+
+Each model's results go to <model>/eval_embedded.json (the same file `python -m eval.benchmark
+--benchmark embedded` writes, which `python -m eval.report` reads). Answers made by an older version
+of a model (same folder, rewritten weights) are generated again.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from eval.embedded import BENCHES, score_answers
-
-HEADLINE = [("objhal", "CHAIRi"), ("objhal", "CHAIRs"), ("objhal", "recall"), ("pope_random", "f1"),
-            ("pope_adversarial", "f1"), ("count", "accuracy")]
+from eval.embedded import BENCHES, HEADLINE
 
 
-def evaluate(model_path: str, world: str, batch_size: int = 64, benches=None, num_beams: int = 1) -> dict:
-    from training.predict.main import parse, predict
+def evaluate(model_path: str, world: str, batch_size: int = 64, benches=None, num_beams: int = 1,
+             progress: bool = True) -> dict:
+    from eval.benchmark import build_parser, run
 
-    results = {}
-    for bench in benches or BENCHES:
-        qfile = Path(world) / BENCHES[bench]
-        ans = Path(model_path) / "predictions" / f"embedded_{bench}.jsonl"
-        predict(parse(["--model_path", model_path, "--data_path", str(qfile), "--output_file", str(ans),
-                       "--batch_size", str(batch_size), "--num_beams", str(num_beams), "--image_folder",
-                       str(Path(world) / "images")]))
-        results[bench] = score_answers(bench, qfile, ans)
-    out = {"model": model_path, "world": world, "decoding": {"num_beams": num_beams, "greedy": True},
-           "results": results}
-    (Path(model_path) / "eval_embedded.json").write_text(json.dumps(out, indent=1))
-    return out
+    argv = ["--benchmark", "embedded", "--model_path", model_path, "--data", world, "--image_folder",
+            str(Path(world) / "images"), "--batch_size", str(batch_size), "--num_beams", str(num_beams),
+            "--restart_answers"] + ([] if progress else ["--no-progress"])
+    if benches:
+        argv += ["--embedded_benches", *benches]
+    record = run(build_parser().parse_args(argv))
+    record["results"] = record["details"]["results"]
+    return record
 
 
 def table(rows: list[dict]) -> str:
@@ -48,8 +45,9 @@ def main(argv=None) -> str:
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--benches", nargs="*", default=None, choices=list(BENCHES))
     p.add_argument("--table_file", default="")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
-    rows = [evaluate(m, a.world, a.batch_size, a.benches, a.num_beams) for m in a.models]
+    rows = [evaluate(m, a.world, a.batch_size, a.benches, a.num_beams, a.progress) for m in a.models]
     t = table(rows)
     if a.table_file:
         Path(a.table_file).write_text(t + "\n")

@@ -30,3 +30,25 @@ def sft_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
 
 def weights(out: Path) -> dict:
     return load_file(str(Path(out) / "model.safetensors"))
+
+
+def make_reward_model(tiny: Path, out: Path, factual: bool = True, seed: int = 0) -> Path:
+    """An untrained reward model on the tiny VLM (random head): enough to drive PPO plumbing."""
+    import torch
+
+    from training.config import LoraArgs, ModelArgs
+    from training.model.builder import load_model_and_processor, save_model
+    from training.rm.model import RewardModel
+
+    if not (out / "reward_model.json").exists():
+        torch.manual_seed(seed)
+        backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs())
+        save_model(RewardModel(backbone, factual=factual), processor, out)
+    return out
+
+
+def ppo_args(world: Path, tiny: Path, rm: Path, out: Path, *extra: str) -> list[str]:
+    return ["--from_checkpoint", str(tiny), "--reward_model", str(rm), "--data_path", str(world / "ppo_prompts.json"),
+            "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress",
+            "--rollout_batch_size", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
+            "--logging_steps", "1", *extra]

@@ -27,7 +27,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") ->
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """r_t = -kl_coef * kl_t on every response token, plus the sequence score at the last one. (B, T)."""
     r = -kl_coef * kl * mask
-    last = mask.sum(-1).long().clamp(min=1) - 1  # (B,)
+    T = mask.shape[-1]
+    last = T - 1 - mask.flip(-1).long().argmax(-1)  # (B,) last response position
     return r.scatter_add(1, last[:, None], score[:, None].to(r.dtype))
 
 

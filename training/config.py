@@ -94,6 +94,39 @@ class RunArgs:
     progress: bool = _f(True, "Show a progress bar.")
 
 
+@dataclass
+class RMArgs:
+    factual: bool = _f(True, "Fact-RLHF: give the reward model each sample's facts (captions, ground-truth "
+                             "objects, the correct option) in a factual block; rows without facts are bad rows.")
+    captions_file: str = _f("", "LLaVA-RLHF image_to_caption.json (image -> captions): added to each row's facts.")
+    rank_loss: str = _f("auto", "auto (Bradley-Terry for pairs, Plackett-Luce for longer ranked lists) | "
+                                "bradley_terry (every pair of a ranking) | plackett_luce",
+                        choices=["auto", "bradley_terry", "plackett_luce"])
+    margin: float = _f(0.0, "Bradley-Terry margin: r_chosen should exceed r_rejected by this much.")
+    center_coef: float = _f(1e-3, "LLaVA-RLHF reward centering: + coef * |mean(r_chosen + r_rejected)| (0: off).")
+    figure_dir: str = _f("figure", "Where the plot of held-out chosen vs rejected rewards goes.")
+
+
+@dataclass
+class DPOArgs:
+    loss_type: str = _f("sigmoid", "sigmoid (DPO) | cdpo (label smoothing) | ipo | orpo (reference-free) | "
+                                   "listwise (Plackett-Luce over ranked candidates)",
+                        choices=["sigmoid", "cdpo", "ipo", "orpo", "listwise"])
+    beta: float = _f(0.1, "DPO beta (IPO: tau). Scales the implicit reward beta * (logp - ref_logp).")
+    label_smoothing: float = _f(0.1, "cDPO: probability that a preference label is flipped (loss_type cdpo).")
+    ipo_average: bool = _f(True, "IPO on per-token mean log-ratios (TRL's variant) instead of sums.")
+    orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term (TRL's beta; paper 0.1).")
+    sft_weight: float = _f(0.0, "Add -sft_weight * logp(chosen) to DPO losses (RLAIF-V); 0 disables.")
+    precompute_ref: bool = _f(True, "Compute reference log-probs once before training and cache them with "
+                                    "the data; --no-precompute_ref computes them every step.")
+    ref_cache_dir: str = _f("", "Where reference log-probs are cached (default: ref_logps/ beside the data, "
+                                "else in output_dir).")
+    fast_path: bool = _f(True, "One row per pair: image and prompt computed once for chosen and rejected "
+                               "(shared-prefix mask); --no-fast_path runs one full sequence per response.")
+    disable_dropout: bool = _f(True, "Turn dropout off in the policy (the log-ratios are then deterministic).")
+    figure_dir: str = _f("figure", "Plots of the run's metrics go here (named after output_dir).")
+
+
 def _arg_type(tp):
     if tp in (int, float, str):
         return tp

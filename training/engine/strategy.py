@@ -85,11 +85,13 @@ class Strategy:
             cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
         return cfg
 
-    def prepare(self, model: torch.nn.Module, total_steps: int):
+    def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: float | None = None):
         """Wrap a model for training: AdamW over trainable params + warm-up/decay schedule."""
+        import dataclasses
+
         import deepspeed
 
-        o = self.optim
+        o = self.optim if learning_rate is None else dataclasses.replace(self.optim, learning_rate=learning_rate)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: check the freeze / LoRA options")
@@ -114,7 +116,8 @@ class Strategy:
             return model.to(self.device).eval()
         cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None
+        return engine
 
     # ---- reductions --------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor | float, op: str = "sum") -> torch.Tensor:
@@ -122,6 +125,15 @@ class Strategy:
         if self.world_size > 1:
             torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
         return t
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a same-shaped tensor from every rank along dim 0 (detached, on CPU)."""
+        x = x.detach().float().to(self.device)
+        if self.world_size == 1:
+            return x.cpu()
+        out = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, x)
+        return torch.cat(out).cpu()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -15,7 +15,10 @@ IMAGE_TOKEN = "<image>"
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
 # words of the world's prompts and answers, and of the chat template
 TEMPLATE_WORDS = """user assistant : the image shows on a background and , ( ) . ? describe in detail
-is there are how many no yes not contains of this what objects""".split()
+is there are how many no yes not contains of this what objects
+response should be fully supported by combination following captions correct option answer""".split()
+# the last line is Fact-RLHF's factual block ("the response should be fully supported by the
+# combination of the following captions:"), which the reward model reads
 
 # LLaVA v1 conversation format, as the real llava-1.5 checkpoints use it.
 CHAT_TEMPLATE = (

@@ -38,3 +38,19 @@ def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, promp
     texts = tok.batch_decode(new, skip_special_tokens=True)
     n = decode.num_return_sequences
     return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def best_of_n(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
+              decode: DecodeArgs, n: int, scorer, facts: list | None = None, device=None):
+    """Best-of-n (Vision-LLM-Alignment's "BoS"): sample n answers per prompt in one batched
+    generate call, score all of them with `scorer` (a `training.rm.data.RewardScorer`, given the
+    facts when its reward model is factual and every prompt has them) and keep the highest.
+    -> (best texts, their rewards (B,), all rewards (B, n))."""
+    import dataclasses
+    decode = dataclasses.replace(decode, do_sample=True, num_beams=1, num_return_sequences=n)
+    cands = generate_batch(model, processor, encoder, arch_name, prompts, images, decode, device)
+    flat = [t for c in cands for t in c]
+    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731  each prompt's row, n times
+    rewards = scorer.score(rep(prompts), rep(images), flat, rep(facts) if facts is not None else None).view(-1, n)
+    best = rewards.argmax(-1)
+    return [c[int(k)] for c, k in zip(cands, best)], rewards.gather(1, best[:, None]).squeeze(1), rewards

@@ -1,6 +1,7 @@
 """Answer a question file with a model: JSONL of question_id, image, prompt, text, model_id.
 
     bash run_predict.sh --model_path output/sft --data_path data/world/bench_objhal.jsonl
+    bash run_predict.sh ... --best_of_n 8 --reward_model output/rm   # sample 8, keep the RM's best
 
 Batched; an interrupted run resumes: question_ids already in --output_file are not generated again.
 """
@@ -29,6 +30,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_bad_rows", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--best_of_n", type=int, default=1,
+                   help="sample N answers per question (--temperature, --top_p) and keep the one --reward_model "
+                        "scores highest; a factual reward model gets the questions' facts when they have them")
+    p.add_argument("--reward_model", default="", help="reward model checkpoint (run_rm_training.sh); without "
+                                                     "--best_of_n it only records each answer's reward")
+    p.add_argument("--rm_batch_size", type=int, default=32, help="sequences per reward-model forward pass")
     return p.parse_args(argv)
 
 
@@ -46,9 +53,11 @@ def predict(args: argparse.Namespace) -> Path:
     from training.data.formats import read_prompts
     from training.data.images import load_image
     from training.model.builder import load_model_and_processor
-    from training.predict.generate import DecodeArgs, generate_batch
+    from training.predict.generate import DecodeArgs, best_of_n, generate_batch
     from training.templates.chat import ChatEncoder
 
+    if args.best_of_n > 1 and not args.reward_model:
+        raise SystemExit("--best_of_n needs --reward_model PATH (a checkpoint from run_rm_training.sh)")
     torch.manual_seed(args.seed)
     image_root = args.image_folder or default_image_folder(args.data_path)
     out = Path(args.output_file or Path(args.model_path) / "predictions" / (Path(args.data_path).stem + ".jsonl"))
@@ -64,22 +73,49 @@ def predict(args: argparse.Namespace) -> Path:
     model.eval()
     encoder = ChatEncoder(processor, arch, args.max_seq_len)
     decode = DecodeArgs(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
+    scorer = _scorer(args, records) if args.reward_model else None
     model_id = args.model_id or args.model_path
     bar = tqdm(total=len(records) + len(done), initial=len(done), desc="predict", disable=not args.progress)
     with out.open("a") as f:
         for i in range(0, len(records), args.batch_size):
             chunk = records[i:i + args.batch_size]
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
-            texts = generate_batch(model, processor, encoder, arch.name, [r.prompt for r in chunk], images, decode)
-            for r, t in zip(chunk, texts):
-                f.write(json.dumps({"question_id": _qid(r), "image": r.images[0] if r.images and isinstance(r.images[0], str) else None,
-                                    "prompt": r.prompt[-1].content, "text": t[0], "model_id": model_id}) + "\n")
+            prompts = [r.prompt for r in chunk]
+            facts = [r.facts for r in chunk] if scorer is not None and scorer.factual else None
+            rewards = None
+            if args.best_of_n > 1:
+                texts, rewards, _ = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
+                                              args.best_of_n, scorer, facts)
+            else:
+                texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode)]
+                if scorer is not None:
+                    rewards = scorer.score(prompts, images, texts, facts)
+            for k, (r, t) in enumerate(zip(chunk, texts)):
+                image = r.images[0] if r.images and isinstance(r.images[0], str) else None
+                row = {"question_id": _qid(r), "image": image, "prompt": r.prompt[-1].content, "text": t,
+                       "model_id": model_id}
+                if rewards is not None:
+                    row.update(reward=float(rewards[k]), best_of_n=args.best_of_n)
+                f.write(json.dumps(row) + "\n")
             f.flush()
             bar.update(len(chunk))
     bar.close()
     if report.skipped:
         report.write(out.parent, out.stem + ".bad_rows.json")
     return out
+
+
+def _scorer(args, records):
+    """The reward model as a scorer; factual models get facts only when every question has them."""
+    from training.rm.data import RewardScorer, missing_facts_note
+    from training.rm.model import load_reward_model
+
+    rm, rm_processor, rm_arch = load_reward_model(args.reward_model)
+    note = missing_facts_note(records, rm.factual)
+    if note:
+        print(note)
+    return RewardScorer(rm, rm_processor, rm_arch, args.max_seq_len, args.rm_batch_size,
+                        factual=rm.factual and not note)
 
 
 def _qid(r) -> str:

@@ -10,12 +10,23 @@ Segments are tokenised one by one: a prompt segment that holds images goes throu
 other segments go through the tokenizer. Truncation drops tokens from the end but never cuts an
 image's tokens: a later turn whose images would be cut is dropped whole, with its images, and a
 sample whose first prompt (with its images) does not fit raises `PromptTooLong`.
+
+Whitespace a template writes AFTER an assistant turn's end-of-turn token (ChatML's "<|im_end|>\n",
+Idefics3's "<end_of_utterance>\n") is the separator before the next turn: generation stops at the
+end-of-turn token, so that whitespace is not a target and goes with the following prompt text.
+
+Pixel inputs are of two kinds. Most are per image (pixel_values, image_sizes, image_grid_thw...) and
+are concatenated over the sample's images. A few are aligned with the TOKENS, shape (1, T, ...):
+Qwen2-VL's `mm_token_type_ids` (1 on image tokens, needed for M-RoPE) and mllama's
+`cross_attention_mask` (which images each token attends to). Those are rebuilt for the whole
+sample (see `merge_vision`) and padded like input_ids by the collator.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from training.data.records import IMAGE_PLACEHOLDER, Message
 
@@ -23,6 +34,8 @@ IGNORE = -100
 # Architectures whose processors return pixel inputs with a per-SAMPLE leading dimension
 # (images stacked on dim 1) rather than one row per image.
 PER_SAMPLE_VISION = {"idefics3", "mllama"}
+# Pixel-input keys aligned with the tokens, shape (1, T, ...) per sample (see the module docstring).
+TOKEN_ALIGNED = ("mm_token_type_ids", "cross_attention_mask")
 
 
 class PromptTooLong(ValueError):
@@ -69,7 +82,8 @@ class ChatEncoder:
 
     def segments(self, messages: list[Message], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """[(text, is_target)]: the rendered conversation cut at assistant-turn boundaries."""
-        segs, prev = [], ""
+        segs, prev, pos = [], "", 0  # prev: the rendering so far; pos: where the next segment starts
+        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
@@ -78,11 +92,18 @@ class ChatEncoder:
             if not before.startswith(prev) or not full.startswith(before):
                 raise ValueError("chat template is not prefix-stable: cannot locate assistant turn "
                                  f"{i}; pass --template with a template that renders turns in order")
-            segs += [(before[len(prev):], False), (full[len(before):], True)]
-            prev = full
-        rest = self.render(messages, add_generation_prompt=add_generation_prompt)[len(prev):]
-        if rest:
-            segs.append((rest, False))
+            target = full[len(before):]
+            core = target.rstrip()
+            if core != target and any(core.endswith(t) for t in specials):
+                target = core  # whitespace after the end-of-turn token: not a target (module docstring)
+            segs += [(before[pos:], False), (target, True)]
+            prev, pos = full, len(before) + len(target)
+        rest = self.render(messages, add_generation_prompt=add_generation_prompt)
+        if not rest.startswith(prev):
+            raise ValueError("chat template is not prefix-stable: the conversation renders differently "
+                             "from its turns; pass --template with a template that renders turns in order")
+        if rest[pos:]:
+            segs.append((rest[pos:], False))
         return [s for s in segs if s[0]]
 
     # ---- tokens --------------------------------------------------------------------------
@@ -94,6 +115,13 @@ class ChatEncoder:
                                  add_special_tokens=add_special, return_tensors="pt")
             ids = out.pop("input_ids")[0].tolist()
             out.pop("attention_mask", None)
+            bos_id = self.tokenizer.bos_token_id
+            if bos and not add_special and bos not in text and bos_id in ids:
+                # mllama's processor puts a BOS in front of ANY text holding an image, even with
+                # add_special_tokens=False: in a later turn that would be a BOS mid-conversation.
+                keep = torch.tensor([t != bos_id for t in ids])
+                ids = [t for t in ids if t != bos_id]
+                out.update({k: out[k][:, keep] for k in TOKEN_ALIGNED if k in out})
             return ids, dict(out)
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"], {}
 
@@ -130,22 +158,60 @@ class ChatEncoder:
                                 f"room for a response within max_seq_len={self.max_seq_len}")
         starts = [s for s, t, _ in kept if t]
         prompt_len = starts[-1] if starts else len(ids)
-        vision = merge_vision([v for _, _, v in kept if v], self.arch.name, len(ids))
+        vision = merge_vision([(s, v) for s, _, v in kept if v], self.arch.name, len(ids))
         return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
                        vision, prompt_len, truncated)
 
 
-def merge_vision(parts: list[dict], arch_name: str, seq_len: int) -> dict:
-    """Join the pixel inputs of several image-bearing segments of ONE sample."""
+def pad_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate on `dim`, zero-padding every other dim to the largest size (padding is never read:
+    LLaVA-NeXT slices its patches by image_sizes, Idefics3 masks by pixel_attention_mask and drops
+    all-zero images, mllama masks tiles by aspect_ratio_mask)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = []
+    for t in tensors:
+        pad = []
+        for d in reversed(range(t.dim())):
+            pad += [0, 0 if d == dim else shape[d] - t.shape[d]]
+        out.append(F.pad(t, pad) if any(pad) else t)
+    return torch.cat(out, dim=dim)
+
+
+def merge_vision(parts: list[tuple[int, dict]], arch_name: str, seq_len: int) -> dict:
+    """Join the pixel inputs of the image-bearing segments of ONE sample: parts = [(token offset of
+    the segment, its processor outputs)]. Per-image inputs are concatenated in image order; the
+    token-aligned ones are rebuilt for the whole sequence of seq_len tokens."""
     if not parts:
         return {}
-    if arch_name in PER_SAMPLE_VISION and len(parts) > 1:
-        raise ValueError(f"{arch_name}: images must all be in one user turn")
-    out = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-    if "cross_attention_mask" in out:  # mllama: tokens after the image attend to it; extend to seq_len
-        m = out["cross_attention_mask"]
-        if m.shape[1] < seq_len:
-            tail = m[:, -1:].expand(-1, seq_len - m.shape[1], *m.shape[2:])
-            out["cross_attention_mask"] = torch.cat([m, tail], dim=1)
-        out["cross_attention_mask"] = out["cross_attention_mask"][:, :seq_len]
+    image_dim = 1 if arch_name in PER_SAMPLE_VISION else 0
+    keys = [k for k in parts[0][1] if k not in TOKEN_ALIGNED]
+    out = {k: pad_cat([v[k] for _, v in parts], image_dim) if len(parts) > 1 else parts[0][1][k] for k in keys}
+    if "mm_token_type_ids" in parts[0][1]:  # Qwen2-VL: image tokens 1, text 0
+        full = torch.zeros((1, seq_len), dtype=parts[0][1]["mm_token_type_ids"].dtype)
+        for off, v in parts:
+            t = v["mm_token_type_ids"][:, :seq_len - off]
+            full[:, off:off + t.shape[1]] = t
+        out["mm_token_type_ids"] = full
+    if "cross_attention_mask" in parts[0][1]:
+        out["cross_attention_mask"] = _mllama_cross_attention(parts, seq_len)
     return out
+
+
+def _mllama_cross_attention(parts: list[tuple[int, dict]], seq_len: int) -> torch.Tensor:
+    """mllama's (1, T, n_images, max_tiles) mask for the whole sample, as its processor builds it for one
+    text: each segment's rows at its offset, its images' columns after the previous segments' images;
+    then every row with no image (text after an image segment, or before the segment's first image
+    token) attends to what the last row before it attended to: the most recent image(s). Rows before
+    the first image attend to nothing."""
+    masks = [v["cross_attention_mask"] for _, v in parts]
+    n_img, tiles = sum(m.shape[2] for m in masks), max(m.shape[3] for m in masks)
+    full = torch.zeros((seq_len, n_img, tiles), dtype=masks[0].dtype)
+    col = 0
+    for (off, _), m in zip(parts, masks):
+        m = m[0, :seq_len - off]
+        full[off:off + m.shape[0], col:col + m.shape[1], :m.shape[2]] = m
+        col += m.shape[1]
+    has = full.flatten(1).any(1)
+    last = torch.where(has, torch.arange(seq_len), torch.full((seq_len,), -1)).cummax(0).values
+    filled = full[last.clamp(min=0)] * (last >= 0).view(-1, 1, 1).to(full.dtype)
+    return filled.unsqueeze(0)

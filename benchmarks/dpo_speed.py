@@ -1,0 +1,280 @@
+"""DPO speed: our DPO stage vs TRL's DPOTrainer on the same tiny LLaVA-shaped VLM, data and machine.
+
+    python -m benchmarks.dpo_speed                       # 64 pairs, batch 8, 256 image tokens per prompt
+    python -m benchmarks.dpo_speed --image_size 192      # 576 image tokens (LLaVA-1.5's count)
+
+The VLM is the embedded tiny LLaVA (CLIP-style ViT + projector + Llama, word-level tokenizer) at a
+larger image size, so each prompt holds (image_size/8)^2 image tokens and each response tens of
+tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side runs in its own
+process over one epoch (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
+
+  ours  training.dpo.main: reference log-probs precomputed once (counted in its time), image and
+        prompt computed once per pair (shared-prefix layout), no reference model in memory.
+  TRL   trl.DPOTrainer at its best available settings for a VLM: precompute_ref_log_probs raises
+        for vision datasets and padding_free is disabled, so it runs a reference copy each step;
+        gradient checkpointing off (its default is on: slower).
+
+Printed for both: pairs/s over the epoch (ours including the reference pass), peak memory (CUDA:
+max allocated; CPU: the process's peak RSS above its RSS before training), and the chosen/rejected
+log-probs of the first batch (the first `batch` pairs of the file, at initialisation); then ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Memory:
+    """Peak memory of the training phase: CUDA max allocated, else peak RSS above the RSS at start."""
+
+    def __init__(self):
+        import torch
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.base = _rss_mb()
+
+    def peak_mb(self) -> float:
+        import torch
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        return _peak_rss_mb() - self.base
+
+
+def build_bench_vlm(out: Path, image_size: int, hidden: int, layers: int) -> Path:
+    """The tiny LLaVA at another image size: (image_size / 8)^2 image tokens per image."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+    from training.model import tiny
+
+    if (out / "config.json").exists():
+        return out
+    proc = tiny.build_processor()
+    proc.image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    cfg = tiny.tiny_config(proc.tokenizer, hidden, layers)
+    cfg.vision_config.image_size = image_size
+    cfg.image_seq_length = (image_size // 8) ** 2
+    cfg.text_config.max_position_embeddings = 4096
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    proc.save_pretrained(out)
+    return out
+
+
+def make_data(work: Path, n_pairs: int) -> tuple[Path, Path]:
+    """The first n_pairs of the embedded world's preference pairs (data/world, else a small world here)."""
+    from training.world.generate import WorldConfig, generate
+
+    world = ROOT / "data" / "world"
+    if not (world / "preference_train.json").exists():
+        world = work / "world"
+        if not (world / "preference_train.json").exists():
+            generate(world, WorldConfig(seed=0, n_sft=2, n_pref=n_pairs, n_ppo=1, n_heldout=1))
+    rows = json.loads((world / "preference_train.json").read_text())[:n_pairs]
+    path = work / "pairs.json"
+    path.write_text(json.dumps(rows))
+    return path, world / "images"
+
+
+# ---- workers (each in its own process) ---------------------------------------------------------
+
+def first_batch_ours(model_dir: Path, data: Path, images: Path, batch: int, precision: str) -> dict:
+    import torch
+
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset, collate_prefix
+    from training.dpo.forward import response_logps
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(model_dir), precision=precision),
+                                                 LoraArgs(), for_training=False)
+    model.to(dev)
+    ds = PreferenceDataset(read_preferences([str(data)], str(images)), ChatEncoder(proc, arch, 4096), str(images),
+                           BadRowReport())
+    with torch.no_grad():
+        r = response_logps(model, collate_prefix([ds[i] for i in range(batch)], proc.tokenizer.pad_token_id,
+                                                 arch.name).to(dev))
+    return {"chosen": r.sum[:, 0].tolist(), "rejected": r.sum[:, 1].tolist(),
+            "prompt_tokens": len(ds[0].prompt_ids), "response_tokens": [len(x) for x in ds[0].responses]}
+
+
+def worker_ours(a) -> dict:
+    from training.dpo.main import main
+
+    fb = first_batch_ours(Path(a.model), Path(a.data), Path(a.images), a.batch, a.precision)
+    out = Path(a.work) / "ours"
+    mem = Memory()
+    t0 = time.time()
+    r = main(["--from_checkpoint", a.model, "--data_path", a.data, "--image_folder", a.images, "--output_dir",
+              str(out), "--ref_cache_dir", str(out / f"ref_cache_{time.time_ns()}"), "--max_seq_len", "4096",
+              "--per_device_train_batch_size", str(a.batch), "--per_device_eval_batch_size", str(a.batch),
+              "--num_train_epochs", "1", "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
+              "--num_warmup_steps", "0", "--logging_steps", "1", "--no-progress", "--precision", a.precision,
+              "--figure_dir", str(out / "figure"), "--max_grad_norm", "1.0"])
+    total = time.time() - t0
+    t = r["timings"]
+    n = sum(h["pairs"] for h in r["history"])
+    return {"pairs": n, "seconds": t["reference_s"] + t["train_s"], "reference_s": t["reference_s"],
+            "train_s": t["train_s"], "wall_incl_save_s": total, "peak_mb": mem.peak_mb(), "first_batch": fb}
+
+
+def worker_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from trl import DPOConfig, DPOTrainer
+
+    rows = json.loads(Path(a.data).read_text())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.precision]
+    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=dtype)
+    proc = AutoProcessor.from_pretrained(a.model)
+
+    def example(r):
+        q = r["conversations"][0]["value"].replace("<image>\n", "")
+        chosen, rejected = r["conversations"][1]["value"][:2]
+        return {"images": [Image.open(Path(a.images) / r["image"]).convert("RGB")],
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    ds = Dataset.from_list([example(r) for r in rows])
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, num_train_epochs=1,
+                     learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
+                     logging_steps=1, save_strategy="no", report_to=[], max_length=None, gradient_checkpointing=False,
+                     bf16=a.precision == "bf16", use_cpu=not cuda, dataloader_num_workers=0, seed=1234,
+                     disable_tqdm=True, max_grad_norm=1.0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=proc)
+
+    # first batch: TRL's own collator and loss code on the first `batch` pairs of the file, at initialisation
+    gathered = []
+    gather = trainer.accelerator.gather
+    trainer.accelerator.gather = lambda x: (gathered.append(x.detach().float().cpu()), gather(x))[1]
+    inputs = trainer.data_collator([ds[i] for i in range(a.batch)])
+    inputs = trainer._prepare_inputs(inputs)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, inputs)
+    trainer.accelerator.gather = gather
+    chosen, rejected = gathered[-2], gathered[-1]  # logps/chosen, logps/rejected are gathered last
+    cm = inputs["completion_mask"]
+    fb = {"chosen": chosen.tolist(), "rejected": rejected.tolist(),
+          "prompt_tokens": int((inputs["attention_mask"][0] - cm[0]).sum()),
+          "response_tokens": [int(cm[0].sum()), int(cm[a.batch].sum())]}
+    for m in trainer._metrics.values():
+        m.clear()
+
+    mem = Memory()
+    t0 = time.time()
+    out = trainer.train()
+    seconds = time.time() - t0
+    return {"pairs": out.global_step * a.batch, "seconds": seconds, "peak_mb": mem.peak_mb(), "first_batch": fb}
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def run_worker(kind: str, a, model: Path, data: Path, images: Path, work: Path) -> dict:
+    out = work / f"{kind}.json"
+    cmd = [sys.executable, "-m", "benchmarks.dpo_speed", "--worker", kind, "--model", str(model), "--data",
+           str(data), "--images", str(images), "--work", str(work), "--batch", str(a.batch), "--precision",
+           a.precision, "--result", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out.read_text())
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def report(ours: dict, trl: dict, a) -> str:
+    import statistics as st
+
+    lines = []
+    fb_o, fb_t = ours["first_batch"], trl["first_batch"]
+    for name, r in (("ours", ours), ("TRL", trl)):
+        fb = r["first_batch"]
+        lines.append(f"{name:5s} pairs/s {r['pairs'] / r['seconds']:8.2f}  ({r['pairs']} pairs in {r['seconds']:.1f} s"
+                     + (f"; reference pass {r['reference_s']:.1f} s" if "reference_s" in r else "")
+                     + f")  peak memory {r['peak_mb']:8.1f} MiB  first batch logps chosen "
+                     f"{st.mean(fb['chosen']):.4f} rejected {st.mean(fb['rejected']):.4f}")
+    dc = max(abs(x - y) for x, y in zip(fb_o["chosen"], fb_t["chosen"]))
+    dr = max(abs(x - y) for x, y in zip(fb_o["rejected"], fb_t["rejected"]))
+    speed = (ours["pairs"] / ours["seconds"]) / (trl["pairs"] / trl["seconds"])
+    lines.append(f"ratios: pairs/s ours/TRL {speed:.2f}x   peak memory ours/TRL {ours['peak_mb'] / trl['peak_mb']:.2f}"
+                 f"   first-batch per-pair |logp diff| max chosen {dc:.2e} rejected {dr:.2e}")
+    lines.append(f"tokens per pair: prompt {fb_o['prompt_tokens']} (ours) / {fb_t['prompt_tokens']} (TRL), "
+                 f"responses {fb_o['response_tokens']} / {fb_t['response_tokens']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=128, help="(image_size/8)^2 image tokens per prompt")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--precision", default="", help="fp32 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--work", default="output/bench_dpo")
+    p.add_argument("--only", choices=["ours", "trl"], default=None)
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.precision = a.precision or ("bf16" if _cuda() else "fp32")
+    if a.worker:
+        res = (worker_ours if a.worker == "ours" else worker_trl)(a)
+        Path(a.result).write_text(json.dumps(res))
+        return res
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_bench_vlm(work / f"vlm_{a.image_size}_{a.hidden}_{a.layers}", a.image_size, a.hidden, a.layers)
+    data, images = make_data(work, a.pairs)
+    res = {}
+    for kind in ("ours", "trl"):
+        if a.only in (None, kind):
+            res[kind] = run_worker(kind, a, model, data, images, work)
+            print(kind, json.dumps({k: v for k, v in res[kind].items() if k != "first_batch"}), flush=True)
+    if len(res) == 2:
+        text = report(res["ours"], res["trl"], a)
+        print(f"\nDPO speed, {a.pairs} pairs, batch {a.batch}, {(a.image_size // 8) ** 2} image tokens per prompt, "
+              f"hidden {a.hidden}, {a.layers} layers, {a.precision}, {'CUDA' if _cuda() else 'CPU'}:\n{text}")
+        (work / "result.txt").write_text(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

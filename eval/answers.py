@@ -1,0 +1,133 @@
+"""Answers to a benchmark's questions: generated with training.predict (resumable) or read from files.
+
+For each split `generate` writes the questions as a JSONL question file (`question_id, image,
+text`) beside the answers, then calls `training.predict.main.predict`, which skips question_ids
+already answered: an interrupted run resumes, and a finished one loads no model at all. A
+`<answers>.settings.json` records the model (path and a fingerprint of its weight files: name,
+size, mtime), the decoding and the questions that produced the answers. Asking for other settings
+on the same answer file is an error (use --run_name), or with `restart=True` the stale answers
+are deleted and generated again: answers from two models or decodings are never mixed.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+
+class AnswersMismatch(ValueError):
+    """An answer file was generated with other settings than the ones asked for now."""
+
+
+def _image_field(src):
+    """JSON-safe image source: raw bytes (parquet/datasets structs) become base64 text."""
+    if isinstance(src, dict):
+        src = src.get("bytes") or src.get("path")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(src)).decode("ascii")
+    return src
+
+
+def read_answers(path: str | Path) -> dict[str, str]:
+    """question_id -> answer text from predict's JSONL (`question_id, text`), AMBER's JSON list
+    (`id, response`) or MMHal's response JSON (`model_answer`, keyed by position)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+        out = {}
+        for i, r in enumerate(rows):
+            if "response" in r:
+                out[str(r["id"])] = r["response"]
+            elif "model_answer" in r:
+                out[str(i)] = r["model_answer"]
+            else:
+                out[str(r["question_id"])] = r["text"]
+        return out
+    out = {}
+    for line in text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out.setdefault(str(r["question_id"]), r["text"])  # the first answer wins, as predict resumes
+    return out
+
+
+def check_complete(items: list[dict], answers: dict[str, str], where: str) -> None:
+    missing = [q["question_id"] for q in items if q["question_id"] not in answers]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} of {len(items)} questions have no answer (first: {missing[0]})")
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """Changes whenever the weights in a model folder are rewritten (a Hub id stands for itself)."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return str(model_path)
+    files = sorted(f for f in root.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file())
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str, image_folder: str,
+             decoding: dict, predict_flags: list[str],
+             restart: bool = False) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Answers per split, generating what is missing. Returns (answers, answer file per split)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers, files = {}, {}
+    for split, items in qs.items():
+        name = f"{tag}_{split}" if split else tag
+        qfile, afile = out_dir / f"{name}.questions.jsonl", out_dir / f"{name}.jsonl"
+        lines = "".join(json.dumps({"question_id": q["question_id"], "image": _image_field(q.get("image")),
+                                    "text": q["text"]}, ensure_ascii=False) + "\n" for q in items)
+        settings = {"model_path": str(model_path), "model_fingerprint": model_fingerprint(model_path),
+                    "decoding": {k: v for k, v in decoding.items() if k != "batch_size"},
+                    "questions_sha256": hashlib.sha256(lines.encode()).hexdigest()}
+        sfile = out_dir / f"{name}.settings.json"
+        if afile.exists() and afile.stat().st_size:
+            old = json.loads(sfile.read_text()) if sfile.exists() else None
+            if old != settings and restart:
+                afile.unlink()
+            elif old != settings:
+                raise AnswersMismatch(f"{afile} holds answers from other settings ({sfile}: {old}); pass another "
+                                      "--run_name or delete the file to generate again")
+        sfile.write_text(json.dumps(settings, indent=1))
+        qfile.write_text(lines, encoding="utf-8")
+        got = read_answers(afile)
+        if any(q["question_id"] not in got for q in items):
+            from training.predict.main import parse, predict
+
+            predict(parse(["--model_path", str(model_path), "--data_path", str(qfile), "--output_file", str(afile),
+                           "--image_folder", image_folder, *predict_flags]))
+            got = read_answers(afile)
+        check_complete(items, got, str(afile))
+        answers[split], files[split] = got, str(afile)
+    return answers, files
+
+
+def predict_flags(decoding: dict, extra: dict) -> list[str]:
+    """training.predict.main flags for a decoding dict (+ model_architecture, max_seq_len, ...)."""
+    flags = ["--batch_size", str(decoding["batch_size"]), "--max_new_tokens", str(decoding["max_new_tokens"]),
+             "--num_beams", str(decoding["num_beams"]), "--seed", str(decoding["seed"])]
+    if decoding.get("do_sample"):
+        flags += ["--do_sample", "--temperature", str(decoding["temperature"]), "--top_p", str(decoding["top_p"])]
+    for k, v in extra.items():
+        if isinstance(v, bool):
+            flags.append(f"--{k}" if v else f"--no-{k}")
+        elif v not in (None, ""):
+            flags += [f"--{k}", str(v)]
+    return flags
+
+
+def file_digest(paths) -> dict[str, str]:
+    """sha256 (first 16 hex digits) of each data file: the dataset version actually scored."""
+    out = {}
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[str(p)] = h.hexdigest()[:16]
+    return out

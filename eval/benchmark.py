@@ -1,0 +1,164 @@
+"""Generate answers to a benchmark with a model, score them as the benchmark's paper does, and
+write one results JSON per run.
+
+    python -m eval.benchmark --benchmark pope --model_path output/dpo --data POPE/output/coco \\
+        --image_folder coco/val2014
+    bash run_predict.sh --benchmark mmhal --model_path output/dpo --data mmhal/response_template.json \\
+        --image_folder mmhal/images --judge_url https://api.openai.com/v1 --judge_api_key_env OPENAI_API_KEY
+
+Benchmarks (--data is what the user downloaded; nothing is downloaded here):
+  objhal       Object HalBench question file (image base64, question, image_id) + COCO annotations
+  pope         POPE folder with coco_pope_{random,popular,adversarial}.json
+  amber        AMBER's data/ folder (annotations.json, relation.json, safe_words.txt, query/)
+  mmhal        MMHal-Bench response_template.json (+ images in --image_folder)
+  llava_bench  llava-bench-in-the-wild folder (questions.jsonl, answers_gpt4.jsonl, context.jsonl, images/)
+  embedded     the embedded world's held-out benchmarks (default data/world)
+
+Decoding defaults follow each paper (objhal: 3 beams, 1024 tokens; others greedy); every option
+overrides. Answers go to <output_dir>/predictions/ and resume when interrupted; --answers scores
+existing answer files instead. The results file <output_dir>/eval_<benchmark>[_<run_name>].json
+records model, decoding, dataset files with their sha256 (and --dataset_version), the judge model,
+URL and decoding, and the metrics; per-question records go to a .per_question.jsonl beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+from pathlib import Path
+
+from eval.answers import check_complete, file_digest, generate, predict_flags, read_answers
+from eval.judge import add_judge_args, judge_decoding, judge_from_args
+
+MODULES = {"objhal": "eval.chair", "pope": "eval.pope", "amber": "eval.amber", "mmhal": "eval.mmhal",
+           "llava_bench": "eval.llava_bench", "embedded": "eval.embedded"}
+
+
+def module(name: str):
+    return importlib.import_module(MODULES[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", required=True, choices=list(MODULES))
+    p.add_argument("--model_path", default="", help="checkpoint to generate with (not needed with --answers)")
+    p.add_argument("--model_name", default="", help="label in tables (default: the model folder's name)")
+    p.add_argument("--data", default="", help="the benchmark's published file or folder")
+    p.add_argument("--image_folder", default="", help="image root; image paths must resolve inside it "
+                                                      "(default: <data>/images, else the data folder)")
+    p.add_argument("--output_dir", default="", help="default: --model_path")
+    p.add_argument("--run_name", default="", help="suffix for answer and results files (one per decoding setup)")
+    p.add_argument("--answers", nargs="*", default=None, metavar="[SPLIT=]FILE",
+                   help="score these answer files, no generation (predict JSONL, AMBER or MMHal JSON)")
+    p.add_argument("--restart_answers", action="store_true",
+                   help="regenerate answers made with another model / decoding instead of stopping")
+    p.add_argument("--dataset_version", default="", help="label recorded with the data files' sha256")
+    g = p.add_argument_group("generation (training.predict.main)")
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--max_new_tokens", type=int, default=None, help="default: the benchmark's")
+    g.add_argument("--num_beams", type=int, default=None, help="default: the benchmark's")
+    g.add_argument("--do_sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model_architecture", default="auto")
+    g.add_argument("--max_seq_len", type=int, default=2048)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    for name in MODULES:
+        module(name).add_args(p)
+    add_judge_args(p)
+    return p
+
+
+def decoding_of(args, mod) -> dict:
+    d = {"num_beams": args.num_beams if args.num_beams is not None else mod.DEFAULT_DECODING["num_beams"],
+         "max_new_tokens": args.max_new_tokens if args.max_new_tokens is not None
+         else mod.DEFAULT_DECODING["max_new_tokens"],
+         "do_sample": args.do_sample, "seed": args.seed, "batch_size": args.batch_size}
+    if args.do_sample:
+        d.update(temperature=args.temperature, top_p=args.top_p)
+    d["mode"] = "sampling" if args.do_sample else ("beam" if d["num_beams"] > 1 else "greedy")
+    return d
+
+
+def _answer_files(specs: list[str], splits: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        split, sep, path = spec.partition("=")
+        if not sep:
+            split, path = "", spec
+        out[split] = path
+    if set(out) == {""} and len(splits) == 1:
+        out = {splits[0]: out[""]}
+    missing = [s for s in splits if s not in out]
+    if missing:
+        raise ValueError(f"--answers needs one file per split, as SPLIT=FILE; missing {missing}")
+    return out
+
+
+def run(args) -> dict:
+    mod = module(args.benchmark)
+    if not args.data:
+        if not getattr(mod, "DEFAULT_DATA", ""):
+            raise SystemExit(f"--data is required for --benchmark {args.benchmark}")
+        args.data = mod.DEFAULT_DATA
+    if not args.image_folder:
+        d = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
+        args.image_folder = str(d / "images") if (d / "images").is_dir() else str(d)
+    out_dir = Path(args.output_dir or args.model_path or ".")
+    suffix = f"_{args.run_name}" if args.run_name else ""
+    args.answers_dir = str(out_dir / "predictions")
+    Path(args.answers_dir).mkdir(parents=True, exist_ok=True)
+    qs = mod.questions(args)
+    decoding = decoding_of(args, mod)
+    if args.answers is not None:
+        files = _answer_files(args.answers, list(qs))
+        answers = {s: read_answers(f) for s, f in files.items()}
+        for s in qs:
+            check_complete(qs[s], answers[s], files[s])
+        decoding = {"mode": "unknown (scored from --answers)"}
+    else:
+        if not args.model_path:
+            raise SystemExit("--model_path is required unless --answers is given")
+        flags = predict_flags(decoding, {"model_architecture": args.model_architecture,
+                                         "max_seq_len": args.max_seq_len, "model_id": args.model_name,
+                                         "progress": args.progress})
+        answers, files = generate(qs, out_dir / "predictions", args.benchmark + suffix, args.model_path,
+                                  args.image_folder, decoding, flags, restart=args.restart_answers)
+    judge, jdec = None, None
+    if mod.needs_judge(args):
+        judge = judge_from_args(args, mod.JUDGE_MODEL)
+        jdec = judge_decoding(args, **mod.JUDGE_DECODING)
+    metrics, details, per = mod.score(args, qs, answers, judge, jdec)
+    model = args.model_path or ""
+    record = {
+        "benchmark": args.benchmark, "model": model,
+        "model_name": args.model_name or Path(model.rstrip("/")).name or Path(next(iter(files.values()))).stem,
+        "run_name": args.run_name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "decoding": decoding,
+        "dataset": {"path": str(args.data), "version": args.dataset_version or None,
+                    "files_sha256": file_digest(mod.data_files(args))},
+        "judge": judge.record() if judge else None,
+        "answers": files, "metrics": metrics, "details": details,
+    }
+    path = out_dir / f"eval_{args.benchmark}{suffix}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False))
+    with open(path.with_suffix(".per_question.jsonl"), "w", encoding="utf-8") as f:
+        for row in per:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    record["results_file"] = str(path)
+    return record
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    record = run(args)
+    print(json.dumps({"benchmark": record["benchmark"], "model": record["model_name"],
+                      "metrics": record["metrics"], "results_file": record["results_file"]}, indent=1))
+    return record
+
+
+if __name__ == "__main__":
+    main()

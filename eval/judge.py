@@ -1,0 +1,165 @@
+"""An LLM judge: any OpenAI-compatible chat-completions endpoint, with a disk cache and retries.
+
+    judge = Judge(JudgeConfig(url="http://127.0.0.1:8000/v1", model="gpt-4-0314"))
+    reply = judge.chat([{"role": "user", "content": "..."}], temperature=0.0)
+
+* The API key is read from the environment variable named by `api_key_env` when a request is
+  sent; it is never written to a file, a log line or an error message. With the variable unset,
+  requests go without an Authorization header (local servers).
+* Every request and reply is cached on disk, keyed by a hash of (model, messages, decoding
+  settings), so re-scoring the same answers sends no request at all. Only successful replies are
+  cached; a reply the caller cannot parse can be asked again with `attempt=1, 2, ...`.
+* A failed request (network error, timeout, HTTP 408/409/425/429/5xx, a reply without a message)
+  is retried with exponential backoff; other HTTP errors (400, 401, 403, 404) fail at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint could not give a reply."""
+
+
+@dataclass
+class JudgeConfig:
+    url: str = "https://api.openai.com/v1"  # base URL (…/v1) or the full …/chat/completions URL
+    model: str = "gpt-4-0314"
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key, never the key
+    cache_dir: str = "output/judge_cache"
+    max_retries: int = 5
+    backoff_s: float = 2.0  # sleep backoff_s * 2**k before retry k+1
+    timeout_s: float = 120.0
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials or query string (what results files record)."""
+    p = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else "",
+                                    p.path, "", ""))
+
+
+class Judge:
+    def __init__(self, cfg: JudgeConfig):
+        self.cfg = cfg
+        self.requests = 0  # HTTP requests sent (failed ones included)
+        self.cache_hits = 0
+        self.decodings: list[dict] = []  # every distinct decoding setting used, for the results file
+
+    def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
+        payload = {"model": self.cfg.model, "messages": messages, "decoding": decoding}
+        if attempt:
+            payload["attempt"] = attempt
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def chat(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int | None = None,
+             attempt: int = 0) -> str:
+        """The reply text to `messages`, from the cache when this exact request was made before."""
+        decoding = {"temperature": temperature, "max_tokens": max_tokens}
+        if decoding not in self.decodings:
+            self.decodings.append(decoding)
+        key = self.key(messages, decoding, attempt)
+        path = Path(self.cfg.cache_dir) / key[:2] / f"{key}.json"
+        if path.exists():
+            self.cache_hits += 1
+            return json.loads(path.read_text(encoding="utf-8"))["reply"]
+        body = {"model": self.cfg.model, "messages": messages, "temperature": temperature}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        response = self._post(body)
+        reply = response["choices"][0]["message"]["content"]
+        _write_atomic(path, {"request": {"model": self.cfg.model, "messages": messages, "decoding": decoding,
+                                         "attempt": attempt},
+                             "reply": reply, "response_model": response.get("model"),
+                             "usage": response.get("usage")})
+        return reply
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        where = _public_url(self.cfg.endpoint)
+        last = ""
+        for k in range(self.cfg.max_retries + 1):
+            if k:
+                time.sleep(self.cfg.backoff_s * 2 ** (k - 1))
+            self.requests += 1
+            req = urllib.request.Request(self.cfg.endpoint, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                    out = json.loads(resp.read().decode("utf-8"))
+                if isinstance(out.get("choices"), list) and out["choices"] and \
+                        isinstance(out["choices"][0].get("message", {}).get("content"), str):
+                    return out
+                last = "reply has no choices[0].message.content"
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}"
+                if err.code not in _RETRY_STATUS:
+                    raise JudgeError(f"judge {where}: {last} (not retried)") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as err:
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            print(f"judge {where}: request failed ({last}); attempt {k + 1} of {self.cfg.max_retries + 1}",
+                  file=sys.stderr)
+        raise JudgeError(f"judge {where}: no reply after {self.cfg.max_retries + 1} attempts ({last})")
+
+    def record(self) -> dict:
+        """What a results file records about the judge (never the key)."""
+        return {"url": _public_url(self.cfg.endpoint), "model": self.cfg.model, "api_key_env": self.cfg.api_key_env,
+                "decoding": self.decodings, "requests_sent": self.requests, "cache_hits": self.cache_hits,
+                "cache_dir": str(self.cfg.cache_dir)}
+
+
+def _write_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def add_judge_args(p) -> None:
+    """The judge's command-line options (shared by every judged benchmark)."""
+    g = p.add_argument_group("judge (OpenAI-compatible chat completions)")
+    g.add_argument("--judge_url", default=JudgeConfig.url, help="base URL (…/v1) or full chat-completions URL")
+    g.add_argument("--judge_model", default=None, help="default: the benchmark's published judge model")
+    g.add_argument("--judge_api_key_env", default=JudgeConfig.api_key_env,
+                   help="name of the environment variable holding the API key")
+    g.add_argument("--judge_temperature", type=float, default=None, help="default: the benchmark's setting")
+    g.add_argument("--judge_max_tokens", type=int, default=None, help="default: the benchmark's setting")
+    g.add_argument("--judge_cache_dir", default=JudgeConfig.cache_dir)
+    g.add_argument("--judge_retries", type=int, default=JudgeConfig.max_retries)
+    g.add_argument("--judge_backoff", type=float, default=JudgeConfig.backoff_s)
+    g.add_argument("--judge_timeout", type=float, default=JudgeConfig.timeout_s)
+
+
+def judge_from_args(args, default_model: str) -> Judge:
+    return Judge(JudgeConfig(url=args.judge_url, model=args.judge_model or default_model,
+                             api_key_env=args.judge_api_key_env, cache_dir=args.judge_cache_dir,
+                             max_retries=args.judge_retries, backoff_s=args.judge_backoff,
+                             timeout_s=args.judge_timeout))
+
+
+def judge_decoding(args, temperature: float, max_tokens: int | None) -> dict:
+    """The benchmark's published judge decoding, unless overridden on the command line."""
+    t = args.judge_temperature if getattr(args, "judge_temperature", None) is not None else temperature
+    m = args.judge_max_tokens if getattr(args, "judge_max_tokens", None) is not None else max_tokens
+    return {"temperature": t, "max_tokens": m}

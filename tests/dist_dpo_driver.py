@@ -1,0 +1,27 @@
+"""DPO test helpers; run as a script by tests/test_dpo_distributed.py under `deepspeed --num_accelerators 2`
+(DPO at ZeRO 0-3, and LoRA at ZeRO 3)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def dpo_args(world: Path, tiny: Path, out: Path, *extra: str, data: str = "preference_train.json") -> list[str]:
+    return ["--from_checkpoint", str(tiny), "--data_path", str(world / data), "--image_folder", str(world / "images"),
+            "--output_dir", str(out), "--no-progress", "--logging_steps", "1", "--num_warmup_steps", "0",
+            "--lr_scheduler_type", "constant", "--ref_cache_dir", str(out.parent / "ref_cache"),
+            "--figure_dir", str(out / "figure"), *extra]
+
+
+DIST_COMMON = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5")
+
+if __name__ == "__main__":
+    from training.dpo.main import main
+
+    world, tiny, out = (Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank"))
+    # each run computes its own reference cache (under its own ZeRO stage, split over the two ranks)
+    for stage in (0, 1, 2, 3):
+        main(dpo_args(world, tiny, out / f"zero{stage}", "--zero_stage", str(stage), *DIST_COMMON,
+                      "--ref_cache_dir", str(out / f"cache{stage}")))
+    main(dpo_args(world, tiny, out / "lora_zero3", "--zero_stage", "3", "--lora_r", "4", "--lora_dropout", "0",
+                  *DIST_COMMON, "--ref_cache_dir", str(out / "cache_lora")))

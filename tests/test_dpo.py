@@ -1,0 +1,154 @@
+"""DPO stage end to end on the tiny VLM: every loss type, the fast path, the reference cache, LoRA,
+accumulation invariance and resume, in one process."""
+import json
+import math
+
+import pytest
+import torch
+from dist_dpo_driver import dpo_args
+from sft_helpers import weights
+
+from training.dpo.main import main
+
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected"]
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# first-step loss with policy == reference (h = 0): sigmoid / cdpo log 2; IPO (1/(2 beta))^2 = 25;
+# listwise over 3 candidates log 3! = log 6
+FIRST_LOSS = {"sigmoid": math.log(2), "cdpo": math.log(2), "ipo": 25.0, "listwise": math.log(6)}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "cdpo", "ipo", "orpo", "listwise"])
+def test_end_to_end_per_loss_type(world, tiny, tmp_path, loss_type):
+    out = tmp_path / loss_type
+    data = "ranked_train.json" if loss_type == "listwise" else "preference_train.json"
+    lr = "3e-4" if loss_type == "ipo" else "3e-3"
+    main(dpo_args(world, tiny, out, "--loss_type", loss_type, "--max_steps", "4", "--per_device_train_batch_size",
+                  "4", "--learning_rate", lr, data=data))
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "run_config.json", "bad_rows.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    assert (out / "figure" / f"{loss_type}_metrics.png").stat().st_size > 1000
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    names = METRICS + (["nll_loss", "log_odds_ratio", "log_odds_chosen"] if loss_type == "orpo" else [])
+    for k in names:
+        assert all(math.isfinite(r[k]) for r in rows), k
+    if loss_type in FIRST_LOSS:
+        assert rows[0]["loss"] == pytest.approx(FIRST_LOSS[loss_type], rel=1e-4)
+        assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    else:  # ORPO: NLL + 0.1 * -log sigmoid(log-odds ratio), as logged
+        r = rows[0]
+        assert r["loss"] == pytest.approx(r["nll_loss"] - 0.1 * r["log_odds_ratio"], rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+def test_fast_path_equals_two_full_forwards(world, tiny):
+    """Per-response log-probs of the shared-prefix layout == K full sequences, within 1e-4, also with
+    LoRA adapters and in the backward pass (gradients of the summed log-probs)."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset, collate_plain, collate_prefix
+    from training.dpo.forward import response_logps
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(lora_r=4))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():  # non-zero adapters, so they matter
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    recs = read_preferences([str(world / "ranked_train.json")], str(world / "images"))
+    ds = PreferenceDataset(recs, ChatEncoder(proc, arch, 160), str(world / "images"), BadRowReport(), 0)
+    items = [ds[i] for i in range(5)]
+    items[1].responses[2], items[1].targets[2] = items[1].responses[2][:3], items[1].targets[2][:3]  # ragged
+    pad = proc.tokenizer.pad_token_id
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = response_logps(model, collate_prefix(items, pad, arch.name))
+    g_fast = torch.autograd.grad(fast.sum.sum(), params, allow_unused=True)
+    plain = response_logps(model, collate_plain(items, pad, arch.name))
+    g_plain = torch.autograd.grad(plain.sum.sum(), params, allow_unused=True)
+    assert torch.equal(fast.count, plain.count) and fast.count[1, 2] == 3
+    torch.testing.assert_close(fast.sum, plain.sum, rtol=0, atol=1e-4)
+    assert fast.sum.abs().min() > 1.0  # real log-probs, not zeros
+    for a, b in zip(g_fast, g_plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _changed(a, b):
+    return sum(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+SGD = ["--optimizer", "sgd", "--learning_rate", "2.0", "--max_steps", "2"]
+
+
+def test_accumulation_fast_plain_and_live_reference_all_agree(world, tiny, tmp_path):
+    """Batch 4 x accum 1 (fast path, cached reference) == batch 1 x accum 4 (plain path, reference
+    recomputed every step by a frozen model): one SGD step is the gradient, so the weights agree."""
+    main(dpo_args(world, tiny, tmp_path / "a", *SGD, "--per_device_train_batch_size", "4"))
+    main(dpo_args(world, tiny, tmp_path / "b", *SGD, "--per_device_train_batch_size", "1",
+                  "--gradient_accumulation_steps", "4", "--no-fast_path", "--no-precompute_ref"))
+    a, b, init = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tiny)
+    assert _changed(a, init) > 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    la, lb = [r["loss"] for r in _rows(tmp_path / "a")], [r["loss"] for r in _rows(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_reference_cache_is_reused_and_keyed_on_the_model(world, tiny, tmp_path, capsys):
+    main(dpo_args(world, tiny, tmp_path / "a", "--max_steps", "1", "--per_device_train_batch_size", "4"))
+    assert "computed for 16 items" in capsys.readouterr().out
+    main(dpo_args(world, tiny, tmp_path / "b", "--max_steps", "1", "--per_device_train_batch_size", "4"))
+    assert "reference log-probs: loaded" in capsys.readouterr().out
+    # a different starting model (the first run's output) gets its own cache
+    main(dpo_args(world, tiny, tmp_path / "c", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                  "--from_checkpoint", str(tmp_path / "a")))
+    assert "computed for 16 items" in capsys.readouterr().out
+    assert len(list((tmp_path / "ref_cache").glob("*.pt"))) == 2
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
+    """LoRA: cached and live references (both the policy with adapters disabled, no second model)
+    give the same run; only adapters change."""
+    lora = ["--lora_r", "4", "--lora_dropout", "0", *SGD, "--per_device_train_batch_size", "4",
+            "--freeze_vision_tower", "--freeze_projector"]
+    main(dpo_args(world, tiny, tmp_path / "a", *lora))
+    main(dpo_args(world, tiny, tmp_path / "b", *lora, "--no-precompute_ref"))
+    la, lb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    for k in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[k] for r in la] == pytest.approx([r[k] for r in lb], rel=1e-5, abs=1e-6), k
+    assert la[1]["rewards/margins"] != 0.0
+    assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
+    # a trainable projector would move the "adapters off" model away from the start: refused
+    with pytest.raises(SystemExit, match="non-adapter parameters train"):
+        main(dpo_args(world, tiny, tmp_path / "c", *lora[:-2], "--no-precompute_ref"))
+
+
+def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+              "--lr_scheduler_type", "cosine", "--num_warmup_steps", "1"]
+    main(dpo_args(world, tiny, tmp_path / "full", *common))
+    r = main(dpo_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "2", "--stop_after_steps", "2"))
+    assert r["interrupted"] and not (tmp_path / "cut" / "model.safetensors").exists()
+    main(dpo_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+def test_missing_sft_model_stops_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run `bash run_sft.sh` first"):
+        main([])

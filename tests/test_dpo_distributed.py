@@ -1,0 +1,51 @@
+"""DPO at ZeRO 0, 1, 2 and 3 on two CPU ranks (one deepspeed launch) equals one rank with the whole
+batch; LoRA under ZeRO-3 too (reference = the policy with adapters off, cached before step 1)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from dist_dpo_driver import DIST_COMMON, dpo_args
+from safetensors.torch import load_file
+from sft_helpers import weights
+
+from training.dpo.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single(world, tiny, out, *extra):
+    common = list(DIST_COMMON)
+    common[common.index("--per_device_train_batch_size") + 1] = "4"
+    main(dpo_args(world, tiny, out, *common, *extra))
+
+
+def test_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "dist_dpo_driver.py"), str(world), str(tiny), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _single(world, tiny, tmp_path / "single")
+    ref, init = weights(tmp_path / "single"), weights(tiny)
+    assert sum(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-3
+    for stage in range(4):
+        got = weights(tmp_path / f"zero{stage}")
+        assert set(got) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"zero{stage} {k}")
+    _single(world, tiny, tmp_path / "lora_single", "--lora_r", "4", "--lora_dropout", "0")
+    a = load_file(str(tmp_path / "lora_single" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "lora_zero3" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

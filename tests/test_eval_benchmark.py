@@ -1,0 +1,124 @@
+"""eval.benchmark end to end with the tiny VLM: generate, score, resume, refuse mixed answers;
+run_predict.sh's dispatch; eval.run_embedded's table; eval.report's table and figures."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.answers import AnswersMismatch
+from eval.benchmark import main as bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pope_argv(world, tiny, out, *extra):
+    return ["--benchmark", "pope", "--model_path", str(tiny), "--data", str(world), "--output_dir", str(out),
+            "--max_new_tokens", "3", "--batch_size", "8", "--no-progress", "--pope_suffix", "", *extra]
+
+
+def test_pope_generate_score_resume(tmp_path, world, tiny, monkeypatch):
+    out = tmp_path / "sft"
+    rec = bench_main(_pope_argv(world, tiny, out))
+    assert set(rec["answers"]) == {"random", "popular", "adversarial"}
+    assert rec["decoding"]["mode"] == "greedy" and rec["decoding"]["max_new_tokens"] == 3
+    assert 0.0 <= rec["metrics"]["f1_mean"] <= 1.0 and rec["judge"] is None
+    saved = json.loads((out / "eval_pope.json").read_text())
+    assert saved["metrics"] == rec["metrics"] and len(saved["dataset"]["files_sha256"]) == 3
+    n = len((world / "bench_pope_random.jsonl").read_text().splitlines())
+
+    # interrupted run: drop the last answers of one split; the re-run generates only those
+    afile = Path(rec["answers"]["random"])
+    lines = afile.read_text().splitlines()
+    assert len(lines) == n
+    afile.write_text("\n".join(lines[: n // 2]) + "\n")
+    rerun = bench_main(_pope_argv(world, tiny, out))
+    new = afile.read_text().splitlines()
+    assert new[: n // 2] == lines[: n // 2] and len(new) == n  # kept, completed, no duplicates
+    assert rerun["metrics"] == rec["metrics"]  # greedy: the regenerated answers are the same
+
+    # a finished run loads no model at all
+    import training.predict.main as pm
+    monkeypatch.setattr(pm, "predict", lambda a: pytest.fail("predict called on a finished run"))
+    assert bench_main(_pope_argv(world, tiny, out))["metrics"] == rec["metrics"]
+
+    # other decoding on the same answer files is refused, a new run name starts fresh files
+    with pytest.raises(AnswersMismatch):
+        bench_main(_pope_argv(world, tiny, out, "--num_beams", "2"))
+    monkeypatch.undo()
+    beams = bench_main(_pope_argv(world, tiny, out, "--num_beams", "2", "--run_name", "beam2"))
+    assert beams["decoding"]["mode"] == "beam" and (out / "eval_pope_beam2.json").exists()
+
+
+def test_run_embedded_table(tmp_path, world, tiny, capsys):
+    from eval.run_embedded import main as run_embedded
+    model = tmp_path / "sft"
+    shutil.copytree(tiny, model)
+    table_file = tmp_path / "results.md"
+    t = run_embedded(["--models", str(model), "--world", str(world), "--table_file", str(table_file),
+                      "--no-progress", "--benches", "objhal", "count"])
+    assert t.splitlines()[0].startswith("| model | objhal CHAIRi | objhal CHAIRs |")
+    assert f"| {model} |" in t and table_file.read_text().strip() == t
+    saved = json.loads((model / "eval_embedded.json").read_text())
+    assert saved["benchmark"] == "embedded" and "objhal/CHAIRi" in saved["metrics"]
+
+
+def test_run_predict_sh_dispatches(tmp_path):
+    """--benchmark goes to eval.benchmark, anything else to training.predict.main (python stubbed)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "run_predict.sh", tmp_path / "run_predict.sh")
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "python $*"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "scripts" / "env.sh").write_text(f'export PATH="{stub.parent}:$PATH"\n')
+    env = {**os.environ, "PATH": os.environ["PATH"]}
+
+    def run(*args):
+        return subprocess.run(["bash", str(tmp_path / "run_predict.sh"), *args], capture_output=True, text=True,
+                              env=env, check=True).stdout.strip()
+    assert run("--benchmark", "pope", "--model_path", "m") == "python -m eval.benchmark --benchmark pope --model_path m"
+    assert run("--benchmark=mmhal") == "python -m eval.benchmark --benchmark=mmhal"
+    assert run("--model_path", "m", "--data_path", "q.jsonl") == \
+        "python -m training.predict.main --model_path m --data_path q.jsonl"
+
+
+def _result(path: Path, model: str, bench: str, metrics: dict, created: str = "2026-01-01T00:00:00"):
+    path.mkdir(parents=True, exist_ok=True)
+    rec = {"benchmark": bench, "model": f"output/{model}", "model_name": model, "run_name": "", "created": created,
+           "decoding": {"mode": "beam" if bench == "objhal" else "greedy", "num_beams": 3 if bench == "objhal" else 1,
+                        "max_new_tokens": 1024},
+           "dataset": {"path": "d", "version": "v1", "files_sha256": {"d/file.jsonl": "0123456789abcdef"}},
+           "judge": {"model": "gpt-4-0314", "decoding": [{"temperature": 0.0, "max_tokens": None}]}
+           if bench == "mmhal" else None, "metrics": metrics}
+    (path / f"eval_{bench}.json").write_text(json.dumps(rec))
+
+
+def test_report_table_and_figures_from_one_command(tmp_path):
+    out = tmp_path / "output"
+    chair = {"sft": 0.536, "dpo": 0.31, "orpo": 0.25, "ppo": 0.402}
+    for m, c in chair.items():
+        _result(out / m, m, "objhal", {"CHAIRs": c, "CHAIRs_refine": c + 0.01, "CHAIRi": c / 2, "obj_rec": 0.7})
+        _result(out / m, m, "pope", {"f1_mean": 0.859, "accuracy_mean": 0.87, "yes_ratio_mean": 0.5})
+    _result(out / "dpo", "dpo", "mmhal", {"score": 2.83, "hallucination_rate": 0.45})
+    figs = tmp_path / "figure"
+    cmd = f"{sys.executable} -m eval.report --results {out}/*/eval_*.json --figure_dir {figs} " \
+          f"--table_file {tmp_path / 'results.md'}"
+    done = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "results.md").read_text()
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | Object HalBench CHAIRs ↓ | Object HalBench CHAIRs_refine ↓ |")
+    assert "POPE F1 (3 splits) ↑" in lines[0] and "MMHal-Bench score (0-6) ↑" in lines[0]
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [r[0] for r in rows] == ["| sft", "| dpo", "| orpo", "| ppo"]  # SFT first, then the stages
+    assert rows[0][1:3] == ["53.6", "54.6"] and rows[0][-2:] == ["-", "- |"]  # no MMHal run for sft
+    assert rows[1][-2:] == ["2.83", "45.0 |"]
+    assert "judge gpt-4-0314 (T=0.0)" in table and "file.jsonl@01234567 (version v1)" in table
+    for b in ("objhal", "pope", "mmhal"):
+        assert (figs / f"{b}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,145 @@
+"""Object HalBench / CHAIR: tokenizer, lemmatizer, phrase rules and metrics on hand-worked cases."""
+import base64
+import io
+import json
+
+import pytest
+
+from eval.benchmark import main as bench_main
+from eval.chair import SYNONYMS, CocoObjects, chair_metrics, load_gt_objects, parse_object_list
+from eval.nouns import lemmatize, tokenize
+
+
+@pytest.fixture(scope="module")
+def coco():
+    return CocoObjects()
+
+
+def test_synonym_list_is_the_80_class_list():
+    lines = [line.split(", ") for line in SYNONYMS.read_text().splitlines()]
+    assert len(lines) == 80
+    assert len({w for line in lines for w in line}) == 407  # RLAIF-V's synonyms_refine.txt
+    canon = {line[0] for line in lines}
+    assert {"person", "dining table", "cell phone", "tv", "sports ball", "tie", "teddy bear"} <= canon
+
+
+def test_tokenizer_needs_no_data():
+    assert tokenize("The dog's toy, a hot-dog.") == ["The", "dog", "'s", "toy", ",", "a", "hot-dog", "."]
+
+
+def test_lemmatizer_plurals_and_irregulars(coco):
+    v = coco.vocab
+    # irregular (WordNet's exception list)
+    assert [lemmatize(w, v) for w in ("people", "mice", "knives", "children", "geese", "oxen")] == \
+        ["person", "mouse", "knife", "child", "goose", "ox"]
+    # suffix rules: -s, -ses, -ches, -ies, -men; words that end in s stay when they are the lemma
+    assert [lemmatize(w, v) for w in ("dogs", "buses", "benches", "ponies", "policemen", "glasses")] == \
+        ["dog", "bus", "bench", "pony", "policeman", "glass"]
+    assert [lemmatize(w, v) for w in ("bus", "glass", "scissors", "sheep")] == ["bus", "glass", "scissors", "sheep"]
+    assert lemmatize("skis", v) == "ski"  # shortest candidate, as WordNetLemmatizer
+    assert [lemmatize(w, None) for w in ("boxes", "dishes", "cities", "cats", "grass")] == \
+        ["box", "dish", "city", "cat", "grass"]
+
+
+def test_mentions_plural_irregular_and_synonyms(coco):
+    assert coco.mentions("Two dogs and three cats.") == [("dog", "dog"), ("cat", "cat")]
+    assert coco.mentions("A few people, two mice and some knives.") == \
+        [("person", "person"), ("mouse", "mouse"), ("knife", "knife")]
+    assert coco.mentions("A desk with a phone and a monitor.") == \
+        [("desk", "dining table"), ("phone", "cell phone"), ("monitor", "tv")]
+
+
+def test_two_word_phrases(coco):
+    # without the pair rule "baby" and "passenger" would fire as person
+    assert coco.mentions("A baby elephant next to a passenger jet.") == [("elephant", "elephant"), ("jet", "airplane")]
+    assert coco.mentions("A hot dog on a dining table with two wine glasses.") == \
+        [("hot dog", "hot dog"), ("dining table", "dining table"), ("wine glass", "wine glass")]
+    assert coco.mentions("A man in a bow tie holds a teddy bear.") == \
+        [("man", "person"), ("tie", "tie"), ("teddy bear", "teddy bear")]
+    assert coco.mentions("The train tracks are empty.") == []  # "train track" merges and is no object
+    assert coco.mentions("a baby. dog") == [("baby", "person"), ("dog", "dog")]  # no pair across '.'
+
+
+def test_toilet_seat_rule(coco):
+    assert coco.mentions("A toilet seat is up.") == [("toilet", "toilet")]  # the pair
+    assert coco.mentions("The seat of the toilet is up.") == [("toilet", "toilet")]  # seat dropped
+    assert coco.mentions("A seat near the window.") == [("seat", "chair")]  # no toilet: a chair
+
+
+def test_chair_metrics_hand_worked(coco):
+    texts = ["A man rides a horse next to a dog.",          # person, horse, dog(hal): 3 mentions, 1 hal
+             "Two people and a person stand by a car.",     # person, person, car: 3 mentions, 0 hal
+             "It is a sunny day.",                          # no object
+             "A cat sits on a chair; another cat sleeps."]  # cat, chair(hal), cat: 3 mentions, 1 hal
+    gt = [{"person", "horse"}, {"person", "car", "truck"}, {"kite"}, {"cat"}]
+    m, per = chair_metrics(texts, [coco.mentions(t) for t in texts], gt)
+    assert m["CHAIRs"] == pytest.approx(2 / 4)         # 2 hallucinating responses of 4
+    assert m["CHAIRs_refine"] == pytest.approx(2 / 3)  # of the 3 that mention an object
+    assert m["CHAIRi"] == pytest.approx(2 / 9)         # 2 hallucinated of 9 mentions (repeats count)
+    assert m["obj_rec"] == pytest.approx(5 / 7)        # distinct correct: 2 + 2 + 0 + 1; GT sizes 2+3+1+1
+    assert per[0]["hallucinated"] == [("dog", "dog")] and per[3]["CHAIRi"] == pytest.approx(1 / 3)
+
+
+def _coco_files(tmp_path):
+    inst = {"categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 70, "name": "toilet"}],
+            "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 1, "category_id": 18},
+                            {"image_id": 2, "category_id": 70}, {"image_id": 99, "category_id": 1}]}
+    caps = {"annotations": [{"image_id": 1, "caption": "A man walking his puppy."},
+                            {"image_id": 2, "caption": "A bathroom with a toilet and a sink."},
+                            {"image_id": 3, "caption": "Two teddy bears sitting on a couch."}]}
+    (tmp_path / "instances_val2014.json").write_text(json.dumps(inst))
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(caps))
+    return tmp_path
+
+
+def test_gt_from_coco_instances_and_captions(tmp_path, coco):
+    d = _coco_files(tmp_path)
+    gt = load_gt_objects(coco, {1, 2, 3}, [d / "instances_val2014.json"], [d / "captions_val2014.json"])
+    assert gt == {1: {"person", "dog"}, 2: {"toilet", "sink"}, 3: {"teddy bear", "couch"}}
+    (tmp_path / "gt.json").write_text(json.dumps({"3": ["people", "sofa"]}))
+    assert load_gt_objects(coco, {3}, gt_file=tmp_path / "gt.json") == {3: {"person", "couch"}}
+
+
+def _png_b64() -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_objhal_benchmark_scores_published_format(tmp_path):
+    """RLAIF-V's question file (base64 image, question, image_id) + COCO files -> results JSON."""
+    d = _coco_files(tmp_path)
+    img = _png_b64()
+    qfile = tmp_path / "obj_halbench_300_with_image.jsonl"
+    qfile.write_text("".join(json.dumps({"image": img, "question": "Describe the image.", "image_id": i}) + "\n"
+                             for i in (1, 2, 3)))
+    answers = tmp_path / "answers.jsonl"
+    texts = ["Assistant: A man and his dog on a bench.",  # bench hallucinated
+             "A toilet next to a sink.",
+             "A nice picture."]
+    answers.write_text("".join(json.dumps({"question_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "run"
+    rec = bench_main(["--benchmark", "objhal", "--data", str(qfile), "--coco_annotations", str(d),
+                      "--answers", str(answers), "--output_dir", str(out), "--model_name", "sft"])
+    m = rec["metrics"]
+    assert m["CHAIRs"] == pytest.approx(1 / 3) and m["CHAIRs_refine"] == pytest.approx(1 / 2)
+    assert m["CHAIRi"] == pytest.approx(1 / 5)   # man, dog, bench | toilet, sink
+    assert m["obj_rec"] == pytest.approx(4 / 6)  # {person, dog} + {toilet, sink} of 2 + 2 + 2
+    saved = json.loads((out / "eval_objhal.json").read_text())
+    assert saved["metrics"] == m and len(saved["dataset"]["files_sha256"]) == 3
+    assert saved["judge"] is None
+
+
+def test_parse_object_list():
+    assert parse_object_list('```json\n["dog", "red frisbee"]\n```') == ["dog", "red frisbee"]
+    assert parse_object_list('Objects:\n["cat"]') == ["cat"]
+    with pytest.raises(ValueError):
+        parse_object_list("a dog and a cat")
+
+
+def test_llm_phrases_to_objects(coco):
+    # pair rule first; else the whole phrase if it is a synonym, else its last word
+    assert coco.from_phrases(["baby elephant", "red frisbee", "dining table", "dog", "dog", "toilet", "seat"]) == \
+        [("elephant", "elephant"), ("frisbee", "frisbee"), ("dining table", "dining table"), ("dog", "dog"),
+         ("toilet", "toilet")]

@@ -1,0 +1,131 @@
+"""POPE (three splits, reference parsing) and AMBER (generative + discriminative) on hand-worked cases."""
+import json
+
+import pytest
+
+from eval.amber import RuleNouns, amber_metrics, score_generative
+from eval.benchmark import main as bench_main
+from eval.pope import LLAVA_SUFFIX, parse_yes_no
+
+
+def test_pope_parsing_rule_edge_cases():
+    assert parse_yes_no("No") == "no" and parse_yes_no("no.") == "no"
+    assert parse_yes_no("Yes, it is not a dog.") == "no"        # "not" before the first '.'
+    assert parse_yes_no("NO") == "yes"                          # tokens are case-sensitive
+    assert parse_yes_no("No, there is none.") == "no"           # the comma is removed first
+    assert parse_yes_no("There is a dog. No cat.") == "yes"     # only the first sentence counts
+    assert parse_yes_no("no\nthere is none") == "yes"           # split on spaces only: "no\nthere"
+
+
+def _pope(tmp_path):
+    d = tmp_path / "pope"
+    d.mkdir()
+    labels = {"random": ["yes", "yes", "no", "no"], "popular": ["yes", "no"], "adversarial": ["yes", "no"]}
+    answers = {"random": ["Yes, there is.", "No.", "No, there is not.", "Yes"],  # yes no no yes: tp fn tn fp
+               "popular": ["There is a dog.", "I do not see one."],            # yes no: tp tn
+               "adversarial": ["no", "yes"]}                                   # no yes: fn fp
+    files = []
+    for split, ls in labels.items():
+        (d / f"coco_pope_{split}.json").write_text("".join(
+            json.dumps({"question_id": i + 1, "image": f"COCO_val2014_{i:012d}.jpg",
+                        "text": "Is there a dog in the image?", "label": lab}) + "\n" for i, lab in enumerate(ls)))
+        a = tmp_path / f"ans_{split}.jsonl"
+        a.write_text("".join(json.dumps({"question_id": str(i + 1), "text": t}) + "\n"
+                             for i, t in enumerate(answers[split])))
+        files.append(f"{split}={a}")
+    return d, files
+
+
+def test_pope_three_splits_and_mean_f1(tmp_path):
+    d, files = _pope(tmp_path)
+    rec = bench_main(["--benchmark", "pope", "--data", str(d), "--answers", *files, "--output_dir",
+                      str(tmp_path / "run")])
+    s = rec["details"]["splits"]
+    assert s["random"]["accuracy"] == 0.5 and s["random"]["f1"] == 0.5 and s["random"]["yes_ratio"] == 0.5
+    assert s["popular"]["f1"] == 1.0 and s["adversarial"]["f1"] == 0.0 and s["adversarial"]["accuracy"] == 0.0
+    assert rec["metrics"]["f1_mean"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert rec["metrics"]["accuracy_mean"] == pytest.approx(0.5)
+    assert rec["details"]["prompt_suffix"] == LLAVA_SUFFIX
+
+
+def test_pope_questions_get_llava_suffix(tmp_path):
+    from eval.benchmark import build_parser
+    from eval.pope import questions
+    d, _ = _pope(tmp_path)
+    args = build_parser().parse_args(["--benchmark", "pope", "--data", str(d)])
+    assert questions(args)["random"][0]["text"] == "Is there a dog in the image?" + LLAVA_SUFFIX
+    args = build_parser().parse_args(["--benchmark", "pope", "--data", str(d), "--pope_suffix", ""])
+    assert questions(args)["random"][0]["text"] == "Is there a dog in the image?"
+
+
+def test_amber_rule_nouns_homographs():
+    nouns = RuleNouns({"can", "watch", "dog", "man"})
+    # modal "can" and the verb after it are not nouns; "soda can" is; "men" -> "man"; case is kept
+    assert nouns("You can watch a dog, two men and a soda can. Dog") == ["dog", "man", "can"]
+
+
+def test_amber_generative_marking():
+    assoc = {"person": ["man", "woman"], "car": ["vehicle"]}
+    # man covers person through its association; vehicle marks the hallu target car and is hallucinated
+    flags, cover, cog = score_generative(["man", "vehicle"], ["person"], ["car"], assoc, set())
+    assert (flags, cover, cog) == ([0, 1], [1], [1])
+
+
+def _amber(tmp_path):
+    d = tmp_path / "amber"
+    (d / "query").mkdir(parents=True)
+    relation = {"dog": ["puppy"], "person": ["man", "woman"], "cat": [], "car": ["vehicle"], "grass": ["ground"],
+                "frisbee": [], "sky": []}
+    ann = [{"id": 1, "type": "generative", "truth": ["dog", "grass"], "hallu": ["cat", "frisbee"]},
+           {"id": 2, "type": "generative", "truth": ["person"], "hallu": ["car"]},
+           {"id": 3, "type": "discriminative-hallucination", "truth": "no"},
+           {"id": 4, "type": "discriminative-attribute-state", "truth": "yes"},
+           {"id": 5, "type": "discriminative-relation", "truth": "no"},
+           {"id": 6, "type": "discriminative-hallucination", "truth": "yes"}]
+    (d / "relation.json").write_text(json.dumps(relation))
+    (d / "annotations.json").write_text(json.dumps(ann))
+    (d / "safe_words.txt").write_text("sky\n")
+    (d / "query" / "query_all.json").write_text(json.dumps(
+        [{"id": i, "image": f"AMBER_{i}.jpg", "query": "Describe this image." if i < 3 else "Is there a dog?"}
+         for i in range(1, 7)]))
+    responses = ["A puppy runs on the grass with a frisbee under the sky.",  # puppy grass frisbee(hal) sky(safe)
+                 "A woman and a man.",                                      # both cover person
+                 "No", "Yes", "No, it is not.", "No"]                       # right, right, not exact, wrong
+    return d, relation, ann, responses
+
+
+def test_amber_hand_worked(tmp_path):
+    d, relation, ann, responses = _amber(tmp_path)
+    items = [{"id": i} for i in range(1, 7)]
+    nouns = RuleNouns(set(relation) | {w for ws in relation.values() for w in ws})
+    m, details, per = amber_metrics(items, responses, ann, relation, {"sky"}, nouns)
+    assert per[0]["nouns"] == ["puppy", "grass", "frisbee", "sky"]
+    assert m["CHAIR"] == pytest.approx(1 / 6)   # 1 hallucinated of 4 + 2 candidate nouns (safe words count)
+    assert m["Cover"] == pytest.approx(3 / 3)   # dog (via puppy), grass, person (via woman)
+    assert m["Hal"] == pytest.approx(1 / 2)     # response 1 hallucinates, response 2 does not
+    assert m["Cog"] == pytest.approx(1 / 3)     # frisbee of {cat, frisbee, car}
+    # discriminative, positive class "No": 2 of 4 exact answers right; answered No 2x (1 right); truth No 2x (1 found)
+    assert (m["accuracy"], m["precision"], m["recall"], m["F1"]) == pytest.approx((0.5, 0.5, 0.5, 0.5))
+    assert m["existence_F1"] == pytest.approx(2 * 0.5 * 1 / 1.5)  # P 1/2, R 1/1
+    assert m["AMBER_score"] == pytest.approx(0.5 * (1 - 1 / 6 + 0.5))
+    printout = details["reference_printout"]
+    assert printout["generative"]["CHAIR"] == 16.7 and printout["discriminative"]["F1"] == 50.0
+
+
+def test_amber_benchmark_reads_published_files(tmp_path):
+    d, _, _, responses = _amber(tmp_path)
+    ans = tmp_path / "amber_answers.json"  # AMBER's own response format
+    ans.write_text(json.dumps([{"id": i + 1, "response": r} for i, r in enumerate(responses)]))
+    rec = bench_main(["--benchmark", "amber", "--data", str(d), "--answers", str(ans),
+                      "--output_dir", str(tmp_path / "run")])
+    assert rec["metrics"]["CHAIR"] == pytest.approx(1 / 6) and rec["metrics"]["F1"] == pytest.approx(0.5)
+    assert len(rec["dataset"]["files_sha256"]) == 4
+
+
+def test_amber_suffix_only_on_discriminative_questions(tmp_path):
+    from eval.amber import questions
+    from eval.benchmark import build_parser
+    d, _, _, _ = _amber(tmp_path)
+    args = build_parser().parse_args(["--benchmark", "amber", "--data", str(d), "--amber_disc_suffix", " Yes or No?"])
+    texts = [q["text"] for q in questions(args)[""]]
+    assert texts[:3] == ["Describe this image.", "Describe this image.", "Is there a dog? Yes or No?"]

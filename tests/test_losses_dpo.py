@@ -1,0 +1,199 @@
+"""DPO family and ORPO losses: hand-derived values, identities, and TRL 1.16 on identical log-probs.
+
+TRL keeps its DPO losses inline in `DPOTrainer._compute_loss`; we call that very method with a stub
+trainer and a stub model whose forward returns our per-token log-probs, so TRL's own code path
+(sums, IPO length normalisation, label smoothing, metrics) runs on the same numbers as ours.
+"""
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import losses as L
+
+
+def _ls(x):  # log sigmoid of a float
+    return -math.log1p(math.exp(-x))
+
+
+# ---- hand-derived values ------------------------------------------------------------------------
+
+def test_sigmoid_dpo_hand_value():
+    """pi_w=-3, pi_l=-5, ref_w=-4, ref_l=-4: h = (-3+4) - (-5+4) = 2; beta=.5 -> -log s(1) = log(1+e^-1)."""
+    h = L.dpo_margin(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0]))
+    assert h.item() == 2.0
+    got = L.sigmoid_dpo_loss(h, beta=0.5)
+    assert got.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-7)  # 0.31326168752
+    assert got.item() == pytest.approx(0.3132616875, abs=1e-9)
+
+
+def test_cdpo_hand_value_and_limits():
+    """eps=.25, beta*h=1: 0.75*log(1+e^-1) + 0.25*log(1+e) = 0.75*.3132617 + .25*1.3132617 = .5632617."""
+    h = torch.tensor([2.0])
+    got = L.sigmoid_dpo_loss(h, beta=0.5, label_smoothing=0.25).item()
+    assert got == pytest.approx(0.5632616875, abs=1e-9)
+    # eps = .5: the loss is even in h (no preference), minimal at h = 0 where the gradient vanishes
+    h = torch.tensor([1.7, -1.7, 0.0], requires_grad=True)
+    loss = L.sigmoid_dpo_loss(h, beta=0.3, label_smoothing=0.5)
+    assert loss[0].item() == pytest.approx(loss[1].item(), abs=1e-7) and loss[2] < loss[0]
+    loss.sum().backward()
+    assert abs(h.grad[2].item()) < 1e-7
+
+
+def test_ipo_hand_value_and_minimum():
+    """(h - 1/(2 beta))^2: h=2, beta=.5 -> (2-1)^2 = 1; the minimum sits at h = 1/(2 beta)."""
+    assert L.ipo_loss(torch.tensor([2.0]), 0.5).item() == 1.0
+    assert L.ipo_loss(torch.tensor([5.0]), 0.1).item() == 0.0
+
+
+def test_plackett_luce_hand_value_and_pairwise_limit():
+    """r = beta(pi - ref) = (1, 0, -1) (beta=1): L = -log(e/(e+1+e^-1)) - log(1/(1+e^-1))
+    = log(1 + e^-1 + e^-2) + log(1 + e^-1) = 0.4076059644 + 0.3132616875 = 0.7208676519."""
+    pi, ref = torch.tensor([[1.0, 0.0, -1.0]]), torch.zeros(1, 3)
+    assert L.plackett_luce_dpo_loss(pi, ref, beta=1.0).item() == pytest.approx(0.7208676519, abs=1e-7)
+    # N = 2 is sigmoid DPO
+    pi, ref = torch.randn(5, 2), torch.randn(5, 2)
+    h = L.dpo_margin(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1])
+    torch.testing.assert_close(L.plackett_luce_dpo_loss(pi, ref, 0.3), L.sigmoid_dpo_loss(h, 0.3))
+    # ragged lists: a padded third candidate changes nothing; huge rewards do not overflow
+    valid = torch.tensor([[True, True, False]] * 5)
+    padded = torch.cat([pi, torch.full((5, 1), 1e4)], 1), torch.cat([ref, torch.zeros(5, 1)], 1)
+    torch.testing.assert_close(L.plackett_luce_dpo_loss(*padded, 0.3, valid), L.sigmoid_dpo_loss(h, 0.3))
+    assert torch.isfinite(L.plackett_luce_dpo_loss(torch.tensor([[1e4, -1e4, 3e4]]), torch.zeros(1, 3), 1.0)).all()
+
+
+def test_orpo_hand_value():
+    """avg_w = log .5 -> odds 1 -> log odds 0; avg_l = log .2 -> odds .25 -> log odds -log 4.
+    ratio = log 4; term = -log s(log 4) = log(1 + 1/4) = 0.2231435513."""
+    term, ratio = L.orpo_odds_ratio_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]))
+    assert ratio.item() == pytest.approx(math.log(4.0), abs=1e-6)
+    assert term.item() == pytest.approx(math.log(1.25), abs=1e-6)
+
+
+def test_log_odds_is_stable_at_both_ends():
+    """log(p/(1-p)) for p near 1 (avg_logp -> 0-) and p tiny (avg_logp = -80) in float32."""
+    x = torch.tensor([-1e-9, -1e-4, -0.5, -5.0, -80.0], dtype=torch.float32)
+    got = L.orpo_log_odds(x)
+    assert torch.isfinite(got).all()
+    exact = torch.tensor([math.log(math.exp(v) / -math.expm1(v)) for v in (-1e-6, -1e-4, -0.5, -5.0, -80.0)])
+    torch.testing.assert_close(got[1:], exact[1:].float(), rtol=1e-5, atol=1e-5)
+    assert got[0].item() == pytest.approx(exact[0].item(), rel=1e-3)  # clamped at -1e-6: still finite, ~13.8
+    # gradients stay finite too
+    x = x.clone().requires_grad_(True)
+    L.orpo_log_odds(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_weighted_logps_sft_term_and_anchor():
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert L.weighted_logps(lp, mask).item() == -3.0
+    assert L.weighted_logps(lp, mask, torch.tensor([[2.5, 1.0, 9.0]])).item() == -4.5
+    assert L.sft_term(torch.tensor([-4.0]), 0.5).item() == 2.0
+    r = torch.tensor([0.0])
+    # -log s(0) - log s(-0) = 2 log 2
+    assert L.anchor_loss([r], [r]).item() == pytest.approx(2 * math.log(2.0))
+    assert L.anchor_loss([torch.tensor([2.0])], []).item() == pytest.approx(-_ls(2.0))
+
+
+# ---- TRL 1.16 on identical log-probs -------------------------------------------------------------
+
+def _trl_dpo(loss_type: str, beta: float, eps: float, pi_tok, ref_w, ref_l, mask):
+    """Run trl.DPOTrainer._compute_loss on per-token log-probs pi_tok (2B, T-1) ([chosen; rejected])."""
+    from trl import DPOTrainer
+
+    n2, t1 = pi_tok.shape
+    out = SimpleNamespace(log_probs=pi_tok, entropy=torch.zeros(n2, t1), mean_logits=torch.zeros(n2, t1),
+                          is_top1=torch.zeros(n2, t1, dtype=torch.bool))
+    model = lambda **kw: out  # noqa: E731
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False,
+                           ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                           loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=eps,
+                           use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
+                           _total_train_tokens=0, _tp_size=1, args=SimpleNamespace())
+    completion_mask = torch.cat([torch.zeros(n2, 1, dtype=torch.long), mask.long()], 1)  # (2B, T)
+    inputs = {"input_ids": torch.zeros(n2, t1 + 1, dtype=torch.long), "attention_mask": torch.ones(n2, t1 + 1),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_w, "ref_rejected_logps": ref_l}
+    loss = DPOTrainer._compute_loss(stub, model, inputs, False)
+    return loss, {k: v[-1] for k, v in stub._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_losses_equal_trl(loss_type, eps):
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 9
+    mask = (torch.rand(2 * B, T, generator=g) < 0.8).float()
+    mask[:, 0] = 1
+    pi_tok = -torch.rand(2 * B, T, generator=g) * 3 * mask
+    ref_w, ref_l = -torch.rand(B, generator=g) * 10, -torch.rand(B, generator=g) * 10
+    beta = 0.1
+    trl_loss, trl_m = _trl_dpo(loss_type, beta, 0.0, pi_tok, ref_w, ref_l, mask)
+    if eps:
+        # TRL 1.16's "sigmoid" ignores label_smoothing (it now only feeds robust DPO and EXO), so cDPO is
+        # built from TRL's own sigmoid loss as its definition: (1-eps) L(chosen > rejected) + eps L(swapped)
+        swapped = torch.cat([pi_tok[B:], pi_tok[:B]]), ref_l, ref_w, torch.cat([mask[B:], mask[:B]])
+        trl_loss = (1 - eps) * trl_loss + eps * _trl_dpo(loss_type, beta, 0.0, *swapped)[0]
+
+    pi = L.weighted_logps(pi_tok, mask)
+    pi_w, pi_l = pi[:B], pi[B:]
+    if loss_type == "ipo":  # TRL's IPO: log-ratios divided by each response's token count
+        n = mask.sum(-1)
+        ours = L.ipo_loss(L.dpo_margin(pi_w / n[:B], pi_l / n[B:], ref_w / n[:B], ref_l / n[B:]), beta)
+    else:
+        ours = L.sigmoid_dpo_loss(L.dpo_margin(pi_w, pi_l, ref_w, ref_l), beta, eps)
+    torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-6, atol=1e-6)
+    rw, rl = L.implicit_rewards(pi_w, ref_w, beta), L.implicit_rewards(pi_l, ref_l, beta)
+    assert rw.mean().item() == pytest.approx(trl_m["rewards/chosen"], abs=1e-6)
+    assert rl.mean().item() == pytest.approx(trl_m["rewards/rejected"], abs=1e-6)
+    assert (rw - rl).mean().item() == pytest.approx(trl_m["rewards/margins"], abs=1e-6)
+    assert (rw > rl).float().mean().item() == pytest.approx(trl_m["rewards/accuracies"])
+    assert pi_w.mean().item() == pytest.approx(trl_m["logps/chosen"], abs=1e-6)
+
+
+def test_orpo_equals_trl():
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    g = torch.Generator().manual_seed(1)
+    avg_w, avg_l = -torch.rand(8, generator=g) * 2, -torch.rand(8, generator=g) * 4
+    avg_w[0], avg_l[0] = -1e-3, -30.0  # the near-certain and near-impossible ends
+    lam = 0.1
+    stub = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    trl_terms, trl_rw, trl_rl, trl_ratio, trl_log_odds = ORPOTrainer.odds_ratio_loss(stub, avg_w, avg_l)
+    term, log_odds = L.orpo_odds_ratio_loss(avg_w, avg_l)
+    nll = torch.tensor(0.7)
+    # TRL: loss = nll - mean(beta * logsigmoid(log_odds)); ours: nll + lambda * mean(term)
+    torch.testing.assert_close(nll + lam * term.mean(), nll - trl_terms.mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(log_odds.mean(), trl_log_odds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((-term).mean(), trl_ratio, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lam * avg_w, trl_rw)
+    torch.testing.assert_close(lam * avg_l, trl_rl)
+
+
+def test_gradient_of_sigmoid_dpo_matches_closed_form():
+    """d/dh -log s(beta h) = -beta s(-beta h)."""
+    h = torch.tensor([0.3, -1.2, 4.0], requires_grad=True)
+    L.sigmoid_dpo_loss(h, 0.7).sum().backward()
+    torch.testing.assert_close(h.grad, -0.7 * torch.sigmoid(-0.7 * h.detach()))
+    assert F.logsigmoid(torch.tensor(0.0)).item() == pytest.approx(-math.log(2))
+
+
+def test_opa_dpo_loss_hand_value():
+    """All margins 0 and rewards 0: L = (1 + 1 + .2 (1 + 1)) log 2 + 4 log 2 = 6.4 log 2 (both anchors).
+    c_std=2, h1=2, beta=.5, rest 0: L1 = log(1+e^-1) replaces log 2 in the first term, weighted 2."""
+    z = torch.zeros(1)
+    for anchor in ("paper", "published"):
+        got = L.opa_dpo_loss([z] * 4, [z] * 4, beta=0.1, anchor=anchor)
+        assert got.item() == pytest.approx(6.4 * math.log(2), abs=1e-6)
+    got = L.opa_dpo_loss([torch.tensor([2.0]), z, z, z], [z] * 4, beta=0.5, c_std=2.0)
+    want = 2 * math.log1p(math.exp(-1)) + math.log(2) + 0.2 * (2 + 1) * math.log(2) + 4 * math.log(2)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+    # the anchors differ in the sign of the revised response's reward (pairs 2 and 4)
+    r = torch.tensor([1.0])
+    paper = L.opa_dpo_loss([z] * 4, [z, r, z, r], 0.1, anchor="paper")
+    published = L.opa_dpo_loss([z] * 4, [z, r, z, r], 0.1, anchor="published")
+    assert paper.item() == pytest.approx(2.4 * math.log(2) + 2 * math.log(2) + 2 * math.log1p(math.exp(-1)))
+    assert published.item() == pytest.approx(2.4 * math.log(2) + 2 * math.log(2) + 2 * math.log1p(math.exp(1)))

@@ -1,0 +1,92 @@
+"""Reward-model losses against hand-derived values, and Bradley-Terry against TRL's RewardTrainer."""
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
+
+
+def test_bradley_terry_hand_derived():
+    """r_w = (2, 0), r_l = (0, 0):
+        pair 1: -log sigmoid(2) = log(1 + e^-2) = 0.1269280110
+        pair 2: -log sigmoid(0) = log 2          = 0.6931471806
+        mean = 0.4100375958
+    margin m = 1: log(1 + e^-1) = 0.3132616875 and log(1 + e^1) = 1.3132616875, mean 0.8132616875
+    centering c = 0.1: |mean(r_w + r_l)| = |(2 + 0) / 2| = 1 -> + 0.1."""
+    w, lo = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    assert bradley_terry_loss(w, lo).item() == pytest.approx(0.4100375958, abs=1e-7)
+    assert bradley_terry_loss(w, lo, reduction="sum").item() == pytest.approx(0.8200751916, abs=1e-7)
+    torch.testing.assert_close(bradley_terry_loss(w, lo, reduction="none"),
+                               torch.tensor([0.1269280110, 0.6931471806]), rtol=0, atol=1e-7)
+    assert bradley_terry_loss(w, lo, margin=1.0).item() == pytest.approx(0.8132616875, abs=1e-7)
+    assert bradley_terry_loss(w, lo, center_coef=0.1).item() == pytest.approx(0.5100375958, abs=1e-7)
+    assert reward_centering(torch.tensor([1.0, -3.0]), torch.tensor([0.0, 0.0]), 0.5).item() == pytest.approx(0.5)
+
+
+def test_bradley_terry_equals_llava_rlhf_bce():
+    """LLaVA-RLHF: BCEWithLogits(r1 - r0, choice); choice 1 means r1 is the chosen one."""
+    g = torch.Generator().manual_seed(0)
+    w, lo = torch.randn(16, generator=g) * 3, torch.randn(16, generator=g) * 3
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(w - lo, torch.ones(16))
+    torch.testing.assert_close(bradley_terry_loss(w, lo), bce, rtol=0, atol=1e-6)
+
+
+def _trl_reward_loss(chosen, rejected, margin=None):
+    """TRL 1.16 RewardTrainer.compute_loss, run on a stub model whose outputs are the given rewards."""
+    from trl import RewardTrainer
+
+    logits = torch.cat([chosen, rejected])[:, None]  # TRL batches chosen then rejected
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=None),
+        accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(len(logits), 1, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = margin
+    return RewardTrainer.compute_loss(stub, lambda **kw: SimpleNamespace(logits=logits), inputs)
+
+
+def test_bradley_terry_equals_trl():
+    g = torch.Generator().manual_seed(1)
+    w, lo = torch.randn(32, generator=g) * 2, torch.randn(32, generator=g) * 2
+    torch.testing.assert_close(bradley_terry_loss(w, lo), _trl_reward_loss(w, lo), rtol=0, atol=1e-6)
+    m = torch.rand(32, generator=g)
+    torch.testing.assert_close(bradley_terry_loss(w, lo, margin=m), _trl_reward_loss(w, lo, m), rtol=0, atol=1e-6)
+
+
+def test_plackett_luce_hand_derived():
+    """r = (1, 0, -1), best first:
+        i=0: log(e^1 + e^0 + e^-1) - 1 = log(4.0861612696) - 1 = 0.4076059644
+        i=1: log(e^0 + e^-1) - 0       = log(1.3678794412)     = 0.3132616875
+        i=2: log(e^-1) - (-1)          = 0
+        sum = 0.7208676519
+    A list of two, r = (3, 1), padded to 3: log(e^3 + e^1) - 3 = log(1 + e^-2) = 0.1269280110."""
+    R = torch.tensor([[1.0, 0.0, -1.0], [3.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    torch.testing.assert_close(plackett_luce_loss(R, mask, reduction="none"),
+                               torch.tensor([0.7208676519, 0.1269280110]), rtol=0, atol=1e-7)
+    assert plackett_luce_loss(R, mask).item() == pytest.approx((0.7208676519 + 0.1269280110) / 2, abs=1e-7)
+
+
+def test_plackett_luce_of_two_is_bradley_terry():
+    g = torch.Generator().manual_seed(2)
+    R = torch.randn(10, 2, generator=g) * 4
+    torch.testing.assert_close(plackett_luce_loss(R), bradley_terry_loss(R[:, 0], R[:, 1]), rtol=0, atol=1e-6)
+
+
+def test_plackett_luce_stable_for_large_rewards_and_padding_grads():
+    """exp(1000) overflows float32; logsumexp does not: (1000, 999) -> log(1 + e^-1) = 0.3132616875."""
+    R = torch.tensor([[1000.0, 999.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    loss = plackett_luce_loss(R, mask)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1)), abs=1e-4)  # float32 ulp at 1000: 6e-5
+    loss.backward()
+    assert torch.isfinite(R.grad).all() and R.grad[0, 2] == 0
+
+
+def test_ranked_pairs():
+    assert ranked_pairs(3) == ([0, 0, 1], [1, 2, 2])
+    assert ranked_pairs(2) == ([0], [1])

@@ -1,0 +1,223 @@
+"""Reward-model stage end to end on the tiny VLM: train, save, reload, score; bad input; best-of-n."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import LoraArgs, ModelArgs
+from training.data.bad_rows import BadRowError
+from training.data.formats import read_preferences, read_prompts
+from training.data.images import load_image
+from training.rm.data import RewardScorer, encode_for_rm
+from training.rm.main import main
+from training.rm.model import RewardModel, load_reward_model
+from training.templates.chat import ChatEncoder
+
+
+def rm_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
+    return ["--from_checkpoint", str(tiny), "--data_path", str(world / "preference_train.json"),
+            "--eval_data_path", str(world / "preference_heldout.json"), "--image_folder", str(world / "images"),
+            "--output_dir", str(out), "--figure_dir", str(out.parent / "figure"), "--no-progress",
+            "--logging_steps", "1", "--num_warmup_steps", "0", "--lr_scheduler_type", "constant", *extra]
+
+
+# SGD: the update is the gradient, so rank-split and batch-split runs must agree; no centering
+# (a per-micro-batch term)
+DIST_ARGS = ("--max_steps", "2", "--optimizer", "sgd", "--learning_rate", "0.5", "--center_coef", "0")
+
+
+def _scores(rm, processor, arch, world, factual=True, batch_size=16):
+    recs = read_preferences([str(world / "preference_heldout.json")], str(world / "images"))
+    scorer = RewardScorer(rm, processor, arch, 256, batch_size, factual=factual)
+    flat = [(r, resp) for r in recs for resp in r.responses]
+    return scorer.score_records([r for r, _ in flat], str(world / "images"), [x for _, x in flat])
+
+
+@pytest.fixture(scope="module")
+def trained(world, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    result = main(rm_args(world, tiny, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
+                          "--learning_rate", "3e-3"))
+    return out, result
+
+
+def test_rm_trains_saves_reloads_with_identical_scores(trained, world):
+    out, result = trained
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "value_head.safetensors", "reward_model.json",
+                 "run_config.json", "metrics.jsonl", "bad_rows.json", "eval_metrics.json", "eval_rewards.json"):
+        assert (out / name).exists(), name
+    assert (out.parent / "figure" / "rm_rewards.png").stat().st_size > 0
+    assert list((out / "tensorboard").iterdir())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert {"accuracy", "reward_chosen", "reward_rejected", "tokens_per_s"} <= rows[0].keys()
+    assert rows[-1]["eval/n"] == 8 and 0 <= rows[-1]["eval/accuracy"] <= 1
+    assert result["loss"] == "bradley_terry" and json.loads((out / "reward_model.json").read_text())["factual"]
+
+    rm, processor, arch = load_reward_model(out)
+    assert rm.factual and not any(p.requires_grad for p in rm.parameters())
+    first = _scores(rm, processor, arch, world)
+    again = _scores(*load_reward_model(out), world)
+    assert torch.equal(first, again)  # reload is deterministic
+    saved = torch.tensor(json.loads((out / "eval_rewards.json").read_text())["ranked_rewards"], dtype=torch.float64)
+    # the scores the trained in-memory model gave at its final evaluation (other batch shapes)
+    torch.testing.assert_close(first.double(), saved.flatten(), rtol=0, atol=1e-5)
+
+
+def test_reward_read_at_last_token_batch_invariant_and_values_ignore_factual_suffix(tiny, world):
+    from training.model.builder import load_model_and_processor
+    torch.manual_seed(0)
+    backbone, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                         for_training=False)
+    rm = RewardModel(backbone, factual=True).eval()
+    scores = _scores(rm, processor, arch, world, batch_size=16)
+    alone = _scores(rm, processor, arch, world, batch_size=1)
+    torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)  # padding never changes a reward
+
+    rec = read_preferences([str(world / "preference_train.json")], str(world / "images"))[0]
+    enc = ChatEncoder(processor, arch, 256)
+    images = [load_image(s, str(world / "images")) for s in rec.images]
+    plain = encode_for_rm(enc, rec.prompt, rec.responses[0], images)
+    fact = encode_for_rm(enc, rec.prompt, rec.responses[0], images, rec.facts, factual=True)
+    n = len(plain.input_ids)
+    assert torch.equal(fact.input_ids[:n], plain.input_ids) and len(fact.input_ids) > n
+    with torch.no_grad():
+        v_plain = rm.values(plain.input_ids[None], torch.ones(1, n, dtype=torch.long), **plain.vision)
+        v_fact = rm.values(fact.input_ids[None], torch.ones_like(fact.input_ids)[None], **fact.vision)
+        r_fact = rm(fact.input_ids[None], torch.ones_like(fact.input_ids)[None], **fact.vision)
+    # causal: a critic from a factual RM reads the policy's own sequence (module doc of rm/factual.py)
+    torch.testing.assert_close(v_fact[:, :n], v_plain, rtol=0, atol=1e-5)
+    assert r_fact.item() == pytest.approx(v_fact[0, -1].item(), abs=1e-6)
+
+
+def test_lora_reward_model_saves_adapters_and_reloads(world, tiny, tmp_path):
+    out = tmp_path / "rm_lora"
+    main(rm_args(world, tiny, out, "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
+                 "--learning_rate", "1e-2", "--no-factual", "--eval_data_path", ""))
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "value_head.safetensors").exists()
+    rm, processor, arch = load_reward_model(out)
+    assert not rm.factual
+    a = _scores(rm, processor, arch, world, factual=False)
+    b = _scores(*load_reward_model(out), world, factual=False)
+    assert torch.equal(a, b)
+    critic, _, _ = load_reward_model(out, lora_args=LoraArgs(lora_r=4), for_training=True)  # PPO critic init
+    assert critic.value_head.weight.requires_grad
+    torch.testing.assert_close(critic.value_head.weight, rm.value_head.weight)
+
+
+def test_ranked_lists_train_with_plackett_luce(world, tiny, tmp_path):
+    r = main(rm_args(world, tiny, tmp_path / "pl", "--data_path", str(world / "ranked_train.json"),
+                     "--max_steps", "2", "--per_device_train_batch_size", "4"))
+    assert r["loss"] == "plackett_luce" and r["eval"]["eval/n"] == 8
+
+
+def _bad_copy(world, tmp_path):
+    rows = json.loads((world / "preference_train.json").read_text())
+    rows[2]["conversations"][-1]["value"] = [rows[2]["conversations"][-1]["value"][0]] * 2  # identical
+    rows[4]["conversations"][-1]["value"] = rows[4]["conversations"][-1]["value"][:1]  # ranked list of 1
+    del rows[6]["facts"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("row,field", [(2, "identical"), (4, "at least 2"), (6, "facts")])
+def test_bad_rows_stop_with_file_row_field(world, tiny, tmp_path, row, field):
+    rows = json.loads(_bad_copy(world, tmp_path).read_text())
+    good = json.loads((world / "preference_train.json").read_text())
+    only = [rows[i] if i == row else good[i] for i in range(len(good))]  # one bad row at a time
+    path = tmp_path / "one_bad.json"
+    path.write_text(json.dumps(only))
+    with pytest.raises(BadRowError) as e:
+        main(rm_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--data_path", str(path)))
+    assert str(path) in str(e.value) and f"row {row}" in str(e.value) and field in str(e.value)
+
+
+def test_bad_rows_skipped_and_counted(world, tiny, tmp_path):
+    path = _bad_copy(world, tmp_path)
+    out = tmp_path / "o"
+    main(rm_args(world, tiny, out, "--max_steps", "1", "--data_path", str(path), "--skip_bad_rows",
+                 "--per_device_train_batch_size", "4", "--eval_data_path", ""))
+    report = json.loads((out / "bad_rows.json").read_text())
+    assert report["n_skipped"] == 3 and sorted(r["row"] for r in report["rows"]) == [2, 4, 6]
+    # without factual mode the row lacking facts is fine
+    main(rm_args(world, tiny, tmp_path / "nf", "--max_steps", "1", "--data_path", str(path), "--skip_bad_rows",
+                 "--per_device_train_batch_size", "4", "--eval_data_path", "", "--no-factual"))
+    assert json.loads((tmp_path / "nf" / "bad_rows.json").read_text())["n_skipped"] == 2
+
+
+def test_default_run_needs_the_sft_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="run_sft.sh"):
+        main([])
+
+
+def test_best_of_n_keeps_the_highest_reward(trained, world, tiny, tmp_path):
+    from training.predict.main import main as predict
+    out_rm, _ = trained
+    out = predict(["--model_path", str(tiny), "--data_path", str(world / "ppo_prompts.json"), "--image_folder",
+                   str(world / "images"), "--output_file", str(tmp_path / "bon.jsonl"), "--best_of_n", "4",
+                   "--reward_model", str(out_rm), "--max_new_tokens", "8", "--no-progress"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["best_of_n"] == 4 for r in rows)
+
+    # the kept answer is the argmax of the scorer's rewards (the factual block used: prompts carry facts)
+    from training.model.builder import load_model_and_processor
+    from training.predict.generate import DecodeArgs, best_of_n
+    model, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                      for_training=False)
+    recs = read_prompts([str(world / "ppo_prompts.json")], str(world / "images"))[:3]
+    images = [[load_image(s, str(world / "images")) for s in r.images] for r in recs]
+
+    class LengthScorer:  # reward = answer length: best-of-n must return the longest candidate
+        def score(self, prompts, imgs, responses, facts=None):
+            assert facts is not None and len(responses) == 3 * 5
+            return torch.tensor([float(len(t)) for t in responses])
+
+    torch.manual_seed(0)
+    best, r_best, r_all = best_of_n(model, processor, ChatEncoder(processor, arch, 512), arch.name,
+                                    [r.prompt for r in recs], images, DecodeArgs(max_new_tokens=6), 5,
+                                    LengthScorer(), [r.facts for r in recs])
+    assert r_all.shape == (3, 5) and torch.equal(r_best, r_all.max(-1).values)
+    assert [float(len(t)) for t in best] == r_best.tolist()
+
+
+def test_llava_rlhf_rows_with_caption_file_feed_the_factual_block(world, tiny, tmp_path):
+    """LLaVA-RLHF's format (output_1/output_2/preference) + image_to_caption.json -> facts."""
+    rows, captions = [], {}
+    for k, r in enumerate(json.loads((world / "preference_train.json").read_text())):
+        good, bad = r["conversations"][-1]["value"]
+        flip = k % 2 == 1
+        rows.append({"id": r["id"], "image": r["image"], "preference": 2 if flip else 1,
+                     "conversations": [r["conversations"][0], {"from": "gpt", "value": ""}],
+                     "output_1": {"value": bad if flip else good}, "output_2": {"value": good if flip else bad}})
+        captions[r["image"]] = r["facts"]
+    data, caps = tmp_path / "llava_rlhf.json", tmp_path / "image_to_caption.json"
+    data.write_text(json.dumps(rows))
+    caps.write_text(json.dumps(captions))
+    recs = read_preferences([str(data)], str(world / "images"), captions_file=str(caps))
+    original = json.loads((world / "preference_train.json").read_text())
+    assert recs[1].responses == original[1]["conversations"][-1]["value"] and recs[1].facts == original[1]["facts"]
+    args = ["--max_steps", "1", "--data_path", str(data), "--eval_data_path", "", "--per_device_train_batch_size", "4"]
+    with pytest.raises(BadRowError, match="facts"):  # factual mode without captions: no facts
+        main(rm_args(world, tiny, tmp_path / "a", *args))
+    main(rm_args(world, tiny, tmp_path / "b", *args, "--captions_file", str(caps)))
+    assert json.loads((tmp_path / "b" / "bad_rows.json").read_text())["n_skipped"] == 0
+
+
+def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
+    """Cut in the second epoch (4 steps per epoch): the facts' shuffle follows the epoch on resume."""
+    from safetensors.torch import load_file
+    common = ["--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--eval_data_path",
+              "", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "1"]
+    main(rm_args(world, tiny, tmp_path / "full", *common))
+    r = main(rm_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "5", "--stop_after_steps", "5"))
+    assert r["interrupted"] and not (tmp_path / "cut" / "value_head.safetensors").exists()
+    main(rm_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

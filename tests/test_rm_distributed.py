@@ -1,0 +1,42 @@
+"""Reward-model training at ZeRO 0, 1, 2 and 3 on two CPU ranks equals one rank with the whole batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from test_rm import DIST_ARGS, rm_args
+from test_sft_distributed import _free_port
+
+from training.rm.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(out: Path) -> dict:
+    return {**load_file(str(out / "model.safetensors")), **load_file(str(out / "value_head.safetensors"))}
+
+
+def test_rm_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "dist_rm_driver.py"), str(world), str(tiny), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = main(rm_args(world, tiny, tmp_path / "single", "--per_device_train_batch_size", "4", *DIST_ARGS))
+    ref = _weights(tmp_path / "single")
+    init = load_file(str(Path(tiny) / "model.safetensors"))
+    assert sum(float((ref[k] - init[k]).abs().max()) for k in init) > 1e-3  # the steps did something
+    for stage in range(4):
+        out = tmp_path / f"zero{stage}"
+        got = _weights(out)
+        assert set(got) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"zero{stage} {k}")
+        ev = json.loads((out / "eval_metrics.json").read_text())  # held-out split over the two ranks
+        assert ev["eval/n"] == single["eval"]["eval/n"] == 8
+        for k, v in single["eval"].items():
+            assert abs(ev[k] - v) < 1e-4, (stage, k)

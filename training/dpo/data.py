@@ -1,0 +1,197 @@
+"""Preference data for the DPO family: one prompt (with its image) and K ranked responses per item.
+
+Two batch layouts give the same per-response log-probs (tested to 1e-4):
+
+  PlainBatch   K full sequences per item, [prompt | response_k] each, right-padded: what TRL does
+               (the image is encoded and the prompt computed once per response).
+  PrefixBatch  ONE row per item, [prompt | response_1 | ... | response_K]: a 4D mask lets response k
+               see the prompt and itself only, and its positions restart after the prompt, so every
+               response sees exactly what it sees in the plain layout. The image is encoded once, the
+               prompt (image tokens + question) computed once, and logits are built only where a
+               response token is predicted (`logits_to_keep`).
+
+Shapes (N items, K responses, T row length, L label length):
+  PrefixBatch.input_ids / position_ids (N, T); attention_mask (N, 1, T, T) additive float (0 or min);
+  keep (N, K*(Rmax+1)) row positions whose logits predict labels; labels, weights (N*K, Rmax+1)
+  aligned with the logits taken at `keep` (labels[:, 0] is IGNORE: token_logprobs shifts by one).
+  PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from training.data.collate import collate_vision
+from training.data.images import load_image
+from training.data.records import Message
+from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
+
+# Architectures whose language model takes plain 1D positions and image placeholders, so a custom
+# 4D mask + position_ids reproduce the plain forward. Others (M-RoPE, cross-attention) use PlainBatch.
+PREFIX_ARCHS = {"llava", "llava_next"}
+
+
+@dataclass
+class GroupItem:
+    """One prompt and its K responses (best first), tokenised; weights are optional per-token weights."""
+    index: int  # position in the dataset (the key of the reference log-prob cache)
+    prompt_ids: torch.Tensor  # (P,)
+    vision: dict
+    responses: list[torch.Tensor]  # K x (R_k,) token ids
+    targets: list[torch.Tensor]  # K x (R_k,) labels (IGNORE where not a target)
+    weights: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def encode_group(encoder: ChatEncoder, prompt: list[Message], responses: list[str], images: list,
+                 index: int, weights: list[list[float] | None] | None = None) -> GroupItem:
+    """Encode prompt + each response with the shared chat-template layer; split at prompt_len."""
+    prompt_ids, vision, resp, tgt = None, {}, [], []
+    for text in responses:
+        e = encoder.encode(prompt + [Message("assistant", text)], images)
+        p = e.input_ids[:e.prompt_len]
+        if prompt_ids is None:
+            prompt_ids, vision = p, e.vision
+        elif not torch.equal(p, prompt_ids):
+            raise ValueError(f"item {index}: the prompt tokenises differently before different responses")
+        resp.append(e.input_ids[e.prompt_len:])
+        tgt.append(e.labels[e.prompt_len:])
+    w = [None if x is None else torch.tensor(x[:len(r)], dtype=torch.float32) for x, r in
+         zip(weights or [None] * len(resp), resp)]
+    return GroupItem(index, prompt_ids, vision, resp, tgt, w)
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """PreferenceRecords -> GroupItems (lazily; images decoded when a batch is built).
+    n_responses: 2 for pairwise losses (best, second), 0 for all (listwise)."""
+
+    def __init__(self, records, encoder: ChatEncoder, image_root: str, report, n_responses: int = 2):
+        self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
+        self.n_responses = n_responses
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i) -> GroupItem | None:
+        r = self.records[i]
+        images = [load_image(src, self.image_root) for src in r.images]
+        responses = r.responses[:self.n_responses] if self.n_responses else r.responses
+        try:
+            return encode_group(self.encoder, r.prompt, responses, images, i)
+        except PromptTooLong as e:
+            self.report.bad(r.source, "conversations", str(e))
+            return None
+
+
+def _weights(item: GroupItem, k: int) -> torch.Tensor:
+    w = item.weights[k] if k < len(item.weights) else None
+    return torch.ones(len(item.responses[k])) if w is None else w
+
+
+@dataclass
+class PrefixBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    vision: dict
+    n_items: int
+    n_responses: int
+    indices: list[int]
+
+    def to(self, device) -> "PrefixBatch":
+        t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "attention_mask", "keep",
+                                                         "labels", "weights")}
+        return PrefixBatch(**t, vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
+                           n_responses=self.n_responses, indices=self.indices)
+
+    def model_inputs(self, dtype: torch.dtype) -> dict:
+        mask = self.attention_mask.to(dtype)
+        # additive mask: 0 where attended, the dtype's min elsewhere (eager and sdpa both add it)
+        mask = (1.0 - mask) * torch.finfo(dtype).min
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": mask,
+                "logits_to_keep": self.keep, "use_cache": False, **self.vision}
+
+
+def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> PrefixBatch:
+    N, K = len(items), max(len(it.responses) for it in items)
+    rmax = max(len(r) for it in items for r in it.responses)
+    T = max(len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items)
+    ids = torch.full((N, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((N, T), dtype=torch.long)
+    seg = torch.full((N, T), -1, dtype=torch.long)  # 0 prompt, k+1 response k, -1 padding
+    keep = torch.zeros((N, K, rmax + 1), dtype=torch.long)
+    labels = torch.full((N, K, rmax + 1), IGNORE, dtype=torch.long)
+    weights = torch.zeros((N, K, rmax + 1))
+    for n, it in enumerate(items):
+        P = len(it.prompt_ids)
+        ids[n, :P], pos[n, :P], seg[n, :P] = it.prompt_ids, torch.arange(P), 0
+        start = P
+        for k, (r, tgt) in enumerate(zip(it.responses, it.targets)):
+            R = len(r)
+            ids[n, start:start + R], pos[n, start:start + R] = r, torch.arange(P, P + R)
+            seg[n, start:start + R] = k + 1
+            # logits at P-1 predict the response's first token, at start+j its token j+1
+            keep[n, k, 0] = P - 1
+            keep[n, k, 1:R + 1] = torch.arange(start, start + R)
+            labels[n, k, 1:R + 1] = tgt
+            weights[n, k, 1:R + 1] = _weights(it, k)
+            start += R
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, kv = seg[:, :, None], seg[:, None, :]
+    allowed = causal & (q >= 0) & ((kv == 0) | (kv == q))
+    allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding queries see themselves: no empty rows
+    vision = collate_vision([it.vision for it in items], arch_name)
+    return PrefixBatch(ids, pos, allowed[:, None].float(), keep.view(N, -1), labels.view(N * K, -1),
+                       weights.view(N * K, -1), vision, N, K, [it.index for it in items])
+
+
+@dataclass
+class PlainBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    vision: dict
+    n_items: int
+    n_responses: int
+    indices: list[int]
+
+    def to(self, device) -> "PlainBatch":
+        return PlainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.weights.to(device), {k: v.to(device) for k, v in self.vision.items()},
+                          self.n_items, self.n_responses, self.indices)
+
+    def model_inputs(self, dtype: torch.dtype) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False,
+                **self.vision}
+
+
+def collate_plain(items: list[GroupItem], pad_id: int, arch_name: str) -> PlainBatch:
+    """K full sequences per item; an item with fewer than K responses gets empty (all-IGNORE) rows."""
+    N, K = len(items), max(len(it.responses) for it in items)
+    T = max(len(it.prompt_ids) + len(r) for it in items for r in it.responses)
+    ids = torch.full((N * K, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N * K, T), dtype=torch.long)
+    labels = torch.full((N * K, T), IGNORE, dtype=torch.long)
+    weights = torch.zeros((N * K, T))
+    vis = []
+    for n, it in enumerate(items):
+        P = len(it.prompt_ids)
+        for k in range(K):
+            row = n * K + k
+            r = it.responses[min(k, len(it.responses) - 1)]
+            ids[row, :P], ids[row, P:P + len(r)], mask[row, :P + len(r)] = it.prompt_ids, r, 1
+            if k < len(it.responses):
+                labels[row, P:P + len(r)] = it.targets[k]
+                weights[row, P:P + len(r)] = _weights(it, k)
+            vis.append(it.vision)
+    return PlainBatch(ids, mask, labels, weights, collate_vision(vis, arch_name), N, K, [it.index for it in items])
+
+
+def collate_groups(items: list[GroupItem], pad_id: int, arch_name: str, fast: bool):
+    if fast and arch_name in PREFIX_ARCHS:
+        return collate_prefix(items, pad_id, arch_name)
+    return collate_plain(items, pad_id, arch_name)

@@ -1,0 +1,48 @@
+"""Per-response log-probs of a batch of GroupItems, in either layout (shared numerics: training.logprobs)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from training.dpo.data import PlainBatch, PrefixBatch
+from training.logprobs import token_logprobs
+
+
+@dataclass
+class ResponseLogps:
+    """Reductions over each response's target tokens, all (N, K)."""
+    sum: torch.Tensor  # sum of token log-probs
+    count: torch.Tensor  # number of target tokens
+    wsum: torch.Tensor  # sum of weight * token log-prob
+    token_lp: torch.Tensor  # (N, K, L) per-token log-probs (0 off target)
+    mask: torch.Tensor  # (N, K, L)
+
+    @property
+    def avg(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+
+def model_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
+    N, K = batch.n_items, batch.n_responses
+    logits = model(**batch.model_inputs(model_dtype(model))).logits
+    if isinstance(batch, PrefixBatch):  # (N, K*(Rmax+1), V) taken at `keep` -> one row per response
+        logits = logits.reshape(N * K, -1, logits.shape[-1])
+    lp, mask = token_logprobs(logits, batch.labels)  # (N*K, L)
+    w = batch.weights[:, 1:].to(lp.dtype)
+    mask = mask.to(lp.dtype)
+    lp, mask, w = (x.view(N, K, -1) for x in (lp, mask, w))
+    return ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask)
+
+
+def adapters_disabled(module):
+    """The reference of a LoRA policy: the same model with its adapters off (no second copy)."""
+    inner = getattr(module, "module", module)  # a DeepSpeed engine wraps the peft model
+    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):
+        return inner.disable_adapter()
+    return contextlib.nullcontext()

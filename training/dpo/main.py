@@ -1,0 +1,110 @@
+"""DPO-family / ORPO stage entry point (launched by run_dpo_training.sh through `deepspeed --module`).
+
+No arguments: DPO (sigmoid) from the SFT actor (output/sft) on the embedded world's pairs -> output/dpo.
+--loss_type cdpo | ipo | orpo | listwise selects the others (listwise defaults to the ranked lists).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
+                             save_config)
+from training.engine.strategy import Strategy
+
+CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
+            "ds": DeepSpeedArgs, "run": RunArgs, "dpo": DPOArgs}
+SFT_OUTPUT = "output/sft"
+# The embedded world's defaults (tuned on it: see benchmarks/quality.py)
+DEFAULTS = {"output_dir": "output/dpo", "from_checkpoint": SFT_OUTPUT, "learning_rate": 2e-4,
+            "num_train_epochs": 2.0, "per_device_train_batch_size": 16, "num_warmup_steps": 10,
+            "max_seq_len": 160, "lr_scheduler_type": "cosine", "logging_steps": 10}
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
+    m, d, a, run = cfg["model"], cfg["data"], cfg["dpo"], cfg["run"]
+    if m.from_checkpoint == SFT_OUTPUT and not (Path(SFT_OUTPUT) / "config.json").exists() \
+            and not (Path(SFT_OUTPUT) / "adapter").exists():
+        raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
+                         "(or pass --from_checkpoint)")
+    strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
+    from training.defaults import resolve_defaults
+    resolve_defaults(m, d, strategy, "ranked_train.json" if a.loss_type == "listwise" else "preference_train.json")
+
+    import torch
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.dpo.trainer import DPOTrainer
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    torch.manual_seed(cfg["optim"].seed)
+    out = Path(run.output_dir)
+    model, processor, arch = load_model_and_processor(m, cfg["lora"])
+    if a.disable_dropout:
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    report = BadRowReport(skip=d.skip_bad_rows)
+    paths = d.data_path.split(",")
+    records = read_preferences(paths, d.image_folder, report)
+    template = Path(m.template).read_text() if m.template != "auto" else None
+    n_resp = 0 if a.loss_type == "listwise" else 2
+    dataset = PreferenceDataset(records, ChatEncoder(processor, arch, d.max_seq_len, template), d.image_folder,
+                                report, n_responses=n_resp)
+    trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name)
+    trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
+    if strategy.is_main:
+        save_config(cfg, out / "run_config.json")
+    import time
+    t0 = time.time()
+    if trainer.needs_reference:
+        setup_reference(trainer, cfg, records, paths, arch.name, template, n_resp)
+    t1 = time.time()
+    history = trainer.train()
+    timings = {"reference_s": t1 - t0, "train_s": time.time() - t1}
+    if trainer.interrupted:
+        if strategy.is_main:
+            print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
+        return {"history": history, "output_dir": str(out), "interrupted": True}
+    strategy.save_hf(trainer.engine, processor, out)
+    if strategy.is_main:
+        report.write(out)
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
+        from training.dpo.plots import plot_metrics
+        png = plot_metrics(out / "metrics.jsonl", Path(a.figure_dir) / f"{out.name}_metrics.png",
+                           f"{a.loss_type}: {out}")
+        if png:
+            print(f"metrics plotted to {png}")
+    return {"history": history, "output_dir": str(out), "timings": timings}
+
+
+def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -> None:
+    """Cached reference log-probs (default), the LoRA policy with adapters off, or a frozen model."""
+    m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
+    if a.precompute_ref:
+        from training.dpo.refcache import RefCache, cache_key, default_cache_dir
+        K = n_resp or max(len(r.responses) for r in records)
+        key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
+                                                    "arch": arch_name, "precision": m.precision,
+                                                    "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora})
+        root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
+        trainer.ref_cache = RefCache.load_or_build(root / f"{key}.pt", trainer.s, trainer.engine, trainer.make_batch,
+                                                   len(trainer.dataset), K, cfg["optim"].per_device_eval_batch_size)
+    elif lora.lora_r > 0:
+        # adapters off gives the starting model only if nothing but adapters trains
+        extra = [n for n, p in trainer.engine.module.named_parameters() if p.requires_grad and "lora_" not in n]
+        if extra:
+            raise SystemExit("--no-precompute_ref with LoRA uses the policy with adapters off as the reference, "
+                             f"but {len(extra)} non-adapter parameters train too (e.g. {extra[0]}): add "
+                             "--freeze_vision_tower --freeze_projector, or keep the cached reference")
+    else:
+        from training.model.builder import load_model_and_processor
+        ref, _, _ = load_model_and_processor(m, lora, for_training=False)
+        trainer.ref_model = trainer.s.prepare_frozen(ref)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Reference log-probs, computed once and cached with the data (RLAIF-V's practice; TRL refuses it for VLMs).
+
+The reference is the starting policy: the SFT model, or with LoRA the same model with its adapters
+off. So the cache is computed with the policy engine itself before its first update (eval mode, no
+grad, adapters disabled): no second model is ever held in memory. Ranks split the items, then sum
+their slices; every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+
+File: <cache_dir>/<key>.pt with sum, count, wsum (n_items, K) float64 and `done` (n_items,) bool; the
+key hashes the checkpoint's weight files, the data files, and the encoding settings, so a changed
+input computes a fresh cache and an unchanged rerun loads it without a forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from training.dpo.forward import adapters_disabled, response_logps
+
+
+def _files_fingerprint(path: str) -> list:
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.rglob("*"))
+                if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".pt")]
+    return [path]  # a Hub id
+
+
+def cache_key(checkpoint: str, data_paths: list[str], settings: dict) -> str:
+    blob = json.dumps({"model": _files_fingerprint(checkpoint), "data": [_files_fingerprint(d) for d in data_paths],
+                       "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def default_cache_dir(data_paths: list[str], output_dir: str) -> Path:
+    """Beside the (first) data file when that directory is writable, else in the output directory."""
+    first = Path(data_paths[0])
+    if first.exists() and os.access(first.parent, os.W_OK):
+        return first.parent / "ref_logps"
+    return Path(output_dir) / "ref_logps"
+
+
+class RefCache:
+    def __init__(self, sum_: torch.Tensor, count: torch.Tensor, wsum: torch.Tensor):
+        self.sum, self.count, self.wsum = sum_, count, wsum
+
+    def lookup(self, indices: list[int], device, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(indices)
+        return tuple(t[idx, :K].to(device=device, dtype=torch.float32) for t in (self.sum, self.count, self.wsum))
+
+    @staticmethod
+    def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int) -> "RefCache":
+        """make_batch(list of indices) -> a batch on the device, or None when every item was a bad row."""
+        if path.exists():
+            d = torch.load(path)
+            if strategy.is_main:
+                print(f"reference log-probs: loaded {path}")
+            return RefCache(d["sum"], d["count"], d["wsum"])
+        acc = torch.zeros(3, n_items, K, dtype=torch.float64)
+        world, rank = strategy.world_size, strategy.rank
+        per_rank = -(-n_items // world)
+        mine = list(range(rank, n_items, world))
+        n_calls = -(-per_rank // batch_size)
+        was_training = engine.training
+        engine.eval()
+        with torch.no_grad(), adapters_disabled(engine):
+            for c in range(n_calls):
+                idx = mine[c * batch_size:(c + 1) * batch_size]
+                batch = make_batch(idx) if idx else None
+                fill = batch is None
+                if fill:  # keep the collective forward count equal across ranks
+                    batch = make_batch([0])
+                r = response_logps(engine, batch)
+                if not fill:
+                    k = r.sum.shape[1]
+                    ii = torch.tensor(batch.indices)
+                    for j, t in enumerate((r.sum, r.count, r.wsum)):
+                        acc[j, ii, :k] = t.double().cpu()
+        engine.train(was_training)
+        if world > 1:
+            acc = strategy.all_reduce(acc.to(strategy.device)).cpu()
+        if strategy.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"sum": acc[0], "count": acc[1], "wsum": acc[2]}, tmp)
+            os.replace(tmp, path)
+            print(f"reference log-probs: computed for {n_items} items -> {path}")
+        strategy.barrier()
+        return RefCache(acc[0], acc[1], acc[2])

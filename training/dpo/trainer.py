@@ -1,0 +1,134 @@
+"""DPO / cDPO / IPO / ORPO / listwise training loop under DeepSpeed.
+
+The loss of an optimizer step is the mean over ALL items (pairs or ranked lists) of that step, every
+micro-batch of every rank (plus, for ORPO, the chosen-token mean NLL over the same step), so batch
+4 x accumulation 1, batch 1 x accumulation 4 and 2 ranks x batch 2 give the same update.
+Reference log-probs come from the cache (default), or are computed live: the policy with its
+adapters off (LoRA) or a frozen reference model.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from training.dpo.data import collate_groups
+from training.dpo.forward import adapters_disabled, response_logps
+from training.dpo.objective import REFERENCE_FREE, objective
+from training.engine.metrics import MetricsLogger
+from training.sft.trainer import StepPlan, epoch_micro_batches
+
+
+class DPOTrainer:
+    def __init__(self, strategy, processor, dataset, cfg, arch_name: str):
+        self.s, self.processor, self.dataset, self.cfg = strategy, processor, dataset, cfg
+        self.arch_name, self.a = arch_name, cfg["dpo"]
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.engine = None
+        self.ref_cache = None  # RefCache
+        self.ref_model = None  # live reference without LoRA
+        o = cfg["optim"]
+        self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
+                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.a.loss_type not in REFERENCE_FREE
+
+    def make_batch(self, idx: list[int]):
+        items = [x for x in (self.dataset[i] for i in idx) if x is not None]
+        if not items:
+            return None
+        return collate_groups(items, self.pad_id, self.arch_name, self.a.fast_path).to(self.s.device)
+
+    def _reference(self, batch):
+        if self.ref_cache is not None:
+            return self.ref_cache.lookup(batch.indices, self.s.device, batch.n_responses)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                r = response_logps(self.ref_model, batch)
+            else:  # LoRA: the policy with adapters off (dropout off too: the reference is deterministic)
+                self.engine.eval()
+                with adapters_disabled(self.engine):
+                    r = response_logps(self.engine, batch)
+                self.engine.train()
+        return r.sum.float(), r.count.float(), r.wsum.float()
+
+    def _step(self, micro_batches: list) -> dict:
+        o = self.cfg["optim"]
+        accum, world = o.gradient_accumulation_steps, self.s.world_size
+        batches = [b for b in micro_batches if b is not None]
+        n_items = float(self.s.all_reduce(sum(b.n_items for b in batches)))
+        n_tok = 0.0
+        if self.a.loss_type == "orpo":  # chosen target tokens of the whole step, for the NLL token mean
+            n_tok = float(self.s.all_reduce(sum(float((b.labels.view(b.n_items, b.n_responses, -1)[:, 0, 1:]
+                                                       != -100).sum()) for b in batches)))
+        sums: dict[str, float] = {}
+        total_loss = 0.0
+        for b in batches:
+            ref = self._reference(b) if self.needs_reference else None
+            pol = response_logps(self.engine, b)
+            obj = objective(pol, ref, self.a)
+            loss = obj["pair_loss_sum"] / max(n_items, 1.0)
+            if n_tok:
+                loss = loss + obj["nll_sum"] / n_tok
+                sums["nll_loss"] = sums.get("nll_loss", 0.0) + float(obj["nll_sum"].detach()) / n_tok
+            # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a global mean
+            self.engine.backward(loss * accum * world)
+            self.engine.step()
+            total_loss += float(loss.detach())
+            for k, v in obj["metrics"].items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
+            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
+            self.engine.step()
+        m = {"loss": float(self.s.all_reduce(total_loss))}
+        for k, v in sorted(sums.items()):
+            v = float(self.s.all_reduce(v))
+            m[k] = v if k == "nll_loss" else v / max(n_items, 1.0)
+        m.update(pairs=n_items, lr=self.engine.get_lr()[0])
+        return m
+
+    def train(self) -> list[dict]:
+        c, o = self.cfg["run"], self.cfg["optim"]
+        out = Path(c.output_dir)
+        ckpt = out / "checkpoints"
+        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
+        step = state["step"] if state else 0
+        logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
+        bar = None
+        if self.s.is_main and c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.plan.total_steps, initial=step, desc=self.a.loss_type, dynamic_ncols=True)
+        history, accum = [], o.gradient_accumulation_steps
+        t0, pairs_since = time.time(), 0.0
+        self.engine.train()
+        while step < self.plan.total_steps:
+            epoch, k = divmod(step, self.plan.steps_per_epoch)
+            mbs = epoch_micro_batches(len(self.dataset), o.per_device_train_batch_size, self.s.world_size,
+                                      self.s.rank, o.seed, epoch)
+            for j in range(k, self.plan.steps_per_epoch):
+                m = self._step([self.make_batch(idx) for idx in mbs[j * accum:(j + 1) * accum]])
+                step += 1
+                pairs_since += m["pairs"]
+                if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                    m.update(epoch=step / self.plan.steps_per_epoch, pairs_per_s=pairs_since / (time.time() - t0))
+                    logger.log(step, m)
+                    history.append({"step": step, **m})
+                    t0, pairs_since = time.time(), 0.0
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
+                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
+                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
+                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
+                if step >= self.plan.total_steps or stop:
+                    break
+            if c.stop_after_steps and step >= c.stop_after_steps:
+                break
+        if bar:
+            bar.close()
+        logger.close()
+        self.interrupted = step < self.plan.total_steps
+        return history

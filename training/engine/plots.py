@@ -1,0 +1,35 @@
+"""Plot a run's metrics.jsonl as a row of panels to a PNG (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.engine.metrics import read_metrics
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str,
+                 panels: list[tuple[str, list[str]]]) -> Path | None:
+    """panels: [(panel title, [metric keys])]; keys absent from the run are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in panels]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if not rows or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (t, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_title(t)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,37 @@
+"""PPO's own concept: rollout, reward shaping, KL control and PPO optimisation settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.config import _f
+
+
+@dataclass
+class PPOArgs:
+    reward_model: str = _f("output/rm", "Reward model checkpoint (run_rm_training.sh writes one).")
+    critic_init: str = _f("", "Critic initialisation: a reward model checkpoint (default: --reward_model).")
+    reference_model: str = _f("", "Frozen reference (default: --from_checkpoint; with LoRA: adapters disabled).")
+    rollout_batch_size: int = _f(32, "Prompts per rank per PPO step (generated together, KV-cached).")
+    max_new_tokens: int = _f(40, "Longest response.")
+    temperature: float = _f(1.0, "Sampling temperature of rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling of rollouts.")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
+    clip_eps: float = _f(0.2, "Policy ratio clip.")
+    value_clip_eps: float = _f(0.2, "Value clip.")
+    vf_coef: float = _f(1.0, "Scale of the critic loss (the critic has its own optimizer).")
+    critic_learning_rate: float = _f(1e-4, "Critic learning rate.")
+    gamma: float = _f(1.0, "Discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    kl_coef: float = _f(0.05, "Initial per-token KL penalty coefficient.")
+    kl_estimator: str = _f("k1", "k1 | k3", choices=["k1", "k3"])
+    kl_target: float = _f(0.0, "Adaptive KL controller target (0: fixed coefficient).")
+    kl_horizon: int = _f(10000, "Adaptive KL controller horizon (samples).")
+    reward_clip: float = _f(10.0, "Clip reward-model scores to +-this.")
+    normalize_reward: bool = _f(True, "Normalise scores with running mean/std.")
+    whiten_advantages: bool = _f(True, "Whiten advantages per rollout batch.")
+    length_bonus: float = _f(0.0, "LLaVA-RLHF length shaping: + length_bonus * len / max_new_tokens.")
+    correct_bonus: float = _f(0.0, "LLaVA-RLHF: + bonus when a multiple-choice answer names the correct option.")
+    missing_eos_penalty: float = _f(0.0, "Subtract this when a response never emitted EOS (LLaVA-RLHF: 8).")
+    entropy_coef: float = _f(0.0, "Entropy bonus.")
+    critic_warmup_steps: int = _f(0, "Steps that train only the critic before the actor moves.")
+    factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")

@@ -1,0 +1,77 @@
+"""PPO stage entry point (run_ppo_training.sh -> `deepspeed --module training.ppo.main`)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from training.config import DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config, save_config
+from training.engine.strategy import Strategy
+from training.ppo.args import PPOArgs
+
+CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
+            "ds": DeepSpeedArgs, "run": RunArgs, "ppo": PPOArgs}
+DEFAULTS = {"output_dir": "output/ppo", "from_checkpoint": "output/sft", "learning_rate": 2e-5,
+            "per_device_train_batch_size": 16, "num_train_epochs": 1.0, "max_seq_len": 160,
+            "lr_scheduler_type": "constant", "logging_steps": 1}
+PANELS = [("reward", ["reward/mean", "reward/shaped_mean"]), ("KL", ["kl"]), ("entropy", ["entropy"]),
+          ("losses", ["policy_loss", "value_loss"]), ("response length", ["response_length"]),
+          ("critic", ["explained_variance"])]
+
+
+def _need(path: str, what: str, how: str) -> None:
+    if not Path(path).exists():
+        raise SystemExit(f"{what} not found at {path}: {how}")
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
+    m, d, p, run = cfg["model"], cfg["data"], cfg["ppo"], cfg["run"]
+    strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
+    from training.defaults import resolve_defaults
+    if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
+        _need(m.from_checkpoint, "the SFT actor", "run `bash run_sft.sh` first")
+    _need(p.reward_model, "the reward model", "run `bash run_rm_training.sh` first")
+    resolve_defaults(m, d, strategy, "ppo_prompts.json")
+
+    import torch
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_prompts
+    from training.engine.plots import plot_metrics
+    from training.model.builder import load_model_and_processor
+    from training.ppo.trainer import PPOTrainer
+    from training.rm.model import load_reward_model
+    from training.templates.chat import ChatEncoder
+
+    torch.manual_seed(cfg["optim"].seed)
+    out = Path(run.output_dir)
+    actor, processor, arch = load_model_and_processor(m, cfg["lora"])
+    ref = None
+    if cfg["lora"].lora_r == 0 or p.reference_model:
+        ref_args = dataclasses.replace(m, from_checkpoint=p.reference_model or m.from_checkpoint)
+        ref, _, _ = load_model_and_processor(ref_args, LoraArgs(), for_training=False)
+        ref = strategy.prepare_frozen(ref)
+    rm, rm_processor, rm_arch = load_reward_model(p.reward_model, dataclasses.replace(m, gradient_checkpointing=False))
+    rm = strategy.prepare_frozen(rm)
+    critic, _, _ = load_reward_model(p.critic_init or p.reward_model, m, cfg["lora"], for_training=True)
+    report = BadRowReport(skip=d.skip_bad_rows)
+    records = read_prompts(d.data_path.split(","), d.image_folder, report)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len)
+    rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
+    trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
+                         rm_arch.name, records, d.image_folder, cfg)
+    trainer.actor = strategy.prepare(actor, trainer.total_steps)
+    trainer.critic = strategy.prepare(critic, trainer.total_steps, learning_rate=p.critic_learning_rate)
+    if strategy.is_main:
+        save_config(cfg, out / "run_config.json")
+    history = trainer.train()
+    if trainer.interrupted:
+        return {"history": history, "output_dir": str(out), "interrupted": True}
+    strategy.save_hf(trainer.actor, processor, out)
+    if strategy.is_main:
+        report.write(out)
+        plot_metrics(out / "metrics.jsonl", Path("figure") / f"ppo_{out.name}.png", "PPO", PANELS)
+    return {"history": history, "output_dir": str(out)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Rollouts: batched, KV-cached generation of responses, laid out for scoring and training.
+
+A rollout batch is right-padded `prompt + response` rows (an SFTBatch whose labels are the
+response tokens, EOS included), so the actor, reference and critic forwards and the shared
+log-prob code treat it exactly like SFT data. Under ZeRO-3 with several ranks, generation runs
+with `synced_gpus=True`: a rank that finished keeps joining the parameter all-gathers until every
+rank is done, which is what makes other frameworks hang at step 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from training.data.collate import SFTBatch, collate_sft
+from training.predict.generate import DecodeArgs
+from training.templates.chat import IGNORE, ChatEncoder, Encoded
+
+
+@dataclass
+class Rollout:
+    batch: SFTBatch  # (B, T) right-padded prompt + response; labels on response tokens
+    responses: list[str]  # decoded response text (special tokens removed)
+    lengths: torch.Tensor  # (B,) response tokens incl. EOS
+    ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
+    gen_tokens_per_s: float
+
+
+def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
+                      decode: DecodeArgs, device, synced_gpus: bool = False) -> Rollout:
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id or tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
+    left = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True).to(device)
+    t0 = time.time()
+    with torch.no_grad():
+        out = model.generate(**left.model_inputs(), do_sample=decode.do_sample, temperature=decode.temperature,
+                             top_p=decode.top_p, max_new_tokens=decode.max_new_tokens, synced_gpus=synced_gpus,
+                             pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids), use_cache=True)
+    dt = time.time() - t0
+    new = out[:, left.input_ids.shape[1]:].cpu()
+    rows, lengths, ended = [], [], []
+    for e, gen in zip(enc, new.tolist()):
+        cut = next((i + 1 for i, t in enumerate(gen) if t in eos_ids), None)
+        resp = gen[:cut] if cut else gen
+        ended.append(cut is not None)
+        lengths.append(len(resp))
+        ids = torch.cat([e.input_ids, torch.tensor(resp, dtype=torch.long)])
+        labels = torch.cat([torch.full_like(e.input_ids, IGNORE), torch.tensor(resp, dtype=torch.long)])
+        rows.append(Encoded(ids, labels, e.vision, prompt_len=len(e.input_ids)))
+    batch = collate_sft(rows, tok.pad_token_id, arch_name).to(device)
+    texts = tok.batch_decode([r.input_ids[r.prompt_len:] for r in rows], skip_special_tokens=True)
+    return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended),
+                   sum(lengths) / max(dt, 1e-9))
+
+
+def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each row's contiguous response positions of a shifted (B, T-1) tensor into (B, R)."""
+    start = mask.long().argmax(-1)  # (B,) first response position
+    n = mask.sum(-1)
+    idx = (start[:, None] + torch.arange(length, device=x.device)[None]).clamp(max=x.shape[1] - 1)
+    rmask = torch.arange(length, device=x.device)[None] < n[:, None]
+    return x.gather(1, idx) * rmask, rmask

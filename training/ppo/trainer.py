@@ -1,0 +1,247 @@
+"""PPO with a frozen (factual) reward model, a critic initialised from it, and a frozen reference.
+
+One step: sample rollouts for a batch of prompts -> score them (RM with the factual block) ->
+per-token KL penalty against the reference + shaped score at the last token -> GAE -> PPO epochs
+over minibatches (clipped policy loss for the actor, clipped value loss for the critic).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_estimate, token_rewards, whiten
+from training.data.collate import collate_sft
+from training.data.images import load_image
+from training.engine.metrics import MetricsLogger
+from training.logprobs import masked_mean, token_logprobs
+from training.losses import ppo_policy_loss, ppo_value_loss
+from training.ppo.rollout import generate_rollouts, response_view
+from training.predict.generate import DecodeArgs
+from training.rm.factual import rm_messages
+from training.sft.trainer import epoch_micro_batches
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def _check_finite(step: int, ckpt: Path, **tensors) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(torch.as_tensor(t)).all():
+            raise NonFiniteError(f"non-finite {name} at PPO step {step}: stopping. The last good checkpoint "
+                                 f"is intact under {ckpt} (resume with --resume after fixing the cause)")
+
+
+class PPOTrainer:
+    def __init__(self, strategy, actor, critic, ref, rm, processor, rm_processor, encoder, rm_encoder,
+                 arch_name: str, rm_arch_name: str, records, image_root: str, cfg):
+        self.s, self.actor, self.critic, self.ref, self.rm = strategy, actor, critic, ref, rm
+        self.processor, self.rm_processor, self.encoder, self.rm_encoder = processor, rm_processor, encoder, rm_encoder
+        self.arch_name, self.rm_arch_name = arch_name, rm_arch_name
+        self.records, self.image_root, self.cfg = records, image_root, cfg
+        self.p, o = cfg["ppo"], cfg["optim"]
+        per_step = self.p.rollout_batch_size * strategy.world_size
+        self.steps_per_epoch = len(records) // per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch ({per_step})")
+        self.total_steps = o.max_steps if o.max_steps > 0 else max(1, int(self.steps_per_epoch * o.num_train_epochs))
+        self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
+        self.moments = RunningMoments()
+        self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
+
+    # ---- forwards ------------------------------------------------------------------------------
+    def _module(self, engine):
+        return engine.module if hasattr(engine, "module") else engine
+
+    def _ref_context(self):
+        """LoRA actor with no separate reference: the reference is the actor with adapters disabled."""
+        if self.ref is None:
+            return self._module(self.actor).disable_adapter()
+        return contextlib.nullcontext()
+
+    def _logprobs(self, model, batch, with_entropy: bool = False):
+        logits = model(**batch.model_inputs()).logits
+        lp, mask = token_logprobs(logits, batch.labels)
+        ent = None
+        if with_entropy:
+            logz = torch.log_softmax(logits[:, :-1].float(), -1)
+            ent = -(logz.exp() * logz).sum(-1)
+        return lp, mask, ent
+
+    def _scores(self, records, images, responses) -> torch.Tensor:
+        factual = self.p.factual and getattr(self._module(self.rm), "factual", False)
+        enc = [self.rm_encoder.encode(rm_messages(r.prompt, resp, r.facts, factual), im, add_generation_prompt=factual)
+               for r, im, resp in zip(records, images, responses)]
+        batch = collate_sft(enc, self.rm_processor.tokenizer.pad_token_id, self.rm_arch_name).to(self.s.device)
+        with torch.no_grad():
+            return self.rm(batch.input_ids, batch.attention_mask, **batch.vision).float()
+
+    def _shape(self, score: torch.Tensor, rollout, records) -> torch.Tensor:
+        p = self.p
+        s = score.clamp(-p.reward_clip, p.reward_clip)
+        if p.normalize_reward:
+            self.moments.update(self.s.gather(s))
+            s = (s - self.moments.mean) / self.moments.std
+        s = s + p.length_bonus * rollout.lengths.to(s) / p.max_new_tokens
+        if p.correct_bonus:
+            correct = torch.tensor([bool(r.meta.get("correct_option")) and
+                                    str(r.meta["correct_option"]).lower() in resp.lower()
+                                    for r, resp in zip(records, rollout.responses)], dtype=s.dtype, device=s.device)
+            s = s + p.correct_bonus * correct
+        if p.missing_eos_penalty:
+            s = s - p.missing_eos_penalty * (~rollout.ended).to(s)
+        return s
+
+    # ---- one PPO step --------------------------------------------------------------------------
+    def experience(self, records, step: int, ckpt: Path) -> dict:
+        p = self.p
+        images = [[load_image(src, self.image_root) for src in r.images] for r in records]
+        decode = DecodeArgs(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
+        actor = self._module(self.actor)
+        actor.eval()
+        # sampling depends only on (seed, step, rank): a resumed run draws the same rollouts
+        torch.manual_seed(self.cfg["optim"].seed + 100003 * step + self.s.rank)
+        ro = generate_rollouts(actor, self.processor, self.encoder, self.arch_name, [r.prompt for r in records],
+                               images, decode, self.s.device, synced_gpus=self.synced)
+        R = int(ro.lengths.max())
+        with torch.no_grad():
+            lp, mask, _ = self._logprobs(actor, ro.batch)
+            with self._ref_context():
+                ref_lp, _, _ = self._logprobs(self._module(self.ref) if self.ref is not None else actor, ro.batch)
+            values = self._module(self.critic).values(ro.batch.input_ids, ro.batch.attention_mask, **ro.batch.vision)
+        old_lp, rmask = response_view(lp, mask, R)
+        ref_lp, _ = response_view(ref_lp, mask, R)
+        values, _ = response_view(values[:, :-1], mask, R)
+        raw = self._scores(records, images, ro.responses)
+        kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
+        _check_finite(step, ckpt, reward=raw, kl=kl)
+        score = self._shape(raw, ro, records)
+        rewards = token_rewards(score, kl, rmask.float(), self.kl_ctl.value)
+        adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
+        if p.whiten_advantages:
+            adv = whiten(adv, rmask.float())
+        return {"rollout": ro, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp, "values": values,
+                "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
+
+    def _minibatches(self, n: int):
+        mb = self.cfg["optim"].per_device_train_batch_size
+        g = torch.Generator().manual_seed(self.cfg["optim"].seed + self._step)
+        perm = torch.randperm(n, generator=g).tolist()
+        return [perm[i:i + mb] for i in range(0, n, mb)]
+
+    def train_on(self, exp: dict, step: int, ckpt: Path) -> dict:
+        p, ro = self.p, exp["rollout"]
+        train_actor = step > p.critic_warmup_steps
+        self.actor.train() if train_actor else None
+        self.critic.train()
+        stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy")}
+        t0, n_tok = time.time(), 0
+        for _ in range(p.ppo_epochs):
+            for idx in self._minibatches(len(ro.responses)):
+                b = _select(ro.batch, idx)
+                rm_ = exp["rmask"][idx]
+                if train_actor:
+                    lp, mask, ent = self._logprobs(self.actor, b, with_entropy=True)
+                    lp, _ = response_view(lp, mask, exp["R"])
+                    ent, _ = response_view(ent, mask, exp["R"])
+                    pl, clipfrac = ppo_policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], rm_, p.clip_eps)
+                    ent_mean = masked_mean(ent, rm_)
+                    loss = pl - p.entropy_coef * ent_mean
+                    _check_finite(step, ckpt, policy_loss=loss)
+                    self.actor.backward(loss)
+                    self.actor.step()
+                    stats["policy_loss"].append(float(pl.detach()))
+                    stats["clipfrac"].append(float(clipfrac.detach()))
+                    stats["entropy"].append(float(ent_mean.detach()))
+                v = self._module(self.critic).values(b.input_ids, b.attention_mask, **b.vision)
+                v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
+                vl = p.vf_coef * ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
+                _check_finite(step, ckpt, value_loss=vl)
+                self.critic.backward(vl)
+                self.critic.step()
+                stats["value_loss"].append(float(vl.detach()))
+                n_tok += int(rm_.sum())
+        rmask = exp["rmask"].float()
+        ret, val = exp["ret"], exp["values"]
+        var_ret = masked_mean((ret - masked_mean(ret, rmask)) ** 2, rmask)
+        ev = 1 - masked_mean((ret - val - masked_mean(ret - val, rmask)) ** 2, rmask) / var_ret.clamp(min=1e-8)
+        seq_kl = exp["kl"].sum(-1)
+        out = {
+            "reward/mean": self._mean(exp["raw"]), "reward/std": float(self.s.gather(exp["raw"]).std()),
+            "reward/shaped_mean": self._mean(exp["score"]), "kl": self._mean(seq_kl), "kl_coef": self.kl_ctl.value,
+            "explained_variance": float(ev), "response_length": self._mean(ro.lengths.float()),
+            "eos_rate": self._mean(ro.ended.float()), "gen_tokens_per_s": ro.gen_tokens_per_s,
+            "train_tokens_per_s": n_tok / max(time.time() - t0, 1e-9), "actor_trained": float(train_actor),
+        }
+        out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
+        self.kl_ctl.update(out["kl"], p.rollout_batch_size * self.s.world_size)
+        return out
+
+    def _mean(self, x: torch.Tensor) -> float:
+        return float(self.s.gather(x.float()).mean())
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        c, o = self.cfg["run"], self.cfg["optim"]
+        out = Path(c.output_dir)
+        ckpt = out / "checkpoints"
+        step = 0
+        if c.resume:
+            state = self.s.load_resume(self.actor, ckpt / "actor")
+            if state:
+                self.s.load_resume(self.critic, ckpt / "critic")
+                step = state["step"]
+                self.kl_ctl.value = state["kl_coef"]
+                self.moments.load_state_dict(state["moments"])
+        logger = MetricsLogger(out, self.s.is_main, resume=step > 0)
+        bar = None
+        if self.s.is_main and c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=step, desc="ppo", dynamic_ncols=True)
+        history = []
+        while step < self.total_steps:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            batches = epoch_micro_batches(len(self.records), self.p.rollout_batch_size, self.s.world_size,
+                                          self.s.rank, o.seed, epoch)
+            for j in range(k, self.steps_per_epoch):
+                self._step = step
+                step += 1
+                exp = self.experience([self.records[i] for i in batches[j]], step, ckpt)
+                m = self.train_on(exp, step, ckpt)
+                if step % c.logging_steps == 0 or step == self.total_steps:
+                    logger.log(step, m)
+                history.append({"step": step, **m})
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward/mean']:.2f}", kl=f"{m['kl']:.2f}")
+                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
+                if step < self.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
+                    state = {"step": step, "kl_coef": self.kl_ctl.value, "moments": self.moments.state_dict()}
+                    self.s.save_resume(self.actor, ckpt / "actor", step, state, c.save_total_limit)
+                    self.s.save_resume(self.critic, ckpt / "critic", step, state, c.save_total_limit)
+                if step >= self.total_steps or stop:
+                    break
+            if c.stop_after_steps and step >= c.stop_after_steps:
+                break
+        if bar:
+            bar.close()
+        logger.close()
+        self.interrupted = step < self.total_steps
+        return history
+
+
+def _select(batch, idx: list[int]):
+    from training.data.collate import SFTBatch
+    from training.templates.chat import PER_SAMPLE_VISION  # noqa: F401
+    vision = {}
+    for k, v in batch.vision.items():
+        if v.shape[0] == batch.input_ids.shape[0]:
+            vision[k] = v[idx]
+        else:
+            raise NotImplementedError(f"PPO minibatching of per-image vision input {k!r} with several images per "
+                                      "prompt; use one image per prompt or per_device_train_batch_size = rollout size")
+    return SFTBatch(batch.input_ids[idx], batch.attention_mask[idx], batch.labels[idx], vision)

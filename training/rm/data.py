@@ -1,0 +1,140 @@
+"""Reward-model inputs: ranked lists -> encoded candidates -> one flat batch; and scoring.
+
+    RankedBatch.seqs   SFTBatch (S, T): every candidate of every list, list by list, best first,
+                       right-padded (the reward is read at each row's last non-pad token)
+    RankedBatch.sizes  (B,) candidates per list (2 for a chosen/rejected pair)
+
+`RewardScorer` is the one place a reward model's input is built at scoring time (held-out
+evaluation, best-of-n, PPO rewards), with the same `rm_messages` as at training time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from training.data.collate import SFTBatch, collate_sft
+from training.data.images import load_image
+from training.rm.factual import MissingFacts, rm_messages
+from training.templates.chat import ChatEncoder, Encoded, PromptTooLong
+
+
+def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, facts=None, factual: bool = False,
+                  shuffle_seed=None) -> Encoded:
+    """One candidate. Factual mode: the factual block comes last, so any truncation loses it: error."""
+    enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
+                         add_generation_prompt=factual)
+    if factual and enc.truncated:
+        raise PromptTooLong(f"image, prompt, response and factual block exceed max_seq_len={encoder.max_seq_len}")
+    return enc
+
+
+@dataclass
+class RankedBatch:
+    seqs: SFTBatch
+    sizes: list[int]
+
+    def to(self, device) -> "RankedBatch":
+        return RankedBatch(self.seqs.to(device), self.sizes)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.seqs.attention_mask.sum())
+
+    def as_matrix(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) rewards -> (B, N) rewards and (B, N) bool mask, N = longest list; padding holds 0."""
+        B, N = len(self.sizes), max(self.sizes)
+        out = rewards.new_zeros((B, N))
+        mask = torch.zeros((B, N), dtype=torch.bool, device=rewards.device)
+        start = 0
+        for b, n in enumerate(self.sizes):
+            out[b, :n], mask[b, :n] = rewards[start:start + n], True
+            start += n
+        return out, mask
+
+
+def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str) -> RankedBatch:
+    flat = [e for cands in items for e in cands]
+    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items])
+
+
+class RMDataset(torch.utils.data.Dataset):
+    """PreferenceRecords -> per record the encoded candidates (lazily: images decoded per batch).
+
+    Factual mode: records without facts are reported up front (clear error, or a counted skip);
+    facts are shuffled per (seed, epoch, record) when `shuffle_facts` (training), in the given
+    order otherwise (evaluation). Set `epoch` before each epoch."""
+
+    def __init__(self, records, encoder: ChatEncoder, image_root: str, report, factual: bool,
+                 shuffle_facts: bool = False, seed: int = 0):
+        if factual:
+            kept = []
+            for r in records:
+                if r.facts and any(f.strip() for f in r.facts):
+                    kept.append(r)
+                else:
+                    report.bad(r.source, "facts", "missing: factual mode (--factual) needs each row's facts "
+                                                  "(captions, ground-truth objects or the correct option); "
+                                                  "pass --captions_file, or --no-factual")
+            records = kept
+        self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
+        self.factual, self.shuffle_facts, self.seed, self.epoch = factual, shuffle_facts, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i) -> list[Encoded] | None:
+        r = self.records[i]
+        images = [load_image(src, self.image_root) for src in r.images]
+        seed = f"{self.seed}-{self.epoch}-{r.id}" if self.shuffle_facts else None
+        try:
+            return [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
+                    for resp in r.responses]
+        except PromptTooLong as e:
+            self.report.bad(r.source, "conversations", str(e))
+            return None
+
+
+class RewardScorer:
+    """Scores responses with a reward model (a RewardModel, or a DeepSpeed engine wrapping one).
+
+    Factual reward models get the factual block whenever facts are given; without facts they score
+    the plain conversation (and `warn_missing_facts` says so once)."""
+
+    def __init__(self, model, processor, arch, max_seq_len: int = 2048, batch_size: int = 16, device=None,
+                 chat_template: str | None = None, factual: bool | None = None):
+        self.model, self.processor, self.arch = model, processor, arch
+        self.encoder = ChatEncoder(processor, arch, max_seq_len, chat_template)
+        self.batch_size, self.device = batch_size, device
+        inner = getattr(model, "module", model)
+        self.factual = bool(getattr(inner, "factual", False)) if factual is None else factual
+
+    @torch.no_grad()
+    def score(self, prompts: list, images: list[list], responses: list[str], facts: list | None = None) -> torch.Tensor:
+        """(n,) float32 rewards on CPU. prompts: message lists; images: PIL lists; facts: lists or None."""
+        use_facts = self.factual and facts is not None
+        if use_facts and any(not f for f in facts):
+            raise MissingFacts("factual reward model: some samples have facts and some have none")
+        enc = [encode_for_rm(self.encoder, p, r, im, facts[i] if use_facts else None, use_facts)
+               for i, (p, im, r) in enumerate(zip(prompts, images, responses))]
+        pad = self.processor.tokenizer.pad_token_id
+        out = []
+        for k in range(0, len(enc), self.batch_size):
+            b = collate_sft(enc[k:k + self.batch_size], pad, self.arch.name)
+            if self.device is not None:
+                b = b.to(self.device)
+            out.append(self.model(**b.model_inputs()).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score_records(self, records, image_root: str, responses: list[str]) -> torch.Tensor:
+        images = [[load_image(s, image_root) for s in r.images] for r in records]
+        facts = [r.facts for r in records] if all(r.facts for r in records) else None
+        return self.score([r.prompt for r in records], images, responses, facts)
+
+
+def missing_facts_note(records, factual: bool) -> str:
+    """Empty, or a one-line note when a factual reward model scores rows without facts."""
+    if factual and not all(r.facts for r in records):
+        return ("note: the reward model is factual but these questions carry no 'facts': scoring without "
+                "the factual block")
+    return ""

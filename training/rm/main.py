@@ -1,0 +1,123 @@
+"""Reward-model stage entry point (launched by run_rm_training.sh through `deepspeed --module`).
+
+No arguments: the SFT actor in output/sft becomes a factual reward model trained on the embedded
+world's preference pairs, evaluated on its held-out pairs -> output/rm, figure/rm_rewards.png.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RMArgs, RunArgs, parse_config,
+                             save_config)
+from training.engine.strategy import Strategy
+
+CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
+            "ds": DeepSpeedArgs, "run": RunArgs, "rm": RMArgs}
+SFT_OUTPUT = "output/sft"
+DEFAULTS = {"from_checkpoint": SFT_OUTPUT, "output_dir": "output/rm", "learning_rate": 5e-4,
+            "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32,
+            "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": 0, "logging_steps": 10}
+
+
+def require_checkpoint(model: ModelArgs) -> None:
+    if model.from_checkpoint == SFT_OUTPUT and not (Path(SFT_OUTPUT) / "config.json").is_file() \
+            and not (Path(SFT_OUTPUT) / "adapter").is_dir():
+        raise SystemExit(f"{SFT_OUTPUT}: no SFT model to start the reward model from. Run `bash run_sft.sh` "
+                         "first, or pass --from_checkpoint PATH.")
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
+    require_checkpoint(cfg["model"])
+    strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
+    d, rmc, out = cfg["data"], cfg["rm"], Path(cfg["run"].output_dir)
+    from training.defaults import resolve_defaults
+    # held-out pairs: the embedded world's when training on it; user data needs --eval_data_path
+    resolve_defaults(cfg["model"], d, strategy, "preference_train.json",
+                     "preference_heldout.json" if not d.data_path else "")
+
+    import torch
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.model.builder import load_model_and_processor
+    from training.rm.data import RMDataset
+    from training.rm.model import RewardModel
+    from training.rm.trainer import RMTrainer
+    from training.templates.chat import ChatEncoder
+
+    torch.manual_seed(cfg["optim"].seed)
+    backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
+    model = RewardModel(backbone, factual=rmc.factual)
+    template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
+    encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
+    report = BadRowReport(skip=d.skip_bad_rows)
+    captions = rmc.captions_file or None
+
+    def dataset(path: str, train: bool) -> RMDataset:
+        records = read_preferences(path.split(","), d.image_folder, report, captions)
+        return RMDataset(records, encoder, d.image_folder, report, rmc.factual, shuffle_facts=train,
+                         seed=cfg["optim"].seed)
+
+    train_set = dataset(d.data_path, True)
+    eval_set = dataset(d.eval_data_path, False) if d.eval_data_path else None
+    trainer = RMTrainer(strategy, None, processor, train_set, eval_set, cfg, arch.name)
+    trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
+    if strategy.is_main:
+        save_config(cfg, out / "run_config.json")
+    history = trainer.train()
+    if trainer.interrupted:
+        trainer.logger.close()
+        if strategy.is_main:
+            print(f"stopped after {cfg['run'].stop_after_steps} steps; continue with --resume")
+        return {"history": history, "output_dir": str(out), "interrupted": True}
+    strategy.save_hf(trainer.engine, processor, out)
+    result = {"history": history, "output_dir": str(out), "loss": trainer.loss_kind}
+    if eval_set is not None:
+        metrics, rewards = trainer.evaluate()
+        trainer.logger.log(trainer.final_step, metrics)
+        result["eval"] = metrics
+        if strategy.is_main:
+            write_eval(out, Path(rmc.figure_dir), metrics, rewards, rmc.factual)
+    trainer.logger.close()
+    if strategy.is_main:
+        report.write(out)
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
+        if "eval" in result:
+            print(f"held-out pairwise accuracy {result['eval']['eval/accuracy']:.4f} "
+                  f"({result['eval']['eval/n']} lists, factual={rmc.factual}) -> {out}")
+    strategy.barrier()
+    return result
+
+
+def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: bool) -> Path:
+    """eval_metrics.json + eval_rewards.json in out; the chosen-vs-rejected histogram in figure_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
+    rows = [[None if v != v else v for v in r] for r in rewards.tolist()]  # NaN -> null
+    (out / "eval_rewards.json").write_text(json.dumps({"ranked_rewards": rows}))
+    chosen = rewards[:, 0]
+    rejected = rewards[:, 1:].flatten()
+    rejected = rejected[~rejected.isnan()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(chosen.numpy(), bins=40, alpha=0.6, label="chosen")
+    ax.hist(rejected.numpy(), bins=40, alpha=0.6, label="rejected")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("held-out responses")
+    ax.set_title(f"{out.name}: pairwise accuracy {metrics['eval/accuracy']:.3f} "
+                 f"({'factual' if factual else 'non-factual'})")
+    ax.legend()
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    path = figure_dir / f"{out.name}_rewards.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The reward model: a VLM backbone with a Linear(hidden, 1) head, and its checkpoint format.
+
+    reward(x)   = head(h_T)       h_T: the backbone's last hidden state at the LAST NON-PAD token
+    values(x)_t = head(h_t)       per token: the PPO critic, initialised from a trained reward model
+
+The backbone is whatever `load_model_and_processor` builds (every supported architecture, full,
+LoRA or QLoRA); the head reads the decoder's final hidden states, so the language-model head
+(vocabulary projection) is never run and stays frozen.
+
+Checkpoint = a normal builder checkpoint (`save_model`: full weights, or LoRA adapters) of the
+backbone + `value_head.safetensors` + `reward_model.json`. `load_reward_model` reloads it, frozen
+for scoring (reward model, best-of-n) or trainable (critic initialisation, more RM training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from training.config import LoraArgs, ModelArgs
+
+HEAD_FILE = "value_head.safetensors"
+INFO_FILE = "reward_model.json"
+
+
+def base_model(backbone):
+    """The transformers *ForConditionalGeneration model under an optional peft wrapper."""
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+def text_hidden_size(backbone) -> int:
+    cfg = base_model(backbone).config
+    return (getattr(cfg, "text_config", None) or cfg).hidden_size
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last attended position of each row; right or left padding alike."""
+    T = attention_mask.shape[-1]
+    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+class RewardModel(torch.nn.Module):
+    def __init__(self, backbone, factual: bool = False, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.factual = factual
+        hidden = text_hidden_size(backbone)
+        if head is None:
+            head = torch.nn.Linear(hidden, 1)
+            # small init: rewards start near 0 (seeded by the caller, identical on every rank)
+            torch.nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(head.bias)
+        self.value_head = head
+        lm_head = base_model(backbone).get_output_embeddings()
+        if lm_head is not None:  # never run: frozen so no optimizer state is kept for it
+            lm_head.requires_grad_(False)
+
+    def hidden_states(self, input_ids, attention_mask, **vision) -> torch.Tensor:
+        """(B, T, H) final (normed) decoder states; padding is masked out of attention."""
+        out = base_model(self.backbone).model(input_ids=input_ids, attention_mask=attention_mask,
+                                              use_cache=False, **vision)
+        return out.last_hidden_state
+
+    def values(self, input_ids, attention_mask, **vision) -> torch.Tensor:
+        """(B, T) float32 per-token values (critic); position t has read tokens 0..t."""
+        h = self.hidden_states(input_ids, attention_mask, **vision)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, input_ids, attention_mask, **vision) -> torch.Tensor:
+        """(B,) float32 rewards, read at each row's last non-pad token."""
+        v = self.values(input_ids, attention_mask, **vision)
+        return v.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    # ---- checkpoint --------------------------------------------------------------------------
+    def save_pretrained(self, out_dir, safe_serialization: bool = True, **_) -> None:
+        """Called by `builder.save_model` (hence by `Strategy.save_hf`, which gathers ZeRO-3
+        parameters first): backbone as a normal checkpoint, then the head and its description."""
+        from safetensors.torch import save_file
+
+        from training.model.builder import save_model
+
+        out_dir = Path(out_dir)
+        save_model(self.backbone, None, out_dir)
+        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(head, str(out_dir / HEAD_FILE))
+        (out_dir / INFO_FILE).write_text(json.dumps({
+            "kind": "reward_model", "hidden_size": self.value_head.in_features, "factual": self.factual,
+            "head_file": HEAD_FILE, "read_at": "last non-pad token"}, indent=1))
+
+
+def is_reward_model(path: str | Path) -> bool:
+    return (Path(path) / INFO_FILE).is_file()
+
+
+def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lora_args: LoraArgs | None = None,
+                      *, for_training: bool = False):
+    """-> (RewardModel, processor, arch_spec) from a checkpoint written by `RewardModel.save_pretrained`.
+
+    for_training=False: frozen, eval mode (the PPO reward model, best-of-n). for_training=True: the
+    builder's training path (freeze flags, LoRA / QLoRA from `lora_args`) plus a trainable head, e.g.
+    the PPO critic. `model_args` supplies precision and freeze options; its checkpoint is `path`."""
+    from safetensors.torch import load_file
+
+    from training.model.builder import load_model_and_processor
+
+    path = Path(path)
+    if not is_reward_model(path):
+        raise FileNotFoundError(f"{path}: not a reward model checkpoint (no {INFO_FILE}); train one with "
+                                "`bash run_rm_training.sh`")
+    info = json.loads((path / INFO_FILE).read_text())
+    margs = dataclasses.replace(model_args or ModelArgs(), from_checkpoint=str(path))
+    backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training)
+    rm = RewardModel(backbone, factual=bool(info.get("factual", False)))
+    rm.value_head.load_state_dict(load_file(str(path / info.get("head_file", HEAD_FILE))))
+    if not for_training:
+        rm.requires_grad_(False)
+        rm.eval()
+    return rm, processor, spec

@@ -1,0 +1,195 @@
+"""Reward-model training loop and held-out evaluation under DeepSpeed.
+
+An optimizer step's ranking loss is the mean over ALL its units (pairs for Bradley-Terry, lists for
+Plackett-Luce) on every micro-batch of every rank, so batch 4 x accumulation 1, 1 x 4 and 2 ranks
+x 2 give the same update. The centering term is per micro-batch (as in LLaVA-RLHF) and averaged
+over the step's micro-batches, so with centering on that invariance holds only up to that term.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from training.engine.metrics import MetricsLogger
+from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
+from training.rm.data import RankedBatch, RMDataset, collate_ranked
+from training.sft.trainer import StepPlan, epoch_micro_batches
+
+
+def matrix_pairs(R: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) ranked rewards -> (P,) better and (P,) worse rewards of every valid pair i < j."""
+    i, j = ranked_pairs(R.shape[1])
+    ok = mask[:, i] & mask[:, j]
+    return R[:, i][ok], R[:, j][ok]
+
+
+def resolve_rank_loss(kind: str, sizes: list[int]) -> str:
+    if kind != "auto":
+        return kind
+    return "bradley_terry" if all(n == 2 for n in sizes) else "plackett_luce"
+
+
+def rank_loss(R, mask, kind: str, margin: float, center_coef: float):
+    """-> (loss summed over units, number of units, centering term) of one micro-batch."""
+    better, worse = matrix_pairs(R, mask)
+    center = reward_centering(better, worse, center_coef) if center_coef else R.new_zeros(())
+    if kind == "plackett_luce":
+        return plackett_luce_loss(R, mask, reduction="sum"), R.shape[0], center
+    return bradley_terry_loss(better, worse, margin, reduction="sum"), better.numel(), center
+
+
+def pair_stats(R, mask) -> torch.Tensor:
+    """[correct pairs, pairs, sum best reward, lists, sum other rewards, others] as float64."""
+    better, worse = matrix_pairs(R, mask)
+    others = mask.clone()
+    others[:, 0] = False
+    return torch.stack([(better > worse).sum(), torch.tensor(better.numel()), R[:, 0].sum(), torch.tensor(R.shape[0]),
+                        R[others].sum(), others.sum()]).double().cpu()
+
+
+def summarize(stats: torch.Tensor, prefix: str = "") -> dict:
+    correct, pairs, best, lists, other, n_other = stats.tolist()
+    chosen, rejected = best / max(lists, 1), other / max(n_other, 1)
+    return {f"{prefix}accuracy": correct / max(pairs, 1), f"{prefix}reward_chosen": chosen,
+            f"{prefix}reward_rejected": rejected, f"{prefix}reward_margin": chosen - rejected}
+
+
+class RMTrainer:
+    def __init__(self, strategy, engine, processor, train_set: RMDataset, eval_set: RMDataset | None, cfg,
+                 arch_name: str):
+        self.s, self.engine, self.processor, self.cfg = strategy, engine, processor, cfg
+        self.train_set, self.eval_set, self.arch_name = train_set, eval_set, arch_name
+        self.pad_id = processor.tokenizer.pad_token_id
+        o, rm = cfg["optim"], cfg["rm"]
+        self.plan = StepPlan.make(len(train_set), o.per_device_train_batch_size, o.gradient_accumulation_steps,
+                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+        self.loss_kind = resolve_rank_loss(rm.rank_loss, [len(r.responses) for r in train_set.records])
+        self.interrupted = False
+
+    def _batch(self, dataset: RMDataset, idx: list[int]) -> RankedBatch | None:
+        items = [x for x in (dataset[i] for i in idx) if x is not None]
+        return collate_ranked(items, self.pad_id, self.arch_name).to(self.s.device) if items else None
+
+    def _rewards(self, b: RankedBatch):
+        return b.as_matrix(self.engine(**b.seqs.model_inputs()))
+
+    def _units(self, b: RankedBatch) -> int:
+        return len(b.sizes) if self.loss_kind == "plackett_luce" else sum(n * (n - 1) // 2 for n in b.sizes)
+
+    def _step(self, micro_batches: list) -> dict:
+        o, rm = self.cfg["optim"], self.cfg["rm"]
+        accum, world = o.gradient_accumulation_steps, self.s.world_size
+        batches = [b for b in micro_batches if b is not None]
+        n_units = float(self.s.all_reduce(sum(self._units(b) for b in batches)))
+        total, center_total, stats, tokens = 0.0, 0.0, torch.zeros(6, dtype=torch.float64), 0
+        for b in batches:
+            R, mask = self._rewards(b)
+            loss_sum, _, center = rank_loss(R, mask, self.loss_kind, rm.margin, rm.center_coef)
+            # DeepSpeed divides by `accum` and averages ranks: the ranking term becomes a mean over
+            # the step's units, the centering term a mean over its micro-batches
+            self.engine.backward(loss_sum * accum * world / max(n_units, 1.0) + center)
+            self.engine.step()
+            total, center_total = total + float(loss_sum.detach()), center_total + float(center.detach())
+            stats += pair_stats(R.detach(), mask)
+            tokens += b.n_tokens
+        for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
+            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
+            self.engine.step()
+        red = self.s.all_reduce(torch.cat([torch.tensor([total, center_total, tokens], dtype=torch.float64), stats]))
+        loss = float(red[0]) / max(n_units, 1.0) + float(red[1]) / (accum * world)
+        return {"loss": loss, "tokens": float(red[2]), "lr": self.engine.get_lr()[0], **summarize(red[3:])}
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict, torch.Tensor]:
+        """Held-out metrics and the (n_lists, N) reward matrix (NaN: padding or skipped row).
+
+        Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively):
+        the index list is padded by wrapping around and only owned rows are recorded."""
+        ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
+        n, world, rank = len(ds), self.s.world_size, self.s.rank
+        N = max(len(r.responses) for r in ds.records)
+        out = torch.zeros((n, N), dtype=torch.float64)
+        per_rank = -(-n // world)
+        mine = [rank + world * k for k in range(per_rank)]
+        was_training = self.engine.training
+        self.engine.eval()
+        for k in range(0, len(mine), bs):
+            idx = mine[k:k + bs]
+            items = [ds[i % n] for i in idx]
+            got = [(i, x) for i, x in zip(idx, items) if x is not None]
+            for i, x in zip(idx, items):
+                if x is None and i < n:
+                    out[i] = float("nan")  # a skipped bad row
+            if not got:
+                continue
+            R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
+            R = R.double().cpu().masked_fill(~mask.cpu(), float("nan"))
+            for (i, _), row in zip(got, R):
+                if i < n:
+                    out[i, :row.shape[0]] = row
+                    out[i, row.shape[0]:] = float("nan")
+        if was_training:
+            self.engine.train()
+        R = self.s.all_reduce(out)
+        kept = ~torch.isnan(R[:, 0])
+        R, mask = R[kept], ~torch.isnan(R[kept])
+        Rf = torch.nan_to_num(R).float()
+        loss, units, center = rank_loss(Rf, mask, self.loss_kind, self.cfg["rm"].margin, self.cfg["rm"].center_coef)
+        metrics = {"eval/loss": float(loss) / max(units, 1) + float(center), "eval/n": int(kept.sum()),
+                   **summarize(pair_stats(Rf, mask), "eval/")}
+        return metrics, R
+
+    # ---- loop --------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        c, o = self.cfg["run"], self.cfg["optim"]
+        out = Path(c.output_dir)
+        ckpt = out / "checkpoints"
+        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
+        step = state["step"] if state else 0
+        self.logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
+        bar = None
+        if self.s.is_main and c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.plan.total_steps, initial=step, desc="rm", dynamic_ncols=True)
+        history, accum = [], o.gradient_accumulation_steps
+        t0, tokens_since, units_since = time.time(), 0.0, 0
+        self.engine.train()
+        while step < self.plan.total_steps:
+            epoch, k = divmod(step, self.plan.steps_per_epoch)
+            self.train_set.epoch = epoch
+            mbs = epoch_micro_batches(len(self.train_set), o.per_device_train_batch_size, self.s.world_size,
+                                      self.s.rank, o.seed, epoch)
+            for j in range(k, self.plan.steps_per_epoch):
+                m = self._step([self._batch(self.train_set, idx) for idx in mbs[j * accum:(j + 1) * accum]])
+                step += 1
+                tokens_since += m.pop("tokens")
+                units_since += o.per_device_train_batch_size * accum * self.s.world_size
+                if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                    dt = time.time() - t0
+                    m.update(epoch=step / self.plan.steps_per_epoch, tokens_per_s=tokens_since / dt,
+                             lists_per_s=units_since / dt)
+                    if c.eval_steps and step % c.eval_steps == 0 and self.eval_set is not None:
+                        m.update(self.evaluate()[0])
+                    self.logger.log(step, m)
+                    history.append({"step": step, **m})
+                    t0, tokens_since, units_since = time.time(), 0.0, 0
+                elif c.eval_steps and step % c.eval_steps == 0 and self.eval_set is not None:
+                    self.logger.log(step, self.evaluate()[0])
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
+                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
+                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
+                if step >= self.plan.total_steps or stop:
+                    break
+            if c.stop_after_steps and step >= c.stop_after_steps:
+                break
+        if bar:
+            bar.close()
+        self.interrupted = step < self.plan.total_steps
+        self.final_step = step
+        return history
