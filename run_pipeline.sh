@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The main job: every stage that exists, on the embedded world, ending with a results table.
-#   SFT (tiny VLM on the embedded world) -> prediction + scoring on the held-out benchmarks.
-# Outputs under output/; the table also goes to output/results.md.
+# The main job: the whole pipeline on the embedded world, ending with a results table and figures.
+#   SFT -> reward model (factual) -> DPO, ORPO (from SFT) and PPO (SFT actor + reward model)
+#   -> every model answers the held-out benchmarks -> table (output/results.md) + bar charts (figure/).
+# Arguments are passed to the SFT stage (e.g. --num_train_epochs 2 for a quicker run).
 source "$(dirname "$0")/scripts/env.sh"
 bash run_sft.sh "$@"
-python -m eval.run_embedded --models output/sft --world data/world --table_file output/results.md
+bash run_rm_training.sh
+bash run_dpo_training.sh
+bash run_dpo_training.sh --loss_type orpo --output_dir output/orpo
+bash run_ppo_training.sh
+python -m eval.run_embedded --models output/sft output/dpo output/orpo output/ppo --world data/world --no-progress
+python -m eval.report --results output/*/eval_embedded.json --table_file output/results.md --figure_dir figure

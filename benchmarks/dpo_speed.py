@@ -6,7 +6,7 @@
 The VLM is the embedded tiny LLaVA (CLIP-style ViT + projector + Llama, word-level tokenizer) at a
 larger image size, so each prompt holds (image_size/8)^2 image tokens and each response tens of
 tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side runs in its own
-process over one epoch (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
+process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
 
   ours  training.dpo.main: reference log-probs precomputed once (counted in its time), image and
         prompt computed once per pair (shared-prefix layout), no reference model in memory.
@@ -14,7 +14,7 @@ process over one epoch (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing,
         for vision datasets and padding_free is disabled, so it runs a reference copy each step;
         gradient checkpointing off (its default is on: slower).
 
-Printed for both: pairs/s over the epoch (ours including the reference pass), peak memory (CUDA:
+Printed for both: pairs/s over the run (ours including its reference pass), peak memory (CUDA:
 max allocated; CPU: the process's peak RSS above its RSS before training), and the chosen/rejected
 log-probs of the first batch (the first `batch` pairs of the file, at initialisation); then ratios.
 """
@@ -134,7 +134,7 @@ def worker_ours(a) -> dict:
     r = main(["--from_checkpoint", a.model, "--data_path", a.data, "--image_folder", a.images, "--output_dir",
               str(out), "--ref_cache_dir", str(out / f"ref_cache_{time.time_ns()}"), "--max_seq_len", "4096",
               "--per_device_train_batch_size", str(a.batch), "--per_device_eval_batch_size", str(a.batch),
-              "--num_train_epochs", "1", "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
+              "--num_train_epochs", str(a.epochs), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
               "--num_warmup_steps", "0", "--logging_steps", "1", "--no-progress", "--precision", a.precision,
               "--figure_dir", str(out / "figure"), "--max_grad_norm", "1.0"])
     total = time.time() - t0
@@ -166,7 +166,7 @@ def worker_trl(a) -> dict:
 
     ds = Dataset.from_list([example(r) for r in rows])
     cuda = torch.cuda.is_available()
-    args = DPOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, num_train_epochs=1,
+    args = DPOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, num_train_epochs=a.epochs,
                      learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
                      logging_steps=1, save_strategy="no", report_to=[], max_length=None, gradient_checkpointing=False,
                      bf16=a.precision == "bf16", use_cpu=not cuda, dataloader_num_workers=0, seed=1234,
@@ -202,7 +202,8 @@ def worker_trl(a) -> dict:
 def run_worker(kind: str, a, model: Path, data: Path, images: Path, work: Path) -> dict:
     out = work / f"{kind}.json"
     cmd = [sys.executable, "-m", "benchmarks.dpo_speed", "--worker", kind, "--model", str(model), "--data",
-           str(data), "--images", str(images), "--work", str(work), "--batch", str(a.batch), "--precision",
+           str(data), "--images", str(images), "--work", str(work), "--batch", str(a.batch), "--epochs", str(a.epochs),
+           "--precision",
            a.precision, "--result", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
@@ -242,6 +243,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=1, help="epochs over the pairs (ours computes the reference "
+                                                          "log-probs once, before the first)")
     p.add_argument("--image_size", type=int, default=128, help="(image_size/8)^2 image tokens per prompt")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -270,7 +273,8 @@ def main(argv=None) -> dict:
             print(kind, json.dumps({k: v for k, v in res[kind].items() if k != "first_batch"}), flush=True)
     if len(res) == 2:
         text = report(res["ours"], res["trl"], a)
-        print(f"\nDPO speed, {a.pairs} pairs, batch {a.batch}, {(a.image_size // 8) ** 2} image tokens per prompt, "
+        print(f"\nDPO speed, {a.pairs} pairs x {a.epochs} epoch(s), batch {a.batch}, {(a.image_size // 8) ** 2} image "
+              f"tokens per prompt, "
               f"hidden {a.hidden}, {a.layers} layers, {a.precision}, {'CUDA' if _cuda() else 'CPU'}:\n{text}")
         (work / "result.txt").write_text(text + "\n")
     return res

@@ -36,12 +36,12 @@ def score(model: str, world: str) -> dict:
     return evaluate(model, world, benches=["objhal"])["results"]["objhal"]
 
 
-def pairs_used(out: str) -> float:
-    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+def pairs_used(out: str) -> int:
+    """Distinct preference items the run trained on (rows of its data file): a pair for DPO / ORPO, a
+    prompt for OPA-DPO (from which its four pairs are built)."""
     cfg = json.loads((Path(out) / "run_config.json").read_text())
-    o = cfg["optim"]
-    steps = rows[-1]["step"]
-    return steps * o["per_device_train_batch_size"] * o["gradient_accumulation_steps"]
+    from training.data.readers import read_table
+    return sum(sum(1 for _ in read_table(p)) for p in cfg["data"]["data_path"].split(","))
 
 
 def main(argv=None) -> dict:

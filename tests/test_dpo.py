@@ -152,3 +152,13 @@ def test_missing_sft_model_stops_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run `bash run_sft.sh` first"):
         main([])
+
+
+def test_qlora_policy_learns(world, tiny, tmp_path):
+    """4-bit base + LoRA adapters (bitsandbytes on CPU); the reference is the 4-bit base, adapters off."""
+    out = tmp_path / "q"
+    r = main(dpo_args(world, tiny, out, "--qlora", "--lora_r", "4", "--freeze_vision_tower", "--max_steps", "3",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"))
+    losses = [h["loss"] for h in r["history"]]
+    assert losses[0] == pytest.approx(math.log(2), rel=1e-4) and losses[-1] < losses[0]
+    assert (out / "adapter" / "adapter_config.json").exists()

@@ -197,3 +197,17 @@ def test_opa_dpo_loss_hand_value():
     published = L.opa_dpo_loss([z] * 4, [z, r, z, r], 0.1, anchor="published")
     assert paper.item() == pytest.approx(2.4 * math.log(2) + 2 * math.log(2) + 2 * math.log1p(math.exp(-1)))
     assert published.item() == pytest.approx(2.4 * math.log(2) + 2 * math.log(2) + 2 * math.log1p(math.exp(1)))
+
+
+def test_token_level_dpo_loss_hand_value():
+    """ratios w = (1, 1, -), l = (0, -, -) (beta 1): positions 0 and 1 count, 2 does not:
+    (-log s(1) - log s(1)) / 2 = log(1 + e^-1) = 0.3132617."""
+    rw, rl = torch.tensor([[1.0, 1.0, 7.0]]), torch.tensor([[0.0, 9.0, 9.0]])
+    mw, ml = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    got = L.token_level_dpo_loss(rw, rl, mw, ml, beta=1.0)
+    assert got.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    # all-zero ratios: log 2 whatever the lengths, and it replaces the sequence-level pair losses
+    z = torch.zeros(1, 3)
+    lk = [L.token_level_dpo_loss(z, z, mw, ml, 0.1)] * 4
+    assert L.opa_dpo_loss([torch.zeros(1)] * 4, [torch.zeros(1)] * 4, 0.1, pair_losses=lk).item() == \
+        pytest.approx(6.4 * math.log(2), abs=1e-6)

@@ -38,7 +38,7 @@ def _scores(rm, processor, arch, world, factual=True, batch_size=16):
 def trained(world, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm") / "rm"
     result = main(rm_args(world, tiny, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
-                          "--learning_rate", "3e-3"))
+                          "--learning_rate", "3e-3", "--eval_steps", "3"))
     return out, result
 
 
@@ -52,6 +52,7 @@ def test_rm_trains_saves_reloads_with_identical_scores(trained, world):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
     assert {"accuracy", "reward_chosen", "reward_rejected", "tokens_per_s"} <= rows[0].keys()
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [3, 6]  # during training, and after saving
     assert rows[-1]["eval/n"] == 8 and 0 <= rows[-1]["eval/accuracy"] <= 1
     assert result["loss"] == "bradley_terry" and json.loads((out / "reward_model.json").read_text())["factual"]
 
@@ -221,3 +222,18 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_factual_block_cut_by_max_seq_len_is_a_bad_row_reported_once(world, tiny):
+    from training.data.bad_rows import BadRowReport
+    from training.model.builder import load_model_and_processor
+    from training.rm.data import RMDataset
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    recs = read_preferences([str(world / "preference_train.json")], str(world / "images"))[:2]
+    report = BadRowReport(skip=True)
+    ds = RMDataset(recs, ChatEncoder(processor, arch, 120), str(world / "images"), report, factual=True)
+    assert ds[0] is None and ds[0] is None and ds[1] is None  # image + question + answer fit, the facts do not
+    assert len(report.skipped) == 2 and "max_seq_len=120" in report.skipped[0]["reason"]
+    assert RMDataset(recs, ChatEncoder(processor, arch, 120), str(world / "images"), report, factual=False)[0]
+    with pytest.raises(BadRowError, match="max_seq_len=120"):
+        RMDataset(recs, ChatEncoder(processor, arch, 120), str(world / "images"), BadRowReport(), factual=True)[0]

@@ -110,8 +110,9 @@ class RMArgs:
 @dataclass
 class DPOArgs:
     loss_type: str = _f("sigmoid", "sigmoid (DPO) | cdpo (label smoothing) | ipo | orpo (reference-free) | "
-                                   "listwise (Plackett-Luce over ranked candidates)",
-                        choices=["sigmoid", "cdpo", "ipo", "orpo", "listwise"])
+                                   "listwise (Plackett-Luce over ranked candidates) | opa (OPA-DPO on a file "
+                                   "made by run_opa_dpo.sh)",
+                        choices=["sigmoid", "cdpo", "ipo", "orpo", "listwise", "opa"])
     beta: float = _f(0.1, "DPO beta (IPO: tau). Scales the implicit reward beta * (logp - ref_logp).")
     label_smoothing: float = _f(0.1, "cDPO: probability that a preference label is flipped (loss_type cdpo).")
     ipo_average: bool = _f(True, "IPO on per-token mean log-ratios (TRL's variant) instead of sums.")
@@ -125,6 +126,14 @@ class DPOArgs:
                                "(shared-prefix mask); --no-fast_path runs one full sequence per response.")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (the log-ratios are then deterministic).")
     figure_dir: str = _f("figure", "Plots of the run's metrics go here (named after output_dir).")
+    opa_c_std: float = _f(1.0, "OPA-DPO: weight of the ground-truth pairs (1 and 3).")
+    opa_c_ai: float = _f(1.0, "OPA-DPO: weight of the expert-revised pairs (2 and 4).")
+    opa_anchor: str = _f("paper", "OPA-DPO anchor: paper (every chosen reward pushed up, mDPO) | published "
+                                  "(the released code's signs: revised rewards pushed down)",
+                         choices=["paper", "published"])
+    opa_mask_ratio: float = _f(0.3, "OPA-DPO: share of pixels set to the mean colour in the masked image.")
+    opa_token_level: bool = _f(False, "OPA-DPO: the released code's per-token sigmoid instead of the per-sequence "
+                                      "form (needs --no-precompute_ref: per-token reference log-probs).")
 
 
 def _arg_type(tp):

@@ -140,16 +140,28 @@ def anchor_loss(rewards_up: list[torch.Tensor], rewards_down: list[torch.Tensor]
     return out + sum(-F.logsigmoid(-r) for r in rewards_down)
 
 
+def token_level_dpo_loss(ratio_w: torch.Tensor, ratio_l: torch.Tensor, mask_w: torch.Tensor, mask_l: torch.Tensor,
+                         beta: float) -> torch.Tensor:
+    """OPA-DPO's released per-token form, (B,): -log sigmoid(beta (ratio_w_t - ratio_l_t)) averaged over the
+    positions t where either response has a token; ratio_* (B, L) per-token (weighted) log-ratios
+    pi - ref aligned by response position, 0 where the response has ended (so a position only one
+    response reaches still counts, as in their padded tensors; positions neither reaches do not)."""
+    union = ((mask_w + mask_l) > 0).to(ratio_w.dtype)
+    per_token = -F.logsigmoid(beta * (ratio_w * mask_w - ratio_l * mask_l))
+    return (per_token * union).sum(-1) / union.sum(-1).clamp(min=1)
+
+
 def opa_dpo_loss(h: list[torch.Tensor], chosen_rewards: list[torch.Tensor], beta: float, c_std: float = 1.0,
-                 c_ai: float = 1.0, anchor: str = "paper") -> torch.Tensor:
+                 c_ai: float = 1.0, anchor: str = "paper", pair_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
     """OPA-DPO per item. h = [h1..h4]: DPO margins of its four pairs (1 ground truth > rollout, 2 revised >
     rollout, 3 ground truth > same text with a masked image, 4 revised > revised with a masked image);
     chosen_rewards = [r1..r4], beta (pi - ref) of each pair's chosen response.
       L = c_std L1 + c_AI L2 + 0.2 (c_std L3 + c_AI L4) + AncPO,  Lk = -log sigmoid(beta hk)
     AncPO (mDPO anchor, delta 0): "paper" pushes every chosen reward up, -sum_k log sigmoid(r_k), which
     is the anchor's stated purpose (the preferred response's likelihood must not fall); "published"
-    reproduces the released code, -log s(r1) - log s(-r2) - log s(r3) - log s(-r4)."""
-    lk = [sigmoid_dpo_loss(x, beta) for x in h]
+    reproduces the released code, -log s(r1) - log s(-r2) - log s(r3) - log s(-r4).
+    pair_losses (optional): L1..L4 computed otherwise (token_level_dpo_loss) instead of from h."""
+    lk = pair_losses if pair_losses is not None else [sigmoid_dpo_loss(x, beta) for x in h]
     loss = c_std * lk[0] + c_ai * lk[1] + 0.2 * (c_std * lk[2] + c_ai * lk[3])
     r1, r2, r3, r4 = chosen_rewards
     if anchor == "published":

@@ -143,7 +143,8 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
     q, kv = seg[:, :, None], seg[:, None, :]
     allowed = causal & (q >= 0) & ((kv == 0) | (kv == q))
     allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding queries see themselves: no empty rows
-    vision = collate_vision([it.vision for it in items], arch_name)
+    vision = collate_vision([it.vision for it in items], arch_name,
+                            [len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items])
     return PrefixBatch(ids, pos, allowed[:, None].float(), keep.view(N, -1), labels.view(N * K, -1),
                        weights.view(N * K, -1), vision, N, K, [it.index for it in items])
 
@@ -177,7 +178,7 @@ def collate_plain(items: list[GroupItem], pad_id: int, arch_name: str) -> PlainB
     mask = torch.zeros((N * K, T), dtype=torch.long)
     labels = torch.full((N * K, T), IGNORE, dtype=torch.long)
     weights = torch.zeros((N * K, T))
-    vis = []
+    vis, lengths = [], []
     for n, it in enumerate(items):
         P = len(it.prompt_ids)
         for k in range(K):
@@ -188,7 +189,11 @@ def collate_plain(items: list[GroupItem], pad_id: int, arch_name: str) -> PlainB
                 labels[row, P:P + len(r)] = it.targets[k]
                 weights[row, P:P + len(r)] = _weights(it, k)
             vis.append(it.vision)
-    return PlainBatch(ids, mask, labels, weights, collate_vision(vis, arch_name), N, K, [it.index for it in items])
+            lengths.append(P + len(r))
+    # token-aligned vision (mllama's cross-attention mask, Qwen2-VL's mm_token_type_ids) was encoded with the
+    # first response: collate_vision cuts / extends it to each row's length
+    return PlainBatch(ids, mask, labels, weights, collate_vision(vis, arch_name, lengths), N, K,
+                      [it.index for it in items])
 
 
 def collate_groups(items: list[GroupItem], pad_id: int, arch_name: str, fast: bool):

@@ -16,8 +16,9 @@ class ResponseLogps:
     sum: torch.Tensor  # sum of token log-probs
     count: torch.Tensor  # number of target tokens
     wsum: torch.Tensor  # sum of weight * token log-prob
-    token_lp: torch.Tensor  # (N, K, L) per-token log-probs (0 off target)
+    token_lp: torch.Tensor  # (N, K, L) per-token log-probs (0 off target), aligned by response position
     mask: torch.Tensor  # (N, K, L)
+    weights: torch.Tensor  # (N, K, L) per-token weights
 
     @property
     def avg(self) -> torch.Tensor:
@@ -37,7 +38,7 @@ def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     w = batch.weights[:, 1:].to(lp.dtype)
     mask = mask.to(lp.dtype)
     lp, mask, w = (x.view(N, K, -1) for x in (lp, mask, w))
-    return ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask)
+    return ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask, w)
 
 
 def adapters_disabled(module):

@@ -27,6 +27,8 @@ def main(argv=None) -> dict:
             and not (Path(SFT_OUTPUT) / "adapter").exists():
         raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
                          "(or pass --from_checkpoint)")
+    if a.loss_type == "opa" and a.opa_token_level and a.precompute_ref:
+        raise SystemExit("--opa_token_level needs per-token reference log-probs: add --no-precompute_ref")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
     resolve_defaults(m, d, strategy, "ranked_train.json" if a.loss_type == "listwise" else "preference_train.json")
@@ -48,11 +50,17 @@ def main(argv=None) -> dict:
                 mod.p = 0.0
     report = BadRowReport(skip=d.skip_bad_rows)
     paths = d.data_path.split(",")
-    records = read_preferences(paths, d.image_folder, report)
     template = Path(m.template).read_text() if m.template != "auto" else None
-    n_resp = 0 if a.loss_type == "listwise" else 2
-    dataset = PreferenceDataset(records, ChatEncoder(processor, arch, d.max_seq_len, template), d.image_folder,
-                                report, n_responses=n_resp)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
+    if a.loss_type == "opa":
+        from training.dpo.opa.data import OPADataset, read_opa
+        records = [r for p in paths for r in read_opa(p)]
+        dataset = OPADataset(records, encoder, d.image_folder, report, a.opa_mask_ratio, cfg["optim"].seed, paths[0])
+        n_resp = 4
+    else:
+        records = read_preferences(paths, d.image_folder, report)
+        n_resp = 0 if a.loss_type == "listwise" else 2
+        dataset = PreferenceDataset(records, encoder, d.image_folder, report, n_responses=n_resp)
     trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     if strategy.is_main:
@@ -87,12 +95,15 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
     if a.precompute_ref:
         from training.dpo.refcache import RefCache, cache_key, default_cache_dir
         K = n_resp or max(len(r.responses) for r in records)
+        rows = getattr(trainer.dataset, "rows_per_item", 1)
         key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
-                                                    "arch": arch_name, "precision": m.precision,
-                                                    "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora})
+                                                    "arch": arch_name, "precision": m.precision, "rows": rows,
+                                                    "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
+                                                    "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)})
         root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
-        trainer.ref_cache = RefCache.load_or_build(root / f"{key}.pt", trainer.s, trainer.engine, trainer.make_batch,
-                                                   len(trainer.dataset), K, cfg["optim"].per_device_eval_batch_size)
+        trainer.ref_cache = RefCache.load_or_build(
+            root / f"{key}.pt", trainer.s, trainer.engine, trainer.make_batch, len(trainer.dataset) * rows, K,
+            cfg["optim"].per_device_eval_batch_size, rows, eval_mode=not a.disable_dropout)
     elif lora.lora_r > 0:
         # adapters off gives the starting model only if nothing but adapters trains
         extra = [n for n, p in trainer.engine.module.named_parameters() if p.requires_grad and "lora_" not in n]

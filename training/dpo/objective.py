@@ -10,7 +10,7 @@ import torch
 from training import losses as L
 from training.dpo.forward import ResponseLogps
 
-LOSS_TYPES = ("sigmoid", "cdpo", "ipo", "orpo", "listwise")
+LOSS_TYPES = ("sigmoid", "cdpo", "ipo", "orpo", "listwise", "opa")
 REFERENCE_FREE = {"orpo"}
 
 
@@ -21,6 +21,8 @@ def objective(pol: ResponseLogps, ref: tuple[torch.Tensor, torch.Tensor, torch.T
     beta = a.beta
     m = {}
     out = {"nll_sum": torch.zeros((), device=pol.sum.device), "nll_tokens": 0.0}
+    if a.loss_type == "opa":
+        return opa_objective(pol, ref, a, out)
     if a.loss_type == "orpo":
         avg = pol.avg
         term, log_odds = L.orpo_odds_ratio_loss(avg[:, 0], avg[:, 1])
@@ -63,5 +65,39 @@ def objective(pol: ResponseLogps, ref: tuple[torch.Tensor, torch.Tensor, torch.T
         m.update({"logps/chosen": pi[:, 0].detach().sum(), "logps/rejected": lp_rej.sum()})
     m.update({"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(), "rewards/margins": (rw - rl).sum()})
     m.setdefault("rewards/accuracies", (rw > rl).float().sum())
+    out["metrics"] = m
+    return out
+
+
+def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
+    """OPA-DPO on rows alternating real image [gt, revised(score w), rollout(score w), revised(type w)]
+    and masked image [gt, revised(type w)] (training.dpo.opa.data). Sums for unweighted responses,
+    weighted sums where the pair is weighted, for policy and reference alike."""
+    beta = a.beta
+    ref_sum, _, ref_wsum = ref[:3]
+    s, w = pol.sum - ref_sum, pol.wsum - ref_wsum  # log-ratios (2N, K)
+    real_s, real_w, mask_s, mask_w = s[0::2], w[0::2], s[1::2], w[1::2]
+    h = [real_s[:, 0] - real_s[:, 2],  # 1: ground truth > rollout
+         real_w[:, 1] - real_w[:, 2],  # 2: revised > rollout, sentence-score weights
+         real_s[:, 0] - mask_s[:, 0],  # 3: ground truth, real image > masked image
+         real_w[:, 3] - mask_w[:, 1]]  # 4: revised, real image > masked image, error-type weights
+    chosen = [beta * real_s[:, 0], beta * real_w[:, 1], beta * real_s[:, 0], beta * real_w[:, 3]]
+    pair_losses = None
+    if a.opa_token_level:  # the released code's per-token sigmoid; needs per-token reference log-probs
+        t = pol.token_lp - ref[3]  # (2N, K, L)
+        tw = t * pol.weights
+        k = pol.mask
+        pairs = [(t[0::2, 0], t[0::2, 2], k[0::2, 0], k[0::2, 2]), (tw[0::2, 1], tw[0::2, 2], k[0::2, 1], k[0::2, 2]),
+                 (t[0::2, 0], t[1::2, 0], k[0::2, 0], k[1::2, 0]), (tw[0::2, 3], tw[1::2, 1], k[0::2, 3], k[1::2, 1])]
+        pair_losses = [L.token_level_dpo_loss(*p, beta) for p in pairs]
+    loss = L.opa_dpo_loss(h, chosen, beta, a.opa_c_std, a.opa_c_ai, a.opa_anchor, pair_losses)
+    out["pair_loss_sum"] = loss.sum()
+    rw, rl = chosen[0].detach(), (beta * real_s[:, 2]).detach()
+    m = {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(), "rewards/margins": (rw - rl).sum(),
+         "rewards/accuracies": (rw > rl).float().sum(),
+         "logps/chosen": pol.sum[0::2, 0].detach().sum(), "logps/rejected": pol.sum[0::2, 2].detach().sum()}
+    for k, x in enumerate(h, 1):
+        m[f"opa/margin{k}"] = (beta * x).detach().sum()
+        m[f"opa/accuracy{k}"] = (x > 0).float().detach().sum()
     out["metrics"] = m
     return out

@@ -55,8 +55,10 @@ class RefCache:
         return tuple(t[idx, :K].to(device=device, dtype=torch.float32) for t in (self.sum, self.count, self.wsum))
 
     @staticmethod
-    def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int) -> "RefCache":
-        """make_batch(list of indices) -> a batch on the device, or None when every item was a bad row."""
+    def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int,
+                      rows_per_item: int = 1, eval_mode: bool = True) -> "RefCache":
+        """make_batch(list of dataset indices) -> a batch on the device (rows_per_item rows per index, whose
+        batch.indices are the rows' cache indices), or None when every item was a bad row."""
         if path.exists():
             d = torch.load(path)
             if strategy.is_main:
@@ -64,11 +66,13 @@ class RefCache:
             return RefCache(d["sum"], d["count"], d["wsum"])
         acc = torch.zeros(3, n_items, K, dtype=torch.float64)
         world, rank = strategy.world_size, strategy.rank
-        per_rank = -(-n_items // world)
-        mine = list(range(rank, n_items, world))
+        n_data = n_items // rows_per_item
+        per_rank = -(-n_data // world)
+        mine = list(range(rank, n_data, world))
         n_calls = -(-per_rank // batch_size)
         was_training = engine.training
-        engine.eval()
+        if eval_mode:  # (with dropout already off, train mode is as deterministic; bitsandbytes' CPU eval path
+            engine.eval()  # repacks 4-bit weights and fails on small layers, so QLoRA on CPU stays in train mode)
         with torch.no_grad(), adapters_disabled(engine):
             for c in range(n_calls):
                 idx = mine[c * batch_size:(c + 1) * batch_size]

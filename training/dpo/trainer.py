@@ -38,6 +38,7 @@ class DPOTrainer:
 
     def make_batch(self, idx: list[int]):
         items = [x for x in (self.dataset[i] for i in idx) if x is not None]
+        items = [g for x in items for g in (x if isinstance(x, list) else [x])]  # OPA: two rows per item
         if not items:
             return None
         return collate_groups(items, self.pad_id, self.arch_name, self.a.fast_path).to(self.s.device)
@@ -48,18 +49,22 @@ class DPOTrainer:
         with torch.no_grad():
             if self.ref_model is not None:
                 r = response_logps(self.ref_model, batch)
-            else:  # LoRA: the policy with adapters off (dropout off too: the reference is deterministic)
-                self.engine.eval()
+            else:  # LoRA: the policy with adapters off, deterministic (dropout disabled, or eval mode)
+                if not self.a.disable_dropout:
+                    self.engine.eval()
                 with adapters_disabled(self.engine):
                     r = response_logps(self.engine, batch)
                 self.engine.train()
+        if self.a.loss_type == "opa" and self.a.opa_token_level:
+            return r.sum.float(), r.count.float(), r.wsum.float(), r.token_lp.float()
         return r.sum.float(), r.count.float(), r.wsum.float()
 
     def _step(self, micro_batches: list) -> dict:
         o = self.cfg["optim"]
         accum, world = o.gradient_accumulation_steps, self.s.world_size
         batches = [b for b in micro_batches if b is not None]
-        n_items = float(self.s.all_reduce(sum(b.n_items for b in batches)))
+        rows = getattr(self.dataset, "rows_per_item", 1)
+        n_items = float(self.s.all_reduce(sum(b.n_items // rows for b in batches)))
         n_tok = 0.0
         if self.a.loss_type == "orpo":  # chosen target tokens of the whole step, for the NLL token mean
             n_tok = float(self.s.all_reduce(sum(float((b.labels.view(b.n_items, b.n_responses, -1)[:, 0, 1:]

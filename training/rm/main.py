@@ -17,7 +17,7 @@ CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": Opt
 SFT_OUTPUT = "output/sft"
 DEFAULTS = {"from_checkpoint": SFT_OUTPUT, "output_dir": "output/rm", "learning_rate": 5e-4,
             "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32,
-            "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": 0, "logging_steps": 10}
+            "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": 250, "logging_steps": 10}
 
 
 def require_checkpoint(model: ModelArgs) -> None:

@@ -53,9 +53,10 @@ class RewardModel(torch.nn.Module):
             torch.nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
             torch.nn.init.zeros_(head.bias)
         self.value_head = head
-        lm_head = base_model(backbone).get_output_embeddings()
-        if lm_head is not None:  # never run: frozen so no optimizer state is kept for it
-            lm_head.requires_grad_(False)
+        base = base_model(backbone)
+        lm_head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+        if lm_head is not None and lm_head.weight is not getattr(embed, "weight", None):
+            lm_head.requires_grad_(False)  # never run: no optimizer state for it (a tied one stays as is)
 
     def hidden_states(self, input_ids, attention_mask, **vision) -> torch.Tensor:
         """(B, T, H) final (normed) decoder states; padding is masked out of attention."""

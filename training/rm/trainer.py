@@ -167,16 +167,19 @@ class RMTrainer:
                 step += 1
                 tokens_since += m.pop("tokens")
                 units_since += o.per_device_train_batch_size * accum * self.s.world_size
+                # held-out evaluation every eval_steps; the final one is main's, after saving
+                evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
+                    and step < self.plan.total_steps
                 if step % c.logging_steps == 0 or step == self.plan.total_steps:
                     dt = time.time() - t0
                     m.update(epoch=step / self.plan.steps_per_epoch, tokens_per_s=tokens_since / dt,
                              lists_per_s=units_since / dt)
-                    if c.eval_steps and step % c.eval_steps == 0 and self.eval_set is not None:
+                    if evaluate:
                         m.update(self.evaluate()[0])
                     self.logger.log(step, m)
                     history.append({"step": step, **m})
                     t0, tokens_since, units_since = time.time(), 0.0, 0
-                elif c.eval_steps and step % c.eval_steps == 0 and self.eval_set is not None:
+                elif evaluate:
                     self.logger.log(step, self.evaluate()[0])
                 if bar:
                     bar.update(1)

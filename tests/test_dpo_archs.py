@@ -1,0 +1,38 @@
+"""Per-response log-probs of the DPO batch layouts on other VLM families equal one full forward per
+response: the shared-prefix layout on LLaVA-NeXT, the plain layout on Llama-3.2-Vision (mllama,
+cross-attention mask re-fitted per row), Qwen2-VL and Idefics3."""
+import pytest
+import torch
+from PIL import Image
+
+from training.config import LoraArgs, ModelArgs
+from training.data.records import Message
+from training.dpo.data import PREFIX_ARCHS, collate_groups, encode_group
+from training.dpo.forward import response_logps
+from training.logprobs import sequence_logprobs
+from training.model.builder import load_model_and_processor
+from training.model.tiny_archs import make_tiny_checkpoint
+from training.templates.chat import ChatEncoder
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "mllama", "qwen2_vl", "idefics3"])
+def test_layout_equals_one_forward_per_response(arch, tmp_path):
+    path = make_tiny_checkpoint(arch, tmp_path / arch)
+    model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
+    enc = ChatEncoder(proc, spec, 4096)
+    prompt = [Message("user", "<image>\nWhat is shown?")]
+    groups = [(["A red circle.", "A big blue square is here."], (200, 20, 20)),
+              (["Two green stars.", "A cross."], (20, 200, 20))]
+    items = [encode_group(enc, prompt, resp, [Image.new("RGB", (40, 30), color)], i)
+             for i, (resp, color) in enumerate(groups)]
+    got = response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=True))
+    for n, (resp, color) in enumerate(groups):
+        for k, text in enumerate(resp):
+            e = enc.encode(prompt + [Message("assistant", text)], [Image.new("RGB", (40, 30), color)])
+            out = model(input_ids=e.input_ids[None], attention_mask=torch.ones(1, len(e.input_ids), dtype=torch.long),
+                        **e.vision)
+            labels = e.labels.clone()
+            labels[:e.prompt_len] = -100  # the last assistant turn only
+            want = sequence_logprobs(out.logits, labels[None])[0]
+            torch.testing.assert_close(got.sum[n, k], want, rtol=0, atol=1e-4, msg=f"{arch} item {n} response {k}")
+    assert (spec.name in PREFIX_ARCHS) == (arch == "llava_next")

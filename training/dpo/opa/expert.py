@@ -1,0 +1,194 @@
+"""OPA-DPO's expert: reviews each sentence of a rollout and returns the per-sentence report
+
+    {copied_content, score (1-4), error_type, object, rewritten_content, reason}
+
+and the revised response is the rollout with its bad sentences rewritten. Two experts:
+
+  GroundTruthReviser  uses the ground truth the data carries (the embedded world's facts: which object
+                      kinds are present, how many): exact, offline, free.
+  ChatExpert          any OpenAI-compatible chat endpoint (GPT-4V in the paper), configured by URL,
+                      model name and the NAME of an environment variable holding the API key. Retries
+                      with backoff; every answer is cached on disk by a hash of the request, so a rerun
+                      makes no second call.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
+TYPE_WEIGHT = {"image_recognition_error": 3.0, "correct": 1.0, "language_comprehension_error": 1.0}  # pair 4
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences with their trailing punctuation; the pieces concatenate back to the text."""
+    parts = re.findall(r"[^.!?]*[.!?]+(?:\s+|$)|[^.!?]+$", text)
+    return [p for p in parts if p.strip()] or [text]
+
+
+def revise(report: list[dict]) -> str:
+    """The revised response: each sentence's copy, or its rewrite where the expert found an error."""
+    out = []
+    for r in report:
+        piece = r["rewritten_content"] if r["score"] < 4 else r["copied_content"]
+        if piece and piece.strip():
+            out.append(piece.strip())
+    return " ".join(out)
+
+
+# ---- ground truth (embedded world) -----------------------------------------------------------
+
+def _truth(facts: list[str], reference: str) -> tuple[set[str], dict[str, int]]:
+    from eval.embedded import first_number, mentioned_kinds
+    kinds, counts = set(), {}
+    for f in facts or []:
+        if re.search(r"\bno\b", f.lower()):
+            continue
+        for k in mentioned_kinds(f):
+            kinds.add(k)
+            n = first_number(f)
+            if n is not None:
+                counts[k] = n
+    if not kinds:
+        kinds = set(mentioned_kinds(reference))
+    return kinds, counts
+
+
+def _stated_counts(sentence: str) -> dict[str, int]:
+    """{kind: n} for each "<number> [colour] <kind>" in the sentence."""
+    from training.world.scenes import KINDS, NUMBERS, PLURAL
+    nouns = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
+    words = re.findall(r"[a-z]+", sentence.lower())
+    out = {}
+    for i, w in enumerate(words):
+        if w in NUMBERS:
+            noun = next((nouns[x] for x in words[i + 1:i + 3] if x in nouns), None)
+            if noun:
+                out.setdefault(noun, NUMBERS.index(w))
+    return out
+
+
+class GroundTruthReviser:
+    """Reviews a rollout against the ground truth: a sentence naming an absent kind scores 1 (object
+    hallucination), a wrong count 2, a faithful sentence 4; a faithful response that leaves out present
+    kinds gets its last sentence scored 3. Bad sentences are rewritten from the reference answer."""
+
+    def review(self, response: str, reference: str, facts: list[str] | None, **_) -> list[dict]:
+        from eval.embedded import mentioned_kinds
+        kinds, counts = _truth(facts or [], reference)
+        report, used_reference = [], False
+        for s in split_sentences(response):
+            hall = [k for k in mentioned_kinds(s) if k not in kinds]
+            wrong = [k for k, n in _stated_counts(s).items() if k in counts and counts[k] != n]
+            if hall:
+                entry = (1, "image_recognition_error", hall[0], f"{hall[0]} is not in the image")
+            elif wrong:
+                entry = (2, "image_recognition_error", wrong[0], f"the image holds {counts[wrong[0]]} {wrong[0]}(s)")
+            else:
+                entry = (4, "correct", "", "supported by the image")
+            score, etype, obj, reason = entry
+            rewrite = ""
+            if score < 4:  # one rewrite (the reference) replaces the first bad sentence; later bad ones go
+                rewrite, used_reference = ("" if used_reference else reference), True
+            report.append({"copied_content": s, "score": score, "error_type": etype, "object": obj,
+                           "rewritten_content": rewrite if score < 4 else s, "reason": reason})
+        missing = kinds - {k for r in report if r["score"] == 4 for k in mentioned_kinds(r["copied_content"])}
+        if missing and not used_reference and report:
+            last = report[-1]
+            last.update(score=3, error_type="image_recognition_error", object=sorted(missing)[0],
+                        rewritten_content=reference, reason=f"leaves out {', '.join(sorted(missing))}")
+            for r in report[:-1]:  # the reference restates everything: drop the other copies
+                if r["score"] == 4:
+                    r.update(score=3, rewritten_content="", reason="restated by the rewrite")
+        return report
+
+
+# ---- any OpenAI-compatible chat endpoint -------------------------------------------------------
+
+PROMPT = """You are an expert annotator of image descriptions. Review the response below sentence by sentence
+against the image. Return ONLY a JSON list with one object per sentence, in order, with the keys:
+copied_content (the sentence, verbatim), score (1 = severe hallucination, 2 = minor error, 3 = acceptable
+but imprecise, 4 = fully correct), error_type (one of "correct", "image_recognition_error",
+"language_comprehension_error"), object (the object involved, or ""), rewritten_content (the sentence
+corrected; the same sentence when the score is 4), reason (one short phrase).
+
+Question: {question}
+Response: {response}"""
+
+
+class ChatExpert:
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache_dir: str | Path = ".",
+                 retries: int = 4, timeout: float = 120.0, backoff: float = 2.0):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+        self.model, self.api_key_env = model, api_key_env
+        self.cache = Path(cache_dir)
+        self.retries, self.timeout, self.backoff = retries, timeout, backoff
+        self.calls = 0  # network requests made (a cached answer makes none)
+
+    def _body(self, question: str, response: str, image) -> dict:
+        content = [{"type": "text", "text": PROMPT.format(question=question, response=response)}]
+        if image is not None:
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        return {"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+
+    def _post(self, body: dict) -> str:
+        key = os.environ.get(self.api_key_env, "")
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last = None
+        for attempt in range(self.retries + 1):
+            try:
+                self.calls += 1
+                req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                last = e
+                if e.code not in (408, 409, 429) and e.code < 500:
+                    raise RuntimeError(f"{self.url}: HTTP {e.code} {e.read()[:300]!r}") from e
+            except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
+                last = e
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        raise RuntimeError(f"{self.url}: no answer after {self.retries + 1} tries ({last})")
+
+    def review(self, response: str, reference: str = "", facts=None, question: str = "", image=None) -> list[dict]:
+        body = self._body(question, response, image)
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        path = self.cache / f"{key}.json"
+        if path.exists():
+            text = json.loads(path.read_text())["content"]
+        else:
+            text = self._post(body)
+            report = parse_report(text)  # a malformed answer is not cached
+            self.cache.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"content": text}))
+            return report
+        return parse_report(text)
+
+
+def parse_report(text: str) -> list[dict]:
+    m = re.search(r"\[.*\]", text, re.S)
+    if not m:
+        raise ValueError(f"expert answer holds no JSON list: {text[:200]!r}")
+    rows = json.loads(m.group(0))
+    out = []
+    for r in rows:
+        score = int(r.get("score", 4))
+        out.append({"copied_content": str(r.get("copied_content", "")), "score": min(4, max(1, score)),
+                    "error_type": str(r.get("error_type", "correct")), "object": str(r.get("object", "")),
+                    "rewritten_content": str(r.get("rewritten_content", r.get("copied_content", ""))),
+                    "reason": str(r.get("reason", ""))})
+    return out

@@ -1,0 +1,197 @@
+"""OPA-DPO end to end (Yang et al., CVPR 2025), each step a resumable command (run_opa_dpo.sh):
+
+    rollout  the ORIGINAL policy answers each prompt (sampling, temperature 1)    -> work/rollouts.jsonl
+    correct  the expert reviews every sentence; revised answer, token weights    -> work/reports.jsonl,
+             (ground truth where the data has it, or an OpenAI-compatible endpoint)  work/opa_pairs.json
+    sft      OPA step: LoRA-SFT of the policy on ground-truth AND revised answers -> work/opa_sft
+    dpo      OPA-DPO from that policy: four pairs + anchor (--loss_type opa)       -> output_dir
+
+    bash run_opa_dpo.sh                          # every step, from output/sft on 600 embedded prompts
+    bash run_opa_dpo.sh --step correct --expert chat --expert_url http://host:8000/v1 --expert_model gpt-4o
+    bash run_opa_dpo.sh --step dpo --dpo_args "--beta 0.2"
+
+A step whose output exists is skipped (rollouts and reports are appended per prompt, so an
+interrupted step continues where it stopped); --force redoes the named step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+STEPS = ("rollout", "correct", "sft", "dpo")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", default="all", choices=("all",) + STEPS)
+    p.add_argument("--force", action="store_true", help="redo the named step even if its output exists")
+    p.add_argument("--from_checkpoint", default="output/sft", help="the original policy")
+    p.add_argument("--data_path", default="", help="preference or prompt file with reference answers "
+                                                   "(default: the embedded world's preference_train.json)")
+    p.add_argument("--image_folder", default="")
+    p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
+    p.add_argument("--output_dir", default="output/opa_dpo")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--rollout_batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert", default="ground_truth", choices=["ground_truth", "chat"])
+    p.add_argument("--expert_url", default="", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    p.add_argument("--expert_model", default="gpt-4o")
+    p.add_argument("--expert_api_key_env", default="OPENAI_API_KEY", help="NAME of the env variable with the key")
+    p.add_argument("--expert_cache", default="", help="on-disk cache of expert answers (default: work/expert_cache)")
+    p.add_argument("--sft_args", default="--lora_r 16 --lora_alpha 32 --lora_dropout 0 --learning_rate 1e-3 "
+                                         "--num_train_epochs 2 --num_warmup_steps 0 --per_device_train_batch_size 16",
+                   help="extra arguments of the OPA LoRA-SFT step (run_sft.sh)")
+    p.add_argument("--dpo_args", default="", help="extra arguments of the OPA-DPO step (run_dpo_training.sh)")
+    p.add_argument("--in_process", action="store_true", help="run the SFT and DPO stages in this process "
+                                                             "(one rank) instead of through their run_*.sh")
+    return p.parse_args(argv)
+
+
+def _read_jsonl(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {r["id"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+
+
+def load_prompts(a):
+    from training.data.formats import read_preferences, read_prompts
+
+    if not a.data_path:
+        from training.world.generate import ensure_world
+        world = ensure_world("data/world")
+        a.data_path, a.image_folder = str(world / "preference_train.json"), a.image_folder or str(world / "images")
+    try:
+        recs = read_preferences([a.data_path], a.image_folder)
+        rows = [(r.id, r.prompt, r.images, r.responses[0], r.facts) for r in recs]
+    except Exception:  # a prompt file with reference answers
+        recs = read_prompts([a.data_path], a.image_folder)
+        rows = [(r.id, r.prompt, r.images, r.reference or "", r.facts) for r in recs]
+    return rows[:a.n_prompts]
+
+
+def step_rollout(a, work: Path) -> None:
+    import torch
+
+    from training.config import LoraArgs, ModelArgs
+    from training.data.images import load_image
+    from training.model.builder import load_model_and_processor
+    from training.predict.generate import DecodeArgs, generate_batch
+    from training.templates.chat import ChatEncoder
+
+    out = work / "rollouts.jsonl"
+    done = _read_jsonl(out)
+    todo = [r for r in load_prompts(a) if r[0] not in done]
+    if not todo:
+        return
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.from_checkpoint), LoraArgs(),
+                                                 for_training=False)
+    enc = ChatEncoder(proc, arch, 4096)
+    decode = DecodeArgs(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature)
+    with out.open("a") as f:
+        for i in range(0, len(todo), a.rollout_batch_size):
+            chunk = todo[i:i + a.rollout_batch_size]
+            torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
+            images = [[load_image(s, a.image_folder) for s in r[2]] for r in chunk]
+            texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode)
+            for (rid, prompt, imgs, ref, facts), t in zip(chunk, texts):
+                f.write(json.dumps({"id": rid, "image": str(imgs[0]), "question": prompt[-1].content.replace(
+                    "<image>", "").strip(), "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
+            f.flush()
+    print(f"rollouts: {len(todo)} new -> {out}")
+
+
+def make_expert(a, work: Path):
+    from training.dpo.opa.expert import ChatExpert, GroundTruthReviser
+    if a.expert == "ground_truth":
+        return GroundTruthReviser()
+    if not a.expert_url:
+        raise SystemExit("--expert chat needs --expert_url (an OpenAI-compatible endpoint)")
+    return ChatExpert(a.expert_url, a.expert_model, a.expert_api_key_env, a.expert_cache or work / "expert_cache")
+
+
+def step_correct(a, work: Path) -> None:
+    from training.data.images import load_image
+    from training.dpo.opa.data import revised_with_weights, rollout_weights
+
+    rollouts = _read_jsonl(work / "rollouts.jsonl")
+    if not rollouts:
+        raise SystemExit(f"no rollouts in {work}: run the rollout step first")
+    out = work / "reports.jsonl"
+    done = _read_jsonl(out)
+    expert = make_expert(a, work)
+    with out.open("a") as f:
+        for rid, r in rollouts.items():
+            if rid in done:
+                continue
+            image = load_image(r["image"], a.image_folder) if a.expert == "chat" else None
+            report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
+                                   image=image)
+            done[rid] = {"id": rid, "report": report}
+            f.write(json.dumps(done[rid]) + "\n")
+            f.flush()
+    pairs, sft = [], []
+    for rid, r in rollouts.items():
+        report = done[rid]["report"]
+        revised, score_w, type_w = revised_with_weights(report)
+        if not revised.strip() or not r["gt"].strip():
+            continue
+        pairs.append({"id": rid, "image": r["image"], "question": r["question"], "gt": r["gt"],
+                      "rollout": r["rollout"], "revised": revised, "rollout_weights": rollout_weights(report),
+                      "revised_score_weights": score_w, "revised_type_weights": type_w, "report": report})
+        for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal)
+            sft.append({"id": f"{rid}-{len(sft)}", "image": r["image"], "conversations": [
+                {"from": "human", "value": "<image>\n" + r["question"]}, {"from": "gpt", "value": answer}]})
+    (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
+    (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
+    n_bad = sum(any(x["score"] < 4 for x in done[k]["report"]) for k in rollouts)
+    print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected -> {work / 'opa_pairs.json'}")
+
+
+def _stage(script: str, args: list[str], in_process: bool = False) -> None:
+    if in_process:
+        import importlib
+        module = {"run_sft.sh": "training.sft.main", "run_dpo_training.sh": "training.dpo.main"}[script]
+        importlib.import_module(module).main(args)
+        return
+    cmd = ["bash", str(ROOT / script), *args]
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
+    if not Path(a.from_checkpoint).exists() and a.from_checkpoint == "output/sft":
+        raise SystemExit("output/sft holds no SFT model: run `bash run_sft.sh` first (or pass --from_checkpoint)")
+    work = Path(a.output_dir) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if not a.data_path:
+        load_prompts(a)  # resolves the embedded world's paths
+    steps = STEPS if a.step == "all" else (a.step,)
+    if "rollout" in steps:
+        if a.force and a.step == "rollout":
+            (work / "rollouts.jsonl").unlink(missing_ok=True)
+        step_rollout(a, work)
+    if "correct" in steps:
+        if a.force and a.step == "correct":
+            (work / "reports.jsonl").unlink(missing_ok=True)
+        step_correct(a, work)
+    sft_dir = work / "opa_sft"
+    if "sft" in steps and (a.force and a.step == "sft" or not (sft_dir / "adapter").exists()
+                           and not (sft_dir / "config.json").exists()):
+        _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
+                              "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed", str(a.seed),
+                              *shlex.split(a.sft_args)], a.in_process)
+    if "dpo" in steps and (a.force and a.step == "dpo" or not (Path(a.output_dir) / "config.json").exists()):
+        _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
+                                       str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
+                                       "--output_dir", a.output_dir, *shlex.split(a.dpo_args)], a.in_process)
+
+
+if __name__ == "__main__":
+    main()
