@@ -82,3 +82,21 @@ def test_description_and_facts_of_a_scene():
     for k in s.kinds:
         assert k in d
     assert len(facts(s)) == len(KINDS)
+
+
+def test_rejected_answers_differ_from_chosen_only_in_their_error(tmp_path):
+    """No text-only shortcut: kinds appear in one fixed order in chosen and rejected alike, and a
+    wrong count keeps the colour list (only the number word changes)."""
+    from eval.embedded import mentioned_kinds
+    generate(tmp_path, WorldConfig(seed=9, **SMALL))
+    n_count = 0
+    for r in json.loads((tmp_path / "preference_train.json").read_text()):
+        chosen, rejected = r["conversations"][-1]["value"]
+        for text in (chosen, rejected):
+            ks = mentioned_kinds(text)
+            assert ks == sorted(ks, key=KINDS.index), text
+        if mentioned_kinds(chosen) == mentioned_kinds(rejected):  # a wrong-count pair
+            n_count += 1
+            diff = [(a, b) for a, b in zip(chosen.split(), rejected.split()) if a != b]
+            assert len(chosen.split()) == len(rejected.split()) and 1 <= len(diff) <= 2, (chosen, rejected)
+    assert n_count > 0

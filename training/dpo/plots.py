@@ -1,9 +1,9 @@
-"""Plot a run's metrics.jsonl to figure/<name>.png (matplotlib, headless)."""
+"""The DPO family's metric panels (plotted by training.engine.plots)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from training.engine.metrics import read_metrics
+from training.engine import plots
 
 PANELS = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
           ("reward accuracy", ["rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
@@ -11,27 +11,4 @@ PANELS = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected",
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in PANELS]
-    panels = [(t, ks) for t, ks in panels if ks]
-    if not rows or not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (t, keys) in zip(list(getattr(axes, "flat", [axes])), panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-        ax.set_title(t)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return plots.plot_metrics(metrics_path, out_png, title, PANELS)

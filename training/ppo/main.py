@@ -10,8 +10,8 @@ from training.ppo.args import PPOArgs
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
             "ds": DeepSpeedArgs, "run": RunArgs, "ppo": PPOArgs}
-DEFAULTS = {"output_dir": "output/ppo", "from_checkpoint": "output/sft", "learning_rate": 2e-5,
-            "per_device_train_batch_size": 16, "num_train_epochs": 1.0, "max_seq_len": 160,
+DEFAULTS = {"output_dir": "output/ppo", "from_checkpoint": "output/sft", "learning_rate": 1e-4,
+            "per_device_train_batch_size": 16, "num_train_epochs": 3.0, "max_seq_len": 160,
             "lr_scheduler_type": "constant", "logging_steps": 1}
 PANELS = [("reward", ["reward/mean", "reward/shaped_mean"]), ("KL", ["kl"]), ("entropy", ["entropy"]),
           ("losses", ["policy_loss", "value_loss"]), ("response length", ["response_length"]),

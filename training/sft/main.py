@@ -11,7 +11,7 @@ CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": Opt
 # The embedded world's defaults for the from-scratch tiny VLM. At learning rate 2e-3 its vision path
 # collapses: the LM learns the text prior and its loss is the same with the true or a shuffled image;
 # at 5e-4 the image is used (true-image loss well below shuffled-image loss after 500 steps).
-DEFAULTS = {"output_dir": "output/sft", "learning_rate": 5e-4, "num_train_epochs": 6.0,
+DEFAULTS = {"output_dir": "output/sft", "learning_rate": 5e-4, "num_train_epochs": 9.0,
             "per_device_train_batch_size": 16, "num_warmup_steps": 50, "max_seq_len": 160}
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene, describe, facts, render, sample_scene
 
 DESCRIBE = "Describe the image in detail."
+# Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
+VERSION = 2
 POPE_SUFFIX = ""
 
 
@@ -162,7 +164,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     }
     for name, rows in jsonl.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"config": asdict(cfg), "n_sft_descriptions_hallucinated": n_hal,
+    meta = {"version": VERSION, "config": asdict(cfg), "n_sft_descriptions_hallucinated": n_hal,
             "scenes": {n: [{"id": s.id, "background": s.background, "objects": [asdict(o) for o in s.objects]}
                            for s in sc] for n, sc in splits.items()}}
     (out / "world.json").write_text(json.dumps(meta))
@@ -174,7 +176,8 @@ def ensure_world(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     meta = out / "world.json"
     cfg = WorldConfig(seed=seed)
-    if not meta.exists() or json.loads(meta.read_text())["config"] != asdict(cfg):
+    old = json.loads(meta.read_text()) if meta.exists() else {}
+    if old.get("config") != asdict(cfg) or old.get("version") != VERSION:
         generate(out, cfg)
     return out
 

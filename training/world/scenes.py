@@ -125,25 +125,24 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def kind_phrase(scene: Scene, kind: str) -> str:
+def kind_phrase(scene: Scene, kind: str, n: int | None = None) -> str:
+    """"two red circles" / "three squares (red and blue)"; `n` overrides the true count."""
     objs = [o for o in scene.objects if o.kind == kind]
     colors = sorted({o.color for o in objs}, key=list(COLORS).index)
+    n = len(objs) if n is None else n
     if len(colors) == 1:
-        return f"{NUMBERS[len(objs)]} {colors[0]} {noun(kind, len(objs))}"
-    return f"{NUMBERS[len(objs)]} {noun(kind, len(objs))} ({_join(colors)})"
+        return f"{NUMBERS[n]} {colors[0]} {noun(kind, n)}"
+    return f"{NUMBERS[n]} {noun(kind, n)} ({_join(colors)})"
 
 
 def describe(scene: Scene, extra: list[tuple[str, int, str]] = (), counts: dict | None = None) -> str:
     """Faithful description; `extra` adds (kind, n, colour) objects that are NOT in the image;
-    `counts` overrides counts (for wrong-count rejected answers)."""
-    parts = []
-    for k in scene.kinds:
-        if counts and k in counts:
-            n = counts[k]
-            parts.append(f"{NUMBERS[n]} {noun(k, n)}")
-        else:
-            parts.append(kind_phrase(scene, k))
-    parts += [f"{NUMBERS[n]} {c} {noun(k, n)}" for k, n, c in extra]
+    `counts` overrides counts (for wrong-count rejected answers). Every phrase has the same form
+    and the kinds are listed in one fixed order whether real or not, so a wrong answer differs from
+    the right one only in its error (nothing in the text alone gives it away)."""
+    phrases = {k: kind_phrase(scene, k, (counts or {}).get(k)) for k in scene.kinds}
+    phrases.update({k: f"{NUMBERS[n]} {c} {noun(k, n)}" for k, n, c in extra})
+    parts = [phrases[k] for k in KINDS if k in phrases]
     return f"The image shows {_join(parts)} on a {scene.background} background."
 
 
