@@ -39,4 +39,4 @@ def test_rm_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
         ev = json.loads((out / "eval_metrics.json").read_text())  # held-out split over the two ranks
         assert ev["eval/n"] == single["eval"]["eval/n"] == 8
         for k, v in single["eval"].items():
-            assert abs(ev[k] - v) < 1e-4, (stage, k)
+            assert abs(ev[k] - v) <= 1e-4 * max(1.0, abs(v)), (stage, k)  # float32 reduction order
