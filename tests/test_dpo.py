@@ -115,7 +115,7 @@ def test_reference_cache_is_reused_and_keyed_on_the_model(world, tiny, tmp_path,
     main(dpo_args(world, tiny, tmp_path / "c", "--max_steps", "1", "--per_device_train_batch_size", "4",
                   "--from_checkpoint", str(tmp_path / "a")))
     assert "computed for 16 items" in capsys.readouterr().out
-    assert len(list((tmp_path / "ref_cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "ref_cache").glob("*.safetensors"))) == 2
 
 
 def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):

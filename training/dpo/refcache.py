@@ -60,7 +60,8 @@ class RefCache:
         """make_batch(list of dataset indices) -> a batch on the device (rows_per_item rows per index, whose
         batch.indices are the rows' cache indices), or None when every item was a bad row."""
         if path.exists():
-            d = torch.load(path)
+            from safetensors.torch import load_file
+            d = load_file(str(path))
             if strategy.is_main:
                 print(f"reference log-probs: loaded {path}")
             return RefCache(d["sum"], d["count"], d["wsum"])
@@ -92,7 +93,8 @@ class RefCache:
         if strategy.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save({"sum": acc[0], "count": acc[1], "wsum": acc[2]}, tmp)
+            from safetensors.torch import save_file
+            save_file({"sum": acc[0].contiguous(), "count": acc[1].contiguous(), "wsum": acc[2].contiguous()}, str(tmp))
             os.replace(tmp, path)
             print(f"reference log-probs: computed for {n_items} items -> {path}")
         strategy.barrier()
