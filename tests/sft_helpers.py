@@ -51,4 +51,4 @@ def ppo_args(world: Path, tiny: Path, rm: Path, out: Path, *extra: str) -> list[
     return ["--from_checkpoint", str(tiny), "--reward_model", str(rm), "--data_path", str(world / "ppo_prompts.json"),
             "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress",
             "--rollout_batch_size", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
-            "--logging_steps", "1", *extra]
+            "--logging_steps", "1", "--figure_dir", str(out / "figure"), *extra]

@@ -34,4 +34,5 @@ class PPOArgs:
     missing_eos_penalty: float = _f(0.0, "Subtract this when a response never emitted EOS (LLaVA-RLHF: 8).")
     entropy_coef: float = _f(0.0, "Entropy bonus.")
     critic_warmup_steps: int = _f(0, "Steps that train only the critic before the actor moves.")
+    figure_dir: str = _f("figure", "Where the run's metric plots go.")
     factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")

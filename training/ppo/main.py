@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     strategy.save_hf(trainer.actor, processor, out)
     if strategy.is_main:
         report.write(out)
-        plot_metrics(out / "metrics.jsonl", Path("figure") / f"ppo_{out.name}.png", "PPO", PANELS)
+        plot_metrics(out / "metrics.jsonl", Path(p.figure_dir) / f"ppo_{out.name}.png", "PPO", PANELS)
     return {"history": history, "output_dir": str(out)}
 
 
