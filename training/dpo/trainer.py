@@ -17,7 +17,7 @@ from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
 from training.engine.metrics import MetricsLogger
-from training.sft.trainer import StepPlan, epoch_micro_batches
+from training.engine.loop import StepPlan, planned_steps, save_due
 
 
 class DPOTrainer:
@@ -109,29 +109,20 @@ class DPOTrainer:
         history, accum = [], o.gradient_accumulation_steps
         t0, pairs_since = time.time(), 0.0
         self.engine.train()
-        while step < self.plan.total_steps:
-            epoch, k = divmod(step, self.plan.steps_per_epoch)
-            mbs = epoch_micro_batches(len(self.dataset), o.per_device_train_batch_size, self.s.world_size,
-                                      self.s.rank, o.seed, epoch)
-            for j in range(k, self.plan.steps_per_epoch):
-                m = self._step([self.make_batch(idx) for idx in mbs[j * accum:(j + 1) * accum]])
-                step += 1
-                pairs_since += m["pairs"]
-                if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                    m.update(epoch=step / self.plan.steps_per_epoch, pairs_per_s=pairs_since / (time.time() - t0))
-                    logger.log(step, m)
-                    history.append({"step": step, **m})
-                    t0, pairs_since = time.time(), 0.0
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
-                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
-                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
-                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-                if step >= self.plan.total_steps or stop:
-                    break
-            if c.stop_after_steps and step >= c.stop_after_steps:
-                break
+        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size, accum,
+                                          self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+            m = self._step([self.make_batch(i) for i in idx])
+            pairs_since += m["pairs"]
+            if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                m.update(epoch=step / self.plan.steps_per_epoch, pairs_per_s=pairs_since / (time.time() - t0))
+                logger.log(step, m)
+                history.append({"step": step, **m})
+                t0, pairs_since = time.time(), 0.0
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
+            if save_due(step, self.plan.total_steps, c):
+                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
         if bar:
             bar.close()
         logger.close()

@@ -22,7 +22,7 @@ from training.losses import ppo_policy_loss, ppo_value_loss
 from training.ppo.rollout import generate_rollouts, response_view
 from training.predict.generate import DecodeArgs
 from training.rm.factual import rm_messages
-from training.sft.trainer import epoch_micro_batches
+from training.engine.loop import StepPlan, planned_steps, save_due
 
 
 class NonFiniteError(FloatingPointError):
@@ -203,30 +203,22 @@ class PPOTrainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=step, desc="ppo", dynamic_ncols=True)
         history = []
-        while step < self.total_steps:
-            epoch, k = divmod(step, self.steps_per_epoch)
-            batches = epoch_micro_batches(len(self.records), self.p.rollout_batch_size, self.s.world_size,
-                                          self.s.rank, o.seed, epoch)
-            for j in range(k, self.steps_per_epoch):
-                self._step = step
-                step += 1
-                exp = self.experience([self.records[i] for i in batches[j]], step, ckpt)
-                m = self.train_on(exp, step, ckpt)
-                if step % c.logging_steps == 0 or step == self.total_steps:
-                    logger.log(step, m)
-                history.append({"step": step, **m})
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward/mean']:.2f}", kl=f"{m['kl']:.2f}")
-                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
-                if step < self.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
-                    state = {"step": step, "kl_coef": self.kl_ctl.value, "moments": self.moments.state_dict()}
-                    self.s.save_resume(self.actor, ckpt / "actor", step, state, c.save_total_limit)
-                    self.s.save_resume(self.critic, ckpt / "critic", step, state, c.save_total_limit)
-                if step >= self.total_steps or stop:
-                    break
-            if c.stop_after_steps and step >= c.stop_after_steps:
-                break
+        plan = StepPlan(self.steps_per_epoch, self.total_steps)
+        for step, _, idx in planned_steps(plan, step, len(self.records), self.p.rollout_batch_size, 1,
+                                          self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+            self._step = step - 1
+            exp = self.experience([self.records[i] for i in idx[0]], step, ckpt)
+            m = self.train_on(exp, step, ckpt)
+            if step % c.logging_steps == 0 or step == self.total_steps:
+                logger.log(step, m)
+            history.append({"step": step, **m})
+            if bar:
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward/mean']:.2f}", kl=f"{m['kl']:.2f}")
+            if save_due(step, self.total_steps, c):
+                state = {"step": step, "kl_coef": self.kl_ctl.value, "moments": self.moments.state_dict()}
+                self.s.save_resume(self.actor, ckpt / "actor", step, state, c.save_total_limit)
+                self.s.save_resume(self.critic, ckpt / "critic", step, state, c.save_total_limit)
         if bar:
             bar.close()
         logger.close()

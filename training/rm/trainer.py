@@ -15,7 +15,7 @@ import torch
 from training.engine.metrics import MetricsLogger
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.sft.trainer import StepPlan, epoch_micro_batches
+from training.engine.loop import StepPlan, planned_steps, save_due
 
 
 def matrix_pairs(R: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,40 +157,31 @@ class RMTrainer:
         history, accum = [], o.gradient_accumulation_steps
         t0, tokens_since, units_since = time.time(), 0.0, 0
         self.engine.train()
-        while step < self.plan.total_steps:
-            epoch, k = divmod(step, self.plan.steps_per_epoch)
+        for step, epoch, idx in planned_steps(self.plan, step, len(self.train_set), o.per_device_train_batch_size,
+                                              accum, self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
             self.train_set.epoch = epoch
-            mbs = epoch_micro_batches(len(self.train_set), o.per_device_train_batch_size, self.s.world_size,
-                                      self.s.rank, o.seed, epoch)
-            for j in range(k, self.plan.steps_per_epoch):
-                m = self._step([self._batch(self.train_set, idx) for idx in mbs[j * accum:(j + 1) * accum]])
-                step += 1
-                tokens_since += m.pop("tokens")
-                units_since += o.per_device_train_batch_size * accum * self.s.world_size
-                # held-out evaluation every eval_steps; the final one is main's, after saving
-                evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
-                    and step < self.plan.total_steps
-                if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                    dt = time.time() - t0
-                    m.update(epoch=step / self.plan.steps_per_epoch, tokens_per_s=tokens_since / dt,
-                             lists_per_s=units_since / dt)
-                    if evaluate:
-                        m.update(self.evaluate()[0])
-                    self.logger.log(step, m)
-                    history.append({"step": step, **m})
-                    t0, tokens_since, units_since = time.time(), 0.0, 0
-                elif evaluate:
-                    self.logger.log(step, self.evaluate()[0])
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
-                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
-                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
-                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-                if step >= self.plan.total_steps or stop:
-                    break
-            if c.stop_after_steps and step >= c.stop_after_steps:
-                break
+            m = self._step([self._batch(self.train_set, i) for i in idx])
+            tokens_since += m.pop("tokens")
+            units_since += o.per_device_train_batch_size * accum * self.s.world_size
+            # held-out evaluation every eval_steps; the final one is main's, after saving
+            evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
+                and step < self.plan.total_steps
+            if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                dt = time.time() - t0
+                m.update(epoch=step / self.plan.steps_per_epoch, tokens_per_s=tokens_since / dt,
+                         lists_per_s=units_since / dt)
+                if evaluate:
+                    m.update(self.evaluate()[0])
+                self.logger.log(step, m)
+                history.append({"step": step, **m})
+                t0, tokens_since, units_since = time.time(), 0.0, 0
+            elif evaluate:
+                self.logger.log(step, self.evaluate()[0])
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
+            if save_due(step, self.plan.total_steps, c):
+                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
         if bar:
             bar.close()
         self.interrupted = step < self.plan.total_steps

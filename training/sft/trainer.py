@@ -7,13 +7,13 @@ the same update.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
+from training.engine.loop import StepPlan, planned_steps, save_due
 from training.engine.metrics import MetricsLogger
 from training.logprobs import nll_sum
 from training.templates.chat import ChatEncoder, PromptTooLong
@@ -36,30 +36,6 @@ class SFTDataset(torch.utils.data.Dataset):
         except PromptTooLong as e:
             self.report.bad(r.source, "conversations", str(e))
             return None
-
-
-@dataclass
-class StepPlan:
-    """Micro-batch index lists of every optimizer step, fixed by the seed (resume skips into it)."""
-    steps_per_epoch: int
-    total_steps: int
-
-    @staticmethod
-    def make(n: int, micro: int, accum: int, world: int, epochs: float, max_steps: int) -> "StepPlan":
-        per_epoch = n // (micro * accum * world)
-        if per_epoch == 0:
-            raise ValueError(f"{n} samples are fewer than one optimizer step ({micro} x {accum} x {world} ranks)")
-        total = max_steps if max_steps > 0 else max(1, int(per_epoch * epochs))
-        return StepPlan(per_epoch, total)
-
-
-def epoch_micro_batches(n: int, micro: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches for one epoch: a seeded permutation, interleaved across ranks."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    usable = n - n % (micro * world)
-    mine = perm[:usable][rank::world]
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
 class SFTTrainer:
@@ -108,31 +84,22 @@ class SFTTrainer:
         history, accum = [], o.gradient_accumulation_steps
         t0, tokens_since = time.time(), 0.0
         self.engine.train()
-        while step < self.plan.total_steps:
-            epoch, k = divmod(step, self.plan.steps_per_epoch)
-            mbs = epoch_micro_batches(len(self.dataset), o.per_device_train_batch_size, self.s.world_size,
-                                      self.s.rank, o.seed, epoch)
-            for j in range(k, self.plan.steps_per_epoch):
-                m = self._step([self._batch(idx) for idx in mbs[j * accum:(j + 1) * accum]])
-                step += 1
-                tokens_since += m["target_tokens"]
-                if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                    dt = time.time() - t0
-                    m.update(epoch=step / self.plan.steps_per_epoch, target_tokens_per_s=tokens_since / dt)
-                    logger.log(step, m)
-                    history.append({"step": step, **m})
-                    t0, tokens_since = time.time(), 0.0
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{history[-1]['target_tokens_per_s']:.0f}"
-                                    if history else "-")
-                stop = bool(c.stop_after_steps) and step >= c.stop_after_steps
-                if step < self.plan.total_steps and (stop or c.save_steps and step % c.save_steps == 0):
-                    self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-                if step >= self.plan.total_steps or stop:
-                    break
-            if c.stop_after_steps and step >= c.stop_after_steps:
-                break
+        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size, accum,
+                                          self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+            m = self._step([self._batch(i) for i in idx])
+            tokens_since += m["target_tokens"]
+            if step % c.logging_steps == 0 or step == self.plan.total_steps:
+                dt = time.time() - t0
+                m.update(epoch=step / self.plan.steps_per_epoch, target_tokens_per_s=tokens_since / dt)
+                logger.log(step, m)
+                history.append({"step": step, **m})
+                t0, tokens_since = time.time(), 0.0
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{history[-1]['target_tokens_per_s']:.0f}"
+                                if history else "-")
+            if save_due(step, self.plan.total_steps, c):
+                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
         if bar:
             bar.close()
         logger.close()
