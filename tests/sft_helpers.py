@@ -18,7 +18,7 @@ def make_world(root: Path) -> Path:
 
 
 def make_tiny(root: Path) -> Path:
-    return ensure_tiny_vlm(root, hidden=32, layers=1)
+    return ensure_tiny_vlm(root, hidden=32, layers=1, vision_pretrain_steps=0)
 
 
 def sft_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:

@@ -292,6 +292,7 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
 
 def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr("training.model.tiny.VISION_PRETRAIN_STEPS", 0)  # pre-training: tests/test_tiny_vision.py
     model, processor, spec = load_model_and_processor(ModelArgs(), LoraArgs(lora_r=4), for_training=False)
     assert spec.name == "llava" and not model.training
     assert not any(p.requires_grad for p in model.parameters())

@@ -100,3 +100,12 @@ def test_rejected_answers_differ_from_chosen_only_in_their_error(tmp_path):
             diff = [(a, b) for a, b in zip(chosen.split(), rejected.split()) if a != b]
             assert len(chosen.split()) == len(rejected.split()) and 1 <= len(diff) <= 2, (chosen, rejected)
     assert n_count > 0
+
+
+def test_qa_turns_come_in_both_orders(tmp_path):
+    """Benchmarks ask a counting or an existence question first; SFT must have seen both first."""
+    generate(tmp_path, WorldConfig(seed=3, **SMALL))
+    rows = [r for r in json.loads((tmp_path / "sft_train.json").read_text()) if r["id"].endswith("-qa")]
+    firsts = {r["conversations"][0]["value"].split("\n")[1].split()[0] for r in rows}
+    assert firsts == {"Is", "How"}
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in rows)

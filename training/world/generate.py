@@ -26,7 +26,7 @@ from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene
 
 DESCRIBE = "Describe the image in detail."
 # Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
-VERSION = 2
+VERSION = 3
 POPE_SUFFIX = ""
 
 
@@ -92,7 +92,8 @@ def _sft_rows(scenes: list[Scene], rng: random.Random, rate: float) -> tuple[lis
         k_any = rng.choice(KINDS)
         k_in = rng.choice(s.kinds)
         rows.append(_conv(s, [(DESCRIBE, desc), (exists_q(k_any), exists_a(s, k_any))], "-describe"))
-        rows.append(_conv(s, [(exists_q(k_any), exists_a(s, k_any)), (count_q(k_in), count_a(s.count(k_in), k_in))], "-qa"))
+        qa = [(exists_q(k_any), exists_a(s, k_any)), (count_q(k_in), count_a(s.count(k_in), k_in))]
+        rows.append(_conv(s, qa if rng.random() < 0.5 else qa[::-1], "-qa"))  # either question may come first
     return rows, n_hal
 
 
