@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from training.data.collate import SFTBatch, collate_sft
-from training.predict.generate import DecodeArgs
+from training.predict.generate import DecodeArgs, never_generate
 from training.templates.chat import IGNORE, ChatEncoder, Encoded
 
 
@@ -38,7 +38,8 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
     with torch.no_grad():
         out = model.generate(**left.model_inputs(), do_sample=decode.do_sample, temperature=decode.temperature,
                              top_p=decode.top_p, max_new_tokens=decode.max_new_tokens, synced_gpus=synced_gpus,
-                             pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids), use_cache=True)
+                             pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids), use_cache=True,
+                             suppress_tokens=never_generate(model, tok, eos_ids))
     dt = time.time() - t0
     new = out[:, left.input_ids.shape[1]:].cpu()
     rows, lengths, ended = [], [], []
