@@ -71,7 +71,7 @@ def build_bench_vlm(out: Path, image_size: int, hidden: int, layers: int) -> Pat
     proc.image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    cfg = tiny.tiny_config(proc.tokenizer, hidden, layers, image_size=image_size)
+    cfg = tiny.tiny_config(proc.tokenizer, hidden, layers, tower="vit", image_size=image_size)  # CLIP-shaped, as LLaVA
     cfg.text_config.max_position_embeddings = 4096
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)

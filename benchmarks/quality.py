@@ -1,8 +1,11 @@
-"""Does preference optimisation cut hallucination on the embedded world? One command prints it all.
+"""Does alignment cut hallucination on the embedded world? One command prints it all.
 
-    python -m benchmarks.quality                 # DPO and ORPO from output/sft (made by run_sft.sh)
+    python -m benchmarks.quality                 # DPO, ORPO and PPO from output/sft (made by run_sft.sh)
     python -m benchmarks.quality --with_opa      # + OPA-DPO (run_opa_dpo.sh) on a third of DPO's pairs
-    python -m benchmarks.quality --reuse         # score existing output/dpo, output/orpo without training
+    python -m benchmarks.quality --reuse         # score existing output/dpo, ... without training
+    python -m benchmarks.quality --methods dpo   # only some methods
+
+PPO uses the reward model in output/rm (trained by run_rm_training.sh first when missing).
 
 Trains each method with its stage script's defaults (bash run_dpo_training.sh ...), then generates
 greedy descriptions of the held-out scenes (bench_objhal) and scores CHAIR_i (share of mentioned
@@ -50,15 +53,18 @@ def main(argv=None) -> dict:
     p.add_argument("--world", default="data/world")
     p.add_argument("--reuse", action="store_true", help="score existing outputs; train only what is missing")
     p.add_argument("--with_opa", action="store_true", help="also run OPA-DPO (run_opa_dpo.sh)")
-    p.add_argument("--methods", nargs="*", default=["dpo", "orpo"])
+    p.add_argument("--methods", nargs="*", default=["dpo", "orpo", "ppo"])
     a = p.parse_args(argv)
     os.chdir(ROOT)
     if not (Path(a.sft) / "config.json").exists():
         raise SystemExit(f"{a.sft} holds no SFT model: run `bash run_sft.sh` first")
     runs = {"dpo": ("run_dpo_training.sh", "output/dpo", ["--from_checkpoint", a.sft]),
             "orpo": ("run_dpo_training.sh", "output/orpo", ["--from_checkpoint", a.sft, "--loss_type", "orpo"]),
-            "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft])}
+            "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft]),
+            "ppo": ("run_ppo_training.sh", "output/ppo", ["--from_checkpoint", a.sft])}
     methods = list(a.methods) + (["opa_dpo"] if a.with_opa and "opa_dpo" not in a.methods else [])
+    if "ppo" in methods and not (Path("output/rm") / "config.json").exists():
+        train("run_rm_training.sh", "output/rm", "--from_checkpoint", a.sft)
     for m in methods:
         script, out, args = runs[m]
         if not (a.reuse and (Path(out) / "config.json").exists()):
@@ -67,7 +73,7 @@ def main(argv=None) -> dict:
     for m in methods:
         results[m] = score(runs[m][1], a.world)
     base = results["sft"]
-    lines = ["| model | CHAIR_i | CHAIR_s | recall | CHAIR_i / SFT | recall - SFT | pairs | verdict |",
+    lines = ["| model | CHAIR_i | CHAIR_s | recall | CHAIR_i / SFT | recall - SFT | training rows | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     verdicts = {}
     for name, r in results.items():
