@@ -135,3 +135,23 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
                   "--figure_dir", str(tmp_path / "fig")])
     losses = [h["loss"] for h in r["history"]]
     assert losses[0] == pytest.approx(6.4 * np.log(2), rel=1e-4) and losses[1] < losses[0]
+
+
+def test_opa_sft_term_adds_the_ground_truth_nll_exactly():
+    import torch
+
+    from training.config import DPOArgs
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import opa_objective
+
+    torch.manual_seed(0)
+    n, k, length = 6, 4, 3  # 3 prompts x (real, masked) rows, 4 responses each
+    lp = -torch.rand(n, k, length)
+    ones = torch.ones(n, k, length)
+    pol = ResponseLogps(lp.sum(-1), ones.sum(-1), lp.sum(-1), lp, ones, ones)
+    ref = (lp.sum(-1) * 0.9, ones.sum(-1), lp.sum(-1) * 0.9)
+    base = opa_objective(pol, ref, DPOArgs(loss_type="opa", sft_weight=0.0), {})["pair_loss_sum"]
+    with_sft = opa_objective(pol, ref, DPOArgs(loss_type="opa", sft_weight=0.5), {})
+    expected = base - 0.5 * lp.sum(-1)[0::2, 0].sum()  # ground truth = response 0 of each real-image row
+    torch.testing.assert_close(with_sft["pair_loss_sum"], expected)
+    torch.testing.assert_close(with_sft["metrics"]["sft_loss"], -0.5 * lp.sum(-1)[0::2, 0].sum())

@@ -91,9 +91,14 @@ def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
                  (t[0::2, 0], t[1::2, 0], k[0::2, 0], k[1::2, 0]), (tw[0::2, 3], tw[1::2, 1], k[0::2, 3], k[1::2, 1])]
         pair_losses = [L.token_level_dpo_loss(*p, beta) for p in pairs]
     loss = L.opa_dpo_loss(h, chosen, beta, a.opa_c_std, a.opa_c_ai, a.opa_anchor, pair_losses)
+    m = {}
+    if a.sft_weight:  # the DPO family's added SFT term, on the ground-truth answer with the real image
+        sft = L.sft_term(pol.sum[0::2, 0], a.sft_weight)
+        loss = loss + sft
+        m["sft_loss"] = sft.detach().sum()
     out["pair_loss_sum"] = loss.sum()
     rw, rl = chosen[0].detach(), (beta * real_s[:, 2]).detach()
-    m = {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(), "rewards/margins": (rw - rl).sum(),
+    m |= {"rewards/chosen": rw.sum(), "rewards/rejected": rl.sum(), "rewards/margins": (rw - rl).sum(),
          "rewards/accuracies": (rw > rl).float().sum(),
          "logps/chosen": pol.sum[0::2, 0].detach().sum(), "logps/rejected": pol.sum[0::2, 2].detach().sum()}
     for k, x in enumerate(h, 1):

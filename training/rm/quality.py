@@ -7,9 +7,10 @@
    with two controls: the same held-out pairs scored with every pair's IMAGE taken from another
    scene, and (factual) with its FACTS taken from another scene. A reward model that reads the
    image (or the facts) must lose accuracy under its control.
-   The world's rejected responses differ from the chosen ones in form, not only in content (a
-   wrong count drops the colours, an invented object is appended after the real ones), so a
-   reward model can rank them from the text alone. `--hard_pairs` (default on) therefore also
+   The world's rejected responses differ from the chosen ones only in their error, but some errors
+   show in the text alone (a count of "four" never occurs in a true description; an invented kind
+   is often the partner of a present one), so a reward model can rank part of them without the
+   image. `--hard_pairs` (default on) therefore also
    trains both on HARD pairs built from the same scenes: the rejected response is the faithful
    description of a slightly different scene (a kind swapped, added or left out, or a count off by
    one; see `hard_rejected`), so mostly only the image or the facts can tell them apart.

@@ -47,7 +47,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sft_args", default="--lora_r 16 --lora_alpha 32 --lora_dropout 0 --learning_rate 1e-3 "
                                          "--num_train_epochs 2 --num_warmup_steps 0 --per_device_train_batch_size 16",
                    help="extra arguments of the OPA LoRA-SFT step (run_sft.sh)")
-    p.add_argument("--dpo_args", default="", help="extra arguments of the OPA-DPO step (run_dpo_training.sh)")
+    p.add_argument("--dpo_args", default="--sft_weight 0",
+                   help="extra arguments of the OPA-DPO step (run_dpo_training.sh); the default keeps the paper's "
+                        "loss (no added SFT term: measured CHAIR_i 0.029 without, 0.032 with weight 1)")
     p.add_argument("--in_process", action="store_true", help="run the SFT and DPO stages in this process "
                                                              "(one rank) instead of through their run_*.sh")
     return p.parse_args(argv)
