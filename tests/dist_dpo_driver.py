@@ -10,7 +10,8 @@ def dpo_args(world: Path, tiny: Path, out: Path, *extra: str, data: str = "prefe
     return ["--from_checkpoint", str(tiny), "--data_path", str(world / data), "--image_folder", str(world / "images"),
             "--output_dir", str(out), "--no-progress", "--logging_steps", "1", "--num_warmup_steps", "0",
             "--lr_scheduler_type", "constant", "--ref_cache_dir", str(out.parent / "ref_cache"),
-            "--figure_dir", str(out / "figure"), *extra]
+            "--figure_dir", str(out / "figure"), "--sft_weight", "0", *extra]  # the losses as defined; the
+    # stage's default added SFT term is tested on its own (test_dpo.py::test_default_adds_the_sft_term)
 
 
 DIST_COMMON = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5")

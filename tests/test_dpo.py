@@ -49,6 +49,17 @@ def test_end_to_end_per_loss_type(world, tiny, tmp_path, loss_type):
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
 
 
+def test_default_adds_the_sft_term(world, tiny, tmp_path):
+    """The stage default (sft_weight 1): loss = sigmoid DPO + mean over pairs of -logp(chosen)."""
+    out = tmp_path / "sft_term"
+    main(dpo_args(world, tiny, out, "--max_steps", "1", "--per_device_train_batch_size", "4", "--sft_weight", "1"))
+    r = _rows(out)[0]
+    assert r["sft_loss"] == pytest.approx(-r["logps/chosen"], rel=1e-5) and r["sft_loss"] > 1
+    assert r["loss"] == pytest.approx(math.log(2) + r["sft_loss"], rel=1e-4)
+    from training.dpo.main import DEFAULTS
+    assert DEFAULTS["sft_weight"] == 1.0
+
+
 def test_fast_path_equals_two_full_forwards(world, tiny):
     """Per-response log-probs of the shared-prefix layout == K full sequences, within 1e-4, also with
     LoRA adapters and in the backward pass (gradients of the summed log-probs)."""

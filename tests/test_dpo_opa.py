@@ -132,7 +132,7 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
                   "--data_path", str(out / "work" / "opa_pairs.json"), "--image_folder", str(world / "images"),
                   "--output_dir", str(tmp_path / "tok"), "--max_steps", "2", "--per_device_train_batch_size", "2",
                   "--no-progress", "--logging_steps", "1", "--num_warmup_steps", "0", "--learning_rate", "3e-3",
-                  "--figure_dir", str(tmp_path / "fig")])
+                  "--figure_dir", str(tmp_path / "fig"), "--sft_weight", "0"])
     losses = [h["loss"] for h in r["history"]]
     assert losses[0] == pytest.approx(6.4 * np.log(2), rel=1e-4) and losses[1] < losses[0]
 
