@@ -3,7 +3,7 @@
     python -m benchmarks.dpo_speed                       # 64 pairs, batch 8, 256 image tokens per prompt
     python -m benchmarks.dpo_speed --image_size 192      # 576 image tokens (LLaVA-1.5's count)
 
-The VLM is the embedded tiny LLaVA (CLIP-style ViT + projector + Llama, word-level tokenizer) at a
+The VLM is the embedded tiny LLaVA with its plain CLIP-ViT tower ("vit"; + projector + Llama, word-level tokenizer) at a
 larger image size, so each prompt holds (image_size/8)^2 image tokens and each response tens of
 tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side runs in its own
 process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
