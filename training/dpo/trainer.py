@@ -9,15 +9,13 @@ adapters off (LoRA) or a frozen reference model.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
-from training.engine.metrics import MetricsLogger
-from training.engine.loop import StepPlan, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps, save_due
 
 
 class DPOTrainer:
@@ -97,15 +95,7 @@ class DPOTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        out = Path(c.output_dir)
-        ckpt = out / "checkpoints"
-        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
-        step = state["step"] if state else 0
-        logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
-        bar = None
-        if self.s.is_main and c.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.plan.total_steps, initial=step, desc=self.a.loss_type, dynamic_ncols=True)
+        ckpt, step, logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, self.a.loss_type)
         history, accum = [], o.gradient_accumulation_steps
         t0, pairs_since = time.time(), 0.0
         self.engine.train()

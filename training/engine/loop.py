@@ -3,6 +3,7 @@ where a resumed run picks up, when a resumable checkpoint is due and when an int
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -54,3 +55,20 @@ def save_due(step: int, total: int, run) -> bool:
     end, where the stage saves its final model instead)."""
     stop = bool(run.stop_after_steps) and step >= run.stop_after_steps
     return step < total and (stop or bool(run.save_steps) and step % run.save_steps == 0)
+
+
+def open_run(strategy, engine, run, total_steps: int, desc: str):
+    """What every stage's loop opens with: -> (checkpoint dir, first step, metrics logger, progress bar
+    or None). With --resume the engine is restored from the last resumable checkpoint."""
+    from training.engine.metrics import MetricsLogger
+
+    out = Path(run.output_dir)
+    ckpt = out / "checkpoints"
+    state = strategy.load_resume(engine, ckpt) if run.resume else None
+    step = state["step"] if state else 0
+    logger = MetricsLogger(out, strategy.is_main, resume=bool(state))
+    bar = None
+    if strategy.is_main and run.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc=desc, dynamic_ncols=True)
+    return ckpt, step, logger, bar

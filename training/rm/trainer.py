@@ -8,14 +8,12 @@ over the step's micro-batches, so with centering on that invariance holds only u
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from training.engine.metrics import MetricsLogger
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.engine.loop import StepPlan, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps, save_due
 
 
 def matrix_pairs(R: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,15 +143,7 @@ class RMTrainer:
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        out = Path(c.output_dir)
-        ckpt = out / "checkpoints"
-        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
-        step = state["step"] if state else 0
-        self.logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
-        bar = None
-        if self.s.is_main and c.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.plan.total_steps, initial=step, desc="rm", dynamic_ncols=True)
+        ckpt, step, self.logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, "rm")
         history, accum = [], o.gradient_accumulation_steps
         t0, tokens_since, units_since = time.time(), 0.0, 0
         self.engine.train()

@@ -7,14 +7,12 @@ the same update.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.loop import StepPlan, planned_steps, save_due
-from training.engine.metrics import MetricsLogger
+from training.engine.loop import StepPlan, open_run, planned_steps, save_due
 from training.logprobs import nll_sum
 from training.templates.chat import ChatEncoder, PromptTooLong
 
@@ -72,15 +70,7 @@ class SFTTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        out = Path(c.output_dir)
-        ckpt = out / "checkpoints"
-        state = self.s.load_resume(self.engine, ckpt) if c.resume else None
-        step = state["step"] if state else 0
-        logger = MetricsLogger(out, self.s.is_main, resume=bool(state))
-        bar = None
-        if self.s.is_main and c.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.plan.total_steps, initial=step, desc="sft", dynamic_ncols=True)
+        ckpt, step, logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, "sft")
         history, accum = [], o.gradient_accumulation_steps
         t0, tokens_since = time.time(), 0.0
         self.engine.train()
