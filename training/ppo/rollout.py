@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from training.data.collate import SFTBatch, collate_sft
-from training.predict.generate import DecodeArgs, never_generate
+from training.predict.generate import DecodeArgs, stop_and_never
 from training.templates.chat import IGNORE, ChatEncoder, Encoded
 
 
@@ -30,16 +30,16 @@ class Rollout:
 def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
                       decode: DecodeArgs, device, synced_gpus: bool = False) -> Rollout:
     tok = processor.tokenizer
-    eos = model.generation_config.eos_token_id or tok.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    eos_list, never = stop_and_never(model, tok)
+    eos_ids = set(eos_list)
     enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
     left = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True).to(device)
     t0 = time.time()
     with torch.no_grad():
         out = model.generate(**left.model_inputs(), do_sample=decode.do_sample, temperature=decode.temperature,
                              top_p=decode.top_p, max_new_tokens=decode.max_new_tokens, synced_gpus=synced_gpus,
-                             pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids), use_cache=True,
-                             suppress_tokens=never_generate(model, tok, eos_ids))
+                             pad_token_id=tok.pad_token_id, eos_token_id=eos_list, use_cache=True,
+                             suppress_tokens=never)
     dt = time.time() - t0
     new = out[:, left.input_ids.shape[1]:].cpu()
     rows, lengths, ended = [], [], []

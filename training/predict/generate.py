@@ -19,13 +19,16 @@ class DecodeArgs:
     num_return_sequences: int = 1
 
 
-def never_generate(model, tokenizer, eos_ids) -> list[int]:
-    """Token ids a response must never hold: image / video placeholders (a sampled one breaks the
-    next forward: placeholder count != image features) and padding (unless it doubles as EOS)."""
+def stop_and_never(model, tokenizer) -> tuple[list[int], list[int]]:
+    """(EOS ids that end a response, token ids a response must never hold: image / video placeholders
+    (a sampled one breaks the next forward: placeholder count != image features) and padding unless
+    it doubles as EOS). Every generate call of the project passes both."""
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos]
     cfg = model.config
     names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
     ids = {getattr(cfg, n, None) for n in names} | {getattr(tokenizer, "image_token_id", None), tokenizer.pad_token_id}
-    return sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer) and i not in set(eos_ids))
+    return eos_ids, sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer) and i not in set(eos_ids))
 
 
 def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
@@ -36,11 +39,10 @@ def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, promp
     batch = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True)
     if device is not None:
         batch = batch.to(device)
-    eos = model.generation_config.eos_token_id or tok.eos_token_id
-    eos_ids = eos if isinstance(eos, list) else [eos]
+    eos_ids, never = stop_and_never(model, tok)
     kw = dict(max_new_tokens=decode.max_new_tokens, do_sample=decode.do_sample, num_beams=decode.num_beams,
               num_return_sequences=decode.num_return_sequences, pad_token_id=tok.pad_token_id,
-              eos_token_id=eos_ids, suppress_tokens=never_generate(model, tok, eos_ids))
+              eos_token_id=eos_ids, suppress_tokens=never)
     if decode.do_sample:
         kw.update(temperature=decode.temperature, top_p=decode.top_p)
     with torch.no_grad():
