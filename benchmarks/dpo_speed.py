@@ -3,7 +3,7 @@
     python -m benchmarks.dpo_speed                       # 64 pairs, batch 8, 256 image tokens per prompt
     python -m benchmarks.dpo_speed --image_size 192      # 576 image tokens (LLaVA-1.5's count)
 
-The VLM is the embedded tiny LLaVA with its plain CLIP-ViT tower ("vit"; + projector + Llama, word-level tokenizer) at a
+The VLM is the embedded tiny LLaVA with its plain CLIP-ViT tower (tower "vit"; + projector + Llama) at a
 larger image size, so each prompt holds (image_size/8)^2 image tokens and each response tens of
 tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side runs in its own
 process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
@@ -131,7 +131,7 @@ def worker_ours(a) -> dict:
     t0 = time.time()
     r = main(["--from_checkpoint", a.model, "--data_path", a.data, "--image_folder", a.images, "--output_dir",
               str(out), "--ref_cache_dir", str(out / f"ref_cache_{time.time_ns()}"), "--max_seq_len", "4096",
-              "--per_device_train_batch_size", str(a.batch), "--per_device_eval_batch_size", str(a.ref_batch),
+              "--per_device_train_batch_size", str(a.batch), "--per_device_eval_batch_size", str(a.batch),
               "--num_train_epochs", str(a.epochs), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
               "--num_warmup_steps", "0", "--logging_steps", "1", "--no-progress", "--precision", a.precision,
               "--figure_dir", str(out / "figure"), "--max_grad_norm", "1.0", "--sft_weight", "0"])  # plain sigmoid DPO, as TRL
@@ -201,7 +201,7 @@ def run_worker(kind: str, a, model: Path, data: Path, images: Path, work: Path) 
     out = work / f"{kind}.json"
     cmd = [sys.executable, "-m", "benchmarks.dpo_speed", "--worker", kind, "--model", str(model), "--data",
            str(data), "--images", str(images), "--work", str(work), "--batch", str(a.batch), "--epochs", str(a.epochs),
-           "--ref_batch", str(a.ref_batch), "--precision",
+           "--precision",
            a.precision, "--result", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
@@ -241,8 +241,6 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--ref_batch", type=int, default=32, help="ours: pairs per call of the one-off reference "
-                                                              "pass (no gradients, so larger than --batch)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the pairs (ours computes the reference "
                                                           "log-probs once, before the first)")
     p.add_argument("--image_size", type=int, default=128, help="(image_size/8)^2 image tokens per prompt")

@@ -48,14 +48,15 @@ def probe(tower, a, xtr, ytr, xte, yte) -> float:
     from transformers import AutoModel
 
     from training.model.tiny import vision_config
+    from training.model.tiny_vision import image_tokens
 
     torch.manual_seed(0)
     encoder = AutoModel.from_config(vision_config(a.hidden, a.layers, tower))
     head = torch.nn.Linear(a.hidden, ytr.shape[1])
     opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=a.lr)
 
-    def logits(x):  # the tokens the VLM's projector receives: last layer, CLS dropped
-        return head(encoder(x, output_hidden_states=-1).hidden_states[-1][:, 1:].mean(1))
+    def logits(x):
+        return head(image_tokens(encoder, x).mean(1))
 
     def accuracy(x, y):
         with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.model import tiny
-from training.model.tiny_vision import MAX_COUNT, _targets, image_tokens, pretrain_vision_tower, scene_pool
+from training.model.tiny_vision import MAX_COUNT, POOL_SEED, _targets, image_tokens, pretrain_vision_tower, scene_pool
 from training.world.scenes import BACKGROUNDS, COLORS, KINDS, Obj, Scene, sample_scene
 
 
@@ -32,9 +32,15 @@ def test_pool_is_deterministic_and_not_the_worlds_scenes():
     a, b = scene_pool(6), scene_pool(6)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     assert int(a[2].max()) <= MAX_COUNT and a[0].shape == (6, 3, 64, 64)
-    # the world's splits draw from random.Random(world seed); the pool from its own seed
-    world = [sample_scene(random.Random(0), f"x{i}") for i in range(1)]
-    assert [_targets(s)[1] for s in world] != a[2][:1].tolist()
+    # the world draws its scenes from random.Random(world seed), the pool from its own seed: no pool
+    # scene's objects (kinds, colours, sizes, positions) equal a default-world scene's
+    rng = random.Random(0)
+    world = {sample_scene(rng, f"w{i}").objects for i in range(500)}
+    rng = random.Random(POOL_SEED)
+    pool = [sample_scene(rng, f"p{i}").objects for i in range(500)]
+    assert not world.intersection(pool)
+    first = sample_scene(random.Random(POOL_SEED), "x")  # scene_pool draws from that same seed
+    assert a[1][0].tolist() == _targets(first)[0] and a[2][0].tolist() == _targets(first)[1]
 
 
 def test_pretraining_lowers_the_tagging_loss():

@@ -119,7 +119,7 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    steps = VISION_PRETRAIN_STEPS if vision_pretrain_steps is None else vision_pretrain_steps
+    steps = _pretrain_steps(vision_pretrain_steps)
     out_dir = Path(out_dir)
     processor = build_processor()
     torch.manual_seed(seed)
@@ -135,6 +135,10 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers
     return out_dir
 
 
+def _pretrain_steps(steps: int | None) -> int:
+    return VISION_PRETRAIN_STEPS if steps is None else steps  # read at call time (tests set it to 0)
+
+
 def _signature(seed: int, hidden: int, layers: int, vision_pretrain_steps: int) -> dict:
     return {"seed": seed, "hidden": hidden, "layers": layers, "vocab": vocabulary(), "template": CHAT_TEMPLATE,
             "vision": json.loads(vision_config(hidden, layers).to_json_string()),
@@ -144,7 +148,7 @@ def _signature(seed: int, hidden: int, layers: int, vision_pretrain_steps: int) 
 def ensure_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2,
                     vision_pretrain_steps: int | None = None) -> Path:
     """Build the tiny VLM once; rebuild when its definition (vocabulary, template, sizes) changed."""
-    steps = VISION_PRETRAIN_STEPS if vision_pretrain_steps is None else vision_pretrain_steps
+    steps = _pretrain_steps(vision_pretrain_steps)
     out_dir = Path(out_dir)
     marker = out_dir / "tiny_vlm.json"
     if not marker.exists() or json.loads(marker.read_text()) != _signature(seed, hidden, layers, steps):

@@ -2,7 +2,7 @@
 
 Real LLaVA starts from a CLIP tower that has seen 400M images and keeps it frozen; a from-scratch
 tower trained only through the language model's loss on 4,000 scenes learns colours but not shapes
-(measured: shape-word loss near chance after 2,000 SFT steps while background words are ~0).
+(object recall 0.41 after 2,000 SFT steps; see README "The tiny default VLM").
 So the tiny VLM's tower is first trained to tag scenes from its own pool - drawn by the world's
 scene sampler with another seed, so no SFT, preference or held-out scene is among them - with
 which kinds and colours are present, the background, and how many of each kind (a head on the mean of the image
