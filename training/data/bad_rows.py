@@ -36,4 +36,6 @@ class BadRowReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"n_skipped": len(self.skipped), "by_reason": self.counts(),
                                     "rows": self.skipped}, indent=1))
+        if self.skipped:  # nothing is dropped silently
+            print(f"skipped {len(self.skipped)} bad rows: see {path}")
         return path

@@ -82,8 +82,6 @@ def main(argv=None) -> dict:
     strategy.save_hf(trainer.engine, processor, out)
     if strategy.is_main:
         report.write(out)
-        if report.skipped:
-            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
         from training.dpo.plots import plot_metrics
         png = plot_metrics(out / "metrics.jsonl", Path(a.figure_dir) / f"{out.name}_metrics.png",
                            f"{a.loss_type}: {out}")

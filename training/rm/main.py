@@ -82,8 +82,6 @@ def main(argv=None) -> dict:
     trainer.logger.close()
     if strategy.is_main:
         report.write(out)
-        if report.skipped:
-            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
         if "eval" in result:
             print(f"held-out pairwise accuracy {result['eval']['eval/accuracy']:.4f} "
                   f"({result['eval']['eval/n']} lists, factual={rmc.factual}) -> {out}")

@@ -47,8 +47,6 @@ def main(argv=None) -> dict:
     strategy.save_hf(trainer.engine, processor, out)
     if strategy.is_main:
         report.write(out)
-        if report.skipped:
-            print(f"skipped {len(report.skipped)} bad rows: see {out / 'bad_rows.json'}")
     return {"history": history, "output_dir": str(out)}
 
 
