@@ -173,3 +173,65 @@ def test_qlora_policy_learns(world, tiny, tmp_path):
     losses = [h["loss"] for h in r["history"]]
     assert losses[0] == pytest.approx(math.log(2), rel=1e-4) and losses[-1] < losses[0]
     assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def _pref_dataset(world, tiny, max_len, report=None, n_responses=0):
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    recs = read_preferences([str(world / "ranked_train.json")], str(world / "images"))
+    return PreferenceDataset(recs, ChatEncoder(proc, arch, max_len), str(world / "images"), report or BadRowReport(),
+                             n_responses)
+
+
+def test_group_processes_its_image_once_and_encodes_like_separate_conversations(world, tiny):
+    from training.data.images import load_image
+    from training.data.records import Message
+
+    ds = _pref_dataset(world, tiny, 160)
+    enc, rec = ds.encoder, ds.records[0]
+    calls = []
+    proc_call = type(enc.processor).__call__
+    type(enc.processor).__call__ = lambda self, *a, **k: (calls.append(1), proc_call(self, *a, **k))[1]
+    try:
+        item = ds[0]
+    finally:
+        type(enc.processor).__call__ = proc_call
+    assert len(rec.responses) == 3 and len(calls) == 1  # three responses, one image processing
+    images = [load_image(src, ds.image_root) for src in rec.images]
+    for k, text in enumerate(rec.responses):  # each response encoded alone, without the shared memo
+        e = enc.encode(rec.prompt + [Message("assistant", text)], images)
+        assert torch.equal(e.input_ids[:e.prompt_len], item.prompt_ids)
+        assert torch.equal(e.input_ids[e.prompt_len:], item.responses[k])
+        assert torch.equal(e.labels[e.prompt_len:], item.targets[k])
+        for key, v in e.vision.items():
+            assert torch.equal(v, item.vision[key])
+
+
+def test_encoded_cache_keeps_items_within_its_budget(world, tiny):
+    from training.data.encoded_cache import EncodedCache, nbytes
+
+    ds = _pref_dataset(world, tiny, 160)
+    one = nbytes(ds[0])
+    assert one > 3 * 32 * 32 * 4  # pixel values and token ids are counted
+    cache = EncodedCache(ds, budget_mb=2.5 * one / 2 ** 20)  # room for two items
+    first = [cache[i] for i in range(4)]
+    assert sorted(cache.kept) == [0, 1] and cache.used <= cache.budget
+    assert cache[0] is first[0] and cache[1] is first[1]  # kept: the same object, not re-encoded
+    assert cache[2] is not first[2] and torch.equal(cache[2].prompt_ids, first[2].prompt_ids)
+    assert len(cache) == len(ds) and cache.n_responses == ds.n_responses  # the dataset's attributes
+
+
+def test_a_too_long_item_is_counted_once_over_several_passes(world, tiny):
+    from training.data.bad_rows import BadRowReport
+
+    report = BadRowReport(skip=True)
+    ds = _pref_dataset(world, tiny, 40, report)  # the image alone needs more than 40 tokens
+    for _ in range(3):  # the reference pass and two epochs
+        assert ds[0] is None and ds[1] is None
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "conversations"), (1, "conversations")]

@@ -52,6 +52,8 @@ class DataArgs:
     eval_data_path: str = _f("", "Held-out data (same formats). Empty: the embedded world's held-out split.")
     max_seq_len: int = _f(512, "Maximum tokens per sample; response text is cut, never image tokens.")
     skip_bad_rows: bool = _f(False, "Skip bad rows and count them in bad_rows.json instead of stopping.")
+    encoded_cache_mb: int = _f(2048, "DPO family: keep encoded samples (tokens + pixel inputs) in memory up to "
+                                     "this many MiB, so the reference pass and later epochs encode once (0: off).")
     world_dir: str = _f("data/world", "Where the embedded world is generated (when no data_path).")
     world_seed: int = _f(0, "Seed of the embedded world.")
 

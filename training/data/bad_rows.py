@@ -21,11 +21,18 @@ class BadRowReport:
     """Collects skipped rows when skipping is on; raises at once when it is off."""
     skip: bool = False
     skipped: list[dict] = field(default_factory=list)
+    _items: set = field(default_factory=set, repr=False)
 
-    def bad(self, where: RowRef, field_name: str, reason: str) -> None:
+    def bad(self, where: RowRef, field_name: str, reason: str, item: tuple | None = None) -> None:
+        """item: (dataset, position) of a row found bad when a dataset encodes it: the next pass or epoch
+        over the same item finds it again, and it is counted once."""
         err = BadRowError(where, field_name, reason)
         if not self.skip:
             raise err
+        if item is not None:
+            if (id(item[0]), item[1]) in self._items:
+                return
+            self._items.add((id(item[0]), item[1]))
         self.skipped.append({"file": where.file, "row": where.row, "field": field_name, "reason": reason})
 
     def counts(self) -> dict[str, int]:

@@ -46,9 +46,9 @@ class GroupItem:
 def encode_group(encoder: ChatEncoder, prompt: list[Message], responses: list[str], images: list,
                  index: int, weights: list[list[float] | None] | None = None) -> GroupItem:
     """Encode prompt + each response with the shared chat-template layer; split at prompt_len."""
-    prompt_ids, vision, resp, tgt = None, {}, [], []
-    for text in responses:
-        e = encoder.encode(prompt + [Message("assistant", text)], images)
+    prompt_ids, vision, resp, tgt, memo = None, {}, [], [], {}
+    for text in responses:  # the prompt (and its image) is processed once, for the first response
+        e = encoder.encode(prompt + [Message("assistant", text)], images, memo=memo)
         p = e.input_ids[:e.prompt_len]
         if prompt_ids is None:
             prompt_ids, vision = p, e.vision
@@ -79,7 +79,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         try:
             return encode_group(self.encoder, r.prompt, responses, images, i)
         except PromptTooLong as e:
-            self.report.bad(r.source, "conversations", str(e))
+            self.report.bad(r.source, "conversations", str(e), item=(self, i))
             return None
 
 

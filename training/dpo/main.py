@@ -64,6 +64,9 @@ def main(argv=None) -> dict:
         records = read_preferences(paths, d.image_folder, report)
         n_resp = 0 if a.loss_type == "listwise" else 2
         dataset = PreferenceDataset(records, encoder, d.image_folder, report, n_responses=n_resp)
+    if d.encoded_cache_mb > 0:
+        from training.data.encoded_cache import EncodedCache
+        dataset = EncodedCache(dataset, d.encoded_cache_mb)
     trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     if strategy.is_main:

@@ -79,7 +79,6 @@ class RMDataset(torch.utils.data.Dataset):
             records = kept
         self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
         self.factual, self.shuffle_facts, self.seed, self.epoch = factual, shuffle_facts, seed, 0
-        self._reported: set[int] = set()  # a row that is too long is reported once, not every epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,9 +91,7 @@ class RMDataset(torch.utils.data.Dataset):
             return [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
                     for resp in r.responses]
         except PromptTooLong as e:
-            if i not in self._reported:
-                self._reported.add(i)
-                self.report.bad(r.source, "conversations", str(e))
+            self.report.bad(r.source, "conversations", str(e), item=(self, i))
             return None
 
 

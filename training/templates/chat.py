@@ -125,7 +125,10 @@ class ChatEncoder:
             return ids, dict(out)
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"], {}
 
-    def encode(self, messages: list[Message], images: list, add_generation_prompt: bool = False) -> Encoded:
+    def encode(self, messages: list[Message], images: list, add_generation_prompt: bool = False,
+               memo: dict | None = None) -> Encoded:
+        """memo: a dict shared by encodes of conversations with the SAME images (a prompt and its K
+        responses): a segment already tokenised there (the prompt, with its image processing) is reused."""
         segs = self.segments(messages, add_generation_prompt)
         n_needed = sum(t.count(self.image_token) for t, _ in segs)
         if n_needed != len(images):
@@ -133,7 +136,13 @@ class ChatEncoder:
         pieces, img_i = [], 0  # (ids, is_target, vision, n_images)
         for k, (text, target) in enumerate(segs):
             n = text.count(self.image_token)
-            ids, vision = self._tokenize(text, images[img_i:img_i + n], first=k == 0)
+            key = (k, img_i, text)
+            if memo is not None and key in memo:
+                ids, vision = memo[key]
+            else:
+                ids, vision = self._tokenize(text, images[img_i:img_i + n], first=k == 0)
+                if memo is not None:
+                    memo[key] = ids, vision
             pieces.append((ids, target, vision, n))
             img_i += n
         return self._assemble(pieces)

@@ -109,7 +109,7 @@ class OPADataset(torch.utils.data.Dataset):
             real = encode_group(self.encoder, prompt, texts, [image], ROWS_PER_ITEM * i)
             mask = encode_group(self.encoder, prompt, [r["gt"], r["revised"]], [masked], ROWS_PER_ITEM * i + 1)
         except PromptTooLong as e:
-            self.report.bad(RowRef(self.source, i), "question", str(e))
+            self.report.bad(RowRef(self.source, i), "question", str(e), item=(self, i))
             return None
         real.weights = [None if w is None else token_weights(self.tokenizer, t, w, ids.tolist())
                         for t, w, ids in zip(texts, sw, real.responses)]
