@@ -155,3 +155,25 @@ def test_opa_sft_term_adds_the_ground_truth_nll_exactly():
     expected = base - 0.5 * lp.sum(-1)[0::2, 0].sum()  # ground truth = response 0 of each real-image row
     torch.testing.assert_close(with_sft["pair_loss_sum"], expected)
     torch.testing.assert_close(with_sft["metrics"]["sft_loss"], -0.5 * lp.sum(-1)[0::2, 0].sum())
+
+
+def test_only_corrected_keeps_the_rollouts_the_expert_changed(world, tmp_path):
+    from training.dpo.opa.main import main
+
+    out = tmp_path / "opa"
+    (out / "work").mkdir(parents=True)
+    wrong = "The image shows one blue circle and one red square on a cyan background."
+    rollouts = [{"id": f"p{i}", "image": "x.png", "question": "Describe the image in detail.", "gt": GT,
+                 "facts": FACTS, "rollout": r} for i, r in enumerate([wrong, GT, wrong.replace("red", "blue")])]
+    (out / "work" / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    base = ["--step", "correct", "--force", "--from_checkpoint", str(tmp_path), "--data_path",
+            str(world / "preference_train.json"), "--image_folder", str(world / "images"), "--output_dir", str(out)]
+    ids = lambda: [p["id"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())]  # noqa: E731
+    main(base)
+    assert ids() == ["p0", "p1", "p2"]  # the paper's default: every rollout
+    main(base + ["--only_corrected"])
+    assert ids() == ["p0", "p2"]
+    sft = json.loads((out / "work" / "opa_sft.json").read_text())
+    assert {s["id"].split("-")[0] for s in sft} == {"p0", "p2"}  # the OPA-SFT step sees the same prompts
+    main(base + ["--only_corrected", "--max_pairs", "1"])
+    assert ids() == ["p0"]

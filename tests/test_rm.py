@@ -237,3 +237,22 @@ def test_factual_block_cut_by_max_seq_len_is_a_bad_row_reported_once(world, tiny
     assert RMDataset(recs, ChatEncoder(processor, arch, 120), str(world / "images"), report, factual=False)[0]
     with pytest.raises(BadRowError, match="max_seq_len=120"):
         RMDataset(recs, ChatEncoder(processor, arch, 120), str(world / "images"), BadRowReport(), factual=True)[0]
+
+
+def test_changed_scene_makes_exactly_one_error_of_each_type():
+    import random
+
+    from training.rm.quality import ERRORS, changed_scene
+    from training.world.scenes import KINDS, Obj, Scene
+
+    scene = Scene("s", "cyan", (Obj("circle", "blue", 7, 1, 1), Obj("cross", "red", 7, 5, 5), Obj("cross", "blue", 7, 9, 9)))
+    counts = lambda s: {k: s.count(k) for k in KINDS if s.count(k)}  # noqa: E731
+    for seed in range(20):
+        rng = random.Random(seed)
+        got = {e: changed_scene(scene, e, rng) for e in ERRORS}
+        add, swap, omit, cnt = (counts(got[e]) for e in ("add", "swap", "omit", "count"))
+        assert len(add) == 3 and {k: add[k] for k in ("circle", "cross")} == {"circle": 1, "cross": 2}
+        assert len(swap) == 2 and sorted(swap.values()) == [1, 2] and set(swap) != {"circle", "cross"}
+        assert omit in ({"circle": 1}, {"cross": 2})
+        assert set(cnt) <= {"circle", "cross"} and sum(abs(cnt.get(k, 0) - v) for k, v in counts(scene).items()) == 1
+    assert changed_scene(Scene("t", "cyan", (Obj("circle", "blue", 7, 1, 1),)), "omit", random.Random(0)) is None

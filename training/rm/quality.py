@@ -49,15 +49,27 @@ def hard_rejected(scene, rng):
     """The faithful description of a slightly different scene, so that the text alone does not tell:
     one kind swapped for an absent one (same counts and colours), one absent object added, one
     present kind left out (balancing the added one: fewer objects is no cue), or one count off by one."""
+    from training.world.scenes import describe
+
+    error = rng.choice(ERRORS)
+    if error == "omit" and len(scene.kinds) < 2:
+        error = "swap"
+    return describe(changed_scene(scene, error, rng))
+
+
+ERRORS = ("swap", "add", "omit", "count")
+
+
+def changed_scene(scene, error: str, rng):
+    """The scene with one error of the given type (see hard_rejected), or None when it cannot carry it."""
     from dataclasses import replace
 
-    from training.world.scenes import COLORS, KINDS, Obj, Scene, describe
+    from training.world.scenes import COLORS, KINDS, Obj, Scene
 
     objs, kinds = list(scene.objects), scene.kinds
     absent = [k for k in KINDS if k not in kinds]
-    error = rng.choice(("swap", "add", "omit", "count"))
-    if error == "omit" and len(kinds) < 2:
-        error = "swap"
+    if error in ("add", "swap") and not absent or error == "omit" and len(kinds) < 2:
+        return None
     if error == "swap":
         old, new = rng.choice(kinds), rng.choice(absent)
         objs = [replace(o, kind=new) if o.kind == old else o for o in objs]
@@ -73,7 +85,7 @@ def hard_rejected(scene, rng):
             objs.remove(rng.choice(mine))
         else:
             objs.append(replace(rng.choice(mine), x=0, y=0))
-    return describe(Scene(scene.id, scene.background, tuple(objs)))
+    return Scene(scene.id, scene.background, tuple(objs))
 
 
 def hard_pairs(world: Path, split: str, dest: Path, seed: int) -> Path:

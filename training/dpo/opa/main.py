@@ -35,6 +35,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image_folder", default="")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
+    p.add_argument("--only_corrected", action="store_true",
+                   help="build pairs only from rollouts the expert corrected (a rollout it leaves as it is gives "
+                        "pairs 1 and 2 no contrast: chosen and rejected say the same)")
+    p.add_argument("--max_pairs", type=int, default=0, help="keep at most this many prompts' pairs (0: all)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--rollout_batch_size", type=int, default=64)
@@ -144,6 +148,8 @@ def step_correct(a, work: Path) -> None:
         revised, score_w, type_w = revised_with_weights(report)
         if not revised.strip() or not r["gt"].strip():
             continue
+        if a.only_corrected and all(x["score"] == 4 for x in report) or a.max_pairs and len(pairs) >= a.max_pairs:
+            continue
         pairs.append({"id": rid, "image": r["image"], "question": r["question"], "gt": r["gt"],
                       "rollout": r["rollout"], "revised": revised, "rollout_weights": rollout_weights(report),
                       "revised_score_weights": score_w, "revised_type_weights": type_w, "report": report})
@@ -153,7 +159,8 @@ def step_correct(a, work: Path) -> None:
     (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
     (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
     n_bad = sum(any(x["score"] < 4 for x in done[k]["report"]) for k in rollouts)
-    print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected -> {work / 'opa_pairs.json'}")
+    print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected; {len(pairs)} prompts' pairs -> "
+          f"{work / 'opa_pairs.json'}")
 
 
 def _stage(script: str, args: list[str], in_process: bool = False) -> None:
