@@ -9,7 +9,9 @@ tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side ru
 process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
 
   ours  training.dpo.main: reference log-probs precomputed once (counted in its time), image and
-        prompt computed once per pair (shared-prefix layout), no reference model in memory.
+        prompt computed once per pair (shared-prefix layout), no reference model in memory, each
+        sample tokenised and its image processed once (kept in memory for the epochs after the
+        reference pass: --encoded_cache_mb; that memory is in its peak).
   TRL   trl.DPOTrainer at its best available settings for a VLM: precompute_ref_log_probs raises
         for vision datasets and padding_free is disabled, so it runs a reference copy each step;
         gradient checkpointing off (its default is on: slower).
