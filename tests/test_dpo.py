@@ -104,11 +104,13 @@ SGD = ["--optimizer", "sgd", "--learning_rate", "2.0", "--max_steps", "2"]
 
 
 def test_accumulation_fast_plain_and_live_reference_all_agree(world, tiny, tmp_path):
-    """Batch 4 x accum 1 (fast path, cached reference) == batch 1 x accum 4 (plain path, reference
-    recomputed every step by a frozen model): one SGD step is the gradient, so the weights agree."""
+    """Batch 4 x accum 1 (fast path, cached reference, samples encoded once and kept) == batch 1 x
+    accum 4 (plain path, reference recomputed every step by a frozen model, samples encoded at every
+    use): one SGD step is the gradient, so the weights agree."""
     main(dpo_args(world, tiny, tmp_path / "a", *SGD, "--per_device_train_batch_size", "4"))
     main(dpo_args(world, tiny, tmp_path / "b", *SGD, "--per_device_train_batch_size", "1",
-                  "--gradient_accumulation_steps", "4", "--no-fast_path", "--no-precompute_ref"))
+                  "--gradient_accumulation_steps", "4", "--no-fast_path", "--no-precompute_ref",
+                  "--encoded_cache_mb", "0"))
     a, b, init = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tiny)
     assert _changed(a, init) > 1e-3
     for k in a:
