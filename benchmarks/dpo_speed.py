@@ -19,6 +19,9 @@ process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpoi
 Printed for both: pairs/s over the run (ours including its reference pass), peak memory (CUDA:
 max allocated; CPU: the process's peak RSS above its RSS before training), and the chosen/rejected
 log-probs of the first batch (the first `batch` pairs of the file, at initialisation); then ratios.
+Each side runs --repeats times (default 3), alternating ours / TRL, and the run with the median pairs/s
+is the one reported (on a shared 2-core machine one run of either side varies by 10-20%); the ratio
+of every pair of runs is printed too.
 """
 from __future__ import annotations
 
@@ -218,6 +221,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median pairs/s (its own seconds, memory and first batch)."""
+    return sorted(runs, key=lambda r: r["pairs"] / r["seconds"])[len(runs) // 2]
+
+
 def report(ours: dict, trl: dict, a) -> str:
     import statistics as st
 
@@ -245,6 +253,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1, help="epochs over the pairs (ours computes the reference "
                                                           "log-probs once, before the first)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median run is reported")
     p.add_argument("--image_size", type=int, default=128, help="(image_size/8)^2 image tokens per prompt")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -266,13 +275,20 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     model = build_bench_vlm(work / f"vlm_{a.image_size}_{a.hidden}_{a.layers}", a.image_size, a.hidden, a.layers)
     data, images = make_data(work, a.pairs)
-    res = {}
-    for kind in ("ours", "trl"):
-        if a.only in (None, kind):
-            res[kind] = run_worker(kind, a, model, data, images, work)
-            print(kind, json.dumps({k: v for k, v in res[kind].items() if k != "first_batch"}), flush=True)
+    runs = {"ours": [], "trl": []}
+    for r in range(a.repeats):  # alternating, so a slow spell of the machine hits both sides
+        for kind in ("ours", "trl"):
+            if a.only in (None, kind):
+                runs[kind].append(run_worker(kind, a, model, data, images, work))
+                print(kind, r + 1, json.dumps({k: v for k, v in runs[kind][-1].items() if k != "first_batch"}),
+                      flush=True)
+    res = {k: median_run(v) for k, v in runs.items() if v}
     if len(res) == 2:
         text = report(res["ours"], res["trl"], a)
+        if a.repeats > 1:
+            each = [(o["pairs"] / o["seconds"]) / (t["pairs"] / t["seconds"]) for o, t in zip(runs["ours"], runs["trl"])]
+            text += ("\nmedian of " + str(a.repeats) + " alternating runs per side; ratio of each pair of runs: "
+                     + ", ".join(f"{x:.2f}x" for x in each))
         print(f"\nDPO speed, {a.pairs} pairs x {a.epochs} epoch(s), batch {a.batch}, {(a.image_size // 8) ** 2} image "
               f"tokens per prompt, "
               f"hidden {a.hidden}, {a.layers} layers, {a.precision}, {'CUDA' if _cuda() else 'CPU'}:\n{text}")

@@ -112,7 +112,7 @@ def test_gradient_checkpointing_same_grads(tiny_ckpts, arch):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            enable_gradient_checkpointing(model, lora=False)
+            enable_gradient_checkpointing(model)
         model.zero_grad()
         _loss(model, batch).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -83,7 +83,10 @@ def test_fast_path_equals_two_full_forwards(world, tiny):
     pad = proc.tokenizer.pad_token_id
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = response_logps(model, collate_prefix(items, pad, arch.name))
+    packed = collate_prefix(items, pad, arch.name)
+    # one row, no padding: every token is a prompt or response token of some item
+    assert packed.input_ids.shape == (1, sum(len(it.prompt_ids) + sum(map(len, it.responses)) for it in items))
+    fast = response_logps(model, packed)
     g_fast = torch.autograd.grad(fast.sum.sum(), params, allow_unused=True)
     plain = response_logps(model, collate_plain(items, pad, arch.name))
     g_plain = torch.autograd.grad(plain.sum.sum(), params, allow_unused=True)
@@ -91,6 +94,34 @@ def test_fast_path_equals_two_full_forwards(world, tiny):
     torch.testing.assert_close(fast.sum, plain.sum, rtol=0, atol=1e-4)
     assert fast.sum.abs().min() > 1.0  # real log-probs, not zeros
     for a, b in zip(g_fast, g_plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_packed_layout_under_gradient_checkpointing(world, tiny):
+    """Recomputation in backward sees each item's mask too (it travels in the forward's kwargs)."""
+    from training.config import LoraArgs, ModelArgs
+    from training.dpo.data import collate_plain, collate_prefix
+    from training.dpo.forward import response_logps
+    from training.model.builder import load_model_and_processor
+
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny), gradient_checkpointing=True),
+                                                 LoraArgs())
+    ds = _pref_dataset(world, tiny, 160, n_responses=2)
+    items = [ds[i] for i in range(4)]
+    model.train()
+    for mod in model.modules():  # deterministic forwards
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for batch in (collate_prefix(items, proc.tokenizer.pad_token_id, arch.name),
+                  collate_plain(items, proc.tokenizer.pad_token_id, arch.name)):
+        lp = response_logps(model, batch).sum
+        grads.append((lp.detach(), torch.autograd.grad(lp.sum(), params, allow_unused=True)))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-4)
+    for a, b in zip(grads[0][1], grads[1][1]):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

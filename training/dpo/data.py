@@ -4,16 +4,19 @@ Two batch layouts give the same per-response log-probs (tested to 1e-4):
 
   PlainBatch   K full sequences per item, [prompt | response_k] each, right-padded: what TRL does
                (the image is encoded and the prompt computed once per response).
-  PrefixBatch  ONE row per item, [prompt | response_1 | ... | response_K]: a 4D mask lets response k
-               see the prompt and itself only, and its positions restart after the prompt, so every
-               response sees exactly what it sees in the plain layout. The image is encoded once, the
-               prompt (image tokens + question) computed once, and logits are built only where a
-               response token is predicted (`logits_to_keep`).
+  PrefixBatch  every item as [prompt | response_1 | ... | response_K], the items packed one after
+               another in ONE row with no padding; response k sees the prompt and itself only (each
+               item's mask, applied item by item by training.dpo.packed's attention) and its
+               positions restart after the prompt, so every response sees exactly what it sees in
+               the plain layout. The image is encoded once, the prompt (image tokens + question)
+               computed once, no token is padding, and logits are built only where a response token
+               is predicted (`logits_to_keep`).
 
 Shapes (N items, K responses, T row length, L label length):
-  PrefixBatch.input_ids / position_ids (N, T); attention_mask (N, 1, T, T) additive float (0 or min);
-  keep (N, K*(Rmax+1)) row positions whose logits predict labels; labels, weights (N*K, Rmax+1)
-  aligned with the logits taken at `keep` (labels[:, 0] is IGNORE: token_logprobs shifts by one).
+  PrefixBatch.input_ids / position_ids (1, sum of item lengths); segments: per item (start, end,
+  (T_i, T_i) bool mask); keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
+  weights (N*K, Rmax+1) aligned with the logits taken at `keep` (labels[:, 0] is IGNORE:
+  token_logprobs shifts by one).
   PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
 """
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _weights(item: GroupItem, k: int) -> torch.Tensor:
 class PrefixBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    segments: list  # per item (start, end, (T_i, T_i) bool mask: True = may attend)
     keep: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
@@ -102,51 +105,55 @@ class PrefixBatch:
     indices: list[int]
 
     def to(self, device) -> "PrefixBatch":
-        t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "attention_mask", "keep",
-                                                         "labels", "weights")}
-        return PrefixBatch(**t, vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
+        t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "keep", "labels", "weights")}
+        return PrefixBatch(**t, segments=[(s, e, m.to(device)) for s, e, m in self.segments],
+                           vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
                            n_responses=self.n_responses, indices=self.indices)
 
     def model_inputs(self, dtype: torch.dtype) -> dict:
-        mask = self.attention_mask.to(dtype)
-        # additive mask: 0 where attended, the dtype's min elsewhere (eager and sdpa both add it)
-        mask = (1.0 - mask) * torch.finfo(dtype).min
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": mask,
-                "logits_to_keep": self.keep, "use_cache": False, **self.vision}
+        # a ready 4D mask is passed through untouched; training.dpo.packed's attention ignores it and
+        # applies each item's own mask from prefix_segments
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.input_ids.device)
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": placeholder,
+                "prefix_segments": self.segments, "logits_to_keep": self.keep, "use_cache": False, **self.vision}
 
 
 def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> PrefixBatch:
+    """All items packed in one row, [prompt | response_1 | ... | response_K] each, no padding."""
     N, K = len(items), max(len(it.responses) for it in items)
     rmax = max(len(r) for it in items for r in it.responses)
-    T = max(len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items)
-    ids = torch.full((N, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((N, T), dtype=torch.long)
-    seg = torch.full((N, T), -1, dtype=torch.long)  # 0 prompt, k+1 response k, -1 padding
+    ids, pos, segments = [], [], []
     keep = torch.zeros((N, K, rmax + 1), dtype=torch.long)
     labels = torch.full((N, K, rmax + 1), IGNORE, dtype=torch.long)
     weights = torch.zeros((N, K, rmax + 1))
+    offset = 0
     for n, it in enumerate(items):
         P = len(it.prompt_ids)
-        ids[n, :P], pos[n, :P], seg[n, :P] = it.prompt_ids, torch.arange(P), 0
+        seg = [torch.zeros(P, dtype=torch.long)]  # 0 prompt, k+1 response k
+        ids.append(it.prompt_ids)
+        pos.append(torch.arange(P))
         start = P
         for k, (r, tgt) in enumerate(zip(it.responses, it.targets)):
             R = len(r)
-            ids[n, start:start + R], pos[n, start:start + R] = r, torch.arange(P, P + R)
-            seg[n, start:start + R] = k + 1
+            ids.append(r)
+            pos.append(torch.arange(P, P + R))
+            seg.append(torch.full((R,), k + 1, dtype=torch.long))
             # logits at P-1 predict the response's first token, at start+j its token j+1
-            keep[n, k, 0] = P - 1
-            keep[n, k, 1:R + 1] = torch.arange(start, start + R)
+            keep[n, k, :] = offset  # unused slots (label IGNORE) point at a real position
+            keep[n, k, 0] = offset + P - 1
+            keep[n, k, 1:R + 1] = offset + torch.arange(start, start + R)
             labels[n, k, 1:R + 1] = tgt
             weights[n, k, 1:R + 1] = _weights(it, k)
             start += R
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    q, kv = seg[:, :, None], seg[:, None, :]
-    allowed = causal & (q >= 0) & ((kv == 0) | (kv == q))
-    allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding queries see themselves: no empty rows
+        seg = torch.cat(seg)
+        q, kv = seg[:, None], seg[None, :]
+        mask = torch.ones(start, start, dtype=torch.bool).tril() & ((kv == 0) | (kv == q))
+        segments.append((offset, offset + start, mask))
+        offset += start
     vision = collate_vision([it.vision for it in items], arch_name,
                             [len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items])
-    return PrefixBatch(ids, pos, allowed[:, None].float(), keep.view(N, -1), labels.view(N * K, -1),
-                       weights.view(N * K, -1), vision, N, K, [it.index for it in items])
+    return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], segments, keep.view(1, -1),
+                       labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])
 
 
 @dataclass

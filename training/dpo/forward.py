@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from training.dpo.data import PlainBatch, PrefixBatch
+from training.dpo.packed import use_prefix_attention
 from training.logprobs import token_logprobs
 
 
@@ -31,8 +32,10 @@ def model_dtype(model) -> torch.dtype:
 
 def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     N, K = batch.n_items, batch.n_responses
+    if isinstance(batch, PrefixBatch):
+        use_prefix_attention(model)
     logits = model(**batch.model_inputs(model_dtype(model))).logits
-    if isinstance(batch, PrefixBatch):  # (N, K*(Rmax+1), V) taken at `keep` -> one row per response
+    if isinstance(batch, PrefixBatch):  # (1, N*K*(Rmax+1), V) taken at `keep` -> one row per response
         logits = logits.reshape(N * K, -1, logits.shape[-1])
     lp, mask = token_logprobs(logits, batch.labels)  # (N*K, L)
     w = batch.weights[:, 1:].to(lp.dtype)

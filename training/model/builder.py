@@ -114,7 +114,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if lora_args.lora_r > 0:
         model = apply_lora(model, spec, model_args, lora_args)
     if model_args.gradient_checkpointing:
-        enable_gradient_checkpointing(model, lora=lora_args.lora_r > 0)
+        enable_gradient_checkpointing(model)
     model._vlm_build_info = {"base": str(path), "model_architecture": spec.name,
                              "trust_remote_code": trust, "precision": model_args.precision}
     model.train()
@@ -175,14 +175,19 @@ def apply_lora(model, spec: ArchSpec, model_args: ModelArgs, lora_args: LoraArgs
     return model
 
 
-def enable_gradient_checkpointing(model, lora: bool) -> None:
+def enable_gradient_checkpointing(model) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
     if getattr(base.config, "text_config", None) is not None:
         base.config.text_config.use_cache = False
-    if lora:  # harmless with non-reentrant checkpointing, needed if a caller switches to reentrant
-        base.enable_input_require_grads()
+    # transformers hooks the input embeddings of EVERY sub-model to require grad (only reentrant
+    # checkpointing needs that); a vision tower's embeddings may return a ModelOutput (DPT-hybrid, the
+    # tiny VLM's), which that hook cannot handle. Keep one such hook, on the token embeddings.
+    for hook in getattr(base, "_require_grads_hooks", []):
+        hook.remove()
+    base._require_grads_hooks = [base.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: output.requires_grad_(True))]
 
 
 def non_lora_trainables(model) -> dict:

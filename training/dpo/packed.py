@@ -1,0 +1,62 @@
+"""Attention for the packed shared-prefix layout (training.dpo.data.PrefixBatch): the items of a batch sit
+one after another in ONE row with no padding, and each item attends only within itself, under its own
+prefix mask (response k sees the prompt and itself). The projections and MLPs run on real tokens only;
+attention runs item by item, so no query or key is ever padding and no item sees another.
+
+The language model's attention implementation becomes "sdpa_prefix" (registered here): with the
+keyword `prefix_segments` (a list of (start, end, bool mask) per item, passed through the model's
+forward kwargs, so gradient-checkpointing recomputation gets it too) it runs torch SDPA per item;
+without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged.
+The implementation name is not saved with the checkpoint (transformers drops it from config.json).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sdpa_prefix"
+
+
+def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     prefix_segments=None, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if prefix_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: one key/value head per group
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=m,
+                                                    dropout_p=dropout, scale=scaling)
+                     for s, e, m in prefix_segments], dim=2)  # (1, heads, tokens, head_dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the plain path builds SDPA's masks
+
+
+def text_config(model):
+    """The language model's config of a (DeepSpeed-, peft-wrapped) VLM."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "get_base_model", lambda: inner)()
+    cfg = inner.config
+    return getattr(cfg, "text_config", cfg)
+
+
+def use_prefix_attention(model) -> None:
+    """Switch the language model to sdpa_prefix (idempotent). Only from SDPA or eager attention: both
+    compute what the per-item SDPA computes."""
+    cfg = text_config(model)
+    if cfg._attn_implementation == NAME:
+        return
+    if cfg._attn_implementation not in ("sdpa", "eager", None):
+        raise ValueError(f"the packed DPO layout needs SDPA or eager attention in the language model, not "
+                         f"{cfg._attn_implementation}: pass --no-fast_path")
+    _register()
+    cfg._attn_implementation = NAME
