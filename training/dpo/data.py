@@ -6,15 +6,16 @@ Two batch layouts give the same per-response log-probs (tested to 1e-4):
                (the image is encoded and the prompt computed once per response).
   PrefixBatch  every item as [prompt | response_1 | ... | response_K], the items packed one after
                another in ONE row with no padding; response k sees the prompt and itself only (each
-               item's mask, applied item by item by training.dpo.packed's attention) and its
-               positions restart after the prompt, so every response sees exactly what it sees in
-               the plain layout. The image is encoded once, the prompt (image tokens + question)
-               computed once, no token is padding, and logits are built only where a response token
-               is predicted (`logits_to_keep`).
+               item's mask, applied by training.dpo.packed's attention) and its positions restart
+               after the prompt, so every response sees exactly what it sees in the plain layout.
+               The image is encoded once, the prompt (image tokens + question) computed once, the
+               projections and MLPs see no padding (only attention lays the items side by side), and
+               logits are built only where a response token is predicted (`logits_to_keep`).
 
 Shapes (N items, K responses, T row length, L label length):
-  PrefixBatch.input_ids / position_ids (1, sum of item lengths); segments: per item (start, end,
-  (T_i, T_i) bool mask); keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
+  PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: gather (N*T,) / scatter
+  (sum of item lengths,) indices between the packed row and N item slots of T, and the items' masks
+  (N, 1, T, T) for attention; keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
   weights (N*K, Rmax+1) aligned with the logits taken at `keep` (labels[:, 0] is IGNORE:
   token_logprobs shifts by one).
   PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
@@ -95,7 +96,7 @@ def _weights(item: GroupItem, k: int) -> torch.Tensor:
 class PrefixBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    segments: list  # per item (start, end, (T_i, T_i) bool mask: True = may attend)
+    layout: dict  # gather (N*T,), scatter (sum T_i,) indices and mask (N, 1, T, T): training.dpo.packed
     keep: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
@@ -106,38 +107,43 @@ class PrefixBatch:
 
     def to(self, device) -> "PrefixBatch":
         t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "keep", "labels", "weights")}
-        return PrefixBatch(**t, segments=[(s, e, m.to(device)) for s, e, m in self.segments],
+        return PrefixBatch(**t, layout={k: v.to(device) for k, v in self.layout.items()},
                            vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
                            n_responses=self.n_responses, indices=self.indices)
 
     def model_inputs(self, dtype: torch.dtype) -> dict:
         # a ready 4D mask is passed through untouched; training.dpo.packed's attention ignores it and
-        # applies each item's own mask from prefix_segments
+        # applies each item's own mask from prefix_layout
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.input_ids.device)
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": placeholder,
-                "prefix_segments": self.segments, "logits_to_keep": self.keep, "use_cache": False, **self.vision}
+                "prefix_layout": self.layout, "logits_to_keep": self.keep, "use_cache": False, **self.vision}
 
 
 def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> PrefixBatch:
     """All items packed in one row, [prompt | response_1 | ... | response_K] each, no padding."""
     N, K = len(items), max(len(it.responses) for it in items)
     rmax = max(len(r) for it in items for r in it.responses)
-    ids, pos, segments = [], [], []
+    lengths = [len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items]
+    T = max(lengths)
+    ids, pos = [], []
+    seg = torch.full((N, T), -1, dtype=torch.long)  # 0 prompt, k+1 response k, -1 padding (attention only)
+    gather = torch.zeros((N, T), dtype=torch.long)  # packed position of each (item, slot); padding -> 0
+    scatter = []  # (item, slot) of each packed position, flattened
     keep = torch.zeros((N, K, rmax + 1), dtype=torch.long)
     labels = torch.full((N, K, rmax + 1), IGNORE, dtype=torch.long)
     weights = torch.zeros((N, K, rmax + 1))
     offset = 0
     for n, it in enumerate(items):
-        P = len(it.prompt_ids)
-        seg = [torch.zeros(P, dtype=torch.long)]  # 0 prompt, k+1 response k
+        P, L = len(it.prompt_ids), lengths[n]
         ids.append(it.prompt_ids)
         pos.append(torch.arange(P))
+        seg[n, :P] = 0
         start = P
         for k, (r, tgt) in enumerate(zip(it.responses, it.targets)):
             R = len(r)
             ids.append(r)
             pos.append(torch.arange(P, P + R))
-            seg.append(torch.full((R,), k + 1, dtype=torch.long))
+            seg[n, start:start + R] = k + 1
             # logits at P-1 predict the response's first token, at start+j its token j+1
             keep[n, k, :] = offset  # unused slots (label IGNORE) point at a real position
             keep[n, k, 0] = offset + P - 1
@@ -145,14 +151,16 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
             labels[n, k, 1:R + 1] = tgt
             weights[n, k, 1:R + 1] = _weights(it, k)
             start += R
-        seg = torch.cat(seg)
-        q, kv = seg[:, None], seg[None, :]
-        mask = torch.ones(start, start, dtype=torch.bool).tril() & ((kv == 0) | (kv == q))
-        segments.append((offset, offset + start, mask))
-        offset += start
-    vision = collate_vision([it.vision for it in items], arch_name,
-                            [len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items])
-    return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], segments, keep.view(1, -1),
+        gather[n, :L] = offset + torch.arange(L)
+        scatter.append(n * T + torch.arange(L))
+        offset += L
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, kv = seg[:, :, None], seg[:, None, :]
+    mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
+    mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
+    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None]}
+    vision = collate_vision([it.vision for it in items], arch_name, lengths)
+    return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
                        labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])
 
 

@@ -1,36 +1,40 @@
 """Attention for the packed shared-prefix layout (training.dpo.data.PrefixBatch): the items of a batch sit
 one after another in ONE row with no padding, and each item attends only within itself, under its own
-prefix mask (response k sees the prompt and itself). The projections and MLPs run on real tokens only;
-attention runs item by item, so no query or key is ever padding and no item sees another.
+prefix mask (response k sees the prompt and itself).
 
 The language model's attention implementation becomes "sdpa_prefix" (registered here): with the
-keyword `prefix_segments` (a list of (start, end, bool mask) per item, passed through the model's
-forward kwargs, so gradient-checkpointing recomputation gets it too) it runs torch SDPA per item;
+keyword `prefix_layout` (passed through the model's forward kwargs, so gradient-checkpointing
+recomputation gets it too) it gathers each item's queries, keys and values side by side, (N, H, T, D),
+runs one SDPA call under the items' prefix masks and scatters the result back to the packed tokens;
 without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged.
+Only attention sees the items padded to the longest; projections and MLPs run on real tokens only.
 The implementation name is not saved with the checkpoint (transformers drops it from config.json).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 NAME = "sdpa_prefix"
 
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     prefix_segments=None, **kwargs):
+                     prefix_layout=None, **kwargs):
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if prefix_segments is None:
+    if prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: one key/value head per group
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=m,
-                                                    dropout_p=dropout, scale=scaling)
-                     for s, e, m in prefix_segments], dim=2)  # (1, heads, tokens, head_dim)
-    return out.transpose(1, 2).contiguous(), None
+    gather, scatter, mask = prefix_layout["gather"], prefix_layout["scatter"], prefix_layout["mask"]
+    n, t = mask.shape[0], mask.shape[-1]
+    heads, dim = query.shape[1], query.shape[-1]
+    # packed (1, H, S, D) -> per item (N, H, T, D): attention alone sees the items side by side
+    q, k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, scatter)  # back to the packed tokens
+    return out[None], None
 
 
 def _register() -> None:
