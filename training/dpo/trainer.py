@@ -8,14 +8,13 @@ adapters off (LoRA) or a frozen reference model.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
-from training.engine.loop import StepPlan, open_run, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps
 
 
 class DPOTrainer:
@@ -95,26 +94,14 @@ class DPOTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        ckpt, step, logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, self.a.loss_type)
-        history, accum = [], o.gradient_accumulation_steps
-        t0, pairs_since = time.time(), 0.0
+        step, log = open_run(self.s, self.engine, c, self.plan, self.a.loss_type,
+                             {"loss": ("loss", "{:.3f}"), "acc": ("rewards/accuracies", "{:.2f}")})
         self.engine.train()
-        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size, accum,
-                                          self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,
+                                          o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
+                                          c.stop_after_steps):
             m = self._step([self.make_batch(i) for i in idx])
-            pairs_since += m["pairs"]
-            if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                m.update(epoch=step / self.plan.steps_per_epoch, pairs_per_s=pairs_since / (time.time() - t0))
-                logger.log(step, m)
-                history.append({"step": step, **m})
-                t0, pairs_since = time.time(), 0.0
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
-            if save_due(step, self.plan.total_steps, c):
-                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-        if bar:
-            bar.close()
-        logger.close()
+            log.after(step, m, {"pairs_per_s": m["pairs"]})
+        log.close()
         self.interrupted = step < self.plan.total_steps
-        return history
+        return log.history

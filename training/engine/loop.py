@@ -1,7 +1,9 @@
 """The step schedule every stage's loop shares: which micro-batches make each optimizer step,
-where a resumed run picks up, when a resumable checkpoint is due and when an interrupt stops."""
+where a resumed run picks up, when a resumable checkpoint is due and when an interrupt stops; and
+the bookkeeping after each step (metrics, rates, progress bar, checkpoints)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -57,9 +59,9 @@ def save_due(step: int, total: int, run) -> bool:
     return step < total and (stop or bool(run.save_steps) and step % run.save_steps == 0)
 
 
-def open_run(strategy, engine, run, total_steps: int, desc: str):
-    """What every stage's loop opens with: -> (checkpoint dir, first step, metrics logger, progress bar
-    or None). With --resume the engine is restored from the last resumable checkpoint."""
+def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]]):
+    """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engine is
+    restored from the last resumable checkpoint and the metrics file continues."""
     from training.engine.metrics import MetricsLogger
 
     out = Path(run.output_dir)
@@ -70,5 +72,49 @@ def open_run(strategy, engine, run, total_steps: int, desc: str):
     bar = None
     if strategy.is_main and run.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=desc, dynamic_ncols=True)
-    return ckpt, step, logger, bar
+        bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True)
+    return step, StepLog(strategy, engine, run, plan, ckpt, logger, bar, postfix)
+
+
+class StepLog:
+    """What every stage's loop does after an optimizer step. Amounts counted since the last logged step
+    become per-second rates in that step's metrics, with the epoch; metrics are logged every
+    run.logging_steps and at the last step, and kept in `history`; the progress bar advances showing
+    `postfix` (label -> (metric key, format), read from this step's metrics or else the last logged
+    ones); a resumable checkpoint is written when due."""
+
+    def __init__(self, strategy, engine, run, plan: StepPlan, ckpt: Path, logger, bar, postfix):
+        self.strategy, self.engine, self.run, self.plan = strategy, engine, run, plan
+        self.ckpt, self.logger, self.bar, self.postfix = ckpt, logger, bar, postfix
+        self.history: list[dict] = []
+        self._t0, self._since = time.time(), {}
+
+    def due(self, step: int) -> bool:
+        return step % self.run.logging_steps == 0 or step == self.plan.total_steps
+
+    def after(self, step: int, m: dict, rates: dict[str, float], extra=None) -> None:
+        """rates: rate name -> amount done this step (e.g. {"pairs_per_s": 16}); extra: a function
+        returning metrics to add when the step is logged (an evaluation; its time is not in the rates)."""
+        for k, v in rates.items():
+            self._since[k] = self._since.get(k, 0.0) + v
+        if self.due(step):
+            dt = max(time.time() - self._t0, 1e-9)
+            m.update(epoch=step / self.plan.steps_per_epoch, **{k: v / dt for k, v in self._since.items()})
+            m.update(extra() if extra else {})
+            self.logger.log(step, m)
+            self.history.append({"step": step, **m})
+            self._t0, self._since = time.time(), {}
+        if self.bar:
+            shown = {**(self.history[-1] if self.history else {}), **m}
+            self.bar.update(1)
+            self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
+                                  if key in shown})
+        if save_due(step, self.plan.total_steps, self.run):
+            self.strategy.save_resume(self.engine, self.ckpt, step, {"step": step}, self.run.save_total_limit)
+
+    def close(self, keep_logger: bool = False) -> None:
+        """keep_logger: the stage logs more after the loop (the RM's final evaluation) and closes it."""
+        if self.bar:
+            self.bar.close()
+        if not keep_logger:
+            self.logger.close()

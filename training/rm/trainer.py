@@ -7,13 +7,12 @@ over the step's micro-batches, so with centering on that invariance holds only u
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.engine.loop import StepPlan, open_run, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps
 
 
 def matrix_pairs(R: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,37 +142,24 @@ class RMTrainer:
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        ckpt, step, self.logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, "rm")
-        history, accum = [], o.gradient_accumulation_steps
-        t0, tokens_since, units_since = time.time(), 0.0, 0
+        step, log = open_run(self.s, self.engine, c, self.plan, "rm",
+                             {"loss": ("loss", "{:.3f}"), "acc": ("accuracy", "{:.2f}")})
+        self.logger = log.logger
+        lists = o.per_device_train_batch_size * o.gradient_accumulation_steps * self.s.world_size
         self.engine.train()
         for step, epoch, idx in planned_steps(self.plan, step, len(self.train_set), o.per_device_train_batch_size,
-                                              accum, self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+                                              o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
+                                              c.stop_after_steps):
             self.train_set.epoch = epoch
             m = self._step([self._batch(self.train_set, i) for i in idx])
-            tokens_since += m.pop("tokens")
-            units_since += o.per_device_train_batch_size * accum * self.s.world_size
             # held-out evaluation every eval_steps; the final one is main's, after saving
             evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
                 and step < self.plan.total_steps
-            if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                dt = time.time() - t0
-                m.update(epoch=step / self.plan.steps_per_epoch, tokens_per_s=tokens_since / dt,
-                         lists_per_s=units_since / dt)
-                if evaluate:
-                    m.update(self.evaluate()[0])
-                self.logger.log(step, m)
-                history.append({"step": step, **m})
-                t0, tokens_since, units_since = time.time(), 0.0, 0
-            elif evaluate:
+            if evaluate and not log.due(step):
                 self.logger.log(step, self.evaluate()[0])
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
-            if save_due(step, self.plan.total_steps, c):
-                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-        if bar:
-            bar.close()
+            log.after(step, m, {"tokens_per_s": m.pop("tokens"), "lists_per_s": lists},
+                      extra=(lambda: self.evaluate()[0]) if evaluate else None)
+        log.close(keep_logger=True)  # main logs the final evaluation after saving
         self.interrupted = step < self.plan.total_steps
         self.final_step = step
-        return history
+        return log.history

@@ -6,13 +6,12 @@ the same update.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.loop import StepPlan, open_run, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps
 from training.logprobs import nll_sum
 from training.templates.chat import ChatEncoder, PromptTooLong
 
@@ -70,28 +69,14 @@ class SFTTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        ckpt, step, logger, bar = open_run(self.s, self.engine, c, self.plan.total_steps, "sft")
-        history, accum = [], o.gradient_accumulation_steps
-        t0, tokens_since = time.time(), 0.0
+        step, log = open_run(self.s, self.engine, c, self.plan, "sft",
+                             {"loss": ("loss", "{:.3f}"), "tok_s": ("target_tokens_per_s", "{:.0f}")})
         self.engine.train()
-        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size, accum,
-                                          self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
+        for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,
+                                          o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
+                                          c.stop_after_steps):
             m = self._step([self._batch(i) for i in idx])
-            tokens_since += m["target_tokens"]
-            if step % c.logging_steps == 0 or step == self.plan.total_steps:
-                dt = time.time() - t0
-                m.update(epoch=step / self.plan.steps_per_epoch, target_tokens_per_s=tokens_since / dt)
-                logger.log(step, m)
-                history.append({"step": step, **m})
-                t0, tokens_since = time.time(), 0.0
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{history[-1]['target_tokens_per_s']:.0f}"
-                                if history else "-")
-            if save_due(step, self.plan.total_steps, c):
-                self.s.save_resume(self.engine, ckpt, step, {"step": step}, c.save_total_limit)
-        if bar:
-            bar.close()
-        logger.close()
+            log.after(step, m, {"target_tokens_per_s": m["target_tokens"]})
+        log.close()
         self.interrupted = step < self.plan.total_steps
-        return history
+        return log.history
