@@ -9,5 +9,6 @@ from training.ppo.main import main  # noqa: E402
 
 world, tiny, rm, out = (Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank"))
 for stage in (0, 1, 2, 3):
+    ptx = ["--ptx_coef", "0.5", "--ptx_data_path", str(world / "sft_train.json")] if stage == 3 else []
     main(ppo_args(world, tiny, rm, out / f"zero{stage}", "--zero_stage", str(stage), "--max_steps", "1",
-                  "--rollout_batch_size", "2", "--max_new_tokens", "12", "--temperature", "1.5"))
+                  "--rollout_batch_size", "2", "--max_new_tokens", "12", "--temperature", "1.5", *ptx))

@@ -59,3 +59,41 @@ def test_non_finite_reward_stops_and_keeps_last_checkpoint(world, tiny, rm, tmp_
         main(ppo_args(world, tiny, rm, out, "--max_steps", "3", "--save_steps", "1"))
     ckpt = out / "checkpoints" / "actor"
     assert (ckpt / "latest").read_text().strip() == "step1" and (ckpt / "step1").is_dir()
+
+
+def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, tiny, rm, tmp_path):
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.collate import collate_sft
+    from training.data.formats import read_sft
+    from training.logprobs import nll_sum
+    from training.model.builder import load_model_and_processor
+    from training.sft.trainer import SFTDataset
+    from training.templates.chat import ChatEncoder
+
+    ptx = ["--ptx_coef", "0.5", "--ptx_data_path", str(world / "sft_train.json"), "--ptx_batch_size", "3",
+           "--per_device_train_batch_size", "4", "--max_steps", "2"]  # one actor update per step
+    main(ppo_args(world, tiny, rm, tmp_path / "full", *ptx))
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    # step 1's only update sees the initial actor: its ptx loss is the SFT model's token-mean NLL of
+    # the first 3 rows of the seeded order
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    ds = SFTDataset(read_sft([str(world / "sft_train.json")], str(world / "images"), BadRowReport()),
+                    ChatEncoder(proc, arch, 160 + 8), str(world / "images"), BadRowReport())
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1234)).tolist()  # OptimArgs.seed
+    b = collate_sft([ds[i] for i in order[:3]], proc.tokenizer.pad_token_id, arch.name)
+    with torch.no_grad():
+        nll, _ = nll_sum(model(**b.model_inputs()).logits, b.labels)
+    assert rows[0]["ptx_loss"] == pytest.approx(float(nll) / b.n_target_tokens, rel=1e-4)
+    assert rows[1]["ptx_loss"] != rows[0]["ptx_loss"]  # the next rows, the moved actor
+    # an interrupted run reads the same ptx rows as the uninterrupted one
+    main(ppo_args(world, tiny, rm, tmp_path / "cut", *ptx, "--save_steps", "1", "--stop_after_steps", "1"))
+    main(ppo_args(world, tiny, rm, tmp_path / "cut", *ptx, "--resume"))
+    a, c = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-6, msg=k)
+    # and the term is in the actor's loss: the same run without it (same rollouts) ends elsewhere
+    off = [x if x != "0.5" else "0" for x in ptx]
+    main(ppo_args(world, tiny, rm, tmp_path / "off", *off))
+    d = weights(tmp_path / "off")
+    assert max(float((a[k] - d[k]).abs().max()) for k in a) > 1e-5

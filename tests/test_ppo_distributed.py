@@ -1,5 +1,6 @@
 """PPO on two CPU ranks at ZeRO 0, 1, 2 and 3: rollouts of different lengths per rank must not hang
-(ZeRO-3 generation keeps every rank in the parameter gathers) and every stage saves an actor."""
+(ZeRO-3 generation keeps every rank in the parameter gathers) and every stage saves an actor; at
+ZeRO-3 with the PPO-ptx term on."""
 import json
 import os
 import subprocess
@@ -22,3 +23,4 @@ def test_ppo_zero_stages_on_two_ranks(world, tiny, tmp_path):
         assert (out / "model.safetensors").exists(), stage
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert row["response_length"] > 0 and row["kl"] == row["kl"]
+        assert ("ptx_loss" in row) == (stage == 3)  # ZeRO-3 also runs the PPO-ptx term's extra forwards

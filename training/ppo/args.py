@@ -34,5 +34,10 @@ class PPOArgs:
     missing_eos_penalty: float = _f(0.0, "Subtract this when a response never emitted EOS (LLaVA-RLHF: 8).")
     entropy_coef: float = _f(0.0, "Entropy bonus.")
     critic_warmup_steps: int = _f(0, "Steps that train only the critic before the actor moves.")
+    ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): + ptx_coef * the token-mean NLL of a batch of SFT data in "
+                            "every actor update, against the alignment tax (0: off).")
+    ptx_data_path: str = _f("", "SFT data of the ptx term (default: the embedded world's sft_train.json).")
+    ptx_image_folder: str = _f("", "Image root of --ptx_data_path (default: --image_folder).")
+    ptx_batch_size: int = _f(8, "SFT rows per actor update in the ptx term.")
     figure_dir: str = _f("figure", "Where the run's metric plots go.")
     factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")

@@ -17,7 +17,7 @@ from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_es
 from training.data.collate import collate_sft
 from training.data.images import load_image
 from training.engine.metrics import MetricsLogger
-from training.logprobs import masked_mean, token_logprobs
+from training.logprobs import masked_mean, nll_sum, token_logprobs
 from training.losses import ppo_policy_loss, ppo_value_loss
 from training.ppo.rollout import generate_rollouts, response_view
 from training.predict.generate import DecodeArgs
@@ -38,11 +38,12 @@ def _check_finite(step: int, ckpt: Path, **tensors) -> None:
 
 class PPOTrainer:
     def __init__(self, strategy, actor, critic, ref, rm, processor, rm_processor, encoder, rm_encoder,
-                 arch_name: str, rm_arch_name: str, records, image_root: str, cfg):
+                 arch_name: str, rm_arch_name: str, records, image_root: str, cfg, ptx=None):
         self.s, self.actor, self.critic, self.ref, self.rm = strategy, actor, critic, ref, rm
         self.processor, self.rm_processor, self.encoder, self.rm_encoder = processor, rm_processor, encoder, rm_encoder
         self.arch_name, self.rm_arch_name = arch_name, rm_arch_name
         self.records, self.image_root, self.cfg = records, image_root, cfg
+        self.ptx = ptx  # SFT rows of the PPO-ptx term (an SFTDataset), or None
         self.p, o = cfg["ppo"], cfg["optim"]
         per_step = self.p.rollout_batch_size * strategy.world_size
         self.steps_per_epoch = len(records) // per_step
@@ -96,6 +97,27 @@ class PPOTrainer:
             s = s - p.missing_eos_penalty * (~rollout.ended).to(s)
         return s
 
+    def _ptx_loss(self, step: int, update: int) -> torch.Tensor:
+        """Token-mean NLL of this rank's ptx batch for the `update`-th actor update of `step`: rows are
+        read in a seeded order, so a resumed run sees the same rows as an uninterrupted one; rows whose
+        encoding failed (counted in bad_rows.json) are passed over."""
+        p, n = self.p, len(self.ptx)
+        per_step = p.ppo_epochs * len(self._minibatches(p.rollout_batch_size))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg["optim"].seed)).tolist()
+        start = (((step - 1) * per_step + update) * self.s.world_size + self.s.rank) * p.ptx_batch_size
+        items = []
+        for j in range(n):
+            if len(items) == p.ptx_batch_size:
+                break
+            item = self.ptx[order[(start + j) % n]]
+            if item is not None:
+                items.append(item)
+        if not items:
+            raise ValueError("no row of the ptx data fits --max_seq_len + --max_new_tokens (see bad_rows.json)")
+        b = collate_sft(items, self.processor.tokenizer.pad_token_id, self.arch_name).to(self.s.device)
+        nll, _ = nll_sum(self.actor(**b.model_inputs()).logits, b.labels)
+        return nll / max(b.n_target_tokens, 1)
+
     # ---- one PPO step --------------------------------------------------------------------------
     def experience(self, records, step: int, ckpt: Path) -> dict:
         p = self.p
@@ -138,8 +160,8 @@ class PPOTrainer:
         train_actor = step > p.critic_warmup_steps
         self.actor.train() if train_actor else None
         self.critic.train()
-        stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy")}
-        t0, n_tok = time.time(), 0
+        stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy", "ptx_loss")}
+        t0, n_tok, update = time.time(), 0, 0
         for _ in range(p.ppo_epochs):
             for idx in self._minibatches(len(ro.responses)):
                 b = _select(ro.batch, idx)
@@ -151,6 +173,11 @@ class PPOTrainer:
                     pl, clipfrac = ppo_policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], rm_, p.clip_eps)
                     ent_mean = masked_mean(ent, rm_)
                     loss = pl - p.entropy_coef * ent_mean
+                    if self.ptx is not None:
+                        ptx = self._ptx_loss(step, update)
+                        loss = loss + p.ptx_coef * ptx
+                        stats["ptx_loss"].append(float(ptx.detach()))
+                    update += 1
                     _check_finite(step, ckpt, policy_loss=loss)
                     self.actor.backward(loss)
                     self.actor.step()
