@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--model_architecture", default="auto")
     g.add_argument("--max_seq_len", type=int, default=2048)
+    g.add_argument("--device", default="auto", help="auto: the GPU when there is one, else the CPU")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a GPU that supports it, else fp32")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     for name in MODULES:
         module(name).add_args(p)
@@ -123,6 +126,7 @@ def run(args) -> dict:
             raise SystemExit("--model_path is required unless --answers is given")
         flags = predict_flags(decoding, {"model_architecture": args.model_architecture,
                                          "max_seq_len": args.max_seq_len, "model_id": args.model_name,
+                                         "device": args.device, "precision": args.precision,
                                          "progress": args.progress})
         answers, files = generate(qs, out_dir / "predictions", args.benchmark + suffix, args.model_path,
                                   args.image_folder, decoding, flags, restart=args.restart_answers)

@@ -97,6 +97,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
         kwargs["quantization_config"] = _bnb_config(spec, model_args, lora_args)
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
     model = model_cls.from_pretrained(path, config=config, **kwargs)
+    cast_vision_inputs(model, spec)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
 
     if not for_training:
@@ -119,6 +120,28 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
                              "trust_remote_code": trust, "precision": model_args.precision}
     model.train()
     return model, processor, spec
+
+
+def cast_vision_inputs(model, spec: ArchSpec) -> None:
+    """Pixel inputs reach the vision tower in its own dtype. The processors return fp32; CLIP and SigLIP
+    cast inside, other towers (the tiny VLM's DPT-hybrid) do not, so bf16 / fp16 failed there. A forward
+    pre-hook casts every floating-point input, to the dtype the tower's weights have at call time
+    (DeepSpeed may convert them after loading)."""
+    import torch
+
+    def cast(module, args, kwargs):
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return None
+        fix = lambda x: x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
+        return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
+
+    for name in _module_names(spec.vision_prefixes):
+        try:
+            tower = model.get_submodule(name)
+        except AttributeError:
+            continue
+        tower.register_forward_pre_hook(cast, with_kwargs=True)
 
 
 def _module_names(prefixes) -> list[str]:

@@ -36,7 +36,21 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reward_model", default="", help="reward model checkpoint (run_rm_training.sh); without "
                                                      "--best_of_n it only records each answer's reward")
     p.add_argument("--rm_batch_size", type=int, default=32, help="sequences per reward-model forward pass")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a GPU that supports it, else fp32")
     return p.parse_args(argv)
+
+
+def resolve_device(device: str, precision: str) -> tuple[str, str]:
+    """--device / --precision "auto" -> the GPU in bf16 when there is one (fp16 on GPUs without bf16), else
+    the CPU in fp32."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return device, precision
 
 
 def default_image_folder(data_path: str) -> str:
@@ -67,13 +81,14 @@ def predict(args: argparse.Namespace) -> Path:
         done = {json.loads(line)["question_id"] for line in out.read_text().splitlines() if line.strip()}
     report = BadRowReport(skip=args.skip_bad_rows)
     records = [r for r in read_prompts([args.data_path], image_root, report) if _qid(r) not in done]
+    device, precision = resolve_device(args.device, args.precision)
     model, processor, arch = load_model_and_processor(
-        ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture), LoraArgs(),
-        for_training=False)
-    model.eval()
+        ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
+        LoraArgs(), for_training=False)
+    model.to(device).eval()
     encoder = ChatEncoder(processor, arch, args.max_seq_len)
     decode = DecodeArgs(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
-    scorer = _scorer(args, records) if args.reward_model else None
+    scorer = _scorer(args, records, device, precision) if args.reward_model else None
     model_id = args.model_id or args.model_path
     bar = tqdm(total=len(records) + len(done), initial=len(done), desc="predict", disable=not args.progress)
     with out.open("a") as f:
@@ -85,9 +100,10 @@ def predict(args: argparse.Namespace) -> Path:
             rewards = None
             if args.best_of_n > 1:
                 texts, rewards, _ = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
-                                              args.best_of_n, scorer, facts)
+                                              args.best_of_n, scorer, facts, device)
             else:
-                texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode)]
+                texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode,
+                                                      device)]
                 if scorer is not None:
                     rewards = scorer.score(prompts, images, texts, facts)
             for k, (r, t) in enumerate(zip(chunk, texts)):
@@ -105,16 +121,18 @@ def predict(args: argparse.Namespace) -> Path:
     return out
 
 
-def _scorer(args, records):
+def _scorer(args, records, device: str, precision: str):
     """The reward model as a scorer; factual models get facts only when every question has them."""
+    from training.config import ModelArgs
     from training.rm.data import RewardScorer, missing_facts_note
     from training.rm.model import load_reward_model
 
-    rm, rm_processor, rm_arch = load_reward_model(args.reward_model)
+    rm, rm_processor, rm_arch = load_reward_model(args.reward_model, ModelArgs(precision=precision))
+    rm.to(device)
     note = missing_facts_note(records, rm.factual)
     if note:
         print(note)
-    return RewardScorer(rm, rm_processor, rm_arch, args.max_seq_len, args.rm_batch_size,
+    return RewardScorer(rm, rm_processor, rm_arch, args.max_seq_len, args.rm_batch_size, device=device,
                         factual=rm.factual and not note)
 
 
