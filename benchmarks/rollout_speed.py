@@ -15,18 +15,22 @@ def main(argv=None) -> dict:
     p.add_argument("--image_folder", default="data/world/images")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--device", default="auto", help="auto: the GPU when there is one, else the CPU")
     a = p.parse_args(argv)
     import torch
 
     from training.config import LoraArgs, ModelArgs
     from training.data.formats import read_prompts
     from training.data.images import load_image
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import inference_device, load_model_and_processor
     from training.ppo.rollout import generate_rollouts
     from training.predict.generate import DecodeArgs
     from training.templates.chat import ChatEncoder
 
-    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.model), LoraArgs(), for_training=False)
+    device, precision = inference_device(a.device)
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.model, precision=precision), LoraArgs(),
+                                                 for_training=False)
+    model.to(device)
     recs = read_prompts([a.data], a.image_folder)[:a.n]
     imgs = [[load_image(s, a.image_folder) for s in r.images] for r in recs]
     enc = ChatEncoder(proc, arch, 512)
@@ -37,7 +41,7 @@ def main(argv=None) -> dict:
         t0, tokens = time.time(), 0
         for i in range(0, a.n, chunk):
             ro = generate_rollouts(model, proc, enc, arch.name, [r.prompt for r in recs[i:i + chunk]],
-                                   imgs[i:i + chunk], dec, torch.device("cpu"))
+                                   imgs[i:i + chunk], dec, torch.device(device))
             tokens += int(ro.lengths.sum())
         out[name] = tokens / (time.time() - t0)
         print(f"{name}: {tokens} tokens, {out[name]:.0f} tokens/s", flush=True)

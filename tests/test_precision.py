@@ -6,8 +6,8 @@ import torch
 from sft_helpers import sft_args
 
 from training.config import LoraArgs, ModelArgs
-from training.model.builder import load_model_and_processor
-from training.predict.main import main as predict, resolve_device
+from training.model.builder import inference_device, load_model_and_processor
+from training.predict.main import main as predict
 from training.sft.main import main as sft
 
 
@@ -34,7 +34,7 @@ def test_vision_tower_gets_its_own_dtype(world, tiny):
 
 
 def test_predict_in_bf16_and_auto_device(world, tiny, tmp_path):
-    assert resolve_device("auto", "auto") == (("cuda", "bf16") if torch.cuda.is_available() and
+    assert inference_device("auto", "auto") == (("cuda", "bf16") if torch.cuda.is_available() and
                                               torch.cuda.is_bf16_supported() else
                                               ("cuda", "fp16") if torch.cuda.is_available() else ("cpu", "fp32"))
     out = predict(["--model_path", str(tiny), "--data_path", str(world / "ppo_prompts.json"), "--image_folder",

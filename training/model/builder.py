@@ -34,6 +34,17 @@ def torch_dtype(precision: str):
     return getattr(torch, _DTYPES[precision])
 
 
+def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str, str]:
+    """Where generation outside DeepSpeed runs (prediction, OPA rollouts): "auto" -> the GPU in bf16 when
+    there is one (fp16 on GPUs without bf16), else the CPU in fp32."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return device, precision
+
+
 def is_adapter_checkpoint(path: str | Path) -> bool:
     """A directory written by `save_model` for a peft model (adapter/ inside, or the adapter dir itself)."""
     p = Path(path)

@@ -42,17 +42,6 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_device(device: str, precision: str) -> tuple[str, str]:
-    """--device / --precision "auto" -> the GPU in bf16 when there is one (fp16 on GPUs without bf16), else
-    the CPU in fp32."""
-    import torch
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    return device, precision
-
-
 def default_image_folder(data_path: str) -> str:
     cand = Path(data_path).parent / "images"
     return str(cand) if cand.is_dir() else str(Path(data_path).parent)
@@ -66,7 +55,7 @@ def predict(args: argparse.Namespace) -> Path:
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_prompts
     from training.data.images import load_image
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, best_of_n, generate_batch
     from training.templates.chat import ChatEncoder
 
@@ -81,7 +70,7 @@ def predict(args: argparse.Namespace) -> Path:
         done = {json.loads(line)["question_id"] for line in out.read_text().splitlines() if line.strip()}
     report = BadRowReport(skip=args.skip_bad_rows)
     records = [r for r in read_prompts([args.data_path], image_root, report) if _qid(r) not in done]
-    device, precision = resolve_device(args.device, args.precision)
+    device, precision = inference_device(args.device, args.precision)
     model, processor, arch = load_model_and_processor(
         ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
         LoraArgs(), for_training=False)

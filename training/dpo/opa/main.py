@@ -42,6 +42,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--rollout_batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="of the rollouts: auto (the GPU when there is one) | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="of the rollouts: auto (bf16 on a GPU that supports it, else fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert", default="ground_truth", choices=["ground_truth", "chat"])
     p.add_argument("--expert_url", default="", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
@@ -87,7 +90,7 @@ def step_rollout(a, work: Path) -> None:
 
     from training.config import LoraArgs, ModelArgs
     from training.data.images import load_image
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
     from training.templates.chat import ChatEncoder
 
@@ -96,8 +99,10 @@ def step_rollout(a, work: Path) -> None:
     todo = [r for r in load_prompts(a) if r[0] not in done]
     if not todo:
         return
-    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.from_checkpoint), LoraArgs(),
-                                                 for_training=False)
+    device, precision = inference_device(a.device, a.precision)
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.from_checkpoint, precision=precision),
+                                                 LoraArgs(), for_training=False)
+    model.to(device)
     enc = ChatEncoder(proc, arch, 4096)
     decode = DecodeArgs(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature)
     with out.open("a") as f:
@@ -105,7 +110,7 @@ def step_rollout(a, work: Path) -> None:
             chunk = todo[i:i + a.rollout_batch_size]
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
             images = [[load_image(s, a.image_folder) for s in r[2]] for r in chunk]
-            texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode)
+            texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device)
             for (rid, prompt, imgs, ref, facts), t in zip(chunk, texts):
                 f.write(json.dumps({"id": rid, "image": str(imgs[0]), "question": prompt[-1].content.replace(
                     "<image>", "").strip(), "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
