@@ -20,6 +20,26 @@ def setup_environment() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU all-reduce creates for `rank` (shm.cpp: <prefix>_<uid>_<master
+    addr>_<master port>_<rank>; only when the launcher set LOCAL_SIZE = world size)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_names() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce gives each rank a 66 MB segment in /dev/shm and never
+    unlinks it, so every launched CPU run left world_size x 66 MB of RAM-backed files behind (here 20 GB
+    after a day of runs, until compiles were OOM-killed and two-rank launches hung). init_distributed
+    returns once this rank has mapped every rank's segment; after a barrier all have, so each rank
+    removes its segment's name: the memory stays mapped until the processes exit and is freed then,
+    also after a crash or a kill."""
+    if not hasattr(os, "getuid"):
+        return
+    torch.distributed.barrier()
+    shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
+
+
 def lr_lambda(kind: str, warmup: int, total: int):
     """Multiplier of the peak learning rate at optimizer step s (0-based)."""
     def f(s: int) -> float:
@@ -45,6 +65,7 @@ class Strategy:
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
             deepspeed.init_distributed(dist_backend=self._backend(), verbose=False)
+            release_shm_names()
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         from deepspeed.accelerator import get_accelerator
