@@ -34,8 +34,9 @@ def release_shm_names() -> None:
     returns once this rank has mapped every rank's segment; after a barrier all have, so each rank
     removes its segment's name: the memory stays mapped until the processes exit and is freed then,
     also after a crash or a kill."""
-    if not hasattr(os, "getuid"):
-        return
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu" or not hasattr(os, "getuid"):
+        return  # the shm all-reduce is the CPU accelerator's; the same answer on every rank
     torch.distributed.barrier()
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
