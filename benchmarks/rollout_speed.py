@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from training.model.builder import add_inference_args
+
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -15,7 +17,7 @@ def main(argv=None) -> dict:
     p.add_argument("--image_folder", default="data/world/images")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--device", default="auto", help="auto: the GPU when there is one, else the CPU")
+    add_inference_args(p)
     a = p.parse_args(argv)
     import torch
 
@@ -27,7 +29,7 @@ def main(argv=None) -> dict:
     from training.predict.generate import DecodeArgs
     from training.templates.chat import ChatEncoder
 
-    device, precision = inference_device(a.device)
+    device, precision = inference_device(a.device, a.precision)
     model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.model, precision=precision), LoraArgs(),
                                                  for_training=False)
     model.to(device)

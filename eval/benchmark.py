@@ -30,6 +30,7 @@ from pathlib import Path
 
 from eval.answers import check_complete, file_digest, generate, predict_flags, read_answers
 from eval.judge import add_judge_args, judge_decoding, judge_from_args
+from training.model.builder import add_inference_args
 
 MODULES = {"objhal": "eval.chair", "pope": "eval.pope", "amber": "eval.amber", "mmhal": "eval.mmhal",
            "llava_bench": "eval.llava_bench", "embedded": "eval.embedded"}
@@ -64,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--model_architecture", default="auto")
     g.add_argument("--max_seq_len", type=int, default=2048)
-    g.add_argument("--device", default="auto", help="auto: the GPU when there is one, else the CPU")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on a GPU that supports it, else fp32")
+    add_inference_args(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     for name in MODULES:
         module(name).add_args(p)

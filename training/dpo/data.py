@@ -111,7 +111,7 @@ class PrefixBatch:
                            vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
                            n_responses=self.n_responses, indices=self.indices)
 
-    def model_inputs(self, dtype: torch.dtype) -> dict:
+    def model_inputs(self) -> dict:
         # a ready 4D mask is passed through untouched; training.dpo.packed's attention ignores it and
         # applies each item's own mask from prefix_layout
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.input_ids.device)
@@ -180,7 +180,7 @@ class PlainBatch:
                           self.weights.to(device), {k: v.to(device) for k, v in self.vision.items()},
                           self.n_items, self.n_responses, self.indices)
 
-    def model_inputs(self, dtype: torch.dtype) -> dict:
+    def model_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False,
                 **self.vision}
 

@@ -26,15 +26,11 @@ class ResponseLogps:
         return self.sum / self.count.clamp(min=1)
 
 
-def model_dtype(model) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     N, K = batch.n_items, batch.n_responses
     if isinstance(batch, PrefixBatch):
         use_prefix_attention(model)
-    logits = model(**batch.model_inputs(model_dtype(model))).logits
+    logits = model(**batch.model_inputs()).logits
     if isinstance(batch, PrefixBatch):  # (1, N*K*(Rmax+1), V) taken at `keep` -> one row per response
         logits = logits.reshape(N * K, -1, logits.shape[-1])
     lp, mask = token_logprobs(logits, batch.labels)  # (N*K, L)

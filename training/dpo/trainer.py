@@ -8,7 +8,6 @@ adapters off (LoRA) or a frozen reference model.
 """
 from __future__ import annotations
 
-
 import torch
 
 from training.dpo.data import collate_groups

@@ -45,6 +45,14 @@ def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str
     return device, precision
 
 
+def add_inference_args(parser, what: str = "") -> None:
+    """--device / --precision of generation outside DeepSpeed (see inference_device)."""
+    parser.add_argument("--device", default="auto", help=f"{what}auto (the GPU when there is one, else the CPU) "
+                        "| cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help=f"{what}auto (bf16 on a GPU that supports it, fp16 on one that does not, else fp32)")
+
+
 def is_adapter_checkpoint(path: str | Path) -> bool:
     """A directory written by `save_model` for a peft model (adapter/ inside, or the adapter dir itself)."""
     p = Path(path)
@@ -90,7 +98,6 @@ def embedded_tiny_vlm() -> str:
 def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_training: bool = True):
     """-> (model, processor, arch_spec). for_training=False: frozen, eval mode, no LoRA or checkpointing
     (reference / reward-scoring copies); QLoRA still loads the base in 4-bit then."""
-    import torch
     import transformers
     from transformers import AutoConfig, AutoProcessor
 

@@ -43,8 +43,8 @@ def ptx_data(p: PPOArgs, d, processor, arch, report):
     from training.templates.chat import ChatEncoder
     path = p.ptx_data_path or str(Path(d.world_dir) / "sft_train.json")
     root = p.ptx_image_folder or d.image_folder
-    return SFTDataset(read_sft(path.split(","), root, report), ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens),
-                      root, report)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens)
+    return SFTDataset(read_sft(path.split(","), root, report), encoder, root, report)
 
 
 def main(argv=None) -> dict:

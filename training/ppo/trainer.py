@@ -45,6 +45,8 @@ class PPOTrainer:
         self.records, self.image_root, self.cfg = records, image_root, cfg
         self.ptx = ptx  # SFT rows of the PPO-ptx term (an SFTDataset), or None
         self.p, o = cfg["ppo"], cfg["optim"]
+        if ptx is not None:  # the rows' order, fixed by the seed: a resumed run reads the same rows
+            self.ptx_order = torch.randperm(len(ptx), generator=torch.Generator().manual_seed(o.seed)).tolist()
         per_step = self.p.rollout_batch_size * strategy.world_size
         self.steps_per_epoch = len(records) // per_step
         if self.steps_per_epoch == 0:
@@ -101,9 +103,8 @@ class PPOTrainer:
         """Token-mean NLL of this rank's ptx batch for the `update`-th actor update of `step`: rows are
         read in a seeded order, so a resumed run sees the same rows as an uninterrupted one; rows whose
         encoding failed (counted in bad_rows.json) are passed over."""
-        p, n = self.p, len(self.ptx)
-        per_step = p.ppo_epochs * len(self._minibatches(p.rollout_batch_size))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg["optim"].seed)).tolist()
+        p, n, order = self.p, len(self.ptx), self.ptx_order
+        per_step = p.ppo_epochs * math.ceil(p.rollout_batch_size / self.cfg["optim"].per_device_train_batch_size)
         start = (((step - 1) * per_step + update) * self.s.world_size + self.s.rank) * p.ptx_batch_size
         items = []
         for j in range(n):

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from training.model.builder import add_inference_args
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,9 +38,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reward_model", default="", help="reward model checkpoint (run_rm_training.sh); without "
                                                      "--best_of_n it only records each answer's reward")
     p.add_argument("--rm_batch_size", type=int, default=32, help="sequences per reward-model forward pass")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on a GPU that supports it, else fp32")
+    add_inference_args(p)
     return p.parse_args(argv)
 
 

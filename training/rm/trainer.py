@@ -7,7 +7,6 @@ over the step's micro-batches, so with centering on that invariance holds only u
 """
 from __future__ import annotations
 
-
 import torch
 
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering

@@ -6,7 +6,6 @@ the same update.
 """
 from __future__ import annotations
 
-
 import torch
 
 from training.data.collate import collate_sft

@@ -21,6 +21,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from training.model.builder import add_inference_args
+
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = ("rollout", "correct", "sft", "dpo")
 
@@ -42,9 +44,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--rollout_batch_size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="of the rollouts: auto (the GPU when there is one) | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="of the rollouts: auto (bf16 on a GPU that supports it, else fp32)")
+    add_inference_args(p, "of the rollouts: ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert", default="ground_truth", choices=["ground_truth", "chat"])
     p.add_argument("--expert_url", default="", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
