@@ -123,6 +123,11 @@ def run(args) -> dict:
     else:
         if not args.model_path:
             raise SystemExit("--model_path is required unless --answers is given")
+        from training.model.builder import inference_device
+        device, precision = inference_device(args.device, args.precision)
+        # the numerics belong to the answers' settings: a rerun at another precision or on another kind of
+        # device does not append to these answers
+        decoding = {**decoding, "device": device.split(":")[0], "precision": precision}
         flags = predict_flags(decoding, {"model_architecture": args.model_architecture,
                                          "max_seq_len": args.max_seq_len, "model_id": args.model_name,
                                          "device": args.device, "precision": args.precision,

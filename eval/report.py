@@ -91,7 +91,8 @@ def table(results: list[dict], order=None) -> str:
                 continue
             d = r.get("decoding", {})
             dec = d.get("mode", "?") + (f", {d['num_beams']} beams" if d.get("num_beams", 1) > 1 else "") + \
-                (f", max {d['max_new_tokens']} tokens" if "max_new_tokens" in d else "")
+                (f", max {d['max_new_tokens']} tokens" if "max_new_tokens" in d else "") + \
+                (f", {d['precision']} on {d.get('device', '?')}" if "precision" in d else "")
             j = r.get("judge")
             temps = ", ".join("T=%s" % x["temperature"] for x in j["decoding"]) if j else ""
             judge = f"judge {j['model']} ({temps or 'all cached'})" if j else "no judge"

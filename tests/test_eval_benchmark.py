@@ -49,6 +49,9 @@ def test_pope_generate_score_resume(tmp_path, world, tiny, monkeypatch):
     # other decoding on the same answer files is refused, a new run name starts fresh files
     with pytest.raises(AnswersMismatch):
         bench_main(_pope_argv(world, tiny, out, "--num_beams", "2"))
+    with pytest.raises(AnswersMismatch):  # other numerics too: precision is part of the settings
+        bench_main(_pope_argv(world, tiny, out, "--precision", "bf16"))
+    assert rec["decoding"]["precision"] == "fp32" and rec["decoding"]["device"] == "cpu"
     monkeypatch.undo()
     beams = bench_main(_pope_argv(world, tiny, out, "--num_beams", "2", "--run_name", "beam2"))
     assert beams["decoding"]["mode"] == "beam" and (out / "eval_pope_beam2.json").exists()
