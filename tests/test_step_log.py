@@ -1,5 +1,8 @@
 """StepLog: the bookkeeping after each optimizer step that the SFT, RM and DPO loops share."""
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from training.engine import loop
 from training.engine.loop import StepLog, StepPlan
@@ -17,12 +20,13 @@ class Recorder:
 
     def save_resume(self, engine, ckpt, step, state, limit):
         self.saved.append(step)
+        self.written = getattr(self, "written", []) + [(engine, str(ckpt), dict(state))]
 
 
 def make(logging_steps=2, save_steps=3, total=7):
     rec = Recorder()
     run = SimpleNamespace(logging_steps=logging_steps, save_steps=save_steps, stop_after_steps=0, save_total_limit=1)
-    return rec, StepLog(rec, None, run, StepPlan(4, total), None, rec, None, {})
+    return rec, StepLog(rec, {"": None}, run, StepPlan(4, total), Path("ck"), rec, None, {})
 
 
 def test_rates_are_amounts_since_last_log_over_elapsed_time(monkeypatch):
@@ -50,3 +54,62 @@ def test_last_step_is_logged_extra_only_when_logged_and_checkpoints_when_due():
     assert not rec.closed
     log.close()
     assert rec.closed
+
+
+class State:
+    """A stage's extra resume state (PPO: KL coefficient and reward statistics)."""
+
+    def __init__(self, kl):
+        self.kl = kl
+
+    def state_dict(self):
+        return {"kl_coef": self.kl}
+
+    def load_state_dict(self, d):
+        self.kl = d["kl_coef"]
+
+
+class Resumer(Recorder):
+    """A strategy whose checkpoints are kept in a dict: ckpt dir -> client state."""
+
+    def __init__(self):
+        super().__init__()
+        self.store, self.is_main = {}, False
+
+    def save_resume(self, engine, ckpt, step, state, limit):
+        super().save_resume(engine, ckpt, step, state, limit)
+        self.store[str(ckpt)] = (engine, dict(state))
+
+    def load_resume(self, engine, ckpt):
+        got = self.store.get(str(ckpt))
+        if got is None:
+            return None
+        assert got[0] == engine  # each engine restores its own checkpoint
+        return dict(got[1])
+
+
+def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
+    strategy = Resumer()
+    run = SimpleNamespace(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=2,
+                          stop_after_steps=0, save_total_limit=1)
+    state = State(0.4)
+    engines = {"actor": "A", "critic": "C"}
+    step, log = loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=state)
+    assert step == 0
+    for s in (1, 2, 3):
+        state.kl = 0.1 * s
+        log.after(s, {"kl": state.kl}, {})
+    log.close()
+    ck = tmp_path / "checkpoints"
+    assert set(strategy.store) == {str(ck / "actor"), str(ck / "critic")}  # each engine in its own directory
+    assert all(st == {"step": 2, "kl_coef": 0.1 * 2} for _, st in strategy.store.values())  # state at step 2
+
+    resumed = State(0.4)
+    run.resume = True
+    step, log = loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=resumed)
+    log.close()
+    assert step == 2 and resumed.kl == 0.1 * 2
+
+    strategy.store[str(ck / "critic")] = ("C", {"step": 1, "kl_coef": 0.1})  # a run killed between the two saves
+    with pytest.raises(SystemExit, match="different steps"):
+        loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=State(0.4))

@@ -59,21 +59,36 @@ def save_due(step: int, total: int, run) -> bool:
     return step < total and (stop or bool(run.save_steps) and step % run.save_steps == 0)
 
 
-def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]]):
-    """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engine is
-    restored from the last resumable checkpoint and the metrics file continues."""
+def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]], state=None):
+    """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engines are
+    restored from the last resumable checkpoint and the metrics file continues.
+
+    engine: a DeepSpeed engine, or {name: engine} for a stage with several (PPO: actor and critic), each
+    checkpointed under checkpoints/<name>. state: what a resumed run must restore besides the engines,
+    with state_dict() / load_state_dict() (PPO: its KL controller and reward statistics); it travels
+    in the checkpoints' client state."""
     from training.engine.metrics import MetricsLogger
 
     out = Path(run.output_dir)
+    engines = engine if isinstance(engine, dict) else {"": engine}
     ckpt = out / "checkpoints"
-    state = strategy.load_resume(engine, ckpt) if run.resume else None
-    step = state["step"] if state else 0
-    logger = MetricsLogger(out, strategy.is_main, resume=bool(state))
+    saved = None
+    if run.resume:
+        got = {name: strategy.load_resume(e, ckpt / name) for name, e in engines.items()}
+        steps = {name: g["step"] if g else None for name, g in got.items()}
+        if len(set(steps.values())) > 1:  # e.g. a run killed between writing the actor's and the critic's
+            raise SystemExit(f"--resume: the checkpoints under {ckpt} are of different steps ({steps}); delete "
+                             "the newer ones (each engine's `latest` names its step) to resume from a common step")
+        saved = next(iter(got.values()))
+    if saved and state is not None:
+        state.load_state_dict(saved)
+    step = saved["step"] if saved else 0
+    logger = MetricsLogger(out, strategy.is_main, resume=bool(saved))
     bar = None
     if strategy.is_main and run.progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True)
-    return step, StepLog(strategy, engine, run, plan, ckpt, logger, bar, postfix)
+    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state)
 
 
 class StepLog:
@@ -83,9 +98,9 @@ class StepLog:
     `postfix` (label -> (metric key, format), read from this step's metrics or else the last logged
     ones); a resumable checkpoint is written when due."""
 
-    def __init__(self, strategy, engine, run, plan: StepPlan, ckpt: Path, logger, bar, postfix):
-        self.strategy, self.engine, self.run, self.plan = strategy, engine, run, plan
-        self.ckpt, self.logger, self.bar, self.postfix = ckpt, logger, bar, postfix
+    def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None):
+        self.strategy, self.engines, self.run, self.plan = strategy, engines, run, plan
+        self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
 
@@ -110,7 +125,9 @@ class StepLog:
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
         if save_due(step, self.plan.total_steps, self.run):
-            self.strategy.save_resume(self.engine, self.ckpt, step, {"step": step}, self.run.save_total_limit)
+            client = {"step": step, **(self.state.state_dict() if self.state is not None else {})}
+            for name, engine in self.engines.items():
+                self.strategy.save_resume(engine, self.ckpt / name, step, client, self.run.save_total_limit)
 
     def close(self, keep_logger: bool = False) -> None:
         """keep_logger: the stage logs more after the loop (the RM's final evaluation) and closes it."""

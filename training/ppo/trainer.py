@@ -16,13 +16,12 @@ import torch
 from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_estimate, token_rewards, whiten
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.metrics import MetricsLogger
 from training.logprobs import masked_mean, nll_sum, token_logprobs
 from training.losses import ppo_policy_loss, ppo_value_loss
 from training.ppo.rollout import generate_rollouts, response_view
 from training.predict.generate import DecodeArgs
 from training.rm.factual import rm_messages
-from training.engine.loop import StepPlan, planned_steps, save_due
+from training.engine.loop import StepPlan, open_run, planned_steps
 
 
 class NonFiniteError(FloatingPointError):
@@ -213,45 +212,28 @@ class PPOTrainer:
         return float(self.s.gather(x.float()).mean())
 
     # ---- loop ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run restores besides the two engines (saved with their checkpoints)."""
+        return {"kl_coef": self.kl_ctl.value, "moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.value = state["kl_coef"]
+        self.moments.load_state_dict(state["moments"])
+
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        out = Path(c.output_dir)
-        ckpt = out / "checkpoints"
-        step = 0
-        if c.resume:
-            state = self.s.load_resume(self.actor, ckpt / "actor")
-            if state:
-                self.s.load_resume(self.critic, ckpt / "critic")
-                step = state["step"]
-                self.kl_ctl.value = state["kl_coef"]
-                self.moments.load_state_dict(state["moments"])
-        logger = MetricsLogger(out, self.s.is_main, resume=step > 0)
-        bar = None
-        if self.s.is_main and c.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=self.total_steps, initial=step, desc="ppo", dynamic_ncols=True)
-        history = []
+        ckpt = Path(c.output_dir) / "checkpoints"
         plan = StepPlan(self.steps_per_epoch, self.total_steps)
+        step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, c, plan, "ppo",
+                             {"reward": ("reward/mean", "{:.2f}"), "kl": ("kl", "{:.2f}")}, state=self)
         for step, _, idx in planned_steps(plan, step, len(self.records), self.p.rollout_batch_size, 1,
                                           self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
             self._step = step - 1
             exp = self.experience([self.records[i] for i in idx[0]], step, ckpt)
-            m = self.train_on(exp, step, ckpt)
-            if step % c.logging_steps == 0 or step == self.total_steps:
-                logger.log(step, m)
-            history.append({"step": step, **m})
-            if bar:
-                bar.update(1)
-                bar.set_postfix(reward=f"{m['reward/mean']:.2f}", kl=f"{m['kl']:.2f}")
-            if save_due(step, self.total_steps, c):
-                state = {"step": step, "kl_coef": self.kl_ctl.value, "moments": self.moments.state_dict()}
-                self.s.save_resume(self.actor, ckpt / "actor", step, state, c.save_total_limit)
-                self.s.save_resume(self.critic, ckpt / "critic", step, state, c.save_total_limit)
-        if bar:
-            bar.close()
-        logger.close()
+            log.after(step, self.train_on(exp, step, ckpt), {})  # its rates are per step (generation, training)
+        log.close()
         self.interrupted = step < self.total_steps
-        return history
+        return log.history
 
 
 def _select(batch, idx: list[int]):
