@@ -12,6 +12,9 @@ process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpoi
         prompt computed once per pair (shared-prefix layout), no reference model in memory, each
         sample tokenised and its image processed once (kept in memory for the epochs after the
         reference pass: --encoded_cache_mb; that memory is in its peak).
+        On the CPU our stages keep freed tensor memory for reuse (training.engine.cpu_memory: glibc's
+        mmap threshold at its maximum, no trimming), so batches do not fault their activations in
+        anew; --trl_keep_freed_memory gives TRL the same setting.
   TRL   trl.DPOTrainer at its best available settings for a VLM: precompute_ref_log_probs raises
         for vision datasets and padding_free is disabled, so it runs a reference copy each step;
         gradient checkpointing off (its default is on: slower).
@@ -212,6 +215,9 @@ def run_worker(kind: str, a, model: Path, data: Path, images: Path, work: Path) 
            "--precision",
            a.precision, "--result", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if kind == "trl" and a.trl_keep_freed_memory:  # glibc's environment form of training.engine.cpu_memory's mallopt
+        from training.engine.cpu_memory import MMAP_THRESHOLD_MAX, TRIM_OFF
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_MAX), MALLOC_TRIM_THRESHOLD_=str(TRIM_OFF))
     env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -262,6 +268,9 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--precision", default="", help="fp32 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--work", default="output/bench_dpo")
+    p.add_argument("--trl_keep_freed_memory", action="store_true",
+                   help="run TRL with the malloc settings our stages apply on the CPU (training.engine.cpu_memory), "
+                        "through glibc's environment variables: what the setting alone is worth to TRL")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -18,6 +18,9 @@ from training.config import DeepSpeedArgs, OptimArgs
 def setup_environment() -> None:
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("DS_ACCELERATOR") == "cpu":  # tensors live in malloc'd host memory: reuse freed blocks
+        from training.engine.cpu_memory import keep_freed_memory
+        keep_freed_memory()
 
 
 def shm_buffer_path(rank: int) -> Path:

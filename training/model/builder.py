@@ -36,10 +36,14 @@ def torch_dtype(precision: str):
 
 def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """Where generation outside DeepSpeed runs (prediction, OPA rollouts): "auto" -> the GPU in bf16 when
-    there is one (fp16 on GPUs without bf16), else the CPU in fp32."""
+    there is one (fp16 on GPUs without bf16), else the CPU in fp32. On the CPU, freed tensor memory is
+    kept for reuse from here on (training.engine.cpu_memory)."""
     import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from training.engine.cpu_memory import keep_freed_memory
+        keep_freed_memory()
     if precision == "auto":
         precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     return device, precision
