@@ -97,3 +97,18 @@ def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, t
     main(ppo_args(world, tiny, rm, tmp_path / "off", *off))
     d = weights(tmp_path / "off")
     assert max(float((a[k] - d[k]).abs().max()) for k in a) > 1e-5
+
+
+def test_ppo_qlora_actor_and_critic(world, tiny, rm, tmp_path):
+    """QLoRA (NF4 base + LoRA) for the actor, the critic and the frozen reward model; the reference is the
+    actor with its adapters off."""
+    out = tmp_path / "ppo_qlora"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--qlora", "--lora_r", "4", "--lora_dropout", "0",
+                  "--freeze_vision_tower"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts: actor = reference
+    assert all(r["value_loss"] == r["value_loss"] and r["policy_loss"] == r["policy_loss"] for r in rows)
+    from safetensors.torch import load_file
+    adapters = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in adapters.items())  # lora_B starts at 0

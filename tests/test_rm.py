@@ -107,6 +107,17 @@ def test_lora_reward_model_saves_adapters_and_reloads(world, tiny, tmp_path):
     torch.testing.assert_close(critic.value_head.weight, rm.value_head.weight)
 
 
+def test_qlora_reward_model_trains_and_evaluates(world, tiny, tmp_path):
+    """QLoRA through the loop's held-out evaluation (eval mode) and on into more training steps."""
+    out = tmp_path / "rm_qlora"
+    r = main(rm_args(world, tiny, out, "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "4",
+                     "--per_device_eval_batch_size", "16", "--qlora", "--lora_r", "4", "--lora_dropout", "0",
+                     "--freeze_vision_tower", "--learning_rate", "1e-2"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "eval/accuracy" in x] == [2, 4]  # mid-run and final evaluation
+    assert 0.0 <= r["eval"]["eval/accuracy"] <= 1.0 and (out / "adapter" / "adapter_config.json").exists()
+
+
 def test_ranked_lists_train_with_plackett_luce(world, tiny, tmp_path):
     r = main(rm_args(world, tiny, tmp_path / "pl", "--data_path", str(world / "ranked_train.json"),
                      "--max_steps", "2", "--per_device_train_batch_size", "4"))

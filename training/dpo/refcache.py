@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from training.dpo.forward import adapters_disabled, response_logps
+from training.model.builder import eval_mode
 
 
 def _files_fingerprint(path: str) -> list:
@@ -56,7 +57,7 @@ class RefCache:
 
     @staticmethod
     def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int,
-                      rows_per_item: int = 1, eval_mode: bool = True) -> "RefCache":
+                      rows_per_item: int = 1) -> "RefCache":
         """make_batch(list of dataset indices) -> a batch on the device (rows_per_item rows per index, whose
         batch.indices are the rows' cache indices), or None when every item was a bad row."""
         if path.exists():
@@ -72,8 +73,7 @@ class RefCache:
         mine = list(range(rank, n_data, world))
         n_calls = -(-per_rank // batch_size)
         was_training = engine.training
-        if eval_mode:  # (with dropout already off, train mode is as deterministic; bitsandbytes' CPU eval path
-            engine.eval()  # repacks 4-bit weights and fails on small layers, so QLoRA on CPU stays in train mode)
+        eval_mode(engine)
         with torch.no_grad(), adapters_disabled(engine):
             for c in range(n_calls):
                 idx = mine[c * batch_size:(c + 1) * batch_size]

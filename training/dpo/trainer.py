@@ -14,6 +14,7 @@ from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
 from training.engine.loop import StepPlan, open_run, planned_steps
+from training.model.builder import eval_mode
 
 
 class DPOTrainer:
@@ -47,7 +48,7 @@ class DPOTrainer:
                 r = response_logps(self.ref_model, batch)
             else:  # LoRA: the policy with adapters off, deterministic (dropout disabled, or eval mode)
                 if not self.a.disable_dropout:
-                    self.engine.eval()
+                    eval_mode(self.engine)
                 with adapters_disabled(self.engine):
                     r = response_logps(self.engine, batch)
                 self.engine.train()

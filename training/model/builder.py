@@ -49,6 +49,22 @@ def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str
     return device, precision
 
 
+def eval_mode(model):
+    """model.eval() (dropout off), except that bitsandbytes 4-bit layers stay in train mode: on a CPU with
+    AVX512-BF16 their no-grad eval forward repacks the weight in place into a CPU-only layout, which
+    fails on small layers and leaves a model that trains on afterwards with a repacked weight. Their
+    train/eval flag changes nothing else. Works on DeepSpeed engines too; returns the model."""
+    model.eval()
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return model
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.train()
+    return model
+
+
 def add_inference_args(parser, what: str = "") -> None:
     """--device / --precision of generation outside DeepSpeed (see inference_device)."""
     parser.add_argument("--device", default="auto", help=f"{what}auto (the GPU when there is one, else the CPU) "
@@ -124,7 +140,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
 
     if not for_training:
         model.requires_grad_(False)
-        model.eval()
+        eval_mode(model)
         return model, processor, spec
 
     if lora_args.qlora:

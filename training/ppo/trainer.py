@@ -22,6 +22,7 @@ from training.ppo.rollout import generate_rollouts, response_view
 from training.predict.generate import DecodeArgs
 from training.rm.factual import rm_messages
 from training.engine.loop import StepPlan, open_run, planned_steps
+from training.model.builder import eval_mode
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,7 +125,7 @@ class PPOTrainer:
         images = [[load_image(src, self.image_root) for src in r.images] for r in records]
         decode = DecodeArgs(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
         actor = self._module(self.actor)
-        actor.eval()
+        eval_mode(actor)
         # sampling depends only on (seed, step, rank): a resumed run draws the same rollouts
         torch.manual_seed(self.cfg["optim"].seed + 100003 * step + self.s.rank)
         ro = generate_rollouts(actor, self.processor, self.encoder, self.arch_name, [r.prompt for r in records],

@@ -104,7 +104,7 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
     the PPO critic. `model_args` supplies precision and freeze options; its checkpoint is `path`."""
     from safetensors.torch import load_file
 
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import eval_mode, load_model_and_processor
 
     path = Path(path)
     if not is_reward_model(path):
@@ -117,5 +117,5 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
     rm.value_head.load_state_dict(load_file(str(path / info.get("head_file", HEAD_FILE))))
     if not for_training:
         rm.requires_grad_(False)
-        rm.eval()
+        eval_mode(rm)
     return rm, processor, spec

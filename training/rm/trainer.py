@@ -12,6 +12,7 @@ import torch
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
 from training.engine.loop import StepPlan, open_run, planned_steps
+from training.model.builder import eval_mode
 
 
 def matrix_pairs(R: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ class RMTrainer:
         per_rank = -(-n // world)
         mine = [rank + world * k for k in range(per_rank)]
         was_training = self.engine.training
-        self.engine.eval()
+        eval_mode(self.engine)
         for k in range(0, len(mine), bs):
             idx = mine[k:k + bs]
             items = [ds[i % n] for i in idx]
