@@ -1,6 +1,6 @@
 """PPO on two CPU ranks at ZeRO 0, 1, 2 and 3: rollouts of different lengths per rank must not hang
 (ZeRO-3 generation keeps every rank in the parameter gathers) and every stage saves an actor; at
-ZeRO-3 with the PPO-ptx term on."""
+ZeRO-3 with the PPO-ptx term on; and a LoRA actor at ZeRO-3, whose reference is itself with adapters off."""
 import json
 import os
 import subprocess
@@ -24,3 +24,6 @@ def test_ppo_zero_stages_on_two_ranks(world, tiny, tmp_path):
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert row["response_length"] > 0 and row["kl"] == row["kl"]
         assert ("ptx_loss" in row) == (stage == 3)  # ZeRO-3 also runs the PPO-ptx term's extra forwards
+    lora = [json.loads(x) for x in (tmp_path / "zero3_lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lora] == [1, 2] and abs(lora[0]["kl"]) < 1e-5  # before any update: actor = reference
+    assert (tmp_path / "zero3_lora" / "adapter" / "adapter_config.json").exists()
