@@ -208,6 +208,14 @@ def test_qlora_policy_learns(world, tiny, tmp_path):
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
+def test_qlora_live_reference_with_dropout(world, tiny, tmp_path):
+    """The live reference (adapters off, eval mode for dropout) of a 4-bit policy, between training steps."""
+    r = main(dpo_args(world, tiny, tmp_path / "ql", "--qlora", "--lora_r", "4", "--lora_dropout", "0.1",
+                      "--freeze_vision_tower", "--freeze_projector", "--no-precompute_ref", "--no-disable_dropout",
+                      "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"))
+    assert [h["step"] for h in r["history"]] == [1, 2] and all(h["loss"] == h["loss"] for h in r["history"])
+
+
 def _pref_dataset(world, tiny, max_len, report=None, n_responses=0):
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport
