@@ -42,3 +42,11 @@ def test_predict_in_bf16_and_auto_device(world, tiny, tmp_path):
                    "--precision", "bf16", "--no-progress"])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows and all(isinstance(r["text"], str) for r in rows)
+
+
+def test_a_precision_the_accelerator_lacks_stops_with_a_clear_message(world, tiny, tmp_path, monkeypatch):
+    import pytest
+    from deepspeed.accelerator import get_accelerator
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)  # the CPU accelerator's answer
+    with pytest.raises(SystemExit, match="--precision fp16: DeepSpeed's .* accelerator does not support it"):
+        sft(sft_args(world, tiny, tmp_path / "fp16", "--precision", "fp16", "--max_steps", "1"))
