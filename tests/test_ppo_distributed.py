@@ -1,6 +1,6 @@
 """PPO on two CPU ranks at ZeRO 0, 1, 2 and 3: rollouts of different lengths per rank must not hang
 (ZeRO-3 generation keeps every rank in the parameter gathers) and every stage saves an actor; at
-ZeRO-3 with the PPO-ptx term on; and a LoRA actor at ZeRO-3, whose reference is itself with adapters off."""
+ZeRO-3 with the PPO-ptx term on; and LoRA and QLoRA actors at ZeRO-3, whose reference is the actor with adapters off."""
 import json
 import os
 import subprocess
@@ -27,3 +27,6 @@ def test_ppo_zero_stages_on_two_ranks(world, tiny, tmp_path):
     lora = [json.loads(x) for x in (tmp_path / "zero3_lora" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lora] == [1, 2] and abs(lora[0]["kl"]) < 1e-5  # before any update: actor = reference
     assert (tmp_path / "zero3_lora" / "adapter" / "adapter_config.json").exists()
+    q = json.loads((tmp_path / "zero3_qlora" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(q["kl"]) < 1e-5 and q["value_loss"] == q["value_loss"]
+    assert (tmp_path / "zero3_qlora" / "adapter" / "adapter_config.json").exists()
