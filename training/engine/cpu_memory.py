@@ -9,7 +9,8 @@ batch with glibc's defaults and 44-49 ms with a fixed threshold; the training st
 `keep_freed_memory` sets glibc's mmap threshold to its maximum (32 MB on 64-bit) and turns trimming
 off: blocks up to that size come from the heap, and freed ones are reused. The price is that the
 process keeps its high-water heap until it exits. Nothing is done when the C library is not glibc or
-when the user set malloc options of their own (MALLOC_* or GLIBC_TUNABLES in the environment).
+when the user set malloc options of their own (MALLOC_* or GLIBC_TUNABLES in the environment; an empty
+`GLIBC_TUNABLES=` turns the setting off and changes nothing else).
 """
 from __future__ import annotations
 
