@@ -276,3 +276,12 @@ def test_a_too_long_item_is_counted_once_over_several_passes(world, tiny):
     for _ in range(3):  # the reference pass and two epochs
         assert ds[0] is None and ds[1] is None
     assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "conversations"), (1, "conversations")]
+
+
+def test_reference_pass_shows_its_progress(world, tiny, tmp_path, capsys):
+    args = [a for a in dpo_args(world, tiny, tmp_path / "p", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                                "--per_device_eval_batch_size", "64") if a != "--no-progress"]
+    main(args)
+    err = capsys.readouterr().err
+    n = len(json.loads((world / "preference_train.json").read_text()))
+    assert "reference log-probs: 100%" in err and f"{-(-n // 64)}/{-(-n // 64)}" in err

@@ -107,7 +107,7 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
         root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
         trainer.ref_cache = RefCache.load_or_build(
             root / f"{key}.safetensors", trainer.s, trainer.engine, trainer.make_batch, len(trainer.dataset) * rows, K,
-            cfg["optim"].per_device_eval_batch_size, rows)
+            cfg["optim"].per_device_eval_batch_size, rows, progress=cfg["run"].progress and trainer.s.is_main)
     elif lora.lora_r > 0:
         # adapters off gives the starting model only if nothing but adapters trains
         extra = [n for n, p in trainer.engine.module.named_parameters() if p.requires_grad and "lora_" not in n]

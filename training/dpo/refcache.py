@@ -57,7 +57,7 @@ class RefCache:
 
     @staticmethod
     def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int,
-                      rows_per_item: int = 1) -> "RefCache":
+                      rows_per_item: int = 1, progress: bool = False) -> "RefCache":
         """make_batch(list of dataset indices) -> a batch on the device (rows_per_item rows per index, whose
         batch.indices are the rows' cache indices), or None when every item was a bad row."""
         if path.exists():
@@ -74,6 +74,8 @@ class RefCache:
         n_calls = -(-per_rank // batch_size)
         was_training = engine.training
         eval_mode(engine)
+        from tqdm import tqdm
+        bar = tqdm(total=n_calls, desc="reference log-probs", unit="batch", disable=not progress, dynamic_ncols=True)
         with torch.no_grad(), adapters_disabled(engine):
             for c in range(n_calls):
                 idx = mine[c * batch_size:(c + 1) * batch_size]
@@ -87,6 +89,8 @@ class RefCache:
                     ii = torch.tensor(batch.indices)
                     for j, t in enumerate((r.sum, r.count, r.wsum)):
                         acc[j, ii, :k] = t.double().cpu()
+                bar.update(1)
+        bar.close()
         engine.train(was_training)
         if world > 1:
             acc = strategy.all_reduce(acc.to(strategy.device)).cpu()
