@@ -57,10 +57,11 @@ def _public_url(url: str) -> str:
 
 
 class Judge:
-    def __init__(self, cfg: JudgeConfig):
+    def __init__(self, cfg: JudgeConfig, progress: bool = False):
         self.cfg = cfg
         self.requests = 0  # HTTP requests sent (failed ones included)
         self.cache_hits = 0
+        self.progress, self._bar = progress, None  # a running count of replies, sent vs cached
         self.decodings: list[dict] = []  # every distinct decoding setting used, for the results file
 
     def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
@@ -79,6 +80,7 @@ class Judge:
         path = Path(self.cfg.cache_dir) / key[:2] / f"{key}.json"
         if path.exists():
             self.cache_hits += 1
+            self._tick()
             return json.loads(path.read_text(encoding="utf-8"))["reply"]
         body = {"model": self.cfg.model, "messages": messages, "temperature": temperature}
         if max_tokens is not None:
@@ -89,7 +91,17 @@ class Judge:
                                          "attempt": attempt},
                              "reply": reply, "response_model": response.get("model"),
                              "usage": response.get("usage")})
+        self._tick()
         return reply
+
+    def _tick(self) -> None:
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(desc=f"judge {self.cfg.model}", unit="reply", dynamic_ncols=True)
+        self._bar.update(1)
+        self._bar.set_postfix(requests=self.requests, cached=self.cache_hits)
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
@@ -155,7 +167,7 @@ def judge_from_args(args, default_model: str) -> Judge:
     return Judge(JudgeConfig(url=args.judge_url, model=args.judge_model or default_model,
                              api_key_env=args.judge_api_key_env, cache_dir=args.judge_cache_dir,
                              max_retries=args.judge_retries, backoff_s=args.judge_backoff,
-                             timeout_s=args.judge_timeout))
+                             timeout_s=args.judge_timeout), progress=getattr(args, "progress", False))
 
 
 def judge_decoding(args, temperature: float, max_tokens: int | None) -> dict:

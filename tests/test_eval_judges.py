@@ -165,7 +165,7 @@ def _llava_reply(content):
     return LLAVA_REPLIES[content.split("[Question]\n")[1].split("\n")[0]]
 
 
-def test_llava_bench_relative_score_retry_and_cache(tmp_path, fake_server, monkeypatch):
+def test_llava_bench_relative_score_retry_and_cache(tmp_path, fake_server, monkeypatch, capsys):
     """Pairs (ref, model): (8,9) (7,7) (-1,-1) (10,5): means 24/4 and 20/4 -> 5/6 * 100."""
     monkeypatch.setenv("EVAL_TEST_JUDGE_KEY", KEY)
     server = fake_server(_llava_reply, fail_first=2, status=503)
@@ -189,8 +189,11 @@ def test_llava_bench_relative_score_retry_and_cache(tmp_path, fake_server, monke
     assert content.endswith("does not affect your judgment.\n\n")
     assert "[Context]\nA dog.\nGrass.\n\n" in server.requests[-3]["body"]["messages"][1]["content"]
 
+    assert "4reply" in (err := capsys.readouterr().err) and "cached=0, requests=6" in err  # the judge's progress bar: replies, sent vs cached
+
     rerun = bench_main(argv)
     assert len(server.requests) == 6 and rerun["metrics"] == m and rerun["judge"]["cache_hits"] == 4
+    assert "cached=4, requests=0" in capsys.readouterr().err
 
 
 def test_judge_fails_fast_on_auth_error_and_gives_up_after_retries(tmp_path, fake_server):
