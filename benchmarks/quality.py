@@ -4,6 +4,7 @@
     python -m benchmarks.quality --with_opa      # + OPA-DPO (run_opa_dpo.sh) on a third of DPO's pairs
     python -m benchmarks.quality --reuse         # score existing output/dpo, ... without training
     python -m benchmarks.quality --methods dpo   # only some methods
+    python -m benchmarks.quality --seeds 3       # each method with 3 training seeds; verdicts on the means
 
 PPO uses the reward model in output/rm (trained by run_rm_training.sh first when missing).
 
@@ -47,6 +48,20 @@ def pairs_used(out: str) -> int:
     return sum(sum(1 for _ in read_table(p)) for p in cfg["data"]["data_path"].split(","))
 
 
+def seed_runs(out: str, args: list[str], seeds: int, seed_flag: str, first_seed: int) -> list[tuple[str, list[str]]]:
+    """(output dir, stage arguments) of each training seed: the first is the stage's default run."""
+    return [(out, args)] + [(f"{out}_seed{k}", [*args, seed_flag, str(first_seed + k)]) for k in range(1, seeds)]
+
+
+def mean_sd(rows: list[dict]) -> tuple[dict, dict]:
+    """Per-metric mean and sample standard deviation (0 for one row) over the seeds' results."""
+    import statistics as st
+    keys = rows[0].keys()
+    mean = {k: st.fmean(r[k] for r in rows) for k in keys}
+    sd = {k: st.stdev([r[k] for r in rows]) if len(rows) > 1 else 0.0 for k in keys}
+    return mean, sd
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft", default="output/sft")
@@ -54,6 +69,9 @@ def main(argv=None) -> dict:
     p.add_argument("--reuse", action="store_true", help="score existing outputs; train only what is missing")
     p.add_argument("--with_opa", action="store_true", help="also run OPA-DPO (run_opa_dpo.sh)")
     p.add_argument("--methods", nargs="*", default=["dpo", "orpo", "ppo"])
+    p.add_argument("--seeds", type=int, default=1, help="train each method with this many training seeds (the "
+                   "stage's default, then +1, +2, ...) and judge the means: a PPO setting's recall moves by about "
+                   "0.01 between seeds on this world")
     a = p.parse_args(argv)
     os.chdir(ROOT)
     if not (Path(a.sft) / "config.json").exists():
@@ -65,16 +83,26 @@ def main(argv=None) -> dict:
     methods = list(a.methods) + (["opa_dpo"] if a.with_opa and "opa_dpo" not in a.methods else [])
     if "ppo" in methods and not (Path("output/rm") / "config.json").exists():
         train("run_rm_training.sh", "output/rm", "--from_checkpoint", a.sft)
+    # the training seed: OptimArgs.seed (default 1234) for the stages; OPA's own --seed (rollouts, default 0)
+    seed_of = {m: ("--seed", 0 if m == "opa_dpo" else 1234) for m in methods}
+    results, spread = {"sft": score(a.sft, a.world)}, {"sft": None}
     for m in methods:
         script, out, args = runs[m]
-        if not (a.reuse and (Path(out) / "config.json").exists()):
-            train(script, out, *args)
-    results = {"sft": score(a.sft, a.world)}
-    for m in methods:
-        results[m] = score(runs[m][1], a.world)
+        per_seed = []
+        for k_out, k_args in seed_runs(out, args, a.seeds, *seed_of[m]):
+            if not (a.reuse and (Path(k_out) / "config.json").exists()):
+                train(script, k_out, *k_args)
+            per_seed.append(score(k_out, a.world))
+        results[m], spread[m] = mean_sd([{k: r[k] for k in ("CHAIRi", "CHAIRs", "recall")} for r in per_seed])
     base = results["sft"]
-    lines = ["| model | CHAIR_i | CHAIR_s | recall | CHAIR_i / SFT | recall - SFT | training rows | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+
+    def sd(name: str, k: str) -> str:
+        return f" ± {spread[name][k]:.3f}" if spread[name] and a.seeds > 1 else ""
+
+    lines = ([f"Means over {a.seeds} training seeds (± sample standard deviation); verdicts on the means.", ""]
+             if a.seeds > 1 else [])
+    lines += ["| model | CHAIR_i | CHAIR_s | recall | CHAIR_i / SFT | recall - SFT | training rows | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     verdicts = {}
     for name, r in results.items():
         ratio = r["CHAIRi"] / base["CHAIRi"] if base["CHAIRi"] else float("nan")
@@ -89,7 +117,8 @@ def main(argv=None) -> dict:
                       and pairs_used(runs["opa_dpo"][1]) <= pairs_used(runs["dpo"][1]) / 3)
             verdict = "PASS" if ok else "FAIL"
         verdicts[name] = verdict
-        lines.append(f"| {name} | {r['CHAIRi']:.3f} | {r['CHAIRs']:.3f} | {r['recall']:.3f} | {ratio:.2f} | "
+        lines.append(f"| {name} | {r['CHAIRi']:.3f}{sd(name, 'CHAIRi')} | {r['CHAIRs']:.3f} | "
+                     f"{r['recall']:.3f}{sd(name, 'recall')} | {ratio:.2f} | "
                      f"{drop:+.3f} | {n_pairs} | {verdict} |")
     table = "\n".join(lines)
     print("\nObject hallucination on the embedded world's held-out scenes (bench_objhal, greedy):\n" + table)
