@@ -130,7 +130,7 @@ def run(args) -> dict:
         decoding = {**decoding, "device": device.split(":")[0], "precision": precision}
         flags = predict_flags(decoding, {"model_architecture": args.model_architecture,
                                          "max_seq_len": args.max_seq_len, "model_id": args.model_name,
-                                         "device": args.device, "precision": args.precision,
+                                         "device": device, "precision": precision,
                                          "progress": args.progress})
         answers, files = generate(qs, out_dir / "predictions", args.benchmark + suffix, args.model_path,
                                   args.image_folder, decoding, flags, restart=args.restart_answers)

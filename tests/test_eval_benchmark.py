@@ -51,7 +51,9 @@ def test_pope_generate_score_resume(tmp_path, world, tiny, monkeypatch):
         bench_main(_pope_argv(world, tiny, out, "--num_beams", "2"))
     with pytest.raises(AnswersMismatch):  # other numerics too: precision is part of the settings
         bench_main(_pope_argv(world, tiny, out, "--precision", "bf16"))
-    assert rec["decoding"]["precision"] == "fp32" and rec["decoding"]["device"] == "cpu"
+    from training.model.builder import inference_device
+    device, precision = inference_device()  # what "auto" resolves to on this machine (CPU here: fp32)
+    assert rec["decoding"]["precision"] == precision and rec["decoding"]["device"] == device.split(":")[0]
     monkeypatch.undo()
     beams = bench_main(_pope_argv(world, tiny, out, "--num_beams", "2", "--run_name", "beam2"))
     assert beams["decoding"]["mode"] == "beam" and (out / "eval_pope_beam2.json").exists()

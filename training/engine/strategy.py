@@ -67,7 +67,7 @@ class Strategy:
         supported = {"fp16": get_accelerator().is_fp16_supported, "bf16": get_accelerator().is_bf16_supported}
         if precision in supported and not supported[precision]():
             raise SystemExit(f"--precision {precision}: DeepSpeed's {get_accelerator().device_name()} accelerator does "
-                             f"not support it here; use " + ("--precision bf16 or fp32" if precision == "fp16"
+                             "not support it here; use " + ("--precision bf16 or fp32" if precision == "fp16"
                                                               else "--precision fp32"))
         self.ds, self.optim, self.precision = ds, optim, precision
         if not torch.distributed.is_initialized():
