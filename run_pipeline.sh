@@ -3,11 +3,16 @@
 #   SFT -> reward model (factual) -> DPO, ORPO (from SFT) and PPO (SFT actor + reward model)
 #   -> every model answers the held-out benchmarks -> table (output/results.md) + bar charts (figure/).
 # Arguments are passed to the SFT stage (e.g. --num_train_epochs 2 for a quicker run).
+# A rerun keeps each stage that finished with the same command, code, data and inputs, continues one that
+# was interrupted from its last resumable checkpoint (if it wrote one: --save_steps) and trains the rest
+# anew (training/pipeline.py); PIPELINE_FRESH=1 retrains every stage.
 source "$(dirname "$0")/scripts/env.sh"
-bash run_sft.sh "$@"
-bash run_rm_training.sh
-bash run_dpo_training.sh
-bash run_dpo_training.sh --loss_type orpo --output_dir output/orpo
-bash run_ppo_training.sh
+source "$(dirname "$0")/scripts/stage.sh"
+python -m training.pipeline prepare
+stage output/sft -- run_sft.sh "$@"
+stage output/rm output/sft -- run_rm_training.sh
+stage output/dpo output/sft -- run_dpo_training.sh
+stage output/orpo output/sft -- run_dpo_training.sh --loss_type orpo --output_dir output/orpo
+stage output/ppo output/sft output/rm -- run_ppo_training.sh
 python -m eval.run_embedded --models output/sft output/dpo output/orpo output/ppo --world data/world --no-progress
 python -m eval.report --results output/*/eval_embedded.json --table_file output/results.md --figure_dir figure

@@ -1,0 +1,16 @@
+# Sourced by run_pipeline.sh (after scripts/env.sh): run a stage unless a rerun can keep it.
+# stage OUT [DEP ...] -- SCRIPT [ARGS ...]: run SCRIPT, whose output is OUT and which starts from the DEPs
+stage() {
+  local out="$1" deps=() state
+  shift
+  while [ "$1" != "--" ]; do deps+=("$1"); shift; done
+  shift
+  state="$(python -m training.pipeline begin "$out" --after "${deps[@]}" -- "$@")"
+  case "$state" in
+    skip) echo "== $out: finished earlier with this command, code and inputs: kept (PIPELINE_FRESH=1 retrains)"
+          return 0 ;;
+    resume) echo "== $out: continuing its interrupted run"; bash "$@" --resume ;;
+    *) bash "$@" ;;
+  esac
+  python -m training.pipeline end "$out" -- "$@"
+}

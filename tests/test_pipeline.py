@@ -1,0 +1,117 @@
+"""run_pipeline.sh's reruns: a finished stage is kept only while its command, code, inputs and the stages it
+starts from are unchanged; an interrupted one continues with --resume; anything else trains anew."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_project(root: Path) -> Path:
+    (root / "training").mkdir(parents=True)
+    (root / "training" / "stage.py").write_text("x = 1\n")
+    (root / "run_sft.sh").write_text("echo sft\n")
+    (root / "data" / "world").mkdir(parents=True)
+    (root / "data" / "world" / "pairs.json").write_text("[]")
+    return root
+
+
+def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path, monkeypatch):
+    root = fake_project(tmp_path / "proj")
+    monkeypatch.delenv("NUM_GPUS", raising=False)
+    cmd = ["run_sft.sh", "--lr", "1"]
+    base = pipeline.fingerprint(cmd, [], root)
+    assert pipeline.fingerprint(list(cmd), [], root) == base
+    assert pipeline.fingerprint(["run_sft.sh", "--lr", "2"], [], root) != base
+    (root / "training" / "__pycache__").mkdir()
+    (root / "training" / "__pycache__" / "stage.pyc").write_bytes(b"\0")  # compiled files do not count
+    assert pipeline.fingerprint(cmd, [], root) == base
+    for path, text in (("training/stage.py", "x = 2\n"), ("run_sft.sh", "echo sft2\n"),
+                       ("data/world/pairs.json", "[1]")):
+        old = (root / path).read_text()
+        (root / path).write_text(text)
+        assert pipeline.fingerprint(cmd, [], root) != base, path
+        (root / path).write_text(old)
+    assert pipeline.fingerprint(cmd, [], root) == base
+    (root / "output" / "tiny_vlm_init").mkdir(parents=True)
+    (root / "output" / "tiny_vlm_init" / "config.json").write_text("{}")
+    assert pipeline.fingerprint(cmd, [], root) != base
+    base = pipeline.fingerprint(cmd, [], root)
+    monkeypatch.setenv("NUM_GPUS", "2")
+    assert pipeline.fingerprint(cmd, [], root) != base
+    monkeypatch.delenv("NUM_GPUS")
+
+    dep = tmp_path / "out_sft"
+    with pytest.raises(SystemExit, match="no finished run"):
+        pipeline.fingerprint(cmd, [str(dep)], root)
+    assert pipeline.begin(dep, ["a"], [], root) == "fresh"
+    with pytest.raises(SystemExit, match="no finished run"):  # begun, not finished
+        pipeline.fingerprint(cmd, [str(dep)], root)
+    pipeline.end(dep, ["a"])
+    with_dep = pipeline.fingerprint(cmd, [str(dep)], root)
+    assert with_dep != base
+    assert pipeline.begin(dep, ["a", "b"], [], root) == "fresh"  # the dependency retrained with other arguments
+    pipeline.end(dep, ["a", "b"])
+    assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
+
+
+def test_begin_and_end_states(tmp_path, monkeypatch):
+    root = fake_project(tmp_path / "proj")
+    monkeypatch.delenv("PIPELINE_FRESH", raising=False)
+    out = tmp_path / "out"
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+    assert pipeline.begin(out, ["s"], [], root) == "resume"  # started, never finished
+    with pytest.raises(SystemExit, match="does not record a start"):
+        pipeline.end(out, ["other"])
+    pipeline.end(out, ["s"])
+    rec = json.loads((out / pipeline.RECORD).read_text())
+    assert rec["status"] == "done" and rec["command"] == ["s"]
+    assert pipeline.begin(out, ["s"], [], root) == "skip"
+    assert json.loads((out / pipeline.RECORD).read_text()) == rec  # a kept stage's record is untouched
+    monkeypatch.setenv("PIPELINE_FRESH", "1")
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+    monkeypatch.delenv("PIPELINE_FRESH")
+    pipeline.end(out, ["s"])
+    (root / "training" / "stage.py").write_text("x = 3\n")  # the code changed since it finished
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+
+
+FAKE_STAGE = """out="$1"; shift
+echo "$(basename "$out")${*:+ $*}" >> "$LOG"
+mkdir -p "$out"
+if [ -n "${FAIL:-}" ]; then exit 3; fi
+"""
+
+
+def test_stage_function_keeps_resumes_and_retrains(tmp_path):
+    """scripts/stage.sh as run_pipeline.sh uses it, with stand-in stage scripts."""
+    fake = tmp_path / "fake_stage.sh"
+    fake.write_text(FAKE_STAGE)
+    log = tmp_path / "log"
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = {**os.environ, "LOG": str(log), "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("PIPELINE_FRESH", None)
+
+    def pipeline_run(a_args="", extra_env=None):
+        script = (f"set -euo pipefail; cd {ROOT}; source scripts/stage.sh\n"
+                  f"stage {a} -- {fake} {a} {a_args}\n"
+                  f"stage {b} {a} -- {fake} {b}\n")
+        p = subprocess.run(["bash", "-c", script], env={**env, **(extra_env or {})}, capture_output=True, text=True)
+        ran = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return p.returncode, ran, p.stdout
+
+    assert pipeline_run()[:2] == (0, ["a", "b"])
+    rc, ran, stdout = pipeline_run()
+    assert (rc, ran) == (0, []) and stdout.count("kept") == 2
+    assert pipeline_run("--lr 2")[:2] == (0, ["a --lr 2", "b"])  # b starts from a retrained a
+    assert pipeline_run("--lr 3", {"FAIL": "1"})[:2] == (3, ["a --lr 3"])  # interrupted: b never starts
+    assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3 --resume", "b"])
+    assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b"])

@@ -1,0 +1,131 @@
+"""Which stages of run_pipeline.sh a rerun can keep.
+
+    python -m training.pipeline prepare                                       # the embedded defaults
+    python -m training.pipeline begin OUT [--after DEP ...] -- COMMAND ...   # prints fresh | resume | skip
+    python -m training.pipeline end OUT -- COMMAND ...
+
+`prepare` makes the embedded world and the tiny VLM the stages default to (if missing), so that they
+are inputs of the first stage's fingerprint, not its products. A stage's fingerprint is the SHA-256 of
+its command line, the project's code (every file under training/, scripts/, configs/, the run_*.sh
+scripts and requirements.txt), those default inputs (data/world, output/tiny_vlm_init), the ranks
+(NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and the fingerprints of the finished stages it starts from
+(--after). `begin` compares it with OUT/pipeline_stage.json:
+  skip    the stage finished with this fingerprint: its output is kept;
+  resume  it started with this fingerprint and did not finish: it continues from its last resumable
+          checkpoint (a stage with none starts over);
+  fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
+and records the start (unless skip). `end` records the finish of the command begun: the stage's output
+keeps the fingerprint of the code and inputs it started with. PIPELINE_FRESH=1 makes every stage fresh.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = "pipeline_stage.json"
+CODE = ("training", "scripts", "configs")
+INPUTS = ("data/world", "output/tiny_vlm_init")
+ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")
+WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
+
+
+def tree_digest(paths, root: Path = ROOT) -> str:
+    """SHA-256 over the relative names and contents of every file below `paths` (in name order)."""
+    h = hashlib.sha256()
+    files = []
+    for p in paths:
+        p = root / p
+        files += [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+    for f in sorted(files):
+        st = f.stat()
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        if st.st_size > WHOLE_FILE_MAX:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def read_record(out: Path) -> dict | None:
+    path = Path(out) / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fingerprint(command: list[str], after: list[str], root: Path = ROOT) -> str:
+    deps = {}
+    for d in after:
+        rec = read_record(Path(d))
+        if not rec or rec.get("status") != "done":
+            raise SystemExit(f"pipeline: {d} has no finished run ({Path(d) / RECORD}); run the stage that writes it first")
+        deps[d] = rec["fingerprint"]
+    code = [p for p in CODE if (root / p).exists()] + sorted(p.name for p in root.glob("run_*.sh"))
+    code += ["requirements.txt"] if (root / "requirements.txt").exists() else []
+    inputs = [p for p in INPUTS if (root / p).exists()]
+    parts = {"command": command, "code": tree_digest(code, root), "inputs": tree_digest(inputs, root),
+             "env": {k: os.environ.get(k, "") for k in ENV}, "after": deps}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) -> str:
+    fp = fingerprint(command, after, root)
+    rec = read_record(out)
+    state = "fresh"
+    if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
+        state = "skip" if rec["status"] == "done" else "resume"
+    if state != "skip":
+        _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after})
+    return state
+
+
+def end(out: Path, command: list[str]) -> None:
+    rec = read_record(out)
+    if not rec or rec["status"] != "started" or rec["command"] != command:
+        raise SystemExit(f"pipeline: {Path(out) / RECORD} does not record a start of {command}; not marked finished")
+    _write(out, {**rec, "status": "done"})
+
+
+def prepare(root: Path = ROOT) -> None:
+    from training.model.tiny import ensure_tiny_vlm
+    from training.world.generate import ensure_world
+    ensure_world(root / INPUTS[0])
+    ensure_tiny_vlm(root / INPUTS[1])
+
+
+def _write(out: Path, rec: dict) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec["time"] = datetime.datetime.now().isoformat(timespec="seconds")
+    tmp = out / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(out / RECORD)
+
+
+def main(argv=None) -> str | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["prepare", "begin", "end"])
+    p.add_argument("out", nargs="?")
+    p.add_argument("--after", nargs="*", default=[])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a, command = p.parse_args(argv[:cut]), argv[cut + 1:]
+    if a.action == "prepare":
+        prepare()
+        return None
+    if not a.out or not command:
+        raise SystemExit("pipeline: give the stage's output folder, and its command after --")
+    if a.action == "begin":
+        state = begin(Path(a.out), command, a.after)
+        print(state)
+        return state
+    end(Path(a.out), command)
+    return None
+
+
+if __name__ == "__main__":
+    main()
