@@ -59,6 +59,12 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.begin(dep, ["a", "b"], [], root) == "fresh"  # the dependency retrained with other arguments
     pipeline.end(dep, ["a", "b"])
     assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
+    with_dep = pipeline.fingerprint(cmd, [str(dep)], root)
+    assert pipeline.begin(dep, ["a", "b"], [], root) == "skip"
+    (dep / "model.safetensors").write_bytes(b"weights")  # rewritten outside the pipeline (a stage run by hand)
+    assert pipeline.begin(dep, ["a", "b"], [], root) == "fresh"
+    pipeline.end(dep, ["a", "b"])  # same command, code and inputs; other weights
+    assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
 
 
 def test_begin_and_end_states(tmp_path, monkeypatch):

@@ -8,9 +8,10 @@
 are inputs of the first stage's fingerprint, not its products. A stage's fingerprint is the SHA-256 of
 its command line, the project's code (every file under training/, scripts/, configs/, the run_*.sh
 scripts and requirements.txt), those default inputs (data/world, output/tiny_vlm_init), the ranks
-(NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and the fingerprints of the finished stages it starts from
-(--after). `begin` compares it with OUT/pipeline_stage.json:
-  skip    the stage finished with this fingerprint: its output is kept;
+(NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and, for each finished stage it starts from (--after), that
+stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
+  skip    the stage finished with this fingerprint and its weight files are those it wrote: its output
+          is kept;
   resume  it started with this fingerprint and did not finish: it continues from its last resumable
           checkpoint (a stage with none starts over);
   fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
@@ -52,6 +53,14 @@ def tree_digest(paths, root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
+def weights_digest(out: Path) -> str:
+    """Names, sizes and modification times of the weight files a stage wrote (its model or adapters)."""
+    files = sorted(f for f in Path(out).rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()
+                   and "checkpoints" not in f.relative_to(out).parts)
+    stats = [(str(f.relative_to(out)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 def read_record(out: Path) -> dict | None:
     path = Path(out) / RECORD
     return json.loads(path.read_text()) if path.exists() else None
@@ -63,7 +72,7 @@ def fingerprint(command: list[str], after: list[str], root: Path = ROOT) -> str:
         rec = read_record(Path(d))
         if not rec or rec.get("status") != "done":
             raise SystemExit(f"pipeline: {d} has no finished run ({Path(d) / RECORD}); run the stage that writes it first")
-        deps[d] = rec["fingerprint"]
+        deps[d] = [rec["fingerprint"], rec["weights"]]
     code = [p for p in CODE if (root / p).exists()] + sorted(p.name for p in root.glob("run_*.sh"))
     code += ["requirements.txt"] if (root / "requirements.txt").exists() else []
     inputs = [p for p in INPUTS if (root / p).exists()]
@@ -77,7 +86,10 @@ def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) ->
     rec = read_record(out)
     state = "fresh"
     if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
-        state = "skip" if rec["status"] == "done" else "resume"
+        if rec["status"] != "done":
+            state = "resume"
+        elif rec["weights"] == weights_digest(out):  # not rewritten since (by a stage run outside the pipeline)
+            state = "skip"
     if state != "skip":
         _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after})
     return state
@@ -87,7 +99,7 @@ def end(out: Path, command: list[str]) -> None:
     rec = read_record(out)
     if not rec or rec["status"] != "started" or rec["command"] != command:
         raise SystemExit(f"pipeline: {Path(out) / RECORD} does not record a start of {command}; not marked finished")
-    _write(out, {**rec, "status": "done"})
+    _write(out, {**rec, "status": "done", "weights": weights_digest(out)})
 
 
 def prepare(root: Path = ROOT) -> None:
