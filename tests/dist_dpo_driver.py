@@ -1,5 +1,5 @@
 """DPO test helpers; run as a script by tests/test_dpo_distributed.py under `deepspeed --num_accelerators 2`
-(DPO at ZeRO 0-3, and LoRA at ZeRO 3)."""
+(DPO at ZeRO 0-3, and LoRA and QLoRA at ZeRO 3)."""
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ def dpo_args(world: Path, tiny: Path, out: Path, *extra: str, data: str = "prefe
     # stage's default added SFT term is tested on its own (test_dpo.py::test_default_adds_the_sft_term)
 
 
+QLORA = ("--qlora", "--lora_r", "4", "--lora_dropout", "0", "--freeze_vision_tower")
 DIST_COMMON = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5")
 
 if __name__ == "__main__":
@@ -26,3 +27,5 @@ if __name__ == "__main__":
                       "--ref_cache_dir", str(out / f"cache{stage}")))
     main(dpo_args(world, tiny, out / "lora_zero3", "--zero_stage", "3", "--lora_r", "4", "--lora_dropout", "0",
                   *DIST_COMMON, "--ref_cache_dir", str(out / "cache_lora")))
+    main(dpo_args(world, tiny, out / "qlora_zero3", "--zero_stage", "3", *QLORA, *DIST_COMMON,
+                  "--ref_cache_dir", str(out / "cache_qlora")))

@@ -1,5 +1,6 @@
 """DPO at ZeRO 0, 1, 2 and 3 on two CPU ranks (one deepspeed launch) equals one rank with the whole
-batch; LoRA under ZeRO-3 too (reference = the policy with adapters off, cached before step 1)."""
+batch; LoRA and QLoRA under ZeRO-3 too (reference = the policy with adapters off, cached before step 1)."""
+import json
 import os
 import socket
 import subprocess
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from dist_dpo_driver import DIST_COMMON, dpo_args
+from dist_dpo_driver import DIST_COMMON, QLORA, dpo_args
 from safetensors.torch import load_file
 from sft_helpers import weights
 
@@ -46,6 +47,15 @@ def test_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
     _single(world, tiny, tmp_path / "lora_single", "--lora_r", "4", "--lora_dropout", "0")
     a = load_file(str(tmp_path / "lora_single" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "lora_zero3" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    # QLoRA: the reference (4-bit base, adapters off) equals the policy before its first update
+    first = json.loads((tmp_path / "qlora_zero3" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    _single(world, tiny, tmp_path / "qlora_single", *QLORA)
+    a = load_file(str(tmp_path / "qlora_single" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "qlora_zero3" / "adapter" / "adapter_model.safetensors"))
     assert set(a) == set(b) and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
