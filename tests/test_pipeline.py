@@ -30,7 +30,9 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.fingerprint(list(cmd), [], root) == base
     assert pipeline.fingerprint(["run_sft.sh", "--lr", "2"], [], root) != base
     (root / "training" / "__pycache__").mkdir()
-    (root / "training" / "__pycache__" / "stage.pyc").write_bytes(b"\0")  # compiled files do not count
+    (root / "training" / "__pycache__" / "stage.pyc").write_bytes(b"\0")  # compiled files do not count,
+    (root / "data" / "world" / "ref_logps").mkdir()  # nor DPO's reference cache written beside the data
+    (root / "data" / "world" / "ref_logps" / "k.safetensors").write_bytes(b"\0")
     assert pipeline.fingerprint(cmd, [], root) == base
     for path, text in (("training/stage.py", "x = 2\n"), ("run_sft.sh", "echo sft2\n"),
                        ("data/world/pairs.json", "[1]")):

@@ -33,16 +33,19 @@ RECORD = "pipeline_stage.json"
 CODE = ("training", "scripts", "configs")
 INPUTS = ("data/world", "output/tiny_vlm_init")
 ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")
+DERIVED = ("__pycache__", "ref_logps")  # compiled code; DPO's reference log-probs, cached beside the data
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
 
 
 def tree_digest(paths, root: Path = ROOT) -> str:
-    """SHA-256 over the relative names and contents of every file below `paths` (in name order)."""
+    """SHA-256 over the relative names and contents of every file below `paths` (in name order), except
+    what the stages derive and keep there (DERIVED folders)."""
     h = hashlib.sha256()
     files = []
     for p in paths:
         p = root / p
-        files += [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        files += [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()
+                                                            and not set(DERIVED) & set(f.relative_to(p).parts)]
     for f in sorted(files):
         st = f.stat()
         h.update(str(f.relative_to(root)).encode() + b"\0")
