@@ -102,7 +102,7 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     fake = tmp_path / "fake_stage.sh"
     fake.write_text(FAKE_STAGE)
     log = tmp_path / "log"
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     env = {**os.environ, "LOG": str(log), "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("PIPELINE_FRESH", None)
@@ -110,16 +110,20 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     def pipeline_run(a_args="", extra_env=None):
         script = (f"set -euo pipefail; cd {ROOT}; source scripts/stage.sh\n"
                   f"stage {a} -- {fake} {a} {a_args}\n"
-                  f"stage {b} {a} -- {fake} {b}\n")
+                  f"stage {b} {a} -- {fake} {b}\n"
+                  f"stage {c} {a} {b} -- {fake} {c} --x 1\n")  # two stages to start from, as PPO
         p = subprocess.run(["bash", "-c", script], env={**env, **(extra_env or {})}, capture_output=True, text=True)
         ran = log.read_text().splitlines() if log.exists() else []
         log.unlink(missing_ok=True)
         return p.returncode, ran, p.stdout
 
-    assert pipeline_run()[:2] == (0, ["a", "b"])
+    assert pipeline_run()[:2] == (0, ["a", "b", "c --x 1"])
     rc, ran, stdout = pipeline_run()
-    assert (rc, ran) == (0, []) and stdout.count("kept") == 2
-    assert pipeline_run("--lr 2")[:2] == (0, ["a --lr 2", "b"])  # b starts from a retrained a
+    assert (rc, ran) == (0, []) and stdout.count("kept") == 3
+    assert json.loads((c / pipeline.RECORD).read_text())["after"] == [str(a), str(b)]
+    assert pipeline_run("--lr 2")[:2] == (0, ["a --lr 2", "b", "c --x 1"])  # b, c start from a retrained a
     assert pipeline_run("--lr 3", {"FAIL": "1"})[:2] == (3, ["a --lr 3"])  # interrupted: b never starts
-    assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3 --resume", "b"])
-    assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b"])
+    assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3 --resume", "b", "c --x 1"])
+    assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b", "c --x 1"])
+    (b / "model.safetensors").write_bytes(b"new")  # b rewritten by hand: b and what starts from it retrain
+    assert pipeline_run("--lr 3")[:2] == (0, ["b", "c --x 1"])
