@@ -69,6 +69,27 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
 
 
+def test_fingerprint_follows_files_named_by_arguments(tmp_path):
+    root = fake_project(tmp_path / "proj")
+    data, images, out, dep = tmp_path / "pairs.json", tmp_path / "images", tmp_path / "out", tmp_path / "dep"
+    data.write_text("[]")
+    images.mkdir()
+    (images / "a.png").write_bytes(b"png")
+    assert pipeline.begin(dep, ["d"], [], root) == "fresh"
+    pipeline.end(dep, ["d"])
+    cmd = ["run_sft.sh", "--data_path", f"{data},{data}", "--image_folder", str(images), "--output_dir", str(out),
+           "--from_checkpoint", str(dep)]
+    base = pipeline.fingerprint(cmd, [str(dep)], root, out)
+    (out / "checkpoints").mkdir(parents=True)  # the stage's own output and
+    (dep / "predictions.jsonl").write_text("x")  # what is written beside a stage it starts from do not count
+    assert pipeline.fingerprint(cmd, [str(dep)], root, out) == base
+    data.write_text("[1]")
+    assert pipeline.fingerprint(cmd, [str(dep)], root, out) != base
+    base = pipeline.fingerprint(cmd, [str(dep)], root, out)
+    (images / "b.png").write_bytes(b"png")
+    assert pipeline.fingerprint(cmd, [str(dep)], root, out) != base
+
+
 def test_begin_and_end_states(tmp_path, monkeypatch):
     root = fake_project(tmp_path / "proj")
     monkeypatch.delenv("PIPELINE_FRESH", raising=False)

@@ -7,7 +7,9 @@
 `prepare` makes the embedded world and the tiny VLM the stages default to (if missing), so that they
 are inputs of the first stage's fingerprint, not its products. A stage's fingerprint is the SHA-256 of
 its command line, the project's code (every file under training/, scripts/, configs/, the run_*.sh
-scripts and requirements.txt), those default inputs (data/world, output/tiny_vlm_init), the ranks
+scripts and requirements.txt), those default inputs (data/world, output/tiny_vlm_init), the names,
+sizes and modification times of the files that its arguments name (a --data_path, an --image_folder,
+a --from_checkpoint outside the pipeline's own stages), the ranks
 (NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and, for each finished stage it starts from (--after), that
 stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
   skip    the stage finished with this fingerprint and its weight files are those it wrote: its output
@@ -64,12 +66,29 @@ def weights_digest(out: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) -> str:
+    """Names, sizes and modification times of the files and folders the stage's arguments name (after
+    the script, which is code), except those inside `skip` (the stage's output and the stages it
+    starts from, which their records cover)."""
+    skip = [(root / s).resolve() for s in skip]
+    stats = []
+    for arg in command[1:]:
+        for part in arg.split(","):  # --data_path takes a comma-separated list
+            p = (root / part) if part else None
+            if p is None or not p.exists() or any(p.resolve().is_relative_to(s) for s in skip):
+                continue
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                                   and not set(DERIVED) & set(f.relative_to(p).parts))
+            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 def read_record(out: Path) -> dict | None:
     path = Path(out) / RECORD
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def fingerprint(command: list[str], after: list[str], root: Path = ROOT) -> str:
+def fingerprint(command: list[str], after: list[str], root: Path = ROOT, out: Path | None = None) -> str:
     deps = {}
     for d in after:
         rec = read_record(Path(d))
@@ -80,12 +99,13 @@ def fingerprint(command: list[str], after: list[str], root: Path = ROOT) -> str:
     code += ["requirements.txt"] if (root / "requirements.txt").exists() else []
     inputs = [p for p in INPUTS if (root / p).exists()]
     parts = {"command": command, "code": tree_digest(code, root), "inputs": tree_digest(inputs, root),
+             "paths": path_args_digest(command, [Path(d) for d in after] + ([Path(out)] if out else []), root),
              "env": {k: os.environ.get(k, "") for k in ENV}, "after": deps}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) -> str:
-    fp = fingerprint(command, after, root)
+    fp = fingerprint(command, after, root, out)
     rec = read_record(out)
     state = "fresh"
     if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
