@@ -3,7 +3,8 @@
 stage() {
   local out="$1" deps=() state
   shift
-  while [ "$1" != "--" ]; do deps+=("$1"); shift; done
+  while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do deps+=("$1"); shift; done
+  if [ "$#" -lt 2 ]; then echo "stage: usage: stage OUT [DEP ...] -- SCRIPT [ARGS ...]" >&2; return 2; fi
   shift
   state="$(python -m training.pipeline begin "$out" --after "${deps[@]}" -- "$@")"
   case "$state" in

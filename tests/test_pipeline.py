@@ -148,3 +148,9 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b", "c --x 1"])
     (b / "model.safetensors").write_bytes(b"new")  # b rewritten by hand: b and what starts from it retrain
     assert pipeline_run("--lr 3")[:2] == (0, ["b", "c --x 1"])
+
+
+def test_stage_function_without_separator_stops(tmp_path):
+    p = subprocess.run(["bash", "-c", f"set -euo pipefail; cd {ROOT}; source scripts/stage.sh; stage {tmp_path} a b; "
+                        "echo went on"], capture_output=True, text=True)
+    assert p.returncode == 2 and "usage: stage OUT" in p.stderr and "went on" not in p.stdout
