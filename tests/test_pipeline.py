@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from training import pipeline
+from training.dpo.refcache import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,10 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.fingerprint(["run_sft.sh", "--lr", "2"], [], root) != base
     (root / "training" / "__pycache__").mkdir()
     (root / "training" / "__pycache__" / "stage.pyc").write_bytes(b"\0")  # compiled files do not count,
-    (root / "data" / "world" / "ref_logps").mkdir()  # nor DPO's reference cache written beside the data
-    (root / "data" / "world" / "ref_logps" / "k.safetensors").write_bytes(b"\0")
+    cache = default_cache_dir([str(root / "data" / "world" / "pairs.json")], str(tmp_path / "o"))
+    assert cache.parent == root / "data" / "world"  # nor DPO's reference cache, written beside the data
+    cache.mkdir()
+    (cache / "k.safetensors").write_bytes(b"\0")
     assert pipeline.fingerprint(cmd, [], root) == base
     for path, text in (("training/stage.py", "x = 2\n"), ("run_sft.sh", "echo sft2\n"),
                        ("data/world/pairs.json", "[1]")):

@@ -18,6 +18,9 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+REF_CACHE_FOLDER = "ref_logps"  # DPO's cached reference log-probs: beside the data (training.dpo.refcache)
+
+
 @dataclass
 class ModelArgs:
     from_checkpoint: str = _f("", "Model to start from: local path or Hub id. Empty: the embedded tiny VLM.")
@@ -122,8 +125,8 @@ class DPOArgs:
     sft_weight: float = _f(0.0, "Add -sft_weight * logp(chosen) to DPO losses (RLAIF-V); 0 disables.")
     precompute_ref: bool = _f(True, "Compute reference log-probs once before training and cache them with "
                                     "the data; --no-precompute_ref computes them every step.")
-    ref_cache_dir: str = _f("", "Where reference log-probs are cached (default: ref_logps/ beside the data, "
-                                "else in output_dir).")
+    ref_cache_dir: str = _f("", f"Where reference log-probs are cached (default: {REF_CACHE_FOLDER}/ beside the "
+                                "data, else in output_dir).")
     fast_path: bool = _f(True, "One row per pair: image and prompt computed once for chosen and rejected "
                                "(shared-prefix mask); --no-fast_path runs one full sequence per response.")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (the log-ratios are then deterministic).")

@@ -30,25 +30,29 @@ import os
 import sys
 from pathlib import Path
 
+from training.config import REF_CACHE_FOLDER
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = "pipeline_stage.json"
 CODE = ("training", "scripts", "configs")
 INPUTS = ("data/world", "output/tiny_vlm_init")
 ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")
-DERIVED = ("__pycache__", "ref_logps")  # compiled code; DPO's reference log-probs, cached beside the data
+DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
+
+
+def _files(p: Path) -> list[Path]:
+    """p itself if a file, else every file below it except those in DERIVED folders."""
+    if p.is_file():
+        return [p]
+    return [f for f in p.rglob("*") if f.is_file() and not set(DERIVED) & set(f.relative_to(p).parts)]
 
 
 def tree_digest(paths, root: Path = ROOT) -> str:
     """SHA-256 over the relative names and contents of every file below `paths` (in name order), except
     what the stages derive and keep there (DERIVED folders)."""
     h = hashlib.sha256()
-    files = []
-    for p in paths:
-        p = root / p
-        files += [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()
-                                                            and not set(DERIVED) & set(f.relative_to(p).parts)]
-    for f in sorted(files):
+    for f in sorted(f for p in paths for f in _files(root / p)):
         st = f.stat()
         h.update(str(f.relative_to(root)).encode() + b"\0")
         if st.st_size > WHOLE_FILE_MAX:
@@ -77,9 +81,7 @@ def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) ->
             p = (root / part) if part else None
             if p is None or not p.exists() or any(p.resolve().is_relative_to(s) for s in skip):
                 continue
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
-                                                   and not set(DERIVED) & set(f.relative_to(p).parts))
-            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(_files(p))]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 

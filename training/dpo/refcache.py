@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from training.config import REF_CACHE_FOLDER
 from training.dpo.forward import adapters_disabled, response_logps
 from training.model.builder import eval_mode
 
@@ -43,8 +44,8 @@ def default_cache_dir(data_paths: list[str], output_dir: str) -> Path:
     """Beside the (first) data file when that directory is writable, else in the output directory."""
     first = Path(data_paths[0])
     if first.exists() and os.access(first.parent, os.W_OK):
-        return first.parent / "ref_logps"
-    return Path(output_dir) / "ref_logps"
+        return first.parent / REF_CACHE_FOLDER
+    return Path(output_dir) / REF_CACHE_FOLDER
 
 
 class RefCache:
