@@ -235,7 +235,32 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["pairs"] / r["seconds"])[len(runs) // 2]
 
 
-def report(ours: dict, trl: dict, a) -> str:
+def madd_bound(model_dir: Path, prompt: int, responses: list[int]) -> tuple[float, float]:
+    """The one-epoch ratio of multiply-adds per pair, TRL / ours, from parameter counts (attention's
+    quadratic part aside) -> (whole model, language model alone). Both sides run the policy forward and
+    backward and one reference forward per pair. TRL: the image through the vision tower and projector
+    twice, 2(P+R) tokens through the language model and its head. Ours: the image once, P+2R tokens
+    through the language model, the head on the 2R response tokens only."""
+    import math
+
+    from safetensors import safe_open
+
+    cfg = json.loads((model_dir / "config.json").read_text())["vision_config"]
+    n_patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    size = {"vision": 0, "projector": 0, "lm": 0, "head": 0, None: 0}
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            part = ("vision" if "vision_tower" in k else "projector" if "multi_modal_projector" in k
+                    else "head" if "lm_head" in k else None if "embed_tokens" in k else "lm")  # embeddings: lookups
+            size[part] += math.prod(f.get_slice(k).get_shape())
+    p, r = prompt, sum(responses)
+    image = size["vision"] * (n_patches + 1) + size["projector"] * n_patches  # +1: the class token
+    trl = 2 * image + (size["lm"] + size["head"]) * (2 * p + r)
+    ours = image + size["lm"] * (p + r) + size["head"] * r
+    return trl / ours, (2 * p + r) / (p + r)
+
+
+def report(ours: dict, trl: dict, model: Path) -> str:
     import statistics as st
 
     lines = []
@@ -253,6 +278,9 @@ def report(ours: dict, trl: dict, a) -> str:
                  f"   first-batch per-pair |logp diff| max chosen {dc:.2e} rejected {dr:.2e}")
     lines.append(f"tokens per pair: prompt {fb_o['prompt_tokens']} (ours) / {fb_t['prompt_tokens']} (TRL), "
                  f"responses {fb_o['response_tokens']} / {fb_t['response_tokens']}")
+    whole, lm = madd_bound(model, fb_o["prompt_tokens"], fb_o["response_tokens"])
+    lines.append(f"one-epoch bound from sharing the prompt (multiply-adds per pair, TRL / ours, first pair's "
+                 f"tokens, attention's quadratic part aside): {whole:.2f}x ({lm:.2f}x in the language model)")
     return "\n".join(lines)
 
 
@@ -296,7 +324,7 @@ def main(argv=None) -> dict:
                       flush=True)
     res = {k: median_run(v) for k, v in runs.items() if v}
     if len(res) == 2:
-        text = report(res["ours"], res["trl"], a)
+        text = report(res["ours"], res["trl"], model)
         if a.repeats > 1:
             each = [(o["pairs"] / o["seconds"]) / (t["pairs"] / t["seconds"]) for o, t in zip(runs["ours"], runs["trl"])]
             text += ("\nmedian of " + str(a.repeats) + " alternating runs per side; ratio of each pair of runs: "
