@@ -72,6 +72,46 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
 
 
+def test_a_stage_fingerprint_holds_only_the_modules_its_script_reaches(tmp_path):
+    root = tmp_path / "proj"
+    files = {"run_a.sh": 'launch training.a.main "$@"\n', "run_b.sh": "python -m training.b.main\n",
+             "run_c.sh": "launch training.c.main\n", "run_x.sh": "echo no module\n",
+             "training/__init__.py": "", "training/common.py": "X = 1\n", "training/table.json": "{}",
+             "training/a/__init__.py": "", "training/a/main.py": "from training.common import X\n",
+             "training/b/__init__.py": "",
+             "training/b/main.py": "def f():\n    from . import helper\n    from eval.score import s\n"
+                                   "    return 'run_c.sh', 'training.e'\n",
+             "training/b/helper.py": "", "training/c/__init__.py": "", "training/c/main.py": "",
+             "training/d.py": "", "training/e.py": "", "eval/__init__.py": "", "eval/score.py": "s = 1\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    a, b = set(pipeline.code_files(["run_a.sh"], root)), set(pipeline.code_files(["run_b.sh", "--x"], root))
+    shared = {"run_a.sh", "run_b.sh", "run_c.sh", "run_x.sh", "training/table.json", "training/__init__.py"}
+    assert a == shared | {"training/common.py", "training/a/__init__.py", "training/a/main.py"}
+    assert b == shared | {"training/b/__init__.py", "training/b/main.py", "training/b/helper.py",  # relative import
+                          "eval/__init__.py", "eval/score.py",  # inside a function
+                          "training/c/__init__.py", "training/c/main.py",  # a script started by name
+                          "training/e.py"}  # a module named by a string
+    assert set(pipeline.code_files(["run_x.sh"], root)) == set(files)  # no module: all code counts
+
+    fp = {s: pipeline.fingerprint([s], [], root) for s in ("run_a.sh", "run_b.sh", "run_x.sh")}
+    for name, changed in (("training/b/helper.py", {"run_b.sh", "run_x.sh"}), ("training/d.py", {"run_x.sh"}),
+                          ("training/common.py", {"run_a.sh", "run_x.sh"}), ("training/table.json", set(fp))):
+        (root / name).write_text((root / name).read_text() + "\n# edited\n")
+        now = {s: pipeline.fingerprint([s], [], root) for s in fp}
+        assert {s for s in fp if now[s] != fp[s]} == changed, name
+        fp = now
+
+
+def test_the_real_stages_reach_their_own_code():
+    sft, dpo, opa = (set(pipeline.code_files([s])) for s in ("run_sft.sh", "run_dpo_training.sh", "run_opa_dpo.sh"))
+    assert {"training/sft/main.py", "training/model/builder.py", "training/engine/strategy.py"} <= sft
+    assert not {"training/ppo/trainer.py", "training/dpo/main.py", "eval/embedded.py"} & sft
+    assert {"training/dpo/refcache.py", "training/losses.py"} <= dpo and "training/sft/trainer.py" not in dpo
+    assert {"training/sft/main.py", "training/dpo/main.py", "eval/embedded.py"} <= opa  # stages it runs by name
+
+
 def test_fingerprint_follows_files_named_by_arguments(tmp_path):
     root = fake_project(tmp_path / "proj")
     data, images, out, dep = tmp_path / "pairs.json", tmp_path / "images", tmp_path / "out", tmp_path / "dep"

@@ -6,8 +6,9 @@
 
 `prepare` makes the embedded world and the tiny VLM the stages default to (if missing), so that they
 are inputs of the first stage's fingerprint, not its products. A stage's fingerprint is the SHA-256 of
-its command line, the project's code (every file under training/, scripts/, configs/, the run_*.sh
-scripts and requirements.txt), those default inputs (data/world, output/tiny_vlm_init), the names,
+its command line, the code it runs (every file under training/, eval/, scripts/, configs/, the run_*.sh
+scripts and requirements.txt, except the Python modules its script neither starts nor imports, directly
+or through other modules: code_files), those default inputs (data/world, output/tiny_vlm_init), the names,
 sizes and modification times of the files that its arguments name (a --data_path, an --image_folder,
 a --from_checkpoint outside the pipeline's own stages), the ranks
 (NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and, for each finished stage it starts from (--after), that
@@ -23,10 +24,12 @@ keeps the fingerprint of the code and inputs it started with. PIPELINE_FRESH=1 m
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from training.config import REF_CACHE_FOLDER
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = "pipeline_stage.json"
 CODE = ("training", "scripts", "configs")
+PACKAGES = ("training", "eval")  # the project's Python packages; a stage's fingerprint holds the modules it imports
 INPUTS = ("data/world", "output/tiny_vlm_init")
 ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")
 DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
@@ -85,6 +89,70 @@ def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) ->
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def entry_modules(script: Path) -> list[str]:
+    """The project modules a shell script starts (`launch X` or `python -m X`, comments included)."""
+    pattern = r"(?:launch|python -m)\s+((?:%s)(?:\.\w+)+)" % "|".join(PACKAGES)
+    return re.findall(pattern, script.read_text())
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def _references(f: Path, name: str, root: Path) -> list[str]:
+    """The project modules file f (module `name`) names: its imports at any depth (inside functions too,
+    relative ones resolved, `from a import b` as a and a.b) and, because code starts modules and scripts by
+    name, every string that is a project module's dotted name or a run_*.sh script's name."""
+    package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found += [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if re.fullmatch(r"run_\w+\.sh", node.value) and (root / node.value).is_file():
+                found += entry_modules(root / node.value)
+            elif re.fullmatch(r"\w+(\.\w+)+", node.value):
+                found.append(node.value)
+    return [m for m in found if m.split(".")[0] in PACKAGES]
+
+
+def imported_files(modules: list[str], root: Path) -> set[Path]:
+    """The files of `modules`, of the packages above them, and of every project module they reference
+    (_references), transitively."""
+    seen: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            name = ".".join(parts[:i])
+            f = module_file(name, root)
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo += _references(f, name, root)
+    return seen
+
+
+def code_files(command: list[str], root: Path = ROOT) -> list[str]:
+    """The code a stage's fingerprint holds: every file under training/, eval/, scripts/ and configs/, the
+    run_*.sh scripts and requirements.txt, except the project's Python modules that the stage's script
+    does not start or import (directly or through others), so a change to one stage's code does not
+    retrain the others. A command whose script starts no project module keeps every module."""
+    script = root / command[0] if command else None
+    modules = entry_modules(script) if script is not None and script.suffix == ".sh" and script.is_file() else []
+    used = imported_files(modules, root) if modules else None
+    files = [f for p in CODE + PACKAGES if (root / p).exists() for f in _files(root / p)
+             if used is None or f in used or f.suffix != ".py"]
+    files += sorted(root.glob("run_*.sh")) + [f for f in [root / "requirements.txt"] if f.is_file()]
+    return sorted({str(f.relative_to(root)) for f in files})
+
+
 def read_record(out: Path) -> dict | None:
     path = Path(out) / RECORD
     return json.loads(path.read_text()) if path.exists() else None
@@ -97,10 +165,9 @@ def fingerprint(command: list[str], after: list[str], root: Path = ROOT, out: Pa
         if not rec or rec.get("status") != "done":
             raise SystemExit(f"pipeline: {d} has no finished run ({Path(d) / RECORD}); run the stage that writes it first")
         deps[d] = [rec["fingerprint"], rec["weights"]]
-    code = [p for p in CODE if (root / p).exists()] + sorted(p.name for p in root.glob("run_*.sh"))
-    code += ["requirements.txt"] if (root / "requirements.txt").exists() else []
     inputs = [p for p in INPUTS if (root / p).exists()]
-    parts = {"command": command, "code": tree_digest(code, root), "inputs": tree_digest(inputs, root),
+    parts = {"command": command, "code": tree_digest(code_files(command, root), root),
+             "inputs": tree_digest(inputs, root),
              "paths": path_args_digest(command, [Path(d) for d in after] + ([Path(out)] if out else []), root),
              "env": {k: os.environ.get(k, "") for k in ENV}, "after": deps}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
