@@ -25,7 +25,7 @@ def sft_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
     return ["--from_checkpoint", str(tiny), "--data_path", str(world / "sft_train.json"),
             "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress",
             "--logging_steps", "1", "--num_warmup_steps", "0", "--lr_scheduler_type", "constant",
-            *extra]
+            "--figure_dir", str(out / "figure"), *extra]
 
 
 def weights(out: Path) -> dict:

@@ -285,3 +285,11 @@ def test_reference_pass_shows_its_progress(world, tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     n = len(json.loads((world / "preference_train.json").read_text()))
     assert "reference log-probs: 100%" in err and f"{-(-n // 64)}/{-(-n // 64)}" in err
+
+
+@pytest.mark.parametrize("flag", [["--eval_data_path", "x.json"], ["--eval_steps", "5"]])
+def test_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag):
+    from training.ppo.main import main as ppo_main
+    for stage, run in (("DPO", main), ("PPO", ppo_main)):
+        with pytest.raises(SystemExit, match=f"{stage} evaluates nothing held out"):
+            run(flag)

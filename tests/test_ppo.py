@@ -23,6 +23,7 @@ def test_ppo_end_to_end(world, tiny, rm, tmp_path):
                 "explained_variance", "response_length", "gen_tokens_per_s", "train_tokens_per_s"):
         assert all(key in r and r[key] == r[key] for r in rows), key
     assert all(0 < r["response_length"] <= 8 for r in rows)
+    assert (out / "figure" / "ppo_ppo.png").stat().st_size > 1000
     w, init = weights(out), weights(tiny)
     assert sum(float((w[k] - init[k]).abs().max()) for k in w) > 0  # the actor moved
 

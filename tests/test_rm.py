@@ -48,6 +48,7 @@ def test_rm_trains_saves_reloads_with_identical_scores(trained, world):
                  "run_config.json", "metrics.jsonl", "bad_rows.json", "eval_metrics.json", "eval_rewards.json"):
         assert (out / name).exists(), name
     assert (out.parent / "figure" / "rm_rewards.png").stat().st_size > 0
+    assert (out.parent / "figure" / "rm_metrics.png").stat().st_size > 1000  # training curves
     assert list((out / "tensorboard").iterdir())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))

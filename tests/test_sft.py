@@ -17,6 +17,7 @@ def test_sft_end_to_end_writes_a_reloadable_checkpoint(world, tiny, tmp_path):
                  "run_config.json", "metrics.jsonl", "bad_rows.json"):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
+    assert (out / "figure" / "sft_metrics.png").stat().st_size > 1000
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
@@ -94,3 +95,91 @@ def test_prompt_too_long_is_a_bad_row(world, tiny, tmp_path):
     args = sft_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--max_seq_len", "60")
     with pytest.raises(BadRowError, match="max_seq_len=60"):
         main(args)
+
+
+def _held_out(world, tmp_path, n=5):
+    rows = json.loads((world / "sft_train.json").read_text())[:n]
+    path = tmp_path / "sft_eval.json"
+    path.write_text(json.dumps(rows))
+    return path, rows
+
+
+def _plain_loss(model_dir, world, rows):
+    """Token-mean NLL of the rows' target tokens, one row at a time with the saved model (hand path)."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.collate import collate_sft
+    from training.data.formats import read_sft
+    from training.data.images import load_image
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(model_dir)), LoraArgs(),
+                                                 for_training=False)
+    enc = ChatEncoder(proc, arch, 512)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            x = enc.encode(r.messages, [load_image(s, str(world / "images")) for s in r.images])
+            b = collate_sft([x], proc.tokenizer.pad_token_id, arch.name)
+            logp = torch.log_softmax(model(**b.model_inputs()).logits[0, :-1].float(), -1)
+            target = b.labels[0, 1:]
+            keep = target != -100
+            nll -= float(logp[keep].gather(-1, target[keep, None]).sum())
+            tokens += int(keep.sum())
+    return nll / tokens
+
+
+def test_held_out_loss_logged_during_and_after_training(world, tiny, tmp_path):
+    from training.data.formats import read_sft
+    path, _ = _held_out(world, tmp_path)
+    out = tmp_path / "sft_eval"
+    result = main(sft_args(world, tiny, out, "--max_steps", "4", "--per_device_train_batch_size", "4",
+                           "--per_device_eval_batch_size", "2", "--learning_rate", "3e-3",
+                           "--eval_data_path", str(path), "--eval_steps", "2"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # during training, and after saving
+    final = [r for r in rows if "eval/loss" in r][-1]
+    assert final["eval/n"] == 5 and final == {**result["eval"], "step": 4, "time": final["time"]}
+    recs = read_sft([str(path)], str(world / "images"))
+    assert final["eval/loss"] == pytest.approx(_plain_loss(out, world, recs), rel=1e-4)  # batched, padded = plain
+
+
+class _Rank:
+    """A stand-in strategy: one rank of `world`, all_reduce recording what it is given."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world_size, self.device, self.seen = rank, world, "cpu", []
+
+    def all_reduce(self, x):
+        self.seen.append(float(x))
+        return torch.as_tensor(float(x), dtype=torch.float64)
+
+
+def test_eval_steps_without_held_out_data_stops():
+    with pytest.raises(SystemExit, match="--eval_data_path"):
+        main(["--eval_steps", "5"])
+
+
+def test_held_out_loss_over_two_ranks_counts_each_row_once(world, tiny, tmp_path):
+    """5 rows over 2 ranks, batch 2: rank 1 holds rows 1, 3 and a wrapped-around copy of row 0 that must not
+    count; the ranks' sums together equal one rank's."""
+    from training.config import LoraArgs, ModelArgs, OptimArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_sft
+    from training.model.builder import load_model_and_processor
+    from training.sft.trainer import SFTDataset, SFTTrainer
+    from training.templates.chat import ChatEncoder
+    path, _ = _held_out(world, tmp_path)
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    ds = SFTDataset(read_sft([str(path)], str(world / "images")), ChatEncoder(proc, arch, 512), str(world / "images"),
+                    BadRowReport())
+    cfg = {"optim": OptimArgs(per_device_train_batch_size=1, per_device_eval_batch_size=2)}
+    sums = []
+    for rank, n_ranks in ((0, 1), (0, 2), (1, 2)):
+        t = SFTTrainer(_Rank(rank, n_ranks), model, proc, ds, cfg, arch.name, eval_set=ds)
+        m = t.evaluate()
+        sums.append(t.s.seen)  # nll, tokens, rows
+    one, r0, r1 = sums
+    assert (r0[2], r1[2], one[2]) == (3, 2, 5)
+    assert r0[1] + r1[1] == one[1] and r0[0] + r1[0] == pytest.approx(one[0], rel=1e-5)
+    assert m["eval/loss"] == pytest.approx(r1[0] / r1[1])
+    assert one[0] / one[1] == pytest.approx(_plain_loss(tiny, world, ds.records), rel=1e-4)

@@ -52,7 +52,10 @@ class DataArgs:
     data_path: str = _f("", "Training data: file(s) (json, jsonl, parquet), a saved dataset dir, or a Hub id. "
                             "Comma-separated for several. Empty: the embedded world.")
     image_folder: str = _f("", "Image root; image paths must resolve inside it.")
-    eval_data_path: str = _f("", "Held-out data (same formats). Empty: the embedded world's held-out split.")
+    eval_data_path: str = _f("", "Held-out data (same formats), evaluated every --eval_steps and after training: "
+                                 "SFT's held-out loss, the reward model's pairwise accuracy (default there: the "
+                                 "embedded world's held-out pairs). DPO and PPO take none: score their models "
+                                 "with run_predict.sh --benchmark.")
     max_seq_len: int = _f(512, "Maximum tokens per sample; response text is cut, never image tokens.")
     skip_bad_rows: bool = _f(False, "Skip bad rows and count them in bad_rows.json instead of stopping.")
     encoded_cache_mb: int = _f(2048, "DPO family: keep encoded samples (tokens + pixel inputs) in memory up to "
@@ -90,13 +93,21 @@ class DeepSpeedArgs:
 class RunArgs:
     output_dir: str = _f("output/run", "Where the checkpoint, metrics and logs go.")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
-    eval_steps: int = _f(0, "Evaluate every N steps (0: at the end only).")
+    eval_steps: int = _f(0, "Evaluate --eval_data_path every N steps (0: at the end only).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
     resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
     stop_after_steps: int = _f(0, "Save a resumable checkpoint and exit after this many steps, as if "
                                   "interrupted (0: run to the end). Continue with --resume.")
     save_total_limit: int = _f(2, "Keep this many resumable checkpoints.")
     progress: bool = _f(True, "Show a progress bar.")
+    figure_dir: str = _f("figure", "Plots of the run's metrics go here (named after output_dir).")
+
+
+def refuse_held_out(data: DataArgs, run: RunArgs, stage: str) -> None:
+    """For stages without a held-out evaluation: stop rather than ignore --eval_data_path / --eval_steps."""
+    if data.eval_data_path or run.eval_steps:
+        raise SystemExit(f"{stage} evaluates nothing held out during training (--eval_data_path / --eval_steps): "
+                         "score the saved model with `bash run_predict.sh --benchmark NAME --model_path OUTPUT_DIR`")
 
 
 @dataclass
@@ -109,7 +120,6 @@ class RMArgs:
                         choices=["auto", "bradley_terry", "plackett_luce"])
     margin: float = _f(0.0, "Bradley-Terry margin: r_chosen should exceed r_rejected by this much.")
     center_coef: float = _f(1e-3, "LLaVA-RLHF reward centering: + coef * |mean(r_chosen + r_rejected)| (0: off).")
-    figure_dir: str = _f("figure", "Where the plot of held-out chosen vs rejected rewards goes.")
 
 
 @dataclass
@@ -130,7 +140,6 @@ class DPOArgs:
     fast_path: bool = _f(True, "One row per pair: image and prompt computed once for chosen and rejected "
                                "(shared-prefix mask); --no-fast_path runs one full sequence per response.")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (the log-ratios are then deterministic).")
-    figure_dir: str = _f("figure", "Plots of the run's metrics go here (named after output_dir).")
     opa_c_std: float = _f(1.0, "OPA-DPO: weight of the ground-truth pairs (1 and 3).")
     opa_c_ai: float = _f(1.0, "OPA-DPO: weight of the expert-revised pairs (2 and 4).")
     opa_anchor: str = _f("paper", "OPA-DPO anchor: paper (every chosen reward pushed up, mDPO) | published "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
-                             save_config)
+                             refuse_held_out, save_config)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -26,6 +26,7 @@ DEFAULTS = {"output_dir": "output/dpo", "from_checkpoint": SFT_OUTPUT, "learning
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     m, d, a, run = cfg["model"], cfg["data"], cfg["dpo"], cfg["run"]
+    refuse_held_out(d, run, "DPO")
     if m.from_checkpoint == SFT_OUTPUT and not (Path(SFT_OUTPUT) / "config.json").exists() \
             and not (Path(SFT_OUTPUT) / "adapter").exists():
         raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
     if strategy.is_main:
         report.write(out)
         from training.dpo.plots import plot_metrics
-        png = plot_metrics(out / "metrics.jsonl", Path(a.figure_dir) / f"{out.name}_metrics.png",
+        png = plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png",
                            f"{a.loss_type}: {out}")
         if png:
             print(f"metrics plotted to {png}")

@@ -39,5 +39,4 @@ class PPOArgs:
     ptx_data_path: str = _f("", "SFT data of the ptx term (default: the embedded world's sft_train.json).")
     ptx_image_folder: str = _f("", "Image root of --ptx_data_path (default: --image_folder).")
     ptx_batch_size: int = _f(8, "SFT rows per actor update in the ptx term.")
-    figure_dir: str = _f("figure", "Where the run's metric plots go.")
     factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from training.config import DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config, save_config
+from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
+                             refuse_held_out, save_config)
 from training.engine.strategy import Strategy
 from training.ppo.args import PPOArgs
 
@@ -50,6 +51,7 @@ def ptx_data(p: PPOArgs, d, processor, arch, report):
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     m, d, p, run = cfg["model"], cfg["data"], cfg["ppo"], cfg["run"]
+    refuse_held_out(d, run, "PPO")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
@@ -93,7 +95,7 @@ def main(argv=None) -> dict:
     strategy.save_hf(trainer.actor, processor, out)
     if strategy.is_main:
         report.write(out)
-        plot_metrics(out / "metrics.jsonl", Path(p.figure_dir) / f"ppo_{out.name}.png", "PPO", PANELS)
+        plot_metrics(out / "metrics.jsonl", Path(run.figure_dir) / f"ppo_{out.name}.png", "PPO", PANELS)
     return {"history": history, "output_dir": str(out)}
 
 

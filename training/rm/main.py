@@ -18,6 +18,8 @@ SFT_OUTPUT = "output/sft"
 DEFAULTS = {"from_checkpoint": SFT_OUTPUT, "output_dir": "output/rm", "learning_rate": 5e-4,
             "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32,
             "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": 250, "logging_steps": 10}
+PANELS = [("loss", ["loss", "eval/loss"]), ("pairwise accuracy", ["accuracy", "eval/accuracy"]),
+          ("rewards", ["reward_chosen", "reward_rejected", "eval/reward_chosen", "eval/reward_rejected"])]
 
 
 def require_checkpoint(model: ModelArgs) -> None:
@@ -78,10 +80,13 @@ def main(argv=None) -> dict:
         trainer.logger.log(trainer.final_step, metrics)
         result["eval"] = metrics
         if strategy.is_main:
-            write_eval(out, Path(rmc.figure_dir), metrics, rewards, rmc.factual)
+            write_eval(out, Path(cfg["run"].figure_dir), metrics, rewards, rmc.factual)
     trainer.logger.close()
     if strategy.is_main:
+        from training.engine.plots import plot_metrics
         report.write(out)
+        plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png",
+                     f"reward model: {out}", PANELS)
         if "eval" in result:
             print(f"held-out pairwise accuracy {result['eval']['eval/accuracy']:.4f} "
                   f"({result['eval']['eval/n']} lists, factual={rmc.factual}) -> {out}")

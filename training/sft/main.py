@@ -13,10 +13,13 @@ CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": Opt
 # A from-scratch tower trained through the LM's loss learns colours but not shapes in this budget.
 DEFAULTS = {"output_dir": "output/sft", "learning_rate": 5e-4, "num_train_epochs": 6.0, "freeze_vision_tower": True,
             "per_device_train_batch_size": 16, "num_warmup_steps": 50, "max_seq_len": 160}
+PANELS = [("loss", ["loss", "eval/loss"]), ("learning rate", ["lr"]), ("target tokens / s", ["target_tokens_per_s"])]
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
+    if cfg["run"].eval_steps and not cfg["data"].eval_data_path:
+        raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
     strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
     from training.defaults import resolve_defaults
     resolve_defaults(cfg["model"], cfg["data"], strategy, "sft_train.json")
@@ -32,22 +35,37 @@ def main(argv=None) -> dict:
     d, out = cfg["data"], Path(cfg["run"].output_dir)
     model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
     report = BadRowReport(skip=d.skip_bad_rows)
-    records = read_sft(d.data_path.split(","), d.image_folder, report)
     template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
-    dataset = SFTDataset(records, ChatEncoder(processor, arch, d.max_seq_len, template), d.image_folder, report)
-    trainer = SFTTrainer(strategy, None, processor, dataset, cfg, arch.name)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
+
+    def dataset(paths: str) -> SFTDataset:
+        return SFTDataset(read_sft(paths.split(","), d.image_folder, report), encoder, d.image_folder, report)
+
+    eval_set = dataset(d.eval_data_path) if d.eval_data_path else None
+    trainer = SFTTrainer(strategy, None, processor, dataset(d.data_path), cfg, arch.name, eval_set)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     if strategy.is_main:
         save_config(cfg, out / "run_config.json")
     history = trainer.train()
     if trainer.interrupted:
+        trainer.logger.close()
         if strategy.is_main:
             print(f"stopped after {cfg['run'].stop_after_steps} steps; continue with --resume")
         return {"history": history, "output_dir": str(out), "interrupted": True}
     strategy.save_hf(trainer.engine, processor, out)
+    result = {"history": history, "output_dir": str(out)}
+    if eval_set is not None:
+        result["eval"] = trainer.evaluate()
+        trainer.logger.log(trainer.final_step, result["eval"])
+        if strategy.is_main:
+            print(f"held-out loss {result['eval']['eval/loss']:.4f} ({result['eval']['eval/n']} rows) -> {out}")
+    trainer.logger.close()
     if strategy.is_main:
         report.write(out)
-    return {"history": history, "output_dir": str(out)}
+        from training.engine.plots import plot_metrics
+        plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png", f"SFT: {out}",
+                     PANELS)
+    return result
 
 
 if __name__ == "__main__":

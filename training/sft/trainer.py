@@ -12,7 +12,8 @@ from training.data.collate import collate_sft
 from training.data.images import load_image
 from training.engine.loop import StepPlan, open_run, planned_steps
 from training.logprobs import nll_sum
-from training.templates.chat import ChatEncoder, PromptTooLong
+from training.model.builder import eval_mode
+from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -35,8 +36,10 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class SFTTrainer:
-    def __init__(self, strategy, engine, processor, dataset: SFTDataset, cfg, arch_name: str):
+    def __init__(self, strategy, engine, processor, dataset: SFTDataset, cfg, arch_name: str,
+                 eval_set: SFTDataset | None = None):
         self.s, self.engine, self.processor, self.dataset, self.cfg = strategy, engine, processor, dataset, cfg
+        self.eval_set = eval_set
         self.arch_name = arch_name
         self.pad_id = processor.tokenizer.pad_token_id
         o = cfg["optim"]
@@ -66,6 +69,35 @@ class SFTTrainer:
         loss = float(self.s.all_reduce(total_nll)) / max(n_tok, 1.0)
         return {"loss": loss, "target_tokens": n_tok, "lr": self.engine.get_lr()[0]}
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss: the NLL of every target token of eval_set over their number (eval/loss), as the
+        training loss is taken. Rank r takes rows r, r + world, ...; every rank runs the same number of
+        forward passes (ZeRO-3 gathers parameters collectively), so the list is padded by wrapping around
+        and the padding rows' targets are ignored."""
+        ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
+        n, world = len(ds), self.s.world_size
+        mine = [self.s.rank + world * k for k in range(-(-n // world))]
+        was_training = self.engine.training
+        eval_mode(self.engine)
+        nll, tokens, rows = 0.0, 0, 0
+        for k in range(0, len(mine), bs):
+            got = [(i, x) for i in mine[k:k + bs] if (x := ds[i % n]) is not None]
+            if not got:
+                continue
+            b = collate_sft([x for _, x in got], self.pad_id, self.arch_name)
+            for j, (i, _) in enumerate(got):
+                if i >= n:
+                    b.labels[j] = IGNORE
+            rows += sum(i < n for i, _ in got)
+            b = b.to(self.s.device)
+            s, t = nll_sum(self.engine(**b.model_inputs()).logits, b.labels)
+            nll, tokens = nll + float(s), tokens + t
+        if was_training:
+            self.engine.train()
+        nll, tokens, rows = (float(self.s.all_reduce(v)) for v in (nll, tokens, rows))
+        return {"eval/loss": nll / max(tokens, 1.0), "eval/target_tokens": tokens, "eval/n": int(rows)}
+
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         step, log = open_run(self.s, self.engine, c, self.plan, "sft",
@@ -75,7 +107,13 @@ class SFTTrainer:
                                           o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
                                           c.stop_after_steps):
             m = self._step([self._batch(i) for i in idx])
-            log.after(step, m, {"target_tokens_per_s": m["target_tokens"]})
-        log.close()
+            # held-out loss every eval_steps; the final one is main's, after saving
+            evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
+                and step < self.plan.total_steps
+            if evaluate and not log.due(step):
+                log.logger.log(step, self.evaluate())
+            log.after(step, m, {"target_tokens_per_s": m["target_tokens"]}, extra=self.evaluate if evaluate else None)
+        log.close(keep_logger=True)
+        self.logger, self.final_step = log.logger, step
         self.interrupted = step < self.plan.total_steps
         return log.history
