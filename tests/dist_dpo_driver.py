@@ -17,6 +17,17 @@ def dpo_args(world: Path, tiny: Path, out: Path, *extra: str, data: str = "prefe
 QLORA = ("--qlora", "--lora_r", "4", "--lora_dropout", "0", "--freeze_vision_tower")
 DIST_COMMON = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--optimizer", "sgd", "--learning_rate", "0.5")
 
+
+def held_out_args(world: Path, out: Path) -> list[str]:
+    """5 held-out pairs, eval batch 2: on two ranks one rank has 3 pairs (2 batches), the other 2 pairs (1 batch
+    and 1 discarded, so both run the same number of forwards under ZeRO-3)."""
+    import json
+    path = out / "held_out5.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json.loads((world / "preference_heldout.json").read_text())[:5]))
+    return ["--eval_data_path", str(path), "--eval_steps", "1", "--per_device_eval_batch_size", "2"]
+
 if __name__ == "__main__":
     from training.dpo.main import main
 
@@ -24,7 +35,7 @@ if __name__ == "__main__":
     # each run computes its own reference cache (under its own ZeRO stage, split over the two ranks)
     for stage in (0, 1, 2, 3):
         main(dpo_args(world, tiny, out / f"zero{stage}", "--zero_stage", str(stage), *DIST_COMMON,
-                      "--ref_cache_dir", str(out / f"cache{stage}")))
+                      "--ref_cache_dir", str(out / f"cache{stage}"), *(held_out_args(world, out) if stage == 3 else [])))
     main(dpo_args(world, tiny, out / "lora_zero3", "--zero_stage", "3", "--lora_r", "4", "--lora_dropout", "0",
                   *DIST_COMMON, "--ref_cache_dir", str(out / "cache_lora")))
     main(dpo_args(world, tiny, out / "qlora_zero3", "--zero_stage", "3", *QLORA, *DIST_COMMON,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from training.model.tiny import ensure_tiny_vlm
@@ -52,3 +53,19 @@ def ppo_args(world: Path, tiny: Path, rm: Path, out: Path, *extra: str) -> list[
             "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress",
             "--rollout_batch_size", "4", "--per_device_train_batch_size", "2", "--max_new_tokens", "8",
             "--logging_steps", "1", "--figure_dir", str(out / "figure"), *extra]
+
+
+class FakeRank:
+    """A stand-in strategy: one rank of `world`, all_reduce recording what it is given."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world_size, self.device, self.seen = rank, world, "cpu", []
+
+    def all_reduce(self, x):
+        self.seen.append(float(x))
+        return torch.as_tensor(float(x), dtype=torch.float64)
+
+
+def test_eval_steps_without_held_out_data_stops():
+    with pytest.raises(SystemExit, match="--eval_data_path"):
+        main(["--eval_steps", "5"])

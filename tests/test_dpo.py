@@ -288,8 +288,76 @@ def test_reference_pass_shows_its_progress(world, tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag", [["--eval_data_path", "x.json"], ["--eval_steps", "5"]])
-def test_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag):
+def test_opa_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag):
     from training.ppo.main import main as ppo_main
-    for stage, run in (("DPO", main), ("PPO", ppo_main)):
+    for stage, run, extra in (("OPA-DPO", main, ["--loss_type", "opa"]), ("PPO", ppo_main, [])):
         with pytest.raises(SystemExit, match=f"{stage} evaluates nothing held out"):
-            run(flag)
+            run(flag + extra)
+    if flag[0] == "--eval_steps":
+        with pytest.raises(SystemExit, match="--eval_data_path"):
+            main(flag)
+
+
+def test_held_out_pairs_scored_during_and_after_training(world, tiny, tmp_path):
+    """Sigmoid DPO's held-out metrics after training equal a hand computation with two plain forwards per
+    pair: the saved policy against the starting model."""
+    import torch.nn.functional as F
+
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.dpo.data import PreferenceDataset, collate_plain
+    from training.dpo.forward import response_logps
+    from training.data.formats import read_preferences
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    out, held = tmp_path / "held", world / "preference_heldout.json"
+    result = main(dpo_args(world, tiny, out, "--max_steps", "4", "--per_device_train_batch_size", "4",
+                           "--eval_data_path", str(held), "--eval_steps", "2", "--per_device_eval_batch_size", "3"))
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # during training, and after saving
+    got = result["eval"]
+    recs = read_preferences([str(held)], str(world / "images"))
+    assert got["eval/n"] == len(recs) and got == {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
+
+    def logps(path):
+        model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(path)), LoraArgs(),
+                                                     for_training=False)
+        ds = PreferenceDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), BadRowReport())
+        with torch.no_grad():
+            return torch.cat([response_logps(model, collate_plain([ds[i]], proc.tokenizer.pad_token_id,
+                                                                  arch.name)).sum for i in range(len(ds))])
+    pi, ref = logps(out), logps(tiny)
+    rw, rl = 0.1 * (pi[:, 0] - ref[:, 0]), 0.1 * (pi[:, 1] - ref[:, 1])
+    want = {"eval/loss": float(-F.logsigmoid(rw - rl).mean()), "eval/rewards/margins": float((rw - rl).mean()),
+            "eval/rewards/accuracies": float((rw > rl).float().mean()), "eval/logps/rejected": float(pi[:, 1].mean())}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    assert abs(got["eval/rewards/margins"]) > 1e-3  # the policy moved: the check is not of zeros
+
+
+def test_held_out_pairs_over_two_ranks_count_each_pair_once(world, tiny):
+    """5 pairs over 2 ranks, eval batch 2: rank 1 holds pairs 1 and 3 and runs a third, discarded forward;
+    the ranks' item-weighted means equal one rank's."""
+    from sft_helpers import FakeRank
+
+    from training.config import DPOArgs, LoraArgs, ModelArgs, OptimArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.dpo.trainer import DPOTrainer
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    recs = read_preferences([str(world / "preference_train.json")], str(world / "images"))[:5]
+    ds = PreferenceDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), BadRowReport())
+    cfg = {"dpo": DPOArgs(loss_type="orpo"), "optim": OptimArgs(per_device_train_batch_size=1,
+                                                                   per_device_eval_batch_size=2)}
+    res = []
+    for rank, n_ranks in ((0, 1), (0, 2), (1, 2)):
+        t = DPOTrainer(FakeRank(rank, n_ranks), proc, ds, cfg, arch.name, eval_set=ds)
+        t.engine = model
+        res.append(t.evaluate())
+    one, r0, r1 = res
+    assert (one["eval/n"], r0["eval/n"], r1["eval/n"]) == (5, 3, 2)
+    for k in ("eval/logps/chosen", "eval/logps/rejected", "eval/log_odds_ratio", "eval/rewards/margins"):
+        assert 3 * r0[k] + 2 * r1[k] == pytest.approx(5 * one[k], rel=1e-5), k

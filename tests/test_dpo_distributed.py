@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from dist_dpo_driver import DIST_COMMON, QLORA, dpo_args
+from dist_dpo_driver import DIST_COMMON, QLORA, dpo_args, held_out_args
 from safetensors.torch import load_file
 from sft_helpers import weights
 
@@ -36,8 +37,16 @@ def test_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
            str(ROOT / "tests" / "dist_dpo_driver.py"), str(world), str(tiny), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _single(world, tiny, tmp_path / "single")
+    _single(world, tiny, tmp_path / "single", *held_out_args(world, tmp_path))
     ref, init = weights(tmp_path / "single"), weights(tiny)
+    # held-out pairs scored under ZeRO-3 over two ranks (one rank with a discarded batch) = one rank's scores
+    rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("zero3", "single")]
+    evals = [[r for r in rs if "eval/loss" in r] for rs in rows]
+    assert [r["step"] for r in evals[0]] == [1, 2] == [r["step"] for r in evals[1]] and evals[0][-1]["eval/n"] == 5
+    for a, b in zip(*evals):
+        for k in a:
+            if k.startswith("eval/"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     assert sum(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-3
     for stage in range(4):
         got = weights(tmp_path / f"zero{stage}")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from sft_helpers import sft_args, weights
+from sft_helpers import FakeRank, sft_args, weights
 
 from training.data.bad_rows import BadRowError
 from training.sft.main import main
@@ -143,22 +143,6 @@ def test_held_out_loss_logged_during_and_after_training(world, tiny, tmp_path):
     assert final["eval/loss"] == pytest.approx(_plain_loss(out, world, recs), rel=1e-4)  # batched, padded = plain
 
 
-class _Rank:
-    """A stand-in strategy: one rank of `world`, all_reduce recording what it is given."""
-
-    def __init__(self, rank, world):
-        self.rank, self.world_size, self.device, self.seen = rank, world, "cpu", []
-
-    def all_reduce(self, x):
-        self.seen.append(float(x))
-        return torch.as_tensor(float(x), dtype=torch.float64)
-
-
-def test_eval_steps_without_held_out_data_stops():
-    with pytest.raises(SystemExit, match="--eval_data_path"):
-        main(["--eval_steps", "5"])
-
-
 def test_held_out_loss_over_two_ranks_counts_each_row_once(world, tiny, tmp_path):
     """5 rows over 2 ranks, batch 2: rank 1 holds rows 1, 3 and a wrapped-around copy of row 0 that must not
     count; the ranks' sums together equal one rank's."""
@@ -175,7 +159,7 @@ def test_held_out_loss_over_two_ranks_counts_each_row_once(world, tiny, tmp_path
     cfg = {"optim": OptimArgs(per_device_train_batch_size=1, per_device_eval_batch_size=2)}
     sums = []
     for rank, n_ranks in ((0, 1), (0, 2), (1, 2)):
-        t = SFTTrainer(_Rank(rank, n_ranks), model, proc, ds, cfg, arch.name, eval_set=ds)
+        t = SFTTrainer(FakeRank(rank, n_ranks), model, proc, ds, cfg, arch.name, eval_set=ds)
         m = t.evaluate()
         sums.append(t.s.seen)  # nll, tokens, rows
     one, r0, r1 = sums

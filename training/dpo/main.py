@@ -26,7 +26,10 @@ DEFAULTS = {"output_dir": "output/dpo", "from_checkpoint": SFT_OUTPUT, "learning
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     m, d, a, run = cfg["model"], cfg["data"], cfg["dpo"], cfg["run"]
-    refuse_held_out(d, run, "DPO")
+    if a.loss_type == "opa":
+        refuse_held_out(d, run, "OPA-DPO")
+    elif run.eval_steps and not d.eval_data_path:
+        raise SystemExit("--eval_steps: give the held-out pairs to evaluate with --eval_data_path")
     if m.from_checkpoint == SFT_OUTPUT and not (Path(SFT_OUTPUT) / "config.json").exists() \
             and not (Path(SFT_OUTPUT) / "adapter").exists():
         raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
@@ -65,10 +68,14 @@ def main(argv=None) -> dict:
         records = read_preferences(paths, d.image_folder, report)
         n_resp = 0 if a.loss_type == "listwise" else 2
         dataset = PreferenceDataset(records, encoder, d.image_folder, report, n_responses=n_resp)
+    eval_set = None
+    if d.eval_data_path:
+        eval_records = read_preferences(d.eval_data_path.split(","), d.image_folder, report)
+        eval_set = PreferenceDataset(eval_records, encoder, d.image_folder, report, n_responses=n_resp)
     if d.encoded_cache_mb > 0:
         from training.data.encoded_cache import EncodedCache
         dataset = EncodedCache(dataset, d.encoded_cache_mb)
-    trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name)
+    trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name, eval_set)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     if strategy.is_main:
         save_config(cfg, out / "run_config.json")
@@ -80,10 +87,19 @@ def main(argv=None) -> dict:
     history = trainer.train()
     timings = {"reference_s": t1 - t0, "train_s": time.time() - t1}
     if trainer.interrupted:
+        trainer.logger.close()
         if strategy.is_main:
             print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
         return {"history": history, "output_dir": str(out), "interrupted": True}
     strategy.save_hf(trainer.engine, processor, out)
+    result = {"history": history, "output_dir": str(out), "timings": timings}
+    if eval_set is not None:
+        result["eval"] = trainer.evaluate()
+        trainer.logger.log(trainer.final_step, result["eval"])
+        if strategy.is_main:
+            print(f"held-out pairs: accuracy {result['eval']['eval/rewards/accuracies']:.4f}, margin "
+                  f"{result['eval']['eval/rewards/margins']:.4f} ({result['eval']['eval/n']} items) -> {out}")
+    trainer.logger.close()
     if strategy.is_main:
         report.write(out)
         from training.dpo.plots import plot_metrics
@@ -91,7 +107,7 @@ def main(argv=None) -> dict:
                            f"{a.loss_type}: {out}")
         if png:
             print(f"metrics plotted to {png}")
-    return {"history": history, "output_dir": str(out), "timings": timings}
+    return result
 
 
 def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -> None:
@@ -99,16 +115,23 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
     m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
     if a.precompute_ref:
         from training.dpo.refcache import RefCache, cache_key, default_cache_dir
-        K = n_resp or max(len(r.responses) for r in records)
-        rows = getattr(trainer.dataset, "rows_per_item", 1)
-        key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
-                                                    "arch": arch_name, "precision": m.precision, "rows": rows,
-                                                    "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
-                                                    "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)})
-        root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
-        trainer.ref_cache = RefCache.load_or_build(
-            root / f"{key}.safetensors", trainer.s, trainer.engine, trainer.make_batch, len(trainer.dataset) * rows, K,
-            cfg["optim"].per_device_eval_batch_size, rows, progress=cfg["run"].progress and trainer.s.is_main)
+
+        def build(dataset, records, paths):
+            K = n_resp or max(len(r.responses) for r in records)
+            rows = getattr(dataset, "rows_per_item", 1)
+            key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
+                                                        "arch": arch_name, "precision": m.precision, "rows": rows,
+                                                        "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
+                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)})
+            root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
+            return RefCache.load_or_build(
+                root / f"{key}.safetensors", trainer.s, trainer.engine, lambda idx: trainer.make_batch(idx, dataset),
+                len(dataset) * rows, K, cfg["optim"].per_device_eval_batch_size, rows,
+                progress=cfg["run"].progress and trainer.s.is_main)
+
+        trainer.ref_cache = build(trainer.dataset, records, paths)
+        if trainer.eval_set is not None:
+            trainer.eval_ref_cache = build(trainer.eval_set, trainer.eval_set.records, d.eval_data_path.split(","))
     elif lora.lora_r > 0:
         # adapters off gives the starting model only if nothing but adapters trains
         extra = [n for n, p in trainer.engine.module.named_parameters() if p.requires_grad and "lora_" not in n]

@@ -4,7 +4,8 @@ The loss of an optimizer step is the mean over ALL items (pairs or ranked lists)
 micro-batch of every rank (plus, for ORPO, the chosen-token mean NLL over the same step), so batch
 4 x accumulation 1, batch 1 x accumulation 4 and 2 ranks x batch 2 give the same update.
 Reference log-probs come from the cache (default), or are computed live: the policy with its
-adapters off (LoRA) or a frozen reference model.
+adapters off (LoRA) or a frozen reference model. Held-out pairs (eval_set) are scored with the same
+objective, without updates, every --eval_steps and after training.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from training.model.builder import eval_mode
 
 
 class DPOTrainer:
-    def __init__(self, strategy, processor, dataset, cfg, arch_name: str):
+    def __init__(self, strategy, processor, dataset, cfg, arch_name: str, eval_set=None):
         self.s, self.processor, self.dataset, self.cfg = strategy, processor, dataset, cfg
         self.arch_name, self.a = arch_name, cfg["dpo"]
         self.pad_id = processor.tokenizer.pad_token_id
         self.engine = None
         self.ref_cache = None  # RefCache
+        self.eval_set, self.eval_ref_cache = eval_set, None
         self.ref_model = None  # live reference without LoRA
         o = cfg["optim"]
         self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
@@ -33,25 +35,28 @@ class DPOTrainer:
     def needs_reference(self) -> bool:
         return self.a.loss_type not in REFERENCE_FREE
 
-    def make_batch(self, idx: list[int]):
-        items = [x for x in (self.dataset[i] for i in idx) if x is not None]
+    def make_batch(self, idx: list[int], dataset=None):
+        dataset = self.dataset if dataset is None else dataset
+        items = [x for x in (dataset[i] for i in idx) if x is not None]
         items = [g for x in items for g in (x if isinstance(x, list) else [x])]  # OPA: two rows per item
         if not items:
             return None
         return collate_groups(items, self.pad_id, self.arch_name, self.a.fast_path).to(self.s.device)
 
-    def _reference(self, batch):
-        if self.ref_cache is not None:
-            return self.ref_cache.lookup(batch.indices, self.s.device, batch.n_responses)
+    def _reference(self, batch, cache=None):
+        cache = self.ref_cache if cache is None else cache
+        if cache is not None:
+            return cache.lookup(batch.indices, self.s.device, batch.n_responses)
         with torch.no_grad():
             if self.ref_model is not None:
                 r = response_logps(self.ref_model, batch)
             else:  # LoRA: the policy with adapters off, deterministic (dropout disabled, or eval mode)
+                was_training = self.engine.training
                 if not self.a.disable_dropout:
                     eval_mode(self.engine)
                 with adapters_disabled(self.engine):
                     r = response_logps(self.engine, batch)
-                self.engine.train()
+                self.engine.train(was_training)
         if self.a.loss_type == "opa" and self.a.opa_token_level:
             return r.sum.float(), r.count.float(), r.wsum.float(), r.token_lp.float()
         return r.sum.float(), r.count.float(), r.wsum.float()
@@ -92,6 +97,39 @@ class DPOTrainer:
         m.update(pairs=n_items, lr=self.engine.get_lr()[0])
         return m
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The training metrics over the held-out pairs, prefixed eval/: loss (pair-loss mean, plus for ORPO
+        the chosen-token mean NLL), rewards/*, logps/* (means over items), eval/n. Rank r takes items r,
+        r + world, ...; a rank with fewer batches runs a forward on item 0 and discards it, so every rank
+        runs the same number (ZeRO-3 gathers parameters collectively)."""
+        ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
+        world, rows = self.s.world_size, getattr(ds, "rows_per_item", 1)
+        mine = list(range(self.s.rank, len(ds), world))
+        was_training = self.engine.training
+        eval_mode(self.engine)
+        sums = {"items": 0.0, "pair_loss": 0.0, "nll": 0.0, "nll_tokens": 0.0}
+        for c in range(-(-(-(-len(ds) // world)) // bs)):
+            idx = mine[c * bs:(c + 1) * bs]
+            batch = self.make_batch(idx, ds) if idx else None
+            fill = batch is None
+            batch = self.make_batch([0], ds) if fill else batch
+            ref = self._reference(batch, self.eval_ref_cache) if self.needs_reference else None
+            obj = objective(response_logps(self.engine, batch), ref, self.a)
+            if fill:
+                continue
+            for k, v in (("items", batch.n_items // rows), ("pair_loss", obj["pair_loss_sum"]),
+                         ("nll", obj["nll_sum"]), ("nll_tokens", obj["nll_tokens"]), *obj["metrics"].items()):
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.engine.train(was_training)
+        t = {k: float(self.s.all_reduce(v)) for k, v in sorted(sums.items())}
+        n = max(t.pop("items"), 1.0)
+        loss, nll, tokens = t.pop("pair_loss") / n, t.pop("nll"), t.pop("nll_tokens")
+        m = {"eval/loss": loss + (nll / tokens if tokens else 0.0), "eval/n": int(n)}
+        if tokens:
+            m["eval/nll_loss"] = nll / tokens
+        return {**m, **{f"eval/{k}": v / n for k, v in t.items()}}
+
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         step, log = open_run(self.s, self.engine, c, self.plan, self.a.loss_type,
@@ -101,7 +139,13 @@ class DPOTrainer:
                                           o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
                                           c.stop_after_steps):
             m = self._step([self.make_batch(i) for i in idx])
-            log.after(step, m, {"pairs_per_s": m["pairs"]})
-        log.close()
+            # held-out pairs every eval_steps; the final evaluation is main's, after saving
+            evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
+                and step < self.plan.total_steps
+            if evaluate and not log.due(step):
+                log.logger.log(step, self.evaluate())
+            log.after(step, m, {"pairs_per_s": m["pairs"]}, extra=self.evaluate if evaluate else None)
+        log.close(keep_logger=True)
+        self.logger, self.final_step = log.logger, step
         self.interrupted = step < self.plan.total_steps
         return log.history
