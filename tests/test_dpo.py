@@ -288,14 +288,14 @@ def test_reference_pass_shows_its_progress(world, tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag", [["--eval_data_path", "x.json"], ["--eval_steps", "5"]])
-def test_opa_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag):
+def test_opa_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag, world, tiny):
     from training.ppo.main import main as ppo_main
     for stage, run, extra in (("OPA-DPO", main, ["--loss_type", "opa"]), ("PPO", ppo_main, [])):
         with pytest.raises(SystemExit, match=f"{stage} evaluates nothing held out"):
             run(flag + extra)
-    if flag[0] == "--eval_steps":
-        with pytest.raises(SystemExit, match="--eval_data_path"):
-            main(flag)
+    if flag[0] == "--eval_steps":  # user data has no default held-out pairs
+        with pytest.raises(SystemExit, match="give the held-out pairs to evaluate with --eval_data_path"):
+            main(flag + ["--from_checkpoint", str(tiny), "--data_path", str(world / "preference_train.json")])
 
 
 def test_held_out_pairs_scored_during_and_after_training(world, tiny, tmp_path):

@@ -54,8 +54,8 @@ class DataArgs:
     image_folder: str = _f("", "Image root; image paths must resolve inside it.")
     eval_data_path: str = _f("", "Held-out data (same formats), evaluated every --eval_steps and after training: "
                                  "SFT's loss, the reward model's pairwise accuracy (default there: the embedded "
-                                 "world's held-out pairs), the DPO family's loss, rewards and log-probs (not "
-                                 "OPA-DPO). PPO takes none: score its model with run_predict.sh --benchmark.")
+                                 "world's held-out pairs), the DPO family's loss, rewards and log-probs (default "
+                                 "there too, but for listwise; not OPA-DPO). PPO takes none: score its model with run_predict.sh --benchmark.")
     max_seq_len: int = _f(512, "Maximum tokens per sample; response text is cut, never image tokens.")
     skip_bad_rows: bool = _f(False, "Skip bad rows and count them in bad_rows.json instead of stopping.")
     encoded_cache_mb: int = _f(2048, "DPO family: keep encoded samples (tokens + pixel inputs) in memory up to "

@@ -28,8 +28,6 @@ def main(argv=None) -> dict:
     m, d, a, run = cfg["model"], cfg["data"], cfg["dpo"], cfg["run"]
     if a.loss_type == "opa":
         refuse_held_out(d, run, "OPA-DPO")
-    elif run.eval_steps and not d.eval_data_path:
-        raise SystemExit("--eval_steps: give the held-out pairs to evaluate with --eval_data_path")
     if m.from_checkpoint == SFT_OUTPUT and not (Path(SFT_OUTPUT) / "config.json").exists() \
             and not (Path(SFT_OUTPUT) / "adapter").exists():
         raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
@@ -38,7 +36,11 @@ def main(argv=None) -> dict:
         raise SystemExit("--opa_token_level needs per-token reference log-probs: add --no-precompute_ref")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
-    resolve_defaults(m, d, strategy, "ranked_train.json" if a.loss_type == "listwise" else "preference_train.json")
+    # held-out pairs: the embedded world's when training on its pairs; user data needs --eval_data_path
+    resolve_defaults(m, d, strategy, "ranked_train.json" if a.loss_type == "listwise" else "preference_train.json",
+                     "preference_heldout.json" if not d.data_path and a.loss_type not in ("listwise", "opa") else "")
+    if run.eval_steps and not d.eval_data_path:
+        raise SystemExit("--eval_steps: give the held-out pairs to evaluate with --eval_data_path")
 
     import torch
     from training.data.bad_rows import BadRowReport

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from training.engine import plots
 
-PANELS = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
-          ("reward accuracy", ["rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
+PANELS = [("loss", ["loss", "eval/loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+          ("reward accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]), ("log-probs", ["logps/chosen", "logps/rejected"]),
           ("ORPO", ["nll_loss", "log_odds_ratio", "log_odds_chosen"])]
 
 
