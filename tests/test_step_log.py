@@ -113,3 +113,13 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     strategy.store[str(ck / "critic")] = ("C", {"step": 1, "kl_coef": 0.1})  # a run killed between the two saves
     with pytest.raises(SystemExit, match="different steps"):
         loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=State(0.4))
+
+
+@pytest.mark.parametrize("n,world,bs", [(5, 2, 2), (8, 2, 3), (3, 4, 2), (1, 2, 1), (7, 3, 2)])
+def test_rank_batches_cover_every_item_once_with_equal_batch_counts(n, world, bs):
+    from training.engine.loop import rank_batches
+    per_rank = [list(rank_batches(n, world, r, bs)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # the same number of forwards on every rank
+    items = sorted(i for b in per_rank for batch in b for i in batch)
+    assert items == list(range(n))
+    assert all(len(batch) <= bs for b in per_rank for batch in b)

@@ -20,6 +20,7 @@ import torch
 
 from training.config import REF_CACHE_FOLDER
 from training.dpo.forward import adapters_disabled, response_logps
+from training.engine.loop import rank_batches
 from training.model.builder import eval_mode
 
 
@@ -68,18 +69,14 @@ class RefCache:
                 print(f"reference log-probs: loaded {path}")
             return RefCache(d["sum"], d["count"], d["wsum"])
         acc = torch.zeros(3, n_items, K, dtype=torch.float64)
-        world, rank = strategy.world_size, strategy.rank
-        n_data = n_items // rows_per_item
-        per_rank = -(-n_data // world)
-        mine = list(range(rank, n_data, world))
-        n_calls = -(-per_rank // batch_size)
+        batches = list(rank_batches(n_items // rows_per_item, strategy.world_size, strategy.rank, batch_size))
         was_training = engine.training
         eval_mode(engine)
         from tqdm import tqdm
-        bar = tqdm(total=n_calls, desc="reference log-probs", unit="batch", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(batches), desc="reference log-probs", unit="batch", disable=not progress,
+                   dynamic_ncols=True)
         with torch.no_grad(), adapters_disabled(engine):
-            for c in range(n_calls):
-                idx = mine[c * batch_size:(c + 1) * batch_size]
+            for idx in batches:
                 batch = make_batch(idx) if idx else None
                 fill = batch is None
                 if fill:  # keep the collective forward count equal across ranks
@@ -93,7 +90,7 @@ class RefCache:
                 bar.update(1)
         bar.close()
         engine.train(was_training)
-        if world > 1:
+        if strategy.world_size > 1:
             acc = strategy.all_reduce(acc.to(strategy.device)).cpu()
         if strategy.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

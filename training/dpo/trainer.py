@@ -14,7 +14,7 @@ import torch
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
-from training.engine.loop import StepPlan, open_run, planned_steps
+from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches
 from training.model.builder import eval_mode
 
 
@@ -100,17 +100,14 @@ class DPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """The training metrics over the held-out pairs, prefixed eval/: loss (pair-loss mean, plus for ORPO
-        the chosen-token mean NLL), rewards/*, logps/* (means over items), eval/n. Rank r takes items r,
-        r + world, ...; a rank with fewer batches runs a forward on item 0 and discards it, so every rank
-        runs the same number (ZeRO-3 gathers parameters collectively)."""
+        the chosen-token mean NLL), rewards/*, logps/* (means over items), eval/n. Ranks split the items
+        (training.engine.loop.rank_batches)."""
         ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
-        world, rows = self.s.world_size, getattr(ds, "rows_per_item", 1)
-        mine = list(range(self.s.rank, len(ds), world))
+        rows = getattr(ds, "rows_per_item", 1)
         was_training = self.engine.training
         eval_mode(self.engine)
         sums = {"items": 0.0, "pair_loss": 0.0, "nll": 0.0, "nll_tokens": 0.0}
-        for c in range(-(-(-(-len(ds) // world)) // bs)):
-            idx = mine[c * bs:(c + 1) * bs]
+        for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
             batch = self.make_batch(idx, ds) if idx else None
             fill = batch is None
             batch = self.make_batch([0], ds) if fill else batch

@@ -52,6 +52,17 @@ def planned_steps(plan: StepPlan, start: int, n: int, micro: int, accum: int, wo
                 return
 
 
+def rank_batches(n: int, world: int, rank: int, batch_size: int) -> Iterator[list[int]]:
+    """This rank's batches of a pass over n items without updates (held-out scoring, reference log-probs):
+    items rank, rank + world, ... Every rank gets the same number of batches, because under ZeRO-3 each
+    forward gathers parameters collectively; a rank short of one gets an empty list, on which it runs a
+    forward of any item and discards the result."""
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    for c in range(-(-per_rank // batch_size)):
+        yield mine[c * batch_size:(c + 1) * batch_size]
+
+
 def save_due(step: int, total: int, run) -> bool:
     """A resumable checkpoint after this step: every run.save_steps, and at an interrupt (never at the
     end, where the stage saves its final model instead)."""

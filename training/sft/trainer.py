@@ -10,10 +10,10 @@ import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.loop import StepPlan, open_run, planned_steps
+from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches
 from training.logprobs import nll_sum
 from training.model.builder import eval_mode
-from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
+from training.templates.chat import ChatEncoder, PromptTooLong
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -72,27 +72,20 @@ class SFTTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out loss: the NLL of every target token of eval_set over their number (eval/loss), as the
-        training loss is taken. Rank r takes rows r, r + world, ...; every rank runs the same number of
-        forward passes (ZeRO-3 gathers parameters collectively), so the list is padded by wrapping around
-        and the padding rows' targets are ignored."""
+        training loss is taken. Ranks split the rows (training.engine.loop.rank_batches)."""
         ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
-        n, world = len(ds), self.s.world_size
-        mine = [self.s.rank + world * k for k in range(-(-n // world))]
         was_training = self.engine.training
         eval_mode(self.engine)
         nll, tokens, rows = 0.0, 0, 0
-        for k in range(0, len(mine), bs):
-            got = [(i, x) for i in mine[k:k + bs] if (x := ds[i % n]) is not None]
-            if not got:
-                continue
-            b = collate_sft([x for _, x in got], self.pad_id, self.arch_name)
-            for j, (i, _) in enumerate(got):
-                if i >= n:
-                    b.labels[j] = IGNORE
-            rows += sum(i < n for i, _ in got)
-            b = b.to(self.s.device)
+        for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
+            items = [x for x in (ds[i] for i in idx) if x is not None]
+            fill = not items
+            if fill:  # no rows (or only bad ones) in this rank's batch: a forward all the same, discarded
+                items = [next(x for x in (ds[i] for i in range(len(ds))) if x is not None)]
+            b = collate_sft(items, self.pad_id, self.arch_name).to(self.s.device)
             s, t = nll_sum(self.engine(**b.model_inputs()).logits, b.labels)
-            nll, tokens = nll + float(s), tokens + t
+            if not fill:
+                nll, tokens, rows = nll + float(s), tokens + t, rows + len(items)
         if was_training:
             self.engine.train()
         nll, tokens, rows = (float(self.s.all_reduce(v)) for v in (nll, tokens, rows))
