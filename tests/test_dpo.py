@@ -361,3 +361,15 @@ def test_held_out_pairs_over_two_ranks_count_each_pair_once(world, tiny):
     assert (one["eval/n"], r0["eval/n"], r1["eval/n"]) == (5, 3, 2)
     for k in ("eval/logps/chosen", "eval/logps/rejected", "eval/log_odds_ratio", "eval/rewards/margins"):
         assert 3 * r0[k] + 2 * r1[k] == pytest.approx(5 * one[k], rel=1e-5), k
+
+    class FirstIsBad:  # pair 0 a bad row skipped at encoding (e.g. a prompt too long): rank 1's stand-in
+        records = ds.records  # batch must come from another pair
+
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return None if i == 0 else ds[i]
+    t = DPOTrainer(FakeRank(1, 2), proc, ds, cfg, arch.name, eval_set=FirstIsBad())
+    t.engine = model
+    assert t.evaluate()["eval/n"] == 2

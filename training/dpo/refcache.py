@@ -20,7 +20,7 @@ import torch
 
 from training.config import REF_CACHE_FOLDER
 from training.dpo.forward import adapters_disabled, response_logps
-from training.engine.loop import rank_batches
+from training.engine.loop import rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
@@ -80,7 +80,7 @@ class RefCache:
                 batch = make_batch(idx) if idx else None
                 fill = batch is None
                 if fill:  # keep the collective forward count equal across ranks
-                    batch = make_batch([0])
+                    batch = stand_in_batch(make_batch, n_items // rows_per_item)
                 r = response_logps(engine, batch)
                 if not fill:
                     k = r.sum.shape[1]

@@ -14,7 +14,7 @@ import torch
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, objective
-from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches
+from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
@@ -110,7 +110,7 @@ class DPOTrainer:
         for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
             batch = self.make_batch(idx, ds) if idx else None
             fill = batch is None
-            batch = self.make_batch([0], ds) if fill else batch
+            batch = stand_in_batch(lambda i: self.make_batch(i, ds), len(ds)) if fill else batch
             ref = self._reference(batch, self.eval_ref_cache) if self.needs_reference else None
             obj = objective(response_logps(self.engine, batch), ref, self.a)
             if fill:

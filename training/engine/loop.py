@@ -63,6 +63,12 @@ def rank_batches(n: int, world: int, rank: int, batch_size: int) -> Iterator[lis
         yield mine[c * batch_size:(c + 1) * batch_size]
 
 
+def stand_in_batch(make_batch, n: int):
+    """The batch of the first of n items that makes one (not a bad row): what a rank short of a batch
+    runs and discards (rank_batches)."""
+    return next(b for i in range(n) if (b := make_batch([i])) is not None)
+
+
 def save_due(step: int, total: int, run) -> bool:
     """A resumable checkpoint after this step: every run.save_steps, and at an interrupt (never at the
     end, where the stage saves its final model instead)."""

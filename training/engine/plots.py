@@ -22,7 +22,8 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str,
     for ax, (t, keys) in zip(axes[0], panels):
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k,  # a few points (evaluations): marked,
+                    marker="o" if len(pts) <= 20 else None, markersize=4)  # one alone draws no line
         ax.set_title(t)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
