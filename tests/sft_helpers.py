@@ -62,8 +62,9 @@ class FakeRank:
         self.rank, self.world_size, self.device, self.seen = rank, world, "cpu", []
 
     def all_reduce(self, x):
-        self.seen.append(float(x))
-        return torch.as_tensor(float(x), dtype=torch.float64)
+        t = torch.as_tensor(x, dtype=torch.float64).clone()
+        self.seen.append(float(t) if t.numel() == 1 else t)
+        return t
 
 
 def test_eval_steps_without_held_out_data_stops():

@@ -268,3 +268,40 @@ def test_changed_scene_makes_exactly_one_error_of_each_type():
         assert omit in ({"circle": 1}, {"cross": 2})
         assert set(cnt) <= {"circle", "cross"} and sum(abs(cnt.get(k, 0) - v) for k, v in counts(scene).items()) == 1
     assert changed_scene(Scene("t", "cyan", (Obj("circle", "blue", 7, 1, 1),)), "omit", random.Random(0)) is None
+
+
+def test_held_out_lists_over_two_ranks_each_scored_once(world, tiny):
+    """5 lists over 2 (stand-in) ranks, eval batch 2: rank 1 scores lists 1 and 3 and runs a discarded
+    stand-in forward; the rows each rank fills add up to one rank's matrix. With list 0 a bad row, the
+    stand-in comes from another list."""
+    from sft_helpers import FakeRank
+
+    from training.config import OptimArgs, RMArgs
+    from training.data.bad_rows import BadRowReport
+    from training.rm.data import RMDataset
+    from training.rm.trainer import RMTrainer
+    from training.model.builder import load_model_and_processor
+    backbone, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                    for_training=False)
+    rm = RewardModel(backbone, factual=True).eval()
+    recs = read_preferences([str(world / "preference_heldout.json")], str(world / "images"))[:5]
+    ds = RMDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), BadRowReport(), True)
+    cfg = {"optim": OptimArgs(per_device_train_batch_size=1, per_device_eval_batch_size=2), "rm": RMArgs()}
+    mats = []
+    for rank, n_ranks in ((0, 1), (0, 2), (1, 2)):
+        t = RMTrainer(FakeRank(rank, n_ranks), rm, proc, ds, ds, cfg, arch.name)
+        mats.append(t.evaluate()[1])
+    one, r0, r1 = mats
+    assert not r0[1::2].any() and not r1[0::2].any()  # rank 0 fills rows 0, 2, 4; rank 1 rows 1, 3
+    torch.testing.assert_close(r0 + r1, one, rtol=1e-5, atol=1e-5)  # other batch mates: float32 rounding
+
+    class FirstIsBad:
+        records = ds.records
+
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return None if i == 0 else ds[i]
+    R = RMTrainer(FakeRank(1, 2), rm, proc, ds, FirstIsBad(), cfg, arch.name).evaluate()[1]
+    torch.testing.assert_close(R[[1, 3]], one[[1, 3]], rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.engine.loop import StepPlan, open_run, planned_steps
+from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
@@ -101,33 +101,26 @@ class RMTrainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, torch.Tensor]:
-        """Held-out metrics and the (n_lists, N) reward matrix (NaN: padding or skipped row).
-
-        Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively):
-        the index list is padded by wrapping around and only owned rows are recorded."""
+        """Held-out metrics and the (n_lists, N) reward matrix (NaN: padding or skipped row). Ranks split
+        the lists (training.engine.loop.rank_batches)."""
         ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
-        n, world, rank = len(ds), self.s.world_size, self.s.rank
+        n = len(ds)
         N = max(len(r.responses) for r in ds.records)
         out = torch.zeros((n, N), dtype=torch.float64)
-        per_rank = -(-n // world)
-        mine = [rank + world * k for k in range(per_rank)]
         was_training = self.engine.training
         eval_mode(self.engine)
-        for k in range(0, len(mine), bs):
-            idx = mine[k:k + bs]
-            items = [ds[i % n] for i in idx]
-            got = [(i, x) for i, x in zip(idx, items) if x is not None]
-            for i, x in zip(idx, items):
-                if x is None and i < n:
-                    out[i] = float("nan")  # a skipped bad row
-            if not got:
+        for idx in rank_batches(n, self.s.world_size, self.s.rank, bs):
+            got = [(i, x) for i in idx if (x := ds[i]) is not None]
+            for i in set(idx) - {i for i, _ in got}:
+                out[i] = float("nan")  # a skipped bad row
+            if not got:  # a forward all the same (rank_batches), discarded
+                self._rewards(stand_in_batch(lambda i: self._batch(ds, i), n))
                 continue
             R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
             R = R.double().cpu().masked_fill(~mask.cpu(), float("nan"))
             for (i, _), row in zip(got, R):
-                if i < n:
-                    out[i, :row.shape[0]] = row
-                    out[i, row.shape[0]:] = float("nan")
+                out[i, :row.shape[0]] = row
+                out[i, row.shape[0]:] = float("nan")
         if was_training:
             self.engine.train()
         R = self.s.all_reduce(out)
