@@ -23,9 +23,10 @@ class Recorder:
         self.written = getattr(self, "written", []) + [(engine, str(ckpt), dict(state))]
 
 
-def make(logging_steps=2, save_steps=3, total=7):
+def make(logging_steps=2, save_steps=3, total=7, eval_steps=0):
     rec = Recorder()
-    run = SimpleNamespace(logging_steps=logging_steps, save_steps=save_steps, stop_after_steps=0, save_total_limit=1)
+    run = SimpleNamespace(logging_steps=logging_steps, save_steps=save_steps, stop_after_steps=0, save_total_limit=1,
+                          eval_steps=eval_steps)
     return rec, StepLog(rec, {"": None}, run, StepPlan(4, total), Path("ck"), rec, None, {})
 
 
@@ -42,13 +43,20 @@ def test_rates_are_amounts_since_last_log_over_elapsed_time(monkeypatch):
     assert [h["step"] for h in log.history] == [2, 4]
 
 
-def test_last_step_is_logged_extra_only_when_logged_and_checkpoints_when_due():
-    rec, log = make(logging_steps=2, save_steps=3, total=7)
+def test_last_step_is_logged_evaluations_every_eval_steps_and_checkpoints_when_due():
+    rec, log = make(logging_steps=2, save_steps=3, total=7, eval_steps=3)
     calls = []
     for step in range(1, 8):
-        log.after(step, {"loss": 0.0}, {}, extra=lambda: calls.append(1) or {"eval/loss": 1.5})
-    assert [s for s, _ in rec.logged] == [2, 4, 6, 7]  # every 2nd step and the last
-    assert len(calls) == 4 and all(m["eval/loss"] == 1.5 for _, m in rec.logged)
+        log.after(step, {"loss": 0.0}, {}, evaluate=lambda: calls.append(step) or {"eval/loss": 1.5})
+    # every 2nd step and the last; evaluations at 3 (a row of its own) and 6 (in the step's row), not at the
+    # last step (the stage evaluates its saved model after the loop)
+    assert [s for s, _ in rec.logged] == [2, 3, 4, 6, 7]
+    assert calls == [3, 6] and [s for s, m in rec.logged if "eval/loss" in m] == [3, 6]
+    assert "loss" not in rec.logged[1][1] and rec.logged[3][1]["loss"] == 0.0
+    rec2, log2 = make(logging_steps=2, save_steps=3, total=7, eval_steps=0)  # 0: only after the loop
+    for step in range(1, 8):
+        log2.after(step, {"loss": 0.0}, {}, evaluate=lambda: calls.append(step) or {})
+    assert calls == [3, 6]
     assert rec.saved == [3, 6]  # every save_steps, never at the end (the stage saves its final model)
     log.close(keep_logger=True)
     assert not rec.closed

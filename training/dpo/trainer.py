@@ -136,13 +136,8 @@ class DPOTrainer:
                                           o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
                                           c.stop_after_steps):
             m = self._step([self.make_batch(i) for i in idx])
-            # held-out pairs every eval_steps; the final evaluation is main's, after saving
-            evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
-                and step < self.plan.total_steps
-            if evaluate and not log.due(step):
-                log.logger.log(step, self.evaluate())
-            log.after(step, m, {"pairs_per_s": m["pairs"]}, extra=self.evaluate if evaluate else None)
-        log.close(keep_logger=True)
+            log.after(step, m, {"pairs_per_s": m["pairs"]}, evaluate=self.evaluate if self.eval_set is not None else None)
+        log.close(keep_logger=True)  # main logs the final evaluation after saving
         self.logger, self.final_step = log.logger, step
         self.interrupted = step < self.plan.total_steps
         return log.history

@@ -124,15 +124,23 @@ class StepLog:
     def due(self, step: int) -> bool:
         return step % self.run.logging_steps == 0 or step == self.plan.total_steps
 
-    def after(self, step: int, m: dict, rates: dict[str, float], extra=None) -> None:
-        """rates: rate name -> amount done this step (e.g. {"pairs_per_s": 16}); extra: a function
-        returning metrics to add when the step is logged (an evaluation; its time is not in the rates)."""
+    def after(self, step: int, m: dict, rates: dict[str, float], evaluate=None) -> None:
+        """rates: rate name -> amount done this step (e.g. {"pairs_per_s": 16}); evaluate: a function
+        returning held-out metrics, called every run.eval_steps steps before the last (after the last the
+        stage evaluates its saved model itself) and logged with this step's row when that is logged, else
+        on its own; its time is not in the rates."""
         for k, v in rates.items():
             self._since[k] = self._since.get(k, 0.0) + v
+        held_out = evaluate is not None and bool(self.run.eval_steps) and step % self.run.eval_steps == 0 \
+            and step < self.plan.total_steps
+        if held_out and not self.due(step):
+            t = time.time()
+            self.logger.log(step, evaluate())
+            self._t0 += time.time() - t
         if self.due(step):
             dt = max(time.time() - self._t0, 1e-9)
             m.update(epoch=step / self.plan.steps_per_epoch, **{k: v / dt for k, v in self._since.items()})
-            m.update(extra() if extra else {})
+            m.update(evaluate() if held_out else {})
             self.logger.log(step, m)
             self.history.append({"step": step, **m})
             self._t0, self._since = time.time(), {}

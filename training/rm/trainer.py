@@ -145,13 +145,8 @@ class RMTrainer:
                                               c.stop_after_steps):
             self.train_set.epoch = epoch
             m = self._step([self._batch(self.train_set, i) for i in idx])
-            # held-out evaluation every eval_steps; the final one is main's, after saving
-            evaluate = bool(c.eval_steps) and step % c.eval_steps == 0 and self.eval_set is not None \
-                and step < self.plan.total_steps
-            if evaluate and not log.due(step):
-                self.logger.log(step, self.evaluate()[0])
             log.after(step, m, {"tokens_per_s": m.pop("tokens"), "lists_per_s": lists},
-                      extra=(lambda: self.evaluate()[0]) if evaluate else None)
+                      evaluate=(lambda: self.evaluate()[0]) if self.eval_set is not None else None)
         log.close(keep_logger=True)  # main logs the final evaluation after saving
         self.interrupted = step < self.plan.total_steps
         self.final_step = step
