@@ -294,7 +294,7 @@ def test_opa_dpo_and_ppo_refuse_held_out_flags_they_would_ignore(flag, world, ti
         with pytest.raises(SystemExit, match=f"{stage} evaluates nothing held out"):
             run(flag + extra)
     if flag[0] == "--eval_steps":  # user data has no default held-out pairs
-        with pytest.raises(SystemExit, match="give the held-out pairs to evaluate with --eval_data_path"):
+        with pytest.raises(SystemExit, match="give the held-out data to evaluate with --eval_data_path"):
             main(flag + ["--from_checkpoint", str(tiny), "--data_path", str(world / "preference_train.json")])
 
 
@@ -373,3 +373,17 @@ def test_held_out_pairs_over_two_ranks_count_each_pair_once(world, tiny):
     t = DPOTrainer(FakeRank(1, 2), proc, ds, cfg, arch.name, eval_set=FirstIsBad())
     t.engine = model
     assert t.evaluate()["eval/n"] == 2
+
+    class OnePair(FirstIsBad):  # 1 pair over 2 ranks: rank 1 runs only a stand-in, yet reduces the same values
+        def __len__(self):  # in the same order as rank 0 (a collective per differing key set would hang)
+            return 1
+
+        def __getitem__(self, i):
+            return ds[i]
+    seen = []
+    for rank in (0, 1):
+        t = DPOTrainer(FakeRank(rank, 2), proc, ds, cfg, arch.name, eval_set=OnePair())
+        t.engine = model
+        got = t.evaluate()
+        seen.append([tuple(x.shape) for x in t.s.seen])
+    assert seen[0] == seen[1] == [(12,)] and got["eval/n"] == 0  # one collective of the same 12 sums

@@ -161,7 +161,7 @@ def test_held_out_loss_over_two_ranks_counts_each_row_once(world, tiny, tmp_path
     for rank, n_ranks in ((0, 1), (0, 2), (1, 2)):
         t = SFTTrainer(FakeRank(rank, n_ranks), model, proc, ds, cfg, arch.name, eval_set=ds)
         m = t.evaluate()
-        sums.append(t.s.seen)  # nll, tokens, rows
+        sums.append(t.s.seen[0].tolist())  # one collective: nll, tokens, rows
     one, r0, r1 = sums
     assert (r0[2], r1[2], one[2]) == (3, 2, 5)
     assert r0[1] + r1[1] == one[1] and r0[0] + r1[0] == pytest.approx(one[0], rel=1e-5)

@@ -55,7 +55,8 @@ class DataArgs:
     eval_data_path: str = _f("", "Held-out data (same formats), evaluated every --eval_steps and after training: "
                                  "SFT's loss, the reward model's pairwise accuracy (default there: the embedded "
                                  "world's held-out pairs), the DPO family's loss, rewards and log-probs (default "
-                                 "there too, but for listwise; not OPA-DPO). PPO takes none: score its model with run_predict.sh --benchmark.")
+                                 "there too, but for listwise; not OPA-DPO). PPO takes none: score its model "
+                                 "with run_predict.sh --benchmark.")
     max_seq_len: int = _f(512, "Maximum tokens per sample; response text is cut, never image tokens.")
     skip_bad_rows: bool = _f(False, "Skip bad rows and count them in bad_rows.json instead of stopping.")
     encoded_cache_mb: int = _f(2048, "DPO family: keep encoded samples (tokens + pixel inputs) in memory up to "
@@ -108,6 +109,12 @@ def refuse_held_out(data: DataArgs, run: RunArgs, stage: str) -> None:
     if data.eval_data_path or run.eval_steps:
         raise SystemExit(f"{stage} evaluates nothing held out during training (--eval_data_path / --eval_steps): "
                          "score the saved model with `bash run_predict.sh --benchmark NAME --model_path OUTPUT_DIR`")
+
+
+def require_held_out(data: DataArgs, run: RunArgs) -> None:
+    """For stages with one: --eval_steps needs held-out data (after the stage's defaults are filled in)."""
+    if run.eval_steps and not data.eval_data_path:
+        raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
 
 
 @dataclass

@@ -147,7 +147,7 @@ def code_files(command: list[str], root: Path = ROOT) -> list[str]:
     script = root / command[0] if command else None
     modules = entry_modules(script) if script is not None and script.suffix == ".sh" and script.is_file() else []
     used = imported_files(modules, root) if modules else None
-    files = [f for p in CODE + PACKAGES if (root / p).exists() for f in _files(root / p)
+    files = [f for p in dict.fromkeys(CODE + PACKAGES) if (root / p).exists() for f in _files(root / p)
              if used is None or f in used or f.suffix != ".py"]
     files += sorted(root.glob("run_*.sh")) + [f for f in [root / "requirements.txt"] if f.is_file()]
     return sorted({str(f.relative_to(root)) for f in files})

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
-                             refuse_held_out, save_config)
+                             refuse_held_out, require_held_out, save_config)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -39,8 +39,7 @@ def main(argv=None) -> dict:
     # held-out pairs: the embedded world's when training on its pairs; user data needs --eval_data_path
     resolve_defaults(m, d, strategy, "ranked_train.json" if a.loss_type == "listwise" else "preference_train.json",
                      "preference_heldout.json" if not d.data_path and a.loss_type not in ("listwise", "opa") else "")
-    if run.eval_steps and not d.eval_data_path:
-        raise SystemExit("--eval_steps: give the held-out pairs to evaluate with --eval_data_path")
+    require_held_out(d, run)
 
     import torch
     from training.data.bad_rows import BadRowReport

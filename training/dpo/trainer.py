@@ -113,16 +113,16 @@ class DPOTrainer:
             batch = stand_in_batch(lambda i: self.make_batch(i, ds), len(ds)) if fill else batch
             ref = self._reference(batch, self.eval_ref_cache) if self.needs_reference else None
             obj = objective(response_logps(self.engine, batch), ref, self.a)
-            if fill:
-                continue
             for k, v in (("items", batch.n_items // rows), ("pair_loss", obj["pair_loss_sum"]),
                          ("nll", obj["nll_sum"]), ("nll_tokens", obj["nll_tokens"]), *obj["metrics"].items()):
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + (0.0 if fill else float(v))  # a stand-in adds its keys only
         self.engine.train(was_training)
-        t = {k: float(self.s.all_reduce(v)) for k, v in sorted(sums.items())}
-        n = max(t.pop("items"), 1.0)
+        keys = sorted(sums)  # the same on every rank: each ran the objective at least once
+        t = dict(zip(keys, self.s.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+        items = t.pop("items")
+        n = max(items, 1.0)
         loss, nll, tokens = t.pop("pair_loss") / n, t.pop("nll"), t.pop("nll_tokens")
-        m = {"eval/loss": loss + (nll / tokens if tokens else 0.0), "eval/n": int(n)}
+        m = {"eval/loss": loss + (nll / tokens if tokens else 0.0), "eval/n": int(items)}
         if tokens:
             m["eval/nll_loss"] = nll / tokens
         return {**m, **{f"eval/{k}": v / n for k, v in t.items()}}

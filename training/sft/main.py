@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.config import DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config, save_config
+from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
+                             require_held_out, save_config)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -18,8 +19,7 @@ PANELS = [("loss", ["loss", "eval/loss"]), ("learning rate", ["lr"]), ("target t
 
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
-    if cfg["run"].eval_steps and not cfg["data"].eval_data_path:
-        raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
+    require_held_out(cfg["data"], cfg["run"])
     strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
     from training.defaults import resolve_defaults
     resolve_defaults(cfg["model"], cfg["data"], strategy, "sft_train.json")

@@ -88,7 +88,7 @@ class SFTTrainer:
                 nll, tokens, rows = nll + float(s), tokens + t, rows + len(items)
         if was_training:
             self.engine.train()
-        nll, tokens, rows = (float(self.s.all_reduce(v)) for v in (nll, tokens, rows))
+        nll, tokens, rows = self.s.all_reduce(torch.tensor([nll, tokens, rows], dtype=torch.float64)).tolist()
         return {"eval/loss": nll / max(tokens, 1.0), "eval/target_tokens": tokens, "eval/n": int(rows)}
 
     def train(self) -> list[dict]:
