@@ -387,3 +387,50 @@ def test_held_out_pairs_over_two_ranks_count_each_pair_once(world, tiny):
         got = t.evaluate()
         seen.append([tuple(x.shape) for x in t.s.seen])
     assert seen[0] == seen[1] == [(12,)] and got["eval/n"] == 0  # one collective of the same 12 sums
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, tiny, loss_type):
+    """A training step on a rank whose micro-batches were all bad rows (None) issues the same collectives,
+    of the same sizes in the same order, as a rank with a batch: a differing set would hang the ranks."""
+    from sft_helpers import FakeRank
+
+    from training.config import DPOArgs, LoraArgs, ModelArgs, OptimArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.dpo.trainer import DPOTrainer
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    model.requires_grad_(True)  # loaded frozen for inference; trained here
+    recs = read_preferences([str(world / "preference_train.json")], str(world / "images"))[:4]
+    ds = PreferenceDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), BadRowReport())
+
+    class Engine(torch.nn.Module):  # what _step asks of a DeepSpeed engine
+        def __init__(self):
+            super().__init__()
+            self.module = model
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            pass
+
+        def get_lr(self):
+            return [0.0]
+    cfg = {"dpo": DPOArgs(loss_type=loss_type), "optim": OptimArgs(per_device_train_batch_size=2)}
+    seen, metrics = [], []
+    for rank, batch in ((0, [0, 1]), (1, None)):
+        t = DPOTrainer(FakeRank(rank, 2), proc, ds, cfg, arch.name)
+        t.engine, t.ref_model = Engine(), model
+        metrics.append(t._step([t.make_batch(batch) if batch else None]))
+        seen.append([tuple(torch.as_tensor(x).shape) for x in t.s.seen])
+    assert seen[0] == seen[1] and len(seen[0]) == 2, seen  # the counts, then every metric in one collective
+    assert metrics[0].keys() == metrics[1].keys() and metrics[1]["pairs"] == 0
+    assert {"rewards/margins", "logps/chosen"} <= metrics[0].keys()
+    assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")

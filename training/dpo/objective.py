@@ -69,6 +69,16 @@ def objective(pol: ResponseLogps, ref: tuple[torch.Tensor, torch.Tensor, torch.T
     return out
 
 
+def metric_keys(a) -> list[str]:
+    """The metric names objective() returns for these arguments, from one call on zeros: a rank that has
+    no batch in a step knows them too, so every rank reduces the same values in the same order."""
+    n, k, length = 2, 4, 1  # OPA reads rows in pairs and 4 responses; pairs and lists read the first 2+
+    z, one = torch.zeros(n, k, length), torch.ones(n, k, length)
+    pol = ResponseLogps(z.sum(-1), one.sum(-1), z.sum(-1), z, one, one)
+    ref = (pol.sum, pol.count, pol.wsum) + ((z,) if a.loss_type == "opa" and a.opa_token_level else ())
+    return sorted(objective(pol, None if a.loss_type in REFERENCE_FREE else ref, a)["metrics"])
+
+
 def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
     """OPA-DPO on rows alternating real image [gt, revised(score w), rollout(score w), revised(type w)]
     and masked image [gt, revised(type w)] (training.dpo.opa.data). Sums for unweighted responses,

@@ -13,7 +13,7 @@ import torch
 
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
-from training.dpo.objective import REFERENCE_FREE, objective
+from training.dpo.objective import REFERENCE_FREE, metric_keys, objective
 from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
@@ -27,6 +27,7 @@ class DPOTrainer:
         self.ref_cache = None  # RefCache
         self.eval_set, self.eval_ref_cache = eval_set, None
         self.ref_model = None  # live reference without LoRA
+        self.metric_keys = metric_keys(self.a)  # every rank reduces these, batch or none
         o = cfg["optim"]
         self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
                                   strategy.world_size, o.num_train_epochs, o.max_steps)
@@ -66,13 +67,13 @@ class DPOTrainer:
         accum, world = o.gradient_accumulation_steps, self.s.world_size
         batches = [b for b in micro_batches if b is not None]
         rows = getattr(self.dataset, "rows_per_item", 1)
-        n_items = float(self.s.all_reduce(sum(b.n_items // rows for b in batches)))
-        n_tok = 0.0
+        tok = 0.0
         if self.a.loss_type == "orpo":  # chosen target tokens of the whole step, for the NLL token mean
-            n_tok = float(self.s.all_reduce(sum(float((b.labels.view(b.n_items, b.n_responses, -1)[:, 0, 1:]
-                                                       != -100).sum()) for b in batches)))
-        sums: dict[str, float] = {}
-        total_loss = 0.0
+            tok = sum(float((b.labels.view(b.n_items, b.n_responses, -1)[:, 0, 1:] != -100).sum()) for b in batches)
+        n_items, n_tok = self.s.all_reduce(torch.tensor([sum(b.n_items // rows for b in batches), tok],
+                                                        dtype=torch.float64)).tolist()
+        sums = dict.fromkeys(self.metric_keys, 0.0)
+        total_loss = nll = 0.0
         for b in batches:
             ref = self._reference(b) if self.needs_reference else None
             pol = response_logps(self.engine, b)
@@ -80,20 +81,20 @@ class DPOTrainer:
             loss = obj["pair_loss_sum"] / max(n_items, 1.0)
             if n_tok:
                 loss = loss + obj["nll_sum"] / n_tok
-                sums["nll_loss"] = sums.get("nll_loss", 0.0) + float(obj["nll_sum"].detach()) / n_tok
+                nll += float(obj["nll_sum"].detach()) / n_tok
             # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a global mean
             self.engine.backward(loss * accum * world)
             self.engine.step()
             total_loss += float(loss.detach())
             for k, v in obj["metrics"].items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] += float(v)
         for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
             self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
             self.engine.step()
-        m = {"loss": float(self.s.all_reduce(total_loss))}
-        for k, v in sorted(sums.items()):
-            v = float(self.s.all_reduce(v))
-            m[k] = v if k == "nll_loss" else v / max(n_items, 1.0)
+        # one collective of values every rank has, in one order, even a rank whose rows were all skipped
+        t = self.s.all_reduce(torch.tensor([total_loss, nll, *sums.values()], dtype=torch.float64)).tolist()
+        m = {"loss": t[0], **({"nll_loss": t[1]} if self.a.loss_type == "orpo" else {})}
+        m.update({k: v / max(n_items, 1.0) for k, v in zip(sums, t[2:])})
         m.update(pairs=n_items, lr=self.engine.get_lr()[0])
         return m
 
@@ -106,7 +107,7 @@ class DPOTrainer:
         rows = getattr(ds, "rows_per_item", 1)
         was_training = self.engine.training
         eval_mode(self.engine)
-        sums = {"items": 0.0, "pair_loss": 0.0, "nll": 0.0, "nll_tokens": 0.0}
+        sums = {"items": 0.0, "pair_loss": 0.0, "nll": 0.0, "nll_tokens": 0.0, **dict.fromkeys(self.metric_keys, 0.0)}
         for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
             batch = self.make_batch(idx, ds) if idx else None
             fill = batch is None
@@ -115,10 +116,9 @@ class DPOTrainer:
             obj = objective(response_logps(self.engine, batch), ref, self.a)
             for k, v in (("items", batch.n_items // rows), ("pair_loss", obj["pair_loss_sum"]),
                          ("nll", obj["nll_sum"]), ("nll_tokens", obj["nll_tokens"]), *obj["metrics"].items()):
-                sums[k] = sums.get(k, 0.0) + (0.0 if fill else float(v))  # a stand-in adds its keys only
+                sums[k] += 0.0 if fill else float(v)  # a stand-in's forward is discarded
         self.engine.train(was_training)
-        keys = sorted(sums)  # the same on every rank: each ran the objective at least once
-        t = dict(zip(keys, self.s.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+        t = dict(zip(sums, self.s.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
         items = t.pop("items")
         n = max(items, 1.0)
         loss, nll, tokens = t.pop("pair_loss") / n, t.pop("nll"), t.pop("nll_tokens")
