@@ -305,3 +305,21 @@ def test_held_out_lists_over_two_ranks_each_scored_once(world, tiny):
             return None if i == 0 else ds[i]
     R = RMTrainer(FakeRank(1, 2), rm, proc, ds, FirstIsBad(), cfg, arch.name).evaluate()[1]
     torch.testing.assert_close(R[[1, 3]], one[[1, 3]], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_steps_default_follows_the_held_out_pairs(world, tiny, tmp_path):
+    """Unset, --eval_steps is the stage's 250 with held-out pairs and 0 without (user data has none by
+    default: before, 250 stood in the run's config and was silently unused); set without them, it stops."""
+    from training.config import DataArgs, RunArgs
+    from training.rm.main import EVAL_STEPS, resolve_eval_steps
+    for eval_path, want in (("held.json", EVAL_STEPS), ("", 0)):
+        run = RunArgs(eval_steps=None)
+        resolve_eval_steps(DataArgs(eval_data_path=eval_path), run)
+        assert run.eval_steps == want
+    run = RunArgs(eval_steps=7)
+    resolve_eval_steps(DataArgs(eval_data_path="held.json"), run)
+    assert run.eval_steps == 7
+    args = [a for a in rm_args(world, tiny, tmp_path / "rm") if a != str(world / "preference_heldout.json")]
+    args.remove("--eval_data_path")
+    with pytest.raises(SystemExit, match="--eval_data_path"):
+        main([*args, "--eval_steps", "5"])

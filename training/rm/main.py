@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RMArgs, RunArgs, parse_config,
-                             save_config)
+                             require_held_out, save_config)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -17,7 +17,8 @@ CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": Opt
 SFT_OUTPUT = "output/sft"
 DEFAULTS = {"from_checkpoint": SFT_OUTPUT, "output_dir": "output/rm", "learning_rate": 5e-4,
             "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32,
-            "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": 250, "logging_steps": 10}
+            "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": None, "logging_steps": 10}
+EVAL_STEPS = 250  # the default --eval_steps where there are held-out pairs
 PANELS = [("loss", ["loss", "eval/loss"]), ("pairwise accuracy", ["accuracy", "eval/accuracy"]),
           ("rewards", ["reward_chosen", "reward_rejected", "eval/reward_chosen", "eval/reward_rejected"])]
 
@@ -29,6 +30,14 @@ def require_checkpoint(model: ModelArgs) -> None:
                          "first, or pass --from_checkpoint PATH.")
 
 
+def resolve_eval_steps(data: DataArgs, run: RunArgs) -> None:
+    """--eval_steps unset: every EVAL_STEPS steps with held-out pairs (the embedded world has them), else
+    none; set: it needs held-out pairs."""
+    if run.eval_steps is None:
+        run.eval_steps = EVAL_STEPS if data.eval_data_path else 0
+    require_held_out(data, run)
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     require_checkpoint(cfg["model"])
@@ -38,6 +47,9 @@ def main(argv=None) -> dict:
     # held-out pairs: the embedded world's when training on it; user data needs --eval_data_path
     resolve_defaults(cfg["model"], d, strategy, "preference_train.json",
                      "preference_heldout.json" if not d.data_path else "")
+    resolve_eval_steps(d, cfg["run"])
+    if not d.eval_data_path and strategy.is_main:
+        print("no held-out pairs (--eval_data_path): the reward model is trained without a held-out evaluation")
 
     import torch
     from training.data.bad_rows import BadRowReport
