@@ -49,6 +49,17 @@ class JudgeConfig:
         return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error, not followed: urllib would send the Authorization header (the API key)
+    along to wherever it points, another host included."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _public_url(url: str) -> str:
     """The URL without credentials or query string (what results files record)."""
     p = urllib.parse.urlsplit(url)
@@ -117,7 +128,7 @@ class Judge:
             self.requests += 1
             req = urllib.request.Request(self.cfg.endpoint, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                with _OPENER.open(req, timeout=self.cfg.timeout_s) as resp:
                     out = json.loads(resp.read().decode("utf-8"))
                 if isinstance(out.get("choices"), list) and out["choices"] and \
                         isinstance(out["choices"][0].get("message", {}).get("content"), str):
@@ -125,6 +136,9 @@ class Judge:
                 last = "reply has no choices[0].message.content"
             except urllib.error.HTTPError as err:
                 last = f"HTTP {err.code}"
+                if 300 <= err.code < 400:
+                    last += (" redirect, not followed (the API key would go with it): give --judge_url the "
+                             "address it redirects to")
                 if err.code not in _RETRY_STATUS:
                     raise JudgeError(f"judge {where}: {last} (not retried)") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as err:

@@ -232,3 +232,32 @@ def test_objhal_llm_extractor_through_judge(tmp_path, fake_server):
     m = rec["metrics"]
     assert m["CHAIRi"] == pytest.approx(1 / 3) and m["CHAIRs"] == pytest.approx(1 / 2)
     assert m["CHAIRs_refine"] == pytest.approx(1.0)
+
+
+def test_a_redirect_is_not_followed_so_the_key_goes_nowhere_else(fake_server, monkeypatch, tmp_path):
+    """urllib follows a 30x and copies the Authorization header to the new address (another host
+    included): the judge stops on a redirect instead, and the target never sees the key."""
+    target = fake_server(lambda prompt: "Rating: 5")
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", target.url.replace("127.0.0.1", "localhost") + "/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("EVAL_TEST_JUDGE_KEY", KEY)
+    try:
+        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
+                                  api_key_env="EVAL_TEST_JUDGE_KEY", cache_dir=str(tmp_path / "cache"),
+                                  max_retries=1, backoff_s=0.01, timeout_s=10))
+        with pytest.raises(JudgeError, match="redirect, not followed"):
+            judge.chat([{"role": "user", "content": "q"}])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert target.requests == [] and target.auth == []
