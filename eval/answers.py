@@ -4,7 +4,8 @@ For each split `generate` writes the questions as a JSONL question file (`questi
 text`) beside the answers, then calls `training.predict.main.predict`, which skips question_ids
 already answered: an interrupted run resumes, and a finished one loads no model at all. A
 `<answers>.settings.json` records the model (path and a fingerprint of its weight files: name,
-size, mtime), the decoding and the questions that produced the answers. Asking for other settings
+size, mtime), the decoding, the questions, the image folder and predict's other flags (maximum
+length, architecture, precision; not the batch size) that produced the answers. Asking for other settings
 on the same answer file is an error (use --run_name), or with `restart=True` the stale answers
 are deleted and generated again: answers from two models or decodings are never mixed.
 """
@@ -31,28 +32,34 @@ def _image_field(src):
 
 def read_answers(path: str | Path) -> dict[str, str]:
     """question_id -> answer text from predict's JSONL (`question_id, text`), AMBER's JSON list
-    (`id, response`) or MMHal's response JSON (`model_answer`, keyed by position)."""
+    (`id, response`) or MMHal's response JSON (`model_answer`, keyed by position). A row without its
+    fields, an unreadable line or a question answered twice is an error naming the file and row."""
     path = Path(path)
     if not path.exists():
         return {}
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
-        out = {}
-        for i, r in enumerate(rows):
-            if "response" in r:
-                out[str(r["id"])] = r["response"]
-            elif "model_answer" in r:
-                out[str(i)] = r["model_answer"]
-            else:
-                out[str(r["question_id"])] = r["text"]
-        return out
-    out = {}
-    for line in text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.setdefault(str(r["question_id"]), r["text"])  # the first answer wins, as predict resumes
+        rows = enumerate(json.loads(text))
+    else:
+        rows = ((n, _json_line(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    out, where = {}, {}
+    for n, r in rows:
+        try:
+            qid, answer = ((str(r["id"]), r["response"]) if "response" in r else (str(n), r["model_answer"])
+                           if "model_answer" in r else (str(r["question_id"]), r["text"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}, row {n}: no {err} field (answer rows have question_id and text)") from None
+        if qid in out:
+            raise ValueError(f"{path}: question {qid} answered twice (rows {where[qid]} and {n})")
+        out[qid], where[qid] = answer, n
     return out
+
+
+def _json_line(path: Path, n: int, line: str) -> dict:
+    try:
+        return json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"{path}, line {n}: not JSON ({err})") from None
 
 
 def check_complete(items: list[dict], answers: dict[str, str], where: str) -> None:
@@ -84,7 +91,8 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
                                     "text": q["text"]}, ensure_ascii=False) + "\n" for q in items)
         settings = {"model_path": str(model_path), "model_fingerprint": model_fingerprint(model_path),
                     "decoding": {k: v for k, v in decoding.items() if k != "batch_size"},
-                    "questions_sha256": hashlib.sha256(lines.encode()).hexdigest()}
+                    "questions_sha256": hashlib.sha256(lines.encode()).hexdigest(), "image_folder": str(image_folder),
+                    "predict_flags": _answer_flags(predict_flags)}
         sfile = out_dir / f"{name}.settings.json"
         if afile.exists() and afile.stat().st_size:
             old = json.loads(sfile.read_text()) if sfile.exists() else None
@@ -105,6 +113,20 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
         check_complete(items, got, str(afile))
         answers[split], files[split] = got, str(afile)
     return answers, files
+
+
+def _answer_flags(flags: list[str]) -> list[str]:
+    """The predict flags that can change answers: all but the batch size, the device index (its kind is in
+    the decoding) and the progress bar."""
+    out, skip = [], False
+    for i, f in enumerate(flags):
+        if skip:
+            skip = False
+        elif f in ("--batch_size", "--device"):
+            skip = True
+        elif f not in ("--progress", "--no-progress"):
+            out.append(f)
+    return out
 
 
 def predict_flags(decoding: dict, extra: dict) -> list[str]:

@@ -127,3 +127,45 @@ def test_report_table_and_figures_from_one_command(tmp_path):
     assert "judge gpt-4-0314 (T=0.0)" in table and "file.jsonl@01234567 (version v1)" in table
     for b in ("objhal", "pope", "mmhal"):
         assert (figs / f"{b}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_settings_hold_what_changes_answers(tmp_path, world, tiny):
+    """Another maximum length (or image folder) on the same answer files is refused like other decoding;
+    the batch size, the progress bar and the device index are not part of the settings."""
+    out = tmp_path / "sft"
+    bench_main(_pope_argv(world, tiny, out))
+    with pytest.raises(AnswersMismatch):
+        bench_main(_pope_argv(world, tiny, out, "--max_seq_len", "300"))
+    argv = [a if a != "8" else "4" for a in _pope_argv(world, tiny, out)]  # --batch_size 4
+    bench_main(argv + ["--progress"])
+
+
+def test_predict_resumes_past_a_cut_last_line_and_names_bad_rows(tmp_path, world, tiny):
+    """An interrupted run can leave half a JSON line: the next run removes it and answers that question
+    again; an unreadable line elsewhere, or a question answered twice, is an error naming file and row."""
+    from eval.answers import read_answers
+    from training.predict.main import parse, predict
+    qfile = tmp_path / "q.jsonl"
+    rows = [json.loads(x) for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:5]]
+    qfile.write_text("".join(json.dumps({**r, "image_id": 7}) + "\n" for r in rows))
+    afile = tmp_path / "a.jsonl"
+    argv = ["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+            "--output_file", str(afile), "--max_new_tokens", "3", "--no-progress"]
+    predict(parse(argv))
+    full = afile.read_text()
+    lines = full.splitlines()
+    first = json.loads(lines[0])
+    assert set(first) == {"question_id", "image_id", "image", "prompt", "text", "model_id"} and first["image_id"] == 7
+    afile.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # cut inside the fourth row
+    predict(parse(argv))
+    assert afile.read_text() == full  # the cut row answered again (greedy: the same), nothing glued or doubled
+    assert len(read_answers(afile)) == 5
+
+    afile.write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
+    with pytest.raises(SystemExit, match="line 2"):
+        predict(parse(argv))
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        read_answers(afile)
+    afile.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="answered twice"):
+        read_answers(afile)

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from training.data.images import is_base64_text
 from training.model.builder import add_inference_args
 
 
@@ -47,6 +48,39 @@ def default_image_folder(data_path: str) -> str:
     return str(cand) if cand.is_dir() else str(Path(data_path).parent)
 
 
+def answered(out: Path) -> set[str]:
+    """question_ids already in an answers file. A last line cut short (an interrupted run wrote part of a
+    batch) is removed, so its question is answered again; any other unreadable line is an error."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"{out}: removing an unfinished last line ({len(data) - end} bytes) left by an interrupted run")
+        with out.open("r+b") as f:
+            f.truncate(end)
+    done = set()
+    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                done.add(str(json.loads(line)["question_id"]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise SystemExit(f"{out}, line {n}: not an answer row with a question_id ({err!r}); move the file "
+                                 "away or fix the line to resume") from None
+    return done
+
+
+def answer_row(r, text: str, model_id: str) -> dict:
+    """question_id, image_id (when the question has one), image (a path; not base64 pictures), prompt,
+    text, model_id."""
+    row = {"question_id": _qid(r)}
+    if r.meta.get("image_id") is not None:
+        row["image_id"] = r.meta["image_id"]
+    src = r.images[0] if r.images else None
+    row["image"] = src if isinstance(src, str) and not is_base64_text(src) else None
+    return {**row, "prompt": r.prompt[-1].content, "text": text, "model_id": model_id}
+
+
 def predict(args: argparse.Namespace) -> Path:
     import torch
     from tqdm import tqdm
@@ -65,9 +99,7 @@ def predict(args: argparse.Namespace) -> Path:
     image_root = args.image_folder or default_image_folder(args.data_path)
     out = Path(args.output_file or Path(args.model_path) / "predictions" / (Path(args.data_path).stem + ".jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        done = {json.loads(line)["question_id"] for line in out.read_text().splitlines() if line.strip()}
+    done = answered(out)
     report = BadRowReport(skip=args.skip_bad_rows)
     records = [r for r in read_prompts([args.data_path], image_root, report) if _qid(r) not in done]
     device, precision = inference_device(args.device, args.precision)
@@ -95,13 +127,11 @@ def predict(args: argparse.Namespace) -> Path:
                                                       device)]
                 if scorer is not None:
                     rewards = scorer.score(prompts, images, texts, facts)
-            for k, (r, t) in enumerate(zip(chunk, texts)):
-                image = r.images[0] if r.images and isinstance(r.images[0], str) else None
-                row = {"question_id": _qid(r), "image": image, "prompt": r.prompt[-1].content, "text": t,
-                       "model_id": model_id}
-                if rewards is not None:
-                    row.update(reward=float(rewards[k]), best_of_n=args.best_of_n)
-                f.write(json.dumps(row) + "\n")
+            rows = [answer_row(r, t, model_id) for r, t in zip(chunk, texts)]
+            if rewards is not None:
+                for row, reward in zip(rows, rewards):
+                    row.update(reward=float(reward), best_of_n=args.best_of_n)
+            f.write("".join(json.dumps(row) + "\n" for row in rows))  # a batch at once; a cut one is redone
             f.flush()
             bar.update(len(chunk))
     bar.close()
