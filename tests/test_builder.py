@@ -1,5 +1,6 @@
 """The model builder on tiny random checkpoints of every supported architecture (no download)."""
 import importlib.util
+import json
 import math
 import tempfile
 from types import SimpleNamespace
@@ -288,6 +289,17 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
         m.eval()
         with torch.no_grad():
             torch.testing.assert_close(m(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+    # the adapter's own files cannot turn on trust_remote_code (a downloaded adapter would run code): the
+    # user's flag decides
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
+    info_file = tmp_path / "run" / ADAPTER_SUBDIR / BUILD_INFO_FILE
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "trust_remote_code": True}))
+    with pytest.raises(SystemExit, match="--trust_remote_code"):
+        merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2")])
+    with pytest.raises(SystemExit, match="--trust_remote_code"):
+        _load(str(tmp_path / "run"))
+    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2"), "--trust_remote_code"])
 
 
 def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):

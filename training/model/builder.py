@@ -93,7 +93,8 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
         return embedded_tiny_vlm()
     if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
         from training.model.merge_lora import merge_lora
-        return merge_lora(model_args.from_checkpoint, tempfile.mkdtemp(prefix="vlm_merged_"))
+        return merge_lora(model_args.from_checkpoint, tempfile.mkdtemp(prefix="vlm_merged_"),
+                          trust_remote_code=model_args.trust_remote_code)
     return model_args.from_checkpoint
 
 

@@ -20,9 +20,11 @@ def _adapter_dir(path: str | Path) -> Path:
     return p / ADAPTER_SUBDIR if (p / ADAPTER_SUBDIR / "adapter_config.json").is_file() else p
 
 
-def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = None):
+def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = None,
+                trust_remote_code: bool = False):
     """-> (merged plain model, processor, base path). precision: fp32 | bf16 | fp16, default the
-    training run's (fp32 when unknown)."""
+    training run's (fp32 when unknown). Model code from the base runs only when the caller asks
+    (trust_remote_code), never because the adapter's files say so."""
     import transformers
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -37,7 +39,10 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
     info_file = adapter / BUILD_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     base = info.get("base") or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    trust = bool(info.get("trust_remote_code", False))
+    trust = trust_remote_code
+    if info.get("trust_remote_code") and not trust:
+        raise SystemExit(f"{info_file}: this adapter was trained with --trust_remote_code (its base {base} runs "
+                         "code of its own); pass --trust_remote_code to load it if you trust that code")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust)
     spec = detect_architecture(config, info.get("model_architecture", "auto"))
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
@@ -57,10 +62,11 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
     return model, processor, base
 
 
-def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, precision: str | None = None) -> str:
+def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, precision: str | None = None,
+               trust_remote_code: bool = False) -> str:
     """Merge a LoRA run's adapters into its base and save a plain checkpoint to out_dir."""
     from training.model.builder import save_model
-    model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision)
+    model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code)
     return save_model(model, processor, out_dir)
 
 
@@ -70,8 +76,9 @@ def main(argv=None) -> None:
     ap.add_argument("--output_dir", required=True, help="Where the merged checkpoint goes.")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                     help="Merge and save in this precision (default: the training run's).")
+    ap.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the base checkpoint.")
     args = ap.parse_args(argv)
-    print(merge_lora(args.adapter_dir, args.output_dir, args.precision))
+    print(merge_lora(args.adapter_dir, args.output_dir, args.precision, args.trust_remote_code))
 
 
 if __name__ == "__main__":
