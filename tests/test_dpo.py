@@ -2,6 +2,8 @@
 accumulation invariance and resume, in one process."""
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +162,50 @@ def test_reference_cache_is_reused_and_keyed_on_the_model(world, tiny, tmp_path,
                   "--from_checkpoint", str(tmp_path / "a")))
     assert "computed for 16 items" in capsys.readouterr().out
     assert len(list((tmp_path / "ref_cache").glob("*.safetensors"))) == 2
+    # an image a pair names is rewritten (here: its modification time): a fresh cache
+    img = Path(json.loads((world / "preference_train.json").read_text())[0]["image"])
+    img = world / "images" / img
+    st = img.stat()
+    try:
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        main(dpo_args(world, tiny, tmp_path / "d", "--max_steps", "1", "--per_device_train_batch_size", "4"))
+        assert "computed for 16 items" in capsys.readouterr().out
+    finally:
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # a cache file of another shape under the key (it cannot belong to this data) is computed anew
+    from safetensors.torch import save_file
+    oldest = min((tmp_path / "ref_cache").glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns)  # run a's key
+    save_file({k: torch.zeros(3, 2, dtype=torch.float64) for k in ("sum", "count", "wsum")}, str(oldest))
+    main(dpo_args(world, tiny, tmp_path / "e", "--max_steps", "1", "--per_device_train_batch_size", "4"))
+    assert "holds (3, 2), not (16, 2): computing" in capsys.readouterr().out
+
+
+def test_reference_cache_fingerprints(tmp_path):
+    """The model's loadable files (chat template included; not predictions/), every shard of a data
+    folder, and the image files records name."""
+    from types import SimpleNamespace
+
+    from training.dpo.refcache import data_fingerprint, images_fingerprint, model_fingerprint
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "config.json", "chat_template.jinja"):
+        (ckpt / name).write_text("x")
+    before = model_fingerprint(str(ckpt))
+    (ckpt / "predictions").mkdir()
+    (ckpt / "predictions" / "pope.settings.json").write_text("{}")
+    assert model_fingerprint(str(ckpt)) == before
+    (ckpt / "chat_template.jinja").write_text("another template")
+    assert model_fingerprint(str(ckpt)) != before
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train-0.parquet").write_bytes(b"a")
+    before = data_fingerprint(str(shards))
+    (shards / "train-1.parquet").write_bytes(b"b")
+    assert data_fingerprint(str(shards)) != before
+    (tmp_path / "i.png").write_bytes(b"p")
+    recs = [SimpleNamespace(images=[str(tmp_path / "i.png"), b"bytes"]), {"image": "i.png"}]
+    got = images_fingerprint(recs, str(tmp_path))
+    assert len(got) == 1 and got[0][0] == str((tmp_path / "i.png").resolve())
 
 
 def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):

@@ -5,9 +5,10 @@ off. So the cache is computed with the policy engine itself before its first upd
 grad, adapters disabled): no second model is ever held in memory. Ranks split the items, then sum
 their slices; every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
 
-File: <cache_dir>/<key>.pt with sum, count, wsum (n_items, K) float64 and `done` (n_items,) bool; the
-key hashes the checkpoint's weight files, the data files, and the encoding settings, so a changed
-input computes a fresh cache and an unchanged rerun loads it without a forward.
+File: <cache_dir>/<key>.safetensors with sum, count, wsum (n_items, K) float64; the key hashes (name,
+size, modification time) the checkpoint's files (weights, configs, tokenizer, chat template; an
+adapter's base too), the data files, the image files the rows name, and the encoding settings, so a
+changed input computes a fresh cache and an unchanged rerun loads it without a forward.
 """
 from __future__ import annotations
 
@@ -24,20 +25,54 @@ from training.engine.loop import rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
-def _files_fingerprint(path: str) -> list:
+MODEL_FILES = (".safetensors", ".bin", ".pt", ".json", ".jinja", ".model", ".txt")  # weights, configs, tokenizer
+
+
+def _stat(f: Path) -> list:
+    st = f.stat()
+    return [str(f.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def model_fingerprint(checkpoint: str) -> list:
+    """What loading a checkpoint reads: its weight, config, tokenizer and chat-template files, in the folder
+    and its adapter/ subfolder (not checkpoints/ or predictions/), and for an adapter checkpoint its base
+    model's too. No checkpoint: the embedded tiny VLM's folder. A Hub id stands for itself."""
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE, embedded_tiny_vlm
+    if not checkpoint:
+        checkpoint = embedded_tiny_vlm()  # already built by the model load; rebuilt if its definition changed
+    p = Path(checkpoint)
+    if not p.is_dir():
+        return [checkpoint]
+    out = [_stat(f) for d in (p, p / ADAPTER_SUBDIR) if d.is_dir() for f in sorted(d.iterdir())
+           if f.is_file() and f.suffix in MODEL_FILES]
+    info = p / ADAPTER_SUBDIR / BUILD_INFO_FILE
+    base = json.loads(info.read_text()).get("base") if info.is_file() else None
+    if base and Path(base).resolve() != p.resolve():
+        out.append(model_fingerprint(base))
+    return out
+
+
+def data_fingerprint(path: str) -> list:
+    """A data file, or every file under a folder of shards; a Hub dataset id stands for itself."""
     p = Path(path)
     if p.is_file():
-        st = p.stat()
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        return _stat(p)
     if p.is_dir():
-        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.rglob("*"))
-                if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".pt")]
-    return [path]  # a Hub id
+        return [_stat(f) for f in sorted(p.rglob("*")) if f.is_file() and REF_CACHE_FOLDER not in f.parts]
+    return [path]
 
 
-def cache_key(checkpoint: str, data_paths: list[str], settings: dict) -> str:
-    blob = json.dumps({"model": _files_fingerprint(checkpoint), "data": [_files_fingerprint(d) for d in data_paths],
-                       "settings": settings}, sort_keys=True, default=str)
+def images_fingerprint(records, root: str) -> list:
+    """The image files the records name (preference records keep resolved paths; OPA's rows paths under
+    root); images kept as bytes are inside the data files."""
+    srcs = (src for r in records for src in ((r.get("image"),) if isinstance(r, dict) else r.images))
+    files = {os.path.join(root, s) for s in srcs if isinstance(s, str)}  # joining an absolute path keeps it
+    return [_stat(Path(f)) for f in sorted(files) if os.path.isfile(f)]
+
+
+def cache_key(checkpoint: str, data_paths: list[str], settings: dict, records=(), image_root: str = "") -> str:
+    blob = json.dumps({"model": model_fingerprint(checkpoint), "data": [data_fingerprint(d) for d in data_paths],
+                       "images": images_fingerprint(records, image_root), "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -65,9 +100,12 @@ class RefCache:
         if path.exists():
             from safetensors.torch import load_file
             d = load_file(str(path))
-            if strategy.is_main:
-                print(f"reference log-probs: loaded {path}")
-            return RefCache(d["sum"], d["count"], d["wsum"])
+            if tuple(d["sum"].shape) == (n_items, K):
+                if strategy.is_main:
+                    print(f"reference log-probs: loaded {path}")
+                return RefCache(d["sum"], d["count"], d["wsum"])
+            if strategy.is_main:  # cannot belong to this data: computed anew and replaced
+                print(f"reference log-probs: {path} holds {tuple(d['sum'].shape)}, not ({n_items}, {K}): computing")
         acc = torch.zeros(3, n_items, K, dtype=torch.float64)
         batches = list(rank_batches(n_items // rows_per_item, strategy.world_size, strategy.rank, batch_size))
         was_training = engine.training
