@@ -113,3 +113,63 @@ def test_ppo_qlora_actor_and_critic(world, tiny, rm, tmp_path):
     from safetensors.torch import load_file
     adapters = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in adapters.items())  # lora_B starts at 0
+
+
+def test_schedule_counts_optimizer_updates_and_dropout_is_off(world, tiny, rm, tmp_path, monkeypatch):
+    """Rollout 4, minibatch 2, 2 PPO epochs: 4 optimizer updates per PPO step, so a linear schedule over
+    2 PPO steps decays over 8 updates (the actor's over 4 after 1 critic warm-up step); before, it
+    counted PPO steps and reached 0 after the first step's second update. Dropout is off in actor and critic."""
+    from training.engine.strategy import Strategy
+    seen = {}
+    real = Strategy.prepare
+
+    def prepare(self, model, total_steps, learning_rate=None):
+        seen.setdefault("totals", []).append(total_steps)
+        seen.setdefault("dropout", []).append([m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)])
+        return real(self, model, total_steps, learning_rate)
+
+    monkeypatch.setattr(Strategy, "prepare", prepare)
+    main(ppo_args(world, tiny, rm, tmp_path / "ppo", "--max_steps", "2", "--ppo_epochs", "2",
+                  "--lr_scheduler_type", "linear", "--critic_warmup_steps", "1", "--lora_r", "4",
+                  "--lora_dropout", "0.1"))
+    assert seen["totals"] == [4, 8]  # actor, critic
+    assert seen["dropout"][0] and all(p == 0.0 for ps in seen["dropout"] for p in ps)
+
+
+def test_temperature_scales_the_log_probs(world, tiny, rm, tmp_path, monkeypatch):
+    """Rollouts sample from softmax(logits / T): old, reference and new log-probs use the same
+    distribution, so before the first update the ratio is 1 and the KL 0 at any temperature."""
+    out = tmp_path / "t"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "1", "--temperature", "0.7", "--lora_r", "4",
+                  "--per_device_train_batch_size", "4",
+                  "--lora_target_modules", "q_proj,v_proj"))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["clipfrac"] == 0.0
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    labels = torch.tensor([[-100, 0]])
+    trainer = PPOTrainer.__new__(PPOTrainer)
+    trainer.p = type("P", (), {"temperature": 0.5})()
+    model = lambda **kw: type("O", (), {"logits": logits})()  # noqa: E731
+    batch = type("B", (), {"model_inputs": lambda self: {}, "labels": labels})()
+    lp, _, _ = trainer._logprobs(model, batch)
+    assert float(lp[0, 0]) == pytest.approx(float(torch.log_softmax(logits[0, 0] / 0.5, -1)[0]))
+
+
+def test_non_finite_weights_are_never_saved(world, tiny, rm, tmp_path, monkeypatch):
+    """A step can make the weights non-finite from a finite loss (an overflowing gradient): the run stops
+    before writing that checkpoint, and the last good one stays the latest."""
+    real = PPOTrainer.train_on
+
+    def overflow(self, exp, step, ckpt):
+        out = real(self, exp, step, ckpt)
+        if step == 2:
+            with torch.no_grad():
+                next(self._module(self.actor).parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(PPOTrainer, "train_on", overflow)
+    out = tmp_path / "inf"
+    with pytest.raises(NonFiniteError, match="non-finite weights"):
+        main(ppo_args(world, tiny, rm, out, "--max_steps", "3", "--save_steps", "1"))
+    ckpt = out / "checkpoints" / "actor"
+    assert (ckpt / "latest").read_text().strip() == "step1" and not (ckpt / "step2").exists()

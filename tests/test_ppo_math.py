@@ -76,3 +76,38 @@ def test_adaptive_kl_controller():
     f = AdaptiveKLController(0.1)
     f.update(100.0, 100)
     assert f.value == 0.1
+
+
+def test_option_bonus_follows_llava_rlhf():
+    from training.ppo.shaping import option_bonus
+    # a letter pays only at the start ("B.") or in "correct option is B." -- not anywhere in the text
+    assert option_bonus("B. A red circle.", "B") == 1.0
+    assert option_bonus("I think the correct option is B.", "b") == 1.0
+    assert option_bonus("There is a blue star.", "A") == 0.0  # "a" inside words and as an article
+    assert option_bonus("A. yes", "B") == 0.0
+    # No-is-right yes/no questions: +0.5 for No, -0.5 for Yes; nothing when Yes is right
+    assert (option_bonus("No, there is none.", "no"), option_bonus("Yes.", "No"), option_bonus("Maybe", "no")) == \
+        (0.5, -0.5, 0.0)
+    assert option_bonus("Yes.", "yes") == 0.0 and option_bonus("yesterday", "no") == 0.0
+    assert option_bonus("Three circles.", "three") == 1.0 and option_bonus("It has three.", "three") == 0.0
+    assert option_bonus("B.", None) == 0.0 and option_bonus("B.", "") == 0.0
+
+
+def test_stop_token_penalty_sets_or_subtracts():
+    from training.ppo.shaping import stop_token_penalty
+    score, ended = t([1.5, -0.5, 2.0]), t([True, False, False])
+    torch.testing.assert_close(stop_token_penalty(score, ended, 8.0, relative=False), t([1.5, -8.0, -8.0]))
+    torch.testing.assert_close(stop_token_penalty(score, ended, 8.0, relative=True), t([1.5, -8.5, -6.0]))
+    torch.testing.assert_close(stop_token_penalty(score, ended, 0.0, relative=False), score)
+
+
+def test_disable_dropout_makes_train_mode_deterministic():
+    from training.model.builder import disable_dropout
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    m.attention_dropout = 0.1  # what attention layers keep as a number
+    x = torch.randn(4, 8)
+    m.train()
+    assert not torch.equal(m(x), m(x))
+    disable_dropout(m)
+    assert torch.equal(m(x), m(x)) and m.attention_dropout == 0.0 and m.training

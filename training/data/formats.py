@@ -30,7 +30,7 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 _LLAVA_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
 _TRL_NAMES = {"user": "user", "assistant": "assistant", "system": "system"}
 # Multiple-choice ground truth (Fact-RLHF): a direct answer field, or A-OKVQA's choices + index.
-_ANSWER_FIELDS = ("correct_choice", "correct_option", "correct_answer", "gt_answer", "ground_truth")
+ANSWER_FIELDS = ("correct_choice", "correct_option", "correct_answer", "gt_answer", "ground_truth")
 
 
 # ---------------------------------------------------------------- shared pieces of a row
@@ -301,7 +301,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         if found is None:
             raise RowProblem(field, f"no captions for image {key!r} in the captions file")
         facts += [found] if isinstance(found, str) else list(found)
-    answer = next((row[k] for k in _ANSWER_FIELDS if row.get(k) is not None), None)
+    answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
     choices, idx = row.get("choices"), row.get("correct_choice_idx")
     if answer is None and idx is not None:
         if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < len(choices)):

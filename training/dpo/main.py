@@ -46,16 +46,14 @@ def main(argv=None) -> dict:
     from training.data.formats import read_preferences
     from training.dpo.data import PreferenceDataset
     from training.dpo.trainer import DPOTrainer
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import disable_dropout, load_model_and_processor
     from training.templates.chat import ChatEncoder
 
     torch.manual_seed(cfg["optim"].seed)
     out = Path(run.output_dir)
     model, processor, arch = load_model_and_processor(m, cfg["lora"])
     if a.disable_dropout:
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Dropout):
-                mod.p = 0.0
+        disable_dropout(model)
     report = BadRowReport(skip=d.skip_bad_rows)
     paths = d.data_path.split(",")
     template = Path(m.template).read_text() if m.template != "auto" else None
@@ -123,7 +121,8 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
             key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
                                                         "arch": arch_name, "precision": m.precision, "rows": rows,
                                                         "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
-                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)}, records, d.image_folder)
+                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)},
+                            records, d.image_folder)
             root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
             return RefCache.load_or_build(
                 root / f"{key}.safetensors", trainer.s, trainer.engine, lambda idx: trainer.make_batch(idx, dataset),

@@ -72,7 +72,8 @@ def images_fingerprint(records, root: str) -> list:
 
 def cache_key(checkpoint: str, data_paths: list[str], settings: dict, records=(), image_root: str = "") -> str:
     blob = json.dumps({"model": model_fingerprint(checkpoint), "data": [data_fingerprint(d) for d in data_paths],
-                       "images": images_fingerprint(records, image_root), "settings": settings}, sort_keys=True, default=str)
+                       "images": images_fingerprint(records, image_root), "settings": settings},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -58,6 +58,10 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in a loss, reward or the weights: the run stops without writing a checkpoint."""
+
+
 class Strategy:
     def __init__(self, ds: DeepSpeedArgs, optim: OptimArgs, precision: str = "fp32"):
         setup_environment()
@@ -171,11 +175,22 @@ class Strategy:
             torch.distributed.barrier()
 
     # ---- saving ------------------------------------------------------------------------------
+    def require_finite_weights(self, engine, where: Path) -> None:
+        """Stop, on every rank, before writing `where` when any rank's parameters (its partitions under
+        ZeRO-3) hold a NaN or inf: an optimizer step can make them so from a finite loss (an overflowing
+        gradient), and the last good checkpoint must stay the last one written."""
+        module = engine.module if hasattr(engine, "module") else engine
+        bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+        if float(self.all_reduce(float(bad))) > 0:
+            raise NonFiniteError(f"non-finite weights: {where} was not written; the last good checkpoint is "
+                                 "intact (resume with --resume after fixing the cause, e.g. a lower learning rate)")
+
     def save_hf(self, engine, processor, out_dir: str | Path) -> None:
         """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 parameters are gathered first."""
         from training.model.builder import save_model
 
         out_dir = Path(out_dir)
+        self.require_finite_weights(engine, out_dir)
         module = engine.module if hasattr(engine, "module") else engine
         if self.ds.zero_stage == 3:
             import deepspeed
@@ -189,6 +204,7 @@ class Strategy:
 
     def save_resume(self, engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int) -> None:
         ckpt_root = Path(ckpt_root)
+        self.require_finite_weights(engine, ckpt_root / f"step{step}")
         engine.save_checkpoint(str(ckpt_root), tag=f"step{step}", client_state=client_state)
         if self.is_main:
             tags = sorted((p for p in ckpt_root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))

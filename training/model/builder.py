@@ -49,6 +49,19 @@ def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str
     return device, precision
 
 
+def disable_dropout(model):
+    """Dropout off for good, also in train mode: dropout modules (LoRA's too) and the attention-dropout
+    rates attention layers keep as numbers. Log-prob ratios (DPO's, PPO's) are then deterministic."""
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
+
 def eval_mode(model):
     """model.eval() (dropout off), except that bitsandbytes 4-bit layers stay in train mode: on a CPU with
     AVX512-BF16 their no-grad eval forward repacks the weight in place into a CPU-only layout, which

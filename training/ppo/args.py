@@ -30,8 +30,16 @@ class PPOArgs:
     normalize_reward: bool = _f(True, "Normalise scores with running mean/std.")
     whiten_advantages: bool = _f(True, "Whiten advantages per rollout batch.")
     length_bonus: float = _f(0.0, "LLaVA-RLHF length shaping: + length_bonus * len / max_new_tokens.")
-    correct_bonus: float = _f(0.0, "LLaVA-RLHF: + bonus when a multiple-choice answer names the correct option.")
-    missing_eos_penalty: float = _f(0.0, "Subtract this when a response never emitted EOS (LLaVA-RLHF: 8).")
+    correct_bonus: float = _f(0.0, "LLaVA-RLHF's symbolic reward, + bonus * training.ppo.shaping.option_bonus: 1 when "
+                                   "a multiple-choice answer starts with the correct option's letter (\"B.\") or says "
+                                   "\"correct option is B.\"; 0.5 / -0.5 for No / Yes where No is right.")
+    missing_eos_penalty: float = _f(0.0, "LLaVA-RLHF's stop-token penalty: a response that never emitted EOS gets "
+                                         "the reward-model score -missing_eos_penalty, before clipping and "
+                                         "normalisation (0: off).")
+    relative_eos_penalty: bool = _f(False, "Subtract --missing_eos_penalty from such a response's score instead "
+                                          "(LLaVA-RLHF's relative_stop_token_penalty).")
+    disable_dropout: bool = _f(True, "Turn dropout off in the actor and critic (LoRA's too): old and new log-probs "
+                                     "and values then come from the same function.")
     entropy_coef: float = _f(0.0, "Entropy bonus.")
     critic_warmup_steps: int = _f(0, "Steps that train only the critic before the actor moves.")
     ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): + ptx_coef * the token-mean NLL of a batch of SFT data in "

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_prompts
     from training.engine.plots import plot_metrics
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import disable_dropout, load_model_and_processor
     from training.ppo.trainer import PPOTrainer
     from training.rm.model import load_reward_model
     from training.templates.chat import ChatEncoder
@@ -78,15 +78,28 @@ def main(argv=None) -> dict:
         ref = strategy.prepare_frozen(ref)
     rm, rm_processor, rm_arch = load_reward_model(p.reward_model, dataclasses.replace(m, gradient_checkpointing=False))
     rm = strategy.prepare_frozen(rm)
-    critic, _, _ = load_reward_model(p.critic_init or p.reward_model, m, cfg["lora"], for_training=True)
+    critic, critic_proc, critic_arch = load_reward_model(p.critic_init or p.reward_model, m, cfg["lora"],
+                                                         for_training=True)
+    same_tokens = critic_proc.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    if not same_tokens or critic_arch.name != arch.name:  # the critic reads the actor's token ids and images
+        raise SystemExit(f"the critic ({p.critic_init or p.reward_model}: {critic_arch.name}) must share the actor's "
+                         f"tokenizer and architecture ({m.from_checkpoint}: {arch.name}); initialise it from a reward "
+                         "model trained from the same SFT model (--critic_init)")
+    if p.disable_dropout:
+        disable_dropout(actor)
+        disable_dropout(critic)
     report = BadRowReport(skip=d.skip_bad_rows)
     records = read_prompts(d.data_path.split(","), d.image_folder, report)
     encoder = ChatEncoder(processor, arch, d.max_seq_len)
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
                          rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report))
-    trainer.actor = strategy.prepare(actor, trainer.total_steps)
-    trainer.critic = strategy.prepare(critic, trainer.total_steps, learning_rate=p.critic_learning_rate)
+    # schedules count optimizer updates: updates_per_step of them per PPO step, the actor's after the warm-up
+    actor_steps = trainer.total_steps - min(p.critic_warmup_steps, trainer.total_steps)
+    actor_updates = max(1, actor_steps * trainer.updates_per_step)
+    trainer.actor = strategy.prepare(actor, actor_updates)
+    trainer.critic = strategy.prepare(critic, trainer.total_steps * trainer.updates_per_step,
+                                      learning_rate=p.critic_learning_rate)
     if strategy.is_main:
         save_config(cfg, out / "run_config.json")
     history = trainer.train()

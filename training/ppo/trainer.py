@@ -18,22 +18,24 @@ from training.data.collate import collate_sft
 from training.data.images import load_image
 from training.logprobs import masked_mean, nll_sum, token_logprobs
 from training.losses import ppo_policy_loss, ppo_value_loss
+from training.data.formats import ANSWER_FIELDS
 from training.ppo.rollout import generate_rollouts, response_view
+from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
 from training.rm.factual import rm_messages
 from training.engine.loop import StepPlan, open_run, planned_steps
+from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
 
 
-class NonFiniteError(FloatingPointError):
-    pass
-
-
-def _check_finite(step: int, ckpt: Path, **tensors) -> None:
-    for name, t in tensors.items():
-        if not torch.isfinite(torch.as_tensor(t)).all():
-            raise NonFiniteError(f"non-finite {name} at PPO step {step}: stopping. The last good checkpoint "
-                                 f"is intact under {ckpt} (resume with --resume after fixing the cause)")
+def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
+    """Every rank checks, and all stop together when any rank sees a non-finite value (a rank stopping
+    alone would leave the others waiting in a collective)."""
+    bad = [name for name, t in tensors.items() if not torch.isfinite(torch.as_tensor(t)).all()]
+    if float(strategy.all_reduce(float(len(bad)))) > 0:
+        what = ", ".join(bad) if bad else "values on another rank"
+        raise NonFiniteError(f"non-finite {what} at PPO step {step}: stopping. The last good checkpoint "
+                             f"is intact under {ckpt} (resume with --resume after fixing the cause)")
 
 
 class PPOTrainer:
@@ -52,6 +54,10 @@ class PPOTrainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(records)} prompts are fewer than one rollout batch ({per_step})")
         self.total_steps = o.max_steps if o.max_steps > 0 else max(1, int(self.steps_per_epoch * o.num_train_epochs))
+        # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
+        mb = math.ceil(self.p.rollout_batch_size / o.per_device_train_batch_size)
+        self.updates_per_step = math.ceil(self.p.ppo_epochs * mb / o.gradient_accumulation_steps)
+        self.micro_per_step = self.p.ppo_epochs * mb
         self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
         self.moments = RunningMoments()
         self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
@@ -67,7 +73,10 @@ class PPOTrainer:
         return contextlib.nullcontext()
 
     def _logprobs(self, model, batch, with_entropy: bool = False):
+        """Token log-probs (and entropies) of the distribution rollouts sample from: logits / temperature."""
         logits = model(**batch.model_inputs()).logits
+        if self.p.temperature != 1.0:
+            logits = logits / self.p.temperature
         lp, mask = token_logprobs(logits, batch.labels)
         ent = None
         if with_entropy:
@@ -85,18 +94,16 @@ class PPOTrainer:
 
     def _shape(self, score: torch.Tensor, rollout, records) -> torch.Tensor:
         p = self.p
-        s = score.clamp(-p.reward_clip, p.reward_clip)
+        s = stop_token_penalty(score, rollout.ended, p.missing_eos_penalty, p.relative_eos_penalty)
+        s = s.clamp(-p.reward_clip, p.reward_clip)
         if p.normalize_reward:
             self.moments.update(self.s.gather(s))
             s = (s - self.moments.mean) / self.moments.std
         s = s + p.length_bonus * rollout.lengths.to(s) / p.max_new_tokens
         if p.correct_bonus:
-            correct = torch.tensor([bool(r.meta.get("correct_option")) and
-                                    str(r.meta["correct_option"]).lower() in resp.lower()
-                                    for r, resp in zip(records, rollout.responses)], dtype=s.dtype, device=s.device)
-            s = s + p.correct_bonus * correct
-        if p.missing_eos_penalty:
-            s = s - p.missing_eos_penalty * (~rollout.ended).to(s)
+            answers = [next((r.meta[k] for k in ANSWER_FIELDS if r.meta.get(k) is not None), None) for r in records]
+            bonus = [option_bonus(resp, a) for resp, a in zip(rollout.responses, answers)]
+            s = s + p.correct_bonus * torch.tensor(bonus, dtype=s.dtype, device=s.device)
         return s
 
     def _ptx_loss(self, step: int, update: int) -> torch.Tensor:
@@ -104,8 +111,7 @@ class PPOTrainer:
         read in a seeded order, so a resumed run sees the same rows as an uninterrupted one; rows whose
         encoding failed (counted in bad_rows.json) are passed over."""
         p, n, order = self.p, len(self.ptx), self.ptx_order
-        per_step = p.ppo_epochs * math.ceil(p.rollout_batch_size / self.cfg["optim"].per_device_train_batch_size)
-        start = (((step - 1) * per_step + update) * self.s.world_size + self.s.rank) * p.ptx_batch_size
+        start = (((step - 1) * self.micro_per_step + update) * self.s.world_size + self.s.rank) * p.ptx_batch_size
         items = []
         for j in range(n):
             if len(items) == p.ptx_batch_size:
@@ -141,7 +147,7 @@ class PPOTrainer:
         values, _ = response_view(values[:, :-1], mask, R)
         raw = self._scores(records, images, ro.responses)
         kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
-        _check_finite(step, ckpt, reward=raw, kl=kl)
+        _check_finite(self.s, step, ckpt, reward=raw, kl=kl)
         score = self._shape(raw, ro, records)
         rewards = token_rewards(score, kl, rmask.float(), self.kl_ctl.value)
         adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
@@ -150,9 +156,10 @@ class PPOTrainer:
         return {"rollout": ro, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp, "values": values,
                 "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
 
-    def _minibatches(self, n: int):
+    def _minibatches(self, n: int, epoch: int):
+        """This PPO epoch's minibatches: a fresh order every epoch, fixed by (seed, step, epoch)."""
         mb = self.cfg["optim"].per_device_train_batch_size
-        g = torch.Generator().manual_seed(self.cfg["optim"].seed + self._step)
+        g = torch.Generator().manual_seed(self.cfg["optim"].seed + self._step + 1_000_003 * epoch)
         perm = torch.randperm(n, generator=g).tolist()
         return [perm[i:i + mb] for i in range(0, n, mb)]
 
@@ -163,8 +170,8 @@ class PPOTrainer:
         self.critic.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy", "ptx_loss")}
         t0, n_tok, update = time.time(), 0, 0
-        for _ in range(p.ppo_epochs):
-            for idx in self._minibatches(len(ro.responses)):
+        for epoch in range(p.ppo_epochs):
+            for idx in self._minibatches(len(ro.responses), epoch):
                 b = _select(ro.batch, idx)
                 rm_ = exp["rmask"][idx]
                 if train_actor:
@@ -179,7 +186,7 @@ class PPOTrainer:
                         loss = loss + p.ptx_coef * ptx
                         stats["ptx_loss"].append(float(ptx.detach()))
                     update += 1
-                    _check_finite(step, ckpt, policy_loss=loss)
+                    _check_finite(self.s, step, ckpt, policy_loss=loss)
                     self.actor.backward(loss)
                     self.actor.step()
                     stats["policy_loss"].append(float(pl.detach()))
@@ -188,7 +195,7 @@ class PPOTrainer:
                 v = self._module(self.critic).values(b.input_ids, b.attention_mask, **b.vision)
                 v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
                 vl = p.vf_coef * ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
-                _check_finite(step, ckpt, value_loss=vl)
+                _check_finite(self.s, step, ckpt, value_loss=vl)
                 self.critic.backward(vl)
                 self.critic.step()
                 stats["value_loss"].append(float(vl.detach()))
@@ -245,6 +252,7 @@ def _select(batch, idx: list[int]):
         if v.shape[0] == batch.input_ids.shape[0]:
             vision[k] = v[idx]
         else:
-            raise NotImplementedError(f"PPO minibatching of per-image vision input {k!r} with several images per "
-                                      "prompt; use one image per prompt or per_device_train_batch_size = rollout size")
+            raise NotImplementedError(f"PPO minibatching cannot split vision input {k!r}: its rows are not one per "
+                                      "prompt (several images per prompt, or patches of all images concatenated as "
+                                      "in Qwen2-VL); set --per_device_train_batch_size to --rollout_batch_size")
     return SFTBatch(batch.input_ids[idx], batch.attention_mask[idx], batch.labels[idx], vision)
