@@ -480,3 +480,39 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
     assert metrics[0].keys() == metrics[1].keys() and metrics[1]["pairs"] == 0
     assert {"rewards/margins", "logps/chosen"} <= metrics[0].keys()
     assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")
+
+
+def test_responses_cut_alike_are_bad_rows_and_cut_ones_are_counted(world, tiny, tmp_path):
+    """A pair whose responses truncation at max_seq_len makes the same tokens cannot be told apart (a
+    constant loss of log 2; for the reward model a pair it can never rank): a bad row. A pair cut but
+    still different is kept and counted in bad_rows.json, not silently."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowError, BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.rm.data import RMDataset
+    from training.data.images import load_image
+    from training.data.records import Message
+    from training.templates.chat import ChatEncoder
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    rec = read_preferences([str(world / "preference_train.json")], str(world / "images"))[0]
+    rec.responses = ["There are three red circles and one blue star.", "There are three red circles and two stars."]
+    whole = ChatEncoder(proc, arch, 4096).encode(rec.prompt + [Message("assistant", rec.responses[0])],
+                                                  [load_image(s, "") for s in rec.images])
+    tok = proc.tokenizer
+    same = len(tok("There are three red circles and", add_special_tokens=False).input_ids)
+    for cls in (PreferenceDataset, RMDataset):
+        extra = {"factual": False} if cls is RMDataset else {}
+        short = ChatEncoder(proc, arch, whole.prompt_len + same - 1)
+        ds = cls([rec], short, str(world / "images"), BadRowReport(), **extra)
+        with pytest.raises(BadRowError, match="identical once cut"):
+            ds[0]
+        report = BadRowReport(skip=True)
+        ds = cls([rec], short, str(world / "images"), report, **extra)
+        assert ds[0] is None and ds[0] is None and len(report.skipped) == 1
+        report = BadRowReport(skip=True)
+        ds = cls([rec], ChatEncoder(proc, arch, whole.prompt_len + same + 2), str(world / "images"), report, **extra)
+        assert ds[0] is not None and ds[0] is not None and not report.skipped and len(report.cut) == 1
+        saved = json.loads(report.write(tmp_path).read_text())
+        assert saved["n_truncated"] == 1 and saved["truncated_rows"][0]["row"] == rec.source.row

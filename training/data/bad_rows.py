@@ -16,11 +16,18 @@ class BadRowError(ValueError):
                          "(pass --skip_bad_rows to skip and count such rows)")
 
 
+def cut_alike(responses: list[str], ids: list) -> bool:
+    """Different responses that truncation at max_seq_len made the same tokens (ids: one tensor each):
+    a pair no loss can tell apart, so a bad row."""
+    return len({tuple(x.tolist()) for x in ids}) < len(set(responses))
+
+
 @dataclass
 class BadRowReport:
     """Collects skipped rows when skipping is on; raises at once when it is off."""
     skip: bool = False
     skipped: list[dict] = field(default_factory=list)
+    cut: list[dict] = field(default_factory=list)  # rows kept with a response cut at max_seq_len
     _items: set = field(default_factory=set, repr=False)
 
     def bad(self, where: RowRef, field_name: str, reason: str, item: tuple | None = None) -> None:
@@ -35,6 +42,14 @@ class BadRowReport:
             self._items.add((id(item[0]), item[1]))
         self.skipped.append({"file": where.file, "row": where.row, "field": field_name, "reason": reason})
 
+    def truncated(self, where: RowRef, item: tuple) -> None:
+        """A row kept although a response was cut at max_seq_len (its loss covers the kept tokens):
+        counted once per (dataset, position), listed in the report and said when it is written."""
+        key = ("cut", id(item[0]), item[1])
+        if key not in self._items:
+            self._items.add(key)
+            self.cut.append({"file": where.file, "row": where.row})
+
     def counts(self) -> dict[str, int]:
         return dict(Counter(f"{s['field']}: {s['reason'].split(':')[0]}" for s in self.skipped))
 
@@ -42,7 +57,11 @@ class BadRowReport:
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"n_skipped": len(self.skipped), "by_reason": self.counts(),
-                                    "rows": self.skipped}, indent=1))
+                                    "rows": self.skipped, "n_truncated": len(self.cut),
+                                    "truncated_rows": self.cut}, indent=1))
         if self.skipped:  # nothing is dropped silently
             print(f"skipped {len(self.skipped)} bad rows: see {path}")
+        if self.cut:
+            print(f"{len(self.cut)} rows kept with a response cut at --max_seq_len (raise it to keep them whole): "
+                  f"see {path}")
         return path

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.data.bad_rows import cut_alike
 from training.data.collate import collate_vision
 from training.data.images import load_image
 from training.data.records import Message
@@ -45,12 +46,13 @@ class GroupItem:
     responses: list[torch.Tensor]  # K x (R_k,) token ids
     targets: list[torch.Tensor]  # K x (R_k,) labels (IGNORE where not a target)
     weights: list[torch.Tensor | None] = field(default_factory=list)
+    truncated: bool = False  # a response was cut at max_seq_len
 
 
 def encode_group(encoder: ChatEncoder, prompt: list[Message], responses: list[str], images: list,
                  index: int, weights: list[list[float] | None] | None = None) -> GroupItem:
     """Encode prompt + each response with the shared chat-template layer; split at prompt_len."""
-    prompt_ids, vision, resp, tgt, memo = None, {}, [], [], {}
+    prompt_ids, vision, resp, tgt, memo, cut = None, {}, [], [], {}, False
     for text in responses:  # the prompt (and its image) is processed once, for the first response
         e = encoder.encode(prompt + [Message("assistant", text)], images, memo=memo)
         p = e.input_ids[:e.prompt_len]
@@ -60,9 +62,11 @@ def encode_group(encoder: ChatEncoder, prompt: list[Message], responses: list[st
             raise ValueError(f"item {index}: the prompt tokenises differently before different responses")
         resp.append(e.input_ids[e.prompt_len:])
         tgt.append(e.labels[e.prompt_len:])
+        cut = cut or e.truncated
     w = [None if x is None else torch.tensor(x[:len(r)], dtype=torch.float32) for x, r in
          zip(weights or [None] * len(resp), resp)]
-    return GroupItem(index, prompt_ids, vision, resp, tgt, w)
+    return GroupItem(index, prompt_ids, vision, resp, tgt, w, cut)
+
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -81,10 +85,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         images = [load_image(src, self.image_root) for src in r.images]
         responses = r.responses[:self.n_responses] if self.n_responses else r.responses
         try:
-            return encode_group(self.encoder, r.prompt, responses, images, i)
+            item = encode_group(self.encoder, r.prompt, responses, images, i)
         except PromptTooLong as e:
             self.report.bad(r.source, "conversations", str(e), item=(self, i))
             return None
+        if item.truncated and cut_alike(responses, item.responses):
+            self.report.bad(r.source, "conversations", f"responses identical once cut at max_seq_len="
+                                                       f"{self.encoder.max_seq_len}", item=(self, i))
+            return None
+        if item.truncated:
+            self.report.truncated(r.source, (self, i))
+        return item
 
 
 def _weights(item: GroupItem, k: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.data.bad_rows import cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
 from training.rm.factual import MissingFacts, rm_messages
@@ -88,11 +89,18 @@ class RMDataset(torch.utils.data.Dataset):
         images = [load_image(src, self.image_root) for src in r.images]
         seed = f"{self.seed}-{self.epoch}-{r.id}" if self.shuffle_facts else None
         try:
-            return [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
+            encs = [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
                     for resp in r.responses]
         except PromptTooLong as e:
             self.report.bad(r.source, "conversations", str(e), item=(self, i))
             return None
+        if any(e.truncated for e in encs):
+            if cut_alike(r.responses, [e.input_ids for e in encs]):
+                self.report.bad(r.source, "conversations", f"responses identical once cut at max_seq_len="
+                                                           f"{self.encoder.max_seq_len}", item=(self, i))
+                return None
+            self.report.truncated(r.source, (self, i))
+        return encs
 
 
 class RewardScorer:
