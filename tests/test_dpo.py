@@ -516,3 +516,19 @@ def test_responses_cut_alike_are_bad_rows_and_cut_ones_are_counted(world, tiny, 
         assert ds[0] is not None and ds[0] is not None and not report.skipped and len(report.cut) == 1
         saved = json.loads(report.write(tmp_path).read_text())
         assert saved["n_truncated"] == 1 and saved["truncated_rows"][0]["row"] == rec.source.row
+
+
+def test_bad_row_reports_of_ranks_merge_each_row_once(tmp_path):
+    """Ranks encode different rows (their bad rows and cut rows differ); rows bad on reading are found
+    by every rank. The written report lists each once."""
+    from training.data.bad_rows import BadRowReport
+    read_bad = {"file": "d.json", "row": 0, "field": "image", "reason": "missing"}
+    r0 = ([read_bad, {"file": "d.json", "row": 4, "field": "conversations", "reason": "too long"}],
+          [{"file": "d.json", "row": 2}])
+    r1 = ([read_bad, {"file": "d.json", "row": 5, "field": "conversations", "reason": "too long"}],
+          [{"file": "d.json", "row": 3}])
+    report = BadRowReport(skip=True)
+    report.merge([r0, r1])
+    saved = json.loads(report.write(tmp_path).read_text())
+    assert [r["row"] for r in saved["rows"]] == [0, 4, 5] and saved["n_skipped"] == 3
+    assert [r["row"] for r in saved["truncated_rows"]] == [2, 3]

@@ -50,6 +50,17 @@ class BadRowReport:
             self._items.add(key)
             self.cut.append({"file": where.file, "row": where.row})
 
+    def merge(self, parts: list[tuple[list, list]]) -> None:
+        """Join every rank's (skipped, cut) lists: ranks encode different rows, and rows found bad on
+        reading are found by every rank; each row is listed once."""
+        def once(rows):
+            seen = {}
+            for r in rows:
+                seen.setdefault(json.dumps(r, sort_keys=True), r)
+            return list(seen.values())
+        self.skipped = once([r for skipped, _ in parts for r in skipped])
+        self.cut = once([r for _, cut in parts for r in cut])
+
     def counts(self) -> dict[str, int]:
         return dict(Counter(f"{s['field']}: {s['reason'].split(':')[0]}" for s in self.skipped))
 

@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
             print(f"held-out pairs: accuracy {result['eval']['eval/rewards/accuracies']:.4f}, margin "
                   f"{result['eval']['eval/rewards/margins']:.4f} ({result['eval']['eval/n']} items) -> {out}")
     trainer.logger.close()
+    strategy.write_report(report, out)
     if strategy.is_main:
-        report.write(out)
         from training.dpo.plots import plot_metrics
         png = plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png",
                            f"{a.loss_type}: {out}")

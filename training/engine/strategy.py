@@ -175,6 +175,15 @@ class Strategy:
             torch.distributed.barrier()
 
     # ---- saving ------------------------------------------------------------------------------
+    def write_report(self, report, out_dir: str | Path) -> None:
+        """The bad-row report of all ranks (each encodes its own rows), written by the main rank."""
+        if self.world_size > 1:
+            parts = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, (report.skipped, report.cut))
+            report.merge(parts)
+        if self.is_main:
+            report.write(out_dir)
+
     def require_finite_weights(self, engine, where: Path) -> None:
         """Stop, on every rank, before writing `where` when any rank's parameters (its partitions under
         ZeRO-3) hold a NaN or inf: an optimizer step can make them so from a finite loss (an overflowing

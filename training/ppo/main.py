@@ -106,8 +106,8 @@ def main(argv=None) -> dict:
     if trainer.interrupted:
         return {"history": history, "output_dir": str(out), "interrupted": True}
     strategy.save_hf(trainer.actor, processor, out)
+    strategy.write_report(report, out)
     if strategy.is_main:
-        report.write(out)
         plot_metrics(out / "metrics.jsonl", Path(run.figure_dir) / f"ppo_{out.name}.png", "PPO", PANELS)
     return {"history": history, "output_dir": str(out)}
 

@@ -94,9 +94,9 @@ def main(argv=None) -> dict:
         if strategy.is_main:
             write_eval(out, Path(cfg["run"].figure_dir), metrics, rewards, rmc.factual)
     trainer.logger.close()
+    strategy.write_report(report, out)
     if strategy.is_main:
         from training.engine.plots import plot_metrics
-        report.write(out)
         plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png",
                      f"reward model: {out}", PANELS)
         if "eval" in result:

@@ -60,8 +60,8 @@ def main(argv=None) -> dict:
         if strategy.is_main:
             print(f"held-out loss {result['eval']['eval/loss']:.4f} ({result['eval']['eval/n']} rows) -> {out}")
     trainer.logger.close()
+    strategy.write_report(report, out)
     if strategy.is_main:
-        report.write(out)
         from training.engine.plots import plot_metrics
         plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png", f"SFT: {out}",
                      PANELS)
