@@ -65,6 +65,33 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+class _RunsCode:  # unpickling this calls print: what a planted checkpoint would do with os.system
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_resume_loads_weights_only_under_zero(world, tiny, tmp_path, zero, capsys):
+    """ZeRO 2 / 3 checkpoints (their optimizer states hold a few DeepSpeed objects) resume with every
+    torch.load at weights_only; a checkpoint file holding anything else is refused, not run."""
+    common = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--zero_stage", zero]
+    main(sft_args(world, tiny, tmp_path / "full", *common))
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "1"))
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    main(sft_args(world, tiny, tmp_path / "bad", *common, "--save_steps", "1", "--stop_after_steps", "1"))
+    optim = next((tmp_path / "bad" / "checkpoints").rglob("*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)
+    state["planted"] = _RunsCode()
+    torch.save(state, optim)
+    capsys.readouterr()
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        main(sft_args(world, tiny, tmp_path / "bad", *common, "--resume"))
+    assert "code ran" not in capsys.readouterr().out
+
+
 def _bad_copy(world, tmp_path):
     rows = json.loads((world / "sft_train.json").read_text())
     rows[3]["image"] = "../../escape.png"

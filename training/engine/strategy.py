@@ -5,6 +5,7 @@ DS_ACCELERATOR=cpu is set (run_*.sh does it too) and ranks talk over gloo.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,26 @@ def lr_lambda(kind: str, warmup: int, total: int):
             return 1.0 - p
         return 1.0
     return f
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside (DeepSpeed's checkpoint loading asks for weights_only=False) unpickles
+    tensors and plain containers only, plus the few DeepSpeed classes its checkpoints hold: a checkpoint
+    folder from elsewhere cannot run code on --resume."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    real = torch.load
+
+    def load(*args, **kwargs):
+        return real(*args, **{**kwargs, "weights_only": True})
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        torch.load = real
 
 
 class NonFiniteError(FloatingPointError):
@@ -227,6 +248,7 @@ class Strategy:
         ckpt_root = Path(ckpt_root)
         if not (ckpt_root / "latest").exists():
             return None
-        _, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
+        with weights_only_loads():
+            _, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
         return client_state
