@@ -1,6 +1,7 @@
 """OPA-DPO pieces: the ground-truth expert, the chat-endpoint expert (retries, on-disk cache), token
 weights, the masked image, and the whole pipeline (rollout -> correct -> LoRA-SFT -> OPA-DPO) on the
 tiny VLM, resumable step by step."""
+import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -177,3 +178,139 @@ def test_only_corrected_keeps_the_rollouts_the_expert_changed(world, tmp_path):
     assert {s["id"].split("-")[0] for s in sft} == {"p0", "p2"}  # the OPA-SFT step sees the same prompts
     main(base + ["--only_corrected", "--max_pairs", "1"])
     assert ids() == ["p0"]
+
+
+# ---------------------------------------------------------------- review mends: images, bad rows, field types
+
+def _opa_row(image, **kw):
+    row = {"id": "x", "image": image, "question": "Describe.", "gt": GT, "rollout": "A red star.", "revised": GT,
+           "rollout_weights": [["A red star.", 2.5]], "revised_score_weights": [[GT, 1.0]],
+           "revised_type_weights": [[GT, 1.0]]}
+    return {**row, **kw}
+
+
+def _prompt_args(data_path, image_folder="", n=100):
+    import argparse
+    return argparse.Namespace(data_path=str(data_path), image_folder=image_folder, n_prompts=n)
+
+
+def test_rollouts_of_image_bytes_keep_a_source_that_reloads(world, tiny, tmp_path):
+    """RLAIF-V / TRL parquet keep images as bytes: the work files hold base64 text (was the text "b'\\x89PNG..."),
+    which every later step opens as the same image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.data.bad_rows import BadRowReport
+    from training.data.images import load_image
+    from training.dpo.opa.data import OPADataset, read_opa
+    from training.dpo.opa.main import main
+
+    pngs = [(world / "images" / f"pref0000{i}.png").read_bytes() for i in range(2)]
+    data = tmp_path / "data" / "rlaif.parquet"
+    data.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"idx": f"r{i}", "image": {"bytes": b, "path": None}, "question": "Describe.",
+                                          "chosen": GT, "rejected": "A red star."} for i, b in enumerate(pngs)]), data)
+    out = tmp_path / "opa"
+    args = ["--from_checkpoint", str(tiny), "--data_path", str(data), "--output_dir", str(out), "--no-progress",
+            "--max_new_tokens", "4"]
+    main(args + ["--step", "rollout"])
+    main(args + ["--step", "correct"])
+    pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
+    assert len(pairs) == 2
+    for p, png in zip(pairs, pngs):
+        assert np.array_equal(np.asarray(load_image(p["image"], str(data.parent))), np.asarray(load_image(png, None)))
+    fake = type("Enc", (), {"tokenizer": None})()
+    assert len(OPADataset(read_opa(out / "work" / "opa_pairs.json"), fake, "", BadRowReport())) == 2
+
+
+def test_load_prompts_keeps_paths_relative_to_the_image_root(world, tmp_path):
+    from training.data.images import load_image
+    from training.dpo.opa.main import load_prompts
+
+    a = _prompt_args(world / "preference_train.json", str(world / "images"), n=2)
+    rows = load_prompts(a)
+    assert [r[2] for r in rows] == ["pref00000.png", "pref00001.png"]  # was the absolute path
+    load_image(rows[0][2], a.image_folder)
+    # no --image_folder: the data file's folder is the root (as the readers take it), named for every step
+    rows = json.loads((world / "preference_train.json").read_text())[:2]
+    (world / "images" / "pref_here.json").write_text(json.dumps(rows))
+    a = _prompt_args(world / "images" / "pref_here.json", "")
+    assert [r[2] for r in load_prompts(a)] == ["pref00000.png", "pref00001.png"]
+    assert a.image_folder == str(world / "images")
+
+
+def test_load_prompts_a_row_without_an_image_is_a_bad_row(world, tmp_path):
+    from training.data.bad_rows import BadRowError, BadRowReport
+    from training.dpo.opa.main import load_prompts
+
+    rows = json.loads((world / "preference_train.json").read_text())[:3]
+    del rows[1]["image"]
+    rows[1]["conversations"][0]["value"] = "Describe the image in detail."
+    path = tmp_path / "text_only.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(BadRowError, match=r"text_only.json: row 1: field 'image': OPA-DPO needs exactly one image"):
+        load_prompts(_prompt_args(path, str(world / "images")))  # was an IndexError, or a row without an image
+    report = BadRowReport(skip=True)
+    kept = load_prompts(_prompt_args(path, str(world / "images")), report)
+    assert [r[0] for r in kept] == [rows[0]["id"], rows[2]["id"]]
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(1, "image")]
+
+
+def test_load_prompts_does_not_hide_a_bad_preference_row(world, tmp_path):
+    from training.data.bad_rows import BadRowError
+    from training.dpo.opa.main import load_prompts
+
+    rows = json.loads((world / "preference_train.json").read_text())[:3]
+    rows[1]["conversations"][1]["value"] = [GT, GT]
+    path = tmp_path / "pref.json"
+    path.write_text(json.dumps(rows))
+    # was: any error re-read the file as prompts, silently, the bad row included
+    with pytest.raises(BadRowError, match=r"pref.json: row 1: field 'conversations\[1\].value': identical responses"):
+        load_prompts(_prompt_args(path, str(world / "images")))
+    # a prompt file (no preference format matches) is still read as prompts with their reference answers
+    prompts = load_prompts(_prompt_args(world / "ppo_prompts.json", str(world / "images"), n=2))
+    assert len(prompts) == 2 and all(r[3] for r in prompts)
+
+
+def test_opa_pairs_image_problems_are_bad_rows_of_the_right_file(world, tmp_path):
+    from training.data.bad_rows import BadRowError, BadRowReport
+    from training.dpo.opa.data import OPADataset, read_opa
+
+    work = tmp_path / "work"
+    work.mkdir()
+    png = world / "images" / "pref00000.png"
+    (work / "ok.png").write_bytes(png.read_bytes())
+    (tmp_path / "outside.png").write_bytes(png.read_bytes())
+    first, second = work / "a.json", work / "b.json"
+    first.write_text(json.dumps([_opa_row("ok.png"), _opa_row(base64.b64encode(png.read_bytes()).decode())]))
+    second.write_text(json.dumps([_opa_row(str(tmp_path / "outside.png")), _opa_row("../outside.png"),
+                                  _opa_row("missing.png"), _opa_row("ok.png")]))
+    rows = [r for p in (first, second) for r in read_opa(p)]
+    fake = type("Enc", (), {"tokenizer": None})()
+    # no image root: the pairs file's folder, so absolute paths and '..' are refused (were opened)
+    with pytest.raises(BadRowError, match=r"b.json: row 0: field 'image': path escapes the image root"):
+        OPADataset(rows, fake, "", BadRowReport(), source=str(first))
+    report = BadRowReport(skip=True)
+    ds = OPADataset(rows, fake, "", report, source=str(first))
+    assert len(ds) == 3  # rows are the file's (was: the first file and the position in all files)
+    assert [(s["file"], s["row"], s["field"]) for s in report.skipped] == [(str(second), k, "image") for k in range(3)]
+    assert "path escapes" in report.skipped[1]["reason"] and "file not found" in report.skipped[2]["reason"]
+    (work / "ok.png").unlink()  # gone after the check: a bad row when used, not a crash
+    assert ds[2] is None and report.skipped[-1]["file"] == str(second) and report.skipped[-1]["row"] == 3
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("question", 3, "question"), ("gt", None, "gt"), ("image", ["a.png"], "image"),
+    ("rollout_weights", "A red star.", "rollout_weights"), ("revised_score_weights", [[GT, "high"]],
+                                                            r"revised_score_weights\[0\]"),
+    ("revised_type_weights", [[GT, float("nan")]], r"revised_type_weights\[0\]")])
+def test_read_opa_checks_field_types(tmp_path, field, value, where):
+    from training.dpo.opa.data import read_opa
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([_opa_row("ok.png"), {**_opa_row("ok.png"), field: value}]))
+    with pytest.raises(ValueError, match=rf"pairs.json: row 1: field '{where}'"):
+        read_opa(path)
+    path.write_text(json.dumps([_opa_row("ok.png"), {"image": "ok.png"}]))
+    with pytest.raises(ValueError, match=r"pairs.json: row 1: field 'question': missing"):
+        read_opa(path)

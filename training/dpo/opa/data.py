@@ -7,24 +7,46 @@ per-sentence weights, and a masked copy of the image; as two GroupItems for the 
 so the four pairs are 1 = (2i,0) > (2i,2); 2 = (2i,1) > (2i,2) weighted; 3 = (2i,0) > (2i+1,0);
 4 = (2i,3) > (2i+1,1) weighted. File (opa_pairs.json): one object per prompt with id, image, question,
 gt, rollout, revised, rollout_weights / revised_score_weights / revised_type_weights ([sentence, w]
-lists covering the text) and the expert's report.
+lists covering the text) and the expert's report. Its images are paths relative to the image root (the
+file's folder when none is given) or base64 text (`image_field`), checked when the dataset is built.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from training.data.images import load_image
+from training.data.images import ImageError, image_source, is_base64_text, load_image
+from training.data.readers import DataFormatError
 from training.data.records import Message, RowRef
 from training.dpo.data import GroupItem, encode_group
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
 from training.templates.chat import PromptTooLong
 
 ROWS_PER_ITEM = 2
+TEXT_FIELDS = ("question", "gt", "rollout", "revised")
+WEIGHT_FIELDS = ("rollout_weights", "revised_score_weights", "revised_type_weights")
+
+
+def image_field(source, image_root: str) -> str:
+    """A JSON-safe image source that load_image(it, image_root) opens as the same image: a file as its path
+    relative to image_root (it must lie inside), bytes, {bytes, path} structs and PIL images as base64 text.
+    Raises ImageError like load_image."""
+    kept = image_source(source, image_root)
+    if isinstance(kept, Path):
+        return os.path.relpath(kept, os.path.realpath(image_root)) if image_root else str(kept)
+    if isinstance(kept, Image.Image):
+        buf = io.BytesIO()
+        kept.save(buf, format="PNG")
+        kept = buf.getvalue()
+    return base64.b64encode(kept).decode("ascii")
 
 
 def mask_image(image: Image.Image, ratio: float, seed: int) -> Image.Image:
@@ -90,17 +112,38 @@ class OPADataset(torch.utils.data.Dataset):
 
     def __init__(self, rows: list[dict], encoder, image_root: str, report, mask_ratio: float = 0.3, seed: int = 0,
                  source: str = "opa_pairs.json"):
-        self.rows, self.encoder, self.image_root, self.report = rows, encoder, image_root, report
-        self.source = source
+        """rows from read_opa (each knows its file and row; `source` names the file of rows that do not).
+        Every image is opened here, inside image_root (default: the row's file's folder); a bad one is a
+        bad row of `report` (an error unless it skips, then counted)."""
+        self.encoder, self.image_root, self.report = encoder, image_root, report
         self.mask_ratio, self.seed = mask_ratio, seed
         self.tokenizer = encoder.tokenizer
+        self.rows, self.refs = [], []
+        for i, r in enumerate(rows):
+            where = r.get("_where") or RowRef(source, i)
+            try:
+                load_image(r["image"], self._root(where))
+            except ImageError as err:
+                src = r["image"]
+                report.bad(where, "image", f"{err}: {src}" if isinstance(src, str) and not is_base64_text(src)
+                           else str(err))
+                continue
+            self.rows.append(r)
+            self.refs.append(where)
+
+    def _root(self, where: RowRef) -> str:
+        return self.image_root or os.path.dirname(os.path.abspath(where.file))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i) -> list[GroupItem] | None:
-        r = self.rows[i]
-        image = load_image(r["image"], self.image_root)
+        r, where = self.rows[i], self.refs[i]
+        try:
+            image = load_image(r["image"], self._root(where))
+        except ImageError as err:  # changed on disk since it was checked
+            self.report.bad(where, "image", str(err), item=(self, i))
+            return None
         masked = mask_image(image, self.mask_ratio, self.seed * 1_000_003 + i)
         prompt = [Message("user", "<image>\n" + r["question"])]
         texts = [r["gt"], r["revised"], r["rollout"], r["revised"]]
@@ -109,7 +152,7 @@ class OPADataset(torch.utils.data.Dataset):
             real = encode_group(self.encoder, prompt, texts, [image], ROWS_PER_ITEM * i)
             mask = encode_group(self.encoder, prompt, [r["gt"], r["revised"]], [masked], ROWS_PER_ITEM * i + 1)
         except PromptTooLong as e:
-            self.report.bad(RowRef(self.source, i), "question", str(e), item=(self, i))
+            self.report.bad(where, "question", str(e), item=(self, i))
             return None
         real.weights = [None if w is None else token_weights(self.tokenizer, t, w, ids.tolist())
                         for t, w, ids in zip(texts, sw, real.responses)]
@@ -118,14 +161,41 @@ class OPADataset(torch.utils.data.Dataset):
         return [real, mask]
 
 
-def read_opa(path: str) -> list[dict]:
-    rows = json.loads(Path(path).read_text())
-    need = {"image", "question", "gt", "rollout", "revised", "rollout_weights", "revised_score_weights",
-            "revised_type_weights"}
-    for k, r in enumerate(rows):
-        missing = need - set(r)
-        if missing:
-            raise ValueError(f"{path}, row {k}: not an OPA-DPO pairs file (missing {sorted(missing)}); "
-                             "make it with run_opa_dpo.sh")
-    return rows
+def _field_problem(r) -> tuple[str, str] | None:
+    """(field, reason) of the first field of an opa_pairs.json row that is missing or of the wrong type."""
+    if not isinstance(r, dict):
+        return "<row>", f"row is a {type(r).__name__}, not an object"
+    for k in ("image",) + TEXT_FIELDS + WEIGHT_FIELDS:
+        if k not in r:
+            return k, "missing"
+    if not isinstance(r["image"], str) or not r["image"].strip():
+        return "image", f"expected a path or base64 text, got {r['image']!r:.60}"
+    for k in TEXT_FIELDS:
+        if not isinstance(r[k], str):
+            return k, f"expected text, got {type(r[k]).__name__}"
+    for k in WEIGHT_FIELDS:
+        if not isinstance(r[k], list):
+            return k, f"expected a list of [sentence, weight], got {type(r[k]).__name__}"
+        for j, x in enumerate(r[k]):
+            if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+                    and isinstance(x[1], (int, float)) and not isinstance(x[1], bool) and math.isfinite(x[1])):
+                return f"{k}[{j}]", f"expected [sentence, finite weight], got {x!r:.80}"
+    return None
 
+
+def read_opa(path: str) -> list[dict]:
+    """The rows of an opa_pairs.json, each with "_where" (its RowRef); a row with a field missing or of the
+    wrong type is an error naming the file, row and field (the file is made by run_opa_dpo.sh)."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(rows, list):
+        raise DataFormatError(f"{path}: expected a JSON list of OPA-DPO rows, got {type(rows).__name__}")
+    for k, r in enumerate(rows):
+        problem = _field_problem(r)
+        if problem:
+            raise DataFormatError(f"{path}: row {k}: field '{problem[0]}': {problem[1]} (not an OPA-DPO pairs "
+                                  "file? make it with run_opa_dpo.sh)")
+        r["_where"] = RowRef(str(path), k)
+    return rows

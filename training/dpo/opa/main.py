@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -34,7 +35,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--from_checkpoint", default="output/sft", help="the original policy")
     p.add_argument("--data_path", default="", help="preference or prompt file with reference answers "
                                                    "(default: the embedded world's preference_train.json)")
-    p.add_argument("--image_folder", default="")
+    p.add_argument("--image_folder", default="", help="image root (default: the data file's folder); the work "
+                                                       "files name images relative to it")
+    p.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json instead of "
+                        "stopping")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
     p.add_argument("--only_corrected", action="store_true",
@@ -71,26 +76,62 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
     return {r["id"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
 
 
-def load_prompts(a):
-    from training.data.formats import read_preferences, read_prompts
-
+def resolve_paths(a) -> None:
+    """The data file (default: the embedded world's) and the image root every step uses: --image_folder, else
+    the data file's folder, the root the readers confine its image paths to."""
     if not a.data_path:
         from training.world.generate import ensure_world
         world = ensure_world("data/world")
         a.data_path, a.image_folder = str(world / "preference_train.json"), a.image_folder or str(world / "images")
-    try:
-        recs = read_preferences([a.data_path], a.image_folder)
-        rows = [(r.id, r.prompt, r.images, r.responses[0], r.facts) for r in recs]
-    except Exception:  # a prompt file with reference answers
-        recs = read_prompts([a.data_path], a.image_folder)
-        rows = [(r.id, r.prompt, r.images, r.reference or "", r.facts) for r in recs]
-    return rows[:a.n_prompts]
+    a.image_folder = a.image_folder or os.path.dirname(os.path.abspath(a.data_path))
+
+
+def _is_preference_data(path: str) -> bool:
+    """Whether the data's first row ranks responses (a preference file) rather than holding a prompt with an
+    optional reference answer. The ranked-list format claims every `conversations` row, so a LLaVA prompt
+    file is told apart by its last turn: one answer, not a list."""
+    from training.data.formats import KINDS, _is_ranked
+    from training.data.readers import expand_paths, read_table
+
+    rows = read_table(expand_paths([path])[0])
+    row = next((r for _, r in rows), None)
+    rows.close()
+    if not isinstance(row, dict):
+        return True  # the preference reader reports it
+    fmt = next((f for f in KINDS["preference"] if f.detect(row)), None)
+    return fmt is not None and (fmt.name != "ranked_list" or _is_ranked(row))
+
+
+def load_prompts(a, report=None):
+    """(id, prompt, image, reference, facts) of the first --n_prompts rows of a preference file (the chosen
+    response is the reference) or a prompt file with reference answers; image is JSON-safe (image_field).
+    OPA-DPO needs one image per prompt: a row with none or several is a bad row of `report`."""
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences, read_prompts
+    from training.dpo.opa.data import image_field
+
+    resolve_paths(a)
+    report = report if report is not None else BadRowReport()
+    if _is_preference_data(a.data_path):
+        rows = [(r, r.responses[0]) for r in read_preferences([a.data_path], a.image_folder, report)]
+    else:
+        rows = [(r, r.reference or "") for r in read_prompts([a.data_path], a.image_folder, report)]
+    out = []
+    for r, ref in rows:
+        if len(out) == a.n_prompts:
+            break
+        if len(r.images) != 1:
+            report.bad(r.source, "image", f"OPA-DPO needs exactly one image per prompt; the row has {len(r.images)}")
+            continue
+        out.append((r.id, r.prompt, image_field(r.images[0], a.image_folder), ref, r.facts))
+    return out
 
 
 def step_rollout(a, work: Path) -> None:
     import torch
 
     from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
     from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
@@ -98,7 +139,9 @@ def step_rollout(a, work: Path) -> None:
 
     out = work / "rollouts.jsonl"
     done = _read_jsonl(out)
-    todo = [r for r in load_prompts(a) if r[0] not in done]
+    report = BadRowReport(skip=a.skip_bad_rows)
+    todo = [r for r in load_prompts(a, report) if r[0] not in done]
+    report.write(work)
     if not todo:
         return
     device, precision = inference_device(a.device, a.precision)
@@ -113,11 +156,12 @@ def step_rollout(a, work: Path) -> None:
         for i in range(0, len(todo), a.rollout_batch_size):
             chunk = todo[i:i + a.rollout_batch_size]
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
-            images = [[load_image(s, a.image_folder) for s in r[2]] for r in chunk]
+            images = [[load_image(r[2], a.image_folder)] for r in chunk]
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device)
-            for (rid, prompt, imgs, ref, facts), t in zip(chunk, texts):
-                f.write(json.dumps({"id": rid, "image": str(imgs[0]), "question": prompt[-1].content.replace(
-                    "<image>", "").strip(), "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
+            for (rid, prompt, image, ref, facts), t in zip(chunk, texts):
+                question = prompt[-1].content.replace("<image>", "").strip()
+                f.write(json.dumps({"id": rid, "image": image, "question": question,
+                                    "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
             f.flush()
             bar.update(len(chunk))
     bar.close()
@@ -155,11 +199,12 @@ def step_correct(a, work: Path) -> None:
             done[rid] = {"id": rid, "report": report}
             f.write(json.dumps(done[rid]) + "\n")
             f.flush()
-    pairs, sft = [], []
+    pairs, sft, empty = [], [], []
     for rid, r in rollouts.items():
         report = done[rid]["report"]
         revised, score_w, type_w = revised_with_weights(report)
-        if not revised.strip() or not r["gt"].strip():
+        if not revised.strip() or not r["gt"].strip():  # no ground-truth answer (a prompt file without
+            empty.append(rid)                            # references) or an empty revision: no pairs
             continue
         if a.only_corrected and all(x["score"] == 4 for x in report) or a.max_pairs and len(pairs) >= a.max_pairs:
             continue
@@ -174,6 +219,9 @@ def step_correct(a, work: Path) -> None:
     n_bad = sum(any(x["score"] < 4 for x in done[k]["report"]) for k in rollouts)
     print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected; {len(pairs)} prompts' pairs -> "
           f"{work / 'opa_pairs.json'}")
+    if empty:
+        print(f"expert: {len(empty)} rollouts made no pairs, their ground-truth answer or revision being empty "
+              f"(first: {empty[0]}); OPA-DPO needs a reference answer per prompt")
 
 
 def _stage(script: str, args: list[str], in_process: bool = False) -> None:
@@ -193,8 +241,7 @@ def main(argv=None) -> None:
         raise SystemExit("output/sft holds no SFT model: run `bash run_sft.sh` first (or pass --from_checkpoint)")
     work = Path(a.output_dir) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    if not a.data_path:
-        load_prompts(a)  # resolves the embedded world's paths
+    resolve_paths(a)
     steps = STEPS if a.step == "all" else (a.step,)
     if "rollout" in steps:
         if a.force and a.step == "rollout":
