@@ -11,7 +11,9 @@ Generative (ids 1-1004), per response, as inference.py does it:
   CHAIR = hallucinated nouns / candidate nouns; Cover = covered truth objects / truth objects;
   Hal = share of responses with >= 1 hallucinated noun; Cog = marked hallu targets / hallu targets.
 Discriminative (ids > 1004): the response must be exactly "Yes" or "No"; the positive class is
-"No"; accuracy, precision, recall, F1 overall and for existence / attribute / relation.
+"No"; accuracy, precision, recall, F1 overall and for existence / attribute / relation. An answer
+that is neither ("Yes, there is a dog.") counts as wrong, as in inference.py; how many there are is
+`disc_not_yes_no` in the metrics, and a warning names it (--amber_disc_suffix asks for one word).
 AMBER score = 0.5 * (1 - CHAIR + F1).
 
 Metrics are fractions. `reference_printout` repeats inference.py's printed numbers exactly
@@ -19,8 +21,11 @@ Metrics are fractions. `reference_printout` repeats inference.py's printed numbe
 
 Without downloaded data (the default, --amber_nlp rule): NLTK's tokenizer, POS tagger and WordNet
 lemmatizer are replaced by eval.nouns and a vocabulary filter with three homograph rules ("can" is a
-noun only after a determiner, number or container word; a word right after "to", a modal or a
-subject pronoun is a verb; "hot" is never a noun), and spaCy's word-vector similarity (> 0.8, which
+noun only after a determiner, number or container word; a word right after a modal or a subject
+pronoun is a verb, and so is one right after "to" unless it is inflected (an infinitive never is:
+"to trees", "to people") or the "to" is a preposition by its preceding word ("next to water",
+"close to", "due to", "walk to"; _TO_PREPOSITION); "hot" is never a noun), and spaCy's word-vector
+similarity (> 0.8, which
 also matches near-synonyms) is left out: only exact matches cover or mark. Numbers can therefore
 differ from inference.py wherever the tagger or the word vectors decide. --amber_nlp reference uses
 nltk + spaCy en_core_web_lg exactly as inference.py does, when they and their data are installed.
@@ -28,15 +33,22 @@ nltk + spaCy en_core_web_lg exactly as inference.py does, when they and their da
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from eval.nouns import lemmatize, tokenize
 
-_VERB_CONTEXT = {"to", "can", "could", "will", "would", "should", "may", "might", "must", "i", "you", "we",
+_VERB_CONTEXT = {"can", "could", "will", "would", "should", "may", "might", "must", "i", "you", "we",
                  "they", "he", "she"}
 _CAN_NOUN_CONTEXT = {"a", "the", "this", "that", "one", "two", "three", "four", "several", "some", "soda",
                      "trash", "garbage", "beer", "tin", "paint", "watering", "metal", "aluminum", "empty", "open"}
 _NEVER_NOUN = {"hot"}
+# "<word> to X": the "to" is a preposition, X a noun ("next to water", "from left to right", "walk to school");
+# "going" is left out: "going to ride" is the future tense
+_TO_PREPOSITION = {"next", "close", "closer", "due", "according", "similar", "near", "nearer", "adjacent",
+                   "attached", "opposite", "compared", "related", "up", "back", "from", "belonging", "leading",
+                   "leads", "walk", "walks", "walking", "walked", "go", "goes", "went", "gone", "headed",
+                   "heading", "return", "returns", "returning"}
 _DISC_GROUPS = {"discriminative-hallucination": "existence", "discriminative-attribute-state": "attribute",
                 "discriminative-attribute-number": "attribute", "discriminative-attribute-action": "attribute"}
 
@@ -59,6 +71,8 @@ class RuleNouns:
                 continue
             if prev in _VERB_CONTEXT:
                 continue
+            if prev == "to" and lemma == tok and (tokens[i - 2].lower() if i > 1 else "") not in _TO_PREPOSITION:
+                continue  # a bare infinitive: "wants to play", "going to ride"
             out.append(lemma)
         return out
 
@@ -159,6 +173,7 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
     g = dict(chair_score=0, chair_num=0, cover_score=0, cover_num=0, cog_score=0, cog_num=0, non_hal=0, n=0)
     zero = dict(n=0, correct=0, no=0, no_true=0, ans_no=0, ans_no_true=0)
     disc = {k: dict(zero) for k in ("all", "existence", "attribute", "relation")}
+    not_yes_no = 0
     per = []
     for item, response in zip(items, responses):
         ann = annotations[item["id"] - 1]
@@ -179,6 +194,7 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
                         "hallucinated": [n for n, f in zip(found, flags) if f]})
         else:
             truth = ann["truth"]
+            not_yes_no += response not in ("Yes", "No")
             for k in ("all", _DISC_GROUPS.get(ann["type"], "relation")):
                 c = disc[k]
                 c["n"] += 1
@@ -187,7 +203,8 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
                 c["no_true"] += truth != "yes" and response == "No"
                 c["ans_no"] += response == "No"
                 c["ans_no_true"] += response == "No" and truth == "no"
-            per.append({"id": item["id"], "type": ann["type"], "truth": truth, "response": response})
+            per.append({"id": item["id"], "type": ann["type"], "truth": truth, "response": response,
+                        "yes_no": response in ("Yes", "No")})
     metrics, printout = {}, {}
     if g["n"]:
         def ratio(a, b):
@@ -199,10 +216,11 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
             "Cover": round(g["cover_score"] / (g["cover_num"] + 0.001) * 100, 1),
             "Hal": round(100 - g["non_hal"] / (g["n"] + 0.001) * 100, 1),
             "Cog": round(g["cog_score"] / (g["cog_num"] + 0.001) * 100, 1)}
-    details = {"generative_counts": g, "discriminative": {}}
+    details = {"generative_counts": g, "discriminative": {}, "discriminative_n": disc["all"]["n"]}
     if disc["all"]["n"]:
         d = _disc(disc["all"])
-        metrics.update(accuracy=d["accuracy"], precision=d["precision"], recall=d["recall"], F1=d["f1"])
+        metrics.update(accuracy=d["accuracy"], precision=d["precision"], recall=d["recall"], F1=d["f1"],
+                       disc_not_yes_no=not_yes_no)
         printout["discriminative"] = _printout_disc(disc["all"])
         for k in ("existence", "attribute", "relation"):
             if disc[k]["n"]:
@@ -276,5 +294,11 @@ def score(args, qs, answers, judge=None, decoding=None):
     items = qs[""]
     metrics, details, per = amber_metrics(items, [answers[""][q["question_id"]] for q in items], annotations,
                                           association, safe, nouns, similar)
-    details.update(nlp=args.amber_nlp, disc_prompt_suffix=args.amber_disc_suffix)
+    details.update(nlp=args.amber_nlp, disc_prompt_suffix=args.amber_disc_suffix, warnings=[])
+    if metrics.get("disc_not_yes_no"):
+        msg = (f"AMBER: {metrics['disc_not_yes_no']} of {details['discriminative_n']} discriminative answers are "
+               "not exactly 'Yes' or 'No' and count as wrong (the reference's rule); ask for one word with "
+               "--amber_disc_suffix, e.g. \"\\nAnswer the question using a single word or phrase.\"")
+        print(f"warning: {msg}", file=sys.stderr)
+        details["warnings"].append(msg)
     return metrics, details, per

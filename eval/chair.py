@@ -7,7 +7,9 @@ not fire), drop "seat" when "toilet" is present, keep words in the synonym list 
 canonical COCO class (first word of its line in data/coco_synonyms.txt). Every mention counts.
 
 Ground-truth objects of an image: its COCO instance categories plus the objects its GT captions
-mention (the same extraction), or a file mapping image_id -> objects.
+mention (the same extraction), or a file mapping image_id -> objects. A warning (printed and kept
+in the results' details) says when only one of the two COCO sources is given, and when images have
+no ground-truth object at all (every object mentioned for them then counts as hallucinated).
 
 Metrics over responses:
   CHAIRs        = responses with >= 1 hallucinated mention / all responses
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -272,11 +275,29 @@ def gt_sources(args) -> tuple[list, list]:
     return inst, caps
 
 
+def gt_warnings(inst, caps, gt: dict[int, set[str]]) -> list[str]:
+    """Ground truth that is incomplete by the definition (instances + captions), said plainly."""
+    out = []
+    if bool(inst) != bool(caps):
+        have, lack = ("instances", "captions") if inst else ("captions", "instances")
+        out.append(f"objhal: ground truth from COCO {have} only (no --coco_{lack}); the reference uses instance "
+                   "categories plus caption objects, so correct objects may count as hallucinated")
+    empty = sorted(i for i, objs in gt.items() if not objs)
+    if empty:
+        out.append(f"objhal: {len(empty)} of {len(gt)} images have no ground-truth objects (every object mentioned "
+                   f"for them counts as hallucinated): image_id {', '.join(map(str, empty[:5]))}"
+                   + (", ..." if len(empty) > 5 else "") + "; are they in the COCO files / --gt_objects?")
+    return out
+
+
 def score(args, qs: dict[str, list[dict]], answers: dict[str, dict[str, str]], judge=None, decoding=None):
     coco = CocoObjects(args.synonyms)
     items = qs[""]
     inst, caps = gt_sources(args)
     gt = load_gt_objects(coco, {q["image_id"] for q in items}, inst, caps, args.gt_objects or None)
+    warnings = gt_warnings(inst, caps, gt)
+    for msg in warnings:
+        print(f"warning: {msg}", file=sys.stderr)
     texts = [answers[""][q["question_id"]].replace("Assistant:", "").strip() for q in items]
     if args.objhal_extractor == "llm":
         mentions = [coco.from_phrases(llm_objects(judge, q["text"], t, decoding)) for q, t in zip(items, texts)]
@@ -285,4 +306,4 @@ def score(args, qs: dict[str, list[dict]], answers: dict[str, dict[str, str]], j
     metrics, per = chair_metrics(texts, mentions, [gt[q["image_id"]] for q in items])
     for q, p in zip(items, per):
         p.update(question_id=q["question_id"], image_id=q["image_id"])
-    return metrics, {"extractor": args.objhal_extractor}, per
+    return metrics, {"extractor": args.objhal_extractor, "warnings": warnings}, per

@@ -91,6 +91,7 @@ def score(args, qs, answers, judge=None, decoding=None):
         ratings.append(parse_rating(reply))
         per.append({"question_id": str(i), "question_type": TYPES[i % 8], "rating": ratings[-1],
                     "model_answer": answer, "judge_reply": reply})
-    out = Path(args.answers_dir) / "mmhal_response.json"  # MMHal's own format, answers filled in
+    # MMHal's own format, answers filled in; named like the answer files (mmhal[_<run_name>]) so runs keep theirs
+    out = Path(args.answers_dir) / f"mmhal{'_' + args.run_name if getattr(args, 'run_name', '') else ''}_response.json"
     out.write_text(json.dumps([{**r, "model_answer": answers[""][str(i)]} for i, r in enumerate(records)], indent=1))
     return mmhal_metrics(ratings), {"types_by_index_mod_8": list(TYPES), "response_file": str(out)}, per

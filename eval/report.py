@@ -3,7 +3,11 @@
     python -m eval.report --results output/*/eval_*.json --table_file output/results.md
 
 Reads the results files eval.benchmark (and eval.run_embedded) write; one row per model (SFT first,
-or --order), one column per headline metric of each benchmark present. Rates are shown in percent.
+or --order), one column per headline metric of each benchmark present. A model is its checkpoint
+path (else the results file's folder) and run name; its label is its model name, or, where models
+share a name (output/dpo/checkpoint-1000, output/orpo/checkpoint-1000), the shortest path ending
+that tells them apart (dpo/checkpoint-1000). Of two results for one model and benchmark the later
+'created' is shown and the table names the file it replaces. Rates are shown in percent.
 Below the table: each benchmark's decoding, judge and dataset files, since published numbers
 differ by exactly these. Figures: <figure_dir>/<benchmark>.png (matplotlib, Agg backend).
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 # benchmark -> [(metric key, column label, scale, better)]
@@ -38,11 +43,30 @@ def load(paths) -> list[dict]:
         r = json.loads(Path(p).read_text(encoding="utf-8"))
         if "benchmark" not in r or "metrics" not in r:
             raise ValueError(f"{p}: not a results file of eval.benchmark (no 'benchmark' / 'metrics')")
-        r["_label"] = r.get("model_name") or Path(r.get("model", p)).name
-        if r.get("run_name"):
-            r["_label"] += f" [{r['run_name']}]"
+        model = (r.get("model") or "").rstrip("/")
+        r["_path"] = str(p)
+        r["_model"] = os.path.normpath(model) if model else str(Path(p).resolve().parent)
+        r["_name"] = r.get("model_name") or Path(r["_model"]).name
         out.append(r)
+    paths_of: dict[str, set[str]] = {}
+    for r in out:
+        paths_of.setdefault(r["_name"], set()).add(r["_model"])
+    for r in out:
+        label = r["_name"]
+        if len(paths_of[label]) > 1:  # one name, several models: tell them apart by their paths
+            ending = _distinct_ending(r["_model"], paths_of[label])
+            label = ending if Path(ending).name == label else f"{label} ({ending})"
+        r["_label"] = label + (f" [{r['run_name']}]" if r.get("run_name") else "")
     return out
+
+
+def _distinct_ending(path: str, paths: set[str]) -> str:
+    """The shortest ending of `path` (in path parts) that no other of `paths` ends with."""
+    parts = Path(path).parts
+    for k in range(1, len(parts) + 1):
+        if all(Path(q).parts[-k:] != parts[-k:] for q in paths if q != path):
+            return "/".join(parts[-k:])
+    return path
 
 
 def _order(labels: list[str], order: list[str] | None) -> list[str]:
@@ -56,15 +80,18 @@ def _order(labels: list[str], order: list[str] | None) -> list[str]:
 
 
 def _grid(results: list[dict], order=None):
-    """(models, benchmarks present, {(model, benchmark): record}); later 'created' wins."""
+    """(models, benchmarks present, {(model, benchmark): record}, [(replaced, by)]); later 'created' wins."""
     cells: dict[tuple[str, str], dict] = {}
     labels: list[str] = []
+    replaced = []
     for r in sorted(results, key=lambda r: r.get("created", "")):
+        if (r["_label"], r["benchmark"]) in cells:
+            replaced.append((cells[(r["_label"], r["benchmark"])], r))
         cells[(r["_label"], r["benchmark"])] = r
         if r["_label"] not in labels:
             labels.append(r["_label"])
     benches = [b for b in HEADLINES if any(k[1] == b for k in cells)]
-    return _order(labels, order), benches, cells
+    return _order(labels, order), benches, cells, replaced
 
 
 def _fmt(v, scale) -> str:
@@ -74,7 +101,7 @@ def _fmt(v, scale) -> str:
 
 
 def table(results: list[dict], order=None) -> str:
-    models, benches, cells = _grid(results, order)
+    models, benches, cells, replaced = _grid(results, order)
     cols = [(b, k, label, scale, better) for b in benches for k, label, scale, better in HEADLINES[b]]
     head = "| model | " + " | ".join(f"{TITLES[b]} {label}{' ' + better if better else ''}"
                                       for b, _, label, _, better in cols) + " |"
@@ -103,6 +130,10 @@ def table(results: list[dict], order=None) -> str:
             if line not in seen:
                 seen.append(line)
         lines += [f"- {TITLES[b]}: " + " | ".join(seen)]
+    if replaced:
+        lines += ["", "Not shown (a later run of the same model and benchmark is):"]
+        lines += [f"- {old['_label']}, {TITLES[old['benchmark']]}: {old['_path']} (created {old.get('created', '?')}); "
+                  f"shown: {new['_path']} (created {new.get('created', '?')})" for old, new in replaced]
     return "\n".join(lines)
 
 
@@ -111,7 +142,7 @@ def figures(results: list[dict], figure_dir: str | Path, order=None) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models, benches, cells = _grid(results, order)
+    models, benches, cells, _ = _grid(results, order)
     figure_dir = Path(figure_dir)
     figure_dir.mkdir(parents=True, exist_ok=True)
     out = []

@@ -100,6 +100,46 @@ def test_gt_from_coco_instances_and_captions(tmp_path, coco):
     assert load_gt_objects(coco, {3}, gt_file=tmp_path / "gt.json") == {3: {"person", "couch"}}
 
 
+def test_gt_warns_when_incomplete(tmp_path, coco):
+    """One COCO source only, or images without any GT object, are said (not silently scored)."""
+    from eval.chair import gt_warnings
+    d = _coco_files(tmp_path)
+    inst, caps = [d / "instances_val2014.json"], [d / "captions_val2014.json"]
+    gt = load_gt_objects(coco, {1, 2, 3}, inst, caps)
+    assert gt_warnings(inst, caps, gt) == []
+    only_inst = gt_warnings(inst, [], load_gt_objects(coco, {1, 2, 3}, inst))
+    assert "COCO instances only (no --coco_captions)" in only_inst[0]
+    assert "1 of 3 images have no ground-truth objects" in only_inst[1] and "image_id 3;" in only_inst[1]
+    assert "COCO captions only (no --coco_instances)" in gt_warnings([], caps, gt)[0]
+    many = {i: set() for i in range(10, 17)}
+    assert "7 of 7 images" in gt_warnings(inst, caps, many)[0]
+    assert "image_id 10, 11, 12, 13, 14, ..." in gt_warnings(inst, caps, many)[0]
+
+
+def test_objhal_benchmark_warns_missing_gt(tmp_path, capsys):
+    d = _coco_files(tmp_path)
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"image": f"COCO_val2014_{i:012d}.jpg", "question": "Describe.",
+                                         "image_id": i}) + "\n" for i in (1, 4)))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": str(i), "text": "A dog."}) + "\n" for i in range(2)))
+    rec = bench_main(["--benchmark", "objhal", "--data", str(qfile), "--coco_instances",
+                      str(d / "instances_val2014.json"), "--answers", str(answers),
+                      "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "warning: objhal: ground truth from COCO instances only" in err
+    assert "warning: objhal: 1 of 2 images have no ground-truth objects" in err and "image_id 4;" in err
+    assert len(rec["details"]["warnings"]) == 2
+
+
+def test_extract_prompt_is_the_reference_text():
+    """RLAIF-V's prompt is a plain Python string: its \\" escapes are quotes in the text the judge sees."""
+    from eval.chair import EXTRACT_PROMPT
+    text = EXTRACT_PROMPT.read_text()
+    assert 'Present the results in a JSON list format: ["object_1", ..., "object_n"].' in text
+    assert "\\" not in text
+
+
 def _png_b64() -> str:
     from PIL import Image
     buf = io.BytesIO()

@@ -64,6 +64,18 @@ def test_amber_rule_nouns_homographs():
     assert nouns("You can watch a dog, two men and a soda can. Dog") == ["dog", "man", "can"]
 
 
+def test_amber_rule_nouns_after_to():
+    """A word after "to" is a verb only as a bare infinitive; plurals and prepositional "to" keep nouns."""
+    nouns = RuleNouns({"dog", "tree", "water", "person", "building", "play", "frisbee", "ride", "skateboard",
+                       "boy", "plant", "fence", "swim"})
+    assert nouns("A dog next to trees and close to water, people walk to buildings.") == \
+        ["dog", "tree", "water", "person", "building"]
+    assert nouns("A dog wants to play frisbee and to swim.") == ["dog", "frisbee"]
+    assert nouns("A boy is going to ride a skateboard.") == ["boy", "skateboard"]
+    assert nouns("He likes to water the plants next to the fence.") == ["plant", "fence"]
+    assert nouns("The fence leads to water due to trees.") == ["fence", "water", "tree"]
+
+
 def test_amber_generative_marking():
     assoc = {"person": ["man", "woman"], "car": ["vehicle"]}
     # man covers person through its association; vehicle marks the hallu target car and is hallucinated
@@ -120,6 +132,31 @@ def test_amber_benchmark_reads_published_files(tmp_path):
                       "--output_dir", str(tmp_path / "run")])
     assert rec["metrics"]["CHAIR"] == pytest.approx(1 / 6) and rec["metrics"]["F1"] == pytest.approx(0.5)
     assert len(rec["dataset"]["files_sha256"]) == 4
+
+
+def test_amber_counts_and_warns_non_yes_no_answers(tmp_path, capsys):
+    """Scoring stays exact (the reference's), but answers that are neither "Yes" nor "No" are counted and said."""
+    d, _, _, responses = _amber(tmp_path)
+    ans = tmp_path / "amber_answers.json"
+    ans.write_text(json.dumps([{"id": i + 1, "response": r} for i, r in enumerate(responses)]))
+    rec = bench_main(["--benchmark", "amber", "--data", str(d), "--answers", str(ans),
+                      "--output_dir", str(tmp_path / "run")])
+    assert rec["metrics"]["disc_not_yes_no"] == 1 and rec["metrics"]["accuracy"] == pytest.approx(0.5)
+    err = capsys.readouterr().err
+    assert "warning: AMBER: 1 of 4 discriminative answers" in err and "--amber_disc_suffix" in err
+    assert rec["details"]["warnings"] and [p["yes_no"] for p in _per(rec) if "yes_no" in p] == [True, True, False, True]
+    exact = [r if r in ("Yes", "No") else "No" for r in responses]
+    ans.write_text(json.dumps([{"id": i + 1, "response": r} for i, r in enumerate(exact)]))
+    rec = bench_main(["--benchmark", "amber", "--data", str(d), "--answers", str(ans),
+                      "--output_dir", str(tmp_path / "run2")])
+    assert rec["metrics"]["disc_not_yes_no"] == 0 and rec["details"]["warnings"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
+def _per(rec):
+    from pathlib import Path
+    path = Path(rec["results_file"]).with_suffix(".per_question.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_amber_suffix_only_on_discriminative_questions(tmp_path):

@@ -1,0 +1,69 @@
+"""eval.report's model labels (unique, nothing dropped silently) and MMHal's response file per run name."""
+import json
+from argparse import Namespace
+from pathlib import Path
+
+from eval import report
+
+
+def _result(path: Path, model: str, bench: str, chair: float, created: str, model_name: str = "") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    rec = {"benchmark": bench, "model": model, "model_name": model_name or Path(model).name, "run_name": "",
+           "created": created, "decoding": {"mode": "beam", "num_beams": 3, "max_new_tokens": 1024},
+           "dataset": {"files_sha256": {}}, "judge": None,
+           "metrics": {"CHAIRs": chair, "CHAIRs_refine": chair, "CHAIRi": chair, "obj_rec": 0.5}}
+    f = path / f"eval_{bench}_{created[-2:]}.json"
+    f.write_text(json.dumps(rec))
+    return f
+
+
+def _rows(table: str) -> dict[str, str]:
+    lines = table.splitlines()[2:]
+    return {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines if line.startswith("| ")}
+
+
+def test_report_models_with_one_folder_name_keep_their_rows(tmp_path):
+    out = tmp_path / "output"
+    files = [_result(out / "dpo", "output/dpo/checkpoint-1000", "objhal", 0.31, "2026-01-01T00:00:01"),
+             _result(out / "orpo", "output/orpo/checkpoint-1000", "objhal", 0.25, "2026-01-01T00:00:02"),
+             _result(out / "sft", "output/sft", "objhal", 0.536, "2026-01-01T00:00:03"),
+             _result(out / "x", "runs/a/dpo/checkpoint-1000", "objhal", 0.4, "2026-01-01T00:00:04")]
+    rows = _rows(report.table(report.load(files)))
+    assert rows == {"sft": "53.6", "output/dpo/checkpoint-1000": "31.0", "orpo/checkpoint-1000": "25.0",
+                    "a/dpo/checkpoint-1000": "40.0"}
+
+
+def test_report_same_name_given_to_two_models(tmp_path):
+    files = [_result(tmp_path / "a", "output/dpo/checkpoint-1000", "objhal", 0.31, "2026-01-01T00:00:01", "mine"),
+             _result(tmp_path / "b", "output/orpo/checkpoint-1000", "objhal", 0.25, "2026-01-01T00:00:02", "mine")]
+    assert _rows(report.table(report.load(files))) == {"mine (dpo/checkpoint-1000)": "31.0",
+                                                       "mine (orpo/checkpoint-1000)": "25.0"}
+
+
+def test_report_names_a_replaced_run(tmp_path):
+    old = _result(tmp_path / "dpo", "output/dpo", "objhal", 0.31, "2026-01-01T00:00:01")
+    new = _result(tmp_path / "dpo", "output/dpo", "objhal", 0.29, "2026-01-01T00:00:02")
+    t = report.table(report.load([new, old]))
+    assert _rows(t) == {"dpo": "29.0"}
+    assert f"- dpo, Object HalBench: {old} (created 2026-01-01T00:00:01); shown: {new}" in t
+
+
+def test_mmhal_response_file_has_run_name(tmp_path):
+    from eval import mmhal
+    records = [{"question_type": "x", "image_id": f"i{i}", "image_src": f"http://x/{i}.png", "image_content": ["a"],
+                "question": f"q{i}?", "gt_answer": "g", "model_answer": ""} for i in range(2)]
+    data = tmp_path / "response_template.json"
+    data.write_text(json.dumps(records))
+
+    class Judge:
+        def chat(self, messages, **kw):
+            return "rating: 4"
+    files = []
+    for run, answer in (("greedy", "A"), ("beam", "B"), ("", "C")):
+        args = Namespace(data=str(data), answers_dir=str(tmp_path), run_name=run)
+        answers = {"": {str(i): f"{answer}{i}" for i in range(2)}}
+        _, details, _ = mmhal.score(args, mmhal.questions(args), answers, Judge(), {})
+        files.append(details["response_file"])
+    assert [Path(f).name for f in files] == ["mmhal_greedy_response.json", "mmhal_beam_response.json",
+                                             "mmhal_response.json"]
+    assert [json.loads(Path(f).read_text())[1]["model_answer"] for f in files] == ["A1", "B1", "C1"]
