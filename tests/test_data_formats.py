@@ -329,6 +329,7 @@ GOOD_RLAIF = {"image": "a.jpg", "question": "Q", "chosen": "good", "rejected": "
 GOOD_RLHF = {"image": "a.jpg", "conversations": _turns("<image>\nQ", "x"), "output_1": "a", "output_2": "b",
              "preference": 1}
 GOOD_TRL = {"images": [], "prompt": [{"role": "user", "content": "Q"}], "chosen": "a", "rejected": "b"}
+GOOD_MSGS = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
 GOOD_VF = {"image": "a.jpg", "conversations": json.dumps([{"from": "human", "value": "<image>\nQ"},
                                                           {"from": "gpt", "preference_values": ["a", "b"]}])}
 GOOD_OPA = {"queries": "<image>\nQ", "image_bytes": base64.b64encode(RED).decode(), "AI_pseudo_response": "a",
@@ -362,6 +363,12 @@ BAD_ROWS = {
     "placeholder in response": (read_sft, GOOD_SFT, dict(GOOD_SFT, conversations=_turns("Q", "<image>")),
                                 "conversations[1]", "outside the user text"),
     "row not an object": (read_sft, GOOD_SFT, ["not", "a", "row"], "<row>", "not an object"),
+    "row a number": (read_sft, GOOD_SFT, 3, "<row>", "row is a int, not an object"),
+    # The format is detected from the first row: a later row of another format lacks the fields it needs.
+    "llava row lacks conversations": (read_sft, GOOD_SFT, GOOD_MSGS, "conversations", "missing field"),
+    "llava conversations null": (read_sft, GOOD_SFT, dict(GOOD_SFT, conversations=None), "conversations",
+                                 "expected a non-empty list of turns"),
+    "trl row lacks messages": (read_sft, GOOD_MSGS, GOOD_SFT, "messages", "missing field"),
     "ranked list of one": (read_preferences, GOOD_PREF, dict(GOOD_PREF, conversations=_turns("Q", ["only"])),
                            "conversations[1].value", "needs at least 2"),
     "ranked value not a list": (read_preferences, GOOD_PREF, dict(GOOD_PREF, conversations=_turns("Q", "one")),
@@ -392,6 +399,10 @@ BAD_ROWS = {
     "trl prompt ends with assistant": (read_preferences, GOOD_TRL, dict(GOOD_TRL, prompt=[
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]), "prompt[1].role",
         "must end with a user turn"),
+    "trl row lacks prompt": (read_preferences, GOOD_TRL, {"chosen": "a", "rejected": "b"}, "prompt",
+                             "missing field"),
+    "rlhf row lacks conversations": (read_preferences, GOOD_RLHF, {k: v for k, v in GOOD_RLHF.items()
+                                     if k != "conversations"}, "conversations", "missing field"),
     "opa identical": (read_preferences, GOOD_OPA, dict(GOOD_OPA, AI_pseudo_response="b"),
                       "AI_pseudo_response/original_generate_response", "identical"),
     "feedback mix bad json": (read_preferences, GOOD_VF, dict(GOOD_VF, conversations="[{"), "conversations",
@@ -399,6 +410,9 @@ BAD_ROWS = {
     "question image missing": (read_prompts, GOOD_Q, dict(GOOD_Q, image="nope.jpg"), "image", "file not found"),
     "question only url": (read_prompts, GOOD_Q, {"question_id": 2, "text": "Q", "image_src": "https://x/y.jpg"},
                           "image_src", "only an image URL"),
+    "question row lacks question": (read_prompts, GOOD_Q, {"question_id": 3, "image": "a.jpg"},
+                                    "text|question|query", "missing field"),
+    "trl prompt row lacks prompt": (read_prompts, {"prompt": "Q"}, {"text": "Q"}, "prompt", "missing field"),
     "ppo prompt without user": (read_prompts, GOOD_PPO, dict(GOOD_PPO, conversations=[{"from": "gpt",
                                 "value": "A"}]), "conversations", "no human message"),
     "ppo prompt empty question": (read_prompts, GOOD_PPO, {"conversations": _turns(" ")}, "conversations",
@@ -437,3 +451,33 @@ def test_first_bad_row_in_file_order_and_line_numbers(tmp_path, root):
     assert len(read_sft([str(path), str(path)], str(root), report)) == 2
     assert [(s["row"], s["field"]) for s in report.skipped] == [(1, "conversations[1].value"), (2, "image")] * 2
     assert report.counts() == {"conversations[1].value: empty response": 2, "image: file not found": 2}
+
+
+def test_invalid_jsonl_line_is_a_bad_row(tmp_path, root):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(["{broken", json.dumps(GOOD_SFT), '{"image": "a.jpg",', json.dumps(GOOD_SFT)]))
+    with pytest.raises(BadRowError, match=r"d\.jsonl: row 0: field '<row>': invalid JSON: .*\(line 1, column 2\)"):
+        read_sft(str(path), str(root))
+    report = BadRowReport(skip=True)
+    assert [r.source.row for r in read_sft(str(path), str(root), report)] == [1, 3]
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "<row>"), (2, "<row>")]
+    assert report.counts() == {"<row>: invalid JSON": 2}
+
+
+def test_extensionless_image_file_is_a_path(tmp_path):
+    name = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d"  # looks like base64
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / name).write_bytes(RED)
+    path = _json(tmp_path / "d.json", [dict(GOOD_SFT, image=f"imgs/{name}")] * 2)
+    assert [r.images for r in read_sft(path, None)] == [[str(tmp_path / "imgs" / name)]] * 2
+
+
+def test_captions_refused_for_formats_that_cannot_use_them(tmp_path, root):
+    captions = _json(tmp_path / "image_to_caption.json", {"a.jpg": ["A bus."]})
+    path = _json(tmp_path / "rlaif.json", [GOOD_RLAIF])
+    with pytest.raises(DataFormatError, match=r"rlaif\.json: rlaif_v data cannot use the captions given; "
+                                              "only llava_rlhf data can"):
+        read_preferences(path, str(root), captions_file=captions)
+    assert len(read_preferences(path, str(root))) == 1
+    rlhf = _json(tmp_path / "rlhf.json", [GOOD_RLHF])
+    assert read_preferences(rlhf, str(root), captions_file=captions)[0].facts == ["A bus."]

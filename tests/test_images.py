@@ -126,3 +126,18 @@ def test_image_source_is_what_records_keep(root):
     assert image_source({"bytes": None, "path": "red.png"}, str(root)) == root / "red.png"
     with pytest.raises(ImageError, match="NUL"):
         image_source("red\0.png", root)
+
+
+HEX = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d"  # an extension-less name that looks like base64
+
+
+def test_extensionless_file_is_a_path_not_base64(root):
+    (root / "sub" / HEX).write_bytes(_png())
+    _check(load_image(f"sub/{HEX}", root))
+    assert image_source(f"sub/{HEX}", str(root)) == root / "sub" / HEX
+    assert image_source({"bytes": None, "path": f"sub/{HEX}"}, root) == root / "sub" / HEX
+    os.symlink(root.parent / "outside.png", root / HEX)  # still confined to the root
+    with pytest.raises(ImageError, match="path escapes the image root"):
+        load_image(HEX, root)
+    with pytest.raises(ImageError, match="bad base64 text.*no such file under the image root"):
+        load_image(f"sub/{HEX[:-1]}", root)  # missing: neither a file nor base64

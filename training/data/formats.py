@@ -35,6 +35,14 @@ ANSWER_FIELDS = ("correct_choice", "correct_option", "correct_answer", "gt_answe
 
 # ---------------------------------------------------------------- shared pieces of a row
 
+def _need(row: dict, key: str) -> Any:
+    """A field the row's format needs. The format is detected from a file's first row only, so a later
+    row may lack it: a bad row, not a KeyError."""
+    if key not in row:
+        raise RowProblem(key, "missing field")
+    return row[key]
+
+
 def _row_id(row: dict, ref: RowRef, *keys: str) -> str:
     for k in keys:
         if row.get(k) is not None:
@@ -86,7 +94,7 @@ def _trl_images(row: dict, inline: list) -> tuple[list, str]:
 
 
 def _llava_turns(row: dict, field: str = "conversations") -> list[tuple[str, dict]]:
-    turns = row.get(field)
+    turns = _need(row, field)
     if isinstance(turns, str):  # vision-feedback-mix stores the conversation as JSON text
         try:
             turns = json.loads(turns)
@@ -216,16 +224,17 @@ def _responses(values: list, field: str) -> list[str]:
 # ---------------------------------------------------------------- SFT formats
 
 def _sft_llava(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
-    if any(isinstance(t, dict) and isinstance(t.get("value"), list) for t in row["conversations"]):
+    turns = _llava_turns(row)
+    if any(isinstance(t.get("value"), list) for _, t in turns):
         raise RowProblem("conversations", "a ranked-list (preference) row: SFT needs one response per gpt turn")
-    messages = _llava_messages(_llava_turns(row), "conversations", end="assistant")
+    messages = _llava_messages(turns, "conversations", end="assistant")
     images, field = _llava_images(row)
     _place_images(messages, len(images), "conversations")
     return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref), images, field)
 
 
 def _sft_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
-    messages, inline = _trl_messages(row["messages"], "messages", end="assistant")
+    messages, inline = _trl_messages(_need(row, "messages"), "messages", end="assistant")
     images, field = _trl_images(row, inline)
     _place_images(messages, len(images), "messages")
     return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref), images, field)
@@ -313,7 +322,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
 
 
 def _pref_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
-    prompt, inline = _trl_messages(row["prompt"], "prompt", end="user")
+    prompt, inline = _trl_messages(_need(row, "prompt"), "prompt", end="user")
     responses = _responses([_trl_response(row.get("chosen"), "chosen"),
                             _trl_response(row.get("rejected"), "rejected")], "chosen/rejected")
     images, field = _trl_images(row, inline)
@@ -338,7 +347,7 @@ PREFERENCE_FORMATS = [
     Format("vision_feedback_mix", "vision-feedback-mix-binarized: image, conversations (JSON text, last turn "
            "has preference_values [preferred, dispreferred])", _is_feedback_mix, _pref_ranked),
     Format("llava_rlhf", "LLaVA-RLHF: image, conversations, output_1, output_2, preference (1|2)",
-           lambda r: {"output_1", "output_2", "preference"} <= r.keys(), _pref_llava_rlhf),
+           lambda r: {"output_1", "output_2", "preference"} <= r.keys(), _pref_llava_rlhf, context=("captions",)),
     Format("rlaif_v", "RLAIF-V: image {bytes, path}, question, chosen, rejected",
            lambda r: {"question", "chosen", "rejected"} <= r.keys(), _pref_rlaif_v),
     Format("opa_dpo", "OPA-DPO (save_to_disk): queries, image_bytes, AI_pseudo_response (chosen), "
@@ -370,7 +379,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
 
 
 def _prompt_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
-    prompt, inline = _trl_messages(row["prompt"], "prompt", end="user")
+    prompt, inline = _trl_messages(_need(row, "prompt"), "prompt", end="user")
     images, field = _trl_images(row, inline)
     _place_images(prompt, len(images), "prompt")
     return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, facts=_facts(row), source=ref), images, field)
@@ -382,7 +391,9 @@ _IMAGE_KEYS = ("image", "image_path", "images")
 
 def _prompt_question(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     """LLaVA-style question / benchmark files; every other field goes to meta."""
-    key = next(k for k in _QUESTION_KEYS if k in row)
+    key = next((k for k in _QUESTION_KEYS if k in row), None)
+    if key is None:
+        raise RowProblem("|".join(_QUESTION_KEYS), "missing field")
     prompt = [Message("user", _text(row[key], key))]
     images, field = _llava_images(row)
     if not images and row.get("image_src"):
@@ -414,7 +425,8 @@ def read_sft(paths, image_root: str | None, report: BadRowReport | None = None) 
 def read_preferences(paths, image_root: str | None, report: BadRowReport | None = None,
                      captions_file: str | None = None) -> list[PreferenceRecord]:
     """Ranked responses, best first. `captions_file` (Fact-RLHF image_to_caption.json: image -> captions)
-    adds each LLaVA-RLHF row's captions to its facts."""
+    adds each LLaVA-RLHF row's captions to its facts; a file of any other format is refused with it,
+    as no other format can use them."""
     ctx = {}
     if captions_file:
         with open(captions_file, encoding="utf-8") as f:

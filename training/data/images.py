@@ -18,7 +18,8 @@ from typing import Any
 from PIL import Image
 
 # Base64 text has no '.', and any real image encodes to well over 32 characters; a path almost
-# always has an extension. That is how a string is told apart from a path.
+# always has an extension. That is how a string is told apart from a path, unless it names a file
+# (an extension-less name such as a hex digest looks like base64): see is_base64_source.
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{32,}")
 _BASE64_BYTES = re.compile(rb"[A-Za-z0-9+/=\s]{32,}")
 
@@ -29,6 +30,12 @@ class ImageError(ValueError):
 
 def is_base64_text(text: str) -> bool:
     return text.startswith("data:") or ("." not in text and _BASE64_TEXT.fullmatch(text) is not None)
+
+
+def is_base64_source(text: str, image_root: str | os.PathLike | None) -> bool:
+    """Whether a string source is base64 text: it looks like it and names no existing file. A file
+    outside the root counts as a path too, so resolve_image_path refuses it by name."""
+    return is_base64_text(text) and not os.path.isfile(os.path.join(image_root or "", text))
 
 
 def decode_base64(text: str) -> bytes:
@@ -88,8 +95,13 @@ def image_source(source: Any, image_root: str | os.PathLike | None) -> bytes | P
     if isinstance(source, str):
         if not source.strip():
             raise ImageError("empty image path")
-        if is_base64_text(source):
-            return decode_base64(source)
+        if is_base64_source(source, image_root):
+            try:
+                return decode_base64(source)
+            except ImageError as err:
+                if source.startswith("data:"):
+                    raise
+                raise ImageError(f"{err} (and no such file under the image root)") from None
     if isinstance(source, (str, os.PathLike)):
         return resolve_image_path(source, image_root)
     raise ImageError(f"unsupported image source of type {type(source).__name__}")

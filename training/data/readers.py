@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from training.data.bad_rows import BadRowReport
-from training.data.images import ImageError, image_source, is_base64_text, load_image
+from training.data.images import ImageError, image_source, is_base64_source, load_image
 from training.data.records import RowRef
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -52,6 +52,7 @@ class Format:
     fields: str  # listed in the error when no format matches
     detect: Callable[[dict], bool]  # from the first row's fields
     parse: Callable[[dict, RowRef, dict], ParsedRow]  # (row, where, context); raises RowProblem
+    context: tuple[str, ...] = ()  # the context entries `parse` reads; a file given any other is refused
 
 
 def expand_paths(paths: str | os.PathLike | list | tuple) -> list[str]:
@@ -81,8 +82,9 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
 
-def read_table(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield (row_index, row) from one source; rows are normally dicts (callers check)."""
+def read_table(path: str | os.PathLike, bad_lines: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (row_index, row) from one source; rows are normally dicts (callers check). An invalid
+    JSON Lines line stops the read, or with bad_lines comes out as a RowProblem in place of its row."""
     path = str(path)
     if os.path.isdir(path):
         yield from _read_saved_dataset(path)
@@ -91,9 +93,9 @@ def read_table(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         if suffix == ".parquet":
             yield from _read_parquet(path)
         elif suffix == ".jsonl":
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, bad_lines)
         elif suffix == ".json":
-            yield from _read_json(path)
+            yield from _read_json(path, bad_lines)
         else:
             raise DataFormatError(f"{path}: unknown file type '{suffix}' (known: {', '.join(DATA_SUFFIXES)}, "
                                   "a folder saved with datasets.save_to_disk, or a Hub dataset id)")
@@ -101,14 +103,14 @@ def read_table(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         yield from _read_hub(path)
 
 
-def _read_json(path: str) -> Iterator[tuple[int, Any]]:
+def _read_json(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # many published ".json" files are JSON Lines
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, bad_lines)
             return
         raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -125,15 +127,19 @@ def _read_json(path: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}: line {i + 1}: invalid JSON: {err.msg} (column {err.colno})") from None
+                if not bad_lines:
+                    raise DataFormatError(f"{path}: line {i + 1}: invalid JSON: {err.msg} "
+                                          f"(column {err.colno})") from None
+                row = RowProblem("<row>", f"invalid JSON: {err.msg} (line {i + 1}, column {err.colno})")
+            yield i, row
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
@@ -205,6 +211,15 @@ def _detect(path: str, row_index: int, row: dict, kind: str, kinds: dict[str, li
                           f"format. Known {kind} formats:\n{known}{hint}")
 
 
+def _check_context(path: str, fmt: Format, context: dict, fmts: list[Format]) -> None:
+    """Refuse a file whose format would ignore an input the user gave (e.g. --captions_file)."""
+    for key in context:
+        if key not in fmt.context:
+            users = [f.name for f in fmts if key in f.context]
+            raise DataFormatError(f"{path}: {fmt.name} data cannot use the {key} given; only "
+                                  f"{' or '.join(users)} data can")
+
+
 def _kept_source(src: Any, root: str) -> Any:
     """Validate one image (decoding it fully) and return what the record keeps: bytes for bytes,
     {bytes, path} and base64 sources, the resolved absolute path (str) for paths, a PIL image as is."""
@@ -215,7 +230,7 @@ def _kept_source(src: Any, root: str) -> Any:
 
 def _check_image(src: Any, root: str, cache: dict) -> tuple[bool, Any]:
     path = src.get("path") if isinstance(src, dict) and src.get("bytes") is None else src
-    is_path = isinstance(path, os.PathLike) or (isinstance(path, str) and not is_base64_text(path))
+    is_path = isinstance(path, os.PathLike) or (isinstance(path, str) and not is_base64_source(path, root))
     key = (root, str(path))
     if is_path and key in cache:  # LLaVA data reuses each COCO image for several rows
         return cache[key]
@@ -258,13 +273,17 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             # With no image root, image paths resolve inside the folder that holds the data.
             root = image_root or os.path.dirname(os.path.abspath(path))
             fmt, chunk, n_rows = None, [], 0
-            for i, row in read_table(path):
+            for i, row in read_table(path, bad_lines=True):
                 n_rows += 1
                 ref = RowRef(path, i)
-                if not isinstance(row, dict):
+                if isinstance(row, RowProblem):  # an invalid JSON Lines line
+                    chunk.append((ref, row))
+                elif not isinstance(row, dict):
                     chunk.append((ref, RowProblem("<row>", f"row is a {type(row).__name__}, not an object")))
                 else:
-                    fmt = fmt or _detect(path, i, row, kind, kinds)
+                    if fmt is None:
+                        fmt = _detect(path, i, row, kind, kinds)
+                        _check_context(path, fmt, context, kinds[kind])
                     try:
                         chunk.append((ref, fmt.parse(row, ref, context)))
                     except RowProblem as problem:
