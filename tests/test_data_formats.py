@@ -321,6 +321,26 @@ def test_ppo_prompts_and_question_files(tmp_path, root):
     assert read_prompts(trl, None)[0].prompt == _msgs(("user", "Hi?"))
 
 
+def test_prompt_rows_keep_their_multiple_choice_answer(tmp_path, root):
+    """PPO's --correct_bonus reads the answer from a prompt's meta, in every prompt format: an answer
+    field as given, A-OKVQA's choices + index as the option's letter."""
+    rows = _json(tmp_path / "ppo.json", [
+        {"id": "a", "image": "a.jpg", "conversations": _turns("<image>\nWhich? A. cat B. dog"), "correct_option": "B"},
+        {"id": "b", "image": "a.jpg", "conversations": _turns("<image>\nWhich?"), "choices": ["x", "y", "z"],
+         "correct_choice_idx": 2},
+        {"id": "c", "image": "a.jpg", "conversations": _turns("<image>\nIs it red?"), "gt_answer": "No"},
+    ])
+    assert [r.meta for r in read_prompts(rows, str(root))] == [{"correct_option": "B"}, {"correct_option": "C"},
+                                                               {"gt_answer": "No"}]
+    trl = _json(tmp_path / "trl.json", [{"prompt": [{"role": "user", "content": "Hi?"}], "images": [],
+                                         "correct_answer": "Yes"}])
+    assert read_prompts(trl, None)[0].meta == {"correct_answer": "Yes"}
+    bad = _json(tmp_path / "bad.json", [{"id": "b", "image": "a.jpg", "conversations": _turns("<image>\nQ"),
+                                         "choices": ["x"], "correct_choice_idx": 3}])
+    with pytest.raises(BadRowError, match="correct_choice_idx"):
+        read_prompts(bad, str(root))
+
+
 # ---------------------------------------------------------------- bad rows
 
 GOOD_SFT = {"image": "a.jpg", "conversations": _turns("<image>\nQ", "A")}

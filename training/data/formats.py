@@ -71,6 +71,18 @@ def _facts(row: dict) -> list[str] | None:
     raise RowProblem("facts", "expected a list of strings")
 
 
+def _answer_meta(row: dict) -> dict:
+    """A prompt row's multiple-choice ground truth (PPO's --correct_bonus reads it): its answer field, or
+    for choices + correct_choice_idx the option's letter (the prompt lists the options as A., B., ...)."""
+    meta = {k: row[k] for k in ANSWER_FIELDS if row.get(k) is not None}
+    idx, choices = row.get("correct_choice_idx"), row.get("choices")
+    if not meta and idx is not None:
+        if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < min(len(choices), 26)):
+            raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
+        meta["correct_option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[idx]
+    return meta
+
+
 def _llava_images(row: dict) -> tuple[list, str]:
     """LLaVA-style `image`: one source, a list, or Vision-LLM-Alignment's "a.jpg,b.jpg"."""
     field = "image" if row.get("image") is not None else "image_path"
@@ -374,7 +386,8 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = _llava_messages(turns, "conversations", end="user")
     images, field = _llava_images(row)
     _place_images(prompt, len(images), "conversations")
-    record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row), source=ref)
+    record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
+                          meta=_answer_meta(row), source=ref)
     return ParsedRow(record, images, field)
 
 
@@ -382,7 +395,8 @@ def _prompt_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt, inline = _trl_messages(_need(row, "prompt"), "prompt", end="user")
     images, field = _trl_images(row, inline)
     _place_images(prompt, len(images), "prompt")
-    return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, facts=_facts(row), source=ref), images, field)
+    return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, facts=_facts(row), meta=_answer_meta(row),
+                                  source=ref), images, field)
 
 
 _QUESTION_KEYS = ("text", "question", "query")
