@@ -194,3 +194,19 @@ def test_held_out_loss_over_two_ranks_counts_each_row_once(world, tiny, tmp_path
     assert r0[1] + r1[1] == one[1] and r0[0] + r1[0] == pytest.approx(one[0], rel=1e-5)
     assert m["eval/loss"] == pytest.approx(r1[0] / r1[1])
     assert one[0] / one[1] == pytest.approx(_plain_loss(tiny, world, ds.records), rel=1e-4)
+
+
+def test_a_template_override_is_saved_with_the_model(world, tiny, tmp_path):
+    """--template renders the training data; the checkpoint keeps it, so generation from the saved model
+    (predict, PPO rollouts) renders prompts as training did."""
+    from training.config import LoraArgs, ModelArgs
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    from test_template_tiny import CONV, NO_EOS, _img
+    (tmp_path / "t.jinja").write_text(NO_EOS)
+    main(sft_args(world, tiny, tmp_path / "sft", "--max_steps", "1", "--template", str(tmp_path / "t.jinja")))
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tmp_path / "sft")), LoraArgs(),
+                                             for_training=False)
+    saved = ChatEncoder(proc, arch, 300).encode(CONV[:1], [_img()], add_generation_prompt=True)
+    given = ChatEncoder(proc, arch, 300, NO_EOS).encode(CONV[:1], [_img()], add_generation_prompt=True)
+    assert proc.chat_template == NO_EOS and torch.equal(saved.input_ids, given.input_ids)

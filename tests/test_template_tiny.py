@@ -84,3 +84,34 @@ def test_collate_pads_right_for_training_left_for_generation(proc):
     T = left.input_ids.shape[1]
     assert not left.attention_mask[1, :T - n].any() and torch.equal(left.input_ids[1, T - n:], b.input_ids)
     assert batch.vision["pixel_values"].shape == (2, 3, 64, 64)
+
+
+# llava-hf's LLaVA-1.5 template closes an answer with text + " " and no end token
+NO_EOS = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+          "{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_an_answer_the_template_leaves_without_an_end_token_ends_with_eos(proc):
+    """Without an end token as a target the model never learns to stop: each answer gets the EOS."""
+    e = ChatEncoder(proc, ARCHITECTURES["llava"], 300, NO_EOS).encode(CONV, [_img()])
+    eos = proc.tokenizer.eos_token_id
+    targets = e.labels[e.labels != IGNORE].tolist()
+    assert targets.count(eos) == 2 and targets[-1] == eos
+    answer = _tokens(proc, [t for t in targets[:targets.index(eos)]])
+    assert answer == "the image shows one red circle .".split()
+    # the next turn's prompt follows the EOS; the generation prompt of the same template is unchanged
+    toks = _tokens(proc, e.input_ids.tolist())
+    i = toks.index("</s>")
+    assert toks[i + 1:i + 3] == ["user", ":"]
+    g = ChatEncoder(proc, ARCHITECTURES["llava"], 300, NO_EOS).encode(CONV[:1], [_img()], add_generation_prompt=True)
+    assert _tokens(proc, g.input_ids.tolist())[-2:] == ["assistant", ":"] and eos not in g.input_ids.tolist()
+
+
+def test_a_prompt_to_answer_that_does_not_fit_is_an_error_not_a_cut(proc):
+    """Generation (no targets): a multi-turn prompt cut at max_seq_len would lose its question and the
+    model would answer an earlier turn (or nothing): an error instead."""
+    enc = ChatEncoder(proc, ARCHITECTURES["llava"], 2 + N_IMG + 20)
+    with pytest.raises(PromptTooLong, match="exceeds max_seq_len"):
+        enc.encode(CONV[:3], [_img()], add_generation_prompt=True)
+    assert len(ChatEncoder(proc, ARCHITECTURES["llava"], 300).encode(CONV[:3], [_img()], True).input_ids) < 300

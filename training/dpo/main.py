@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     from training.data.formats import read_preferences
     from training.dpo.data import PreferenceDataset
     from training.dpo.trainer import DPOTrainer
-    from training.model.builder import disable_dropout, load_model_and_processor
+    from training.model.builder import disable_dropout, load_model_and_processor, set_chat_template
     from training.templates.chat import ChatEncoder
 
     torch.manual_seed(cfg["optim"].seed)
@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
     report = BadRowReport(skip=d.skip_bad_rows)
     paths = d.data_path.split(",")
     template = Path(m.template).read_text() if m.template != "auto" else None
+    set_chat_template(processor, template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     if a.loss_type == "opa":
         from training.dpo.opa.data import OPADataset, read_opa

@@ -271,6 +271,16 @@ def non_lora_trainables(model) -> dict:
             for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
 
 
+def set_chat_template(processor, template: str | None) -> None:
+    """A --template override becomes the processor's (and its tokenizer's) template, so the checkpoint
+    saved with it renders prompts at generation (predict, PPO rollouts) as they were in training."""
+    if template:
+        processor.chat_template = template
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None and tokenizer is not processor:
+            tokenizer.chat_template = template
+
+
 def save_model(model, processor, out_dir: str | Path) -> str:
     """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     import torch
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_preferences
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
     from training.rm.model import RewardModel
     from training.rm.trainer import RMTrainer
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
     model = RewardModel(backbone, factual=rmc.factual)
     template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
+    set_chat_template(processor, template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     report = BadRowReport(skip=d.skip_bad_rows)
     captions = rmc.captions_file or None

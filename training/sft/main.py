@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     import torch
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_sft
-    from training.model.builder import load_model_and_processor
+    from training.model.builder import load_model_and_processor, set_chat_template
     from training.sft.trainer import SFTDataset, SFTTrainer
     from training.templates.chat import ChatEncoder
 
@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
     report = BadRowReport(skip=d.skip_bad_rows)
     template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
+    set_chat_template(processor, template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
 
     def dataset(paths: str) -> SFTDataset:

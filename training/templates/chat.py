@@ -3,13 +3,17 @@
 The rendered text comes from the processor's own chat template (or an explicit override). Each
 assistant turn is located by rendering the conversation up to that turn with and without it
 (the template must be prefix-stable, which is checked), so labels cover exactly the assistant
-text and its end-of-turn token, on every turn; everything else is -100.
+text and its end-of-turn token, on every turn; everything else is -100. A template that closes an
+answer with no end token at all (llava-hf's LLaVA-1.5 template writes the text and a space) gets the
+tokenizer's EOS appended to each answer, as LLaVA trained it: a model that never sees an end token
+never learns to stop.
 
 Segments are tokenised one by one: a prompt segment that holds images goes through the processor
 (which expands the image placeholders exactly as the model expects and returns pixel inputs);
 other segments go through the tokenizer. Truncation drops tokens from the end but never cuts an
 image's tokens: a later turn whose images would be cut is dropped whole, with its images, and a
-sample whose first prompt (with its images) does not fit raises `PromptTooLong`.
+sample whose first prompt (with its images) does not fit raises `PromptTooLong`, as does a prompt
+to answer (generation: no targets) that does not fit whole.
 
 Whitespace a template writes AFTER an assistant turn's end-of-turn token (ChatML's "<|im_end|>\n",
 Idefics3's "<end_of_utterance>\n") is the separator before the next turn: generation stops at the
@@ -94,10 +98,17 @@ class ChatEncoder:
                                  f"{i}; pass --template with a template that renders turns in order")
             target = full[len(before):]
             core = target.rstrip()
+            eos = self.tokenizer.eos_token
             if core != target and any(core.endswith(t) for t in specials):
                 target = core  # whitespace after the end-of-turn token: not a target (module docstring)
+            used = len(target)
+            if eos and core and not any(core.endswith(t) for t in specials):
+                # a template that closes an answer with no end token (llava-hf's LLaVA-1.5 template writes
+                # text + " "): the model would never learn to stop. The answer ends with EOS, as LLaVA
+                # trained it; the whitespace after it stays outside the target
+                target, used = core + eos, len(core)
             segs += [(before[pos:], False), (target, True)]
-            prev, pos = full, len(before) + len(target)
+            prev, pos = full, len(before) + used
         rest = self.render(messages, add_generation_prompt=add_generation_prompt)
         if not rest.startswith(prev):
             raise ValueError("chat template is not prefix-stable: the conversation renders differently "
@@ -145,9 +156,10 @@ class ChatEncoder:
                     memo[key] = ids, vision
             pieces.append((ids, target, vision, n))
             img_i += n
-        return self._assemble(pieces)
+        return self._assemble(pieces, whole=add_generation_prompt)
 
-    def _assemble(self, pieces) -> Encoded:
+    def _assemble(self, pieces, whole: bool = False) -> Encoded:
+        """whole: a prompt to answer (generation), which must fit entirely."""
         ids, labels, kept, truncated = [], [], [], False
         for seg_ids, target, vision, n_img in pieces:
             room = self.max_seq_len - len(ids)
@@ -162,9 +174,13 @@ class ChatEncoder:
             if len(ids) >= self.max_seq_len:
                 truncated = truncated or len(kept) < len(pieces)
                 break
+        prompt_tokens = sum(len(p[0]) for p in pieces if not p[1])
         if not any(t for _, t, _ in kept) and any(t for _, t, _, _ in pieces):
-            raise PromptTooLong(f"prompt of {sum(len(p[0]) for p in pieces if not p[1])} tokens leaves no "
+            raise PromptTooLong(f"prompt of {prompt_tokens} tokens leaves no "
                                 f"room for a response within max_seq_len={self.max_seq_len}")
+        if whole and truncated:  # a prompt to answer, cut: its question would be lost
+            raise PromptTooLong(f"prompt of {prompt_tokens} tokens (its image tokens included) exceeds "
+                                f"max_seq_len={self.max_seq_len}: raise --max_seq_len")
         starts = [s for s, t, _ in kept if t]
         prompt_len = starts[-1] if starts else len(ids)
         vision = merge_vision([(s, v) for s, _, v in kept if v], self.arch.name, len(ids))
