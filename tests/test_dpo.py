@@ -459,6 +459,7 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
             self.module = model
 
         def forward(self, **kw):
+            self.forwards = getattr(self, "forwards", 0) + 1
             return self.module(**kw)
 
         def backward(self, loss):
@@ -470,13 +471,15 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
         def get_lr(self):
             return [0.0]
     cfg = {"dpo": DPOArgs(loss_type=loss_type), "optim": OptimArgs(per_device_train_batch_size=2)}
-    seen, metrics = [], []
+    seen, metrics, forwards = [], [], []
     for rank, batch in ((0, [0, 1]), (1, None)):
         t = DPOTrainer(FakeRank(rank, 2), proc, ds, cfg, arch.name)
         t.engine, t.ref_model = Engine(), model
         metrics.append(t._step([t.make_batch(batch) if batch else None]))
         seen.append([tuple(torch.as_tensor(x).shape) for x in t.s.seen])
+        forwards.append(t.engine.forwards)
     assert seen[0] == seen[1] and len(seen[0]) == 2, seen  # the counts, then every metric in one collective
+    assert forwards == [1, 1]  # the idle rank runs a discarded forward too (ZeRO-3 gathers in every forward)
     assert metrics[0].keys() == metrics[1].keys() and metrics[1]["pairs"] == 0
     assert {"rewards/margins", "logps/chosen"} <= metrics[0].keys()
     assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")

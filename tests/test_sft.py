@@ -210,3 +210,39 @@ def test_a_template_override_is_saved_with_the_model(world, tiny, tmp_path):
     saved = ChatEncoder(proc, arch, 300).encode(CONV[:1], [_img()], add_generation_prompt=True)
     given = ChatEncoder(proc, arch, 300, NO_EOS).encode(CONV[:1], [_img()], add_generation_prompt=True)
     assert proc.chat_template == NO_EOS and torch.equal(saved.input_ids, given.input_ids)
+
+
+def test_resume_is_exact_with_dropout_and_logs_each_step_once(world, tiny, tmp_path):
+    """LoRA dropout draws random numbers every step: seeded by (seed, step, rank), a resumed run equals an
+    uninterrupted one. A run that crashed after its last checkpoint logged steps the resumed run logs
+    again: those rows are dropped, so every step appears once in metrics.jsonl."""
+    import shutil
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "4",
+              "--lora_dropout", "0.5"]
+    main(sft_args(world, tiny, tmp_path / "full", *common))
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "2", "--stop_after_steps", "3"))
+    ckpt = tmp_path / "cut" / "checkpoints"
+    shutil.rmtree(ckpt / "step3")  # as if killed after logging step 3, before its checkpoint
+    (ckpt / "latest").write_text("step2")
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("full", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_clears_an_earlier_runs_checkpoints(world, tiny, tmp_path, capsys):
+    """Without --resume the run starts over: the earlier run's checkpoints (which rotation would keep over
+    this run's, and a later --resume would load) and tensorboard events go."""
+    from training.engine.loop import INTERRUPTED, exit_status
+    out = tmp_path / "sft"
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--save_steps", "1"]
+    r = main(sft_args(world, tiny, out, *common, "--stop_after_steps", "3"))
+    assert exit_status(r) == INTERRUPTED and (out / "checkpoints" / "step3").is_dir()
+    capsys.readouterr()
+    r = main(sft_args(world, tiny, out, *common, "--stop_after_steps", "1"))
+    assert "removing the earlier run's" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step1"]
+    assert exit_status(main(sft_args(world, tiny, out, "--max_steps", "1", "--per_device_train_batch_size", "2"))) == 0

@@ -147,4 +147,5 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
 
 
 if __name__ == "__main__":
-    main()
+    from training.engine.loop import exit_status
+    raise SystemExit(exit_status(main()))

@@ -14,7 +14,8 @@ import torch
 from training.dpo.data import collate_groups
 from training.dpo.forward import adapters_disabled, response_logps
 from training.dpo.objective import REFERENCE_FREE, metric_keys, objective
-from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches, stand_in_batch
+from training.engine.loop import (StepPlan, idle_micro_step, open_run, planned_steps, rank_batches,
+                                  stand_in_batch)
 from training.model.builder import eval_mode
 
 
@@ -66,6 +67,7 @@ class DPOTrainer:
         o = self.cfg["optim"]
         accum, world = o.gradient_accumulation_steps, self.s.world_size
         batches = [b for b in micro_batches if b is not None]
+        lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         rows = getattr(self.dataset, "rows_per_item", 1)
         tok = 0.0
         if self.a.loss_type == "orpo":  # chosen target tokens of the whole step, for the NLL token mean
@@ -89,13 +91,13 @@ class DPOTrainer:
             for k, v in obj["metrics"].items():
                 sums[k] += float(v)
         for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
-            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
-            self.engine.step()
+            stand = stand_in_batch(self.make_batch, len(self.dataset))
+            idle_micro_step(self.engine, lambda: response_logps(self.engine, stand).sum.sum())
         # one collective of values every rank has, in one order, even a rank whose rows were all skipped
         t = self.s.all_reduce(torch.tensor([total_loss, nll, *sums.values()], dtype=torch.float64)).tolist()
         m = {"loss": t[0], **({"nll_loss": t[1]} if self.a.loss_type == "orpo" else {})}
         m.update({k: v / max(n_items, 1.0) for k, v in zip(sums, t[2:])})
-        m.update(pairs=n_items, lr=self.engine.get_lr()[0])
+        m.update(pairs=n_items, lr=lr)
         return m
 
     @torch.no_grad()

@@ -39,7 +39,8 @@ def planned_steps(plan: StepPlan, start: int, n: int, micro: int, accum: int, wo
                   seed: int, stop_after: int = 0) -> Iterator[tuple[int, int, list[list[int]]]]:
     """Yield (step, epoch, this step's micro-batch index lists) for the steps after `start`, up to the
     end of the plan or `stop_after` (an interrupt), whichever comes first. A resumed run continues
-    exactly where the uninterrupted one would be."""
+    exactly where the uninterrupted one would be: the data order, and the random numbers a step draws
+    (dropout, LoRA dropout), which are seeded by (seed, step, rank)."""
     end = min(plan.total_steps, stop_after) if stop_after else plan.total_steps
     step = start
     while step < end:
@@ -47,6 +48,7 @@ def planned_steps(plan: StepPlan, start: int, n: int, micro: int, accum: int, wo
         mbs = epoch_micro_batches(n, micro, world, rank, seed, epoch)
         for j in range(k, plan.steps_per_epoch):
             step += 1
+            torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
             yield step, epoch, mbs[j * accum:(j + 1) * accum]
             if step >= end:
                 return
@@ -69,11 +71,43 @@ def stand_in_batch(make_batch, n: int):
     return next(b for i in range(n) if (b := make_batch([i])) is not None)
 
 
+def idle_micro_step(engine, discarded_loss) -> None:
+    """The micro-step of a rank whose micro-batch was all bad rows: a forward all the same (ZeRO-3 gathers
+    parameters collectively in every forward, so every rank must run as many), its loss times 0, and a
+    zero gradient for every trainable parameter. discarded_loss() runs the forward (a stand_in_batch)."""
+    zero = sum(p.sum() * 0 for p in engine.parameters() if p.requires_grad)
+    engine.backward(discarded_loss() * 0 + zero)
+    engine.step()
+
+
 def save_due(step: int, total: int, run) -> bool:
     """A resumable checkpoint after this step: every run.save_steps, and at an interrupt (never at the
     end, where the stage saves its final model instead)."""
     stop = bool(run.stop_after_steps) and step >= run.stop_after_steps
     return step < total and (stop or bool(run.save_steps) and step % run.save_steps == 0)
+
+
+INTERRUPTED = 75  # a stage's exit status after --stop_after_steps: not finished, continue with --resume
+
+
+def exit_status(result: dict) -> int:
+    """A stage's process exit status: 0 when it finished, INTERRUPTED when it stopped early (so that
+    run_pipeline.sh does not take an interrupted stage for a finished one)."""
+    return INTERRUPTED if result.get("interrupted") else 0
+
+
+def clear_earlier_run(strategy, out: Path) -> None:
+    """A run that starts from step 0 removes an earlier run's resumable checkpoints and tensorboard events
+    in its output directory: their rotation would delete this run's checkpoints, a later --resume would
+    load them, and tensorboard would draw both runs as one."""
+    if strategy.is_main:
+        import shutil
+        for name in ("checkpoints", "tensorboard"):
+            old = out / name
+            if old.is_dir() and any(old.iterdir()):
+                print(f"a fresh run (nothing to resume): removing the earlier run's {old}")
+                shutil.rmtree(old)
+    strategy.barrier()
 
 
 def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]], state=None):
@@ -100,7 +134,9 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
     if saved and state is not None:
         state.load_state_dict(saved)
     step = saved["step"] if saved else 0
-    logger = MetricsLogger(out, strategy.is_main, resume=bool(saved))
+    if not saved:
+        clear_earlier_run(strategy, out)
+    logger = MetricsLogger(out, strategy.is_main, resume_step=step if saved else None)
     bar = None
     if strategy.is_main and run.progress:
         from tqdm import tqdm

@@ -7,16 +7,25 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume: bool = False):
+    """resume_step: the step a resumed run restarts after; rows logged after it by the interrupted run
+    (past its last checkpoint) are dropped from metrics.jsonl and tensorboard, so no step appears twice.
+    None: a fresh run, which starts a new metrics.jsonl."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not resume and self.path.exists():
+            if resume_step is None and self.path.exists():
                 self.path.unlink()
+            elif self.path.exists():
+                rows = [x for x in self.path.read_text().splitlines() if x.strip()]
+                kept = [x for x in rows if json.loads(x)["step"] <= resume_step]
+                self.path.write_text("".join(x + "\n" for x in kept))
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

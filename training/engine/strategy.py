@@ -95,6 +95,7 @@ class Strategy:
                              "not support it here; use " + ("--precision bf16 or fp32" if precision == "fp16"
                                                               else "--precision fp32"))
         self.ds, self.optim, self.precision = ds, optim, precision
+        self.user_config = self._user_config()
         if not torch.distributed.is_initialized():
             if "RANK" not in os.environ:  # plain `python -m`: a world of one
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -105,6 +106,33 @@ class Strategy:
         self.world_size = torch.distributed.get_world_size()
         from deepspeed.accelerator import get_accelerator
         self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    def _user_config(self) -> dict:
+        """--deepspeed_config: its settings win over ours where it sets them; a ZeRO stage there becomes
+        the run's (the stages' code depends on it); a conflict with a flag is an error, not a silent pick."""
+        d = self.ds
+        if not d.deepspeed_config:
+            return {}
+        cfg = json.loads(Path(d.deepspeed_config).read_text())
+        stage = cfg.get("zero_optimization", {}).get("stage")
+        if stage is not None and int(stage) != d.zero_stage:
+            if d.zero_stage:
+                raise SystemExit(f"{d.deepspeed_config}: ZeRO stage {stage}, but --zero_stage {d.zero_stage}: "
+                                 "give the stage once")
+            d.zero_stage = int(stage)
+        if cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+            d.offload = True  # the optimizer must then be DeepSpeed's CPU Adam (prepare)
+        for kind, names in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16"))):
+            if any(cfg.get(n, {}).get("enabled") for n in names) and self.precision != kind:
+                raise SystemExit(f"{d.deepspeed_config} enables {kind}, but --precision is {self.precision}: "
+                                 "make them agree")
+        o = self.optim
+        for key, ours in (("train_micro_batch_size_per_gpu", o.per_device_train_batch_size),
+                          ("gradient_accumulation_steps", o.gradient_accumulation_steps)):
+            if key in cfg and cfg[key] not in (ours, "auto"):
+                raise SystemExit(f"{d.deepspeed_config}: {key} {cfg[key]} differs from the run's {ours}: set "
+                                 "batch sizes with --per_device_train_batch_size / --gradient_accumulation_steps")
+        return cfg
 
     @staticmethod
     def _backend() -> str:
@@ -124,21 +152,22 @@ class Strategy:
                 zero["offload_param"] = {"device": "cpu"}
         if d.zero_stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
-        cfg = json.loads(Path(d.deepspeed_config).read_text()) if d.deepspeed_config else {}
-        cfg.update({
+        user = self.user_config
+        cfg = {
             "train_micro_batch_size_per_gpu": o.per_device_train_batch_size,
             "gradient_accumulation_steps": o.gradient_accumulation_steps,
             "train_batch_size": o.per_device_train_batch_size * o.gradient_accumulation_steps * self.world_size,
-            "gradient_clipping": o.max_grad_norm,
-            "zero_optimization": {**cfg.get("zero_optimization", {}), **zero},
+            "gradient_clipping": user.get("gradient_clipping", o.max_grad_norm),
+            "zero_optimization": {**zero, **user.get("zero_optimization", {})},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
-        })
+        }
+        cfg = {**user, **cfg}  # the user's other settings (communication, activation checkpointing, ...)
         if self.precision == "bf16":
-            cfg["bf16"] = {"enabled": True}
+            cfg["bf16"] = {"enabled": True, **user.get("bf16", {})}
         elif self.precision == "fp16":
-            cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+            cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, **user.get("fp16", {})}
         return cfg
 
     def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: float | None = None):
@@ -177,10 +206,13 @@ class Strategy:
 
     # ---- reductions --------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor | float, op: str = "sum") -> torch.Tensor:
-        t = torch.as_tensor(x, dtype=torch.float64).clone()
+        """Sum (or op) over ranks, float64, on the CPU; reduced on the rank's device (NCCL takes no CPU
+        tensors)."""
+        t = torch.as_tensor(x, dtype=torch.float64).detach().clone()
         if self.world_size > 1:
+            t = t.to(self.device)
             torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
-        return t
+        return t.cpu()
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate a same-shaped tensor from every rank along dim 0 (detached, on CPU)."""

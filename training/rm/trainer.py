@@ -11,7 +11,7 @@ import torch
 
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches, stand_in_batch
+from training.engine.loop import StepPlan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
@@ -39,6 +39,7 @@ def rank_loss(R, mask, kind: str, margin: float, center_coef: float):
 
 def pair_stats(R, mask) -> torch.Tensor:
     """[correct pairs, pairs, sum best reward, lists, sum other rewards, others] as float64."""
+    R, mask = R.detach().cpu(), mask.cpu()  # counts and sums on one device (the rewards may be on a GPU)
     better, worse = matrix_pairs(R, mask)
     others = mask.clone()
     others[:, 0] = False
@@ -79,6 +80,7 @@ class RMTrainer:
         o, rm = self.cfg["optim"], self.cfg["rm"]
         accum, world = o.gradient_accumulation_steps, self.s.world_size
         batches = [b for b in micro_batches if b is not None]
+        lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         n_units = float(self.s.all_reduce(sum(self._units(b) for b in batches)))
         total, center_total, stats, tokens = 0.0, 0.0, torch.zeros(6, dtype=torch.float64), 0
         for b in batches:
@@ -92,11 +94,11 @@ class RMTrainer:
             stats += pair_stats(R.detach(), mask)
             tokens += b.n_tokens
         for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
-            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
-            self.engine.step()
+            stand = stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
+            idle_micro_step(self.engine, lambda: self._rewards(stand)[0].sum())
         red = self.s.all_reduce(torch.cat([torch.tensor([total, center_total, tokens], dtype=torch.float64), stats]))
         loss = float(red[0]) / max(n_units, 1.0) + float(red[1]) / (accum * world)
-        return {"loss": loss, "tokens": float(red[2]), "lr": self.engine.get_lr()[0], **summarize(red[3:])}
+        return {"loss": loss, "tokens": float(red[2]), "lr": lr, **summarize(red[3:])}
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

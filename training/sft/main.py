@@ -70,4 +70,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from training.engine.loop import exit_status
+    raise SystemExit(exit_status(main()))

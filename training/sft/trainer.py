@@ -10,7 +10,7 @@ import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.loop import StepPlan, open_run, planned_steps, rank_batches
+from training.engine.loop import StepPlan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.logprobs import nll_sum
 from training.model.builder import eval_mode
 from training.templates.chat import ChatEncoder, PromptTooLong
@@ -54,6 +54,7 @@ class SFTTrainer:
         o = self.cfg["optim"]
         accum, world = o.gradient_accumulation_steps, self.s.world_size
         batches = [b for b in micro_batches if b is not None]
+        lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         n_tok = float(self.s.all_reduce(sum(b.n_target_tokens for b in batches)))
         total_nll = 0.0
         for b in batches:
@@ -64,10 +65,10 @@ class SFTTrainer:
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             total_nll += float(nll.detach())
         for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
-            self.engine.backward(sum(p.sum() * 0 for p in self.engine.parameters() if p.requires_grad))
-            self.engine.step()
+            stand = stand_in_batch(self._batch, len(self.dataset))
+            idle_micro_step(self.engine, lambda: nll_sum(self.engine(**stand.model_inputs()).logits, stand.labels)[0])
         loss = float(self.s.all_reduce(total_nll)) / max(n_tok, 1.0)
-        return {"loss": loss, "target_tokens": n_tok, "lr": self.engine.get_lr()[0]}
+        return {"loss": loss, "target_tokens": n_tok, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
