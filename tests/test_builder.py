@@ -290,6 +290,19 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(m(**batch).logits, expected, rtol=1e-4, atol=1e-5)
 
+    # every load of the LoRA checkpoint reuses one merged copy (was: a new full copy in /tmp per load)
+    _load(str(tmp_path / "run"))
+    assert len(list((tmp_path / "vlm_builder" / "merged").iterdir())) == 1
+    # LoRA trained from the LoRA checkpoint records that checkpoint as its base, not the temporary merge,
+    # and loads by merging both in turn
+    chained, proc2, _ = _load(str(tmp_path / "run"), LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
+    assert chained._vlm_build_info["base"] == str(tmp_path / "run")
+    save_model(chained, proc2, tmp_path / "run2")
+    again, _, _ = _load(str(tmp_path / "run2"))
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-4, atol=1e-5)  # new adapters are 0
+
     # the adapter's own files cannot turn on trust_remote_code (a downloaded adapter would run code): the
     # user's flag decides
     from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
@@ -299,7 +312,8 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
         merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2")])
     with pytest.raises(SystemExit, match="--trust_remote_code"):
         _load(str(tmp_path / "run"))
-    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2"), "--trust_remote_code"])
+    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2"),
+               "--trust_remote_code"])
 
 
 def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):

@@ -105,10 +105,33 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
     if not model_args.from_checkpoint:
         return embedded_tiny_vlm()
     if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
-        from training.model.merge_lora import merge_lora
-        return merge_lora(model_args.from_checkpoint, tempfile.mkdtemp(prefix="vlm_merged_"),
-                          trust_remote_code=model_args.trust_remote_code)
+        return merged_checkpoint(model_args.from_checkpoint, model_args.trust_remote_code)
     return model_args.from_checkpoint
+
+
+def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) -> str:
+    """A LoRA checkpoint merged into its base, as a plain checkpoint: made once per version of its files
+    (in <tmp>/vlm_builder/merged/<digest of names, sizes, times>) and reused by every later load, rank
+    and reference copy; it appears by an atomic rename, so concurrent ranks never read half of one."""
+    import hashlib
+    import os
+    import shutil
+
+    from training.model.merge_lora import merge_lora
+    root = Path(adapter_checkpoint).resolve()
+    files = sorted(f for f in root.rglob("*") if f.is_file() and ((root / ADAPTER_SUBDIR) in f.parents or (
+        f.parent == root and f.suffix in (".json", ".jinja", ".model", ".txt", ".safetensors"))))
+    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([str(root), stats, trust_remote_code]).encode()).hexdigest()[:16]
+    final = Path(tempfile.gettempdir()) / "vlm_builder" / "merged" / key
+    if not (final / "config.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = merge_lora(root, tempfile.mkdtemp(dir=final.parent), trust_remote_code=trust_remote_code)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process won the race: its copy is the same merge
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(final)
 
 
 def embedded_tiny_vlm() -> str:
@@ -168,7 +191,10 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
         model = apply_lora(model, spec, model_args, lora_args)
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model._vlm_build_info = {"base": str(path), "model_architecture": spec.name,
+    # an adapter checkpoint stays the base (merged again when needed), not its merged copy in a temp folder
+    base = model_args.from_checkpoint if str(path) != str(model_args.from_checkpoint) and \
+        Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint) else path
+    model._vlm_build_info = {"base": str(base), "model_architecture": spec.name,
                              "trust_remote_code": trust, "precision": model_args.precision}
     model.train()
     return model, processor, spec

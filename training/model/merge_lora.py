@@ -43,6 +43,9 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
     if info.get("trust_remote_code") and not trust:
         raise SystemExit(f"{info_file}: this adapter was trained with --trust_remote_code (its base {base} runs "
                          "code of its own); pass --trust_remote_code to load it if you trust that code")
+    from training.model.builder import is_adapter_checkpoint, merged_checkpoint
+    if Path(base).is_dir() and is_adapter_checkpoint(base):  # LoRA trained on a LoRA checkpoint: merge that first
+        base = merged_checkpoint(base, trust)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust)
     spec = detect_architecture(config, info.get("model_architecture", "auto"))
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
