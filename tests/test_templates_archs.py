@@ -405,3 +405,18 @@ def test_one_sft_step_through_the_stage(arch, ckpts, tmp_path):
     assert sorted(before) == sorted(after)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step updated the weights
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
+def test_a_separator_after_the_last_answer_that_does_not_fit_is_no_truncation(models, arch):
+    """ChatML's "<|im_end|>\\n" and Idefics3's "<end_of_utterance>\\n": the newline after the last answer is
+    a prompt segment of its own; when only it does not fit, every label is kept: not truncated (the
+    counts of cut rows in bad_rows.json would be wrong). One token fewer cuts the answer: truncated."""
+    _, proc, spec = models(arch)
+    conv = [Message("user", "<image>\nWhat is it?"), Message("assistant", "A red square.")]
+    full = ChatEncoder(proc, spec, 4096).encode(conv, [_img(0)])
+    answer_end = max(i for i, x in enumerate(full.labels.tolist()) if x != IGNORE) + 1
+    assert answer_end < len(full.input_ids)  # a separator follows the answer
+    fit = ChatEncoder(proc, spec, answer_end).encode(conv, [_img(0)])
+    assert not fit.truncated and torch.equal(fit.labels, full.labels[:answer_end])
+    assert ChatEncoder(proc, spec, answer_end - 1).encode(conv, [_img(0)]).truncated

@@ -160,11 +160,10 @@ class ChatEncoder:
 
     def _assemble(self, pieces, whole: bool = False) -> Encoded:
         """whole: a prompt to answer (generation), which must fit entirely."""
-        ids, labels, kept, truncated = [], [], [], False
+        ids, labels, kept = [], [], []
         for seg_ids, target, vision, n_img in pieces:
             room = self.max_seq_len - len(ids)
             if len(seg_ids) > room:
-                truncated = True
                 if n_img or not target:  # never cut image tokens or a prompt: stop before it
                     break
                 seg_ids = seg_ids[:room]
@@ -172,8 +171,12 @@ class ChatEncoder:
             labels += seg_ids if target else [IGNORE] * len(seg_ids)
             kept.append((len(ids) - len(seg_ids), target, vision))
             if len(ids) >= self.max_seq_len:
-                truncated = truncated or len(kept) < len(pieces)
                 break
+        # truncated: a target lost tokens (a prompt to answer: anything lost); a separator after the last
+        # answer that did not fit changes no label
+        n_target_tokens = sum(len(p[0]) for p in pieces if p[1])
+        truncated = sum(x != IGNORE for x in labels) < n_target_tokens or (whole and len(ids) < sum(
+            len(p[0]) for p in pieces))
         prompt_tokens = sum(len(p[0]) for p in pieces if not p[1])
         if not any(t for _, t, _ in kept) and any(t for _, t, _, _ in pieces):
             raise PromptTooLong(f"prompt of {prompt_tokens} tokens leaves no "
