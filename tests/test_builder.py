@@ -268,7 +268,7 @@ def test_save_reload_identical_logits(tiny_ckpts, tmp_path, arch):
 
 
 def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the builder merges on the fly
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))  # where the builder merges on the fly
     from training.model.merge_lora import main as merge_cli
     model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
     with torch.no_grad():  # stand-in for training: nonzero adapters, moved projector
@@ -292,7 +292,7 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
 
     # every load of the LoRA checkpoint reuses one merged copy (was: a new full copy in /tmp per load)
     _load(str(tmp_path / "run"))
-    assert len(list((tmp_path / "vlm_builder" / "merged").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "merged").iterdir())) == 1
     # LoRA trained from the LoRA checkpoint records that checkpoint as its base, not the temporary merge,
     # and loads by merging both in turn
     chained, proc2, _ = _load(str(tmp_path / "run"), LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
@@ -317,9 +317,30 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
 
 
 def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("training.model.tiny.VISION_PRETRAIN_STEPS", 0)  # pre-training: tests/test_tiny_vision.py
     model, processor, spec = load_model_and_processor(ModelArgs(), LoraArgs(lora_r=4), for_training=False)
     assert spec.name == "llava" and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert not hasattr(model, "peft_config")  # no LoRA when not training
+
+
+def test_model_cache_is_private_to_the_user(tmp_path, monkeypatch):
+    """Built models load from the cache unchecked, so it lives in the user's cache folder, is created 0700, and
+    one others can write to is refused (it was a shared /tmp folder: another user could plant a model)."""
+    import os
+    import stat
+
+    from training.model.cache import cache_dir, cache_root
+    monkeypatch.delenv("VLM_ALIGN_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "vlm_align"
+    assert cache_dir("merged") == tmp_path / "xdg" / "vlm_align" / "merged"
+    assert stat.S_IMODE(os.stat(tmp_path / "xdg" / "vlm_align").st_mode) == 0o700
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "shared"))
+    (tmp_path / "shared").mkdir()
+    os.chmod(tmp_path / "shared", 0o777)
+    with pytest.raises(PermissionError, match="others can write"):
+        cache_dir()
+    os.chmod(tmp_path / "shared", 0o755)
+    assert cache_dir("tiny_vlm").is_dir()

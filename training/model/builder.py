@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training.config import LoraArgs, ModelArgs
 from training.model.architectures import ArchSpec, detect_architecture
+from training.model.cache import cache_dir
 
 ADAPTER_SUBDIR = "adapter"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -111,7 +112,7 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
 
 def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) -> str:
     """A LoRA checkpoint merged into its base, as a plain checkpoint: made once per version of its files
-    (in <tmp>/vlm_builder/merged/<digest of names, sizes, times>) and reused by every later load, rank
+    (in <user cache>/merged/<digest of names, sizes, times>: training.model.cache) and reused by every later load, rank
     and reference copy; it appears by an atomic rename, so concurrent ranks never read half of one."""
     import hashlib
     import os
@@ -123,9 +124,8 @@ def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) 
         f.parent == root and f.suffix in (".json", ".jinja", ".model", ".txt", ".safetensors"))))
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([str(root), stats, trust_remote_code]).encode()).hexdigest()[:16]
-    final = Path(tempfile.gettempdir()) / "vlm_builder" / "merged" / key
+    final = cache_dir("merged") / key
     if not (final / "config.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
         staging = merge_lora(root, tempfile.mkdtemp(dir=final.parent), trust_remote_code=trust_remote_code)
         try:
             os.rename(staging, final)
@@ -135,15 +135,14 @@ def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) 
 
 
 def embedded_tiny_vlm() -> str:
-    """The embedded tiny LLaVA (`training.model.tiny`, seeded) in <tmp>/vlm_builder/tiny_vlm, built
+    """The embedded tiny LLaVA (`training.model.tiny`, seeded) in <user cache>/tiny_vlm, built
     once; the first build appears by an atomic rename, so concurrent ranks never read a half-written one."""
     import os
     import shutil
 
     from training.model.tiny import build_tiny_vlm, ensure_tiny_vlm
-    final = Path(tempfile.gettempdir()) / "vlm_builder" / "tiny_vlm"
+    final = cache_dir() / "tiny_vlm"
     if not (final / "config.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
         staging = build_tiny_vlm(tempfile.mkdtemp(dir=final.parent))
         try:
             os.rename(staging, final)
