@@ -16,6 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from training.model.fingerprint import model_fingerprint
+
 
 class AnswersMismatch(ValueError):
     """An answer file was generated with other settings than the ones asked for now."""
@@ -66,16 +68,6 @@ def check_complete(items: list[dict], answers: dict[str, str], where: str) -> No
     missing = [q["question_id"] for q in items if q["question_id"] not in answers]
     if missing:
         raise ValueError(f"{where}: {len(missing)} of {len(items)} questions have no answer (first: {missing[0]})")
-
-
-def model_fingerprint(model_path: str | Path) -> str:
-    """Changes whenever the weights in a model folder are rewritten (a Hub id stands for itself)."""
-    root = Path(model_path)
-    if not root.is_dir():
-        return str(model_path)
-    files = sorted(f for f in root.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file())
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str, image_folder: str,

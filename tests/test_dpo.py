@@ -185,7 +185,8 @@ def test_reference_cache_fingerprints(tmp_path):
     folder, and the image files records name."""
     from types import SimpleNamespace
 
-    from training.dpo.refcache import data_fingerprint, images_fingerprint, model_fingerprint
+    from eval.answers import model_fingerprint  # the one definition, shared by the reference cache and eval
+    from training.dpo.refcache import data_fingerprint, images_fingerprint
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     for name in ("model.safetensors", "config.json", "chat_template.jinja"):
@@ -193,9 +194,26 @@ def test_reference_cache_fingerprints(tmp_path):
     before = model_fingerprint(str(ckpt))
     (ckpt / "predictions").mkdir()
     (ckpt / "predictions" / "pope.settings.json").write_text("{}")
+    # what stages and scoring write beside a model, and loading never reads
+    for name in ("eval_embedded.json", "pipeline_stage.json", "run_config.json", "bad_rows.json", "metrics.jsonl"):
+        (ckpt / name).write_text("{}")
     assert model_fingerprint(str(ckpt)) == before
     (ckpt / "chat_template.jinja").write_text("another template")
     assert model_fingerprint(str(ckpt)) != before
+    # a LoRA checkpoint's weights are in adapter/ (eval's answer cache looked at the top folder only, so a
+    # retrained LoRA model's benchmark answers were reused), and its base model's files count too
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_text("base")
+    (ckpt / "adapter").mkdir()
+    (ckpt / "adapter" / "adapter_model.safetensors").write_text("a")
+    (ckpt / "adapter" / "vlm_builder.json").write_text(json.dumps({"base": str(base)}))
+    lora = model_fingerprint(str(ckpt))
+    (ckpt / "adapter" / "adapter_model.safetensors").write_text("retrained")
+    assert model_fingerprint(str(ckpt)) != lora
+    lora = model_fingerprint(str(ckpt))
+    (base / "model.safetensors").write_text("another base")
+    assert model_fingerprint(str(ckpt)) != lora
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "train-0.parquet").write_bytes(b"a")

@@ -5,9 +5,9 @@ off. So the cache is computed with the policy engine itself before its first upd
 grad, adapters disabled): no second model is ever held in memory. Ranks split the items, then sum
 their slices; every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
 
-File: <cache_dir>/<key>.safetensors with sum, count, wsum (n_items, K) float64; the key hashes (name,
-size, modification time) the checkpoint's files (weights, configs, tokenizer, chat template; an
-adapter's base too), the data files, the image files the rows name, and the encoding settings, so a
+File: <cache_dir>/<key>.safetensors with sum, count, wsum (n_items, K) float64; the key hashes the
+checkpoint's fingerprint (training.model.fingerprint: the files loading reads; an adapter's base too)
+and (name, size, modification time) the data files, the image files the rows name, and the encoding settings, so a
 changed input computes a fresh cache and an unchanged rerun loads it without a forward.
 """
 from __future__ import annotations
@@ -23,33 +23,12 @@ from training.config import REF_CACHE_FOLDER
 from training.dpo.forward import adapters_disabled, response_logps
 from training.engine.loop import rank_batches, stand_in_batch
 from training.model.builder import eval_mode
-
-
-MODEL_FILES = (".safetensors", ".bin", ".pt", ".json", ".jinja", ".model", ".txt")  # weights, configs, tokenizer
+from training.model.fingerprint import model_fingerprint
 
 
 def _stat(f: Path) -> list:
     st = f.stat()
     return [str(f.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def model_fingerprint(checkpoint: str) -> list:
-    """What loading a checkpoint reads: its weight, config, tokenizer and chat-template files, in the folder
-    and its adapter/ subfolder (not checkpoints/ or predictions/), and for an adapter checkpoint its base
-    model's too. No checkpoint: the embedded tiny VLM's folder. A Hub id stands for itself."""
-    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE, embedded_tiny_vlm
-    if not checkpoint:
-        checkpoint = embedded_tiny_vlm()  # already built by the model load; rebuilt if its definition changed
-    p = Path(checkpoint)
-    if not p.is_dir():
-        return [checkpoint]
-    out = [_stat(f) for d in (p, p / ADAPTER_SUBDIR) if d.is_dir() for f in sorted(d.iterdir())
-           if f.is_file() and f.suffix in MODEL_FILES]
-    info = p / ADAPTER_SUBDIR / BUILD_INFO_FILE
-    base = json.loads(info.read_text()).get("base") if info.is_file() else None
-    if base and Path(base).resolve() != p.resolve():
-        out.append(model_fingerprint(base))
-    return out
 
 
 def data_fingerprint(path: str) -> list:

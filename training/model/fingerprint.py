@@ -1,0 +1,44 @@
+"""A checkpoint's fingerprint: what loading it reads, by name, size and modification time.
+
+One definition for every cache keyed by a model (the DPO reference log-probs, benchmark answers):
+the weight, config, tokenizer and chat-template files of the folder and of its adapter/ subfolder,
+and for a LoRA checkpoint its base model's in turn. Files our stages write beside a model that
+loading never reads (run settings, bad rows, pipeline records, evaluation results, metrics) and
+the checkpoints/, predictions/ and tensorboard/ folders are left out, so scoring a model or
+rerunning the pipeline does not change it. A Hub id stands for itself; no checkpoint means the
+embedded tiny VLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".jinja", ".model", ".txt")
+WRITTEN_BESIDE = ("run_config.json", "bad_rows.json", "pipeline_stage.json")  # + eval_*.json
+
+
+def loaded_files(folder: Path) -> list[Path]:
+    from training.model.builder import ADAPTER_SUBDIR
+    return [f for d in (folder, folder / ADAPTER_SUBDIR) if d.is_dir() for f in sorted(d.iterdir())
+            if f.is_file() and f.suffix in LOADED_SUFFIXES and f.name not in WRITTEN_BESIDE
+            and not f.name.startswith("eval_")]
+
+
+def _stats(checkpoint: str) -> list:
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE, embedded_tiny_vlm
+    if not checkpoint:
+        checkpoint = embedded_tiny_vlm()  # rebuilt first if its definition changed
+    p = Path(checkpoint)
+    if not p.is_dir():
+        return [checkpoint]
+    out = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in loaded_files(p)]
+    info = p / ADAPTER_SUBDIR / BUILD_INFO_FILE
+    base = json.loads(info.read_text()).get("base") if info.is_file() else None
+    if base and Path(base).resolve() != p.resolve():
+        out.append(_stats(base))
+    return out
+
+
+def model_fingerprint(checkpoint: str | Path) -> str:
+    return hashlib.sha256(json.dumps(_stats(str(checkpoint))).encode()).hexdigest()[:16]
