@@ -108,6 +108,24 @@ def test_an_answer_the_template_leaves_without_an_end_token_ends_with_eos(proc):
     assert _tokens(proc, g.input_ids.tolist())[-2:] == ["assistant", ":"] and eos not in g.input_ids.tolist()
 
 
+# llava-hf's LLaVA-NeXT-Mistral template (its shape), and the same writing the real EOS
+MISSPELT_EOS = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' }}{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "{{ ' [/INST]' }}{% else %}{{ ' ' + m['content'][0]['text'] + '<\\\\s> ' }}{% endif %}{% endfor %}")
+REAL_EOS = MISSPELT_EOS.replace("<\\\\s>", "</s>")
+
+
+def test_a_template_that_writes_the_eos_as_other_text_trains_the_real_eos(proc):
+    """llava-hf's LLaVA-NeXT-Mistral template closes answers with the text "<\\s>" (not "</s>"): trained as is,
+    the model learns to write that text and never stops. Each answer ends with the EOS instead, and the
+    text is gone from the sample."""
+    assert "<\\s>" in ChatEncoder(proc, ARCHITECTURES["llava"], 300, MISSPELT_EOS).render(CONV, False)
+    e = ChatEncoder(proc, ARCHITECTURES["llava"], 300, MISSPELT_EOS).encode(CONV, [_img()])
+    reference = ChatEncoder(proc, ARCHITECTURES["llava"], 300, REAL_EOS).encode(CONV, [_img()])
+    assert e.input_ids.tolist() == reference.input_ids.tolist() and e.labels.tolist() == reference.labels.tolist()
+    assert "\\" not in "".join(_tokens(proc, e.input_ids.tolist()))
+
+
 def test_a_prompt_to_answer_that_does_not_fit_is_an_error_not_a_cut(proc):
     """Generation (no targets): a multi-turn prompt cut at max_seq_len would lose its question and the
     model would answer an earlier turn (or nothing): an error instead."""

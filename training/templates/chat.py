@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from training.data.records import IMAGE_PLACEHOLDER, Message
 
 IGNORE = -100
+# EOS tokens that a published chat template writes as other text after each answer (see `segments`)
+MISSPELT_EOS = {"</s>": "<\\s>"}
 # Architectures whose processors return pixel inputs with a per-SAMPLE leading dimension
 # (images stacked on dim 1) rather than one row per image.
 PER_SAMPLE_VISION = {"idefics3", "mllama"}
@@ -99,10 +101,14 @@ class ChatEncoder:
             target = full[len(before):]
             core = target.rstrip()
             eos = self.tokenizer.eos_token
-            if core != target and any(core.endswith(t) for t in specials):
-                target = core  # whitespace after the end-of-turn token: not a target (module docstring)
             used = len(target)
-            if eos and core and not any(core.endswith(t) for t in specials):
+            if eos and MISSPELT_EOS.get(eos) and core.endswith(MISSPELT_EOS[eos]):
+                # llava-hf's LLaVA-NeXT-Mistral template writes the TEXT "<\s>" where the EOS "</s>" belongs:
+                # trained as the answer's end, the model would learn to write it and never emit the EOS
+                target, used = core[:-len(MISSPELT_EOS[eos])] + eos, len(core)
+            elif core != target and any(core.endswith(t) for t in specials):
+                target, used = core, len(core)  # whitespace after the end-of-turn token: not a target (docstring)
+            elif eos and core and not any(core.endswith(t) for t in specials):
                 # a template that closes an answer with no end token (llava-hf's LLaVA-1.5 template writes
                 # text + " "): the model would never learn to stop. The answer ends with EOS, as LLaVA
                 # trained it; the whitespace after it stays outside the target
