@@ -173,3 +173,30 @@ def test_non_finite_weights_are_never_saved(world, tiny, rm, tmp_path, monkeypat
         main(ppo_args(world, tiny, rm, out, "--max_steps", "3", "--save_steps", "1"))
     ckpt = out / "checkpoints" / "actor"
     assert (ckpt / "latest").read_text().strip() == "step1" and not (ckpt / "step2").exists()
+
+
+def test_template_override_renders_rollout_prompts_and_is_saved(world, tiny, rm, tmp_path, monkeypatch):
+    """--template (as every stage takes it) renders the actor's rollout prompts and is saved with the actor;
+    the reward model keeps the template it was trained with. PPO accepted the flag and ignored it."""
+    from test_template_tiny import NO_EOS
+
+    from training.config import LoraArgs, ModelArgs
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+    used = []
+    real = ChatEncoder.render
+
+    def render(self, messages, add_generation_prompt):
+        used.append((add_generation_prompt, self.processor.chat_template if self.chat_template is None
+                     else self.chat_template))
+        return real(self, messages, add_generation_prompt)
+
+    monkeypatch.setattr(ChatEncoder, "render", render)
+    (tmp_path / "t.jinja").write_text(NO_EOS)
+    out = tmp_path / "ppo"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "1", "--template", str(tmp_path / "t.jinja")))
+    prompts = [t for gen, t in used if gen]
+    assert prompts and NO_EOS in prompts  # the actor's prompts
+    assert any(t != NO_EOS for t in prompts)  # the reward model's, rendered with its own template
+    _, proc, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(out)), LoraArgs(), for_training=False)
+    assert proc.chat_template == NO_EOS

@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
         disable_dropout(model)
     report = BadRowReport(skip=d.skip_bad_rows)
     paths = d.data_path.split(",")
-    template = Path(m.template).read_text() if m.template != "auto" else None
-    set_chat_template(processor, template)  # saved with the model: generation renders alike
+    template = set_chat_template(processor, m.template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     if a.loss_type == "opa":
         from training.dpo.opa.data import OPADataset, read_opa

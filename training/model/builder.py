@@ -296,14 +296,17 @@ def non_lora_trainables(model) -> dict:
             for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
 
 
-def set_chat_template(processor, template: str | None) -> None:
-    """A --template override becomes the processor's (and its tokenizer's) template, so the checkpoint
-    saved with it renders prompts at generation (predict, PPO rollouts) as they were in training."""
+def set_chat_template(processor, template_arg: str) -> str | None:
+    """--template FILE (not "auto": the processor's own) becomes the processor's (and its tokenizer's)
+    template, so the checkpoint saved with it renders prompts at generation (predict, PPO rollouts) as
+    they were in training. Returns the override's text, or None."""
+    template = Path(template_arg).read_text() if template_arg and template_arg != "auto" else None
     if template:
         processor.chat_template = template
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is not None and tokenizer is not processor:
             tokenizer.chat_template = template
+    return template
 
 
 def save_model(model, processor, out_dir: str | Path) -> str:

@@ -35,7 +35,7 @@ def _need(path: str, what: str, how: str) -> None:
         raise SystemExit(f"{what} not found at {path}: {how}")
 
 
-def ptx_data(p: PPOArgs, d, processor, arch, report):
+def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     """The SFT rows of the ptx term, or None when it is off."""
     if p.ptx_coef <= 0:
         return None
@@ -44,7 +44,7 @@ def ptx_data(p: PPOArgs, d, processor, arch, report):
     from training.templates.chat import ChatEncoder
     path = p.ptx_data_path or str(Path(d.world_dir) / "sft_train.json")
     root = p.ptx_image_folder or d.image_folder
-    encoder = ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens, template)
     return SFTDataset(read_sft(path.split(","), root, report), encoder, root, report)
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_prompts
     from training.engine.plots import plot_metrics
-    from training.model.builder import disable_dropout, load_model_and_processor
+    from training.model.builder import disable_dropout, load_model_and_processor, set_chat_template
     from training.ppo.trainer import PPOTrainer
     from training.rm.model import load_reward_model
     from training.templates.chat import ChatEncoder
@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg["optim"].seed)
     out = Path(run.output_dir)
     actor, processor, arch = load_model_and_processor(m, cfg["lora"])
+    template = set_chat_template(processor, m.template)  # rollout prompts; saved with the actor
     ref = None
     if cfg["lora"].lora_r == 0 or p.reference_model:
         ref_args = dataclasses.replace(m, from_checkpoint=p.reference_model or m.from_checkpoint)
@@ -90,10 +91,10 @@ def main(argv=None) -> dict:
         disable_dropout(critic)
     report = BadRowReport(skip=d.skip_bad_rows)
     records = read_prompts(d.data_path.split(","), d.image_folder, report)
-    encoder = ChatEncoder(processor, arch, d.max_seq_len)
+    encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
-                         rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report))
+                         rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template))
     # schedules count optimizer updates: updates_per_step of them per PPO step, the actor's after the warm-up
     actor_steps = trainer.total_steps - min(p.critic_warmup_steps, trainer.total_steps)
     actor_updates = max(1, actor_steps * trainer.updates_per_step)

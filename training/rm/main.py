@@ -63,8 +63,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg["optim"].seed)
     backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
     model = RewardModel(backbone, factual=rmc.factual)
-    template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
-    set_chat_template(processor, template)  # saved with the model: generation renders alike
+    template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     report = BadRowReport(skip=d.skip_bad_rows)
     captions = rmc.captions_file or None

@@ -35,8 +35,7 @@ def main(argv=None) -> dict:
     d, out = cfg["data"], Path(cfg["run"].output_dir)
     model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
     report = BadRowReport(skip=d.skip_bad_rows)
-    template = Path(cfg["model"].template).read_text() if cfg["model"].template != "auto" else None
-    set_chat_template(processor, template)  # saved with the model: generation renders alike
+    template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
 
     def dataset(paths: str) -> SFTDataset:
