@@ -23,7 +23,8 @@ def test_ground_truth_reviser_scores_and_rewrites():
     ok = g.review(GT, GT, FACTS)
     assert [r["score"] for r in ok] == [4] and revise(ok) == GT
     hall = g.review("The image shows one blue circle and one red square on a cyan background.", GT, FACTS)
-    assert hall[0]["score"] == 1 and hall[0]["object"] == "square" and hall[0]["error_type"] == "image_recognition_error"
+    assert hall[0]["score"] == 1 and hall[0]["object"] == "square"
+    assert hall[0]["error_type"] == "image_recognition_error"
     assert revise(hall) == GT
     count = g.review("The image shows one blue circle and two crosses on a cyan background.", GT, FACTS)
     assert count[0]["score"] == 2 and count[0]["object"] == "cross"
@@ -164,8 +165,9 @@ def test_only_corrected_keeps_the_rollouts_the_expert_changed(world, tmp_path):
     out = tmp_path / "opa"
     (out / "work").mkdir(parents=True)
     wrong = "The image shows one blue circle and one red square on a cyan background."
-    rollouts = [{"id": f"p{i}", "image": "x.png", "question": "Describe the image in detail.", "gt": GT,
-                 "facts": FACTS, "rollout": r} for i, r in enumerate([wrong, GT, wrong.replace("red", "blue")])]
+    answers = [wrong, GT, wrong.replace("red", "blue")]
+    rollouts = [{"key": f"p{i}#{i}", "id": f"p{i}", "image": "x.png", "question": "Describe the image in detail.",
+                 "gt": GT, "facts": FACTS, "rollout": r} for i, r in enumerate(answers)]
     (out / "work" / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     base = ["--step", "correct", "--force", "--from_checkpoint", str(tmp_path), "--data_path",
             str(world / "preference_train.json"), "--image_folder", str(world / "images"), "--output_dir", str(out)]
@@ -314,3 +316,323 @@ def test_read_opa_checks_field_types(tmp_path, field, value, where):
     path.write_text(json.dumps([_opa_row("ok.png"), {"image": "ok.png"}]))
     with pytest.raises(ValueError, match=r"pairs.json: row 1: field 'question': missing"):
         read_opa(path)
+
+
+# ---------------------------------------------------------------- review mends: keys, resume, expert answers, CoPO
+
+def _opa_main_args(world, out, *extra):
+    return ["--from_checkpoint", str(out.parent), "--data_path", str(world / "preference_train.json"),
+            "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress", *extra]
+
+
+def _write_rollouts(work, answers):
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [{"key": f"p#{i}", "id": "p", "image": "x.png", "question": "Describe the image in detail.", "gt": GT,
+             "facts": FACTS, "rollout": r} for i, r in enumerate(answers)]
+    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_rows_sharing_an_id_are_kept_apart_and_resumed(world, tiny, tmp_path):
+    """LLaVA rows are keyed by image: two prompts with one id were one work-file row (and on resume the
+    second counted as done)."""
+    from training.dpo.opa.main import main
+
+    rows = json.loads((world / "preference_train.json").read_text())[:3]
+    rows[1]["id"] = rows[0]["id"]
+    data = world / "images" / "same_ids.json"  # beside the images: the default image root
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "opa"
+    args = ["--from_checkpoint", str(tiny), "--data_path", str(data), "--output_dir", str(out), "--no-progress",
+            "--max_new_tokens", "4", "--n_prompts", "3"]
+    main(args + ["--step", "rollout"])
+    main(args + ["--step", "correct"])
+    assert len(json.loads((out / "work" / "opa_pairs.json").read_text())) == 3  # was 2
+    path = out / "work" / "rollouts.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and len({json.loads(x)["key"] for x in lines}) == 3
+    path.write_text(lines[0] + "\n" + lines[2] + "\n")  # as if stopped before the second prompt
+    main(args + ["--step", "rollout"])
+    assert sorted(json.loads(x)["key"] for x in path.read_text().splitlines()) == \
+        sorted(json.loads(x)["key"] for x in lines)
+    main(args + ["--step", "correct"])
+    pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
+    assert sorted(p["id"] for p in pairs) == sorted([rows[0]["id"], rows[0]["id"], rows[2]["id"]])
+    assert len({p["key"] for p in pairs}) == 3
+
+
+def test_a_new_rollout_is_reviewed_again(world, tmp_path):
+    """After `--step rollout --force` the correct step reused the old rollout's report."""
+    from training.dpo.opa.main import main
+
+    out = tmp_path / "opa"
+    wrong = "The image shows one blue circle and one red square on a cyan background."
+    _write_rollouts(out / "work", [wrong])
+    main(_opa_main_args(world, out, "--step", "correct"))
+    first = json.loads((out / "work" / "opa_pairs.json").read_text())[0]
+    assert first["report"][0]["score"] == 1
+    _write_rollouts(out / "work", [GT])  # the rollout step made anew
+    main(_opa_main_args(world, out, "--step", "correct"))
+    pair = json.loads((out / "work" / "opa_pairs.json").read_text())[0]
+    assert pair["rollout"] == GT and [(r["copied_content"], r["score"]) for r in pair["report"]] == [(GT, 4)]
+
+
+def _record_steps(opa, monkeypatch) -> list:
+    """Each step as (name, whether its work file exists when it starts) and each stage as (script, --resume)."""
+    calls = []
+    monkeypatch.setattr(opa, "step_rollout", lambda a, w: calls.append(("rollout", (w / "rollouts.jsonl").exists())))
+    monkeypatch.setattr(opa, "step_correct", lambda a, w: calls.append(("correct", (w / "reports.jsonl").exists())))
+    monkeypatch.setattr(opa, "_stage", lambda script, args, in_process: calls.append((script, "--resume" in args)))
+    return calls
+
+
+def test_stages_resume_unless_forced(world, tmp_path, monkeypatch):
+    import training.dpo.opa.main as opa
+
+    calls = _record_steps(opa, monkeypatch)
+    out = tmp_path / "opa"
+    (out / "work").mkdir(parents=True)
+    opa.main(_opa_main_args(world, out, "--step", "sft"))
+    opa.main(_opa_main_args(world, out, "--step", "dpo"))
+    assert calls == [("run_sft.sh", True), ("run_dpo_training.sh", True)]  # an interrupted stage continues
+    calls.clear()
+    opa.main(_opa_main_args(world, out, "--step", "dpo", "--force"))
+    assert calls == [("run_dpo_training.sh", False)]
+
+
+def test_force_with_step_all_redoes_every_step(world, tmp_path, monkeypatch):
+    import training.dpo.opa.main as opa
+
+    calls = _record_steps(opa, monkeypatch)
+    out = tmp_path / "opa"
+    work = out / "work"
+    for f in ("rollouts.jsonl", "reports.jsonl", "opa_sft/config.json"):
+        (work / f).parent.mkdir(parents=True, exist_ok=True)
+        (work / f).write_text("{}")
+    (out / "config.json").write_text("{}")
+    opa.main(_opa_main_args(world, out))  # every output there: nothing redone
+    assert calls == [("rollout", True), ("correct", True)]
+    calls.clear()
+    opa.main(_opa_main_args(world, out, "--force"))  # was: nothing redone
+    assert calls == [("rollout", False), ("correct", False), ("run_sft.sh", False), ("run_dpo_training.sh", False)]
+
+
+def test_a_cut_last_work_line_is_dropped_and_other_bad_lines_named(tmp_path, capsys):
+    from training.dpo.opa.main import _read_jsonl
+
+    path = tmp_path / "rollouts.jsonl"
+    good = [json.dumps({"key": f"p#{i}", "id": "p", "rollout": "A."}) for i in range(2)]
+    path.write_text("\n".join(good) + '\n{"key": "p#2", "id": "p", "rol')  # killed while appending
+    assert list(_read_jsonl(path)) == ["p#0", "p#1"]
+    assert "line 3 is cut short" in capsys.readouterr().out
+    assert path.read_text() == "".join(x + "\n" for x in good)  # the next append starts on a line of its own
+    path.write_text(good[0] + "\n{oops\n" + good[1] + "\n")
+    with pytest.raises(SystemExit, match=r"rollouts.jsonl: line 2: invalid JSON"):
+        _read_jsonl(path)
+
+
+_NULLS = {"copied_content": "A red star.", "score": 1, "error_type": "image_recognition_error", "object": None,
+          "rewritten_content": None, "reason": None}
+
+
+def test_parse_report_reads_null_as_no_text():
+    from training.dpo.opa.expert import parse_report
+
+    assert parse_report(json.dumps([_NULLS])) == [{"copied_content": "A red star.", "score": 1, "object": "",
+                                                   "error_type": "image_recognition_error", "rewritten_content": "",
+                                                   "reason": ""}]  # was the text "None"
+
+
+def test_parse_report_refuses_unusable_answers():
+    from training.dpo.opa.expert import parse_report
+
+    row = {**_NULLS, "rewritten_content": "A red cross."}
+    rep = parse_report("Here: " + json.dumps([row]) + " Note [1]: done.")  # prose with brackets after the list
+    assert [(r["score"], r["rewritten_content"]) for r in rep] == [(1, "A red cross.")]
+    assert parse_report(json.dumps([{**row, "score": "3"}]))[0]["score"] == 3
+    for bad, why in [(json.dumps([{**row, "score": "N/A"}]), "sentence 0: score 'N/A'"),
+                     (json.dumps(["A red star."]), "sentence 0 is a str"), (None, "has no text"),
+                     ("I cannot review this.", "holds no JSON list")]:
+        with pytest.raises(ValueError, match=why):
+            parse_report(bad)
+
+
+def test_correct_step_names_or_skips_a_rollout_the_expert_answers_unusably(world, tmp_path, monkeypatch):
+    import training.dpo.opa.main as opa
+    from training.dpo.opa.expert import parse_report
+
+    class Expert:
+        def review(self, response, **_):
+            ok = [{"copied_content": response, "score": 4, "error_type": "correct", "rewritten_content": response}]
+            return parse_report(json.dumps(ok) if response == GT else '[{"score": "N/A"}]')
+
+    monkeypatch.setattr(opa, "make_expert", lambda a, work: Expert())
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", [GT, "A red star."])
+    with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: expert answer: sentence 0: score 'N/A'"):
+        opa.main(_opa_main_args(world, out, "--step", "correct"))
+    opa.main(_opa_main_args(world, out, "--step", "correct", "--skip_bad_rows"))
+    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#0"]
+
+
+def _serve(answer):
+    """A fake OpenAI-compatible endpoint: answer(handler) writes each reply."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            answer(self)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _reply(h, score, declared_extra=0):
+    content = json.dumps([{"copied_content": "A red star.", "score": score, "error_type": "correct"}])
+    out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(out) + declared_extra))
+    h.end_headers()
+    h.wfile.write(out)
+
+
+def test_chat_expert_retries_a_reply_cut_short(tmp_path):
+    """More bytes announced than sent: http.client.IncompleteRead in r.read(), which was not retried."""
+    calls = []
+
+    def answer(h):
+        calls.append(h.path)
+        _reply(h, 1, declared_extra=100 if len(calls) == 1 else 0)
+
+    server = _serve(answer)
+    try:
+        e = ChatExpert(f"http://127.0.0.1:{server.server_port}/v1", "judge", "NO_SUCH_KEY", tmp_path, backoff=0.01)
+        assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2
+        assert not list(tmp_path.glob("*.tmp"))  # the cache entry written whole, through a temporary file
+    finally:
+        server.shutdown()
+
+
+def test_chat_expert_asks_again_for_a_half_written_cache_entry(tmp_path):
+    """Entries are written through a temporary file now; one cut short (killed mid-write by an older version)
+    was a bare JSONDecodeError on every rerun."""
+    calls = []
+    server = _serve(lambda h: (calls.append(1), _reply(h, 1)))
+    try:
+        e = ChatExpert(f"http://127.0.0.1:{server.server_port}/v1", "judge", "NO_SUCH_KEY", tmp_path)
+        e.review("A red star.")
+        (entry,) = tmp_path.glob("*.json")
+        entry.write_text(entry.read_text()[:10])
+        assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2
+        assert json.loads(entry.read_text())["content"]  # written whole again
+    finally:
+        server.shutdown()
+
+
+def test_chat_expert_cache_is_per_endpoint(tmp_path):
+    calls = []
+
+    def answer(h):
+        calls.append(h.path)
+        _reply(h, 1 if h.path.startswith("/a") else 3)
+
+    server = _serve(answer)
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        a = ChatExpert(f"{base}/a", "judge", "NO_SUCH_KEY", tmp_path / "cache")
+        assert a.review("A red star.")[0]["score"] == 1 and len(calls) == 1
+        b = ChatExpert(f"{base}/b", "judge", "NO_SUCH_KEY", tmp_path / "cache")
+        assert b.review("A red star.")[0]["score"] == 3 and len(calls) == 2  # was /a's cached answer
+        assert a.review("A red star.")[0]["score"] == 1 and len(calls) == 2  # each endpoint's answer cached
+    finally:
+        server.shutdown()
+
+
+def test_anchor_uses_the_unweighted_chosen_rewards_as_published():
+    """One prompt, one token per response. Log-ratios pi - ref: real row s = [a0, a1, a2, a3], masked row
+    [m0, m1]; token weights 2 (revised, score), 3 (rollout), 4 (revised, type) on the real row, 5 on the masked
+    revised. With beta b and the paper's anchor:
+      L = -ls(b(a0 - a2)) - ls(b(2 a1 - 3 a2)) - 0.2 [ls(b(a0 - m0)) + ls(b(4 a3 - 5 m1))]
+          - ls(b a0) - ls(b a1) - ls(b a0) - ls(b a3)
+    (ls = log sigmoid): the anchor takes each chosen response's UNWEIGHTED log-ratio, as the released
+    dpo_loss returns beta * chosen_logratios (ours took 2 a1 and 4 a3)."""
+    import math
+
+    import torch
+
+    from training.config import DPOArgs
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import opa_objective
+
+    s = torch.tensor([[0.5, -0.4, 0.3, 0.7], [-0.2, 0.6, 0.0, 0.0]])
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 5.0, 1.0, 1.0]])
+    ones = torch.ones(2, 4)
+    pol = ResponseLogps(s, ones, w * s, s[..., None], ones[..., None], w[..., None])
+    zero = torch.zeros(2, 4)
+    b = 0.5
+    ls = lambda x: -math.log1p(math.exp(-b * x))  # noqa: E731
+    a0, a1, a2, a3, m0, m1 = 0.5, -0.4, 0.3, 0.7, -0.2, 0.6
+    want = -(ls(a0 - a2) + ls(2 * a1 - 3 * a2) + 0.2 * (ls(a0 - m0) + ls(4 * a3 - 5 * m1))
+             + 2 * ls(a0) + ls(a1) + ls(a3))
+    a = DPOArgs(loss_type="opa", beta=b, sft_weight=0.0)
+    got = opa_objective(pol, (zero, ones, zero), a, {})["pair_loss_sum"]
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # the per-token variant: pair losses per token (weights inside the logits only), the same anchor
+    a.opa_token_level = True
+    tok = opa_objective(pol, (zero, ones, zero, torch.zeros(2, 4, 1)), a, {})["pair_loss_sum"]
+    assert tok.item() == pytest.approx(want, rel=1e-6)  # one token each: the per-token form is the same
+
+
+def _opa_dataset(tiny, rows, root, max_len, report):
+    from training.config import LoraArgs, ModelArgs
+    from training.dpo.opa.data import OPADataset, read_opa
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    path = root / "pairs.json"
+    path.write_text(json.dumps(rows))
+    return OPADataset(read_opa(path), ChatEncoder(proc, arch, max_len), str(root), report), proc.tokenizer
+
+
+def test_masked_image_is_masked_on_the_model_input(tiny, tmp_path):
+    """The released code masks the processed tensor (mask_single_image): 30% of the H*W positions, all
+    channels, set to its mean. Ours masked the full-resolution image, which the processor then resized."""
+    import torch
+
+    from training.data.bad_rows import BadRowReport
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    ds, _ = _opa_dataset(tiny, [_opa_row("noise.png")], tmp_path, 512, BadRowReport())
+    real, mask = ds[0]
+    x, y = real.vision["pixel_values"], mask.vision["pixel_values"]  # (1, C, H, W)
+    h, w = x.shape[-2:]
+    changed = (x != y).any(-3)
+    assert changed.sum().item() == int(0.3 * h * w)
+    assert torch.all(y.movedim(-3, -1)[changed] == x.mean())  # every channel of a masked pixel: the mean
+    assert torch.equal(ds[0][1].vision["pixel_values"], y)  # seeded: the reference cache stays valid
+
+
+def test_a_cut_response_keeps_its_token_weights_and_is_reported(tiny, tmp_path):
+    """A response cut at max_seq_len: weights were silently all 1 and the cut never reported."""
+    from training.data.bad_rows import BadRowReport
+
+    png = Image.new("RGB", (64, 64), "red")
+    png.save(tmp_path / "red.png")
+    row = _opa_row("red.png", revised_score_weights=[[GT, 2.0]], rollout="A red star. " + GT)
+    report = BadRowReport(skip=True)
+    ds, tok = _opa_dataset(tiny, [row], tmp_path, 80, report)
+    ids = tok(GT, add_special_tokens=False)["input_ids"]
+    assert token_weights(tok, GT, [[GT, 2.0]], [7] + ids[:5]).tolist() == [1.0] + [2.0] * 5  # was all 1
+    real, _ = ds[0]
+    kept = real.responses[1].tolist()
+    n = next(k for k in range(len(kept)) if kept[k:] == ids[:len(kept) - k])
+    assert n < len(kept) and real.weights[1].tolist() == [1.0] * n + [2.0] * (len(kept) - n)
+    assert real.truncated and report.cut == [{"file": str(tmp_path / "pairs.json"), "row": 0}]
+    # cut so far that ground truth and rollout read the same: a bad row, as in PreferenceDataset
+    same = _opa_row("red.png", rollout=GT + " And one red star.")
+    ds, _ = _opa_dataset(tiny, [same], tmp_path, 80, report)
+    assert ds[0] is None and report.skipped[-1]["field"] == "rollout"

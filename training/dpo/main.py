@@ -121,7 +121,8 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
             key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
                                                         "arch": arch_name, "precision": m.precision, "rows": rows,
                                                         "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
-                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed)},
+                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed,
+                                                                     "model input")},  # how the mask is made
                             records, d.image_folder)
             root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
             return RefCache.load_or_build(

@@ -91,7 +91,9 @@ def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
          real_w[:, 1] - real_w[:, 2],  # 2: revised > rollout, sentence-score weights
          real_s[:, 0] - mask_s[:, 0],  # 3: ground truth, real image > masked image
          real_w[:, 3] - mask_w[:, 1]]  # 4: revised, real image > masked image, error-type weights
-    chosen = [beta * real_s[:, 0], beta * real_w[:, 1], beta * real_s[:, 0], beta * real_w[:, 3]]
+    # AncPO's r_k as published: beta x the chosen response's UNWEIGHTED log-ratio, also for the weighted pairs
+    # 2 and 4 (the released dpo_loss returns beta * chosen_logratios; weights enter the pair logits only)
+    chosen = [beta * real_s[:, 0], beta * real_s[:, 1], beta * real_s[:, 0], beta * real_s[:, 3]]
     pair_losses = None
     if a.opa_token_level:  # the released code's per-token sigmoid; needs per-token reference log-probs
         t = pol.token_lp - ref[3]  # (2N, K, L)

@@ -1,5 +1,6 @@
 """OPA-DPO data: per prompt, the ground truth, the policy's rollout and the expert's revision, their
-per-sentence weights, and a masked copy of the image; as two GroupItems for the DPO machinery.
+per-sentence weights, and a masked copy of the image (masked on the model input, as the released code
+does; see mask_pixels); as two GroupItems for the DPO machinery.
 
     row 2i   (real image)   responses [ground truth, revised (score w), rollout (score w), revised (type w)]
     row 2i+1 (masked image) responses [ground truth, revised (type w)]
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.data.bad_rows import cut_alike
 from training.data.images import ImageError, image_source, is_base64_text, load_image
 from training.data.readers import DataFormatError
 from training.data.records import Message, RowRef
@@ -49,8 +51,24 @@ def image_field(source, image_root: str) -> str:
     return base64.b64encode(kept).decode("ascii")
 
 
+def mask_pixels(pixel_values, ratio: float, seed: int) -> torch.Tensor | None:
+    """CoPO's corrupted image as the released code makes it (mask_single_image, 'random'), on the model input
+    (..., C, H, W): in each image or tile, int(ratio * H * W) pixel positions (seeded), all channels, set to
+    its mean over channels and pixels. None where pixel values are no such images (Qwen2-VL's flattened
+    patches): the image is masked before the processor then (mask_image), the only place left."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() < 4 or pixel_values.shape[-3] not in (1, 3):
+        return None
+    c, h, w = pixel_values.shape[-3:]
+    g = torch.Generator().manual_seed(seed)  # deterministic: the reference log-probs of the masked rows are cached
+    out = pixel_values.clone().reshape(-1, c, h * w)
+    for img in out:  # (C, H*W)
+        img[:, torch.randperm(h * w, generator=g)[:int(h * w * ratio)]] = img.mean()
+    return out.reshape(pixel_values.shape)
+
+
 def mask_image(image: Image.Image, ratio: float, seed: int) -> Image.Image:
-    """CoPO's corrupted image: `ratio` of the pixels (seeded) set to the image's mean colour."""
+    """CoPO's corrupted image before the processor (the fallback of mask_pixels): `ratio` of the pixels
+    (seeded) set to the image's mean colour. The processor's resize then blurs and dilutes the mask."""
     a = np.asarray(image.convert("RGB")).copy()
     h, w, _ = a.shape
     rng = np.random.default_rng(seed)
@@ -81,15 +99,26 @@ def rollout_weights(report: list[dict]) -> list:
     return [[r["copied_content"], SCORE_WEIGHT[r["score"]]] for r in report]
 
 
+def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
+    """(start, n): where the text's ids lie inside the response ids, whole (n = len(ids)); else, the response
+    being cut at max_seq_len, the longest prefix ids[:n] that runs to the end of the response ids."""
+    n, size = len(ids), len(response_ids)
+    whole = next((j for j in range(size - n + 1) if response_ids[j:j + n] == ids), None)
+    if whole is not None or not n:
+        return whole, n
+    cut = next((j for j in range(max(0, size - n + 1), size) if response_ids[j:] == ids[:size - j]), None)
+    return cut, 0 if cut is None else size - cut
+
+
 def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: list[int]) -> torch.Tensor:
     """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
     character offsets), located inside the response ids (the template may add tokens around it, which
-    keep weight 1). A tokenizer that merges across the template boundary leaves all weights at 1."""
+    keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
+    weight). A tokenizer that merges across the template boundary leaves all weights at 1."""
     w = torch.ones(len(response_ids))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    n = len(ids)
-    start = next((j for j in range(len(response_ids) - n + 1) if response_ids[j:j + n] == ids), None)
+    start, n = _locate(ids, response_ids)
     if start is None or n == 0:
         return w
     spans, pos = [], 0
@@ -99,7 +128,7 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
             continue
         spans.append((s, s + len(sentence.strip()), float(weight)))
         pos = s + len(sentence.strip())
-    for t, (a, _) in enumerate(offsets):
+    for t, (a, _) in enumerate(offsets[:n]):
         for s, e, weight in spans:
             if s <= a < e:
                 w[start + t] = weight
@@ -144,16 +173,26 @@ class OPADataset(torch.utils.data.Dataset):
         except ImageError as err:  # changed on disk since it was checked
             self.report.bad(where, "image", str(err), item=(self, i))
             return None
-        masked = mask_image(image, self.mask_ratio, self.seed * 1_000_003 + i)
+        seed = self.seed * 1_000_003 + i
         prompt = [Message("user", "<image>\n" + r["question"])]
         texts = [r["gt"], r["revised"], r["rollout"], r["revised"]]
         sw = [None, r["revised_score_weights"], r["rollout_weights"], r["revised_type_weights"]]
         try:
             real = encode_group(self.encoder, prompt, texts, [image], ROWS_PER_ITEM * i)
+            pixels = mask_pixels(real.vision.get("pixel_values"), self.mask_ratio, seed)
+            masked = image if pixels is not None else mask_image(image, self.mask_ratio, seed)
             mask = encode_group(self.encoder, prompt, [r["gt"], r["revised"]], [masked], ROWS_PER_ITEM * i + 1)
         except PromptTooLong as e:
             self.report.bad(where, "question", str(e), item=(self, i))
             return None
+        if pixels is not None:  # the same image and prompt: the real row's vision inputs, masked
+            mask.vision = {**mask.vision, "pixel_values": pixels}
+        if real.truncated and cut_alike(texts, real.responses):
+            self.report.bad(where, "rollout", "responses (gt, revised, rollout) identical once cut at max_seq_len="
+                                              f"{self.encoder.max_seq_len}", item=(self, i))
+            return None
+        if real.truncated or mask.truncated:  # kept: the loss covers the kept tokens, each with its weight
+            self.report.truncated(where, (self, i))
         real.weights = [None if w is None else token_weights(self.tokenizer, t, w, ids.tolist())
                         for t, w, ids in zip(texts, sw, real.responses)]
         mask.weights = [None, token_weights(self.tokenizer, r["revised"], r["revised_type_weights"],

@@ -8,19 +8,22 @@ and the revised response is the rollout with its bad sentences rewritten. Two ex
                       kinds are present, how many): exact, offline, free.
   ChatExpert          any OpenAI-compatible chat endpoint (GPT-4V in the paper), configured by URL,
                       model name and the NAME of an environment variable holding the API key. Retries
-                      with backoff; every answer is cached on disk by a hash of the request, so a rerun
-                      makes no second call.
+                      with backoff; every answer is cached on disk by a hash of the endpoint URL and the
+                      request (never the key), so a rerun makes no second call.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
 import os
 import re
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -158,37 +161,79 @@ class ChatExpert:
                 last = e
                 if e.code not in (408, 409, 429) and e.code < 500:
                     raise RuntimeError(f"{self.url}: HTTP {e.code} {e.read()[:300]!r}") from e
-            except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as e:
-                last = e
+            except (urllib.error.URLError, http.client.HTTPException, OSError, KeyError, json.JSONDecodeError) as e:
+                last = e  # OSError: timeouts and resets; HTTPException: a reply cut short (IncompleteRead)
             if attempt < self.retries:
                 time.sleep(self.backoff * 2 ** attempt)
         raise RuntimeError(f"{self.url}: no answer after {self.retries + 1} tries ({last})")
 
     def review(self, response: str, reference: str = "", facts=None, question: str = "", image=None) -> list[dict]:
         body = self._body(question, response, image)
-        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        p = urllib.parse.urlsplit(self.url)  # the endpoint, less any credentials in the URL (the key is never in)
+        url = p._replace(netloc=p.netloc.rpartition("@")[2]).geturl()
+        key = hashlib.sha256(json.dumps({"url": url, "body": body}, sort_keys=True).encode()).hexdigest()
         path = self.cache / f"{key}.json"
-        if path.exists():
-            text = json.loads(path.read_text())["content"]
-        else:
-            text = self._post(body)
-            report = parse_report(text)  # a malformed answer is not cached
-            self.cache.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"content": text}))
-            return report
-        return parse_report(text)
+        try:
+            return parse_report(json.loads(path.read_text())["content"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            pass  # not cached, or an entry an older version left half-written: asked again
+        text = self._post(body)
+        report = parse_report(text)  # a malformed answer is not cached
+        self.cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")  # a killed write leaves no half-written entry
+        with os.fdopen(fd, "w") as f:
+            json.dump({"content": text}, f)
+        os.replace(tmp, path)
+        return report
 
 
-def parse_report(text: str) -> list[dict]:
-    m = re.search(r"\[.*\]", text, re.S)
-    if not m:
+def _first_json_list(text: str) -> list:
+    """The first JSON list of objects in the text, decoded from a '[' on (so prose before or after it, brackets
+    included, is ignored); else the first JSON list, whose entries the caller refuses."""
+    lists = []
+    for m in re.finditer(r"\[", text):
+        try:
+            rows, _ = json.JSONDecoder().raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if all(isinstance(r, dict) for r in rows):
+            return rows
+        lists.append(rows)
+    if not lists:
         raise ValueError(f"expert answer holds no JSON list: {text[:200]!r}")
-    rows = json.loads(m.group(0))
+    return lists[0]
+
+
+def _score(x) -> int:
+    """A score 1-4 (clamped): an integer, or a number or text that is one ("3", 3.0); anything else is an error."""
+    try:
+        if not isinstance(x, bool) and float(x) == int(float(x)):
+            return min(4, max(1, int(float(x))))
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise ValueError(f"score {x!r} is not an integer 1-4")
+
+
+def _text(r: dict, field: str, default: str) -> str:
+    x = r.get(field, default)
+    return x if isinstance(x, str) else ""  # JSON null (or a number) is no text: was the text "None"
+
+
+def parse_report(text) -> list[dict]:
+    """The per-sentence report in an expert's answer: its first JSON list of objects. A text field that is
+    not a string (null) becomes ""; a missing score is 4. Anything else is a ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"expert answer has no text (content {text!r:.40})")
     out = []
-    for r in rows:
-        score = int(r.get("score", 4))
-        out.append({"copied_content": str(r.get("copied_content", "")), "score": min(4, max(1, score)),
-                    "error_type": str(r.get("error_type", "correct")), "object": str(r.get("object", "")),
-                    "rewritten_content": str(r.get("rewritten_content", r.get("copied_content", ""))),
-                    "reason": str(r.get("reason", ""))})
+    for k, r in enumerate(_first_json_list(text)):
+        if not isinstance(r, dict):
+            raise ValueError(f"expert answer: sentence {k} is a {type(r).__name__}, not an object: {r!r:.80}")
+        try:
+            score = _score(r.get("score", 4))
+        except ValueError as e:
+            raise ValueError(f"expert answer: sentence {k}: {e}") from None
+        copied = _text(r, "copied_content", "")
+        out.append({"copied_content": copied, "score": score, "error_type": _text(r, "error_type", "correct"),
+                    "object": _text(r, "object", ""), "rewritten_content": _text(r, "rewritten_content", copied),
+                    "reason": _text(r, "reason", "")})
     return out

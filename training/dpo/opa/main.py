@@ -11,11 +11,15 @@
     bash run_opa_dpo.sh --step dpo --dpo_args "--beta 0.2"
 
 A step whose output exists is skipped (rollouts and reports are appended per prompt, so an
-interrupted step continues where it stopped); --force redoes the named step.
+interrupted step continues where it stopped; the SFT and DPO stages continue from their last checkpoint);
+--force redoes the named step, with --step all every step. Work files key each prompt by its data id and
+row (`key`: ids need not be unique, LLaVA's name the image); a report records a hash of what the expert
+reviewed, so a rollout made anew is reviewed anew.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -31,15 +35,16 @@ STEPS = ("rollout", "correct", "sft", "dpo")
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", default="all", choices=("all",) + STEPS)
-    p.add_argument("--force", action="store_true", help="redo the named step even if its output exists")
+    p.add_argument("--force", action="store_true", help="redo the named step (all: every step) even if its output "
+                                                         "exists")
     p.add_argument("--from_checkpoint", default="output/sft", help="the original policy")
     p.add_argument("--data_path", default="", help="preference or prompt file with reference answers "
                                                    "(default: the embedded world's preference_train.json)")
     p.add_argument("--image_folder", default="", help="image root (default: the data file's folder); the work "
                                                        "files name images relative to it")
     p.add_argument("--skip_bad_rows", action="store_true",
-                   help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json instead of "
-                        "stopping")
+                   help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json, and rollouts "
+                        "the expert answers unusably (retried on the next run), instead of stopping")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
     p.add_argument("--only_corrected", action="store_true",
@@ -71,9 +76,43 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def _read_jsonl(path: Path) -> dict[str, dict]:
+    """{key: row} of a work file, a later row replacing an earlier one of its key. A last line cut short (the
+    step killed while appending) is dropped from the file with a warning, and its row is made again; any
+    other bad line is an error naming the file and line."""
     if not path.exists():
         return {}
-    return {r["id"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    lines = path.read_text().splitlines()
+    last = max((n for n, x in enumerate(lines, 1) if x.strip()), default=0)
+    rows = {}
+    for n, line in enumerate(lines[:last], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n < last:
+                raise SystemExit(f"{path}: line {n}: invalid JSON ({err.msg}); delete the line or redo the step "
+                                 "with --force") from None
+            print(f"warning: {path}: line {n} is cut short (a step killed while writing it): dropped, made again")
+            _write_lines(path, lines[:n - 1])
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise SystemExit(f"{path}: line {n}: not a work-file row with a 'key' (an older version's file? redo "
+                             "the step with --force)")
+        rows[row["key"]] = row
+    return rows
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in lines))
+    os.replace(tmp, path)
+
+
+def _input_sha(r: dict) -> str:
+    """A hash of what the expert reviews of a rollout row: a report whose hash differs is of another rollout."""
+    seen = [r["rollout"], r["question"], r["gt"], r.get("facts"), r["image"]]
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
 
 
 def resolve_paths(a) -> None:
@@ -103,8 +142,9 @@ def _is_preference_data(path: str) -> bool:
 
 
 def load_prompts(a, report=None):
-    """(id, prompt, image, reference, facts) of the first --n_prompts rows of a preference file (the chosen
-    response is the reference) or a prompt file with reference answers; image is JSON-safe (image_field).
+    """(id, prompt, image, reference, facts, key) of the first --n_prompts rows of a preference file (the
+    chosen response is the reference) or a prompt file with reference answers; image is JSON-safe
+    (image_field); key "<id>#<k>", k the row's position among the rows read, is unique where ids are not.
     OPA-DPO needs one image per prompt: a row with none or several is a bad row of `report`."""
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_preferences, read_prompts
@@ -117,13 +157,13 @@ def load_prompts(a, report=None):
     else:
         rows = [(r, r.reference or "") for r in read_prompts([a.data_path], a.image_folder, report)]
     out = []
-    for r, ref in rows:
+    for k, (r, ref) in enumerate(rows):
         if len(out) == a.n_prompts:
             break
         if len(r.images) != 1:
             report.bad(r.source, "image", f"OPA-DPO needs exactly one image per prompt; the row has {len(r.images)}")
             continue
-        out.append((r.id, r.prompt, image_field(r.images[0], a.image_folder), ref, r.facts))
+        out.append((r.id, r.prompt, image_field(r.images[0], a.image_folder), ref, r.facts, f"{r.id}#{k}"))
     return out
 
 
@@ -140,7 +180,7 @@ def step_rollout(a, work: Path) -> None:
     out = work / "rollouts.jsonl"
     done = _read_jsonl(out)
     report = BadRowReport(skip=a.skip_bad_rows)
-    todo = [r for r in load_prompts(a, report) if r[0] not in done]
+    todo = [r for r in load_prompts(a, report) if r[5] not in done]
     report.write(work)
     if not todo:
         return
@@ -158,9 +198,9 @@ def step_rollout(a, work: Path) -> None:
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
             images = [[load_image(r[2], a.image_folder)] for r in chunk]
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device)
-            for (rid, prompt, image, ref, facts), t in zip(chunk, texts):
+            for (rid, prompt, image, ref, facts, key), t in zip(chunk, texts):
                 question = prompt[-1].content.replace("<image>", "").strip()
-                f.write(json.dumps({"id": rid, "image": image, "question": question,
+                f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question,
                                     "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
             f.flush()
             bar.update(len(chunk))
@@ -188,27 +228,36 @@ def step_correct(a, work: Path) -> None:
     done = _read_jsonl(out)
     expert = make_expert(a, work)
     from tqdm import tqdm
-    todo = [rid for rid in rollouts if rid not in done]
+    todo = [key for key, r in rollouts.items() if done.get(key, {}).get("input_sha") != _input_sha(r)]
+    bad = []
     with out.open("a") as f, tqdm(todo, desc="expert review", unit="answer", disable=not a.progress,
                                    dynamic_ncols=True) as bar:
-        for rid in bar:
-            r = rollouts[rid]
+        for key in bar:
+            r = rollouts[key]
             image = load_image(r["image"], a.image_folder) if a.expert == "chat" else None
-            report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
-                                   image=image)
-            done[rid] = {"id": rid, "report": report}
-            f.write(json.dumps(done[rid]) + "\n")
+            try:
+                report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
+                                       image=image)
+            except ValueError as err:  # an answer that is no usable report
+                bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
+                if not a.skip_bad_rows:
+                    raise ValueError(f"{bad[-1]} (pass --skip_bad_rows to skip and count such rollouts)") from err
+                continue
+            done[key] = {"key": key, "id": r["id"], "input_sha": _input_sha(r), "report": report}
+            f.write(json.dumps(done[key]) + "\n")
             f.flush()
+    reports = {k: done[k]["report"] for k, r in rollouts.items() if done.get(k, {}).get("input_sha") == _input_sha(r)}
     pairs, sft, empty = [], [], []
-    for rid, r in rollouts.items():
-        report = done[rid]["report"]
+    for key, report in reports.items():
+        r = rollouts[key]
         revised, score_w, type_w = revised_with_weights(report)
         if not revised.strip() or not r["gt"].strip():  # no ground-truth answer (a prompt file without
-            empty.append(rid)                            # references) or an empty revision: no pairs
+            empty.append(key)                            # references) or an empty revision: no pairs
             continue
         if a.only_corrected and all(x["score"] == 4 for x in report) or a.max_pairs and len(pairs) >= a.max_pairs:
             continue
-        pairs.append({"id": rid, "image": r["image"], "question": r["question"], "gt": r["gt"],
+        rid = r["id"]
+        pairs.append({"id": rid, "key": key, "image": r["image"], "question": r["question"], "gt": r["gt"],
                       "rollout": r["rollout"], "revised": revised, "rollout_weights": rollout_weights(report),
                       "revised_score_weights": score_w, "revised_type_weights": type_w, "report": report})
         for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal)
@@ -216,9 +265,12 @@ def step_correct(a, work: Path) -> None:
                 {"from": "human", "value": "<image>\n" + r["question"]}, {"from": "gpt", "value": answer}]})
     (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
     (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
-    n_bad = sum(any(x["score"] < 4 for x in done[k]["report"]) for k in rollouts)
+    n_bad = sum(any(x["score"] < 4 for x in report) for report in reports.values())
     print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected; {len(pairs)} prompts' pairs -> "
           f"{work / 'opa_pairs.json'}")
+    if bad:
+        print(f"expert: skipped {len(bad)} rollouts whose expert answer was unusable, asked again on the next run "
+              f"(first: {bad[0]})")
     if empty:
         print(f"expert: {len(empty)} rollouts made no pairs, their ground-truth answer or revision being empty "
               f"(first: {empty[0]}); OPA-DPO needs a reference answer per prompt")
@@ -242,25 +294,26 @@ def main(argv=None) -> None:
     work = Path(a.output_dir) / "work"
     work.mkdir(parents=True, exist_ok=True)
     resolve_paths(a)
-    steps = STEPS if a.step == "all" else (a.step,)
+    steps = STEPS if a.step == "all" else (a.step,)  # --force redoes each of them
     if "rollout" in steps:
-        if a.force and a.step == "rollout":
+        if a.force:
             (work / "rollouts.jsonl").unlink(missing_ok=True)
         step_rollout(a, work)
     if "correct" in steps:
-        if a.force and a.step == "correct":
+        if a.force:
             (work / "reports.jsonl").unlink(missing_ok=True)
         step_correct(a, work)
     sft_dir = work / "opa_sft"
-    if "sft" in steps and (a.force and a.step == "sft" or not (sft_dir / "adapter").exists()
-                           and not (sft_dir / "config.json").exists()):
+    resume = [] if a.force else ["--resume"]  # a stage continues from its last checkpoint (none: from the start)
+    if "sft" in steps and (a.force or not (sft_dir / "adapter").exists() and not (sft_dir / "config.json").exists()):
         _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
                               "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed", str(a.seed),
-                              *shlex.split(a.sft_args)], a.in_process)
-    if "dpo" in steps and (a.force and a.step == "dpo" or not (Path(a.output_dir) / "config.json").exists()):
+                              *resume, *shlex.split(a.sft_args)], a.in_process)
+    if "dpo" in steps and (a.force or not (Path(a.output_dir) / "config.json").exists()):
         _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
                                        str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
-                                       "--output_dir", a.output_dir, "--sft_weight", "0", *shlex.split(a.dpo_args)], a.in_process)
+                                       "--output_dir", a.output_dir, "--sft_weight", "0", *resume,
+                                       *shlex.split(a.dpo_args)], a.in_process)
 
 
 if __name__ == "__main__":
