@@ -4,17 +4,21 @@
     reply = judge.chat([{"role": "user", "content": "..."}], temperature=0.0)
 
 * The API key is read from the environment variable named by `api_key_env` when a request is
-  sent; it is never written to a file, a log line or an error message. With the variable unset,
-  requests go without an Authorization header (local servers).
+  sent; it is never written to a file, a log line or an error message. With the variable unset or
+  empty, requests go without an Authorization header (local servers). A key is never sent over plain
+  http to another machine (anyone on the way could read it): that needs an https URL.
 * Every request and reply is cached on disk, keyed by a hash of (model, messages, decoding
   settings), so re-scoring the same answers sends no request at all. Only successful replies are
   cached; a reply the caller cannot parse can be asked again with `attempt=1, 2, ...`.
-* A failed request (network error, timeout, HTTP 408/409/425/429/5xx, a reply without a message)
+* A failed request (network error, timeout, a reply cut short, HTTP 408/409/425/429/5xx, a reply
+  body without a text choices[0].message.content)
   is retried with exponential backoff; other HTTP errors (400, 401, 403, 404) fail at once.
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
+import ipaddress
 import json
 import os
 import sys
@@ -67,6 +71,24 @@ def _public_url(url: str) -> str:
                                     p.path, "", ""))
 
 
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _reply_text(out) -> str | None:
+    """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
+    choices = out.get("choices") if isinstance(out, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
+
+
 class Judge:
     def __init__(self, cfg: JudgeConfig, progress: bool = False):
         self.cfg = cfg
@@ -97,7 +119,7 @@ class Judge:
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         response = self._post(body)
-        reply = response["choices"][0]["message"]["content"]
+        reply = _reply_text(response)
         _write_atomic(path, {"request": {"model": self.cfg.model, "messages": messages, "decoding": decoding,
                                          "attempt": attempt},
                              "reply": reply, "response_model": response.get("model"),
@@ -118,9 +140,14 @@ class Judge:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
+        where = _public_url(self.cfg.endpoint)
+        url = urllib.parse.urlsplit(self.cfg.endpoint)
+        if key and url.scheme != "https" and not _loopback(url.hostname):
+            raise JudgeError(f"judge {where}: refusing to send the API key in ${self.cfg.api_key_env} over plain "
+                             f"{url.scheme} to another machine: give an https:// judge URL, or set "
+                             f"{self.cfg.api_key_env} empty for a server that needs no key")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        where = _public_url(self.cfg.endpoint)
         last = ""
         for k in range(self.cfg.max_retries + 1):
             if k:
@@ -130,8 +157,7 @@ class Judge:
             try:
                 with _OPENER.open(req, timeout=self.cfg.timeout_s) as resp:
                     out = json.loads(resp.read().decode("utf-8"))
-                if isinstance(out.get("choices"), list) and out["choices"] and \
-                        isinstance(out["choices"][0].get("message", {}).get("content"), str):
+                if _reply_text(out) is not None:
                     return out
                 last = "reply has no choices[0].message.content"
             except urllib.error.HTTPError as err:
@@ -141,7 +167,8 @@ class Judge:
                              "address it redirects to")
                 if err.code not in _RETRY_STATUS:
                     raise JudgeError(f"judge {where}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError,
+                    http.client.HTTPException) as err:  # HTTPException: e.g. IncompleteRead, a body cut short
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             print(f"judge {where}: request failed ({last}); attempt {k + 1} of {self.cfg.max_retries + 1}",
                   file=sys.stderr)

@@ -316,7 +316,8 @@ def test_ppo_prompts_and_question_files(tmp_path, root):
     objhal = write_jsonl(tmp_path / "objhal.jsonl", [
         {"image_id": 42, "question": "Describe the image.", "image": base64.b64encode(RED).decode()}])
     (o,) = read_prompts(str(objhal), str(root))
-    assert (o.id, o.images, o.meta) == ("42", [RED], {"image_id": 42})
+    # image_id is no question id (several questions can ask about one image): the file's name and row are
+    assert (o.id, o.images, o.meta) == ("objhal-0", [RED], {"image_id": 42})
     trl = _json(tmp_path / "trl_prompts.json", [{"prompt": [{"role": "user", "content": "Hi?"}], "images": []}])
     assert read_prompts(trl, None)[0].prompt == _msgs(("user", "Hi?"))
 
@@ -501,3 +502,61 @@ def test_captions_refused_for_formats_that_cannot_use_them(tmp_path, root):
     assert len(read_preferences(path, str(root))) == 1
     rlhf = _json(tmp_path / "rlhf.json", [GOOD_RLHF])
     assert read_preferences(rlhf, str(root), captions_file=captions)[0].facts == ["A bus."]
+
+
+def test_opa_set_is_sft_data_and_prompts(tmp_path, root):
+    """OPA-DPO's OPA set (queries, image_bytes, standard_response, AI_pseudo_response; data_formats.md) is the
+    data of its OPA step, a LoRA-SFT on both answers: two conversations per row (one when they are the same),
+    and prompts for rollouts with the ground truth as the reference. Without the AI_json_report it is no
+    preference data (no rejected response)."""
+    import datasets
+
+    row = {"queries": "<image>\nDescribe the image.", "image_bytes": base64.b64encode(RED).decode(),
+           "standard_response": "A red square.", "AI_pseudo_response": "A red square on white."}
+    datasets.Dataset.from_list([row, dict(row, image_bytes=GREEN, AI_pseudo_response="A red square.")]).save_to_disk(
+        str(tmp_path / "opa"))
+    recs = read_sft(str(tmp_path / "opa"), str(root))
+    assert [r.messages[1].content for r in recs] == ["A red square.", "A red square on white.", "A red square."]
+    assert recs[0].messages[0] == Message("user", "<image>\nDescribe the image.")
+    assert [r.images for r in recs] == [[RED], [RED], [GREEN]] and len({r.id for r in recs}) == 3
+    assert [r.source.row for r in recs] == [0, 0, 1]
+    (p, _) = read_prompts(str(tmp_path / "opa"), str(root))
+    assert (p.prompt, p.reference, p.images) == (_msgs(("user", "<image>\nDescribe the image.")), "A red square.",
+                                                 [RED])
+    with pytest.raises(DataFormatError, match="It looks like SFT data"):
+        read_preferences(str(tmp_path / "opa"), str(root))
+    bad = _json(tmp_path / "bad.json", [row, dict(row, standard_response="")])
+    with pytest.raises(BadRowError, match=r"row 1: field 'standard_response': empty response"):
+        read_sft(bad, str(root))
+
+
+def test_one_trl_row_of_lists_is_a_row_not_columns(tmp_path, root):
+    """TRL's rows hold only lists (images, prompt, chosen, rejected): a .json file of one such object is one
+    row, not a dict of columns; a real dict of columns is still split."""
+    def msg(role, text):
+        return [{"role": role, "content": [{"type": "text", "text": text}]}]
+
+    row = {"images": [base64.b64encode(RED).decode()],
+           "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]}],
+           "chosen": msg("assistant", "Red."), "rejected": msg("assistant", "Blue.")}
+    (r,) = read_preferences(_json(tmp_path / "one.json", row), str(root))
+    assert (r.prompt, r.responses, r.images) == (_msgs(("user", "<image>\nColor?")), ["Red.", "Blue."], [RED])
+    columns = {k: [v, v] for k, v in row.items()}
+    assert [r.responses for r in read_preferences(_json(tmp_path / "cols.json", columns), str(root))] == [
+        ["Red.", "Blue."]] * 2
+    sft_columns = {"image": ["a.jpg", "b.png"], "conversations": [_turns("<image>\nQ", "A"), _turns("Q2", "B")]}
+    assert [r.images for r in read_sft(_json(tmp_path / "sft_cols.json", sft_columns), str(root))] == [
+        [str(root / "a.jpg")], [str(root / "b.png")]]
+
+
+def test_utf8_byte_order_mark_is_read(tmp_path, root):
+    """Files saved by some Windows editors start with a UTF-8 byte order mark: not part of the JSON."""
+    bom = "\ufeff"
+    (tmp_path / "d.json").write_text(bom + json.dumps([GOOD_SFT]), encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(bom + json.dumps(GOOD_SFT) + "\n" + json.dumps(GOOD_SFT) + "\n",
+                                      encoding="utf-8")
+    assert len(read_sft(str(tmp_path / "d.json"), str(root))) == 1
+    assert [r.source.row for r in read_sft(str(tmp_path / "d.jsonl"), str(root))] == [0, 1]
+    (tmp_path / "caps.json").write_text(bom + json.dumps({"a.jpg": ["A bus."]}), encoding="utf-8")
+    rlhf = _json(tmp_path / "rlhf.json", [GOOD_RLHF])
+    assert read_preferences(rlhf, str(root), captions_file=str(tmp_path / "caps.json"))[0].facts == ["A bus."]

@@ -189,7 +189,8 @@ def test_llava_bench_relative_score_retry_and_cache(tmp_path, fake_server, monke
     assert content.endswith("does not affect your judgment.\n\n")
     assert "[Context]\nA dog.\nGrass.\n\n" in server.requests[-3]["body"]["messages"][1]["content"]
 
-    assert "4reply" in (err := capsys.readouterr().err) and "cached=0, requests=6" in err  # the judge's progress bar: replies, sent vs cached
+    # the judge's progress bar: replies, sent vs cached
+    assert "4reply" in (err := capsys.readouterr().err) and "cached=0, requests=6" in err
 
     rerun = bench_main(argv)
     assert len(server.requests) == 6 and rerun["metrics"] == m and rerun["judge"]["cache_hits"] == 4
@@ -261,3 +262,94 @@ def test_a_redirect_is_not_followed_so_the_key_goes_nowhere_else(fake_server, mo
         httpd.shutdown()
         httpd.server_close()
     assert target.requests == [] and target.auth == []
+
+
+def _raw_server(replies):
+    """A server that answers each POST with the next (body bytes, Content-Length) of `replies`, then closes."""
+    class Raw(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body, length = replies.pop(0) if replies else (b"{}", 2)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Raw)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd
+
+
+def _ok(text):
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+    return body, len(body)
+
+
+@pytest.mark.parametrize("bad", [b"[]", b'{"choices": [{"message": null}]}', b'{"choices": ["x"]}',
+                                 b'{"choices": [{"message": {"content": 3}}]}', b'"text"'])
+def test_a_reply_body_of_another_shape_is_retried(bad, tmp_path):
+    """A body that is not {"choices": [{"message": {"content": text}}]} (a list, a null message, ...) is a
+    failed request, retried as any other: not an AttributeError or TypeError out of the judge."""
+    httpd = _raw_server([(bad, len(bad)), _ok("Rating: 4")])
+    try:
+        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
+                                  api_key_env="EVAL_TEST_UNSET_VARIABLE", cache_dir=str(tmp_path / "c"),
+                                  max_retries=2, backoff_s=0.01, timeout_s=10))
+        assert judge.chat([{"role": "user", "content": "q"}]) == "Rating: 4" and judge.requests == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_reply_cut_short_is_retried(tmp_path, capsys):
+    """The connection closes before Content-Length bytes came: http.client.IncompleteRead (an HTTPException,
+    not an OSError) is retried like a network error."""
+    body = _ok("Rating: 5")[0]
+    httpd = _raw_server([(body[:10], len(body)), _ok("Rating: 5")])
+    try:
+        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
+                                  api_key_env="EVAL_TEST_UNSET_VARIABLE", cache_dir=str(tmp_path / "c"),
+                                  max_retries=2, backoff_s=0.01, timeout_s=10))
+        assert judge.chat([{"role": "user", "content": "q"}]) == "Rating: 5" and judge.requests == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "IncompleteRead" in capsys.readouterr().err
+
+
+def test_the_key_never_goes_over_plain_http_to_another_machine(monkeypatch, tmp_path, capsys):
+    """With a key set, a plain http:// URL of another host is refused before anything is sent (anyone on the
+    way could read the Bearer header); https, loopback addresses and an empty key variable are sent."""
+    import urllib.error
+
+    import eval.judge as judge_module
+
+    sent = []
+
+    class Opener:  # stands in for the network: records the Authorization header of each request
+        def open(self, req, timeout):
+            sent.append((req.full_url, req.get_header("Authorization")))
+            raise urllib.error.URLError("no network in tests")
+    monkeypatch.setattr(judge_module, "_OPENER", Opener())
+    monkeypatch.setenv("EVAL_TEST_JUDGE_KEY", KEY)
+
+    def ask(url):
+        judge = Judge(JudgeConfig(url=url, model="m", api_key_env="EVAL_TEST_JUDGE_KEY", max_retries=0,
+                                  cache_dir=str(tmp_path / "c"), backoff_s=0.01))
+        with pytest.raises(JudgeError) as info:
+            judge.chat([{"role": "user", "content": "q"}])
+        return str(info.value)
+
+    err = ask("http://judge.example.com:8000/v1")
+    assert "https://" in err and "EVAL_TEST_JUDGE_KEY empty" in err and KEY not in err and sent == []
+    for url in ("https://judge.example.com/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1",
+                "http://127.0.0.2/v1"):
+        assert "after 1 attempts" in ask(url)
+    assert [auth for _, auth in sent] == [f"Bearer {KEY}"] * 4
+    monkeypatch.setenv("EVAL_TEST_JUDGE_KEY", "")
+    assert "after 1 attempts" in ask("http://judge.example.com:8000/v1")
+    assert sent[-1] == ("http://judge.example.com:8000/v1/chat/completions", None)
+    assert KEY not in capsys.readouterr().err

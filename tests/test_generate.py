@@ -1,4 +1,8 @@
-"""Generation never emits an image placeholder or padding (a sampled <image> breaks the next forward)."""
+"""Generation never emits an image placeholder or padding (a sampled <image> breaks the next forward);
+predict reports a question too long for --max_seq_len as a bad row and refuses duplicate question ids."""
+import json
+
+import pytest
 import torch
 
 from training.config import LoraArgs, ModelArgs
@@ -40,3 +44,55 @@ def test_image_token_is_suppressed_even_when_it_is_the_likeliest(world, tiny):
     # generate_batch decodes without special tokens: had it sampled only <image>, its texts would be empty
     texts = generate_batch(model, processor, encoder, arch.name, prompts, images, decode)
     assert all(t[0].strip() for t in texts)
+
+
+def _questions(world, path, rows):
+    base = [json.loads(x) for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:len(rows)]]
+    path.write_text("".join(json.dumps({"image": b["image"], **r}) + "\n" for b, r in zip(base, rows)))
+    return path
+
+
+def _predict_argv(world, tiny, qfile, afile, *extra):
+    return ["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+            "--output_file", str(afile), "--max_new_tokens", "2", "--max_seq_len", "200", "--no-progress", *extra]
+
+
+def test_predict_reports_a_prompt_too_long_as_a_bad_row(tmp_path, world, tiny):
+    """A question longer than --max_seq_len is a bad row naming file, row and field: the run stops on it, or
+    with --skip_bad_rows the rest of its batch is answered and it is counted; a resumed run does the same.
+    Answer rows hold the question text as LLaVA's model_vqa writes it (no "<image>" placeholder)."""
+    from training.data.bad_rows import BadRowError
+    from training.predict.main import parse, predict
+
+    qfile = _questions(world, tmp_path / "q.jsonl", [
+        {"question_id": "a", "text": "Is there a circle?"}, {"question_id": "long", "text": "Is there a dog? " * 200},
+        {"question_id": "c", "text": "Is there a square?"}])
+    afile = tmp_path / "a.jsonl"
+    with pytest.raises(BadRowError, match=r"q\.jsonl: row 1: field 'text': prompt of \d+ tokens .* exceeds"):
+        predict(parse(_predict_argv(world, tiny, qfile, afile)))
+    argv = _predict_argv(world, tiny, qfile, afile, "--skip_bad_rows")
+    predict(parse(argv))
+    rows = [json.loads(x) for x in afile.read_text().splitlines()]
+    assert [(r["question_id"], r["prompt"]) for r in rows] == [("a", "Is there a circle?"), ("c", "Is there a square?")]
+    bad = json.loads((tmp_path / "a.bad_rows.json").read_text())
+    assert (bad["n_skipped"], bad["rows"][0]["row"], bad["rows"][0]["field"]) == (1, 1, "text")
+    predict(parse(argv))  # resumed: nothing new to answer, the long question skipped again
+    assert [json.loads(x) for x in afile.read_text().splitlines()] == rows
+
+
+def test_predict_question_ids_are_unique(tmp_path, world, tiny):
+    """Several questions about one image share its image_id, which is no question id (fresh runs wrote
+    duplicate ids, resumed ones skipped questions); two rows with one question_id are refused."""
+    from eval.answers import read_answers
+    from training.predict.main import parse, predict
+
+    qfile = _questions(world, tmp_path / "objhal.jsonl", [{"image_id": 7, "question": f"Is there a {x}?"}
+                                                          for x in ("circle", "square", "cross")])
+    afile = tmp_path / "a.jsonl"
+    predict(parse(_predict_argv(world, tiny, qfile, afile)))
+    assert sorted(read_answers(afile)) == ["objhal-0", "objhal-1", "objhal-2"]
+    assert {json.loads(x)["image_id"] for x in afile.read_text().splitlines()} == {7}  # kept for CHAIR
+    dup = _questions(world, tmp_path / "dup.jsonl", [{"question_id": 1, "text": "A?"}, {"question_id": 2, "text": "B?"},
+                                                     {"question_id": 1, "text": "C?"}])
+    with pytest.raises(SystemExit, match=r"dup\.jsonl, row 0 and .*dup\.jsonl, row 2: both have question_id '1'"):
+        predict(parse(_predict_argv(world, tiny, dup, tmp_path / "b.jsonl")))

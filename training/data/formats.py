@@ -24,7 +24,8 @@ from training.data.readers import DataFormatError, Format, ParsedRow, RowProblem
 from training.data.records import (IMAGE_PLACEHOLDER as PH, ConversationRecord, Message, PreferenceRecord,
                                    PromptRecord, RowRef)
 
-__all__ = ["read_sft", "read_preferences", "read_prompts", "read_table", "DataFormatError", "write_jsonl"]
+__all__ = ["read_sft", "read_preferences", "read_prompts", "read_table", "prompt_field", "DataFormatError",
+           "write_jsonl"]
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _LLAVA_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -252,6 +253,32 @@ def _sft_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref), images, field)
 
 
+_OPA_ANSWERS = ("standard_response", "AI_pseudo_response")
+
+
+def _opa_images(row: dict) -> list:
+    return [] if row.get("image_bytes") is None else [row["image_bytes"]]
+
+
+def _sft_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
+    """OPA-DPO's OPA set, the data of its OPA step (LoRA-SFT): the query answered by the ground truth
+    (standard_response) and by the expert's revision (AI_pseudo_response), two conversations on the
+    row's image (one when both are the same text)."""
+    prompt = [Message("user", _text(_need(row, "queries"), "queries"))]
+    images = _opa_images(row)
+    _place_images(prompt, len(images), "queries")
+    answers = {}
+    for key in _OPA_ANSWERS:
+        text = _text(row.get(key), key, response=True)
+        if PH in text:
+            raise RowProblem(key, f"'{PH}' in a response")
+        answers.setdefault(text.strip(), key)
+    base = _row_id(row, ref, "id")
+    records = [ConversationRecord(f"{base}-{key}", [Message("user", prompt[0].content), Message("assistant", text)],
+                                  source=ref) for text, key in answers.items()]
+    return ParsedRow(records, images, "image_bytes")
+
+
 def _is_ranked(r: dict) -> bool:
     conv = r.get("conversations")
     last = conv[-1] if isinstance(conv, list) and conv else None
@@ -263,6 +290,8 @@ SFT_FORMATS = [
            lambda r: isinstance(r.get("conversations"), list) and not _is_ranked(r), _sft_llava),
     Format("trl_messages", "TRL conversational: messages [{role, content}], images",
            lambda r: "messages" in r, _sft_trl),
+    Format("opa", "OPA-DPO's OPA set (save_to_disk): queries, image_bytes, standard_response and "
+           "AI_pseudo_response (each a target)", lambda r: {"queries", *_OPA_ANSWERS} <= r.keys(), _sft_opa),
 ]
 
 
@@ -346,8 +375,7 @@ def _pref_opa_dpo(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = [Message("user", _text(row.get("queries"), "queries"))]
     responses = _responses([row.get("AI_pseudo_response"), row.get("original_generate_response")],
                            "AI_pseudo_response/original_generate_response")
-    images = [] if row.get("image_bytes") is None else [row["image_bytes"]]
-    return _pref(row, ref, prompt, responses, images, "image_bytes", _facts(row), text_field="queries")
+    return _pref(row, ref, prompt, responses, _opa_images(row), "image_bytes", _facts(row), text_field="queries")
 
 
 def _is_feedback_mix(r: dict) -> bool:
@@ -399,6 +427,17 @@ def _prompt_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
                                   source=ref), images, field)
 
 
+def _prompt_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
+    """OPA set rows as prompts to roll out: the ground truth (standard_response) is the reference answer."""
+    prompt = [Message("user", _text(_need(row, "queries"), "queries"))]
+    images = _opa_images(row)
+    _place_images(prompt, len(images), "queries")
+    reference = row.get("standard_response")
+    reference = reference if isinstance(reference, str) and reference.strip() else None
+    return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
+                                  meta=_answer_meta(row), source=ref), images, "image_bytes")
+
+
 _QUESTION_KEYS = ("text", "question", "query")
 _IMAGE_KEYS = ("image", "image_path", "images")
 
@@ -415,8 +454,8 @@ def _prompt_question(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
                                       "'image_path' relative to the image root")
     _place_images(prompt, len(images), key)
     meta = {k: v for k, v in row.items() if k not in (key, "facts", *_IMAGE_KEYS)}
-    record = PromptRecord(_row_id(row, ref, "question_id", "id", "image_id"), prompt, facts=_facts(row),
-                          meta=meta, source=ref)
+    # not image_id: several questions about one image would share an id (and an answer)
+    record = PromptRecord(_row_id(row, ref, "question_id", "id"), prompt, facts=_facts(row), meta=meta, source=ref)
     return ParsedRow(record, images, field)
 
 
@@ -425,10 +464,23 @@ PROMPT_FORMATS = [
            "reference]", lambda r: isinstance(r.get("conversations"), (list, str)), _prompt_conversations),
     Format("trl_prompt", "TRL prompt-only: prompt (messages or text), images",
            lambda r: "prompt" in r, _prompt_trl),
+    Format("opa", "OPA-DPO's OPA set: queries, image_bytes, standard_response (the reference)",
+           lambda r: "queries" in r, _prompt_opa),
     Format("questions", "LLaVA question / benchmark file: question_id, image, text|question|query, any other "
            "fields (kept as meta)", lambda r: any(k in r for k in _QUESTION_KEYS), _prompt_question),
 ]
 KINDS = {"SFT": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}
+_PROMPT_TEXT = {"conversations": "conversations", "trl_prompt": "prompt", "opa": "queries"}
+
+
+def prompt_field(path: str) -> str:
+    """The field a prompt file's rows hold their text in (its format detected from the first row, as
+    read_prompts does): named when a prompt turns out bad after reading, e.g. too long for max_seq_len."""
+    rows = read_table(path, bad_lines=True)
+    row = next((r for _, r in rows if isinstance(r, dict)), {})
+    rows.close()
+    fmt = next((f.name for f in PROMPT_FORMATS if f.detect(row)), "")
+    return _PROMPT_TEXT.get(fmt) or next((k for k in _QUESTION_KEYS if k in row), "prompt")
 
 
 def read_sft(paths, image_root: str | None, report: BadRowReport | None = None) -> list[ConversationRecord]:
@@ -443,7 +495,7 @@ def read_preferences(paths, image_root: str | None, report: BadRowReport | None 
     as no other format can use them."""
     ctx = {}
     if captions_file:
-        with open(captions_file, encoding="utf-8") as f:
+        with open(captions_file, encoding="utf-8-sig") as f:
             ctx["captions"] = json.load(f)
         if not isinstance(ctx["captions"], dict):
             raise DataFormatError(f"{captions_file}: expected a JSON object image id -> list of captions")

@@ -41,7 +41,7 @@ class RowProblem(Exception):
 
 @dataclass
 class ParsedRow:
-    record: Any  # its `images` are filled in once `sources` are validated
+    record: Any  # its `images` are filled in once `sources` are validated; a list: records sharing them
     sources: list  # raw image sources
     image_field: str  # named in the report when an image is bad
 
@@ -82,9 +82,12 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
 
-def read_table(path: str | os.PathLike, bad_lines: bool = False) -> Iterator[tuple[int, Any]]:
+def read_table(path: str | os.PathLike, bad_lines: bool = False,
+               one_row: Callable[[dict], bool] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (row_index, row) from one source; rows are normally dicts (callers check). An invalid
-    JSON Lines line stops the read, or with bad_lines comes out as a RowProblem in place of its row."""
+    JSON Lines line stops the read, or with bad_lines comes out as a RowProblem in place of its row.
+    one_row: whether a .json file's single object whose values are all lists is one row (TRL's rows
+    look like that) rather than a dict of columns; without it, such an object is columns."""
     path = str(path)
     if os.path.isdir(path):
         yield from _read_saved_dataset(path)
@@ -95,7 +98,7 @@ def read_table(path: str | os.PathLike, bad_lines: bool = False) -> Iterator[tup
         elif suffix == ".jsonl":
             yield from _read_jsonl(path, bad_lines)
         elif suffix == ".json":
-            yield from _read_json(path, bad_lines)
+            yield from _read_json(path, bad_lines, one_row)
         else:
             raise DataFormatError(f"{path}: unknown file type '{suffix}' (known: {', '.join(DATA_SUFFIXES)}, "
                                   "a folder saved with datasets.save_to_disk, or a Hub dataset id)")
@@ -103,8 +106,8 @@ def read_table(path: str | os.PathLike, bad_lines: bool = False) -> Iterator[tup
         yield from _read_hub(path)
 
 
-def _read_json(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
+def _read_json(path: str, bad_lines: bool, one_row: Callable[[dict], bool] | None) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not JSON
         text = f.read()
     try:
         data = json.loads(text)
@@ -113,7 +116,8 @@ def _read_json(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
             yield from _read_jsonl(path, bad_lines)
             return
         raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) and not (
+            one_row and one_row(data)):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
             raise DataFormatError(f"{path}: a dict of columns needs columns of equal length, got {sorted(lengths)}")
@@ -128,7 +132,7 @@ def _read_json(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
 
 
 def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
@@ -211,6 +215,17 @@ def _detect(path: str, row_index: int, row: dict, kind: str, kinds: dict[str, li
                           f"format. Known {kind} formats:\n{known}{hint}")
 
 
+def _one_row(formats: list[Format], path: str, context: dict) -> Callable[[dict], bool]:
+    """Whether a JSON object of lists is one row rather than columns: a format detects it and parses it."""
+    def check(obj: dict) -> bool:
+        fmt = next((f for f in formats if f.detect(obj)), None)
+        try:
+            return fmt is not None and fmt.parse(obj, RowRef(path, 0), context) is not None
+        except RowProblem:
+            return False
+    return check
+
+
 def _check_context(path: str, fmt: Format, context: dict, fmts: list[Format]) -> None:
     """Refuse a file whose format would ignore an input the user gave (e.g. --captions_file)."""
     for key in context:
@@ -257,8 +272,9 @@ def _flush(chunk: list, root: str, report: BadRowReport, out: list, pool: Thread
         if bad is not None:
             report.bad(ref, f"{item.image_field}[{bad}]" if len(images) > 1 else item.image_field, images[bad][1])
             continue
-        item.record.images = [kept for _, kept in images]
-        out.append(item.record)
+        for record in item.record if isinstance(item.record, list) else [item.record]:
+            record.images = [kept for _, kept in images]
+            out.append(record)
     chunk.clear()
 
 
@@ -273,7 +289,7 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             # With no image root, image paths resolve inside the folder that holds the data.
             root = image_root or os.path.dirname(os.path.abspath(path))
             fmt, chunk, n_rows = None, [], 0
-            for i, row in read_table(path, bad_lines=True):
+            for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, context)):
                 n_rows += 1
                 ref = RowRef(path, i)
                 if isinstance(row, RowProblem):  # an invalid JSON Lines line

@@ -31,11 +31,17 @@ def stop_and_never(model, tokenizer) -> tuple[list[int], list[int]]:
     return eos_ids, sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer) and i not in set(eos_ids))
 
 
+def encode_prompts(encoder: ChatEncoder, prompts: list, images: list) -> list:
+    """Prompts to answer, encoded; one that does not fit max_seq_len raises PromptTooLong."""
+    return [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
+
+
 def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
-                   decode: DecodeArgs, device=None) -> list[list[str]]:
-    """prompts: list of message lists; images: list of PIL lists. Returns n texts per prompt."""
+                   decode: DecodeArgs, device=None, encoded: list | None = None) -> list[list[str]]:
+    """prompts: list of message lists; images: list of PIL lists; encoded: the prompts already encoded
+    (`encode_prompts`), or None to encode them here. Returns n texts per prompt."""
     tok = processor.tokenizer
-    enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
+    enc = encoded if encoded is not None else encode_prompts(encoder, prompts, images)
     batch = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True)
     if device is not None:
         batch = batch.to(device)
@@ -54,14 +60,15 @@ def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, promp
 
 
 def best_of_n(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
-              decode: DecodeArgs, n: int, scorer, facts: list | None = None, device=None):
+              decode: DecodeArgs, n: int, scorer, facts: list | None = None, device=None, encoded: list | None = None):
     """Best-of-n (Vision-LLM-Alignment's "BoS"): sample n answers per prompt in one batched
     generate call, score all of them with `scorer` (a `training.rm.data.RewardScorer`, given the
-    facts when its reward model is factual and every prompt has them) and keep the highest.
+    facts when its reward model is factual and every prompt has them) and keep the highest; `encoded` as in
+    `generate_batch`.
     -> (best texts, their rewards (B,), all rewards (B, n))."""
     import dataclasses
     decode = dataclasses.replace(decode, do_sample=True, num_beams=1, num_return_sequences=n)
-    cands = generate_batch(model, processor, encoder, arch_name, prompts, images, decode, device)
+    cands = generate_batch(model, processor, encoder, arch_name, prompts, images, decode, device, encoded)
     flat = [t for c in cands for t in c]
     rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731  each prompt's row, n times
     rewards = scorer.score(rep(prompts), rep(images), flat, rep(facts) if facts is not None else None).view(-1, n)

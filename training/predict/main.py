@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from training.data.images import is_base64_text
+from training.data.records import IMAGE_PLACEHOLDER
 from training.model.builder import add_inference_args
 
 
@@ -71,14 +72,46 @@ def answered(out: Path) -> set[str]:
 
 
 def answer_row(r, text: str, model_id: str) -> dict:
-    """question_id, image_id (when the question has one), image (a path; not base64 pictures), prompt,
-    text, model_id."""
+    """question_id, image_id (when the question has one), image (a path; not base64 pictures), prompt
+    (the question text alone, without the image placeholders, as LLaVA's model_vqa writes it), text, model_id."""
     row = {"question_id": _qid(r)}
     if r.meta.get("image_id") is not None:
         row["image_id"] = r.meta["image_id"]
     src = r.images[0] if r.images else None
     row["image"] = src if isinstance(src, str) and not is_base64_text(src) else None
-    return {**row, "prompt": r.prompt[-1].content, "text": text, "model_id": model_id}
+    prompt = r.prompt[-1].content.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+    return {**row, "prompt": prompt, "text": text, "model_id": model_id}
+
+
+def unique_ids(records) -> None:
+    """Answers are keyed by question_id: two questions with one id would write rows that read_answers refuses,
+    and a resumed run would skip the second as answered."""
+    seen = {}
+    for r in records:
+        qid = _qid(r)
+        if qid in seen:
+            raise SystemExit(f"{seen[qid]} and {r.source}: both have question_id {qid!r}; give every question its "
+                             "own question_id (or none: the file's name and row then make one)")
+        seen[qid] = r.source
+
+
+def fitting(chunk: list, images: list, encoder, report, fields: dict) -> tuple[list, list, list]:
+    """(records, their images, their encoded prompts) of a batch, without the questions whose prompt does not
+    fit max_seq_len: each is a bad row of `report` naming its file, row and text field (an error, or with
+    --skip_bad_rows skipped and counted). fields: file -> its text field, filled in as needed."""
+    from training.data.formats import prompt_field
+    from training.predict.generate import encode_prompts
+    from training.templates.chat import PromptTooLong
+
+    kept = []
+    for r, im in zip(chunk, images):
+        try:
+            kept.append((r, im, encode_prompts(encoder, [r.prompt], [im])[0]))
+        except PromptTooLong as err:
+            if r.source.file not in fields:
+                fields[r.source.file] = prompt_field(r.source.file)
+            report.bad(r.source, fields[r.source.file], str(err))
+    return tuple(map(list, zip(*kept))) if kept else ([], [], [])
 
 
 def predict(args: argparse.Namespace) -> Path:
@@ -101,7 +134,9 @@ def predict(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = answered(out)
     report = BadRowReport(skip=args.skip_bad_rows)
-    records = [r for r in read_prompts([args.data_path], image_root, report) if _qid(r) not in done]
+    records = read_prompts([args.data_path], image_root, report)
+    unique_ids(records)
+    records = [r for r in records if _qid(r) not in done]
     device, precision = inference_device(args.device, args.precision)
     model, processor, arch = load_model_and_processor(
         ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
@@ -112,19 +147,25 @@ def predict(args: argparse.Namespace) -> Path:
     scorer = _scorer(args, records, device, precision) if args.reward_model else None
     model_id = args.model_id or args.model_path
     bar = tqdm(total=len(records) + len(done), initial=len(done), desc="predict", disable=not args.progress)
+    fields: dict = {}
     with out.open("a") as f:
         for i in range(0, len(records), args.batch_size):
             chunk = records[i:i + args.batch_size]
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
+            n = len(chunk)
+            chunk, images, encoded = fitting(chunk, images, encoder, report, fields)
+            bar.update(n - len(chunk))  # questions skipped as bad rows
+            if not chunk:
+                continue
             prompts = [r.prompt for r in chunk]
             facts = [r.facts for r in chunk] if scorer is not None and scorer.factual else None
             rewards = None
             if args.best_of_n > 1:
                 texts, rewards, _ = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
-                                              args.best_of_n, scorer, facts, device)
+                                              args.best_of_n, scorer, facts, device, encoded)
             else:
                 texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode,
-                                                      device)]
+                                                      device, encoded)]
                 if scorer is not None:
                     rewards = scorer.score(prompts, images, texts, facts)
             rows = [answer_row(r, t, model_id) for r, t in zip(chunk, texts)]
