@@ -34,10 +34,11 @@ def train(script: str, out: str, *args: str) -> None:
 
 def score(model: str, world: str) -> dict:
     from eval.run_embedded import evaluate
-    pred = Path(model) / "predictions" / "embedded_objhal.jsonl"
+    pred = Path(model) / "predictions" / "embedded_quality_objhal.jsonl"
     if pred.exists():
         pred.unlink()  # always score the model as it is now
-    return evaluate(model, world, benches=["objhal"])["results"]["objhal"]
+    # its own run name: the model's eval_embedded.json (POPE, counts: what eval.report reads) is kept
+    return evaluate(model, world, benches=["objhal"], run_name="quality")["results"]["objhal"]
 
 
 def pairs_used(out: str) -> int:

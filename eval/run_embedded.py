@@ -15,7 +15,7 @@ from eval.embedded import BENCHES, HEADLINE
 
 
 def evaluate(model_path: str, world: str, batch_size: int = 64, benches=None, num_beams: int = 1,
-             progress: bool = True) -> dict:
+             progress: bool = True, run_name: str = "") -> dict:
     from eval.benchmark import build_parser, run
 
     argv = ["--benchmark", "embedded", "--model_path", model_path, "--data", world, "--image_folder",
@@ -23,6 +23,8 @@ def evaluate(model_path: str, world: str, batch_size: int = 64, benches=None, nu
             "--restart_answers"] + ([] if progress else ["--no-progress"])
     if benches:
         argv += ["--embedded_benches", *benches]
+    if run_name:  # eval_embedded_<run_name>.json: the model's eval_embedded.json (all benches) stays as it is
+        argv += ["--run_name", run_name]
     record = run(build_parser().parse_args(argv))
     record["results"] = record["details"]["results"]
     return record

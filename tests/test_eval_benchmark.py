@@ -70,6 +70,12 @@ def test_run_embedded_table(tmp_path, world, tiny, capsys):
     assert f"| {model} |" in t and table_file.read_text().strip() == t
     saved = json.loads((model / "eval_embedded.json").read_text())
     assert saved["benchmark"] == "embedded" and "objhal/CHAIRi" in saved["metrics"]
+    # benchmarks.quality scores objhal alone under its own run name: the model's eval_embedded.json (what
+    # eval.report reads) keeps its count results (it was rewritten with objhal only)
+    from benchmarks.quality import score
+    assert "CHAIRi" in score(str(model), str(world))
+    assert "count/accuracy" in json.loads((model / "eval_embedded.json").read_text())["metrics"]
+    assert (model / "eval_embedded_quality.json").is_file()
 
 
 def test_run_predict_sh_dispatches(tmp_path):

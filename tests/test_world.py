@@ -28,6 +28,15 @@ def test_same_seed_same_world_other_seed_differs(tmp_path):
     assert _digest(a) != _digest(c)
 
 
+def test_a_world_regenerated_in_place_has_its_own_images(tmp_path):
+    """Scene ids repeat across seeds (heldout00000...): a world written over another must not keep the old
+    images beside its new ground truth (they were kept when the file existed)."""
+    generate(tmp_path / "w", WorldConfig(seed=3, **SMALL))
+    generate(tmp_path / "w", WorldConfig(seed=4, **SMALL))
+    generate(tmp_path / "fresh", WorldConfig(seed=4, **SMALL))
+    assert _digest(tmp_path / "w") == _digest(tmp_path / "fresh")
+
+
 def test_files_read_back_with_ground_truth(tmp_path):
     meta = generate(tmp_path, WorldConfig(seed=1, **SMALL))
     img = str(tmp_path / "images")

@@ -6,7 +6,7 @@ Files (images under images/, paths relative to it):
   sft_train.json          LLaVA-Instruct conversations (descriptions, yes/no, counting; multi-turn)
   preference_train.json   Vision-LLM-Alignment ranked lists [chosen, rejected] + "facts"
   preference_heldout.json held-out pairs (reward-model accuracy)
-  ranked_train.json       ranked lists of 3 (faithful > one error > two errors) + "facts"
+  ranked_train.json       ranked lists of 3 (faithful > wrong count > an added object) + "facts"
   ppo_prompts.json        prompts (human turn only) + "facts" + reference answer
   bench_objhal.jsonl      Object-HalBench-style description questions with ground-truth objects
   bench_pope_{random,popular,adversarial}.jsonl   POPE-style yes/no questions with labels
@@ -141,9 +141,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     splits = {n: [sample_scene(rng, f"{n}{i:05d}") for i in range(c)] for n, c in names.items()}
     for scenes in splits.values():
         for s in scenes:
-            path = out / "images" / f"{s.id}.png"
-            if not path.exists():
-                render(s).save(path)
+            render(s).save(out / "images" / f"{s.id}.png")  # always: ids repeat across seeds and sizes
     sft, n_hal = _sft_rows(splits["sft"], rng, cfg.hallucination_rate)
     held = splits["heldout"]
     freq = Counter(k for s in splits["sft"] for k in s.kinds)
