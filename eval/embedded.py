@@ -1,8 +1,8 @@
 """Scoring on the embedded world, where the ground truth is exact.
 
-Object mentions are the world's kind nouns (singular or plural) in a response. Per response the
-distinct mentioned kinds are compared with the scene's kinds:
-  CHAIR_i  = hallucinated mentions / all mentions       (distinct kinds per response)
+Object mentions are the world's kind nouns (singular or plural) in a response, compared with the
+scene's kinds:
+  CHAIR_i  = hallucinated mentions / all mentions       (every mention, as benchmarks.md and eval.chair)
   CHAIR_s  = responses with >= 1 hallucinated kind / all responses
   recall   = sum of distinct correct kinds / sum of ground-truth kinds
 POPE-style questions use POPE's own parsing (eval.pope); counting questions read the first number word.
@@ -19,24 +19,23 @@ from training.world.scenes import KINDS, NUMBERS, PLURAL
 _NOUNS = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
 
 
+def mentions(text: str) -> list[str]:
+    """The kind of every object noun in the text, in order, repeats kept."""
+    return [_NOUNS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NOUNS]
+
+
 def mentioned_kinds(text: str) -> list[str]:
-    words = re.findall(r"[a-z]+", text.lower())
-    seen = []
-    for w in words:
-        k = _NOUNS.get(w)
-        if k and k not in seen:
-            seen.append(k)
-    return seen
+    """The distinct kinds the text names, in order of first mention."""
+    return list(dict.fromkeys(mentions(text)))
 
 
 def chair(responses: list[str], gt: list[list[str]]) -> dict:
     n_mention = n_hal = n_resp_hal = n_correct = n_gt = n_resp_mention = 0
     for text, truth in zip(responses, gt):
-        ks = mentioned_kinds(text)
-        hal = [k for k in ks if k not in truth]
-        n_mention += len(ks)
-        n_hal += len(hal)
-        n_resp_hal += bool(hal)
+        every, ks = mentions(text), mentioned_kinds(text)
+        n_mention += len(every)
+        n_hal += sum(k not in truth for k in every)
+        n_resp_hal += any(k not in truth for k in ks)
         n_resp_mention += bool(ks)
         n_correct += len(set(ks) & set(truth))
         n_gt += len(set(truth))

@@ -22,6 +22,9 @@ def test_chair_hand_worked():
     assert m["CHAIRs"] == pytest.approx(1 / 3)        # 1 of 3 responses
     assert m["CHAIRs_refine"] == pytest.approx(1 / 2)  # 1 of 2 responses that mention objects
     assert m["recall"] == pytest.approx(2 / 4)        # circle + square of 4 GT kinds
+    # every mention counts for CHAIR_i (benchmarks.md; eval.chair), distinct kinds for CHAIR_s and recall
+    m = chair(["one red circle and one blue star. The star is big. Another star."], [["circle"]])
+    assert m["CHAIRi"] == pytest.approx(3 / 4) and m["CHAIRs"] == 1 and m["recall"] == 1
 
 
 def test_pope_parsing_rule():
