@@ -483,6 +483,30 @@ def test_anchor_uses_the_unweighted_chosen_rewards_as_published():
     assert tok.item() == pytest.approx(want, rel=1e-6)  # one token each: the per-token form is the same
 
 
+def test_opa_token_level_anchor_is_per_token():
+    """The released code's per-token form applies the anchor's sigmoid per token too. The ground truth's
+    per-token log-ratios (2, -2), every other response's 0, beta 0.5: with X = (sp(-1) + sp(1)) / 2,
+    sp(x) = log(1 + e^x), pairs 1 and 3 give X, pairs 2 and 4 log 2, the anchor X + log 2 + X + log 2:
+    3.2 X + 3.2 log 2 in all. A sequence-level anchor (r1 = r3 = 0.5 (2 - 2) = 0) would give 1.2 X + 5.2 log 2."""
+    import math
+
+    import torch
+
+    from training.config import DPOArgs
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import opa_objective
+
+    tok = torch.zeros(2, 4, 2)
+    tok[0, 0] = torch.tensor([2.0, -2.0])
+    ones = torch.ones(2, 4, 2)
+    pol = ResponseLogps(tok.sum(-1), ones.sum(-1), tok.sum(-1), tok, ones, ones)
+    zero = torch.zeros(2, 4)
+    a = DPOArgs(loss_type="opa", beta=0.5, sft_weight=0.0, opa_token_level=True)
+    got = opa_objective(pol, (zero, ones.sum(-1), zero, torch.zeros(2, 4, 2)), a, {})["pair_loss_sum"]
+    x = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2
+    assert got.item() == pytest.approx(3.2 * x + 3.2 * math.log(2), rel=1e-6)
+
+
 def _opa_dataset(tiny, rows, root, max_len, report):
     from training.config import LoraArgs, ModelArgs
     from training.dpo.opa.data import OPADataset, read_opa

@@ -199,6 +199,15 @@ def test_opa_dpo_loss_hand_value():
     assert published.item() == pytest.approx(2.4 * math.log(2) + 2 * math.log(2) + 2 * math.log1p(math.exp(1)))
 
 
+def test_anchor_loss_per_token_hand_value():
+    """Per-token anchor terms are means over each term's mask: up (2, 0) over 2 positions ->
+    (log(1 + e^-2) + log 2) / 2; down (1, 5) over its first position only -> log(1 + e)."""
+    got = L.anchor_loss([torch.tensor([[2.0, 0.0]])], [torch.tensor([[1.0, 5.0]])],
+                        [torch.ones(1, 2), torch.tensor([[1.0, 0.0]])])
+    want = (math.log1p(math.exp(-2.0)) + math.log(2)) / 2 + math.log1p(math.e)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
 def test_token_level_dpo_loss_hand_value():
     """ratios w = (1, 1, -), l = (0, -, -) (beta 1): positions 0 and 1 count, 2 does not:
     (-log s(1) - log s(1)) / 2 = log(1 + e^-1) = 0.3132617."""

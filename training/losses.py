@@ -133,11 +133,16 @@ def sft_term(pi_w: torch.Tensor, weight: float) -> torch.Tensor:
     return -weight * pi_w
 
 
-def anchor_loss(rewards_up: list[torch.Tensor], rewards_down: list[torch.Tensor]) -> torch.Tensor:
+def anchor_loss(rewards_up: list[torch.Tensor], rewards_down: list[torch.Tensor],
+                masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """mDPO's anchor (delta = 0) per pair: sum -log s(r) over rewards pushed up + sum -log s(-r) over
-    rewards pushed down; each r = beta (pi - ref) of one response, (B,)."""
-    out = sum(-F.logsigmoid(r) for r in rewards_up)
-    return out + sum(-F.logsigmoid(-r) for r in rewards_down)
+    rewards pushed down; each r = beta (pi - ref) of one response, (B,).
+    masks (OPA-DPO's per-token form): each r is (B, L) per token, 0 past its response's end, and its
+    term is the mean over the positions of its mask (rewards_up's masks, then rewards_down's)."""
+    terms = [-F.logsigmoid(r) for r in rewards_up] + [-F.logsigmoid(-r) for r in rewards_down]
+    if masks is not None:
+        terms = [(t * m).sum(-1) / m.sum(-1).clamp(min=1) for t, m in zip(terms, masks, strict=True)]
+    return sum(terms)
 
 
 def token_level_dpo_loss(ratio_w: torch.Tensor, ratio_l: torch.Tensor, mask_w: torch.Tensor, mask_l: torch.Tensor,
@@ -152,7 +157,8 @@ def token_level_dpo_loss(ratio_w: torch.Tensor, ratio_l: torch.Tensor, mask_w: t
 
 
 def opa_dpo_loss(h: list[torch.Tensor], chosen_rewards: list[torch.Tensor], beta: float, c_std: float = 1.0,
-                 c_ai: float = 1.0, anchor: str = "paper", pair_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 c_ai: float = 1.0, anchor: str = "paper", pair_losses: list[torch.Tensor] | None = None,
+                 anchor_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """OPA-DPO per item. h = [h1..h4]: DPO margins of its four pairs (1 ground truth > rollout, 2 revised >
     rollout, 3 ground truth > same text with a masked image, 4 revised > revised with a masked image);
     chosen_rewards = [r1..r4], beta (pi - ref) of each pair's chosen response.
@@ -160,13 +166,16 @@ def opa_dpo_loss(h: list[torch.Tensor], chosen_rewards: list[torch.Tensor], beta
     AncPO (mDPO anchor, delta 0): "paper" pushes every chosen reward up, -sum_k log sigmoid(r_k), which
     is the anchor's stated purpose (the preferred response's likelihood must not fall); "published"
     reproduces the released code, -log s(r1) - log s(-r2) - log s(r3) - log s(-r4).
-    pair_losses (optional): L1..L4 computed otherwise (token_level_dpo_loss) instead of from h."""
+    pair_losses (optional): L1..L4 computed otherwise (token_level_dpo_loss) instead of from h.
+    anchor_masks (the per-token form, with pair_losses): r_k are (B, L) per-token rewards and each anchor
+    term is averaged over pair k's positions, as its pair loss is (the released code's sigmoid per token)."""
     lk = pair_losses if pair_losses is not None else [sigmoid_dpo_loss(x, beta) for x in h]
     loss = c_std * lk[0] + c_ai * lk[1] + 0.2 * (c_std * lk[2] + c_ai * lk[3])
     r1, r2, r3, r4 = chosen_rewards
+    m = anchor_masks
     if anchor == "published":
-        return loss + anchor_loss([r1, r3], [r2, r4])
-    return loss + anchor_loss([r1, r2, r3, r4], [])
+        return loss + anchor_loss([r1, r3], [r2, r4], None if m is None else [m[0], m[2], m[1], m[3]])
+    return loss + anchor_loss([r1, r2, r3, r4], [], m)
 
 # ---- PPO -----------------------------------------------------------------------------------------
 

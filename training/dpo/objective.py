@@ -94,7 +94,7 @@ def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
     # AncPO's r_k as published: beta x the chosen response's UNWEIGHTED log-ratio, also for the weighted pairs
     # 2 and 4 (the released dpo_loss returns beta * chosen_logratios; weights enter the pair logits only)
     chosen = [beta * real_s[:, 0], beta * real_s[:, 1], beta * real_s[:, 0], beta * real_s[:, 3]]
-    pair_losses = None
+    pair_losses, anchor_r, unions = None, chosen, None
     if a.opa_token_level:  # the released code's per-token sigmoid; needs per-token reference log-probs
         t = pol.token_lp - ref[3]  # (2N, K, L)
         tw = t * pol.weights
@@ -102,7 +102,10 @@ def opa_objective(pol: ResponseLogps, ref, a, out: dict) -> dict:
         pairs = [(t[0::2, 0], t[0::2, 2], k[0::2, 0], k[0::2, 2]), (tw[0::2, 1], tw[0::2, 2], k[0::2, 1], k[0::2, 2]),
                  (t[0::2, 0], t[1::2, 0], k[0::2, 0], k[1::2, 0]), (tw[0::2, 3], tw[1::2, 1], k[0::2, 3], k[1::2, 1])]
         pair_losses = [L.token_level_dpo_loss(*p, beta) for p in pairs]
-    loss = L.opa_dpo_loss(h, chosen, beta, a.opa_c_std, a.opa_c_ai, a.opa_anchor, pair_losses)
+        # the anchor per token too: each chosen response's unweighted per-token reward over its pair's positions
+        anchor_r = [beta * t[0::2, j] * k[0::2, j] for j in (0, 1, 0, 3)]
+        unions = [((p[2] + p[3]) > 0).to(t.dtype) for p in pairs]
+    loss = L.opa_dpo_loss(h, anchor_r, beta, a.opa_c_std, a.opa_c_ai, a.opa_anchor, pair_losses, unions)
     m = {}
     if a.sft_weight:  # the DPO family's added SFT term, on the ground-truth answer with the real image
         sft = L.sft_term(pol.sum[0::2, 0], a.sft_weight)
