@@ -252,14 +252,14 @@ def data_files(args) -> list[Path]:
 
 
 def questions(args) -> dict[str, list[dict]]:
-    from training.data.readers import read_table
+    from training.data.formats import question_id, read_table
 
     out = []
     for i, r in read_table(args.data):
         text = r.get("question", r.get("text", r.get("query")))
         if text is None:
             raise ValueError(f"{args.data}: row {i} has no question / text")
-        out.append({"question_id": str(r.get("question_id", i)), "image": r.get("image", r.get("image_path")),
+        out.append({"question_id": question_id(r, i), "image": r.get("image", r.get("image_path")),
                     "text": text, "image_id": image_id_of(r)})
     return {"": out}
 

@@ -81,7 +81,7 @@ def data_files(args) -> list[Path]:
 
 
 def questions(args) -> dict[str, list[dict]]:
-    from training.data.readers import read_table
+    from training.data.formats import question_id, read_table
 
     out = {}
     for split, path in split_files(args.data).items():
@@ -89,7 +89,7 @@ def questions(args) -> dict[str, list[dict]]:
         for i, r in read_table(path):
             if r.get("label") not in ("yes", "no"):
                 raise ValueError(f"{path}: row {i}: label must be 'yes' or 'no', got {r.get('label')!r}")
-            rows.append({"question_id": str(r.get("question_id", i)), "image": r["image"],
+            rows.append({"question_id": question_id(r, i), "image": r["image"],
                          "text": r["text"] + args.pope_suffix, "label": r["label"]})
         out[split] = rows
     return out

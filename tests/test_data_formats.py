@@ -305,7 +305,7 @@ def test_ppo_prompts_and_question_files(tmp_path, root):
     assert recs[0].prompt == _msgs(("user", "What happens?\n<image>"))
     assert (recs[0].reference, recs[0].images, recs[0].facts) == ("A kite.", [str(root / "a.jpg")], None)
     assert (recs[1].reference, recs[1].facts) == (None, ["a bus"])  # an empty reference is no reference
-    assert (recs[2].reference, recs[2].meta) == (None, {})
+    assert (recs[2].reference, recs[2].meta, recs[2].prompt_field) == (None, {}, "conversations")
 
     pope = tmp_path / "coco_pope_random.json"
     write_jsonl(pope, [{"question_id": 1, "image": "a.jpg", "text": "Is there a bus in the image?",
@@ -313,13 +313,15 @@ def test_ppo_prompts_and_question_files(tmp_path, root):
     (p,) = read_prompts(str(pope), str(root))
     assert (p.id, p.prompt, p.meta) == ("1", _msgs(("user", "<image>\nIs there a bus in the image?")),
                                         {"question_id": 1, "label": "yes", "category": "random"})
+    assert p.prompt_field == "text"
     objhal = write_jsonl(tmp_path / "objhal.jsonl", [
         {"image_id": 42, "question": "Describe the image.", "image": base64.b64encode(RED).decode()}])
     (o,) = read_prompts(str(objhal), str(root))
-    # image_id is no question id (several questions can ask about one image): the file's name and row are
-    assert (o.id, o.images, o.meta) == ("objhal-0", [RED], {"image_id": 42})
+    # image_id is no question id (several questions can ask about one image): the row index is, as in eval
+    assert (o.id, o.images, o.meta, o.prompt_field) == ("0", [RED], {"image_id": 42}, "question")
     trl = _json(tmp_path / "trl_prompts.json", [{"prompt": [{"role": "user", "content": "Hi?"}], "images": []}])
-    assert read_prompts(trl, None)[0].prompt == _msgs(("user", "Hi?"))
+    (t,) = read_prompts(trl, None)
+    assert (t.prompt, t.prompt_field) == (_msgs(("user", "Hi?")), "prompt")
 
 
 def test_prompt_rows_keep_their_multiple_choice_answer(tmp_path, root):

@@ -171,6 +171,25 @@ def test_objhal_benchmark_scores_published_format(tmp_path):
     assert saved["judge"] is None
 
 
+
+def test_raw_objhal_file_answered_by_predict_joins_every_row(tmp_path, world, tiny):
+    """RLAIF-V's question file has no question_id: predict's answers and the scoring key its rows alike (the row
+    index, as RLAIF-V's own answers are keyed; predict once keyed them '<file>-<row>', which joined none)."""
+    from training.predict.main import main as predict
+
+    images = sorted((world / "images").glob("*.png"))[:3]
+    qfile = tmp_path / "obj_halbench_300_with_image.jsonl"
+    qfile.write_text("".join(json.dumps({"image": base64.b64encode(p.read_bytes()).decode(), "question": "Describe.",
+                                         "image_id": i}) + "\n" for i, p in enumerate(images, 1)))
+    (tmp_path / "gt.json").write_text(json.dumps({str(i): ["dog"] for i in (1, 2, 3)}))
+    answers = predict(["--model_path", str(tiny), "--data_path", str(qfile), "--output_file", str(tmp_path / "a.jsonl"),
+                       "--max_new_tokens", "4", "--no-progress"])
+    rec = bench_main(["--benchmark", "objhal", "--data", str(qfile), "--gt_objects", str(tmp_path / "gt.json"),
+                      "--answers", str(answers), "--output_dir", str(tmp_path / "run")])
+    assert rec["metrics"]["sentence_num"] == 3
+    per = [json.loads(x) for x in (tmp_path / "run" / "eval_objhal.per_question.jsonl").read_text().splitlines()]
+    assert [(p["question_id"], p["image_id"]) for p in per] == [("0", 1), ("1", 2), ("2", 3)]
+
 def test_parse_object_list():
     assert parse_object_list('```json\n["dog", "red frisbee"]\n```') == ["dog", "red frisbee"]
     assert parse_object_list('Objects:\n["cat"]') == ["cat"]

@@ -1,5 +1,6 @@
 """Generation never emits an image placeholder or padding (a sampled <image> breaks the next forward);
-predict reports a question too long for --max_seq_len as a bad row and refuses duplicate question ids."""
+predict reports a question too long for --max_seq_len, or whose sampled answers are too long for the reward
+model, as a bad row naming its text field, and refuses duplicate question ids."""
 import json
 
 import pytest
@@ -90,9 +91,96 @@ def test_predict_question_ids_are_unique(tmp_path, world, tiny):
                                                           for x in ("circle", "square", "cross")])
     afile = tmp_path / "a.jsonl"
     predict(parse(_predict_argv(world, tiny, qfile, afile)))
-    assert sorted(read_answers(afile)) == ["objhal-0", "objhal-1", "objhal-2"]
+    assert sorted(read_answers(afile)) == ["0", "1", "2"]  # the row index, as eval numbers such questions
     assert {json.loads(x)["image_id"] for x in afile.read_text().splitlines()} == {7}  # kept for CHAIR
     dup = _questions(world, tmp_path / "dup.jsonl", [{"question_id": 1, "text": "A?"}, {"question_id": 2, "text": "B?"},
                                                      {"question_id": 1, "text": "C?"}])
     with pytest.raises(SystemExit, match=r"dup\.jsonl, row 0 and .*dup\.jsonl, row 2: both have question_id '1'"):
         predict(parse(_predict_argv(world, tiny, dup, tmp_path / "b.jsonl")))
+
+
+def test_prompt_too_long_names_the_field_its_row_holds_the_text_in(tmp_path, world, tiny):
+    """A question file's rows may hold their text in different fields: the bad row names its own (the field was
+    once guessed from the file's first row)."""
+    from training.data.bad_rows import BadRowError
+    from training.predict.main import parse, predict
+
+    qfile = _questions(world, tmp_path / "q.jsonl", [{"question": "Is there a circle?"},
+                                                     {"query": "Is there a dog? " * 200}])
+    with pytest.raises(BadRowError, match=r"q\.jsonl: row 1: field 'query': prompt of \d+ tokens"):
+        predict(parse(_predict_argv(world, tiny, qfile, tmp_path / "a.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def factual_rm(tiny, tmp_path_factory):
+    from sft_helpers import make_reward_model
+    return make_reward_model(tiny, tmp_path_factory.mktemp("rm") / "rm", factual=True)
+
+
+def test_best_of_n_answers_too_long_for_the_reward_model_are_a_bad_row(tmp_path, world, tiny, factual_rm):
+    """Every sampled answer of the middle question, read with its many facts, exceeds the reward model's
+    max_seq_len (the question alone fits): a bad row naming file, row and field (was an uncaught PromptTooLong),
+    or with --skip_bad_rows skipped and counted while the others are answered, each with n_scored."""
+    from training.data.bad_rows import BadRowError
+    from training.predict.main import parse, predict
+
+    fact = "The image contains one green diamond."
+    qfile = _questions(world, tmp_path / "q.jsonl", [{"question_id": q, "text": f"Is there a {x}?", "facts": [fact] * k}
+                                                     for q, x, k in (("a", "circle", 1), ("b", "cross", 20),
+                                                                     ("c", "star", 1))])
+    afile = tmp_path / "a.jsonl"
+    argv = _predict_argv(world, tiny, qfile, afile, "--best_of_n", "2", "--reward_model", str(factual_rm))
+    with pytest.raises(BadRowError, match=r"q\.jsonl: row 1: field 'text': none of its 2 sampled answer\(s\) fits "
+                                          r"the reward model whole \(image, prompt, answer and factual block\) "
+                                          r"within max_seq_len=200"):
+        predict(parse(argv))
+    predict(parse([*argv, "--skip_bad_rows"]))
+    rows = [json.loads(x) for x in afile.read_text().splitlines()]
+    assert [(r["question_id"], r["best_of_n"], r["n_scored"]) for r in rows] == [("a", 2, 2), ("c", 2, 2)]
+    bad = json.loads((tmp_path / "a.bad_rows.json").read_text())
+    assert (bad["n_skipped"], bad["rows"][0]["row"], bad["rows"][0]["field"]) == (1, 1, "text")
+
+
+def test_reward_scorer_does_not_score_a_cut_response(world, tiny, factual_rm):
+    """A response the reward model cannot read whole is an error, or with skip_unfit has reward NaN (it was cut
+    and scored silently)."""
+    from training.rm.data import RewardScorer
+    from training.rm.model import load_reward_model
+    from training.templates.chat import PromptTooLong
+
+    rm, processor, arch = load_reward_model(factual_rm)
+    _, _, _, prompts, images = _setup(world, tiny)
+    args = ([prompts[0]] * 2, [images[0]] * 2, ["a circle", "a circle " * 100])
+    with pytest.raises(PromptTooLong, match="exceed max_seq_len=200"):
+        RewardScorer(rm, processor, arch, 200, factual=False).score(*args)
+    r = RewardScorer(rm, processor, arch, 200, factual=False, skip_unfit=True).score(*args)
+    assert r[0].isfinite() and r[1].isnan()
+
+
+def test_best_of_n_chooses_among_the_scored_answers(world, tiny):
+    """Answers the scorer did not score (NaN) are passed over (argmax took the NaN); predict records n_scored and
+    reports a question with no scored answer as a bad row."""
+    from training.predict.generate import best_of_n
+
+    class LongestUnscored:  # reward = length, but the longest answer is not scored
+        factual = False
+
+        def score(self, prompts, imgs, responses, facts=None):
+            lengths = torch.tensor([float(len(t)) for t in responses]).view(-1, 4)
+            return lengths.masked_fill(lengths == lengths.max(-1, keepdim=True).values, float("nan")).view(-1)
+
+    model, processor, arch, prompts, images = _setup(world, tiny)
+    torch.manual_seed(0)
+    best, _, r_all = best_of_n(model, processor, ChatEncoder(processor, arch, 512), arch.name, prompts, images,
+                               DecodeArgs(max_new_tokens=6), 4, LongestUnscored())
+    assert [len(t) for t in best] == r_all.nan_to_num(-1).max(-1).values.tolist()
+
+    from training.predict.main import rewarded
+    recs = read_prompts([str(world / "ppo_prompts.json")], str(world / "images"))[:2]
+    report = BadRowReport(skip=True)
+    scorer = LongestUnscored()
+    scorer.encoder = ChatEncoder(processor, arch, 200)
+    rows, unscored = rewarded(recs, [{"question_id": "x"}, {"question_id": "y"}],
+                              torch.tensor([[float("nan"), 0.5, 0.25], [float("nan")] * 3]), 3, report, scorer)
+    assert rows == [{"question_id": "x", "reward": 0.5, "best_of_n": 3, "n_scored": 2}] and unscored == 4
+    assert [(b["row"], b["field"]) for b in report.skipped] == [(1, "conversations")]

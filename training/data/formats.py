@@ -24,7 +24,7 @@ from training.data.readers import DataFormatError, Format, ParsedRow, RowProblem
 from training.data.records import (IMAGE_PLACEHOLDER as PH, ConversationRecord, Message, PreferenceRecord,
                                    PromptRecord, RowRef)
 
-__all__ = ["read_sft", "read_preferences", "read_prompts", "read_table", "prompt_field", "DataFormatError",
+__all__ = ["read_sft", "read_preferences", "read_prompts", "read_table", "question_id", "DataFormatError",
            "write_jsonl"]
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -415,7 +415,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     images, field = _llava_images(row)
     _place_images(prompt, len(images), "conversations")
     record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
-                          meta=_answer_meta(row), source=ref)
+                          meta=_answer_meta(row), source=ref, prompt_field="conversations")
     return ParsedRow(record, images, field)
 
 
@@ -424,7 +424,7 @@ def _prompt_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     images, field = _trl_images(row, inline)
     _place_images(prompt, len(images), "prompt")
     return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, facts=_facts(row), meta=_answer_meta(row),
-                                  source=ref), images, field)
+                                  source=ref, prompt_field="prompt"), images, field)
 
 
 def _prompt_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
@@ -435,7 +435,7 @@ def _prompt_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     reference = row.get("standard_response")
     reference = reference if isinstance(reference, str) and reference.strip() else None
     return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
-                                  meta=_answer_meta(row), source=ref), images, "image_bytes")
+                                  meta=_answer_meta(row), source=ref, prompt_field="queries"), images, "image_bytes")
 
 
 _QUESTION_KEYS = ("text", "question", "query")
@@ -454,9 +454,20 @@ def _prompt_question(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
                                       "'image_path' relative to the image root")
     _place_images(prompt, len(images), key)
     meta = {k: v for k, v in row.items() if k not in (key, "facts", *_IMAGE_KEYS)}
-    # not image_id: several questions about one image would share an id (and an answer)
-    record = PromptRecord(_row_id(row, ref, "question_id", "id"), prompt, facts=_facts(row), meta=meta, source=ref)
+    record = PromptRecord(question_id(row, ref.row), prompt, facts=_facts(row), meta=meta, source=ref,
+                          prompt_field=key)
     return ParsedRow(record, images, field)
+
+
+def question_id(row: dict, index: int) -> str:
+    """A question's id: its question_id, else its id (AMBER), else its row index (0-based, as `read_table` numbers
+    rows: RLAIF-V keys its answers to its Object HalBench file so). Not image_id: several questions about one
+    image would share an id (and an answer). Predict's answers and the benchmarks' scoring both key questions by
+    it, so the answers to a raw benchmark file join its questions."""
+    for k in ("question_id", "id"):
+        if row.get(k) is not None:
+            return str(row[k])
+    return str(index)
 
 
 PROMPT_FORMATS = [
@@ -470,19 +481,6 @@ PROMPT_FORMATS = [
            "fields (kept as meta)", lambda r: any(k in r for k in _QUESTION_KEYS), _prompt_question),
 ]
 KINDS = {"SFT": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}
-_PROMPT_TEXT = {"conversations": "conversations", "trl_prompt": "prompt", "opa": "queries"}
-
-
-def prompt_field(path: str) -> str:
-    """The field a prompt file's rows hold their text in (its format detected from the first row, as
-    read_prompts does): named when a prompt turns out bad after reading, e.g. too long for max_seq_len."""
-    rows = read_table(path, bad_lines=True)
-    row = next((r for _, r in rows if isinstance(r, dict)), {})
-    rows.close()
-    fmt = next((f.name for f in PROMPT_FORMATS if f.detect(row)), "")
-    return _PROMPT_TEXT.get(fmt) or next((k for k in _QUESTION_KEYS if k in row), "prompt")
-
-
 def read_sft(paths, image_root: str | None, report: BadRowReport | None = None) -> list[ConversationRecord]:
     """SFT conversations: LLaVA-Instruct or TRL `messages` files (preference files are refused)."""
     return read_records(KINDS, "SFT", paths, image_root, report, {})

@@ -59,3 +59,4 @@ class PromptRecord:
     facts: list[str] | None = None
     meta: dict = field(default_factory=dict)  # e.g. benchmark ground truth, question_id
     source: RowRef | None = None
+    prompt_field: str = "prompt"  # the row's field the prompt text was read from: named when it turns out bad

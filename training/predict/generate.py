@@ -64,7 +64,7 @@ def best_of_n(model, processor, encoder: ChatEncoder, arch_name: str, prompts: l
     """Best-of-n (Vision-LLM-Alignment's "BoS"): sample n answers per prompt in one batched
     generate call, score all of them with `scorer` (a `training.rm.data.RewardScorer`, given the
     facts when its reward model is factual and every prompt has them) and keep the highest; `encoded` as in
-    `generate_batch`.
+    `generate_batch`. An answer the scorer did not score (reward NaN) is kept only when none was scored.
     -> (best texts, their rewards (B,), all rewards (B, n))."""
     import dataclasses
     decode = dataclasses.replace(decode, do_sample=True, num_beams=1, num_return_sequences=n)
@@ -72,5 +72,5 @@ def best_of_n(model, processor, encoder: ChatEncoder, arch_name: str, prompts: l
     flat = [t for c in cands for t in c]
     rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731  each prompt's row, n times
     rewards = scorer.score(rep(prompts), rep(images), flat, rep(facts) if facts is not None else None).view(-1, n)
-    best = rewards.argmax(-1)
+    best = rewards.nan_to_num(float("-inf")).argmax(-1)
     return [c[int(k)] for c, k in zip(cands, best)], rewards.gather(1, best[:, None]).squeeze(1), rewards

@@ -91,15 +91,15 @@ def unique_ids(records) -> None:
         qid = _qid(r)
         if qid in seen:
             raise SystemExit(f"{seen[qid]} and {r.source}: both have question_id {qid!r}; give every question its "
-                             "own question_id (or none: the file's name and row then make one)")
+                             "own question_id (a question file's rows without one are numbered by row: answer "
+                             "such files one at a time)")
         seen[qid] = r.source
 
 
-def fitting(chunk: list, images: list, encoder, report, fields: dict) -> tuple[list, list, list]:
+def fitting(chunk: list, images: list, encoder, report) -> tuple[list, list, list]:
     """(records, their images, their encoded prompts) of a batch, without the questions whose prompt does not
     fit max_seq_len: each is a bad row of `report` naming its file, row and text field (an error, or with
-    --skip_bad_rows skipped and counted). fields: file -> its text field, filled in as needed."""
-    from training.data.formats import prompt_field
+    --skip_bad_rows skipped and counted)."""
     from training.predict.generate import encode_prompts
     from training.templates.chat import PromptTooLong
 
@@ -108,10 +108,27 @@ def fitting(chunk: list, images: list, encoder, report, fields: dict) -> tuple[l
         try:
             kept.append((r, im, encode_prompts(encoder, [r.prompt], [im])[0]))
         except PromptTooLong as err:
-            if r.source.file not in fields:
-                fields[r.source.file] = prompt_field(r.source.file)
-            report.bad(r.source, fields[r.source.file], str(err))
+            report.bad(r.source, r.prompt_field, str(err))
     return tuple(map(list, zip(*kept))) if kept else ([], [], [])
+
+
+def rewarded(chunk: list, rows: list[dict], rewards, n: int, report, scorer) -> tuple[list[dict], int]:
+    """(the answer rows with reward, best_of_n and n_scored, the number of sampled answers not scored).
+    rewards: (B, n), NaN where the reward model could not read an answer whole within its max_seq_len (see
+    `RewardScorer.score`): the best is chosen among the others, and n_scored says how many there were. A
+    question none of whose answers fits is a bad row of `report` naming its file, row and text field."""
+    out, unscored = [], 0
+    for r, row, rs in zip(chunk, rows, rewards):
+        m = int((~rs.isnan()).sum())
+        unscored += n - m
+        if m == 0:
+            what = "image, prompt, answer" + (" and factual block" if scorer.factual else "")
+            report.bad(r.source, r.prompt_field, f"none of its {n} sampled answer(s) fits the reward model whole "
+                                                 f"({what}) within max_seq_len={scorer.encoder.max_seq_len}: raise "
+                                                 "--max_seq_len")
+            continue
+        out.append({**row, "reward": float(rs.nan_to_num(float("-inf")).max()), "best_of_n": n, "n_scored": m})
+    return out, unscored
 
 
 def predict(args: argparse.Namespace) -> Path:
@@ -147,13 +164,13 @@ def predict(args: argparse.Namespace) -> Path:
     scorer = _scorer(args, records, device, precision) if args.reward_model else None
     model_id = args.model_id or args.model_path
     bar = tqdm(total=len(records) + len(done), initial=len(done), desc="predict", disable=not args.progress)
-    fields: dict = {}
+    unscored = 0
     with out.open("a") as f:
         for i in range(0, len(records), args.batch_size):
             chunk = records[i:i + args.batch_size]
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
             n = len(chunk)
-            chunk, images, encoded = fitting(chunk, images, encoder, report, fields)
+            chunk, images, encoded = fitting(chunk, images, encoder, report)
             bar.update(n - len(chunk))  # questions skipped as bad rows
             if not chunk:
                 continue
@@ -161,21 +178,24 @@ def predict(args: argparse.Namespace) -> Path:
             facts = [r.facts for r in chunk] if scorer is not None and scorer.factual else None
             rewards = None
             if args.best_of_n > 1:
-                texts, rewards, _ = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
+                texts, _, rewards = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
                                               args.best_of_n, scorer, facts, device, encoded)
             else:
                 texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode,
                                                       device, encoded)]
                 if scorer is not None:
-                    rewards = scorer.score(prompts, images, texts, facts)
+                    rewards = scorer.score(prompts, images, texts, facts)[:, None]
             rows = [answer_row(r, t, model_id) for r, t in zip(chunk, texts)]
             if rewards is not None:
-                for row, reward in zip(rows, rewards):
-                    row.update(reward=float(reward), best_of_n=args.best_of_n)
+                rows, k = rewarded(chunk, rows, rewards, args.best_of_n, report, scorer)
+                unscored += k
             f.write("".join(json.dumps(row) + "\n" for row in rows))  # a batch at once; a cut one is redone
             f.flush()
             bar.update(len(chunk))
     bar.close()
+    if unscored:
+        print(f"{unscored} sampled answers did not fit the reward model's max_seq_len={args.max_seq_len} whole and "
+              f"were not scored; each question's answer was chosen among the rest ('n_scored' in {out})")
     if report.skipped:
         report.write(out.parent, out.stem + ".bad_rows.json")
     return out
@@ -193,7 +213,7 @@ def _scorer(args, records, device: str, precision: str):
     if note:
         print(note)
     return RewardScorer(rm, rm_processor, rm_arch, args.max_seq_len, args.rm_batch_size, device=device,
-                        factual=rm.factual and not note)
+                        factual=rm.factual and not note, skip_unfit=True)
 
 
 def _qid(r) -> str:

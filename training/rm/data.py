@@ -21,12 +21,14 @@ from training.templates.chat import ChatEncoder, Encoded, PromptTooLong
 
 
 def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, facts=None, factual: bool = False,
-                  shuffle_seed=None) -> Encoded:
-    """One candidate. Factual mode: the factual block comes last, so any truncation loses it: error."""
+                  shuffle_seed=None, whole: bool = False) -> Encoded:
+    """One candidate. Factual mode: the factual block comes last, so any truncation loses it: error. whole
+    (scoring): a response cut short is an error too."""
     enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
                          add_generation_prompt=factual)
-    if factual and enc.truncated:
-        raise PromptTooLong(f"image, prompt, response and factual block exceed max_seq_len={encoder.max_seq_len}")
+    if (factual or whole) and enc.truncated:
+        block = " and factual block" if factual else ""
+        raise PromptTooLong(f"image, prompt, response{block} exceed max_seq_len={encoder.max_seq_len}")
     return enc
 
 
@@ -110,29 +112,39 @@ class RewardScorer:
     the plain conversation (and `warn_missing_facts` says so once)."""
 
     def __init__(self, model, processor, arch, max_seq_len: int = 2048, batch_size: int = 16, device=None,
-                 chat_template: str | None = None, factual: bool | None = None):
+                 chat_template: str | None = None, factual: bool | None = None, skip_unfit: bool = False):
         self.model, self.processor, self.arch = model, processor, arch
         self.encoder = ChatEncoder(processor, arch, max_seq_len, chat_template)
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.skip_unfit = batch_size, device, skip_unfit
         inner = getattr(model, "module", model)
         self.factual = bool(getattr(inner, "factual", False)) if factual is None else factual
 
     @torch.no_grad()
     def score(self, prompts: list, images: list[list], responses: list[str], facts: list | None = None) -> torch.Tensor:
-        """(n,) float32 rewards on CPU. prompts: message lists; images: PIL lists; facts: lists or None."""
+        """(n,) float32 rewards on CPU. prompts: message lists; images: PIL lists; facts: lists or None.
+        A response the reward model cannot read whole within max_seq_len with its image, prompt and (factual) facts
+        raises PromptTooLong (a reward read at a cut response judges another answer), or with `skip_unfit` is not
+        scored: its reward is NaN, for the caller to report."""
         use_facts = self.factual and facts is not None
         if use_facts and any(not f for f in facts):
             raise MissingFacts("factual reward model: some samples have facts and some have none")
-        enc = [encode_for_rm(self.encoder, p, r, im, facts[i] if use_facts else None, use_facts)
-               for i, (p, im, r) in enumerate(zip(prompts, images, responses))]
+        enc, kept = [], []
+        for i, (p, im, r) in enumerate(zip(prompts, images, responses)):
+            try:
+                enc.append(encode_for_rm(self.encoder, p, r, im, facts[i] if use_facts else None, use_facts,
+                                         whole=True))
+                kept.append(i)
+            except PromptTooLong:
+                if not self.skip_unfit:
+                    raise
         pad = self.processor.tokenizer.pad_token_id
-        out = []
+        out = torch.full((len(responses),), float("nan"))
         for k in range(0, len(enc), self.batch_size):
             b = collate_sft(enc[k:k + self.batch_size], pad, self.arch.name)
             if self.device is not None:
                 b = b.to(self.device)
-            out.append(self.model(**b.model_inputs()).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            out[kept[k:k + self.batch_size]] = self.model(**b.model_inputs()).float().cpu()
+        return out
 
     def score_records(self, records, image_root: str, responses: list[str]) -> torch.Tensor:
         images = [[load_image(s, image_root) for s in r.images] for r in records]
