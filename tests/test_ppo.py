@@ -62,6 +62,18 @@ def test_non_finite_reward_stops_and_keeps_last_checkpoint(world, tiny, rm, tmp_
     assert (ckpt / "latest").read_text().strip() == "step1" and (ckpt / "step1").is_dir()
 
 
+def test_rollout_the_reward_model_cannot_read_whole_stops_naming_the_row(world, tiny, rm, tmp_path):
+    """A factual block too long for the reward model's room was cut silently and the cut input scored."""
+    rows = json.loads((world / "ppo_prompts.json").read_text())[:8]
+    rows[3]["facts"] = rows[3]["facts"] * 40
+    data = tmp_path / "prompts.json"
+    data.write_text(json.dumps(rows))
+    args = ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "2")
+    args[args.index("--data_path") + 1] = str(data)
+    with pytest.raises(ValueError, match=r"prompts.json, row 3: .*cannot read this rollout whole"):
+        main(args)
+
+
 def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, tiny, rm, tmp_path):
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport

@@ -22,10 +22,11 @@ from training.data.formats import ANSWER_FIELDS
 from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
-from training.rm.factual import rm_messages
+from training.rm.data import encode_for_rm
 from training.engine.loop import StepPlan, open_run, planned_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
+from training.templates.chat import PromptTooLong
 
 
 def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
@@ -85,9 +86,19 @@ class PPOTrainer:
         return lp, mask, ent
 
     def _scores(self, records, images, responses) -> torch.Tensor:
+        """The reward model's scores of the rollouts, each read whole (image, prompt, response and the factual
+        block): a rollout it cannot read whole stops the run on every rank, naming the prompt's row."""
         factual = self.p.factual and getattr(self._module(self.rm), "factual", False)
-        enc = [self.rm_encoder.encode(rm_messages(r.prompt, resp, r.facts, factual), im, add_generation_prompt=factual)
-               for r, im, resp in zip(records, images, responses)]
+        enc, bad = [], ""
+        for r, im, resp in zip(records, images, responses):
+            try:
+                enc.append(encode_for_rm(self.rm_encoder, r.prompt, resp, im, r.facts, factual, whole=True))
+            except PromptTooLong as e:
+                bad = bad or f"{r.source}: {e}"
+        if float(self.s.all_reduce(float(bool(bad)))) > 0:  # every rank stops, none waits in a collective
+            raise ValueError(f"{bad or 'a prompt on another rank'}: the reward model reads at most "
+                             f"{self.rm_encoder.max_seq_len} tokens (--max_seq_len + --max_new_tokens + 64) and "
+                             "cannot read this rollout whole; raise --max_seq_len or shorten the row's facts")
         batch = collate_sft(enc, self.rm_processor.tokenizer.pad_token_id, self.rm_arch_name).to(self.s.device)
         with torch.no_grad():
             return self.rm(batch.input_ids, batch.attention_mask, **batch.vision).float()
