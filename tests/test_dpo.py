@@ -342,6 +342,29 @@ def test_a_too_long_item_is_counted_once_over_several_passes(world, tiny):
     assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "conversations"), (1, "conversations")]
 
 
+def test_a_bad_row_names_the_fields_its_format_holds_the_texts_in(world, tiny, tmp_path):
+    """An RLAIF-V row (question, chosen, rejected) too long for max_seq_len is reported under its own fields,
+    not under "conversations", which the row does not have."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    row = json.loads((world / "preference_train.json").read_text())[0]
+    chosen, rejected = row["conversations"][1]["value"][:2]
+    path = tmp_path / "rlaif_v.json"
+    path.write_text(json.dumps([{"idx": 0, "image": row["image"], "question": "Describe the image.", "chosen": chosen,
+                                 "rejected": rejected}]))
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    report = BadRowReport(skip=True)
+    ds = PreferenceDataset(read_preferences([str(path)], str(world / "images")), ChatEncoder(proc, arch, 40),
+                           str(world / "images"), report)  # the image alone needs more than 40 tokens
+    assert ds[0] is None
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "question/chosen/rejected")]
+
+
 def test_reference_pass_shows_its_progress(world, tiny, tmp_path, capsys):
     args = [a for a in dpo_args(world, tiny, tmp_path / "p", "--max_steps", "1", "--per_device_train_batch_size", "4",
                                 "--per_device_eval_batch_size", "64") if a != "--no-progress"]

@@ -250,7 +250,8 @@ def _sft_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     messages, inline = _trl_messages(_need(row, "messages"), "messages", end="assistant")
     images, field = _trl_images(row, inline)
     _place_images(messages, len(images), "messages")
-    return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref), images, field)
+    return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref, text_field="messages"), images,
+                     field)
 
 
 _OPA_ANSWERS = ("standard_response", "AI_pseudo_response")
@@ -275,7 +276,7 @@ def _sft_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         answers.setdefault(text.strip(), key)
     base = _row_id(row, ref, "id")
     records = [ConversationRecord(f"{base}-{key}", [Message("user", prompt[0].content), Message("assistant", text)],
-                                  source=ref) for text, key in answers.items()]
+                                  source=ref, text_field=f"queries/{key}") for text, key in answers.items()]
     return ParsedRow(records, images, "image_bytes")
 
 
@@ -298,9 +299,13 @@ SFT_FORMATS = [
 # ---------------------------------------------------------------- preference formats
 
 def _pref(row: dict, ref: RowRef, prompt: list[Message], responses: list[str], images: list, field: str,
-          facts: list[str] | None, id_keys=("id",), text_field: str = "conversations") -> ParsedRow:
+          facts: list[str] | None, id_keys=("id",), text_field: str = "conversations",
+          response_fields: str = "") -> ParsedRow:
+    """text_field: where the prompt's text is (image placeholders are counted there); response_fields: where the
+    responses are when not in it, e.g. "chosen/rejected". A bad row names both."""
     _place_images(prompt, len(images), text_field)
-    record = PreferenceRecord(_row_id(row, ref, *id_keys), prompt, responses, facts=facts, source=ref)
+    record = PreferenceRecord(_row_id(row, ref, *id_keys), prompt, responses, facts=facts, source=ref,
+                              text_field="/".join(x for x in (text_field, response_fields) if x))
     return ParsedRow(record, images, field)
 
 
@@ -324,7 +329,8 @@ def _pref_rlaif_v(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = [Message("user", _text(row.get("question"), "question"))]
     responses = _responses([row.get("chosen"), row.get("rejected")], "chosen/rejected")
     images, field = _llava_images(row)
-    return _pref(row, ref, prompt, responses, images, field, _facts(row), ("idx", "id"), "question")
+    return _pref(row, ref, prompt, responses, images, field, _facts(row), ("idx", "id"), "question",
+                 "chosen/rejected")
 
 
 def _output_text(row: dict, key: str) -> str:
@@ -359,7 +365,8 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         answer = choices[idx]
     if answer is not None:
         facts.append(f"correct answer: {answer}")
-    return _pref(row, ref, prompt, responses, images, field, facts or None)
+    return _pref(row, ref, prompt, responses, images, field, facts or None,
+                 response_fields="output_1/output_2")
 
 
 def _pref_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
@@ -367,7 +374,8 @@ def _pref_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     responses = _responses([_trl_response(row.get("chosen"), "chosen"),
                             _trl_response(row.get("rejected"), "rejected")], "chosen/rejected")
     images, field = _trl_images(row, inline)
-    return _pref(row, ref, prompt, responses, images, field, _facts(row), text_field="prompt")
+    return _pref(row, ref, prompt, responses, images, field, _facts(row), text_field="prompt",
+                 response_fields="chosen/rejected")
 
 
 def _pref_opa_dpo(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
@@ -375,7 +383,8 @@ def _pref_opa_dpo(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = [Message("user", _text(row.get("queries"), "queries"))]
     responses = _responses([row.get("AI_pseudo_response"), row.get("original_generate_response")],
                            "AI_pseudo_response/original_generate_response")
-    return _pref(row, ref, prompt, responses, _opa_images(row), "image_bytes", _facts(row), text_field="queries")
+    return _pref(row, ref, prompt, responses, _opa_images(row), "image_bytes", _facts(row), text_field="queries",
+                 response_fields="AI_pseudo_response/original_generate_response")
 
 
 def _is_feedback_mix(r: dict) -> bool:

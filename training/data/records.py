@@ -36,6 +36,7 @@ class ConversationRecord:
     messages: list[Message]
     images: list[Any] = field(default_factory=list)
     source: RowRef | None = None
+    text_field: str = "conversations"  # the row's field(s) holding the text: named when it turns out bad
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PreferenceRecord:
     images: list[Any] = field(default_factory=list)
     facts: list[str] | None = None  # Fact-RLHF: captions / ground-truth objects / correct option
     source: RowRef | None = None
+    text_field: str = "conversations"  # the row's field(s) holding the texts: named when they turn out bad
 
 
 @dataclass

@@ -87,10 +87,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         try:
             item = encode_group(self.encoder, r.prompt, responses, images, i)
         except PromptTooLong as e:
-            self.report.bad(r.source, "conversations", str(e), item=(self, i))
+            self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
         if item.truncated and cut_alike(responses, item.responses):
-            self.report.bad(r.source, "conversations", f"responses identical once cut at max_seq_len="
+            self.report.bad(r.source, r.text_field, f"responses identical once cut at max_seq_len="
                                                        f"{self.encoder.max_seq_len}", item=(self, i))
             return None
         if item.truncated:

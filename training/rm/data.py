@@ -94,11 +94,11 @@ class RMDataset(torch.utils.data.Dataset):
             encs = [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
                     for resp in r.responses]
         except PromptTooLong as e:
-            self.report.bad(r.source, "conversations", str(e), item=(self, i))
+            self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
         if any(e.truncated for e in encs):
             if cut_alike(r.responses, [e.input_ids for e in encs]):
-                self.report.bad(r.source, "conversations", f"responses identical once cut at max_seq_len="
+                self.report.bad(r.source, r.text_field, f"responses identical once cut at max_seq_len="
                                                            f"{self.encoder.max_seq_len}", item=(self, i))
                 return None
             self.report.truncated(r.source, (self, i))

@@ -31,7 +31,7 @@ class SFTDataset(torch.utils.data.Dataset):
         try:
             return self.encoder.encode(r.messages, images)
         except PromptTooLong as e:
-            self.report.bad(r.source, "conversations", str(e), item=(self, i))
+            self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
 
 
