@@ -155,6 +155,9 @@ def test_reward_scorer_does_not_score_a_cut_response(world, tiny, factual_rm):
         RewardScorer(rm, processor, arch, 200, factual=False).score(*args)
     r = RewardScorer(rm, processor, arch, 200, factual=False, skip_unfit=True).score(*args)
     assert r[0].isfinite() and r[1].isnan()
+    # factual: the message names the factual block (the encoder's own called the whole input a "prompt")
+    with pytest.raises(PromptTooLong, match="response and factual block exceed max_seq_len=200"):
+        RewardScorer(rm, processor, arch, 200).score(*args, facts=[["The image contains one circle."]] * 2)
 
 
 def test_best_of_n_chooses_among_the_scored_answers(world, tiny):

@@ -24,11 +24,17 @@ def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, fac
                   shuffle_seed=None, whole: bool = False) -> Encoded:
     """One candidate. Factual mode: the factual block comes last, so any truncation loses it: error. whole
     (scoring): a response cut short is an error too."""
-    enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
-                         add_generation_prompt=factual)
+    too_long = PromptTooLong(f"image, prompt, response{' and factual block' if factual else ''} exceed "
+                             f"max_seq_len={encoder.max_seq_len}")
+    try:  # factual: the whole input is one prompt to the encoder, whose own message would call it a prompt
+        enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
+                             add_generation_prompt=factual)
+    except PromptTooLong:
+        if factual:
+            raise too_long from None
+        raise
     if (factual or whole) and enc.truncated:
-        block = " and factual block" if factual else ""
-        raise PromptTooLong(f"image, prompt, response{block} exceed max_seq_len={encoder.max_seq_len}")
+        raise too_long
     return enc
 
 
