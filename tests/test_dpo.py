@@ -227,8 +227,8 @@ def test_reference_cache_fingerprints(tmp_path):
 
 
 def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
-    """LoRA: cached and live references (both the policy with adapters disabled, no second model)
-    give the same run; only adapters change."""
+    """LoRA: cached and live references (both the starting policy, no second model) give the same run, with
+    only adapters training and with the projector and vision tower training too."""
     lora = ["--lora_r", "4", "--lora_dropout", "0", *SGD, "--per_device_train_batch_size", "4",
             "--freeze_vision_tower", "--freeze_projector"]
     main(dpo_args(world, tiny, tmp_path / "a", *lora))
@@ -238,9 +238,13 @@ def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
         assert [r[k] for r in la] == pytest.approx([r[k] for r in lb], rel=1e-5, abs=1e-6), k
     assert la[1]["rewards/margins"] != 0.0
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
-    # a trainable projector would move the "adapters off" model away from the start: refused
-    with pytest.raises(SystemExit, match="non-adapter parameters train"):
-        main(dpo_args(world, tiny, tmp_path / "c", *lora[:-2], "--no-precompute_ref"))
+    # the projector and vision tower training too: the live reference puts them back at their start
+    # (adapters off alone would move with them), so it still equals the cached one
+    main(dpo_args(world, tiny, tmp_path / "c", *lora[:-2]))
+    main(dpo_args(world, tiny, tmp_path / "d", *lora[:-2], "--no-precompute_ref"))
+    lc, ld = _rows(tmp_path / "c"), _rows(tmp_path / "d")
+    for k in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[k] for r in lc] == pytest.approx([r[k] for r in ld], rel=1e-5, abs=1e-6), k
 
 
 def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):

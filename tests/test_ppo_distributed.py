@@ -30,3 +30,6 @@ def test_ppo_zero_stages_on_two_ranks(world, tiny, tmp_path):
     q = json.loads((tmp_path / "zero3_qlora" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(q["kl"]) < 1e-5 and q["value_loss"] == q["value_loss"]
     assert (tmp_path / "zero3_qlora" / "adapter" / "adapter_config.json").exists()
+    for rank in (0, 1):  # the LoRA reference (adapters off, projector and vision tower at their start) at ZeRO-3
+        r = json.loads((tmp_path / f"lora_reference_rank{rank}.json").read_text())
+        assert r["reference_vs_start"] < 1e-5 and r["moved_vs_start"] > 1e-3 and r["after_vs_before"] == 0.0, r

@@ -133,13 +133,9 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
         trainer.ref_cache = build(trainer.dataset, records, paths)
         if trainer.eval_set is not None:
             trainer.eval_ref_cache = build(trainer.eval_set, trainer.eval_set.records, d.eval_data_path.split(","))
-    elif lora.lora_r > 0:
-        # adapters off gives the starting model only if nothing but adapters trains
-        extra = [n for n, p in trainer.engine.module.named_parameters() if p.requires_grad and "lora_" not in n]
-        if extra:
-            raise SystemExit("--no-precompute_ref with LoRA uses the policy with adapters off as the reference, "
-                             f"but {len(extra)} non-adapter parameters train too (e.g. {extra[0]}): add "
-                             "--freeze_vision_tower --freeze_projector, or keep the cached reference")
+    elif lora.lora_r > 0:  # the policy with adapters off and its other trained weights at their start
+        from training.model.reference import snapshot
+        trainer.ref_start = snapshot(trainer.engine)
     else:
         from training.model.builder import load_model_and_processor
         ref, _, _ = load_model_and_processor(m, lora, for_training=False)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from training.dpo.data import collate_groups
-from training.dpo.forward import adapters_disabled, response_logps
+from training.dpo.forward import response_logps
 from training.dpo.objective import REFERENCE_FREE, metric_keys, objective
 from training.engine.loop import (StepPlan, idle_micro_step, open_run, planned_steps, rank_batches,
                                   stand_in_batch)
 from training.model.builder import eval_mode
+from training.model.reference import lora_reference
 
 
 class DPOTrainer:
@@ -28,6 +29,7 @@ class DPOTrainer:
         self.ref_cache = None  # RefCache
         self.eval_set, self.eval_ref_cache = eval_set, None
         self.ref_model = None  # live reference without LoRA
+        self.ref_start = {}  # live reference with LoRA: the other trained weights' start (setup_reference)
         self.metric_keys = metric_keys(self.a)  # every rank reduces these, batch or none
         o = cfg["optim"]
         self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
@@ -52,11 +54,11 @@ class DPOTrainer:
         with torch.no_grad():
             if self.ref_model is not None:
                 r = response_logps(self.ref_model, batch)
-            else:  # LoRA: the policy with adapters off, deterministic (dropout disabled, or eval mode)
+            else:  # LoRA: the policy with adapters off (other trained weights at their start), deterministic
                 was_training = self.engine.training
                 if not self.a.disable_dropout:
                     eval_mode(self.engine)
-                with adapters_disabled(self.engine):
+                with lora_reference(self.engine, self.ref_start):
                     r = response_logps(self.engine, batch)
                 self.engine.train(was_training)
         if self.a.loss_type == "opa" and self.a.opa_token_level:

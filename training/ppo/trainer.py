@@ -26,6 +26,7 @@ from training.rm.data import encode_for_rm
 from training.engine.loop import StepPlan, open_run, planned_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
+from training.model.reference import lora_reference, snapshot
 from training.templates.chat import PromptTooLong
 
 
@@ -68,9 +69,10 @@ class PPOTrainer:
         return engine.module if hasattr(engine, "module") else engine
 
     def _ref_context(self):
-        """LoRA actor with no separate reference: the reference is the actor with adapters disabled."""
+        """LoRA actor with no separate reference: the reference is the actor with adapters disabled and its
+        other trained weights (projector, vision tower) at their start (training.model.reference)."""
         if self.ref is None:
-            return self._module(self.actor).disable_adapter()
+            return lora_reference(self.actor, self.ref_start)
         return contextlib.nullcontext()
 
     def _logprobs(self, model, batch, with_entropy: bool = False):
@@ -243,6 +245,8 @@ class PPOTrainer:
         c, o = self.cfg["run"], self.cfg["optim"]
         ckpt = Path(c.output_dir) / "checkpoints"
         plan = StepPlan(self.steps_per_epoch, self.total_steps)
+        if self.ref is None:  # the starting values, before a resumed run loads its own
+            self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, c, plan, "ppo",
                              {"reward": ("reward/mean", "{:.2f}"), "kl": ("kl", "{:.2f}")}, state=self)
         for step, _, idx in planned_steps(plan, step, len(self.records), self.p.rollout_batch_size, 1,
