@@ -10,7 +10,8 @@ from training.config import _f
 class PPOArgs:
     reward_model: str = _f("output/rm", "Reward model checkpoint (run_rm_training.sh writes one).")
     critic_init: str = _f("", "Critic initialisation: a reward model checkpoint (default: --reward_model).")
-    reference_model: str = _f("", "Frozen reference (default: --from_checkpoint; with LoRA: adapters disabled).")
+    reference_model: str = _f("", "Frozen reference (default: --from_checkpoint; with LoRA: the actor with adapters "
+                                  "disabled and its other trained weights at their start, no second model).")
     rollout_batch_size: int = _f(32, "Prompts per rank per PPO step (generated together, KV-cached).")
     max_new_tokens: int = _f(40, "Longest response.")
     temperature: float = _f(1.0, "Sampling temperature of rollouts.")
