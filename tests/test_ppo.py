@@ -106,6 +106,38 @@ def test_rollout_the_reward_model_cannot_read_whole_stops_naming_the_row(world, 
         main(args)
 
 
+def test_bad_prompts_are_bad_rows_before_training(world, tiny, rm, tmp_path):
+    """A prompt too long for --max_seq_len, or without facts for the factual reward model, stopped the run at the
+    step that drew it (every resume again; on several ranks the others waited): now a bad row before training,
+    naming file, row and field; --skip_bad_rows skips and counts it."""
+    from training.data.bad_rows import BadRowError
+
+    rows = json.loads((world / "ppo_prompts.json").read_text())[:9]
+    rows[2]["conversations"][0]["value"] += " Describe it." * 60
+    del rows[5]["facts"]
+    data = tmp_path / "prompts.json"
+    data.write_text(json.dumps(rows))
+
+    def args(out, *extra):
+        a = ppo_args(world, tiny, rm, tmp_path / out, "--max_steps", "1", *extra)
+        a[a.index("--data_path") + 1] = str(data)
+        return a
+
+    with pytest.raises(BadRowError, match=r"prompts.json: row 2: field .conversations.: prompt of .* exceeds "
+                                          r"max_seq_len"):
+        main(args("a"))
+    main(args("b", "--skip_bad_rows"))
+    bad = json.loads((tmp_path / "b" / "bad_rows.json").read_text())
+    assert sorted((r["row"], r["field"]) for r in bad["rows"]) == [(2, "conversations"), (5, "facts")]
+
+
+def test_accumulation_must_divide_a_ppo_steps_micro_batches(world, tiny, rm, tmp_path):
+    """Accumulating over 4 micro-batches when a PPO step has 2 left the step's gradients to the next step (the
+    actor did not move in step 1 though the metrics said it trained)."""
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 4 must divide"):
+        main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--gradient_accumulation_steps", "4"))
+
+
 def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, tiny, rm, tmp_path):
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport

@@ -48,6 +48,31 @@ def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     return SFTDataset(read_sft(path.split(","), root, report), encoder, root, report)
 
 
+def usable_prompts(records, encoder, image_root: str, report, need_facts: bool, progress: bool) -> list:
+    """The prompts a rollout can use, checked before training (a bad one found mid-run would stop every resume
+    at the same step, and on several ranks leave the others waiting): each must fit --max_seq_len with its
+    image, and carry facts when the reward model is factual. The others are bad rows of `report` naming file,
+    row and field (an error, or with --skip_bad_rows skipped and counted in bad_rows.json)."""
+    from tqdm import tqdm
+
+    from training.data.images import load_image
+    from training.templates.chat import PromptTooLong
+
+    kept = []
+    for r in tqdm(records, desc="checking prompts", disable=not progress, dynamic_ncols=True):
+        if need_facts and not (r.facts and any(f.strip() for f in r.facts)):
+            report.bad(r.source, "facts", "missing: the reward model is factual (Fact-RLHF) and reads each prompt's "
+                                          "facts; add them, or pass --no-factual")
+            continue
+        try:
+            encoder.encode(r.prompt, [load_image(s, image_root) for s in r.images], add_generation_prompt=True)
+        except PromptTooLong as e:
+            report.bad(r.source, r.prompt_field, str(e))
+            continue
+        kept.append(r)
+    return kept
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     m, d, p, run = cfg["model"], cfg["data"], cfg["ppo"], cfg["run"]
@@ -92,6 +117,9 @@ def main(argv=None) -> dict:
     report = BadRowReport(skip=d.skip_bad_rows)
     records = read_prompts(d.data_path.split(","), d.image_folder, report)
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
+    records = usable_prompts(records, encoder, d.image_folder, report,
+                             p.factual and getattr(getattr(rm, "module", rm), "factual", False),
+                             strategy.is_main and run.progress)
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
                          rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template))

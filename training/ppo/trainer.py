@@ -60,6 +60,11 @@ class PPOTrainer:
         mb = math.ceil(self.p.rollout_batch_size / o.per_device_train_batch_size)
         self.updates_per_step = math.ceil(self.p.ppo_epochs * mb / o.gradient_accumulation_steps)
         self.micro_per_step = self.p.ppo_epochs * mb
+        if self.micro_per_step % o.gradient_accumulation_steps:  # else gradients would spill into the next step
+            raise ValueError(f"--gradient_accumulation_steps {o.gradient_accumulation_steps} must divide the micro-"
+                             f"batches of a PPO step: --ppo_epochs {self.p.ppo_epochs} x ceil(--rollout_batch_size "
+                             f"{self.p.rollout_batch_size} / --per_device_train_batch_size "
+                             f"{o.per_device_train_batch_size}) = {self.micro_per_step}")
         self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
         self.moments = RunningMoments()
         self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
