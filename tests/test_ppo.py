@@ -69,6 +69,16 @@ def test_ppo_lora_reference_stays_the_sft_model_while_the_projector_trains(world
     assert len(diffs) == 3 and max(diffs) < 1e-5, diffs
 
 
+def test_entropy_bonus_reaches_the_actor_update(world, tiny, rm, tmp_path):
+    """With entropy_coef 0 the entropy is only a metric (no graph kept); with it on, it changes the update."""
+    main(ppo_args(world, tiny, rm, tmp_path / "off", "--max_steps", "1"))
+    main(ppo_args(world, tiny, rm, tmp_path / "on", "--max_steps", "1", "--entropy_coef", "0.5"))
+    a, b = weights(tmp_path / "off"), weights(tmp_path / "on")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6
+    rows = [json.loads((tmp_path / x / "metrics.jsonl").read_text().splitlines()[0]) for x in ("off", "on")]
+    assert rows[0]["entropy"] == pytest.approx(rows[1]["entropy"], rel=1e-5)  # the same rollouts, first update
+
+
 def test_ppo_resume_equals_uninterrupted(world, tiny, rm, tmp_path):
     common = ["--max_steps", "2"]
     main(ppo_args(world, tiny, rm, tmp_path / "full", *common))

@@ -87,9 +87,10 @@ class PPOTrainer:
             logits = logits / self.p.temperature
         lp, mask = token_logprobs(logits, batch.labels)
         ent = None
-        if with_entropy:
-            logz = torch.log_softmax(logits[:, :-1].float(), -1)
-            ent = -(logz.exp() * logz).sum(-1)
+        if with_entropy:  # with entropy_coef 0 only a metric: no graph kept of the vocabulary-wide float32 terms
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.p.entropy_coef != 0):
+                logz = torch.log_softmax(logits[:, :-1].float(), -1)
+                ent = -(logz.exp() * logz).sum(-1)
         return lp, mask, ent
 
     def _scores(self, records, images, responses) -> torch.Tensor:
