@@ -515,16 +515,26 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
 
         def get_lr(self):
             return [0.0]
+    class Reference(torch.nn.Module):  # a live reference (a ZeRO-3 engine gathers in its forwards too)
+        def __init__(self):
+            super().__init__()
+            self.module, self.forwards = model, 0
+
+        def forward(self, **kw):
+            self.forwards += 1
+            return self.module(**kw)
+
     cfg = {"dpo": DPOArgs(loss_type=loss_type), "optim": OptimArgs(per_device_train_batch_size=2)}
     seen, metrics, forwards = [], [], []
     for rank, batch in ((0, [0, 1]), (1, None)):
         t = DPOTrainer(FakeRank(rank, 2), proc, ds, cfg, arch.name)
-        t.engine, t.ref_model = Engine(), model
+        t.engine, t.ref_model = Engine(), Reference()
         metrics.append(t._step([t.make_batch(batch) if batch else None]))
         seen.append([tuple(torch.as_tensor(x).shape) for x in t.s.seen])
-        forwards.append(t.engine.forwards)
+        forwards.append((t.engine.forwards, t.ref_model.forwards))
     assert seen[0] == seen[1] and len(seen[0]) == 2, seen  # the counts, then every metric in one collective
-    assert forwards == [1, 1]  # the idle rank runs a discarded forward too (ZeRO-3 gathers in every forward)
+    # the idle rank runs discarded forwards too, the policy's and a live reference's (ZeRO-3 gathers in each)
+    assert forwards == [(1, int(loss_type != "orpo"))] * 2
     assert metrics[0].keys() == metrics[1].keys() and metrics[1]["pairs"] == 0
     assert {"rewards/margins", "logps/chosen"} <= metrics[0].keys()
     assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")

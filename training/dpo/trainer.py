@@ -94,6 +94,8 @@ class DPOTrainer:
                 sums[k] += float(v)
         for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(self.make_batch, len(self.dataset))
+            if self.needs_reference and self.ref_cache is None:
+                self._reference(stand)  # a live reference's forward gathers under ZeRO-3 too: discarded
             idle_micro_step(self.engine, lambda: response_logps(self.engine, stand).sum.sum())
         # one collective of values every rank has, in one order, even a rank whose rows were all skipped
         t = self.s.all_reduce(torch.tensor([total_loss, nll, *sums.values()], dtype=torch.float64)).tolist()
