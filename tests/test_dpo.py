@@ -247,6 +247,42 @@ def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
         assert [r[k] for r in lc] == pytest.approx([r[k] for r in ld], rel=1e-5, abs=1e-6), k
 
 
+def test_reference_cache_key_follows_the_model_parts_and_quantisation():
+    """A model built from --vision_tower / --language_model ignores --from_checkpoint, and the 4-bit settings
+    change a QLoRA reference: each must change the cache key (they all shared one)."""
+    import dataclasses
+
+    from training.config import DataArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs
+    from training.dpo.main import reference_settings
+
+    base = {"model": ModelArgs(), "data": DataArgs(), "dpo": DPOArgs(), "lora": LoraArgs(qlora=True),
+            "optim": OptimArgs()}
+    changed = [("model", {"vision_tower": "google/siglip-so400m-patch14-384"}),
+               ("model", {"language_model": "Qwen/Qwen2-7B"}), ("lora", {"bnb_compute_dtype": "fp32"}),
+               ("lora", {"bnb_double_quant": False})]
+    keys = {str(reference_settings(base, None, 2, "llava", 1))}
+    for concept, change in changed:
+        cfg = {**base, concept: dataclasses.replace(base[concept], **change)}
+        keys.add(str(reference_settings(cfg, None, 2, "llava", 1)))
+    assert len(keys) == 1 + len(changed)
+
+
+def test_a_stale_reference_cache_is_refused(world, tiny, tmp_path):
+    """A cache whose key missed a change (here: its token counts tampered with) is refused naming its file,
+    not silently used: its counts are checked against every batch's."""
+    from safetensors.torch import load_file, save_file
+
+    args = dpo_args(world, tiny, tmp_path / "a", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                    "--ref_cache_dir", str(tmp_path / "cache"))
+    main(args)
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    d = load_file(str(path))
+    d["count"] = d["count"] + 1
+    save_file(d, str(path))
+    with pytest.raises(ValueError, match="does not belong to this data and model"):
+        main(args)
+
+
 def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
               "--lr_scheduler_type", "cosine", "--num_warmup_steps", "1"]

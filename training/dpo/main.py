@@ -109,6 +109,16 @@ def main(argv=None) -> dict:
     return result
 
 
+def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:
+    """What the cached reference log-probs depend on besides the checkpoint's files and the data (its key)."""
+    m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
+    return {"max_seq_len": d.max_seq_len, "template": template, "K": K, "arch": arch_name, "precision": m.precision,
+            "rows": rows, "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
+            "parts": (m.vision_tower, m.language_model),  # a model built from parts ignores from_checkpoint
+            "bnb": (lora.bnb_compute_dtype, lora.bnb_double_quant),  # the 4-bit base a QLoRA reference runs on
+            "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed, "model input")}  # how the mask is made
+
+
 def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -> None:
     """Cached reference log-probs (default), the LoRA policy with adapters off, or a frozen model."""
     m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
@@ -118,11 +128,7 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
         def build(dataset, records, paths):
             K = n_resp or max(len(r.responses) for r in records)
             rows = getattr(dataset, "rows_per_item", 1)
-            key = cache_key(m.from_checkpoint, paths, {"max_seq_len": d.max_seq_len, "template": template, "K": K,
-                                                        "arch": arch_name, "precision": m.precision, "rows": rows,
-                                                        "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
-                                                        "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed,
-                                                                     "model input")},  # how the mask is made
+            key = cache_key(m.from_checkpoint, paths, reference_settings(cfg, template, K, arch_name, rows),
                             records, d.image_folder)
             root = Path(a.ref_cache_dir) if a.ref_cache_dir else default_cache_dir(paths, cfg["run"].output_dir)
             return RefCache.load_or_build(

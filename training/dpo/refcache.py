@@ -65,12 +65,22 @@ def default_cache_dir(data_paths: list[str], output_dir: str) -> Path:
 
 
 class RefCache:
-    def __init__(self, sum_: torch.Tensor, count: torch.Tensor, wsum: torch.Tensor):
-        self.sum, self.count, self.wsum = sum_, count, wsum
+    def __init__(self, sum_: torch.Tensor, count: torch.Tensor, wsum: torch.Tensor, path: Path | None = None):
+        self.sum, self.count, self.wsum, self.path = sum_, count, wsum, path
 
     def lookup(self, indices: list[int], device, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.tensor(indices)
         return tuple(t[idx, :K].to(device=device, dtype=torch.float32) for t in (self.sum, self.count, self.wsum))
+
+    def check(self, indices: list[int], count: torch.Tensor) -> None:
+        """The cached token counts of these items must be the batch's: a cache whose key missed a change (a
+        file edited within the same second and size, a model changed under a Hub id) is refused, not used."""
+        cached = self.count[torch.tensor(indices), :count.shape[1]]
+        if not torch.equal(cached, count.detach().double().cpu()):
+            bad = indices[int((cached != count.detach().double().cpu()).any(-1).nonzero()[0, 0])]
+            raise ValueError(f"reference log-prob cache {self.path} does not belong to this data and model: item "
+                             f"{bad}'s response token counts differ from the cached ones; delete the file (it is "
+                             "computed anew) or pass another --ref_cache_dir")
 
     @staticmethod
     def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int,
@@ -83,7 +93,7 @@ class RefCache:
             if tuple(d["sum"].shape) == (n_items, K):
                 if strategy.is_main:
                     print(f"reference log-probs: loaded {path}")
-                return RefCache(d["sum"], d["count"], d["wsum"])
+                return RefCache(d["sum"], d["count"], d["wsum"], path)
             if strategy.is_main:  # cannot belong to this data: computed anew and replaced
                 print(f"reference log-probs: {path} holds {tuple(d['sum'].shape)}, not ({n_items}, {K}): computing")
         acc = torch.zeros(3, n_items, K, dtype=torch.float64)
@@ -118,4 +128,4 @@ class RefCache:
             os.replace(tmp, path)
             print(f"reference log-probs: computed for {n_items} items -> {path}")
         strategy.barrier()
-        return RefCache(acc[0], acc[1], acc[2])
+        return RefCache(acc[0], acc[1], acc[2], path)

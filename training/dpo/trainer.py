@@ -81,6 +81,8 @@ class DPOTrainer:
         for b in batches:
             ref = self._reference(b) if self.needs_reference else None
             pol = response_logps(self.engine, b)
+            if self.ref_cache is not None:
+                self.ref_cache.check(b.indices, pol.count)
             obj = objective(pol, ref, self.a)
             loss = obj["pair_loss_sum"] / max(n_items, 1.0)
             if n_tok:
@@ -119,7 +121,10 @@ class DPOTrainer:
             fill = batch is None
             batch = stand_in_batch(lambda i: self.make_batch(i, ds), len(ds)) if fill else batch
             ref = self._reference(batch, self.eval_ref_cache) if self.needs_reference else None
-            obj = objective(response_logps(self.engine, batch), ref, self.a)
+            pol = response_logps(self.engine, batch)
+            if self.eval_ref_cache is not None and not fill:
+                self.eval_ref_cache.check(batch.indices, pol.count)
+            obj = objective(pol, ref, self.a)
             for k, v in (("items", batch.n_items // rows), ("pair_loss", obj["pair_loss_sum"]),
                          ("nll", obj["nll_sum"]), ("nll_tokens", obj["nll_tokens"]), *obj["metrics"].items()):
                 sums[k] += 0.0 if fill else float(v)  # a stand-in's forward is discarded
