@@ -118,6 +118,36 @@ def test_bad_rows_skipped_and_counted(world, tiny, tmp_path):
     assert sorted(r["row"] for r in report["rows"]) == [3, 5]
 
 
+def test_micro_batches_of_bad_rows_at_zero3(world, tiny, tmp_path):
+    """A micro-batch whose rows were all skipped takes a discarded step; at ZeRO-3 its zero gradients were
+    empty placeholders, which DeepSpeed's reduce-scatter refused (the run died at the first such step)."""
+    rows = json.loads((world / "sft_train.json").read_text())[:8]
+    for r in rows[1:]:  # seven of eight rows too long for --max_seq_len 100: most micro-batches are all bad
+        r["conversations"][0]["value"] += " Describe every shape." * 40
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    main(sft_args(world, tiny, out, "--data_path", str(path), "--max_seq_len", "100", "--skip_bad_rows",
+                  "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4", "--max_steps", "2",
+                  "--zero_stage", "3"))
+    assert json.loads((out / "bad_rows.json").read_text())["n_skipped"] == 7
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_cut_answer_is_counted_not_silent(world, tiny, tmp_path):
+    """An answer cut at --max_seq_len (its EOS lost) is trained on as far as it fits, and counted in bad_rows.json
+    as the RM and DPO stages count theirs (SFT said nothing)."""
+    rows = json.loads((world / "sft_train.json").read_text())[:4]
+    rows[2]["conversations"][1]["value"] += " It also shows a circle." * 30
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    main(sft_args(world, tiny, out, "--data_path", str(path), "--max_seq_len", "120", "--max_steps", "1",
+                  "--per_device_train_batch_size", "4"))
+    report = json.loads((out / "bad_rows.json").read_text())
+    assert report["n_truncated"] == 1 and report["truncated_rows"][0]["row"] == 2
+
+
 def test_prompt_too_long_is_a_bad_row(world, tiny, tmp_path):
     args = sft_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--max_seq_len", "60")
     with pytest.raises(BadRowError, match="max_seq_len=60"):

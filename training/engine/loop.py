@@ -74,8 +74,11 @@ def stand_in_batch(make_batch, n: int):
 def idle_micro_step(engine, discarded_loss) -> None:
     """The micro-step of a rank whose micro-batch was all bad rows: a forward all the same (ZeRO-3 gathers
     parameters collectively in every forward, so every rank must run as many), its loss times 0, and a
-    zero gradient for every trainable parameter. discarded_loss() runs the forward (a stand_in_batch)."""
-    zero = sum(p.sum() * 0 for p in engine.parameters() if p.requires_grad)
+    zero gradient for every trainable parameter. discarded_loss() runs the forward (a stand_in_batch).
+    Under ZeRO-3 a parameter outside a forward is an empty placeholder (its gradient would be too, which the
+    reduce-scatter refuses): there the stand-in forward alone gives every parameter its (zero) gradient."""
+    zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+    zero = 0.0 if zero3 else sum(p.sum() * 0 for p in engine.parameters() if p.requires_grad)
     engine.backward(discarded_loss() * 0 + zero)
     engine.step()
 

@@ -29,10 +29,13 @@ class SFTDataset(torch.utils.data.Dataset):
         r = self.records[i]
         images = [load_image(src, self.image_root) for src in r.images]
         try:
-            return self.encoder.encode(r.messages, images)
+            enc = self.encoder.encode(r.messages, images)
         except PromptTooLong as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
+        if enc.truncated:  # kept (its loss covers the kept tokens), counted in bad_rows.json
+            self.report.truncated(r.source, (self, i))
+        return enc
 
 
 class SFTTrainer:
