@@ -71,3 +71,15 @@ def _scores(path):
     b = _pair_batch(processor, spec)
     with torch.no_grad():
         return rm(**b.seqs.model_inputs())
+
+
+def test_non_factual_reward_is_read_at_the_answers_end_token(tmp_path):
+    """ChatML writes a newline after <|im_end|>: the reward was read at that newline when it fit and at
+    <|im_end|> when only it was cut (a different token for the same answer). It is read at the end token always."""
+    ckpt = make_tiny_checkpoint("qwen2_vl", tmp_path / "base")
+    _, processor, spec = load_model_and_processor(ModelArgs(from_checkpoint=ckpt), LoraArgs(), for_training=False)
+    tok = processor.tokenizer
+    full = encode_for_rm(ChatEncoder(processor, spec, 4096), PROMPT, PAIR[0], [_img(0)], whole=True)
+    assert tok.convert_ids_to_tokens(int(full.input_ids[-1])) == "<|im_end|>"
+    tight = encode_for_rm(ChatEncoder(processor, spec, len(full.input_ids)), PROMPT, PAIR[0], [_img(0)], whole=True)
+    assert torch.equal(tight.input_ids, full.input_ids) and not tight.truncated

@@ -28,7 +28,7 @@ def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, fac
                              f"max_seq_len={encoder.max_seq_len}")
     try:  # factual: the whole input is one prompt to the encoder, whose own message would call it a prompt
         enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
-                             add_generation_prompt=factual)
+                             add_generation_prompt=factual, end_at_last_target=not factual)
     except PromptTooLong:
         if factual:
             raise too_long from None

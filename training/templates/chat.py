@@ -143,10 +143,15 @@ class ChatEncoder:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"], {}
 
     def encode(self, messages: list[Message], images: list, add_generation_prompt: bool = False,
-               memo: dict | None = None) -> Encoded:
+               memo: dict | None = None, end_at_last_target: bool = False) -> Encoded:
         """memo: a dict shared by encodes of conversations with the SAME images (a prompt and its K
-        responses): a segment already tokenised there (the prompt, with its image processing) is reused."""
+        responses): a segment already tokenised there (the prompt, with its image processing) is reused.
+        end_at_last_target: the sequence ends with the last answer's end token, without the separator some
+        templates write after it (ChatML's newline, llava-hf LLaVA-1.5's space): a reward model reading its
+        last token then reads the same token in every row, whether or not a separator would have fit."""
         segs = self.segments(messages, add_generation_prompt)
+        while end_at_last_target and segs and not segs[-1][1]:
+            segs = segs[:-1]
         n_needed = sum(t.count(self.image_token) for t, _ in segs)
         if n_needed != len(images):
             raise ValueError(f"conversation has {n_needed} image placeholders but {len(images)} images")
