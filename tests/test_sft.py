@@ -65,6 +65,18 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_resume_with_a_dangling_latest_stops_and_keeps_the_checkpoints(world, tiny, tmp_path):
+    """`latest` naming a missing checkpoint stopped the run with a bare assertion inside DeepSpeed (or, where
+    DeepSpeed returns nothing, started afresh, deleting the checkpoints there). It stops naming the tag."""
+    common = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "1"]
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--stop_after_steps", "2"))
+    ckpt = tmp_path / "cut" / "checkpoints"
+    (ckpt / "latest").write_text("step9")
+    with pytest.raises(SystemExit, match="names checkpoint 'step9'"):
+        main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    assert (ckpt / "step2").is_dir() and (ckpt / "step1").is_dir()
+
+
 class _RunsCode:  # unpickling this calls print: what a planted checkpoint would do with os.system
     def __reduce__(self):
         return (print, ("code ran",))

@@ -280,7 +280,15 @@ class Strategy:
         ckpt_root = Path(ckpt_root)
         if not (ckpt_root / "latest").exists():
             return None
+        tag = (ckpt_root / "latest").read_text().strip()
+        dangling = SystemExit(f"--resume: {ckpt_root / 'latest'} names checkpoint {tag!r}, which cannot be loaded "
+                              f"from {ckpt_root}; point `latest` at a checkpoint folder that is there, or run without "
+                              "--resume to start afresh")
+        if not (ckpt_root / tag).is_dir():  # DeepSpeed would assert, or return nothing (a fresh start, which
+            raise dangling                   # deletes the checkpoints that are there)
         with weights_only_loads():
-            _, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+            path, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if path is None:
+            raise dangling
         return client_state
