@@ -576,6 +576,32 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
     assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")
 
 
+def test_responses_the_tokenizer_makes_alike_are_bad_rows(world, tiny, tmp_path):
+    """Responses that differ as text but tokenise to the same ids (the tiny tokenizer lowercases) make a pair no
+    loss can tell apart (a constant log 2): a bad row for DPO and the reward model, not only when cut."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.rm.data import RMDataset
+    from training.templates.chat import ChatEncoder
+
+    rows = json.loads((world / "preference_train.json").read_text())[:2]
+    turn = rows[1]["conversations"][1]
+    turn["value"] = [turn["value"][0], turn["value"][0].upper()]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    recs = read_preferences([str(path)], str(world / "images"))
+    for make in (lambda rep: PreferenceDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), rep),
+                 lambda rep: RMDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), rep, True)):
+        report = BadRowReport(skip=True)
+        ds = make(report)
+        assert ds[0] is not None and ds[1] is None
+        assert [(s["row"], "tokenise to the same ids" in s["reason"]) for s in report.skipped] == [(1, True)]
+
+
 def test_responses_cut_alike_are_bad_rows_and_cut_ones_are_counted(world, tiny, tmp_path):
     """A pair whose responses truncation at max_seq_len makes the same tokens cannot be told apart (a
     constant loss of log 2; for the reward model a pair it can never rank): a bad row. A pair cut but

@@ -17,9 +17,16 @@ class BadRowError(ValueError):
 
 
 def cut_alike(responses: list[str], ids: list) -> bool:
-    """Different responses that truncation at max_seq_len made the same tokens (ids: one tensor each):
-    a pair no loss can tell apart, so a bad row."""
+    """Different responses that became the same tokens (ids: one tensor each), cut at max_seq_len or normalised
+    alike by the tokenizer (lowercasing, NFC, unknown characters): a pair no loss can tell apart, so a bad row."""
     return len({tuple(x.tolist()) for x in ids}) < len(set(responses))
+
+
+def alike_reason(truncated: bool, max_seq_len: int) -> str:
+    """The bad-row reason for responses cut_alike found alike."""
+    if truncated:
+        return f"responses identical once cut at max_seq_len={max_seq_len}"
+    return "responses that differ as text tokenise to the same ids (the tokenizer normalises them alike)"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.data.bad_rows import cut_alike
+from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
 from training.rm.factual import MissingFacts, rm_messages
@@ -102,11 +102,11 @@ class RMDataset(torch.utils.data.Dataset):
         except PromptTooLong as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
-        if any(e.truncated for e in encs):
-            if cut_alike(r.responses, [e.input_ids for e in encs]):
-                self.report.bad(r.source, r.text_field, f"responses identical once cut at max_seq_len="
-                                                           f"{self.encoder.max_seq_len}", item=(self, i))
-                return None
+        truncated = any(e.truncated for e in encs)
+        if cut_alike(r.responses, [e.input_ids for e in encs]):
+            self.report.bad(r.source, r.text_field, alike_reason(truncated, self.encoder.max_seq_len), item=(self, i))
+            return None
+        if truncated:
             self.report.truncated(r.source, (self, i))
         return encs
 
