@@ -1,166 +1,228 @@
-"""Reward-model inputs: ranked lists -> encoded candidates -> one flat batch; and scoring.
+"""Preference data for the DPO family: one prompt (with its image) and K ranked responses per item.
 
-    RankedBatch.seqs   SFTBatch (S, T): every candidate of every list, list by list, best first,
-                       right-padded (the reward is read at each row's last non-pad token)
-    RankedBatch.sizes  (B,) candidates per list (2 for a chosen/rejected pair)
+Two batch layouts give the same per-response log-probs (tested to 1e-4):
 
-`RewardScorer` is the one place a reward model's input is built at scoring time (held-out
-evaluation, best-of-n, PPO rewards), with the same `rm_messages` as at training time.
+  PlainBatch   K full sequences per item, [prompt | response_k] each, right-padded: what TRL does
+               (the image is encoded and the prompt computed once per response).
+  PrefixBatch  every item as [prompt | response_1 | ... | response_K], the items packed one after
+               another in ONE row with no padding; response k sees the prompt and itself only (each
+               item's mask, applied by training.dpo.packed's attention) and its positions restart
+               after the prompt, so every response sees exactly what it sees in the plain layout.
+               The image is encoded once, the prompt (image tokens + question) computed once, the
+               projections and MLPs see no padding (only attention lays the items side by side), and
+               logits are built only where a response token is predicted (`logits_to_keep`).
+
+Shapes (N items, K responses, T row length, L label length):
+  PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: gather (N*T,) / scatter
+  (sum of item lengths,) indices between the packed row and N item slots of T, and the items' masks
+  (N, 1, T, T) for attention; keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
+  weights (N*K, Rmax+1) aligned with the logits taken at `keep` (labels[:, 0] is IGNORE:
+  token_logprobs shifts by one).
+  PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from training.data.bad_rows import alike_reason, cut_alike
-from training.data.collate import SFTBatch, collate_sft
+from training.data.collate import collate_vision
 from training.data.images import load_image
-from training.rm.factual import MissingFacts, rm_messages
-from training.templates.chat import ChatEncoder, Encoded, PromptTooLong
+from training.data.records import Message
+from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
 
-
-def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, facts=None, factual: bool = False,
-                  shuffle_seed=None, whole: bool = False) -> Encoded:
-    """One candidate. Factual mode: the factual block comes last, so any truncation loses it: error. whole
-    (scoring): a response cut short is an error too."""
-    too_long = PromptTooLong(f"image, prompt, response{' and factual block' if factual else ''} exceed "
-                             f"max_seq_len={encoder.max_seq_len}")
-    try:  # factual: the whole input is one prompt to the encoder, whose own message would call it a prompt
-        enc = encoder.encode(rm_messages(prompt, response, facts, factual, shuffle_seed), images,
-                             add_generation_prompt=factual, end_at_last_target=not factual)
-    except PromptTooLong:
-        if factual:
-            raise too_long from None
-        raise
-    if (factual or whole) and enc.truncated:
-        raise too_long
-    return enc
+# Architectures whose language model takes plain 1D positions and image placeholders, so a custom
+# 4D mask + position_ids reproduce the plain forward. Others (M-RoPE, cross-attention) use PlainBatch.
+PREFIX_ARCHS = {"llava", "llava_next"}
 
 
 @dataclass
-class RankedBatch:
-    seqs: SFTBatch
-    sizes: list[int]
-
-    def to(self, device) -> "RankedBatch":
-        return RankedBatch(self.seqs.to(device), self.sizes)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.seqs.attention_mask.sum())
-
-    def as_matrix(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S,) rewards -> (B, N) rewards and (B, N) bool mask, N = longest list; padding holds 0."""
-        B, N = len(self.sizes), max(self.sizes)
-        out = rewards.new_zeros((B, N))
-        mask = torch.zeros((B, N), dtype=torch.bool, device=rewards.device)
-        start = 0
-        for b, n in enumerate(self.sizes):
-            out[b, :n], mask[b, :n] = rewards[start:start + n], True
-            start += n
-        return out, mask
+class GroupItem:
+    """One prompt and its K responses (best first), tokenised; weights are optional per-token weights."""
+    index: int  # position in the dataset (the key of the reference log-prob cache)
+    prompt_ids: torch.Tensor  # (P,)
+    vision: dict
+    responses: list[torch.Tensor]  # K x (R_k,) token ids
+    targets: list[torch.Tensor]  # K x (R_k,) labels (IGNORE where not a target)
+    weights: list[torch.Tensor | None] = field(default_factory=list)
+    truncated: bool = False  # a response was cut at max_seq_len
 
 
-def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str) -> RankedBatch:
-    flat = [e for cands in items for e in cands]
-    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items])
+def encode_group(encoder: ChatEncoder, prompt: list[Message], responses: list[str], images: list,
+                 index: int, weights: list[list[float] | None] | None = None) -> GroupItem:
+    """Encode prompt + each response with the shared chat-template layer; split at prompt_len."""
+    prompt_ids, vision, resp, tgt, memo, cut = None, {}, [], [], {}, False
+    for text in responses:  # the prompt (and its image) is processed once, for the first response
+        e = encoder.encode(prompt + [Message("assistant", text)], images, memo=memo)
+        p = e.input_ids[:e.prompt_len]
+        if prompt_ids is None:
+            prompt_ids, vision = p, e.vision
+        elif not torch.equal(p, prompt_ids):
+            raise ValueError(f"item {index}: the prompt tokenises differently before different responses")
+        resp.append(e.input_ids[e.prompt_len:])
+        tgt.append(e.labels[e.prompt_len:])
+        cut = cut or e.truncated
+    w = [None if x is None else torch.tensor(x[:len(r)], dtype=torch.float32) for x, r in
+         zip(weights or [None] * len(resp), resp)]
+    return GroupItem(index, prompt_ids, vision, resp, tgt, w, cut)
 
 
-class RMDataset(torch.utils.data.Dataset):
-    """PreferenceRecords -> per record the encoded candidates (lazily: images decoded per batch).
 
-    Factual mode: records without facts are reported up front (clear error, or a counted skip);
-    facts are shuffled per (seed, epoch, record) when `shuffle_facts` (training), in the given
-    order otherwise (evaluation). Set `epoch` before each epoch."""
+class PreferenceDataset(torch.utils.data.Dataset):
+    """PreferenceRecords -> GroupItems (lazily; images decoded when a batch is built).
+    n_responses: 2 for pairwise losses (best, second), 0 for all (listwise)."""
 
-    def __init__(self, records, encoder: ChatEncoder, image_root: str, report, factual: bool,
-                 shuffle_facts: bool = False, seed: int = 0):
-        if factual:
-            kept = []
-            for r in records:
-                if r.facts and any(f.strip() for f in r.facts):
-                    kept.append(r)
-                else:
-                    report.bad(r.source, "facts", "missing: factual mode (--factual) needs each row's facts "
-                                                  "(captions, ground-truth objects or the correct option); "
-                                                  "pass --captions_file, or --no-factual")
-            records = kept
+    def __init__(self, records, encoder: ChatEncoder, image_root: str, report, n_responses: int = 2):
         self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
-        self.factual, self.shuffle_facts, self.seed, self.epoch = factual, shuffle_facts, seed, 0
+        self.n_responses = n_responses
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i) -> list[Encoded] | None:
+    def __getitem__(self, i) -> GroupItem | None:
         r = self.records[i]
         images = [load_image(src, self.image_root) for src in r.images]
-        seed = f"{self.seed}-{self.epoch}-{r.id}" if self.shuffle_facts else None
+        responses = r.responses[:self.n_responses] if self.n_responses else r.responses
         try:
-            encs = [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
-                    for resp in r.responses]
+            item = encode_group(self.encoder, r.prompt, responses, images, i)
         except PromptTooLong as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
-        truncated = any(e.truncated for e in encs)
-        if cut_alike(r.responses, [e.input_ids for e in encs]):
-            self.report.bad(r.source, r.text_field, alike_reason(truncated, self.encoder.max_seq_len), item=(self, i))
+        if cut_alike(responses, item.responses):
+            self.report.bad(r.source, r.text_field, alike_reason(item.truncated, self.encoder.max_seq_len),
+                            item=(self, i))
             return None
-        if truncated:
+        if item.truncated:
             self.report.truncated(r.source, (self, i))
-        return encs
+        return item
 
 
-class RewardScorer:
-    """Scores responses with a reward model (a RewardModel, or a DeepSpeed engine wrapping one).
-
-    Factual reward models get the factual block whenever facts are given; without facts they score
-    the plain conversation (and `warn_missing_facts` says so once)."""
-
-    def __init__(self, model, processor, arch, max_seq_len: int = 2048, batch_size: int = 16, device=None,
-                 chat_template: str | None = None, factual: bool | None = None, skip_unfit: bool = False):
-        self.model, self.processor, self.arch = model, processor, arch
-        self.encoder = ChatEncoder(processor, arch, max_seq_len, chat_template)
-        self.batch_size, self.device, self.skip_unfit = batch_size, device, skip_unfit
-        inner = getattr(model, "module", model)
-        self.factual = bool(getattr(inner, "factual", False)) if factual is None else factual
-
-    @torch.no_grad()
-    def score(self, prompts: list, images: list[list], responses: list[str], facts: list | None = None) -> torch.Tensor:
-        """(n,) float32 rewards on CPU. prompts: message lists; images: PIL lists; facts: lists or None.
-        A response the reward model cannot read whole within max_seq_len with its image, prompt and (factual) facts
-        raises PromptTooLong (a reward read at a cut response judges another answer), or with `skip_unfit` is not
-        scored: its reward is NaN, for the caller to report."""
-        use_facts = self.factual and facts is not None
-        if use_facts and any(not f for f in facts):
-            raise MissingFacts("factual reward model: some samples have facts and some have none")
-        enc, kept = [], []
-        for i, (p, im, r) in enumerate(zip(prompts, images, responses)):
-            try:
-                enc.append(encode_for_rm(self.encoder, p, r, im, facts[i] if use_facts else None, use_facts,
-                                         whole=True))
-                kept.append(i)
-            except PromptTooLong:
-                if not self.skip_unfit:
-                    raise
-        pad = self.processor.tokenizer.pad_token_id
-        out = torch.full((len(responses),), float("nan"))
-        for k in range(0, len(enc), self.batch_size):
-            b = collate_sft(enc[k:k + self.batch_size], pad, self.arch.name)
-            if self.device is not None:
-                b = b.to(self.device)
-            out[kept[k:k + self.batch_size]] = self.model(**b.model_inputs()).float().cpu()
-        return out
-
-    def score_records(self, records, image_root: str, responses: list[str]) -> torch.Tensor:
-        images = [[load_image(s, image_root) for s in r.images] for r in records]
-        facts = [r.facts for r in records] if all(r.facts for r in records) else None
-        return self.score([r.prompt for r in records], images, responses, facts)
+def _weights(item: GroupItem, k: int) -> torch.Tensor:
+    w = item.weights[k] if k < len(item.weights) else None
+    return torch.ones(len(item.responses[k])) if w is None else w
 
 
-def missing_facts_note(records, factual: bool) -> str:
-    """Empty, or a one-line note when a factual reward model scores rows without facts."""
-    if factual and not all(r.facts for r in records):
-        return ("note: the reward model is factual but these questions carry no 'facts': scoring without "
-                "the factual block")
-    return ""
+@dataclass
+class PrefixBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    layout: dict  # gather (N*T,), scatter (sum T_i,) indices and mask (N, 1, T, T): training.dpo.packed
+    keep: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    vision: dict
+    n_items: int
+    n_responses: int
+    indices: list[int]
+
+    def to(self, device) -> "PrefixBatch":
+        t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "keep", "labels", "weights")}
+        return PrefixBatch(**t, layout={k: v.to(device) for k, v in self.layout.items()},
+                           vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
+                           n_responses=self.n_responses, indices=self.indices)
+
+    def model_inputs(self) -> dict:
+        # a ready 4D mask is passed through untouched; training.dpo.packed's attention ignores it and
+        # applies each item's own mask from prefix_layout
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.input_ids.device)
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": placeholder,
+                "prefix_layout": self.layout, "logits_to_keep": self.keep, "use_cache": False, **self.vision}
+
+
+def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> PrefixBatch:
+    """All items packed in one row, [prompt | response_1 | ... | response_K] each, no padding."""
+    N, K = len(items), max(len(it.responses) for it in items)
+    rmax = max(len(r) for it in items for r in it.responses)
+    lengths = [len(it.prompt_ids) + sum(len(r) for r in it.responses) for it in items]
+    T = max(lengths)
+    ids, pos = [], []
+    seg = torch.full((N, T), -1, dtype=torch.long)  # 0 prompt, k+1 response k, -1 padding (attention only)
+    gather = torch.zeros((N, T), dtype=torch.long)  # packed position of each (item, slot); padding -> 0
+    scatter = []  # (item, slot) of each packed position, flattened
+    keep = torch.zeros((N, K, rmax + 1), dtype=torch.long)
+    labels = torch.full((N, K, rmax + 1), IGNORE, dtype=torch.long)
+    weights = torch.zeros((N, K, rmax + 1))
+    offset = 0
+    for n, it in enumerate(items):
+        P, L = len(it.prompt_ids), lengths[n]
+        ids.append(it.prompt_ids)
+        pos.append(torch.arange(P))
+        seg[n, :P] = 0
+        start = P
+        for k, (r, tgt) in enumerate(zip(it.responses, it.targets)):
+            R = len(r)
+            ids.append(r)
+            pos.append(torch.arange(P, P + R))
+            seg[n, start:start + R] = k + 1
+            # logits at P-1 predict the response's first token, at start+j its token j+1
+            keep[n, k, :] = offset  # unused slots (label IGNORE) point at a real position
+            keep[n, k, 0] = offset + P - 1
+            keep[n, k, 1:R + 1] = offset + torch.arange(start, start + R)
+            labels[n, k, 1:R + 1] = tgt
+            weights[n, k, 1:R + 1] = _weights(it, k)
+            start += R
+        gather[n, :L] = offset + torch.arange(L)
+        scatter.append(n * T + torch.arange(L))
+        offset += L
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, kv = seg[:, :, None], seg[:, None, :]
+    mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
+    mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
+    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None]}
+    vision = collate_vision([it.vision for it in items], arch_name, lengths)
+    return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
+                       labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])
+
+
+@dataclass
+class PlainBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    vision: dict
+    n_items: int
+    n_responses: int
+    indices: list[int]
+
+    def to(self, device) -> "PlainBatch":
+        return PlainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.weights.to(device), {k: v.to(device) for k, v in self.vision.items()},
+                          self.n_items, self.n_responses, self.indices)
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False,
+                **self.vision}
+
+
+def collate_plain(items: list[GroupItem], pad_id: int, arch_name: str) -> PlainBatch:
+    """K full sequences per item; an item with fewer than K responses gets empty (all-IGNORE) rows."""
+    N, K = len(items), max(len(it.responses) for it in items)
+    T = max(len(it.prompt_ids) + len(r) for it in items for r in it.responses)
+    ids = torch.full((N * K, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N * K, T), dtype=torch.long)
+    labels = torch.full((N * K, T), IGNORE, dtype=torch.long)
+    weights = torch.zeros((N * K, T))
+    vis, lengths = [], []
+    for n, it in enumerate(items):
+        P = len(it.prompt_ids)
+        for k in range(K):
+            row = n * K + k
+            r = it.responses[min(k, len(it.responses) - 1)]
+            ids[row, :P], ids[row, P:P + len(r)], mask[row, :P + len(r)] = it.prompt_ids, r, 1
+            if k < len(it.responses):
+                labels[row, P:P + len(r)] = it.targets[k]
+                weights[row, P:P + len(r)] = _weights(it, k)
+            vis.append(it.vision)
+            lengths.append(P + len(r))
+    # token-aligned vision (mllama's cross-attention mask, Qwen2-VL's mm_token_type_ids) was encoded with the
+    # first response: collate_vision cuts / extends it to each row's length
+    return PlainBatch(ids, mask, labels, weights, collate_vision(vis, arch_name, lengths), N, K,
+                      [it.index for it in items])
+
+
+def collate_groups(items: list[GroupItem], pad_id: int, arch_name: str, fast: bool):
+    if fast and arch_name in PREFIX_ARCHS:
+        return collate_prefix(items, pad_id, arch_name)
+    return collate_plain(items, pad_id, arch_name)
