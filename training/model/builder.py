@@ -181,7 +181,8 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
 
     if lora_args.qlora:
         from peft import prepare_model_for_kbit_training
-        # freezes everything and upcasts norms to fp32; checkpointing is enabled below
+        # freezes everything and upcasts norms to fp32 (DeepSpeed's bf16/fp16 mode casts the whole module to its
+        # dtype again when it wraps it: the fp32 norms hold in fp32 runs only); checkpointing is enabled below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         for p in model.parameters():  # apply_freezing decides; 4-bit weights are never trainable
             p.requires_grad_(p.is_floating_point())
