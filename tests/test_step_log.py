@@ -10,7 +10,10 @@ from training.engine.loop import StepLog, StepPlan
 
 class Recorder:
     def __init__(self):
+        from training.config import OptimArgs
+
         self.logged, self.saved, self.closed = [], [], False
+        self.optim, self.world_size = OptimArgs(), 1  # what a run's shape is read from
 
     def log(self, step, m):
         self.logged.append((step, dict(m)))
@@ -113,7 +116,9 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     log.close()
     ck = tmp_path / "checkpoints"
     assert set(strategy.store) == {str(ck / "actor"), str(ck / "critic")}  # each engine in its own directory
-    assert all(st == {"step": 2, "kl_coef": 0.1 * 2} for _, st in strategy.store.values())  # state at step 2
+    shape = {"world_size": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "seed": 1234,
+             "steps_per_epoch": 5}
+    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape} for _, st in strategy.store.values())  # step 2
 
     resumed = State(0.4)
     run.resume = True
@@ -124,6 +129,27 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     strategy.store[str(ck / "critic")] = ("C", {"step": 1, "kl_coef": 0.1})  # a run killed between the two saves
     with pytest.raises(SystemExit, match="different steps"):
         loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=State(0.4))
+
+
+def test_resume_refuses_a_run_of_another_shape(tmp_path):
+    """A resumed run with another world size, batch, accumulation, seed or data size would not continue the
+    checkpoint's run (another data order): refused, naming what differs."""
+    strategy = Resumer()
+    run = SimpleNamespace(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=1,
+                          stop_after_steps=0, save_total_limit=1)
+    _, log = loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})
+    log.after(1, {}, {})
+    log.close()
+    run.resume = True
+    strategy.world_size = 2
+    with pytest.raises(SystemExit, match="world_size 1 in the checkpoint, 2 now"):
+        loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})
+    strategy.world_size = 1
+    with pytest.raises(SystemExit, match="steps_per_epoch 5 in the checkpoint, 4 now"):
+        loop.open_run(strategy, {"": "E"}, run, StepPlan(4, 5), "sft", {})
+    step, log = loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})  # the same shape resumes
+    log.close()
+    assert step == 1
 
 
 @pytest.mark.parametrize("n,world,bs", [(5, 2, 2), (8, 2, 3), (3, 4, 2), (1, 2, 1), (7, 3, 2)])

@@ -113,6 +113,24 @@ def clear_earlier_run(strategy, out: Path) -> None:
     strategy.barrier()
 
 
+def run_shape(strategy, plan: StepPlan) -> dict:
+    """What fixes a run's data order and steps: a resumed run must have the checkpoint's, or it would not continue
+    the same run (another data order, another number of samples per step)."""
+    o = strategy.optim
+    return {"world_size": strategy.world_size, "per_device_train_batch_size": o.per_device_train_batch_size,
+            "gradient_accumulation_steps": o.gradient_accumulation_steps, "seed": o.seed,
+            "steps_per_epoch": plan.steps_per_epoch}
+
+
+def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
+    """Refuse a resume whose shape differs from the checkpoint's (a checkpoint without one is not checked)."""
+    diff = {k: (v, now.get(k)) for k, v in (saved or {}).items() if now.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
+        raise SystemExit(f"--resume: {ckpt} was written by a run of another shape ({what}; steps_per_epoch follows "
+                         "the data's size): resume with the same settings and data, or start afresh without --resume")
+
+
 def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]], state=None):
     """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engines are
     restored from the last resumable checkpoint and the metrics file continues.
@@ -134,6 +152,8 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
             raise SystemExit(f"--resume: the checkpoints under {ckpt} are of different steps ({steps}); delete "
                              "the newer ones (each engine's `latest` names its step) to resume from a common step")
         saved = next(iter(got.values()))
+        if saved:
+            check_run_shape(saved.get("shape"), run_shape(strategy, plan), ckpt)
     if saved and state is not None:
         state.load_state_dict(saved)
     step = saved["step"] if saved else 0
@@ -189,7 +209,8 @@ class StepLog:
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
         if save_due(step, self.plan.total_steps, self.run):
-            client = {"step": step, **(self.state.state_dict() if self.state is not None else {})}
+            client = {"step": step, "shape": run_shape(self.strategy, self.plan),
+                      **(self.state.state_dict() if self.state is not None else {})}
             for name, engine in self.engines.items():
                 self.strategy.save_resume(engine, self.ckpt / name, step, client, self.run.save_total_limit)
 
