@@ -57,6 +57,28 @@ def read_answers(path: str | Path) -> dict[str, str]:
     return out
 
 
+def answers_model_ids(path: str | Path) -> list[str]:
+    """The distinct model_id values the rows of a predict answer file carry (none for other formats)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if not text.strip() or text.lstrip().startswith("["):
+        return []
+    rows = (_json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    return sorted({str(r["model_id"]) for r in rows if isinstance(r, dict) and r.get("model_id") is not None})
+
+
+def unique_questions(qs: dict[str, list[dict]], where: str) -> None:
+    """Every question id once per split: answers are joined by id, so a repeated id would score two
+    questions against one answer."""
+    for split, items in qs.items():
+        seen = set()
+        for q in items:
+            if q["question_id"] in seen:
+                raise ValueError(f"{where}: question_id {q['question_id']!r} appears twice"
+                                 + (f" in the {split} split" if split else "") + ": give every question its own id")
+            seen.add(q["question_id"])
+
+
 def _json_line(path: Path, n: int, line: str) -> dict:
     try:
         return json.loads(line)

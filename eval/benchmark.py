@@ -28,7 +28,8 @@ import importlib
 import json
 from pathlib import Path
 
-from eval.answers import check_complete, file_digest, generate, predict_flags, read_answers
+from eval.answers import (answers_model_ids, check_complete, file_digest, generate, predict_flags, read_answers,
+                          unique_questions)
 from eval.judge import add_judge_args, judge_decoding, judge_from_args
 from training.model.builder import add_inference_args
 
@@ -113,13 +114,19 @@ def run(args) -> dict:
     args.answers_dir = str(out_dir / "predictions")
     Path(args.answers_dir).mkdir(parents=True, exist_ok=True)
     qs = mod.questions(args)
+    unique_questions(qs, str(args.data))
     decoding = decoding_of(args, mod)
+    answered_by = None
     if args.answers is not None:
         files = _answer_files(args.answers, list(qs))
         answers = {s: read_answers(f) for s, f in files.items()}
         for s in qs:
             check_complete(qs[s], answers[s], files[s])
         decoding = {"mode": "unknown (scored from --answers)"}
+        answered_by = sorted({m for f in files.values() for m in answers_model_ids(f)})
+        if len(answered_by) > 1:  # one result must belong to one model run
+            raise ValueError(f"the answers ({', '.join(map(str, files.values()))}) come from several models "
+                             f"({', '.join(answered_by)}): score each model's answers on its own")
     else:
         if not args.model_path:
             raise SystemExit("--model_path is required unless --answers is given")
@@ -150,6 +157,8 @@ def run(args) -> dict:
         "judge": judge.record() if judge else None,
         "answers": files, "metrics": metrics, "details": details,
     }
+    if answered_by:  # the model_id the answer rows name (--answers), whatever --model_path says
+        record["answers_model_id"] = answered_by[0]
     path = out_dir / f"eval_{args.benchmark}{suffix}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False))

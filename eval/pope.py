@@ -52,6 +52,9 @@ def split_files(data: str | Path) -> dict[str, Path]:
     found = {}
     for split in SPLITS:
         hits = sorted(p for p in data.rglob(f"*pope_{split}.json*") if p.suffix in (".json", ".jsonl"))
+        if len(hits) > 1:
+            raise ValueError(f"{data}: {len(hits)} files for POPE's {split} split ({', '.join(map(str, hits))}): "
+                             "pass the folder of one dataset (COCO, A-OKVQA or GQA)")
         if hits:
             found[split] = hits[0]
     if not found:

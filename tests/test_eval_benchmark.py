@@ -146,6 +146,52 @@ def test_settings_hold_what_changes_answers(tmp_path, world, tiny):
     bench_main(argv + ["--progress"])
 
 
+def test_predict_does_not_resume_answers_written_with_other_settings(tmp_path, world, tiny):
+    """A rerun into the same answer file with another decoding (or a retrained model in the same folder) took
+    every question as done and returned the old answers: refused, naming what differs."""
+    from training.predict.main import parse, predict
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(x + "\n" for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:3]))
+    argv = ["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+            "--output_file", str(tmp_path / "a.jsonl"), "--no-progress"]
+    predict(parse([*argv, "--max_new_tokens", "3"]))
+    predict(parse([*argv, "--max_new_tokens", "3"]))  # the same settings: a finished file, nothing to do
+    with pytest.raises(SystemExit, match="other settings \\(decoding differ"):
+        predict(parse([*argv, "--max_new_tokens", "5"]))
+
+
+def test_scoring_refuses_repeated_question_ids_and_answers_of_several_models(tmp_path, world):
+    """Two questions sharing an id were both scored against its one answer; answers of two models were scored as
+    one result, credited to --model_path."""
+    from eval.benchmark import main as bench
+    rows = [json.loads(x) for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:2]]
+    qfile = tmp_path / "pope_random.jsonl"
+    qfile.write_text("".join(json.dumps({**r, "question_id": 1}) + "\n" for r in rows))
+    afile = tmp_path / "answers.jsonl"
+    afile.write_text(json.dumps({"question_id": 1, "text": "Yes", "model_id": "a"}) + "\n")
+    args = ["--benchmark", "pope", "--data", str(qfile), "--image_folder", str(world / "images"), "--answers",
+            str(afile), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="question_id '1' appears twice"):
+        bench(args)
+    qfile.write_text("".join(json.dumps({**r, "question_id": i}) + "\n" for i, r in enumerate(rows)))
+    afile.write_text("".join(json.dumps({"question_id": i, "text": "Yes", "model_id": m}) + "\n"
+                             for i, m in enumerate(["a", "b"])))
+    with pytest.raises(ValueError, match="several models \\(a, b\\)"):
+        bench(args)
+    afile.write_text("".join(json.dumps({"question_id": i, "text": "Yes", "model_id": "a"}) + "\n" for i in range(2)))
+    assert bench(args)["answers_model_id"] == "a"
+
+
+def test_pope_folder_with_several_datasets_is_refused(tmp_path):
+    from eval.pope import split_files
+    for name in ("coco", "aokvqa"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}_pope_random.json").write_text("")
+    with pytest.raises(ValueError, match="2 files for POPE's random split"):
+        split_files(tmp_path)
+    assert split_files(tmp_path / "coco") == {"random": tmp_path / "coco" / "coco_pope_random.json"}
+
+
 def test_predict_resumes_past_a_cut_last_line_and_names_bad_rows(tmp_path, world, tiny):
     """An interrupted run can leave half a JSON line: the next run removes it and answers that question
     again; an unreadable line elsewhere, or a question answered twice, is an error naming file and row."""

@@ -71,6 +71,37 @@ def answered(out: Path) -> set[str]:
     return done
 
 
+def run_settings(args, device: str, precision: str, image_root: str) -> dict:
+    """What an answer depends on (not the batch size, the progress bar or the output file)."""
+    from training.model.fingerprint import model_fingerprint
+    return {"model_path": str(args.model_path), "model_fingerprint": model_fingerprint(args.model_path),
+            "data_path": str(Path(args.data_path).resolve()), "image_folder": str(image_root),
+            "decoding": {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                         "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams,
+                         "seed": args.seed},
+            "best_of_n": args.best_of_n, "reward_model": str(args.reward_model),
+            "reward_model_fingerprint": model_fingerprint(args.reward_model) if args.reward_model else None,
+            "max_seq_len": args.max_seq_len, "model_architecture": args.model_architecture,
+            "device": device.split(":")[0], "precision": precision, "model_id": args.model_id}
+
+
+def check_settings(out: Path, done: set, settings: dict) -> None:
+    """`<answers>.predict.json` records what wrote the answers (the model and a fingerprint of its weight files,
+    the question file, decoding, seed, reward model, lengths, precision). A resume with other settings would mix
+    two models' or decodings' answers in one file (a retrained model in the same folder reused all of them):
+    refused. A file answered before this record existed is resumed as it is."""
+    side = out.with_name(out.stem + ".predict.json")
+    if done and side.exists():
+        old = json.loads(side.read_text())
+        diff = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+        if diff:
+            raise SystemExit(f"{out} holds answers written with other settings ({', '.join(diff)} differ; see {side}): "
+                             "pass another --output_file, or delete the file to answer again")
+    elif done:
+        print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
+    side.write_text(json.dumps(settings, indent=1))
+
+
 def answer_row(r, text: str, model_id: str) -> dict:
     """question_id, image_id (when the question has one), image (a path; not base64 pictures), prompt
     (the question text alone, without the image placeholders, as LLaVA's model_vqa writes it), text, model_id."""
@@ -150,11 +181,12 @@ def predict(args: argparse.Namespace) -> Path:
     out = Path(args.output_file or Path(args.model_path) / "predictions" / (Path(args.data_path).stem + ".jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
     done = answered(out)
+    device, precision = inference_device(args.device, args.precision)
+    check_settings(out, done, run_settings(args, device, precision, image_root))
     report = BadRowReport(skip=args.skip_bad_rows)
     records = read_prompts([args.data_path], image_root, report)
     unique_ids(records)
     records = [r for r in records if _qid(r) not in done]
-    device, precision = inference_device(args.device, args.precision)
     model, processor, arch = load_model_and_processor(
         ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
         LoraArgs(), for_training=False)
