@@ -7,7 +7,7 @@
   sent; it is never written to a file, a log line or an error message. With the variable unset or
   empty, requests go without an Authorization header (local servers). A key is never sent over plain
   http to another machine (anyone on the way could read it): that needs an https URL.
-* Every request and reply is cached on disk, keyed by a hash of (model, messages, decoding
+* Every request and reply is cached on disk, keyed by a hash of (endpoint, model, messages, decoding
   settings), so re-scoring the same answers sends no request at all. Only successful replies are
   cached; a reply the caller cannot parse can be asked again with `attempt=1, 2, ...`.
 * A failed request (network error, timeout, a reply cut short, HTTP 408/409/425/429/5xx, a reply
@@ -98,7 +98,9 @@ class Judge:
         self.decodings: list[dict] = []  # every distinct decoding setting used, for the results file
 
     def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
-        payload = {"model": self.cfg.model, "messages": messages, "decoding": decoding}
+        # the endpoint too: two servers answering to one model name (a local one and a hosted one) are two judges
+        payload = {"endpoint": _public_url(self.cfg.endpoint), "model": self.cfg.model, "messages": messages,
+                   "decoding": decoding}
         if attempt:
             payload["attempt"] = attempt
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

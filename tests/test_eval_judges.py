@@ -353,3 +353,14 @@ def test_the_key_never_goes_over_plain_http_to_another_machine(monkeypatch, tmp_
     assert "after 1 attempts" in ask("http://judge.example.com:8000/v1")
     assert sent[-1] == ("http://judge.example.com:8000/v1/chat/completions", None)
     assert KEY not in capsys.readouterr().err
+
+
+def test_judge_cache_is_kept_apart_per_endpoint(tmp_path):
+    """Two endpoints answering to one model name (a local server and a hosted one) are two judges: a reply cached
+    from one is not the other's (the key held the model name, messages and decoding only)."""
+    from eval.judge import Judge, JudgeConfig
+    msgs, dec = [{"role": "user", "content": "rate it"}], {"temperature": 0.0}
+    a = Judge(JudgeConfig(url="http://127.0.0.1:8000/v1", model="gpt-4", cache_dir=str(tmp_path)))
+    b = Judge(JudgeConfig(url="https://api.example.com/v1", model="gpt-4", cache_dir=str(tmp_path)))
+    again = Judge(JudgeConfig(url="http://127.0.0.1:8000/v1", model="gpt-4", cache_dir=str(tmp_path)))
+    assert a.key(msgs, dec) != b.key(msgs, dec) and a.key(msgs, dec) == again.key(msgs, dec)
