@@ -562,3 +562,38 @@ def test_utf8_byte_order_mark_is_read(tmp_path, root):
     (tmp_path / "caps.json").write_text(bom + json.dumps({"a.jpg": ["A bus."]}), encoding="utf-8")
     rlhf = _json(tmp_path / "rlhf.json", [GOOD_RLHF])
     assert read_preferences(rlhf, str(root), captions_file=str(tmp_path / "caps.json"))[0].facts == ["A bus."]
+
+
+def test_unusual_bad_inputs_are_bad_rows_or_errors_naming_the_file(root, tmp_path):
+    """Inputs that escaped as bare Python errors (no file, row or field): a speaker that is a list, a role that is
+    an object, a line that is not UTF-8, a .json file that is not UTF-8, a captions entry that is a number, a
+    captions file that is not JSON."""
+    good = {"id": "g", "image": "b.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                             {"from": "gpt", "value": "A green square."}]}
+    bad = json.loads(json.dumps(good))
+    bad["conversations"][0]["from"] = ["human"]
+    trl = {"messages": [{"role": {"a": 1}, "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "images": []}
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in (good, bad)) + b'{"id": "\xe9"}\n')
+    report = BadRowReport(skip=True)
+    assert [r.id for r in read_sft([str(path)], str(root), report)] == ["g"]
+    assert sorted((s["row"], s["field"]) for s in report.skipped) == [(1, "conversations[0].from"), (2, "<row>")]
+    tpath = tmp_path / "trl.jsonl"
+    tpath.write_text(json.dumps(trl) + "\n")
+    with pytest.raises(BadRowError, match=r"messages\[0\]\.role"):
+        read_sft([str(tpath)], str(root))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[{"id": "\xe9"}]')
+    with pytest.raises(DataFormatError, match="latin.json: not UTF-8"):
+        read_sft([str(latin)], str(root))
+    row = {"image": "b.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": ""}],
+           "output_1": {"value": "A."}, "output_2": {"value": "B."}, "preference": 1}
+    pairs = tmp_path / "pairs.json"
+    _json(pairs, [row])
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"b.png": 5}))
+    with pytest.raises(BadRowError, match="not a caption or a list of captions"):
+        read_preferences([str(pairs)], str(root), captions_file=str(caps))
+    caps.write_text("{not json")
+    with pytest.raises(DataFormatError, match="caps.json: not a JSON file of captions"):
+        read_preferences([str(pairs)], str(root), captions_file=str(caps))

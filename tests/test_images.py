@@ -141,3 +141,19 @@ def test_extensionless_file_is_a_path_not_base64(root):
         load_image(HEX, root)
     with pytest.raises(ImageError, match="bad base64 text.*no such file under the image root"):
         load_image(f"sub/{HEX[:-1]}", root)  # missing: neither a file nor base64
+
+
+def test_a_path_no_file_system_can_encode_is_a_bad_image(root):
+    """A lone surrogate in a JSON path string raised UnicodeEncodeError out of the reader (no row named)."""
+    with pytest.raises(ImageError, match="cannot open"):
+        load_image("\ud800x.png", str(root))
+
+
+def test_an_image_past_pillows_pixel_limit_is_refused_not_decoded(root, monkeypatch):
+    """Between 1x and 2x Pillow's MAX_IMAGE_PIXELS Pillow only warns and decoded the whole image (457 MB for a
+    9500x9500 PNG); the warning is an error now (the limit lowered here to keep the test small)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16 * 16)
+    (root / "big.png").write_bytes(_png(size=(20, 20)))  # 400 pixels: over the limit, under twice it
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image("big.png", str(root))
+    _check(load_image("red.png", str(root)))  # under the limit: as before

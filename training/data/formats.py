@@ -120,7 +120,7 @@ def _llava_turns(row: dict, field: str = "conversations") -> list[tuple[str, dic
         if not isinstance(turn, dict):
             raise RowProblem(f"{field}[{i}]", "turn is not an object")
         who = turn.get("from", turn.get("role"))
-        if who not in _LLAVA_ROLES:
+        if not isinstance(who, str) or who not in _LLAVA_ROLES:
             raise RowProblem(f"{field}[{i}].from", f"unknown speaker {who!r} (expected human, gpt or system)")
         out.append((_LLAVA_ROLES[who], turn))
     return out
@@ -178,7 +178,7 @@ def _trl_messages(messages: Any, field: str, end: str) -> tuple[list[Message], l
     roles = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in _TRL_NAMES:
+        if not isinstance(role, str) or role not in _TRL_NAMES:
             raise RowProblem(f"{field}[{i}].role", f"unknown role {role!r} (expected user, assistant or system)")
         roles.append(role)
     _check_order(roles, field, "role", _TRL_NAMES, end)
@@ -356,7 +356,11 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         found = next((captions[k] for k in (key, Path(key).name, Path(key).stem) if k in captions), None)
         if found is None:
             raise RowProblem(field, f"no captions for image {key!r} in the captions file")
-        facts += [found] if isinstance(found, str) else list(found)
+        found = [found] if isinstance(found, str) else found
+        if not isinstance(found, list) or not all(isinstance(c, str) for c in found):
+            raise RowProblem(field, f"the captions file's entry for image {key!r} is not a caption or a list of "
+                                    "captions")
+        facts += found
     answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
     choices, idx = row.get("choices"), row.get("correct_choice_idx")
     if answer is None and idx is not None:
@@ -502,8 +506,11 @@ def read_preferences(paths, image_root: str | None, report: BadRowReport | None 
     as no other format can use them."""
     ctx = {}
     if captions_file:
-        with open(captions_file, encoding="utf-8-sig") as f:
-            ctx["captions"] = json.load(f)
+        try:
+            with open(captions_file, encoding="utf-8-sig") as f:
+                ctx["captions"] = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataFormatError(f"{captions_file}: not a JSON file of captions ({err})") from None
         if not isinstance(ctx["captions"], dict):
             raise DataFormatError(f"{captions_file}: expected a JSON object image id -> list of captions")
     return read_records(KINDS, "preference", paths, image_root, report, ctx)

@@ -12,6 +12,7 @@ import binascii
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | 
             raise ImageError("file not found")
         if not full.is_file():
             raise ImageError("not a file")
-    except OSError as err:  # e.g. a name too long for the file system
+    except ImageError:
+        raise
+    except (OSError, ValueError) as err:  # a name too long for the file system, one no file system can encode
         raise ImageError(f"cannot open: {err}") from None
     return full
 
@@ -114,8 +117,10 @@ def load_image(source: Any, image_root: str | os.PathLike | None) -> Image.Image
         if isinstance(src, Image.Image):
             src.load()
             return src.convert("RGB")
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-            img.load()  # decode every pixel now: truncated files raise here
-            return img.convert("RGB")
+        with warnings.catch_warnings():  # past Pillow's pixel limit (MAX_IMAGE_PIXELS) it only warns up to 2x:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, never decoded
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+                img.load()  # decode every pixel now: truncated files raise here
+                return img.convert("RGB")
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad files
         raise ImageError(f"cannot decode image: {err}") from None

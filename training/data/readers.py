@@ -107,8 +107,12 @@ def read_table(path: str | os.PathLike, bad_lines: bool = False,
 
 
 def _read_json(path: str, bad_lines: bool, one_row: Callable[[dict], bool] | None) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not JSON
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not JSON
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); JSON files are UTF-8") \
+            from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -132,8 +136,15 @@ def _read_json(path: str, bad_lines: bool, one_row: Callable[[dict], bool] | Non
 
 
 def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as err:
+                if not bad_lines:
+                    raise DataFormatError(f"{path}: line {i + 1}: not UTF-8 text ({err.reason})") from None
+                yield i, RowProblem("<row>", f"not UTF-8 text ({err.reason}; line {i + 1})")
+                continue
             if not line.strip():
                 continue
             try:
