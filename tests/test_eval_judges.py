@@ -288,6 +288,13 @@ def _ok(text):
     return body, len(body)
 
 
+def _judge_on(httpd, tmp_path):
+    """A judge of the local raw server, no key, two tries with a short backoff."""
+    return Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
+                             api_key_env="EVAL_TEST_UNSET_VARIABLE", cache_dir=str(tmp_path / "c"), max_retries=2,
+                             backoff_s=0.01, timeout_s=10))
+
+
 @pytest.mark.parametrize("bad", [b"[]", b'{"choices": [{"message": null}]}', b'{"choices": ["x"]}',
                                  b'{"choices": [{"message": {"content": 3}}]}', b'"text"'])
 def test_a_reply_body_of_another_shape_is_retried(bad, tmp_path):
@@ -295,9 +302,7 @@ def test_a_reply_body_of_another_shape_is_retried(bad, tmp_path):
     failed request, retried as any other: not an AttributeError or TypeError out of the judge."""
     httpd = _raw_server([(bad, len(bad)), _ok("Rating: 4")])
     try:
-        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
-                                  api_key_env="EVAL_TEST_UNSET_VARIABLE", cache_dir=str(tmp_path / "c"),
-                                  max_retries=2, backoff_s=0.01, timeout_s=10))
+        judge = _judge_on(httpd, tmp_path)
         assert judge.chat([{"role": "user", "content": "q"}]) == "Rating: 4" and judge.requests == 2
     finally:
         httpd.shutdown()
@@ -310,9 +315,7 @@ def test_a_reply_cut_short_is_retried(tmp_path, capsys):
     body = _ok("Rating: 5")[0]
     httpd = _raw_server([(body[:10], len(body)), _ok("Rating: 5")])
     try:
-        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m",
-                                  api_key_env="EVAL_TEST_UNSET_VARIABLE", cache_dir=str(tmp_path / "c"),
-                                  max_retries=2, backoff_s=0.01, timeout_s=10))
+        judge = _judge_on(httpd, tmp_path)
         assert judge.chat([{"role": "user", "content": "q"}]) == "Rating: 5" and judge.requests == 2
     finally:
         httpd.shutdown()
