@@ -70,3 +70,17 @@ class FakeRank:
 def test_eval_steps_without_held_out_data_stops():
     with pytest.raises(SystemExit, match="--eval_data_path"):
         main(["--eval_steps", "5"])
+
+
+def pref_dataset(world, tiny, max_len, report=None, n_responses=0):
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    recs = read_preferences([str(world / "ranked_train.json")], str(world / "images"))
+    return PreferenceDataset(recs, ChatEncoder(proc, arch, max_len), str(world / "images"), report or BadRowReport(),
+                             n_responses)
