@@ -56,13 +56,12 @@ def usable_prompts(records, encoder, image_root: str, report, need_facts: bool, 
     from tqdm import tqdm
 
     from training.data.images import load_image
+    from training.rm.factual import with_facts
     from training.templates.chat import PromptTooLong
 
     kept = []
     for r in tqdm(records, desc="checking prompts", disable=not progress, dynamic_ncols=True):
-        if need_facts and not (r.facts and any(f.strip() for f in r.facts)):
-            report.bad(r.source, "facts", "missing: the reward model is factual (Fact-RLHF) and reads each prompt's "
-                                          "facts; add them, or pass --no-factual")
+        if need_facts and not with_facts([r], report):  # in row order: the first bad row is the one named
             continue
         try:
             encoder.encode(r.prompt, [load_image(s, image_root) for s in r.images], add_generation_prompt=True)

@@ -16,7 +16,7 @@ import torch
 from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
-from training.rm.factual import MissingFacts, rm_messages
+from training.rm.factual import MissingFacts, rm_messages, with_facts
 from training.templates.chat import ChatEncoder, Encoded, PromptTooLong
 
 
@@ -77,15 +77,7 @@ class RMDataset(torch.utils.data.Dataset):
     def __init__(self, records, encoder: ChatEncoder, image_root: str, report, factual: bool,
                  shuffle_facts: bool = False, seed: int = 0):
         if factual:
-            kept = []
-            for r in records:
-                if r.facts and any(f.strip() for f in r.facts):
-                    kept.append(r)
-                else:
-                    report.bad(r.source, "facts", "missing: factual mode (--factual) needs each row's facts "
-                                                  "(captions, ground-truth objects or the correct option); "
-                                                  "pass --captions_file, or --no-factual")
-            records = kept
+            records = with_facts(records, report)
         self.records, self.encoder, self.image_root, self.report = records, encoder, image_root, report
         self.factual, self.shuffle_facts, self.seed, self.epoch = factual, shuffle_facts, seed, 0
 

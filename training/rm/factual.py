@@ -26,6 +26,20 @@ class MissingFacts(ValueError):
     """Factual mode needs facts and this sample has none."""
 
 
+def with_facts(records, report) -> list:
+    """The records that carry facts, for a factual reward model; each other one is a bad row of `report`
+    (field "facts": an error, or with --skip_bad_rows skipped and counted)."""
+    kept = []
+    for r in records:
+        if any(f and f.strip() for f in r.facts or []):
+            kept.append(r)
+        else:
+            report.bad(r.source, "facts", "missing: a factual reward model reads each row's facts (captions, "
+                                          "ground-truth objects or the correct option); add them (--captions_file "
+                                          "for LLaVA-RLHF data), or pass --no-factual")
+    return kept
+
+
 def factual_block(facts: list[str], shuffle_seed: int | str | None = None) -> str:
     """The factual block; facts shuffled (LLaVA-RLHF shuffles captions) when a seed is given."""
     facts = [f.strip() for f in facts if f and f.strip()]
