@@ -75,9 +75,9 @@ class RefCache:
     def check(self, indices: list[int], count: torch.Tensor) -> None:
         """The cached token counts of these items must be the batch's: a cache whose key missed a change (a
         file edited within the same second and size, a model changed under a Hub id) is refused, not used."""
-        cached = self.count[torch.tensor(indices), :count.shape[1]]
-        if not torch.equal(cached, count.detach().double().cpu()):
-            bad = indices[int((cached != count.detach().double().cpu()).any(-1).nonzero()[0, 0])]
+        cached, now = self.count[torch.tensor(indices), :count.shape[1]], count.detach().double().cpu()
+        if not torch.equal(cached, now):
+            bad = indices[int((cached != now).any(-1).nonzero()[0, 0])]
             raise ValueError(f"reference log-prob cache {self.path} does not belong to this data and model: item "
                              f"{bad}'s response token counts differ from the cached ones; delete the file (it is "
                              "computed anew) or pass another --ref_cache_dir")
