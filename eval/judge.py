@@ -10,6 +10,8 @@
 * Every request and reply is cached on disk, keyed by a hash of (endpoint, model, messages, decoding
   settings), so re-scoring the same answers sends no request at all. Only successful replies are
   cached; a reply the caller cannot parse can be asked again with `attempt=1, 2, ...`.
+* The model name of every reply is counted (`record()["reply_models"]`), with a warning when one is not
+  the model asked for (nor a dated variant of its name).
 * A failed request (network error, timeout, a reply cut short, HTTP 408/409/425/429/5xx, a reply
   body without a text choices[0].message.content)
   is retried with exponential backoff; other HTTP errors (400, 401, 403, 404) fail at once.
@@ -96,6 +98,7 @@ class Judge:
         self.cache_hits = 0
         self.progress, self._bar = progress, None  # a running count of replies, sent vs cached
         self.decodings: list[dict] = []  # every distinct decoding setting used, for the results file
+        self.reply_models: dict[str, int] = {}  # the model name each reply gave -> replies (cached ones too)
 
     def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
         # the endpoint too: two servers answering to one model name (a local one and a hosted one) are two judges
@@ -116,7 +119,9 @@ class Judge:
         if path.exists():
             self.cache_hits += 1
             self._tick()
-            return json.loads(path.read_text(encoding="utf-8"))["reply"]
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            self._seen_model(cached.get("response_model"))
+            return cached["reply"]
         body = {"model": self.cfg.model, "messages": messages, "temperature": temperature}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
@@ -126,8 +131,19 @@ class Judge:
                                          "attempt": attempt},
                              "reply": reply, "response_model": response.get("model"),
                              "usage": response.get("usage")})
+        self._seen_model(response.get("model"))
         self._tick()
         return reply
+
+    def _seen_model(self, name) -> None:
+        """Count the model that answered; warn once for a name that is not the one asked for (a proxy or server
+        routing to another model would otherwise score under the asked-for name). A dated variant of the name
+        ("gpt-4o" -> "gpt-4o-2024-08-06") is the same model."""
+        name = name if isinstance(name, str) else "(none given)"
+        if name not in self.reply_models and name != "(none given)" and not name.startswith(self.cfg.model):
+            print(f"judge {_public_url(self.cfg.endpoint)}: asked for model {self.cfg.model!r}, the reply came from "
+                  f"{name!r} (the results file lists every replying model under judge.reply_models)", file=sys.stderr)
+        self.reply_models[name] = self.reply_models.get(name, 0) + 1
 
     def _tick(self) -> None:
         if not self.progress:
@@ -179,7 +195,8 @@ class Judge:
     def record(self) -> dict:
         """What a results file records about the judge (never the key)."""
         return {"url": _public_url(self.cfg.endpoint), "model": self.cfg.model, "api_key_env": self.cfg.api_key_env,
-                "decoding": self.decodings, "requests_sent": self.requests, "cache_hits": self.cache_hits,
+                "decoding": self.decodings, "reply_models": dict(sorted(self.reply_models.items())),
+                "requests_sent": self.requests, "cache_hits": self.cache_hits,
                 "cache_dir": str(self.cfg.cache_dir)}
 
 

@@ -106,6 +106,34 @@ def test_qlora_4bit_on_cpu(tiny_ckpts):
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_qlora_merge_computes_what_was_trained(tiny_ckpts, tmp_path):
+    """QLoRA adapters were merged into the base's full-precision weights, not the 4-bit ones they were trained
+    against: the merged model (what the next stage and predict load) was not the trained one."""
+    from training.model.merge_lora import main as merge_cli
+    model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0, qlora=True),
+                                freeze_vision_tower=True)
+    with torch.no_grad():  # stand-in for training: nonzero adapters, moved projector
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    batch = _batch(processor)
+    # the function training computes (train mode, no dropout here): bitsandbytes' eval-mode CPU path with
+    # AVX512-BF16 repacks the 4-bit weights for a bf16 kernel, another function by ~3e-3
+    with torch.no_grad():
+        trained = model(**batch).logits
+    save_model(model, processor, tmp_path / "run")
+    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged")])
+    merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "orig"), "--original_base"])
+    got = {}
+    for name in ("merged", "orig"):
+        m, _, _ = _load(str(tmp_path / name))
+        m.eval()
+        with torch.no_grad():
+            got[name] = m(**batch).logits
+    torch.testing.assert_close(got["merged"], trained, rtol=1e-4, atol=1e-4)
+    assert float((got["orig"] - trained).abs().max()) > 1e-2  # the full-precision base is another model
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing_same_grads(tiny_ckpts, arch):
     model, processor, _ = _load(tiny_ckpts[arch])

@@ -76,6 +76,15 @@ def test_read_table_errors(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataFormatError, match=r"bad\.parquet: cannot read parquet"):
         list(read_table(tmp_path / "bad.parquet"))
+    rows = [{"prompt": f"question {k} " * 8, "chosen": "a" * 40} for k in range(600)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "two_groups.parquet", row_group_size=300)
+    meta = pq.ParquetFile(tmp_path / "two_groups.parquet").metadata
+    data = bytearray((tmp_path / "two_groups.parquet").read_bytes())
+    start = meta.row_group(1).column(0).data_page_offset
+    data[start + 20:start + 200] = b"\xab" * 180  # the second row group's first page header and data
+    (tmp_path / "damaged.parquet").write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match=r"damaged\.parquet: cannot read parquet rows from row 256 on \(600"):
+        list(read_table(tmp_path / "damaged.parquet"))
     (tmp_path / "x.csv").write_text("a\n1\n")
     with pytest.raises(DataFormatError, match="unknown file type '.csv'"):
         list(read_table(tmp_path / "x.csv"))
@@ -462,6 +471,31 @@ def test_bad_row_stops_or_is_counted(case, tmp_path, root):
     assert report.skipped == [{"file": path, "row": 1, "field": field, "reason": err.reason}]
     saved = json.loads(report.write(tmp_path / "out").read_text())
     assert saved["n_skipped"] == 1 and saved["rows"][0]["row"] == 1 and saved["rows"][0]["field"] == field
+
+
+@pytest.mark.parametrize("case", ["trl row lacks prompt", "rlhf row lacks conversations",
+                                  "question row lacks question"])
+def test_a_bad_first_row_is_a_bad_row_not_a_refused_file(case, tmp_path, root):
+    """The format was taken from the first row only: a first row lacking a field of its format refused the whole
+    file ("match no known format") even with skipping on. It is that row's bad field now."""
+    reader, good, bad, field, reason = BAD_ROWS[case]
+    path = _json(tmp_path / "data.json", ["not a row", bad, good, good])
+    with pytest.raises(BadRowError) as info:
+        reader(path, str(root))
+    assert (info.value.where, info.value.field_name) == (RowRef(path, 0), "<row>")
+    report = BadRowReport(skip=True)
+    assert [r.source.row for r in reader(path, str(root), report)] == [2, 3]
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "<row>"), (1, field)]
+    assert reason in report.skipped[1]["reason"]
+
+
+def test_a_file_with_no_row_of_a_known_format_is_refused_naming_its_first(tmp_path, root):
+    path = _json(tmp_path / "foo.json", [{"foo": k} for k in range(100)] + [GOOD_SFT])
+    with pytest.raises(DataFormatError, match=r"foo\.json: row 0 has fields \['foo'\], which match no known SFT"):
+        read_sft(path, str(root), BadRowReport(skip=True))
+    path = _json(tmp_path / "bar.json", [3, {"bar": 1}])
+    with pytest.raises(DataFormatError, match=r"bar\.json: row 1 has fields \['bar'\]"):
+        read_sft(path, str(root), BadRowReport(skip=True))
 
 
 def test_first_bad_row_in_file_order_and_line_numbers(tmp_path, root):

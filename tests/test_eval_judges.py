@@ -367,3 +367,27 @@ def test_judge_cache_is_kept_apart_per_endpoint(tmp_path):
     b = Judge(JudgeConfig(url="https://api.example.com/v1", model="gpt-4", cache_dir=str(tmp_path)))
     again = Judge(JudgeConfig(url="http://127.0.0.1:8000/v1", model="gpt-4", cache_dir=str(tmp_path)))
     assert a.key(msgs, dec) != b.key(msgs, dec) and a.key(msgs, dec) == again.key(msgs, dec)
+
+
+def test_replies_from_another_model_are_counted_and_warned_about(tmp_path, capsys):
+    """The reply's model name was stored in the cache but never looked at: a server routing the asked-for judge to
+    another model scored under the asked-for name. Every replying model is counted (cached replies too) and one
+    that is not the asked-for model (nor a dated variant of its name) is warned about."""
+    def reply(text, model):
+        body = json.dumps({"model": model, "choices": [{"message": {"content": text}}]}).encode()
+        return body, len(body)
+
+    httpd = _raw_server([reply("Rating: 4", "m-2024-05-13"), reply("Rating: 2", "other-small")])
+    try:
+        judge = _judge_on(httpd, tmp_path)
+        judge.chat([{"role": "user", "content": "q1"}])
+        assert "reply came from" not in capsys.readouterr().err  # a dated variant of "m"
+        judge.chat([{"role": "user", "content": "q2"}])
+        assert "asked for model 'm', the reply came from 'other-small'" in capsys.readouterr().err
+        again = _judge_on(httpd, tmp_path)
+        again.chat([{"role": "user", "content": "q2"}])  # from the cache: no request, the same model counted
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert judge.record()["reply_models"] == {"m-2024-05-13": 1, "other-small": 1}
+    assert again.requests == 0 and again.record()["reply_models"] == {"other-small": 1}

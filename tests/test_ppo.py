@@ -89,6 +89,24 @@ def test_ppo_resume_equals_uninterrupted(world, tiny, rm, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_resume_with_other_ppo_epochs_or_rollout_batch_is_refused(world, tiny, rm, tmp_path):
+    """--ppo_epochs and --rollout_batch_size fix a PPO step's updates and prompts: a resume with either changed
+    continued silently with another schedule when steps_per_epoch happened to stay the same."""
+    out = tmp_path / "cut"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--save_steps", "1", "--stop_after_steps", "1"))
+    with pytest.raises(SystemExit, match="ppo_epochs 1 in the checkpoint, 2 now"):
+        main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--ppo_epochs", "2", "--resume"))
+
+
+def test_reward_bias_is_added_to_every_shaped_score(world, tiny, rm, tmp_path):
+    rows = []
+    for name, bias in (("base", "0"), ("bias", "3")):
+        main(ppo_args(world, tiny, rm, tmp_path / name, "--max_steps", "1", "--reward_bias", bias))
+        rows.append(json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]))
+    assert rows[0]["reward/mean"] == pytest.approx(rows[1]["reward/mean"], abs=1e-6)  # the same rollouts
+    assert rows[1]["reward/shaped_mean"] == pytest.approx(rows[0]["reward/shaped_mean"] + 3, abs=1e-5)
+
+
 def test_non_finite_reward_stops_and_keeps_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch):
     real = PPOTrainer._scores
 

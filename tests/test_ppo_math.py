@@ -69,6 +69,48 @@ def test_whiten_and_running_moments():
     assert m.mean == pytest.approx(3.0) and m.var == pytest.approx(2.0)
 
 
+def test_running_window_keeps_only_the_last_scores_and_resumes():
+    m = RunningMoments(window=3)
+    m.update(t([10., 20.]))
+    m.update(t([1., 2., 3.]))  # 10 and 20 have left the window: mean 2, var 2/3
+    assert m.mean == pytest.approx(2.0) and m.var == pytest.approx(2 / 3) and m.count == 5
+    m.update(t([6.]))  # window 2, 3, 6
+    assert m.mean == pytest.approx(11 / 3) and m.var == pytest.approx(((5 / 3) ** 2 + (2 / 3) ** 2 + (7 / 3) ** 2) / 3)
+    resumed = RunningMoments(window=3)
+    resumed.load_state_dict(m.state_dict())
+    m.update(t([0.]))
+    resumed.update(t([0.]))
+    assert (resumed.mean, resumed.var) == (m.mean, m.var) == (pytest.approx(3.0), pytest.approx(6.0))
+    with pytest.raises(ValueError, match="same --reward_norm_window"):
+        RunningMoments().load_state_dict(m.state_dict())
+
+
+def test_whiten_over_two_ranks_equals_one_rank_with_both_halves():
+    """Advantages were whitened with each rank's own mean and std: two ranks then trained on other advantages
+    than one rank with the whole batch. With `reduce` (a sum over ranks) they are the same."""
+    import threading
+
+    x = torch.tensor([[1., 5., 2., 9.], [0., -3., 4., 7.], [8., 1., 1., 2.], [3., 3., -6., 0.]])
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 0., 0., 0.], [1., 1., 1., 1.], [1., 1., 0., 0.]])
+    whole = whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def reduce(v):  # all_reduce(sum) between the two threads
+            slots[r] = v.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        out[r] = whiten(x[2 * r:2 * r + 2], mask[2 * r:2 * r + 2], reduce=reduce)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    torch.testing.assert_close(torch.cat(out), whole, rtol=1e-6, atol=1e-6)
+    assert float((whiten(x[:2], mask[:2]) - whole[:2]).abs().max()) > 0.1  # per rank differs
+
+
 def test_adaptive_kl_controller():
     c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     c.update(12.0, n_steps=100)  # error clipped to +.2

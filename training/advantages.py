@@ -52,24 +52,40 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked positions (mean kept when shift_mean is False)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
+    """(x - mean) / std over masked positions (mean kept when shift_mean is False).
+
+    reduce: sums a tensor over ranks (e.g. the strategy's all_reduce); with it the mean and variance are
+    those of every rank's positions together, so two ranks whiten as one rank with the whole batch."""
+    total = reduce or (lambda t: t)
+    m = mask.to(x.dtype)
+    count = total(m.sum().double())
+    mean = (total((x * m).sum().double()) / count).to(x.dtype)
+    var = (total((((x - mean) ** 2) * m).sum().double()) / count).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out if shift_mean else out + mean) * mask
 
 
 class RunningMoments:
-    """Running mean / std of scalar scores (Chan et al. parallel update) for reward normalisation."""
+    """Running mean / std of scalar scores for reward normalisation: over the whole run (Chan et al.
+    parallel update), or with `window` > 0 over the last `window` scores only (Vision-LLM-Alignment's
+    running window), so early scores of a policy that has since moved stop weighing in."""
 
-    def __init__(self):
+    def __init__(self, window: int = 0):
+        self.window = window
         self.mean, self.var, self.count = 0.0, 1.0, 0
+        self.recent: list[float] = []
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
         n = x.numel()
         if n == 0:
+            return
+        if self.window > 0:
+            self.recent = (self.recent + x.tolist())[-self.window:]
+            r = torch.tensor(self.recent, dtype=torch.float64)
+            self.mean, self.var, self.count = float(r.mean()), float(r.var(unbiased=False)), self.count + n
             return
         m, v = float(x.mean()), float(x.var(unbiased=False))
         tot = self.count + n
@@ -83,10 +99,15 @@ class RunningMoments:
         return max(self.var, 1e-8) ** 0.5
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {"mean": self.mean, "var": self.var, "count": self.count, "window": self.window,
+                "recent": list(self.recent)}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("window", 0) != self.window:
+            raise ValueError(f"the checkpoint's reward statistics have window {d.get('window', 0)}, this run "
+                             f"{self.window}: resume with the same --reward_norm_window")
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+        self.recent = list(d.get("recent", []))
 
 
 class AdaptiveKLController:

@@ -1,6 +1,7 @@
 """Published VLM data formats -> canonical records (see /work/shared/reference/data_formats.md).
 
-Each file's format is detected from its first row's fields; each format is a row parser here, run
+Each file's format is detected from the fields of its first row of a known format (rows before it are
+bad rows of that format; a file with none in its first 100 objects is refused); each format is a row parser here, run
 by `readers.read_records`. Every row either becomes a record or is reported through
 `BadRowReport.bad` with its file, row and field: nothing is dropped silently. Every image is decoded
 once to validate it, but records keep the *source*: bytes for bytes / {bytes, path} / base64
@@ -37,7 +38,7 @@ ANSWER_FIELDS = ("correct_choice", "correct_option", "correct_answer", "gt_answe
 # ---------------------------------------------------------------- shared pieces of a row
 
 def _need(row: dict, key: str) -> Any:
-    """A field the row's format needs. The format is detected from a file's first row only, so a later
+    """A field the row's format needs. The format is detected from one row of a file, so another
     row may lack it: a bad row, not a KeyError."""
     if key not in row:
         raise RowProblem(key, "missing field")

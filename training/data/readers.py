@@ -21,6 +21,7 @@ from training.data.bad_rows import BadRowReport
 from training.data.images import ImageError, image_source, is_base64_source, load_image
 from training.data.records import RowRef
 
+_DETECT_ROWS = 100  # rows of unknown format read before a file is refused as not of this stage's kind
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 _BATCH = 256
 _CHUNK = 256
@@ -164,8 +165,15 @@ def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
         pf = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise DataFormatError(f"{path}: cannot read parquet: {err}") from None
-    i = 0
-    for batch in pf.iter_batches(batch_size=_BATCH):
+    i, batches = 0, pf.iter_batches(batch_size=_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # a damaged row group or page: pyarrow's OSError / ArrowInvalid
+            raise DataFormatError(f"{path}: cannot read parquet rows from row {i} on ({pf.metadata.num_rows} "
+                                  f"in all): {err}") from None
+        if batch is None:
+            return
         for row in batch.to_pylist():
             yield i, row
             i += 1
@@ -300,24 +308,40 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             # With no image root, image paths resolve inside the folder that holds the data.
             root = image_root or os.path.dirname(os.path.abspath(path))
             fmt, chunk, n_rows = None, [], 0
+            pending: list = []  # rows read before the file's format is known (a bad first row does not decide it)
             for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, context)):
                 n_rows += 1
-                ref = RowRef(path, i)
-                if isinstance(row, RowProblem):  # an invalid JSON Lines line
-                    chunk.append((ref, row))
-                elif not isinstance(row, dict):
-                    chunk.append((ref, RowProblem("<row>", f"row is a {type(row).__name__}, not an object")))
-                else:
-                    if fmt is None:
-                        fmt = _detect(path, i, row, kind, kinds)
+                if fmt is None and isinstance(row, dict):
+                    fmt = next((f for f in kinds[kind] if f.detect(row)), None)
+                    if fmt is not None:
                         _check_context(path, fmt, context, kinds[kind])
-                    try:
-                        chunk.append((ref, fmt.parse(row, ref, context)))
-                    except RowProblem as problem:
-                        chunk.append((ref, problem))
+                if fmt is None:
+                    pending.append((i, row))
+                    if sum(isinstance(r, dict) for _, r in pending) >= _DETECT_ROWS:
+                        _detect(path, *next((j, r) for j, r in pending if isinstance(r, dict)), kind, kinds)
+                    continue
+                for j, r in pending + [(i, row)]:
+                    chunk.append(_parse_row(fmt, RowRef(path, j), r, context))
+                pending = []
                 if len(chunk) >= _CHUNK:
                     _flush(chunk, root, report, out, pool, cache)
+            first = next(((j, r) for j, r in pending if isinstance(r, dict)), None)
+            if first is not None:  # no row of the file is of a known format: name the first
+                _detect(path, *first, kind, kinds)
+            chunk += [_parse_row(None, RowRef(path, j), r, context) for j, r in pending]  # rows that are no objects
             _flush(chunk, root, report, out, pool, cache)
             if n_rows == 0:
                 raise DataFormatError(f"{path}: no rows")
     return out
+
+
+def _parse_row(fmt: Format | None, ref: RowRef, row, context: dict) -> tuple:
+    """(ref, the parsed row or its RowProblem)."""
+    if isinstance(row, RowProblem):  # an invalid JSON Lines line
+        return ref, row
+    if not isinstance(row, dict):
+        return ref, RowProblem("<row>", f"row is a {type(row).__name__}, not an object")
+    try:
+        return ref, fmt.parse(row, ref, context)
+    except RowProblem as problem:
+        return ref, problem

@@ -4,7 +4,7 @@ the bookkeeping after each step (metrics, rates, progress bar, checkpoints)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -13,9 +13,11 @@ import torch
 
 @dataclass
 class StepPlan:
-    """Optimizer steps per epoch and in all (the data order is fixed by the seed)."""
+    """Optimizer steps per epoch and in all (the data order is fixed by the seed); `shape`: a stage's own settings
+    that fix its data order or steps too (PPO: prompts per rollout batch), checked on resume."""
     steps_per_epoch: int
     total_steps: int
+    shape: dict = field(default_factory=dict)
 
     @staticmethod
     def make(n: int, micro: int, accum: int, world: int, epochs: float, max_steps: int) -> "StepPlan":
@@ -119,7 +121,7 @@ def run_shape(strategy, plan: StepPlan) -> dict:
     o = strategy.optim
     return {"world_size": strategy.world_size, "per_device_train_batch_size": o.per_device_train_batch_size,
             "gradient_accumulation_steps": o.gradient_accumulation_steps, "seed": o.seed,
-            "steps_per_epoch": plan.steps_per_epoch}
+            "steps_per_epoch": plan.steps_per_epoch, **plan.shape}
 
 
 def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:

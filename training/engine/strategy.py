@@ -5,10 +5,13 @@ DS_ACCELERATOR=cpu is set (run_*.sh does it too) and ranks talk over gloo.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,6 +25,35 @@ def setup_environment() -> None:
     if os.environ.get("DS_ACCELERATOR") == "cpu":  # tensors live in malloc'd host memory: reuse freed blocks
         from training.engine.cpu_memory import keep_freed_memory
         keep_freed_memory()
+
+
+_CRASHED = False
+
+
+def _note_crash(*exc) -> None:
+    global _CRASHED
+    _CRASHED = True
+    _PREVIOUS_HOOK(*exc)
+
+
+_PREVIOUS_HOOK = sys.excepthook
+
+
+def close_distributed(timeout_s: float = 120.0) -> None:
+    """At exit, every rank waits for the others, then the process group is destroyed. Without it the first rank
+    to finish (rank 0 holds the TCP store) tore its side down while another was still finishing, and that one
+    could abort ("terminate called without an active exception") after its work was done. Over gloo the wait is
+    a monitored barrier with a timeout; NCCL's group is destroyed without one (a barrier there cannot time out).
+    A rank leaving on an uncaught exception does not wait (the others may be inside another collective and the
+    launcher stops them). Errors on this way out are ignored."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() or _CRASHED:
+        return
+    try:
+        if torch.distributed.get_world_size() > 1 and torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; a failed wait must not mask the run's own outcome
+        pass
 
 
 def shm_buffer_path(rank: int) -> Path:
@@ -101,6 +133,9 @@ class Strategy:
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
             deepspeed.init_distributed(dist_backend=self._backend(), verbose=False)
+            if sys.excepthook is not _note_crash:
+                sys.excepthook = _note_crash
+            atexit.register(close_distributed)
             release_shm_names()
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()

@@ -195,7 +195,8 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     base = model_args.from_checkpoint if str(path) != str(model_args.from_checkpoint) and \
         Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint) else path
     model._vlm_build_info = {"base": str(base), "model_architecture": spec.name,
-                             "trust_remote_code": trust, "precision": model_args.precision}
+                             "trust_remote_code": trust, "precision": model_args.precision,
+                             **({"qlora": {"double_quant": lora_args.bnb_double_quant}} if lora_args.qlora else {})}
     model.train()
     return model, processor, spec
 

@@ -2,10 +2,13 @@
 
     python -m training.model.merge_lora --adapter_dir OUT_OF_A_LORA_RUN --output_dir MERGED
 
-The base is reloaded in full precision (never 4-bit, also after QLoRA), the adapters and the
-non-LoRA trainables (vision tower / projector trained in full) are applied, LoRA is merged into the
-base weights, and the result is saved with safetensors beside the processor: an ordinary checkpoint
-for `load_model_and_processor`.
+The base is reloaded, the adapters and the non-LoRA trainables (vision tower / projector trained in
+full) are applied, LoRA is merged into the base weights, and the result is saved with safetensors
+beside the processor: an ordinary checkpoint for `load_model_and_processor`. After QLoRA the base is
+quantized to 4-bit NF4 exactly as in training and dequantized before the merge, so the merged model
+computes what was trained (adapters learnt against the 4-bit weights; merged into the full-precision
+ones, the tiny VLM's hidden states moved by 0.68); `--original_base` merges into the full-precision
+weights instead.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ def _adapter_dir(path: str | Path) -> Path:
 
 
 def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = None,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, original_base: bool = False):
     """-> (merged plain model, processor, base path). precision: fp32 | bf16 | fp16, default the
     training run's (fp32 when unknown). Model code from the base runs only when the caller asks
-    (trust_remote_code), never because the adapter's files say so."""
+    (trust_remote_code), never because the adapter's files say so. After QLoRA the adapters go onto the
+    base's 4-bit values (dequantized), or with original_base onto its full-precision weights."""
     import transformers
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -50,7 +54,16 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
     spec = detect_architecture(config, info.get("model_architecture", "auto"))
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
     dtype = torch_dtype(precision or info.get("precision") or "fp32")
-    model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust)
+    quantized = info.get("qlora") and not original_base
+    if quantized:  # the 4-bit weights the adapters were trained against, as training quantized them
+        from training.config import LoraArgs, ModelArgs
+        from training.model.builder import _bnb_config
+        q = _bnb_config(spec, ModelArgs(precision=precision or info.get("precision") or "fp32"),
+                        LoraArgs(qlora=True, bnb_double_quant=info["qlora"]["double_quant"]))
+        model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust,
+                                          quantization_config=q).dequantize()
+    else:
+        model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust)
 
     if (adapter / NON_LORA_FILE).is_file():
         extra = load_file(str(adapter / NON_LORA_FILE))
@@ -66,10 +79,10 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
 
 
 def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, precision: str | None = None,
-               trust_remote_code: bool = False) -> str:
+               trust_remote_code: bool = False, original_base: bool = False) -> str:
     """Merge a LoRA run's adapters into its base and save a plain checkpoint to out_dir."""
     from training.model.builder import save_model
-    model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code)
+    model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code, original_base)
     return save_model(model, processor, out_dir)
 
 
@@ -80,8 +93,11 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                     help="Merge and save in this precision (default: the training run's).")
     ap.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the base checkpoint.")
+    ap.add_argument("--original_base", action="store_true",
+                    help="After QLoRA: merge into the base's full-precision weights, not the 4-bit values the "
+                         "adapters were trained against (the default, which computes what was trained).")
     args = ap.parse_args(argv)
-    print(merge_lora(args.adapter_dir, args.output_dir, args.precision, args.trust_remote_code))
+    print(merge_lora(args.adapter_dir, args.output_dir, args.precision, args.trust_remote_code, args.original_base))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,15 @@ class PPOArgs:
     kl_horizon: int = _f(10000, "Adaptive KL controller horizon (samples).")
     reward_clip: float = _f(10.0, "Clip reward-model scores to +-this.")
     normalize_reward: bool = _f(True, "Normalise scores with running mean/std.")
-    whiten_advantages: bool = _f(True, "Whiten advantages per rollout batch.")
+    reward_norm_window: int = _f(0, "Normalise with the mean/std of the last this many scores (all ranks'), a "
+                                    "running window; 0: of every score so far.")
+    whiten_advantages: bool = _f(True, "Whiten advantages per rollout batch (over all ranks' response tokens).")
     length_bonus: float = _f(0.0, "LLaVA-RLHF length shaping: + length_bonus * len / max_new_tokens.")
     correct_bonus: float = _f(0.0, "LLaVA-RLHF's symbolic reward, + bonus * training.ppo.shaping.option_bonus: 1 when "
                                    "a multiple-choice answer starts with the correct option's letter (\"B.\") or says "
                                    "\"correct option is B.\"; 0.5 / -0.5 for No / Yes where No is right.")
+    reward_bias: float = _f(0.0, "LLaVA-RLHF's reward_bias, added to every shaped score (after normalisation, with "
+                                 "the length and correct-option terms).")
     missing_eos_penalty: float = _f(0.0, "LLaVA-RLHF's stop-token penalty: a response that never emitted EOS gets "
                                          "the reward-model score -missing_eos_penalty, before clipping and "
                                          "normalisation (0: off).")

@@ -66,7 +66,7 @@ class PPOTrainer:
                              f"{self.p.rollout_batch_size} / --per_device_train_batch_size "
                              f"{o.per_device_train_batch_size}) = {self.micro_per_step}")
         self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
-        self.moments = RunningMoments()
+        self.moments = RunningMoments(self.p.reward_norm_window)
         self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
 
     # ---- forwards ------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class PPOTrainer:
             answers = [next((r.meta[k] for k in ANSWER_FIELDS if r.meta.get(k) is not None), None) for r in records]
             bonus = [option_bonus(resp, a) for resp, a in zip(rollout.responses, answers)]
             s = s + p.correct_bonus * torch.tensor(bonus, dtype=s.dtype, device=s.device)
-        return s
+        return s + p.reward_bias
 
     def _ptx_loss(self, step: int, update: int) -> torch.Tensor:
         """Token-mean NLL of this rank's ptx batch for the `update`-th actor update of `step`: rows are
@@ -171,7 +171,7 @@ class PPOTrainer:
         rewards = token_rewards(score, kl, rmask.float(), self.kl_ctl.value)
         adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
         if p.whiten_advantages:
-            adv = whiten(adv, rmask.float())
+            adv = whiten(adv, rmask.float(), reduce=lambda t: self.s.all_reduce(t).to(t))
         return {"rollout": ro, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp, "values": values,
                 "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
 
@@ -250,7 +250,8 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         ckpt = Path(c.output_dir) / "checkpoints"
-        plan = StepPlan(self.steps_per_epoch, self.total_steps)
+        plan = StepPlan(self.steps_per_epoch, self.total_steps,
+                        shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs})
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, c, plan, "ppo",

@@ -1,0 +1,41 @@
+"""Ranks leave together: the first rank to finish waited for nobody and tore the process group (and rank 0's TCP
+store) down while another rank was still finishing; that rank could then abort after its work was done
+("terminate called without an active exception", seen once in CI)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from test_sft_distributed import ROOT, _free_port
+
+RANK = textwrap.dedent("""
+    import atexit, json, os, sys, time
+    out = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    # registered before the strategy's own exit handler, so it runs after it (atexit is last in, first out)
+    atexit.register(lambda: open(f"{out}/left{rank}", "w").write(json.dumps(time.time())))
+    from training.config import DeepSpeedArgs, OptimArgs
+    from training.engine.strategy import Strategy
+    Strategy(DeepSpeedArgs(), OptimArgs(), "fp32")
+    if rank == 1:
+        time.sleep(3)  # still finishing its work
+        open(f"{out}/done1", "w").write(json.dumps(time.time()))
+""")
+
+
+def test_ranks_wait_for_each_other_at_exit(tmp_path):
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done1 = json.loads((tmp_path / "done1").read_text())
+    left0 = json.loads((tmp_path / "left0").read_text())
+    assert left0 >= done1, (left0, done1)  # rank 0 left only after rank 1 had finished
