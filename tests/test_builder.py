@@ -106,6 +106,35 @@ def test_qlora_4bit_on_cpu(tiny_ckpts):
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_qlora_gradients_are_the_same_after_an_eval_forward(tiny_ckpts):
+    """bitsandbytes repacked the 4-bit weights for a bf16 CPU kernel at the first eval-mode forward (a PPO rollout,
+    a reference or held-out pass) and used it in training afterwards: other logits, and no gradient through the
+    frozen 4-bit layers, so the adapters below them got wrong gradients for the rest of the run."""
+    def grads(eval_first):
+        torch.manual_seed(0)
+        model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0, qlora=True),
+                                    freeze_vision_tower=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.05 * torch.randn_like(p))
+        batch = _batch(processor)
+        with torch.no_grad():
+            model.eval()
+            evaluated = model(**batch).logits if eval_first else None
+        model.train()
+        out = model(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        if eval_first:
+            torch.testing.assert_close(evaluated, out.logits.detach(), rtol=0, atol=1e-5)
+        return {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
+
+    plain, after_eval = grads(False), grads(True)
+    assert plain.keys() == after_eval.keys() and len(plain) > 4
+    for n in plain:
+        torch.testing.assert_close(after_eval[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_qlora_merge_computes_what_was_trained(tiny_ckpts, tmp_path):
     """QLoRA adapters were merged into the base's full-precision weights, not the 4-bit ones they were trained
     against: the merged model (what the next stage and predict load) was not the trained one."""
@@ -116,9 +145,8 @@ def test_qlora_merge_computes_what_was_trained(tiny_ckpts, tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
+    model.eval()
     batch = _batch(processor)
-    # the function training computes (train mode, no dropout here): bitsandbytes' eval-mode CPU path with
-    # AVX512-BF16 repacks the 4-bit weights for a bf16 kernel, another function by ~3e-3
     with torch.no_grad():
         trained = model(**batch).logits
     save_model(model, processor, tmp_path / "run")

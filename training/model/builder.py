@@ -64,18 +64,9 @@ def disable_dropout(model):
 
 
 def eval_mode(model):
-    """model.eval() (dropout off), except that bitsandbytes 4-bit layers stay in train mode: on a CPU with
-    AVX512-BF16 their no-grad eval forward repacks the weight in place into a CPU-only layout, which
-    fails on small layers and leaves a model that trains on afterwards with a repacked weight. Their
-    train/eval flag changes nothing else. Works on DeepSpeed engines too; returns the model."""
+    """model.eval() (dropout off); works on DeepSpeed engines too (whose eval() returns None); returns the model.
+    4-bit layers compute the same function in either mode (`keep_4bit_weights_unpacked`)."""
     model.eval()
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return model
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.train()
     return model
 
 
@@ -171,6 +162,8 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
         kwargs["quantization_config"] = _bnb_config(spec, model_args, lora_args)
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
     model = model_cls.from_pretrained(path, config=config, **kwargs)
+    if lora_args.qlora:
+        keep_4bit_weights_unpacked(model)
     cast_vision_inputs(model, spec)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
 
@@ -199,6 +192,19 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
                              **({"qlora": {"double_quant": lora_args.bnb_double_quant}} if lora_args.qlora else {})}
     model.train()
     return model, processor, spec
+
+
+def keep_4bit_weights_unpacked(model) -> None:
+    """bitsandbytes' CPU path, on a CPU with AVX512-BF16, repacks a 4-bit layer's weight in place for a bf16
+    kernel at its first eval-mode forward without grad (a rollout, a reference or held-out pass), and keeps
+    using that kernel in training mode after it: another function (logits moved by ~3e-3 on the tiny VLM), and
+    one without an autograd formula, so no gradient flowed back through the frozen 4-bit layers to the LoRA
+    weights below them (layer 0's adapter gradients were 60% off). Every 4-bit layer is kept on the plain
+    dequantize-and-matmul path instead, in every mode. GPUs never take that path."""
+    import bitsandbytes as bnb
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def cast_vision_inputs(model, spec: ArchSpec) -> None:
