@@ -67,11 +67,6 @@ class FakeRank:
         return t
 
 
-def test_eval_steps_without_held_out_data_stops():
-    with pytest.raises(SystemExit, match="--eval_data_path"):
-        main(["--eval_steps", "5"])
-
-
 def pref_dataset(world, tiny, max_len, report=None, n_responses=0):
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport

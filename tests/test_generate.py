@@ -187,3 +187,35 @@ def test_best_of_n_chooses_among_the_scored_answers(world, tiny):
                               torch.tensor([[float("nan"), 0.5, 0.25], [float("nan")] * 3]), 3, report, scorer)
     assert rows == [{"question_id": "x", "reward": 0.5, "best_of_n": 3, "n_scored": 2}] and unscored == 4
     assert [(b["row"], b["field"]) for b in report.skipped] == [(1, "conversations")]
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token(tmp_path):
+    """Idefics3-8B's generation config names <|end_of_text|> as EOS, while every trained answer ends with
+    <end_of_utterance>: generation (predict, best-of-n, PPO rollouts) ran past the answer to max_new_tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data.records import Message
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny_archs import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint("idefics3", tmp_path / "idefics3")
+    model, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    tok = processor.tokenizer
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    other_eos = tok.convert_tokens_to_ids(tok.bos_token)  # a stand-in for <|end_of_text|>: not the turn's end
+    model.generation_config.eos_token_id = [other_eos]
+    encoder = ChatEncoder(processor, ARCHITECTURES["idefics3"], 512)
+    assert encoder.end_of_turn_id == eou
+    enc = encoder.encode([Message("user", "<image>\nWhat?"), Message("assistant", "Red.")],
+                         [Image.new("RGB", (32, 32))])
+    assert enc.input_ids[enc.labels != -100][-1] == eou  # trained answers end with it
+    stop, _ = stop_and_never(model, tok, encoder.end_of_turn_id)
+    assert set(stop) == {other_eos, eou}
+    # make <end_of_utterance> the likeliest token: the rollout ends at its first token
+    model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(
+        -1, torch.tensor([eou]), torch.full((*out.shape[:-1], 1), 1e4)))
+    image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    ro = generate_rollouts(model, processor, encoder, arch.name, [[Message("user", "<image>\nWhat?")]], [[image]],
+                           DecodeArgs(max_new_tokens=6), "cpu")
+    assert ro.lengths.tolist() == [1] and ro.ended.tolist() == [True]

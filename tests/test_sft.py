@@ -288,3 +288,8 @@ def test_a_fresh_run_clears_an_earlier_runs_checkpoints(world, tiny, tmp_path, c
     assert "removing the earlier run's" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step1"]
     assert exit_status(main(sft_args(world, tiny, out, "--max_steps", "1", "--per_device_train_batch_size", "2"))) == 0
+
+
+def test_eval_steps_without_held_out_data_stops():
+    with pytest.raises(SystemExit, match="--eval_data_path"):
+        main(["--eval_steps", "5"])

@@ -420,3 +420,46 @@ def test_a_separator_after_the_last_answer_that_does_not_fit_is_no_truncation(mo
     fit = ChatEncoder(proc, spec, answer_end).encode(conv, [_img(0)])
     assert not fit.truncated and torch.equal(fit.labels, full.labels[:answer_end])
     assert ChatEncoder(proc, spec, answer_end - 1).encode(conv, [_img(0)]).truncated
+
+
+# Llama 3.2 Vision's official template in its two respects that matter here: the system block is written only
+# when no message holds an image, and a system message's content is printed as a string (`|trim`)
+MLLAMA_OFFICIAL_LIKE = (
+    "{{- bos_token }}{%- set ns = namespace(has_images=false) %}"
+    "{%- for m in messages %}{%- if m['content'] is not string %}{%- for c in m['content'] %}"
+    "{%- if c['type'] == 'image' %}{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}{%- endfor %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content']|trim %}"
+    "{%- set msgs = messages[1:] %}{%- else %}{%- set system = '' %}{%- set msgs = messages %}{%- endif %}"
+    "{%- if not ns.has_images %}<|start_header_id|>system<|end_header_id|>\n\n{{ system }}<|eot_id|>{%- endif %}"
+    "{%- for m in msgs %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{%- if m['content'] is string %}{{ m['content'] }}{%- else %}{%- for c in m['content'] %}"
+    "{%- if c['type'] == 'image' %}<|image|>{%- else %}{{ c['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "<|eot_id|>{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{%- endif %}")
+
+
+def test_system_prompt_is_text_and_an_unlocatable_turn_is_a_bad_row(tmp_path):
+    """With Llama 3.2 Vision's official template a system prompt was trained as the Python repr of its content
+    parts ("[{'type': 'text', ...}]"), and a conversation whose first image came in a later turn (the template's
+    system block then differs between the first turns alone and the whole) stopped SFT with a bare ValueError."""
+    from training.data.bad_rows import BadRowReport
+    from training.data.records import ConversationRecord, RowRef
+    from training.sft.trainer import SFTDataset
+    from training.templates.chat import RowNotEncodable
+
+    ck = make_tiny_checkpoint("mllama", tmp_path / "mllama")
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    enc = ChatEncoder(processor, arch, 1024, chat_template=MLLAMA_OFFICIAL_LIKE)
+    tok = processor.tokenizer
+    e = enc.encode([Message("system", "Be brief."), Message("user", "Hello"), Message("assistant", "Hi.")], [])
+    text = tok.decode(e.input_ids.tolist())
+    assert "system<|end_header_id|>\n\nBe brief.<|eot_id|>" in text and "'type'" not in text
+    later = [Message("user", "Hello"), Message("assistant", "Hi."), Message("user", "<image>\nColour?"),
+             Message("assistant", "Red.")]
+    image = Image.new("RGB", (32, 32), (200, 20, 20))
+    with pytest.raises(RowNotEncodable, match="not prefix-stable"):
+        enc.encode(later, [image])
+    report = BadRowReport(skip=True)
+    data = SFTDataset([ConversationRecord("r0", later, [image], RowRef("d.json", 0))], enc, str(tmp_path), report)
+    assert data[0] is None
+    assert report.skipped[0]["row"] == 0 and "not prefix-stable" in report.skipped[0]["reason"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from training.logprobs import masked_mean
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:

@@ -30,7 +30,7 @@ from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import collate_vision
 from training.data.images import load_image
 from training.data.records import Message
-from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
+from training.templates.chat import IGNORE, ChatEncoder, RowNotEncodable
 
 # Architectures whose language model takes plain 1D positions and image placeholders, so a custom
 # 4D mask + position_ids reproduce the plain forward. Others (M-RoPE, cross-attention) use PlainBatch.
@@ -86,7 +86,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         responses = r.responses[:self.n_responses] if self.n_responses else r.responses
         try:
             item = encode_group(self.encoder, r.prompt, responses, images, i)
-        except PromptTooLong as e:
+        except RowNotEncodable as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
         if cut_alike(responses, item.responses):

@@ -57,7 +57,7 @@ def usable_prompts(records, encoder, image_root: str, report, need_facts: bool, 
 
     from training.data.images import load_image
     from training.rm.factual import with_facts
-    from training.templates.chat import PromptTooLong
+    from training.templates.chat import RowNotEncodable
 
     kept = []
     for r in tqdm(records, desc="checking prompts", disable=not progress, dynamic_ncols=True):
@@ -65,7 +65,7 @@ def usable_prompts(records, encoder, image_root: str, report, need_facts: bool, 
             continue
         try:
             encoder.encode(r.prompt, [load_image(s, image_root) for s in r.images], add_generation_prompt=True)
-        except PromptTooLong as e:
+        except RowNotEncodable as e:
             report.bad(r.source, r.prompt_field, str(e))
             continue
         kept.append(r)

@@ -30,7 +30,7 @@ class Rollout:
 def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
                       decode: DecodeArgs, device, synced_gpus: bool = False) -> Rollout:
     tok = processor.tokenizer
-    eos_list, never = stop_and_never(model, tok)
+    eos_list, never = stop_and_never(model, tok, encoder.end_of_turn_id)
     eos_ids = set(eos_list)
     enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
     left = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True).to(device)

@@ -19,12 +19,15 @@ class DecodeArgs:
     num_return_sequences: int = 1
 
 
-def stop_and_never(model, tokenizer) -> tuple[list[int], list[int]]:
+def stop_and_never(model, tokenizer, end_of_turn: int | None = None) -> tuple[list[int], list[int]]:
     """(EOS ids that end a response, token ids a response must never hold: image / video placeholders
     (a sampled one breaks the next forward: placeholder count != image features) and padding unless
-    it doubles as EOS). Every generate call of the project passes both."""
+    it doubles as EOS). Every generate call of the project passes both. end_of_turn: the chat template's
+    end-of-turn token (`ChatEncoder.end_of_turn_id`), which trained answers end with: a stop token too."""
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    eos_ids = eos if isinstance(eos, list) else [eos]
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if end_of_turn is not None and end_of_turn not in eos_ids:
+        eos_ids.append(end_of_turn)
     cfg = model.config
     names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
     ids = {getattr(cfg, n, None) for n in names} | {getattr(tokenizer, "image_token_id", None), tokenizer.pad_token_id}
@@ -45,7 +48,7 @@ def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, promp
     batch = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True)
     if device is not None:
         batch = batch.to(device)
-    eos_ids, never = stop_and_never(model, tok)
+    eos_ids, never = stop_and_never(model, tok, encoder.end_of_turn_id)
     kw = dict(max_new_tokens=decode.max_new_tokens, do_sample=decode.do_sample, num_beams=decode.num_beams,
               num_return_sequences=decode.num_return_sequences, pad_token_id=tok.pad_token_id,
               eos_token_id=eos_ids, suppress_tokens=never)

@@ -132,13 +132,13 @@ def fitting(chunk: list, images: list, encoder, report) -> tuple[list, list, lis
     fit max_seq_len: each is a bad row of `report` naming its file, row and text field (an error, or with
     --skip_bad_rows skipped and counted)."""
     from training.predict.generate import encode_prompts
-    from training.templates.chat import PromptTooLong
+    from training.templates.chat import RowNotEncodable
 
     kept = []
     for r, im in zip(chunk, images):
         try:
             kept.append((r, im, encode_prompts(encoder, [r.prompt], [im])[0]))
-        except PromptTooLong as err:
+        except RowNotEncodable as err:
             report.bad(r.source, r.prompt_field, str(err))
     return tuple(map(list, zip(*kept))) if kept else ([], [], [])
 

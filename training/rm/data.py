@@ -17,7 +17,7 @@ from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
 from training.rm.factual import MissingFacts, rm_messages, with_facts
-from training.templates.chat import ChatEncoder, Encoded, PromptTooLong
+from training.templates.chat import ChatEncoder, Encoded, PromptTooLong, RowNotEncodable
 
 
 def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, facts=None, factual: bool = False,
@@ -91,7 +91,7 @@ class RMDataset(torch.utils.data.Dataset):
         try:
             encs = [encode_for_rm(self.encoder, r.prompt, resp, images, r.facts, self.factual, seed)
                     for resp in r.responses]
-        except PromptTooLong as e:
+        except RowNotEncodable as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
         truncated = any(e.truncated for e in encs)

@@ -13,7 +13,7 @@ from training.data.images import load_image
 from training.engine.loop import StepPlan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.logprobs import nll_sum
 from training.model.builder import eval_mode
-from training.templates.chat import ChatEncoder, PromptTooLong
+from training.templates.chat import ChatEncoder, RowNotEncodable
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -30,7 +30,7 @@ class SFTDataset(torch.utils.data.Dataset):
         images = [load_image(src, self.image_root) for src in r.images]
         try:
             enc = self.encoder.encode(r.messages, images)
-        except PromptTooLong as e:
+        except RowNotEncodable as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None
         if enc.truncated:  # kept (its loss covers the kept tokens), counted in bad_rows.json

@@ -27,6 +27,7 @@ sample (see `merge_vision`) and padded like input_ids by the collator.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -44,8 +45,18 @@ PER_SAMPLE_VISION = {"idefics3", "mllama"}
 TOKEN_ALIGNED = ("mm_token_type_ids", "cross_attention_mask")
 
 
-class PromptTooLong(ValueError):
+class RowNotEncodable(ValueError):
+    """A conversation this encoder cannot turn into tokens: a bad row of the data, not a failed run."""
+
+
+class PromptTooLong(RowNotEncodable):
     """The prompt (with its image tokens) leaves no room for a response within max_seq_len."""
+
+
+class TemplateNotPrefixStable(RowNotEncodable):
+    """The chat template renders this conversation differently from its turns (e.g. Llama 3.2 Vision's
+    official template writes a system block only when no message holds an image: a conversation whose first
+    image comes in a later turn renders its first turns one way alone and another way whole)."""
 
 
 @dataclass
@@ -57,10 +68,14 @@ class Encoded:
     truncated: bool = False
 
 
-def to_hf_messages(messages: list[Message]) -> list[dict]:
-    """Our messages ("<image>" in text) -> HF content parts [{"type": "image"}, {"type": "text"}]."""
+def to_hf_messages(messages: list[Message], system_as_text: bool = False) -> list[dict]:
+    """Our messages ("<image>" in text) -> HF content parts [{"type": "image"}, {"type": "text"}].
+    system_as_text: a system message's content as a plain string, for templates that print it as one."""
     out = []
     for m in messages:
+        if system_as_text and m.role == "system" and IMAGE_PLACEHOLDER not in m.content:
+            out.append({"role": "system", "content": m.content})
+            continue
         pieces = m.content.split(IMAGE_PLACEHOLDER)
         parts = []
         for i, piece in enumerate(pieces):
@@ -81,10 +96,37 @@ class ChatEncoder:
         self.image_token = arch.image_token
 
     # ---- text ----------------------------------------------------------------------------
-    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    @functools.cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The special token that ends an assistant turn in the targets (Idefics3's <end_of_utterance>, ChatML's
+        <|im_end|>, Llama 3's <|eot_id|>, else the EOS appended): generation must stop at it, whatever EOS the
+        checkpoint's generation config names (Idefics3-8B's names <|end_of_text|> only)."""
+        target = next(t for t, is_target in self.segments([Message("user", "Hi"), Message("assistant", "Yes")])
+                      if is_target)
+        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        special = set(getattr(self.tokenizer, "all_special_ids", [])) | set(
+            getattr(self.tokenizer, "added_tokens_decoder", {}))
+        return ids[-1] if ids and ids[-1] in special else None
+
+    @functools.cached_property
+    def _system_as_text(self) -> bool:
+        """Whether the template prints a system message's content as a string (Llama 3.2 Vision's official one
+        writes `messages[0]['content']|trim`: given content parts it trained on their Python repr)."""
+        try:
+            probe = self._render_hf([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                                     {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], False)
+        except Exception:  # noqa: BLE001 - a template without system turns: rendering them fails as it would
+            return False
+        return "'type'" in probe or '"type"' in probe
+
+    def _render_hf(self, hf_messages: list[dict], add_generation_prompt: bool) -> str:
         kw = {"chat_template": self.chat_template} if self.chat_template else {}
-        return self.processor.apply_chat_template(to_hf_messages(messages), tokenize=False,
+        return self.processor.apply_chat_template(hf_messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **kw)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        system_as_text = any(m.role == "system" for m in messages) and self._system_as_text
+        return self._render_hf(to_hf_messages(messages, system_as_text), add_generation_prompt)
 
     def segments(self, messages: list[Message], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """[(text, is_target)]: the rendered conversation cut at assistant-turn boundaries."""
@@ -96,8 +138,10 @@ class ChatEncoder:
             before = self.render(messages[:i], add_generation_prompt=True)
             full = self.render(messages[:i + 1], add_generation_prompt=False)
             if not before.startswith(prev) or not full.startswith(before):
-                raise ValueError("chat template is not prefix-stable: cannot locate assistant turn "
-                                 f"{i}; pass --template with a template that renders turns in order")
+                raise TemplateNotPrefixStable(
+                    f"the chat template renders this conversation's turns up to assistant turn {i} differently "
+                    "alone and whole (not prefix-stable), so its answers cannot be located; pass --template with a "
+                    "template that renders turns in order")
             target = full[len(before):]
             core = target.rstrip()
             eos = self.tokenizer.eos_token
@@ -117,8 +161,9 @@ class ChatEncoder:
             prev, pos = full, len(before) + used
         rest = self.render(messages, add_generation_prompt=add_generation_prompt)
         if not rest.startswith(prev):
-            raise ValueError("chat template is not prefix-stable: the conversation renders differently "
-                             "from its turns; pass --template with a template that renders turns in order")
+            raise TemplateNotPrefixStable(
+                "the chat template renders this conversation differently from its turns (not prefix-stable); "
+                "pass --template with a template that renders turns in order")
         if rest[pos:]:
             segs.append((rest[pos:], False))
         return [s for s in segs if s[0]]

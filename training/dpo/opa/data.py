@@ -30,7 +30,7 @@ from training.data.readers import DataFormatError
 from training.data.records import Message, RowRef
 from training.dpo.data import GroupItem, encode_group
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
-from training.templates.chat import PromptTooLong
+from training.templates.chat import RowNotEncodable
 
 ROWS_PER_ITEM = 2
 TEXT_FIELDS = ("question", "gt", "rollout", "revised")
@@ -182,7 +182,7 @@ class OPADataset(torch.utils.data.Dataset):
             pixels = mask_pixels(real.vision.get("pixel_values"), self.mask_ratio, seed)
             masked = image if pixels is not None else mask_image(image, self.mask_ratio, seed)
             mask = encode_group(self.encoder, prompt, [r["gt"], r["revised"]], [masked], ROWS_PER_ITEM * i + 1)
-        except PromptTooLong as e:
+        except RowNotEncodable as e:
             self.report.bad(where, "question", str(e), item=(self, i))
             return None
         if pixels is not None:  # the same image and prompt: the real row's vision inputs, masked
