@@ -293,3 +293,39 @@ def test_a_fresh_run_clears_an_earlier_runs_checkpoints(world, tiny, tmp_path, c
 def test_eval_steps_without_held_out_data_stops():
     with pytest.raises(SystemExit, match="--eval_data_path"):
         main(["--eval_steps", "5"])
+
+
+def test_a_fresh_run_leaves_no_earlier_model_in_its_folder(world, tiny, tmp_path):
+    """A LoRA run's adapter/ left beside a later full fine-tune's weights was loaded instead of them (by every later
+    stage); a fresh run stopped early left the earlier run's finished model beside its own config and metrics."""
+    from training.config import LoraArgs, ModelArgs
+    from training.model.builder import load_model_and_processor
+    out = tmp_path / "out"
+    main(sft_args(world, tiny, out, "--max_steps", "1", "--lora_r", "4", "--lora_dropout", "0"))
+    assert (out / "adapter").is_dir()
+    main(sft_args(world, tiny, out, "--max_steps", "1", "--learning_rate", "1e-3"))
+    assert not (out / "adapter").exists()
+    model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(out)), LoraArgs(), for_training=False)
+    saved = weights(out)
+    assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items() if n in saved)
+    main(sft_args(world, tiny, out, "--max_steps", "2", "--stop_after_steps", "1"))  # fresh, stopped early
+    assert not (out / "model.safetensors").exists() and not (out / "adapter").exists()
+    # a run that reads its input from its own folder keeps it
+    main(sft_args(world, tiny, out, "--max_steps", "1"))
+    args = sft_args(world, tiny, out, "--max_steps", "2", "--stop_after_steps", "1")
+    args[args.index("--from_checkpoint") + 1] = str(out)
+    main(args)
+    assert (out / "model.safetensors").exists()
+
+
+def test_bad_rows_report_of_a_resumed_run_counts_the_rows_before_the_stop(world, tiny, tmp_path):
+    """Rows cut (or skipped) while encoding the steps before a stop were counted in memory only: the resumed run's
+    bad_rows.json listed only the rows it encoded itself (2 of 3 truncated rows)."""
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--skip_bad_rows", "--max_seq_len", "100"]
+    main(sft_args(world, tiny, tmp_path / "full", *common))
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "2", "--stop_after_steps", "2"))
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    full, cut = (json.loads((tmp_path / r / "bad_rows.json").read_text()) for r in ("full", "cut"))
+    assert full["n_truncated"] > 0
+    assert sorted(map(json.dumps, cut["truncated_rows"])) == sorted(map(json.dumps, full["truncated_rows"]))
+    assert cut["n_skipped"] == full["n_skipped"]

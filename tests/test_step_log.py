@@ -3,6 +3,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from training.engine import loop
 from training.engine.loop import StepLog, StepPlan
@@ -21,9 +22,9 @@ class Recorder:
     def close(self):
         self.closed = True
 
-    def save_resume(self, engine, ckpt, step, state, limit):
+    def save_resume(self, engines, step, state, limit):
         self.saved.append(step)
-        self.written = getattr(self, "written", []) + [(engine, str(ckpt), dict(state))]
+        self.written = getattr(self, "written", []) + [(e, str(ckpt), dict(state)) for ckpt, e in engines.items()]
 
     def barrier(self):
         pass
@@ -90,9 +91,9 @@ class Resumer(Recorder):
         super().__init__()
         self.store, self.is_main = {}, False
 
-    def save_resume(self, engine, ckpt, step, state, limit):
-        super().save_resume(engine, ckpt, step, state, limit)
-        self.store[str(ckpt)] = (engine, dict(state))
+    def save_resume(self, engines, step, state, limit):
+        super().save_resume(engines, step, state, limit)
+        self.store.update({str(ckpt): (e, dict(state)) for ckpt, e in engines.items()})
 
     def load_resume(self, engine, ckpt):
         got = self.store.get(str(ckpt))
@@ -160,3 +161,50 @@ def test_rank_batches_cover_every_item_once_with_equal_batch_counts(n, world, bs
     items = sorted(i for b in per_rank for batch in b for i in batch)
     assert items == list(range(n))
     assert all(len(batch) <= bs for b in per_rank for batch in b)
+
+
+class _Engine:
+    """A stand-in DeepSpeed engine: save_checkpoint writes root/tag/shard; `fail_at` raises there instead (a kill)."""
+
+    def __init__(self, fail_at=None, seen=None):
+        self.module, self.fail_at, self.seen = torch.nn.Linear(2, 2), fail_at, seen
+
+    def save_checkpoint(self, root, tag, client_state, save_latest=True):
+        assert not save_latest  # `latest` is the strategy's to write, once every engine and rank is done
+        if self.seen is not None:  # what the other engines' `latest` say while this one is written
+            self.seen.append({p.parent.name: p.read_text() for p in Path(root).parent.glob("*/latest")})
+        if tag == self.fail_at:
+            raise KeyboardInterrupt("killed while writing")
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "shard").write_text("x")
+
+
+def _strategy():
+    from training.engine.strategy import Strategy
+    s = object.__new__(Strategy)
+    s.rank, s.world_size = 0, 1
+    return s
+
+
+def test_checkpoints_of_several_engines_are_committed_together(tmp_path):
+    """PPO saves actor then critic: `latest` and rotation went engine by engine, so a kill between the two left the
+    actor at step 2 and the critic at step 1 with the actor's step 1 already rotated out: nothing to resume."""
+    s, seen = _strategy(), []
+    roots = {tmp_path / "actor": _Engine(seen=seen), tmp_path / "critic": _Engine(fail_at="step2", seen=seen)}
+    s.save_resume(roots, 1, {}, keep=1)
+    with pytest.raises(KeyboardInterrupt):
+        s.save_resume(roots, 2, {}, keep=1)
+    assert [(r / "latest").read_text() for r in roots] == ["step1", "step1"]
+    assert all((r / "step1" / "shard").exists() for r in roots)
+    assert seen[-1] == {"actor": "step1", "critic": "step1"}  # the actor's step 2 was written, not yet named
+
+
+def test_rotation_keeps_the_checkpoint_just_written_and_drops_later_ones(tmp_path):
+    """Resumed from step 2 after a kill while step 4 was written: saving step 3 with save_total_limit 1 kept the
+    incomplete step 4 (the highest number) and deleted step 3, which `latest` named."""
+    s, root = _strategy(), tmp_path / "ck"
+    for k in (2, 4):
+        (root / f"step{k}").mkdir(parents=True)
+    (root / "latest").write_text("step2")
+    s.save_resume({root: _Engine()}, 3, {}, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"] and (root / "latest").read_text() == "step3"

@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     timings = {"reference_s": t1 - t0, "train_s": time.time() - t1}
     if trainer.interrupted:
         trainer.logger.close()
+        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
         if strategy.is_main:
             print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
         return {"history": history, "output_dir": str(out), "interrupted": True}

@@ -104,15 +104,37 @@ def exit_status(result: dict) -> int:
 def clear_earlier_run(strategy, out: Path) -> None:
     """A run that starts from step 0 removes an earlier run's resumable checkpoints and tensorboard events
     in its output directory: their rotation would delete this run's checkpoints, a later --resume would
-    load them, and tensorboard would draw both runs as one."""
+    load them, and tensorboard would draw both runs as one. It removes the earlier run's final model too
+    (weights, adapters), unless this run reads an input from that folder: stopped early, the folder would
+    otherwise pair this run's config and metrics with the old run's weights, which a later stage loads."""
     if strategy.is_main:
         import shutil
+
+        from training.model.builder import remove_paths, saved_model_files
         for name in ("checkpoints", "tensorboard"):
             old = out / name
             if old.is_dir() and any(old.iterdir()):
                 print(f"a fresh run (nothing to resume): removing the earlier run's {old}")
                 shutil.rmtree(old)
+        (out / "bad_rows.json").unlink(missing_ok=True)  # this run writes its own (Strategy.write_report)
+        final = saved_model_files(out) + [p for p in (out / "value_head.safetensors", out / "reward_model.json")
+                                          if p.exists()]
+        if final and not _reads_from(out):
+            print(f"a fresh run: removing the earlier run's model in {out} ({', '.join(p.name for p in final)})")
+            remove_paths(final)
     strategy.barrier()
+
+
+def _reads_from(out: Path) -> bool:
+    """Whether this run's config (out/run_config.json, written before training) names out itself as an input."""
+    import json
+    try:
+        cfg = json.loads((out / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return True  # unknown: keep what is there
+    here = out.resolve()
+    return any(isinstance(v, str) and v and k != "output_dir" and Path(v).resolve() == here
+               for section in cfg.values() if isinstance(section, dict) for k, v in section.items())
 
 
 def run_shape(strategy, plan: StepPlan) -> dict:
@@ -213,8 +235,8 @@ class StepLog:
         if save_due(step, self.plan.total_steps, self.run):
             client = {"step": step, "shape": run_shape(self.strategy, self.plan),
                       **(self.state.state_dict() if self.state is not None else {})}
-            for name, engine in self.engines.items():
-                self.strategy.save_resume(engine, self.ckpt / name, step, client, self.run.save_total_limit)
+            self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
+                                      client, self.run.save_total_limit)
 
     def close(self, keep_logger: bool = False) -> None:
         """keep_logger: the stage logs more after the loop (the RM's final evaluation) and closes it."""

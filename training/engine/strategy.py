@@ -56,6 +56,22 @@ def close_distributed(timeout_s: float = 120.0) -> None:
         pass
 
 
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rotate_checkpoints(root: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step` (all with keep <= 0) and none after it."""
+    import shutil
+    tags = sorted((p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+    later = [p for p in tags if int(p.name[4:]) > step]
+    upto = [p for p in tags if int(p.name[4:]) <= step]
+    for old in later + (upto[:-keep] if keep > 0 else []):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def shm_buffer_path(rank: int) -> Path:
     """The /dev/shm segment DeepSpeed's CPU all-reduce creates for `rank` (shm.cpp: <prefix>_<uid>_<master
     addr>_<master port>_<rank>; only when the launcher set LOCAL_SIZE = world size)."""
@@ -264,12 +280,20 @@ class Strategy:
 
     # ---- saving ------------------------------------------------------------------------------
     def write_report(self, report, out_dir: str | Path) -> None:
-        """The bad-row report of all ranks (each encodes its own rows), written by the main rank."""
+        """The bad-row report of all ranks (each encodes its own rows), written by the main rank; joined with
+        the one already in out_dir, which only this run wrote (a fresh run removes an earlier run's): a run
+        stopped early writes what it found, and the resumed run, which does not encode those rows again,
+        adds to it."""
+        parts = [(report.skipped, report.cut)]
         if self.world_size > 1:
             parts = [None] * self.world_size
             torch.distributed.all_gather_object(parts, (report.skipped, report.cut))
-            report.merge(parts)
         if self.is_main:
+            earlier = Path(out_dir) / "bad_rows.json"
+            if earlier.is_file():
+                old = json.loads(earlier.read_text())
+                parts.append((old.get("rows", []), old.get("truncated_rows", [])))
+            report.merge(parts)
             report.write(out_dir)
 
     def require_finite_weights(self, engine, where: Path) -> None:
@@ -299,15 +323,23 @@ class Strategy:
             save_model(module, processor, out_dir)
         self.barrier()
 
-    def save_resume(self, engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int) -> None:
-        ckpt_root = Path(ckpt_root)
-        self.require_finite_weights(engine, ckpt_root / f"step{step}")
-        engine.save_checkpoint(str(ckpt_root), tag=f"step{step}", client_state=client_state)
+    def save_resume(self, engines: dict, step: int, client_state: dict, keep: int) -> None:
+        """Write a resumable checkpoint `step<step>` of every engine ({checkpoint dir: engine}, e.g. PPO's actor
+        and critic). Only when every engine is written by every rank does each dir's `latest` name it (written
+        atomically); only then are older checkpoints rotated out (the newest `keep`, this one among them) and
+        any of a later step removed (left by a run killed while writing them, which this run resumed before).
+        DeepSpeed's own `latest` was written by rank 0 before the other ranks had finished their shards, and
+        rotation per engine could leave PPO's actor and critic with no step in common."""
+        tag = f"step{step}"
+        for root, engine in engines.items():
+            self.require_finite_weights(engine, Path(root) / tag)
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        self.barrier()
         if self.is_main:
-            tags = sorted((p for p in ckpt_root.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-            for old in tags[:-keep] if keep > 0 else []:
-                import shutil
-                shutil.rmtree(old, ignore_errors=True)
+            for root in engines:
+                _write_atomic_text(Path(root) / "latest", tag)
+            for root in engines:
+                rotate_checkpoints(Path(root), step, keep)
         self.barrier()
 
     def load_resume(self, engine, ckpt_root: str | Path) -> dict | None:

@@ -317,15 +317,35 @@ def set_chat_template(processor, template_arg: str) -> str | None:
     return template
 
 
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+
+
+def saved_model_files(out_dir: str | Path, weights: bool = True, adapter: bool = True) -> list[Path]:
+    """The files and folders of a model `save_model` wrote into out_dir: full weights and/or the adapter folder."""
+    out_dir = Path(out_dir)
+    found = [f for pattern in WEIGHT_FILES for f in out_dir.glob(pattern)] if weights else []
+    return found + ([out_dir / ADAPTER_SUBDIR] if adapter and (out_dir / ADAPTER_SUBDIR).exists() else [])
+
+
+def remove_paths(paths) -> None:
+    import shutil
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def save_model(model, processor, out_dir: str | Path) -> str:
     """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
-    out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them."""
+    out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them.
+    A model of the other kind saved there before is removed (an adapter folder left beside new full weights
+    was loaded instead of them)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config"):
+    lora = hasattr(model, "peft_config")
+    remove_paths(saved_model_files(out_dir, weights=lora, adapter=not lora))
+    if lora:
         adapter = out_dir / ADAPTER_SUBDIR
         model.save_pretrained(adapter, safe_serialization=True)
         extra = non_lora_trainables(model)

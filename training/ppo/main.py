@@ -132,6 +132,7 @@ def main(argv=None) -> dict:
         save_config(cfg, out / "run_config.json")
     history = trainer.train()
     if trainer.interrupted:
+        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
         return {"history": history, "output_dir": str(out), "interrupted": True}
     strategy.save_hf(trainer.actor, processor, out)
     strategy.write_report(report, out)

@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     history = trainer.train()
     if trainer.interrupted:
         trainer.logger.close()
+        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
         if strategy.is_main:
             print(f"stopped after {cfg['run'].stop_after_steps} steps; continue with --resume")
         return {"history": history, "output_dir": str(out), "interrupted": True}
