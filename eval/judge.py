@@ -23,6 +23,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -138,9 +139,10 @@ class Judge:
     def _seen_model(self, name) -> None:
         """Count the model that answered; warn once for a name that is not the one asked for (a proxy or server
         routing to another model would otherwise score under the asked-for name). A dated variant of the name
-        ("gpt-4o" -> "gpt-4o-2024-08-06") is the same model."""
+        ("gpt-4o" -> "gpt-4o-2024-08-06", "gpt-4" -> "gpt-4-0613") is the same model; "gpt-4o-mini" is not."""
         name = name if isinstance(name, str) else "(none given)"
-        if name not in self.reply_models and name != "(none given)" and not name.startswith(self.cfg.model):
+        dated = re.fullmatch(re.escape(self.cfg.model) + r"(-\d{4}(-\d{2}-\d{2})?)?", name)
+        if name not in self.reply_models and name != "(none given)" and not dated:
             print(f"judge {_public_url(self.cfg.endpoint)}: asked for model {self.cfg.model!r}, the reply came from "
                   f"{name!r} (the results file lists every replying model under judge.reply_models)", file=sys.stderr)
         self.reply_models[name] = self.reply_models.get(name, 0) + 1

@@ -400,3 +400,30 @@ def test_model_cache_is_private_to_the_user(tmp_path, monkeypatch):
         cache_dir()
     os.chmod(tmp_path / "shared", 0o755)
     assert cache_dir("tiny_vlm").is_dir()
+
+
+def test_lora_saved_beside_its_own_base_keeps_it_and_merge_refuses_its_own_folder(tiny_ckpts, tmp_path, monkeypatch):
+    """save_model removes a model of the other kind from its folder, but not the full weights a LoRA run trained
+    from that same folder needs as its base; merge_lora into the adapters' own folder would replace them."""
+    import shutil
+
+    from training.model.merge_lora import main as merge_cli
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    own = tmp_path / "own"
+    shutil.copytree(tiny_ckpts["llava"], own)
+    model, processor, _ = _load(str(own), LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**_batch(processor)).logits
+    save_model(model, processor, own)
+    assert (own / "model.safetensors").exists() and (own / "adapter").is_dir()
+    merged, _, _ = _load(str(own))  # the adapters merged into the base beside them
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**_batch(processor)).logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="adapters' own folder"):
+        merge_cli(["--adapter_dir", str(own), "--output_dir", str(own)])

@@ -377,17 +377,17 @@ def test_replies_from_another_model_are_counted_and_warned_about(tmp_path, capsy
         body = json.dumps({"model": model, "choices": [{"message": {"content": text}}]}).encode()
         return body, len(body)
 
-    httpd = _raw_server([reply("Rating: 4", "m-2024-05-13"), reply("Rating: 2", "other-small")])
+    httpd = _raw_server([reply("Rating: 4", "m-2024-05-13"), reply("Rating: 2", "m-mini-2024-07-18")])
     try:
         judge = _judge_on(httpd, tmp_path)
         judge.chat([{"role": "user", "content": "q1"}])
         assert "reply came from" not in capsys.readouterr().err  # a dated variant of "m"
         judge.chat([{"role": "user", "content": "q2"}])
-        assert "asked for model 'm', the reply came from 'other-small'" in capsys.readouterr().err
+        assert "asked for model 'm', the reply came from 'm-mini-2024-07-18'" in capsys.readouterr().err
         again = _judge_on(httpd, tmp_path)
         again.chat([{"role": "user", "content": "q2"}])  # from the cache: no request, the same model counted
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert judge.record()["reply_models"] == {"m-2024-05-13": 1, "other-small": 1}
-    assert again.requests == 0 and again.record()["reply_models"] == {"other-small": 1}
+    assert judge.record()["reply_models"] == {"m-2024-05-13": 1, "m-mini-2024-07-18": 1}
+    assert again.requests == 0 and again.record()["reply_models"] == {"m-mini-2024-07-18": 1}

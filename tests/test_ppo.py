@@ -98,6 +98,11 @@ def test_resume_with_other_ppo_epochs_or_rollout_batch_is_refused(world, tiny, r
         main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--ppo_epochs", "2", "--resume"))
 
 
+def test_reward_window_smaller_than_a_step_is_refused(world, tiny, rm, tmp_path):
+    with pytest.raises(ValueError, match="--reward_norm_window 3 is smaller than one PPO step's scores"):
+        main(ppo_args(world, tiny, rm, tmp_path / "w", "--max_steps", "1", "--reward_norm_window", "3"))
+
+
 def test_reward_bias_is_added_to_every_shaped_score(world, tiny, rm, tmp_path):
     rows = []
     for name, bias in (("base", "0"), ("bias", "3")):

@@ -109,6 +109,7 @@ def test_whiten_over_two_ranks_equals_one_rank_with_both_halves():
     [th.join() for th in threads]
     torch.testing.assert_close(torch.cat(out), whole, rtol=1e-6, atol=1e-6)
     assert float((whiten(x[:2], mask[:2]) - whole[:2]).abs().max()) > 0.1  # per rank differs
+    assert torch.equal(whiten(x, torch.zeros_like(mask)), torch.zeros_like(x))  # no response token: zeros, no NaN
 
 
 def test_adaptive_kl_controller():

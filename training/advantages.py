@@ -59,7 +59,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     those of every rank's positions together, so two ranks whiten as one rank with the whole batch."""
     total = reduce or (lambda t: t)
     m = mask.to(x.dtype)
-    count = total(m.sum().double())
+    count = total(m.sum().double()).clamp(min=1)  # no position anywhere: zeros, not NaN
     mean = (total((x * m).sum().double()) / count).to(x.dtype)
     var = (total((((x - mean) ** 2) * m).sum().double()) / count).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)

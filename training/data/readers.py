@@ -308,27 +308,25 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             # With no image root, image paths resolve inside the folder that holds the data.
             root = image_root or os.path.dirname(os.path.abspath(path))
             fmt, chunk, n_rows = None, [], 0
-            pending: list = []  # rows read before the file's format is known (a bad first row does not decide it)
+            pending: list = []  # objects read before the file's format is known (a bad first row does not decide it)
             for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, context)):
                 n_rows += 1
                 if fmt is None and isinstance(row, dict):
                     fmt = next((f for f in kinds[kind] if f.detect(row)), None)
-                    if fmt is not None:
-                        _check_context(path, fmt, context, kinds[kind])
-                if fmt is None:
-                    pending.append((i, row))
-                    if sum(isinstance(r, dict) for _, r in pending) >= _DETECT_ROWS:
-                        _detect(path, *next((j, r) for j, r in pending if isinstance(r, dict)), kind, kinds)
-                    continue
-                for j, r in pending + [(i, row)]:
-                    chunk.append(_parse_row(fmt, RowRef(path, j), r, context))
-                pending = []
+                    if fmt is None:
+                        pending.append((i, row))
+                        if len(pending) >= _DETECT_ROWS:
+                            _detect(path, *pending[0], kind, kinds)
+                        continue
+                    _check_context(path, fmt, context, kinds[kind])
+                    chunk = sorted(chunk + [_parse_row(fmt, RowRef(path, j), r, context) for j, r in pending],
+                                   key=lambda x: x[0].row)  # in file order: the first bad row is the one named
+                    pending = []
+                chunk.append(_parse_row(fmt, RowRef(path, i), row, context))  # fmt None: a row that is no object
                 if len(chunk) >= _CHUNK:
                     _flush(chunk, root, report, out, pool, cache)
-            first = next(((j, r) for j, r in pending if isinstance(r, dict)), None)
-            if first is not None:  # no row of the file is of a known format: name the first
-                _detect(path, *first, kind, kinds)
-            chunk += [_parse_row(None, RowRef(path, j), r, context) for j, r in pending]  # rows that are no objects
+            if pending:  # no object of the file is of a known format: name the first
+                _detect(path, *pending[0], kind, kinds)
             _flush(chunk, root, report, out, pool, cache)
             if n_rows == 0:
                 raise DataFormatError(f"{path}: no rows")

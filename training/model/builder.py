@@ -338,13 +338,15 @@ def save_model(model, processor, out_dir: str | Path) -> str:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
     out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them.
     A model of the other kind saved there before is removed (an adapter folder left beside new full weights
-    was loaded instead of them)."""
+    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora = hasattr(model, "peft_config")
-    remove_paths(saved_model_files(out_dir, weights=lora, adapter=not lora))
+    base = (getattr(model, "_vlm_build_info", None) or {}).get("base")
+    if not (lora and base and Path(base).resolve() == out_dir.resolve()):  # adapters beside their own base keep it
+        remove_paths(saved_model_files(out_dir, weights=lora, adapter=not lora))
     if lora:
         adapter = out_dir / ADAPTER_SUBDIR
         model.save_pretrained(adapter, safe_serialization=True)

@@ -48,20 +48,22 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
         raise SystemExit(f"{info_file}: this adapter was trained with --trust_remote_code (its base {base} runs "
                          "code of its own); pass --trust_remote_code to load it if you trust that code")
     from training.model.builder import is_adapter_checkpoint, merged_checkpoint
-    if Path(base).is_dir() and is_adapter_checkpoint(base):  # LoRA trained on a LoRA checkpoint: merge that first
+    own = Path(base).resolve() == adapter.parent.resolve()  # adapters saved beside their own base's full weights
+    if Path(base).is_dir() and is_adapter_checkpoint(base) and not own:  # LoRA on a LoRA checkpoint: merge that first
         base = merged_checkpoint(base, trust)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust)
     spec = detect_architecture(config, info.get("model_architecture", "auto"))
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
     dtype = torch_dtype(precision or info.get("precision") or "fp32")
     quantized = info.get("qlora") and not original_base
-    if quantized:  # the 4-bit weights the adapters were trained against, as training quantized them
+    if quantized:  # the 4-bit weights the adapters were trained against, quantized from what training loaded
         from training.config import LoraArgs, ModelArgs
         from training.model.builder import _bnb_config
-        q = _bnb_config(spec, ModelArgs(precision=precision or info.get("precision") or "fp32"),
+        trained = info.get("precision") or "fp32"
+        q = _bnb_config(spec, ModelArgs(precision=trained),
                         LoraArgs(qlora=True, bnb_double_quant=info["qlora"]["double_quant"]))
-        model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust,
-                                          quantization_config=q).dequantize()
+        model = model_cls.from_pretrained(base, config=config, dtype=torch_dtype(trained), trust_remote_code=trust,
+                                          quantization_config=q).dequantize().to(dtype)
     else:
         model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust)
 
@@ -82,6 +84,10 @@ def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, preci
                trust_remote_code: bool = False, original_base: bool = False) -> str:
     """Merge a LoRA run's adapters into its base and save a plain checkpoint to out_dir."""
     from training.model.builder import save_model
+    run_dir = _adapter_dir(adapter_dir_or_checkpoint).parent
+    if Path(out_dir).resolve() in (run_dir.resolve(), _adapter_dir(adapter_dir_or_checkpoint).resolve()):
+        raise SystemExit(f"merge_lora: --output_dir {out_dir} is the adapters' own folder, which the merged model "
+                         "would replace: give another folder")
     model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code, original_base)
     return save_model(model, processor, out_dir)
 

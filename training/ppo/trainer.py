@@ -66,6 +66,11 @@ class PPOTrainer:
                              f"{self.p.rollout_batch_size} / --per_device_train_batch_size "
                              f"{o.per_device_train_batch_size}) = {self.micro_per_step}")
         self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
+        scores_per_step = self.p.rollout_batch_size * strategy.world_size
+        if 0 < self.p.reward_norm_window < scores_per_step:  # it would normalise with a part of one step's scores
+            raise ValueError(f"--reward_norm_window {self.p.reward_norm_window} is smaller than one PPO step's "
+                             f"scores (--rollout_batch_size {self.p.rollout_batch_size} x {strategy.world_size} "
+                             "ranks): give 0 or at least that many")
         self.moments = RunningMoments(self.p.reward_norm_window)
         self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
 

@@ -101,8 +101,11 @@ class ChatEncoder:
         """The special token that ends an assistant turn in the targets (Idefics3's <end_of_utterance>, ChatML's
         <|im_end|>, Llama 3's <|eot_id|>, else the EOS appended): generation must stop at it, whatever EOS the
         checkpoint's generation config names (Idefics3-8B's names <|end_of_text|> only)."""
-        target = next(t for t, is_target in self.segments([Message("user", "Hi"), Message("assistant", "Yes")])
-                      if is_target)
+        try:
+            target = next(t for t, is_target in self.segments([Message("user", "Hi"), Message("assistant", "Yes")])
+                          if is_target)
+        except (RowNotEncodable, StopIteration):  # a template that cannot render a plain exchange: EOS only
+            return None
         ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
         special = set(getattr(self.tokenizer, "all_special_ids", [])) | set(
             getattr(self.tokenizer, "added_tokens_decoder", {}))
