@@ -106,6 +106,20 @@ def test_qlora_4bit_on_cpu(tiny_ckpts):
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def _moved_lora(path, lora: LoraArgs):
+    """A LoRA model whose trainables moved (stand-in for training: nonzero adapters, moved projector), in eval
+    mode, with its processor, a batch and its logits."""
+    model, processor, _ = _load(path, lora, freeze_vision_tower=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    batch = _batch(processor)
+    with torch.no_grad():
+        return model, processor, batch, model(**batch).logits
+
+
 def test_qlora_gradients_are_the_same_after_an_eval_forward(tiny_ckpts):
     """bitsandbytes repacked the 4-bit weights for a bf16 CPU kernel at the first eval-mode forward (a PPO rollout,
     a reference or held-out pass) and used it in training afterwards: other logits, and no gradient through the
@@ -139,16 +153,8 @@ def test_qlora_merge_computes_what_was_trained(tiny_ckpts, tmp_path):
     """QLoRA adapters were merged into the base's full-precision weights, not the 4-bit ones they were trained
     against: the merged model (what the next stage and predict load) was not the trained one."""
     from training.model.merge_lora import main as merge_cli
-    model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0, qlora=True),
-                                freeze_vision_tower=True)
-    with torch.no_grad():  # stand-in for training: nonzero adapters, moved projector
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
-    batch = _batch(processor)
-    with torch.no_grad():
-        trained = model(**batch).logits
+    model, processor, batch, trained = _moved_lora(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0,
+                                                                                  qlora=True))
     save_model(model, processor, tmp_path / "run")
     merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged")])
     merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "orig"), "--original_base"])
@@ -326,15 +332,7 @@ def test_save_reload_identical_logits(tiny_ckpts, tmp_path, arch):
 def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))  # where the builder merges on the fly
     from training.model.merge_lora import main as merge_cli
-    model, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
-    with torch.no_grad():  # stand-in for training: nonzero adapters, moved projector
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
-    batch = _batch(processor)
-    with torch.no_grad():
-        expected = model(**batch).logits
+    model, processor, batch, expected = _moved_lora(tiny_ckpts["llava"], LoraArgs(lora_r=4, lora_dropout=0.0))
     save_model(model, processor, tmp_path / "run")
     merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged")])
     merged, _, _ = _load(str(tmp_path / "merged"))
@@ -411,19 +409,12 @@ def test_lora_saved_beside_its_own_base_keeps_it_and_merge_refuses_its_own_folde
     monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
     own = tmp_path / "own"
     shutil.copytree(tiny_ckpts["llava"], own)
-    model, processor, _ = _load(str(own), LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
-    with torch.no_grad():
-        expected = model(**_batch(processor)).logits
+    model, processor, batch, expected = _moved_lora(str(own), LoraArgs(lora_r=4, lora_dropout=0.0))
     save_model(model, processor, own)
     assert (own / "model.safetensors").exists() and (own / "adapter").is_dir()
     merged, _, _ = _load(str(own))  # the adapters merged into the base beside them
     merged.eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(**_batch(processor)).logits, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(SystemExit, match="adapters' own folder"):
         merge_cli(["--adapter_dir", str(own), "--output_dir", str(own)])
