@@ -7,8 +7,8 @@ PY="$ROOT/.venv/bin/python"
 if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.txt" -nt "$ROOT/.venv/.installed" ]; then
   echo "setting up $ROOT/.venv (first run: a few minutes)" >&2
   python3 -m venv "$ROOT/.venv"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+  "$PY" -m pip install -q --no-cache-dir --upgrade pip
+  "$PY" -m pip install -q --no-cache-dir -r "$ROOT/requirements.txt"
   touch "$ROOT/.venv/.installed"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

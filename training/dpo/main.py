@@ -150,5 +150,5 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
 
 
 if __name__ == "__main__":
-    from training.engine.loop import exit_status
-    raise SystemExit(exit_status(main()))
+    from training.engine.loop import run_stage
+    run_stage(main)

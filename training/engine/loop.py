@@ -101,6 +101,20 @@ def exit_status(result: dict) -> int:
     return INTERRUPTED if result.get("interrupted") else 0
 
 
+def run_stage(main) -> None:
+    """A stage's `__main__`: runs `main()` and exits with its status. A rank that stops on an error exit
+    (SystemExit with a message or a non-zero code, as the stages raise on bad input) leaves at once: without
+    this its exit handler waited up to two minutes for ranks that were waiting for it."""
+    from training.engine.strategy import note_failed_exit
+    try:
+        result = main()
+    except SystemExit as e:
+        if e.code not in (None, 0, INTERRUPTED):
+            note_failed_exit()
+        raise
+    raise SystemExit(exit_status(result))
+
+
 def clear_earlier_run(strategy, out: Path) -> None:
     """A run that starts from step 0 removes an earlier run's resumable checkpoints and tensorboard events
     in its output directory: their rotation would delete this run's checkpoints, a later --resume would

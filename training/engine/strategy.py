@@ -30,9 +30,14 @@ def setup_environment() -> None:
 _CRASHED = False
 
 
-def _note_crash(*exc) -> None:
+def note_failed_exit() -> None:
+    """This rank is leaving on an error: its exit handler must not wait for ranks that may never arrive."""
     global _CRASHED
     _CRASHED = True
+
+
+def _note_crash(*exc) -> None:
+    note_failed_exit()
     _PREVIOUS_HOOK(*exc)
 
 
@@ -44,8 +49,8 @@ def close_distributed(timeout_s: float = 120.0) -> None:
     to finish (rank 0 holds the TCP store) tore its side down while another was still finishing, and that one
     could abort ("terminate called without an active exception") after its work was done. Over gloo the wait is
     a monitored barrier with a timeout; NCCL's group is destroyed without one (a barrier there cannot time out).
-    A rank leaving on an uncaught exception does not wait (the others may be inside another collective and the
-    launcher stops them). Errors on this way out are ignored."""
+    A rank leaving on an uncaught exception or an error exit (`run_stage`) does not wait (the others may be inside
+    another collective and the launcher stops them). Errors on this way out are ignored."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() or _CRASHED:
         return
     try:

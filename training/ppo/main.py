@@ -142,5 +142,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from training.engine.loop import exit_status
-    raise SystemExit(exit_status(main()))
+    from training.engine.loop import run_stage
+    run_stage(main)

@@ -136,5 +136,5 @@ def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: boo
 
 
 if __name__ == "__main__":
-    from training.engine.loop import exit_status
-    raise SystemExit(exit_status(main()))
+    from training.engine.loop import run_stage
+    run_stage(main)
