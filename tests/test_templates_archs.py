@@ -22,7 +22,7 @@ from training.logprobs import sequence_logprobs
 from training.model.builder import load_model_and_processor
 from training.model.architectures import ARCHITECTURES
 from training.model.tiny_archs import SUPPORTED_TINY, make_tiny_checkpoint
-from training.templates.chat import IGNORE, PER_SAMPLE_VISION, ChatEncoder, PromptTooLong
+from training.templates.chat import IGNORE, PER_SAMPLE_VISION, ChatEncoder, PromptTooLong, to_hf_messages
 
 # Per architecture, what its real chat format writes (tiny_archs reproduces it):
 #   eot:   the end-of-turn token closing every assistant turn (a target)
@@ -438,15 +438,11 @@ MLLAMA_OFFICIAL_LIKE = (
     "{%- endif %}")
 
 
-def test_system_prompt_is_text_and_an_unlocatable_turn_is_a_bad_row(tmp_path):
+def test_system_prompt_is_text_and_a_later_first_image_is_encoded(tmp_path):
     """With Llama 3.2 Vision's official template a system prompt was trained as the Python repr of its content
     parts ("[{'type': 'text', ...}]"), and a conversation whose first image came in a later turn (the template's
-    system block then differs between the first turns alone and the whole) stopped SFT with a bare ValueError."""
-    from training.data.bad_rows import BadRowReport
-    from training.data.records import ConversationRecord, RowRef
-    from training.sft.trainer import SFTDataset
-    from training.templates.chat import RowNotEncodable
-
+    system block then differs between the first turns alone and the whole) stopped SFT with a bare ValueError,
+    then was a bad row; its answers are now found in the whole rendering."""
     ck = make_tiny_checkpoint("mllama", tmp_path / "mllama")
     _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
     enc = ChatEncoder(processor, arch, 1024, chat_template=MLLAMA_OFFICIAL_LIKE)
@@ -457,9 +453,36 @@ def test_system_prompt_is_text_and_an_unlocatable_turn_is_a_bad_row(tmp_path):
     later = [Message("user", "Hello"), Message("assistant", "Hi."), Message("user", "<image>\nColour?"),
              Message("assistant", "Red.")]
     image = Image.new("RGB", (32, 32), (200, 20, 20))
+    e = enc.encode(later, [image])
+    # trained on the whole conversation as the template renders it (no system block: it holds an image)
+    whole = processor.apply_chat_template(to_hf_messages(later), tokenize=False, chat_template=MLLAMA_OFFICIAL_LIKE)
+    assert "system" not in whole and tok.decode(e.input_ids.tolist()) == tok.decode(tok(whole, add_special_tokens=False)["input_ids"])
+    on = (e.labels != -100).tolist()  # the targets: two runs of tokens, one per answer
+    runs = [k for k in range(len(on)) if on[k] and (k == 0 or not on[k - 1])]
+    ends = [k for k in range(len(on)) if on[k] and (k == len(on) - 1 or not on[k + 1])]
+    targets = [tok.decode(e.input_ids[a:b + 1].tolist()).replace(" ", "") for a, b in zip(runs, ends)]
+    assert targets == ["Hi.<|eot_id|>", "Red.<|eot_id|>"], targets
+
+
+def test_a_turn_the_whole_rendering_does_not_hold_is_a_bad_row(tmp_path):
+    """A template that renders an earlier answer differently once later turns follow (here: it drops earlier
+    answers' text, as reasoning templates drop earlier thoughts) cannot be trained on: a bad row naming why."""
+    from training.data.bad_rows import BadRowReport
+    from training.data.records import ConversationRecord, RowRef
+    from training.sft.trainer import SFTDataset
+    from training.templates.chat import RowNotEncodable
+
+    ck = make_tiny_checkpoint("mllama", tmp_path / "mllama")
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    drops = MLLAMA_OFFICIAL_LIKE.replace(
+        "{%- if m['content'] is string %}{{ m['content'] }}",
+        "{%- if m['role'] == 'assistant' and not loop.last %}...{%- elif m['content'] is string %}{{ m['content'] }}")
+    enc = ChatEncoder(processor, arch, 1024, chat_template=drops)
+    two = [Message("user", "Hello"), Message("assistant", "Hi."), Message("user", "Colour?"),
+           Message("assistant", "Red.")]
     with pytest.raises(RowNotEncodable, match="not prefix-stable"):
-        enc.encode(later, [image])
+        enc.encode(two, [])
     report = BadRowReport(skip=True)
-    data = SFTDataset([ConversationRecord("r0", later, [image], RowRef("d.json", 0))], enc, str(tmp_path), report)
+    data = SFTDataset([ConversationRecord("r0", two, [], RowRef("d.json", 0))], enc, str(tmp_path), report)
     assert data[0] is None
     assert report.skipped[0]["row"] == 0 and "not prefix-stable" in report.skipped[0]["reason"]

@@ -1,8 +1,9 @@
 """The one chat-template layer: conversation + images -> input_ids, labels and pixel inputs.
 
 The rendered text comes from the processor's own chat template (or an explicit override). Each
-assistant turn is located by rendering the conversation up to that turn with and without it
-(the template must be prefix-stable, which is checked), so labels cover exactly the assistant
+assistant turn is located by rendering the conversation up to that turn with and without it (for a
+template whose earlier turns depend on later ones, that turn's text is then found in the whole
+rendering; see `ChatEncoder.segments`), so labels cover exactly the assistant
 text and its end-of-turn token, on every turn; everything else is -100. A template that closes an
 answer with no end token at all (llava-hf's LLaVA-1.5 template writes the text and a space) gets the
 tokenizer's EOS appended to each answer, as LLaVA trained it: a model that never sees an end token
@@ -54,9 +55,10 @@ class PromptTooLong(RowNotEncodable):
 
 
 class TemplateNotPrefixStable(RowNotEncodable):
-    """The chat template renders this conversation differently from its turns (e.g. Llama 3.2 Vision's
-    official template writes a system block only when no message holds an image: a conversation whose first
-    image comes in a later turn renders its first turns one way alone and another way whole)."""
+    """The chat template renders an assistant turn of this conversation differently alone and in the whole
+    conversation, so the answer cannot be located. (Llama 3.2 Vision's official template writes a system block
+    only when no message holds an image, so a conversation whose first image comes in a later turn renders its
+    first turns one way alone and another way whole; its answers are the same text in both and are found.)"""
 
 
 @dataclass
@@ -132,36 +134,58 @@ class ChatEncoder:
         return self._render_hf(to_hf_messages(messages, system_as_text), add_generation_prompt)
 
     def segments(self, messages: list[Message], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """[(text, is_target)]: the rendered conversation cut at assistant-turn boundaries."""
-        segs, prev, pos = [], "", 0  # prev: the rendering so far; pos: where the next segment starts
+        """[(text, is_target)]: the rendered conversation cut at assistant-turn boundaries. Each answer is what
+        the template adds when the turn is appended to the conversation before it. A template whose rendering
+        of the earlier turns depends on later ones (`TemplateNotPrefixStable`'s example) is cut where each
+        answer, with the generation prompt before it, is found in the whole rendering, in turn order."""
+        try:
+            return self._segments_in_order(messages, add_generation_prompt)
+        except TemplateNotPrefixStable:
+            return self._segments_found_whole(messages, add_generation_prompt)
+
+    def _answer(self, rendered: str) -> tuple[str, int]:
+        """(the target, how many rendered characters it covers) of an assistant turn the template rendered as
+        `rendered` (the text the turn adds after the generation prompt)."""
+        core, eos = rendered.rstrip(), self.tokenizer.eos_token
         specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
+        if eos and MISSPELT_EOS.get(eos) and core.endswith(MISSPELT_EOS[eos]):
+            # llava-hf's LLaVA-NeXT-Mistral template writes the TEXT "<\s>" where the EOS "</s>" belongs:
+            # trained as the answer's end, the model would learn to write it and never emit the EOS
+            return core[:-len(MISSPELT_EOS[eos])] + eos, len(core)
+        if core != rendered and any(core.endswith(t) for t in specials):
+            return core, len(core)  # whitespace after the end-of-turn token: not a target (module docstring)
+        if eos and core and not any(core.endswith(t) for t in specials):
+            # a template that closes an answer with no end token (llava-hf's LLaVA-1.5 template writes
+            # text + " "): the model would never learn to stop. The answer ends with EOS, as LLaVA
+            # trained it; the whitespace after it stays outside the target
+            return core + eos, len(core)
+        return rendered, len(rendered)
+
+    def _turn(self, messages: list[Message], i: int) -> tuple[str, str]:
+        """(the conversation before assistant turn i with the generation prompt, the text turn i adds to it)."""
+        before = self.render(messages[:i], add_generation_prompt=True)
+        full = self.render(messages[:i + 1], add_generation_prompt=False)
+        if not full.startswith(before):
+            raise TemplateNotPrefixStable(
+                f"the chat template renders assistant turn {i} without the generation prompt before it (not "
+                "prefix-stable), so its answer cannot be located; pass --template with a template that renders "
+                "turns in order")
+        return before, full[len(before):]
+
+    def _segments_in_order(self, messages: list[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        segs, prev, pos = [], "", 0  # prev: the rendering so far; pos: where the next segment starts
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            full = self.render(messages[:i + 1], add_generation_prompt=False)
-            if not before.startswith(prev) or not full.startswith(before):
+            before, rendered = self._turn(messages, i)
+            if not before.startswith(prev):
                 raise TemplateNotPrefixStable(
                     f"the chat template renders this conversation's turns up to assistant turn {i} differently "
                     "alone and whole (not prefix-stable), so its answers cannot be located; pass --template with a "
                     "template that renders turns in order")
-            target = full[len(before):]
-            core = target.rstrip()
-            eos = self.tokenizer.eos_token
-            used = len(target)
-            if eos and MISSPELT_EOS.get(eos) and core.endswith(MISSPELT_EOS[eos]):
-                # llava-hf's LLaVA-NeXT-Mistral template writes the TEXT "<\s>" where the EOS "</s>" belongs:
-                # trained as the answer's end, the model would learn to write it and never emit the EOS
-                target, used = core[:-len(MISSPELT_EOS[eos])] + eos, len(core)
-            elif core != target and any(core.endswith(t) for t in specials):
-                target, used = core, len(core)  # whitespace after the end-of-turn token: not a target (docstring)
-            elif eos and core and not any(core.endswith(t) for t in specials):
-                # a template that closes an answer with no end token (llava-hf's LLaVA-1.5 template writes
-                # text + " "): the model would never learn to stop. The answer ends with EOS, as LLaVA
-                # trained it; the whitespace after it stays outside the target
-                target, used = core + eos, len(core)
+            target, used = self._answer(rendered)
             segs += [(before[pos:], False), (target, True)]
-            prev, pos = full, len(before) + used
+            prev, pos = before + rendered, len(before) + used
         rest = self.render(messages, add_generation_prompt=add_generation_prompt)
         if not rest.startswith(prev):
             raise TemplateNotPrefixStable(
@@ -169,6 +193,30 @@ class ChatEncoder:
                 "pass --template with a template that renders turns in order")
         if rest[pos:]:
             segs.append((rest[pos:], False))
+        return [s for s in segs if s[0]]
+
+    def _segments_found_whole(self, messages: list[Message], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        whole = self.render(messages, add_generation_prompt=add_generation_prompt)
+        segs, pos = [], 0
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before, rendered = self._turn(messages, i)
+            bare = self.render(messages[:i], add_generation_prompt=False)
+            prompt = before[len(bare):] if before.startswith(bare) else ""  # the generation prompt's text
+            at = whole.find(prompt + rendered, pos)
+            if at < 0:
+                raise TemplateNotPrefixStable(
+                    f"the chat template renders this conversation's turns up to assistant turn {i} differently "
+                    "alone and whole (not prefix-stable), and the whole rendering does not hold the turn's answer "
+                    "as rendered alone, so it cannot be located; pass --template with a template that renders "
+                    "turns in order")
+            start = at + len(prompt)
+            target, used = self._answer(rendered)
+            segs += [(whole[pos:start], False), (target, True)]
+            pos = start + used
+        if whole[pos:]:
+            segs.append((whole[pos:], False))
         return [s for s in segs if s[0]]
 
     # ---- tokens --------------------------------------------------------------------------
