@@ -96,6 +96,8 @@ def test_bytes_struct_base64_pil(root):
     _check(load_image(text, root))
     _check(load_image("data:image/png;base64," + text, root))
     _check(load_image(text.encode(), root))  # base64 text kept in a binary column
+    plain = b"P3\n6 4\n255\n" + b"255 0 0\n" * 24  # a plain (ASCII) Netpbm pixmap: all base64 characters
+    _check(load_image(plain, None))
     _check(load_image(Image.new("RGB", (6, 4), (255, 0, 0)), None))
     _check(load_image(Image.new("L", (6, 4), 255), None), color=(255, 255, 255))
 

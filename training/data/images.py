@@ -23,6 +23,8 @@ from PIL import Image
 # (an extension-less name such as a hex digest looks like base64): see is_base64_source.
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{32,}")
 _BASE64_BYTES = re.compile(rb"[A-Za-z0-9+/=\s]{32,}")
+# Netpbm's plain formats (P1 bitmap, P2 greymap, P3 pixmap) are images written in ASCII digits: "P3", whitespace
+_PLAIN_PNM = re.compile(rb"P[1-3]\s")
 
 
 class ImageError(ValueError):
@@ -86,7 +88,8 @@ def image_source(source: Any, image_root: str | os.PathLike | None) -> bytes | P
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not len(source):
             raise ImageError("empty image bytes")
-        if _BASE64_BYTES.fullmatch(source):  # base64 text stored in a binary column; no image is all ASCII
+        if _BASE64_BYTES.fullmatch(source) and not _PLAIN_PNM.match(source):
+            # base64 text stored in a binary column; the only images all in ASCII are plain Netpbm ones
             return decode_base64(bytes(source).decode("ascii"))
         return bytes(source)
     if isinstance(source, dict):
