@@ -142,6 +142,10 @@ def test_stop_token_penalty_sets_or_subtracts():
     torch.testing.assert_close(stop_token_penalty(score, ended, 8.0, relative=False), t([1.5, -8.0, -8.0]))
     torch.testing.assert_close(stop_token_penalty(score, ended, 8.0, relative=True), t([1.5, -8.5, -6.0]))
     torch.testing.assert_close(stop_token_penalty(score, ended, 0.0, relative=False), score)
+    from training.ppo.args import PPOArgs
+    a = PPOArgs()  # on by default, as LLaVA-RLHF's _shape_reward: -8 for a response that never emitted EOS
+    torch.testing.assert_close(stop_token_penalty(score, ended, a.missing_eos_penalty, a.relative_eos_penalty),
+                               t([1.5, -8.0, -8.0]))
 
 
 def test_disable_dropout_makes_train_mode_deterministic():

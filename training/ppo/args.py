@@ -38,9 +38,9 @@ class PPOArgs:
                                    "\"correct option is B.\"; 0.5 / -0.5 for No / Yes where No is right.")
     reward_bias: float = _f(0.0, "LLaVA-RLHF's reward_bias, added to every shaped score (after normalisation, with "
                                  "the length and correct-option terms).")
-    missing_eos_penalty: float = _f(0.0, "LLaVA-RLHF's stop-token penalty: a response that never emitted EOS gets "
-                                         "the reward-model score -missing_eos_penalty, before clipping and "
-                                         "normalisation (0: off).")
+    missing_eos_penalty: float = _f(8.0, "LLaVA-RLHF's stop-token penalty (its -8): a response that never emitted "
+                                         "EOS within --max_new_tokens gets the reward-model score "
+                                         "-missing_eos_penalty, before clipping and normalisation (0: off).")
     relative_eos_penalty: bool = _f(False, "Subtract --missing_eos_penalty from such a response's score instead "
                                           "(LLaVA-RLHF's relative_stop_token_penalty).")
     disable_dropout: bool = _f(True, "Turn dropout off in the actor and critic (LoRA's too): old and new log-probs "
