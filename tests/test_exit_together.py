@@ -24,15 +24,20 @@ RANK = textwrap.dedent("""
 """)
 
 
-def test_ranks_wait_for_each_other_at_exit(tmp_path):
+def _two_ranks(script: str, tmp_path) -> list[subprocess.Popen]:
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path)], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def test_ranks_wait_for_each_other_at_exit(tmp_path):
+    procs = _two_ranks(RANK, tmp_path)
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     done1 = json.loads((tmp_path / "done1").read_text())
@@ -64,14 +69,7 @@ FAILING = textwrap.dedent("""
 def test_a_rank_stopping_on_an_error_leaves_at_once(tmp_path):
     """Before, a rank that stopped with SystemExit(message) waited in its exit handler for the other ranks (up to
     two minutes); the launcher only stops the others once one rank has exited."""
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", FAILING, str(tmp_path)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _two_ranks(FAILING, tmp_path)
     try:
         out1 = procs[1].communicate(timeout=300)[0]
     finally:
