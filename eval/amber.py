@@ -153,11 +153,12 @@ def _disc(counts: dict) -> dict:
             "n": counts["n"]}
 
 
-def _printout_disc(c: dict, eps: float = 0.0001) -> dict:
-    """inference.py's printed numbers: percent, one decimal, 0.001 initial denominators."""
-    acc = round(c["correct"] / (c["n"] + 0.001) * 100, 1)
-    p = round(c["ans_no_true"] / (c["ans_no"] + 0.001) * 100, 1)
-    r = round(c["no_true"] / (c["no"] + 0.001) * 100, 1)
+def _printout_disc(c: dict, eps: float = 0.0001, start: float = 0.001) -> dict:
+    """inference.py's printed numbers: percent, one decimal, denominators that start at 0.001 (metrics.txt) per
+    counter: 0.003 for attribute, the sum of its state, number and action counters."""
+    acc = round(c["correct"] / (c["n"] + start) * 100, 1)
+    p = round(c["ans_no_true"] / (c["ans_no"] + start) * 100, 1)
+    r = round(c["no_true"] / (c["no"] + start) * 100, 1)
     f1 = round(2 * (p / 100) * (r / 100) / ((p / 100) + (r / 100) + eps) * 100, 1)
     return {"Accuracy": acc, "Precision": p, "Recall": r, "F1": f1}
 
@@ -228,7 +229,8 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
             if disc[k]["n"]:
                 details["discriminative"][k] = _disc(disc[k])
                 metrics[f"{k}_F1"] = details["discriminative"][k]["f1"]
-                printout[k] = _printout_disc(disc[k], 0.001 if k == "existence" else 0.0001)
+                printout[k] = _printout_disc(disc[k], 0.001 if k == "existence" else 0.0001,
+                                            0.003 if k == "attribute" else 0.001)
     if "CHAIR" in metrics and "F1" in metrics:
         metrics["AMBER_score"] = 0.5 * (1 - metrics["CHAIR"] + metrics["F1"])
         printout["AMBER_score"] = round(0.5 * (100 - printout["generative"]["CHAIR"]

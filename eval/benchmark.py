@@ -100,6 +100,19 @@ def _answer_files(specs: list[str], splits: list[str]) -> dict[str, str]:
     return out
 
 
+def answers_decoding(files) -> dict:
+    """The decoding that made answer files, from the `<answers>.settings.json` beside each (eval.answers writes
+    them); unknown when a file has none or the files were made with different decodings."""
+    found = []
+    for f in files:
+        sfile = Path(f).with_suffix(".settings.json")
+        found.append(json.loads(sfile.read_text()).get("decoding") if sfile.is_file() else None)
+    if found and found[0] is not None and all(d == found[0] for d in found):
+        return {**found[0], "from": "the answers' settings files"}
+    why = "no settings file beside an answer file" if None in found else "answer files of different decodings"
+    return {"mode": f"unknown (scored from --answers; {why})"}
+
+
 def run(args) -> dict:
     mod = module(args.benchmark)
     if not args.data:
@@ -122,7 +135,7 @@ def run(args) -> dict:
         answers = {s: read_answers(f) for s, f in files.items()}
         for s in qs:
             check_complete(qs[s], answers[s], files[s])
-        decoding = {"mode": "unknown (scored from --answers)"}
+        decoding = answers_decoding(files.values())
         answered_by = sorted({m for f in files.values() for m in answers_model_ids(f)})
         if len(answered_by) > 1:  # one result must belong to one model run
             raise ValueError(f"the answers ({', '.join(map(str, files.values()))}) come from several models "

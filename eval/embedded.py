@@ -65,7 +65,8 @@ def score_rows(bench: str, rows: list[dict], answers: dict[str, str]) -> dict:
     if bench.startswith("pope"):
         return pope_metrics([parse_yes_no(t) for t in texts], [q["label"] for q in rows])
     if bench == "count":
-        return {"accuracy": sum(first_number(t) == q["count"] for t, q in zip(texts, rows)) / len(rows), "n": len(rows)}
+        right = sum(first_number(t) == q["count"] for t, q in zip(texts, rows))
+        return {"accuracy": right / len(rows) if rows else 0.0, "n": len(rows)}
     raise ValueError(f"unknown embedded benchmark {bench!r}")
 
 

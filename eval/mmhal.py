@@ -12,6 +12,7 @@ ratings < 3; per question type by index mod 8 in the fixed order below.
 from __future__ import annotations
 
 import json
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -84,6 +85,11 @@ def questions(args) -> dict[str, list[dict]]:
 
 def score(args, qs, answers, judge=None, decoding=None):
     records = _records(args)
+    warnings = []
+    if len(records) != 96:  # MMHal's scorer asserts its 96 records: its types are by index mod 8
+        warnings.append(f"{args.data}: {len(records)} records, not MMHal's 96 in type order: the per-type scores "
+                        "(by index mod 8, as MMHal's scorer) are only right for those")
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
     ratings, per = [], []
     for i, record in enumerate(records):
         answer = answers[""][str(i)]
@@ -94,4 +100,5 @@ def score(args, qs, answers, judge=None, decoding=None):
     # MMHal's own format, answers filled in; named like the answer files (mmhal[_<run_name>]) so runs keep theirs
     out = Path(args.answers_dir) / f"mmhal{'_' + args.run_name if getattr(args, 'run_name', '') else ''}_response.json"
     out.write_text(json.dumps([{**r, "model_answer": answers[""][str(i)]} for i, r in enumerate(records)], indent=1))
-    return mmhal_metrics(ratings), {"types_by_index_mod_8": list(TYPES), "response_file": str(out)}, per
+    return mmhal_metrics(ratings), {"types_by_index_mod_8": list(TYPES), "response_file": str(out),
+                                    "warnings": warnings}, per

@@ -7,6 +7,7 @@ question (`--pope_suffix`, recorded in the results file).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 SPLITS = ("random", "popular", "adversarial")
@@ -35,7 +36,7 @@ def pope_metrics(preds: list[str], labels: list[str]) -> dict:
 
 def average_splits(per_split: dict[str, dict]) -> dict:
     """Each metric averaged over the splits present (LLaVA-1.5's headline: f1_mean)."""
-    out = {}
+    out = {"n_splits": len(per_split)}
     for m in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         out[f"{m}_mean"] = sum(s[m] for s in per_split.values()) / len(per_split)
     for split, s in per_split.items():
@@ -59,6 +60,10 @@ def split_files(data: str | Path) -> dict[str, Path]:
             found[split] = hits[0]
     if not found:
         raise FileNotFoundError(f"{data}: no *pope_random / *pope_popular / *pope_adversarial .json(l) files")
+    if len(found) < len(SPLITS):  # LLaVA-1.5's headline is the mean over all three
+        print(f"warning: {data} holds POPE's {', '.join(found)} split(s) only, not "
+              f"{', '.join(s for s in SPLITS if s not in found)}: the means are over {len(found)} split(s)",
+              file=sys.stderr)
     return found
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 HEADLINES = {
     "objhal": [("CHAIRs", "CHAIRs", 100, "↓"), ("CHAIRs_refine", "CHAIRs_refine", 100, "↓"),
                ("CHAIRi", "CHAIRi", 100, "↓"), ("obj_rec", "obj recall", 100, "↑")],
-    "pope": [("f1_mean", "F1 (3 splits)", 100, "↑"), ("accuracy_mean", "acc", 100, "↑"),
+    "pope": [("f1_mean", "F1 (split mean)", 100, "↑"), ("accuracy_mean", "acc", 100, "↑"),
              ("yes_ratio_mean", "yes-ratio", 100, "")],
     "amber": [("CHAIR", "CHAIR", 100, "↓"), ("Cover", "Cover", 100, "↑"), ("Hal", "Hal", 100, "↓"),
               ("Cog", "Cog", 100, "↓"), ("F1", "F1", 100, "↑"), ("AMBER_score", "AMBER score", 100, "↑")],

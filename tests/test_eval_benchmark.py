@@ -125,7 +125,7 @@ def test_report_table_and_figures_from_one_command(tmp_path):
     table = (tmp_path / "results.md").read_text()
     lines = table.splitlines()
     assert lines[0].startswith("| model | Object HalBench CHAIRs ↓ | Object HalBench CHAIRs_refine ↓ |")
-    assert "POPE F1 (3 splits) ↑" in lines[0] and "MMHal-Bench score (0-6) ↑" in lines[0]
+    assert "POPE F1 (split mean) ↑" in lines[0] and "MMHal-Bench score (0-6) ↑" in lines[0]
     rows = [line.split(" | ") for line in lines[2:6]]
     assert [r[0] for r in rows] == ["| sft", "| dpo", "| orpo", "| ppo"]  # SFT first, then the stages
     assert rows[0][1:3] == ["53.6", "54.6"] and rows[0][-2:] == ["-", "- |"]  # no MMHal run for sft

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from eval.embedded import chair, first_number, mentioned_kinds, score_answers
+from eval.embedded import chair, first_number, mentioned_kinds, score_answers, score_rows
 from eval.pope import parse_yes_no, pope_metrics
 
 
@@ -54,3 +54,4 @@ def test_count_and_missing_answers(tmp_path):
     with a.open("a") as f:
         f.write(json.dumps({"question_id": "b", "text": "There are three."}) + "\n")
     assert score_answers("count", q, a)["accuracy"] == pytest.approx(0.5)
+    assert score_rows("count", [], {}) == {"accuracy": 0.0, "n": 0}  # was a ZeroDivisionError

@@ -124,6 +124,7 @@ def test_mmhal_judge_retry_cache_and_key(tmp_path, fake_server, monkeypatch, wor
     assert m["score"] == pytest.approx(27 / 9) and m["hallucination_rate"] == pytest.approx(4 / 9)
     assert m["score_attribute"] == 6 and m["score_adversarial"] == 2 and m["score_comparison"] == 0
     assert m["score_counting"] == 0 and m["score_relation"] == 3 and m["score_other"] == 4
+    assert "9 records" in rec["details"]["warnings"][0]  # per-type scores by index need MMHal's 96 in order
     body = server.requests[-1]["body"]
     assert body["model"] == "gpt-4-0314" and body["temperature"] == 0.0 and "max_tokens" not in body
     assert body["messages"][0]["role"] == "user"

@@ -166,3 +166,35 @@ def test_amber_suffix_only_on_discriminative_questions(tmp_path):
     args = build_parser().parse_args(["--benchmark", "amber", "--data", str(d), "--amber_disc_suffix", " Yes or No?"])
     texts = [q["text"] for q in questions(args)[""]]
     assert texts[:3] == ["Describe this image.", "Describe this image.", "Is there a dog? Yes or No?"]
+
+
+def test_pope_with_a_split_missing_warns_and_says_how_many(tmp_path, capsys):
+    """LLaVA-1.5's headline is F1 averaged over the three splits: a folder with fewer was averaged silently."""
+    d, files = _pope(tmp_path)
+    (d / "coco_pope_adversarial.json").unlink()
+    rec = bench_main(["--benchmark", "pope", "--data", str(d), "--answers", *files[:2], "--output_dir",
+                      str(tmp_path / "run")])
+    assert rec["metrics"]["n_splits"] == 2 and rec["metrics"]["f1_mean"] == pytest.approx((0.5 + 1) / 2)
+    assert "not adversarial" in capsys.readouterr().err
+
+
+def test_scoring_answers_records_the_decoding_they_were_made_with(tmp_path):
+    d, files = _pope(tmp_path)
+    argv = ["--benchmark", "pope", "--data", str(d), "--answers", *files, "--output_dir", str(tmp_path / "run")]
+    assert bench_main(argv)["decoding"]["mode"].startswith("unknown")  # no settings files beside the answers
+    greedy = {"num_beams": 1, "max_new_tokens": 128, "do_sample": False, "mode": "greedy", "precision": "fp32"}
+    for f in files:  # what eval.answers.generate writes beside each answer file
+        (tmp_path / f.split("=")[1]).with_suffix(".settings.json").write_text(json.dumps({"decoding": greedy}))
+    assert bench_main(argv)["decoding"] == {**greedy, "from": "the answers' settings files"}
+    (tmp_path / "ans_popular.settings.json").write_text(json.dumps({"decoding": {**greedy, "num_beams": 3}}))
+    assert "different decodings" in bench_main(argv)["decoding"]["mode"]
+
+
+def test_amber_attribute_printout_starts_its_denominators_at_three_counters():
+    """inference.py sums the state, number and action counters for attribute, each starting at 0.001."""
+    kinds = ("state", "number", "action")
+    ann = [{"id": i + 1, "type": f"discriminative-attribute-{kinds[i % 3]}", "truth": "yes"} for i in range(2001)]
+    responses = ["Yes"] * 1996 + ["No"] * 5
+    _, details, _ = amber_metrics([{"id": a["id"]} for a in ann], responses, ann, {}, set(), RuleNouns(set()))
+    assert details["reference_printout"]["attribute"]["Accuracy"] == 99.7  # 1996 / 2001.003; 99.8 with 2001.001
+    assert details["reference_printout"]["discriminative"]["Accuracy"] == 99.8  # 1996 / 2001.001
