@@ -6,7 +6,8 @@
 * The API key is read from the environment variable named by `api_key_env` when a request is
   sent; it is never written to a file, a log line or an error message. With the variable unset or
   empty, requests go without an Authorization header (local servers). A key is never sent over plain
-  http to another machine (anyone on the way could read it): that needs an https URL.
+  http to another machine (anyone on the way could read it): that needs an https URL. Redirects are not
+  followed and plain http never goes through a proxy (training.chat_api, shared with the OPA expert).
 * Every request and reply is cached on disk, keyed by a hash of (endpoint, model, messages, decoding
   settings), so re-scoring the same answers sends no request at all. Only successful replies are
   cached; a reply the caller cannot parse can be asked again with `attempt=1, 2, ...`.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -32,6 +32,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from training import chat_api
+from training.chat_api import KeyRefused, auth_headers, public_url
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -56,33 +59,6 @@ class JudgeConfig:
         return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error, not followed: urllib would send the Authorization header (the API key)
-    along to wherever it points, another host included."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-def _public_url(url: str) -> str:
-    """The URL without credentials or query string (what results files record)."""
-    p = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else "",
-                                    p.path, "", ""))
-
-
-def _loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
-
-
 def _reply_text(out) -> str | None:
     """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
     choices = out.get("choices") if isinstance(out, dict) else None
@@ -103,7 +79,7 @@ class Judge:
 
     def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
         # the endpoint too: two servers answering to one model name (a local one and a hosted one) are two judges
-        payload = {"endpoint": _public_url(self.cfg.endpoint), "model": self.cfg.model, "messages": messages,
+        payload = {"endpoint": public_url(self.cfg.endpoint), "model": self.cfg.model, "messages": messages,
                    "decoding": decoding}
         if attempt:
             payload["attempt"] = attempt
@@ -143,7 +119,7 @@ class Judge:
         name = name if isinstance(name, str) else "(none given)"
         dated = re.fullmatch(re.escape(self.cfg.model) + r"(-\d{4}(-\d{2}-\d{2})?)?", name)
         if name not in self.reply_models and name != "(none given)" and not dated:
-            print(f"judge {_public_url(self.cfg.endpoint)}: asked for model {self.cfg.model!r}, the reply came from "
+            print(f"judge {public_url(self.cfg.endpoint)}: asked for model {self.cfg.model!r}, the reply came from "
                   f"{name!r} (the results file lists every replying model under judge.reply_models)", file=sys.stderr)
         self.reply_models[name] = self.reply_models.get(name, 0) + 1
 
@@ -158,16 +134,11 @@ class Judge:
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
-        where = _public_url(self.cfg.endpoint)
-        url = urllib.parse.urlsplit(self.cfg.endpoint)
-        if key and url.scheme != "https" and not _loopback(url.hostname):
-            raise JudgeError(f"judge {where}: refusing to send the API key in ${self.cfg.api_key_env} over plain "
-                             f"{url.scheme} to another machine: give an https:// judge URL, or set "
-                             f"{self.cfg.api_key_env} empty for a server that needs no key")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        where = public_url(self.cfg.endpoint)
+        try:
+            headers = auth_headers(self.cfg.endpoint, self.cfg.api_key_env)
+        except KeyRefused as err:
+            raise JudgeError(f"judge {where}: {err}") from None
         last = ""
         for k in range(self.cfg.max_retries + 1):
             if k:
@@ -175,7 +146,7 @@ class Judge:
             self.requests += 1
             req = urllib.request.Request(self.cfg.endpoint, data=data, headers=headers, method="POST")
             try:
-                with _OPENER.open(req, timeout=self.cfg.timeout_s) as resp:
+                with chat_api.send(req, timeout=self.cfg.timeout_s) as resp:
                     out = json.loads(resp.read().decode("utf-8"))
                 if _reply_text(out) is not None:
                     return out
@@ -196,7 +167,7 @@ class Judge:
 
     def record(self) -> dict:
         """What a results file records about the judge (never the key)."""
-        return {"url": _public_url(self.cfg.endpoint), "model": self.cfg.model, "api_key_env": self.cfg.api_key_env,
+        return {"url": public_url(self.cfg.endpoint), "model": self.cfg.model, "api_key_env": self.cfg.api_key_env,
                 "decoding": self.decodings, "reply_models": dict(sorted(self.reply_models.items())),
                 "requests_sent": self.requests, "cache_hits": self.cache_hits,
                 "cache_dir": str(self.cfg.cache_dir)}

@@ -329,15 +329,14 @@ def test_the_key_never_goes_over_plain_http_to_another_machine(monkeypatch, tmp_
     way could read the Bearer header); https, loopback addresses and an empty key variable are sent."""
     import urllib.error
 
-    import eval.judge as judge_module
+    from training import chat_api
 
     sent = []
 
-    class Opener:  # stands in for the network: records the Authorization header of each request
-        def open(self, req, timeout):
-            sent.append((req.full_url, req.get_header("Authorization")))
-            raise urllib.error.URLError("no network in tests")
-    monkeypatch.setattr(judge_module, "_OPENER", Opener())
+    def send(req, timeout):  # stands in for the network: records the Authorization header of each request
+        sent.append((req.full_url, req.get_header("Authorization")))
+        raise urllib.error.URLError("no network in tests")
+    monkeypatch.setattr(chat_api, "send", send)
     monkeypatch.setenv("EVAL_TEST_JUDGE_KEY", KEY)
 
     def ask(url):

@@ -1,0 +1,110 @@
+"""Where the API key may go (training.chat_api, used by the judge and the OPA expert): never through an
+environment proxy over plain http, never along a redirect, never over plain http to another machine, never
+in a message."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from training.dpo.opa.expert import ChatExpert
+
+KEY = "sk-test-0123456789"
+
+
+def _serve(on_request):
+    """A local HTTP server calling on_request(handler) for every request (GET, POST, or a proxied request)."""
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self):
+            if self.headers.get("Content-Length"):
+                self.rfile.read(int(self.headers["Content-Length"]))
+            on_request(self)
+
+        do_GET = do_POST = _any  # noqa: N815
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _answer(h):
+    content = json.dumps([{"copied_content": "A red star.", "score": 4, "error_type": "correct"}])
+    out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(out)))
+    h.end_headers()
+    h.wfile.write(out)
+
+
+def _expert(url, tmp_path, env="OPA_TEST_KEY"):
+    return ChatExpert(url, "judge", env, tmp_path / "cache", retries=0, backoff=0.01)
+
+
+def test_plain_http_to_this_machine_goes_around_an_environment_proxy(tmp_path, monkeypatch):
+    """With http_proxy set, urllib sent the loopback request, Authorization header included, to the proxy."""
+    seen_by_proxy, seen_by_server = [], []
+    proxy = _serve(lambda h: (seen_by_proxy.append(h.headers.get("Authorization")), _answer(h)))
+    server = _serve(lambda h: (seen_by_server.append(h.headers.get("Authorization")), _answer(h)))
+    try:
+        for var in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_port}")
+        monkeypatch.setenv("OPA_TEST_KEY", KEY)
+        report = _expert(f"http://127.0.0.1:{server.server_port}/v1", tmp_path).review("A red star.")
+    finally:
+        proxy.shutdown()
+        server.shutdown()
+    assert report[0]["score"] == 4
+    assert seen_by_proxy == [] and seen_by_server == [f"Bearer {KEY}"]
+
+
+def test_a_redirect_is_not_followed_with_the_key(tmp_path, monkeypatch):
+    """urlopen followed a 302 to another address with the Authorization header."""
+    other_saw = []
+    other = _serve(lambda h: (other_saw.append(h.headers.get("Authorization")), _answer(h)))
+
+    def redirect(h):
+        h.send_response(302)
+        h.send_header("Location", f"http://127.0.0.1:{other.server_port}/v1/chat/completions")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    first = _serve(redirect)
+    try:
+        monkeypatch.setenv("OPA_TEST_KEY", KEY)
+        with pytest.raises(RuntimeError, match="redirect, not followed") as info:
+            _expert(f"http://127.0.0.1:{first.server_port}/v1", tmp_path).review("A red star.")
+    finally:
+        first.shutdown()
+        other.shutdown()
+    assert other_saw == [] and KEY not in str(info.value)
+
+
+def test_the_key_goes_over_https_or_to_this_machine_only_and_is_never_quoted(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPA_TEST_KEY", KEY)
+    with pytest.raises(RuntimeError, match="over plain http to another machine") as info:
+        _expert("http://192.0.2.1:8000/v1", tmp_path).review("A red star.")  # refused before any connection
+    assert KEY not in str(info.value)
+    monkeypatch.setenv("OPA_TEST_KEY", KEY[:6] + "\n" + KEY[6:])  # a key with a line break inside
+    with pytest.raises(RuntimeError, match=r"\$OPA_TEST_KEY holds whitespace") as info:
+        _expert("http://127.0.0.1:9/v1", tmp_path).review("A red star.")
+    assert KEY[6:] not in str(info.value)
+
+
+def test_a_key_read_from_a_crlf_file_is_sent_without_the_carriage_return(tmp_path, monkeypatch):
+    """`$(cat key.txt)` of a CRLF file leaves "\\r": Python's HTTP client then raised an error quoting the whole
+    header, key included, which the judge printed on every retry."""
+    from eval.judge import Judge, JudgeConfig
+
+    seen = []
+    server = _serve(lambda h: (seen.append(h.headers.get("Authorization")), _answer(h)))
+    try:
+        monkeypatch.setenv("OPA_TEST_KEY", KEY + "\r")
+        judge = Judge(JudgeConfig(url=f"http://127.0.0.1:{server.server_port}/v1", model="m", max_retries=0,
+                                  api_key_env="OPA_TEST_KEY", cache_dir=str(tmp_path / "c")))
+        judge.chat([{"role": "user", "content": "q"}])
+    finally:
+        server.shutdown()
+    assert seen == [f"Bearer {KEY}"]
