@@ -162,7 +162,7 @@ def worker_trl(a) -> dict:
 
     rows = json.loads(Path(a.data).read_text())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.precision]
-    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=dtype, use_safetensors=True)
     proc = AutoProcessor.from_pretrained(a.model)
 
     def example(r):

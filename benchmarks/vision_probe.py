@@ -27,14 +27,14 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     import numpy as np
     import torch
-    from PIL import Image
-
+    from training.data.images import load_image
     from training.world.scenes import KINDS
 
     scenes = json.loads(open(f"{a.world}/world.json").read())["scenes"]
 
     def load(split):
-        x = [np.asarray(Image.open(f"{a.world}/images/{s['id']}.png"), dtype=np.float32) / 127.5 - 1 for s in scenes[split]]
+        x = [np.asarray(load_image(f"{s['id']}.png", f"{a.world}/images"), dtype=np.float32) / 127.5 - 1
+             for s in scenes[split]]  # load_image: the path stays inside the image folder
         y = [[float(any(o["kind"] == k for o in s["objects"])) for k in KINDS] for s in scenes[split]]
         return torch.tensor(np.stack(x)).permute(0, 3, 1, 2), torch.tensor(y)
 

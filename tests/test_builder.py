@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from training.config import LoraArgs, ModelArgs
 from training.model.architectures import ARCHITECTURES, detect_architecture
@@ -368,6 +369,30 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
         _load(str(tmp_path / "run"))
     merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged2"),
                "--trust_remote_code"])
+    # adapters load from safetensors only (peft fell back to a pickled adapter_model.bin)
+    weights = tmp_path / "run" / ADAPTER_SUBDIR / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), weights.with_name("adapter_model.bin"))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        merge_cli(["--adapter_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "merged3"),
+                   "--trust_remote_code"])
+
+
+def test_pickled_weights_are_refused(tiny_ckpts, tmp_path):
+    """Safetensors only: a checkpoint holding pytorch_model.bin loaded through torch.load (pickle), and open_clip
+    read a .pt weights file the same way."""
+    import shutil
+
+    ckpt = tmp_path / "bin"
+    shutil.copytree(tiny_ckpts["llava"], ckpt)
+    torch.save(load_file(str(ckpt / "model.safetensors")), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        _load(str(ckpt))
+    arch = _tiny_open_clip(tmp_path)
+    (tmp_path / "clip.pt").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        build_from_parts(f"open_clip:{arch}:{tmp_path / 'clip.pt'}", str(tmp_path / "lm"), tmp_path / "vlm")
 
 
 def test_default_is_embedded_tiny_vlm_and_inference_mode_is_frozen(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if lora_args.lora_r > 0 and model_args.freeze_language_model and for_training:
         raise ValueError("LoRA adapts the language model, which --freeze_language_model freezes: pick one")
 
-    kwargs = {"dtype": torch_dtype(model_args.precision), "trust_remote_code": trust}
+    kwargs = {"dtype": torch_dtype(model_args.precision), "trust_remote_code": trust, "use_safetensors": True}
     if lora_args.qlora:
         kwargs["quantization_config"] = _bnb_config(spec, model_args, lora_args)
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
@@ -392,7 +392,7 @@ def build_from_parts(vision_tower_path: str, language_model_path: str, out_dir: 
         if vcfg.model_type not in _VISION_CLASSES:
             raise ValueError(f"{vision_tower_path}: vision tower must be CLIP or SigLIP, got {vcfg.model_type!r}")
         vision = getattr(transformers, _VISION_CLASSES[vcfg.model_type]).from_pretrained(
-            vision_tower_path, dtype=torch.float32)
+            vision_tower_path, dtype=torch.float32, use_safetensors=True)
         image_processor = AutoImageProcessor.from_pretrained(vision_tower_path)
         model_type = vcfg.model_type
     if image_size and image_size != vision.config.image_size:
@@ -404,7 +404,7 @@ def build_from_parts(vision_tower_path: str, language_model_path: str, out_dir: 
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    lm = AutoModelForCausalLM.from_pretrained(language_model_path, dtype="auto")
+    lm = AutoModelForCausalLM.from_pretrained(language_model_path, dtype="auto", use_safetensors=True)
     save_dtype = lm.dtype
     lm = lm.float()
     lm.resize_token_embeddings(len(tokenizer))
@@ -477,6 +477,8 @@ def load_open_clip_vision(spec: str):
     weights = rest[0] if rest else None
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(f"{spec}: open_clip weights must be a local file (no download)")
+    if weights and not weights.endswith(".safetensors"):  # open_clip reads any other file with torch.load (pickle)
+        raise ValueError(f"{spec}: open_clip weights must be a .safetensors file")
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ValueError(f"{spec}: unknown open_clip architecture {arch!r}")

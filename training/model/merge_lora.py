@@ -63,9 +63,10 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
         q = _bnb_config(spec, ModelArgs(precision=trained),
                         LoraArgs(qlora=True, bnb_double_quant=info["qlora"]["double_quant"]))
         model = model_cls.from_pretrained(base, config=config, dtype=torch_dtype(trained), trust_remote_code=trust,
-                                          quantization_config=q).dequantize().to(dtype)
+                                          quantization_config=q, use_safetensors=True).dequantize().to(dtype)
     else:
-        model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust)
+        model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust,
+                                          use_safetensors=True)
 
     if (adapter / NON_LORA_FILE).is_file():
         extra = load_file(str(adapter / NON_LORA_FILE))
@@ -73,6 +74,8 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
         if missing:
             raise ValueError(f"{adapter / NON_LORA_FILE}: parameters not in the base model: {sorted(missing)[:5]}")
         model.load_state_dict(extra, strict=False)
+    if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to a pickled .bin
+        raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors (adapters load from safetensors only)")
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     processor_dir = adapter.parent if (adapter.parent / "processor_config.json").is_file() or \
         (adapter.parent / "tokenizer_config.json").is_file() else base
