@@ -26,7 +26,8 @@ class ModelArgs:
     from_checkpoint: str = _f("", "Model to start from: local path or Hub id. Empty: the embedded tiny VLM.")
     model_architecture: str = _f("auto", "Architecture override (auto detects it from the config).")
     template: str = _f("auto", "Chat template override (auto: the processor's own, else the architecture's).")
-    vision_tower: str = _f("", "Build from parts: vision encoder (CLIP/SigLIP path, or open_clip:NAME[:FILE.safetensors]).")
+    vision_tower: str = _f("", "Build from parts: vision encoder (CLIP/SigLIP path, or "
+                               "open_clip:NAME[:FILE.safetensors]).")
     language_model: str = _f("", "Build from parts: causal LM path.")
     freeze_vision_tower: bool = _f(False, "Freeze the vision encoder.")
     freeze_projector: bool = _f(False, "Freeze the multimodal projector.")
