@@ -421,10 +421,14 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     turns = _llava_turns(row)
     reference = None
     if turns[-1][0] == "assistant":  # the optional reference answer
+        last = len(turns) - 1
         turn = turns.pop()[1]
-        value = turn.get("preference_values", turn.get("value"))
+        key = "preference_values" if "preference_values" in turn else "value"
+        value = turn.get(key)
         value = value[0] if isinstance(value, list) and value else value
-        reference = value if isinstance(value, str) and value.strip() else None
+        if value is not None and not isinstance(value, str):  # was dropped without a word
+            raise RowProblem(f"conversations[{last}].{key}", f"expected text, got {type(value).__name__}")
+        reference = value if value and value.strip() else None
     prompt = _llava_messages(turns, "conversations", end="user")
     images, field = _llava_images(row)
     _place_images(prompt, len(images), "conversations")

@@ -222,13 +222,55 @@ def _field_problem(r) -> tuple[str, str] | None:
     return None
 
 
-def read_opa(path: str) -> list[dict]:
-    """The rows of an opa_pairs.json, each with "_where" (its RowRef); a row with a field missing or of the
-    wrong type is an error naming the file, row and field (the file is made by run_opa_dpo.sh)."""
+# the published OPA-DPO set (datasets saved to disk): the OPA set's fields + the rollout and the expert's report
+PUBLISHED_FIELDS = ("queries", "image_bytes", "standard_response", "original_generate_response", "AI_json_report")
+
+
+def _from_published(row: dict, ref: RowRef) -> dict:
+    """An opa_pairs.json row from a row of the published OPA-DPO set: question, ground truth, the rollout and the
+    expert's per-sentence report (the revised answer and every weight come from the report, as
+    run_opa_dpo.sh's correct step makes them from its expert; AI_pseudo_response is that revision as text)."""
+    from training.dpo.opa.expert import parse_report
+
+    for k in PUBLISHED_FIELDS:
+        if k not in row:
+            raise DataFormatError(f"{ref.file}: row {ref.row}: field '{k}': missing (the OPA-DPO set has "
+                                  f"{', '.join(PUBLISHED_FIELDS)})")
+    image = row["image_bytes"]
+    image = image.get("bytes") if isinstance(image, dict) else image  # a datasets Image column: {bytes, path}
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise DataFormatError(f"{ref.file}: row {ref.row}: field 'image_bytes': expected the image's bytes, got "
+                              f"{type(image).__name__}")
+    report = row["AI_json_report"]
     try:
-        rows = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        image = image_field(bytes(image), "")
+        report = parse_report(report if isinstance(report, str) else json.dumps(report))
+    except (ValueError, TypeError) as err:  # ImageError is a ValueError
+        field = "image_bytes" if isinstance(err, ImageError) else "AI_json_report"
+        raise DataFormatError(f"{ref.file}: row {ref.row}: field '{field}': {err}") from None
+    revised, score_w, type_w = revised_with_weights(report)
+    return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": row["queries"],
+            "gt": row["standard_response"], "rollout": row["original_generate_response"], "revised": revised,
+            "rollout_weights": rollout_weights(report), "revised_score_weights": score_w,
+            "revised_type_weights": type_w, "report": report}
+
+
+def read_opa(path: str) -> list[dict]:
+    """The rows of an opa_pairs.json (made by run_opa_dpo.sh), or of the published OPA-DPO set (a folder saved
+    with datasets.save_to_disk, or a .parquet / .jsonl file, with PUBLISHED_FIELDS), each with "_where" (its
+    RowRef); a row with a field missing or of the wrong type is an error naming the file, row and field."""
+    if os.path.isdir(path) or Path(path).suffix.lower() in (".parquet", ".jsonl"):
+        from training.data.readers import read_table
+        rows = []
+        for k, r in read_table(path):
+            if not isinstance(r, dict):
+                raise DataFormatError(f"{path}: row {k}: a {type(r).__name__}, not an OPA-DPO row")
+            rows.append(_from_published(r, RowRef(str(path), k)))
+    else:
+        try:
+            rows = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
     if not isinstance(rows, list):
         raise DataFormatError(f"{path}: expected a JSON list of OPA-DPO rows, got {type(rows).__name__}")
     for k, r in enumerate(rows):

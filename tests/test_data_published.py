@@ -1,0 +1,74 @@
+"""Rows as their projects publish them: the OPA-DPO set (datasets saved to disk) read for OPA-DPO training, and
+a PPO prompt's reference answer that is not text."""
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from training.data.bad_rows import BadRowError
+from training.data.formats import read_prompts
+from training.data.readers import DataFormatError
+from training.dpo.opa.data import read_opa, revised_with_weights, rollout_weights
+
+REPORT = [{"copied_content": "There is one red star. ", "score": 4, "error_type": "correct", "object": "",
+           "rewritten_content": "There is one red star. ", "reason": ""},
+          {"copied_content": "There is a blue cross.", "score": 1, "error_type": "image_recognition_error",
+           "object": "cross", "rewritten_content": "There is a blue circle.", "reason": "no cross"}]
+
+
+def _png(color=(200, 20, 20)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _opa_set(folder, rows):
+    from datasets import Dataset
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    return str(folder)
+
+
+def _row(**kw):
+    row = {"idx": 7, "queries": "Describe the image.", "image_bytes": _png(),
+           "standard_response": "There is one red star. There is a blue circle.",
+           "AI_pseudo_response": "There is one red star. There is a blue circle.",
+           "original_generate_response": "There is one red star. There is a blue cross.",
+           "AI_json_report": json.dumps(REPORT)}
+    return {**row, **kw}
+
+
+def test_the_published_opa_dpo_set_reads_as_opa_rows(tmp_path):
+    """It was read only as plain preference pairs (revised over rollout, the report and the ground truth
+    dropped); --loss_type opa stopped on it with a bare IsADirectoryError."""
+    (r,) = read_opa(_opa_set(tmp_path / "opadpo", [_row()]))
+    revised, score_w, type_w = revised_with_weights(REPORT)
+    assert (r["id"], r["question"], r["gt"]) == ("7", "Describe the image.", _row()["standard_response"])
+    assert r["rollout"] == _row()["original_generate_response"] and r["revised"] == revised
+    assert revised == "There is one red star. There is a blue circle."  # the report's rewrite of the bad sentence
+    assert r["rollout_weights"] == rollout_weights(REPORT) and r["rollout_weights"][1][1] != r["rollout_weights"][0][1]
+    assert (r["revised_score_weights"], r["revised_type_weights"]) == (score_w, type_w)
+    assert r["_where"].file == str(tmp_path / "opadpo") and r["_where"].row == 0
+    from training.data.images import load_image
+    assert load_image(r["image"], None).getpixel((0, 0)) == (200, 20, 20)
+
+
+def test_a_bad_row_of_the_published_set_names_its_field(tmp_path):
+    for bad, field in ((_row(AI_json_report="no report here"), "AI_json_report"),
+                       (_row(image_bytes="../../etc/passwd"), "image_bytes")):
+        with pytest.raises(DataFormatError, match=f"row 0: field '{field}'"):
+            read_opa(_opa_set(tmp_path / field, [bad]))
+    missing = {k: v for k, v in _row().items() if k != "original_generate_response"}  # the OPA set, not OPA-DPO's
+    with pytest.raises(DataFormatError, match="field 'original_generate_response': missing"):
+        read_opa(_opa_set(tmp_path / "opa_only", [missing]))
+
+
+def test_a_reference_answer_that_is_not_text_is_a_bad_row(tmp_path):
+    """It was dropped without a word (the prompt kept, reference None)."""
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = [{"id": "p6", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ6"},
+                                                             {"from": "gpt", "value": 123}]}]
+    path = tmp_path / "ppo.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(BadRowError, match=r"row 0: field 'conversations\[1\].value': expected text, got int"):
+        read_prompts(str(path), str(tmp_path))
