@@ -72,3 +72,13 @@ def test_a_reference_answer_that_is_not_text_is_a_bad_row(tmp_path):
     path.write_text(json.dumps(rows))
     with pytest.raises(BadRowError, match=r"row 0: field 'conversations\[1\].value': expected text, got int"):
         read_prompts(str(path), str(tmp_path))
+
+
+def test_opa_pairs_rows_read_from_any_table_file(tmp_path):
+    """Rows are told apart by the expert's report, not by the file type: run_opa_dpo.sh's rows in JSON Lines
+    were taken for the published set (field 'queries' missing)."""
+    (r,) = read_opa(_opa_set(tmp_path / "opadpo", [_row()]))
+    r.pop("_where")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(r) + "\n")
+    (again,) = read_opa(str(tmp_path / "pairs.jsonl"))
+    assert {k: v for k, v in again.items() if k != "_where"} == r

@@ -256,23 +256,14 @@ def _from_published(row: dict, ref: RowRef) -> dict:
 
 
 def read_opa(path: str) -> list[dict]:
-    """The rows of an opa_pairs.json (made by run_opa_dpo.sh), or of the published OPA-DPO set (a folder saved
-    with datasets.save_to_disk, or a .parquet / .jsonl file, with PUBLISHED_FIELDS), each with "_where" (its
-    RowRef); a row with a field missing or of the wrong type is an error naming the file, row and field."""
-    if os.path.isdir(path) or Path(path).suffix.lower() in (".parquet", ".jsonl"):
-        from training.data.readers import read_table
-        rows = []
-        for k, r in read_table(path):
-            if not isinstance(r, dict):
-                raise DataFormatError(f"{path}: row {k}: a {type(r).__name__}, not an OPA-DPO row")
-            rows.append(_from_published(r, RowRef(str(path), k)))
-    else:
-        try:
-            rows = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(rows, list):
-        raise DataFormatError(f"{path}: expected a JSON list of OPA-DPO rows, got {type(rows).__name__}")
+    """The rows of run_opa_dpo.sh's opa_pairs.json, or of the published OPA-DPO set (rows with its expert report,
+    PUBLISHED_FIELDS), from any table read_table reads (JSON, JSONL, parquet, a save_to_disk folder), each with
+    "_where" (its RowRef); a row with a field missing or of the wrong type is an error naming file, row and field."""
+    from training.data.readers import read_table
+    rows = []
+    for k, r in read_table(path):  # a row with the expert's report is the published set's; others opa_pairs'
+        published = isinstance(r, dict) and "AI_json_report" in r
+        rows.append(_from_published(r, RowRef(str(path), k)) if published else r)
     for k, r in enumerate(rows):
         problem = _field_problem(r)
         if problem:
