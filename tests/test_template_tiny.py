@@ -7,7 +7,7 @@ from training.data.collate import collate_sft
 from training.data.records import Message
 from training.model.architectures import ARCHITECTURES
 from training.model.tiny import build_processor
-from training.templates.chat import IGNORE, ChatEncoder, PromptTooLong
+from training.templates.chat import IGNORE, RENDERS_KEPT, ChatEncoder, PromptTooLong
 
 N_IMG = 64  # (64 / 8)^2 patches; LLaVA's "default" strategy drops CLS
 
@@ -133,3 +133,18 @@ def test_a_prompt_to_answer_that_does_not_fit_is_an_error_not_a_cut(proc):
     with pytest.raises(PromptTooLong, match="exceeds max_seq_len"):
         enc.encode(CONV[:3], [_img()], add_generation_prompt=True)
     assert len(ChatEncoder(proc, ARCHITECTURES["llava"], 300).encode(CONV[:3], [_img()], True).input_ids) < 300
+
+
+def test_kept_renderings_are_those_of_the_same_conversation_and_prompt_flag(proc):
+    """The encoder keeps recent renderings (a pair's prompt is rendered once per response): each one returned
+    is the template's rendering of exactly those messages, with or without the generation prompt."""
+    enc = ChatEncoder(proc, ARCHITECTURES["llava"], 200)
+    convs = [CONV[:1], CONV[:2], CONV, [CONV[0], Message("assistant", "Another answer.")], CONV[:1]]
+    for conv in convs + convs:
+        for gen in (True, False):
+            assert enc.render(conv, gen) == ChatEncoder(proc, ARCHITECTURES["llava"], 200).render(conv, gen)
+    assert enc.render(CONV[:1], True) != enc.render(CONV[:1], False)
+    for i in range(200):  # many conversations: the kept renderings stay bounded
+        enc.render([Message("user", f"Question {i}?")], True)
+    assert len(enc._rendered) <= RENDERS_KEPT
+    assert enc.render([Message("user", "Question 3?")], True).count("Question 3?") == 1

@@ -44,6 +44,9 @@ MISSPELT_EOS = {"</s>": "<\\s>"}
 PER_SAMPLE_VISION = {"idefics3", "mllama"}
 # Pixel-input keys aligned with the tokens, shape (1, T, ...) per sample (see the module docstring).
 TOKEN_ALIGNED = ("mm_token_type_ids", "cross_attention_mask")
+# Renderings kept by a ChatEncoder: locating the answers renders the prompt once per response and the whole
+# conversation twice; a pair's prompt and its responses are encoded one after another.
+RENDERS_KEPT = 64
 
 
 class RowNotEncodable(ValueError):
@@ -96,6 +99,7 @@ class ChatEncoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.chat_template = chat_template
         self.image_token = arch.image_token
+        self._rendered: dict[tuple, str] = {}
 
     # ---- text ----------------------------------------------------------------------------
     @functools.cached_property
@@ -130,8 +134,15 @@ class ChatEncoder:
                                                   add_generation_prompt=add_generation_prompt, **kw)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        system_as_text = any(m.role == "system" for m in messages) and self._system_as_text
-        return self._render_hf(to_hf_messages(messages, system_as_text), add_generation_prompt)
+        key = (tuple((m.role, m.content) for m in messages), add_generation_prompt)
+        text = self._rendered.get(key)
+        if text is None:
+            if len(self._rendered) >= RENDERS_KEPT:
+                self._rendered.clear()
+            system_as_text = any(m.role == "system" for m in messages) and self._system_as_text
+            text = self._rendered[key] = self._render_hf(to_hf_messages(messages, system_as_text),
+                                                         add_generation_prompt)
+        return text
 
     def segments(self, messages: list[Message], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """[(text, is_target)]: the rendered conversation cut at assistant-turn boundaries. Each answer is what
