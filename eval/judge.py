@@ -20,27 +20,17 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import chat_api
-from training.chat_api import KeyRefused, auth_headers, public_url
+from training.chat_api import ChatAPIError, chat_completions_url, post_chat, public_url, reply_text
 
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class JudgeError(RuntimeError):
-    """The judge endpoint could not give a reply."""
+JudgeError = ChatAPIError  # the judge endpoint could not give a reply
 
 
 @dataclass
@@ -55,17 +45,7 @@ class JudgeConfig:
 
     @property
     def endpoint(self) -> str:
-        url = self.url.rstrip("/")
-        return url if url.endswith("/chat/completions") else url + "/chat/completions"
-
-
-def _reply_text(out) -> str | None:
-    """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
-    choices = out.get("choices") if isinstance(out, dict) else None
-    first = choices[0] if isinstance(choices, list) and choices else None
-    message = first.get("message") if isinstance(first, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    return content if isinstance(content, str) else None
+        return chat_completions_url(self.url)
 
 
 class Judge:
@@ -103,7 +83,7 @@ class Judge:
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         response = self._post(body)
-        reply = _reply_text(response)
+        reply = reply_text(response)
         _write_atomic(path, {"request": {"model": self.cfg.model, "messages": messages, "decoding": decoding,
                                          "attempt": attempt},
                              "reply": reply, "response_model": response.get("model"),
@@ -133,37 +113,11 @@ class Judge:
         self._bar.set_postfix(requests=self.requests, cached=self.cache_hits)
 
     def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        where = public_url(self.cfg.endpoint)
-        try:
-            headers = auth_headers(self.cfg.endpoint, self.cfg.api_key_env)
-        except KeyRefused as err:
-            raise JudgeError(f"judge {where}: {err}") from None
-        last = ""
-        for k in range(self.cfg.max_retries + 1):
-            if k:
-                time.sleep(self.cfg.backoff_s * 2 ** (k - 1))
+        def sent():
             self.requests += 1
-            req = urllib.request.Request(self.cfg.endpoint, data=data, headers=headers, method="POST")
-            try:
-                with chat_api.send(req, timeout=self.cfg.timeout_s) as resp:
-                    out = json.loads(resp.read().decode("utf-8"))
-                if _reply_text(out) is not None:
-                    return out
-                last = "reply has no choices[0].message.content"
-            except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
-                if 300 <= err.code < 400:
-                    last += (" redirect, not followed (the API key would go with it): give --judge_url the "
-                             "address it redirects to")
-                if err.code not in _RETRY_STATUS:
-                    raise JudgeError(f"judge {where}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError,
-                    http.client.HTTPException) as err:  # HTTPException: e.g. IncompleteRead, a body cut short
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-            print(f"judge {where}: request failed ({last}); attempt {k + 1} of {self.cfg.max_retries + 1}",
-                  file=sys.stderr)
-        raise JudgeError(f"judge {where}: no reply after {self.cfg.max_retries + 1} attempts ({last})")
+        return post_chat(self.cfg.endpoint, body, self.cfg.api_key_env, retries=self.cfg.max_retries,
+                         backoff_s=self.cfg.backoff_s, timeout_s=self.cfg.timeout_s, who="judge",
+                         url_flag="--judge_url", on_request=sent)
 
     def record(self) -> dict:
         """What a results file records about the judge (never the key)."""

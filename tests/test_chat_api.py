@@ -108,3 +108,51 @@ def test_a_key_read_from_a_crlf_file_is_sent_without_the_carriage_return(tmp_pat
     finally:
         server.shutdown()
     assert seen == [f"Bearer {KEY}"]
+
+
+def test_judge_and_expert_retry_alike_and_show_a_refusal_without_the_key(tmp_path, monkeypatch, capsys):
+    """One retry loop for both (training.chat_api.post_chat): a reply without text is asked again and each failure
+    is printed; a refused request (HTTP 400) fails at once showing the server's reason, the key replaced should the
+    server echo it. The judge showed no reason; the expert showed the body with the key in it."""
+    from eval.judge import Judge, JudgeConfig
+
+    def empty_then_answer(h):
+        seen.append(h.headers.get("Authorization"))
+        if len(seen) == 1:
+            out = b'{"choices": []}'
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(out)))
+            h.end_headers()
+            h.wfile.write(out)
+        else:
+            _answer(h)
+
+    def refuse(h):
+        out = json.dumps({"error": f"model not found; header was {h.headers.get('Authorization')}"}).encode()
+        h.send_response(400)
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    def ask(client):
+        if isinstance(client, ChatExpert):
+            return client.review("A red star.")[0]["score"]
+        return json.loads(client.chat([{"role": "user", "content": "q"}]))[0]["score"]
+
+    clients = {"expert": lambda url, d: ChatExpert(url, "m", "OPA_TEST_KEY", d, retries=1, backoff=0.01),
+               "judge": lambda url, d: Judge(JudgeConfig(url=url, model="m", api_key_env="OPA_TEST_KEY",
+                                                         cache_dir=str(d), max_retries=1, backoff_s=0.01))}
+    monkeypatch.setenv("OPA_TEST_KEY", KEY)
+    ok, bad = _serve(empty_then_answer), _serve(refuse)
+    try:
+        for name, make in clients.items():
+            seen = []
+            assert ask(make(f"http://127.0.0.1:{ok.server_port}/v1", tmp_path / name)) == 4 and len(seen) == 2
+            assert "no text choices[0].message.content); attempt 1 of 2" in capsys.readouterr().err
+            with pytest.raises(RuntimeError, match=r"HTTP 400 \(not retried\).*model not found; header was "
+                                                   r"Bearer \*\*\*") as info:
+                ask(make(f"http://127.0.0.1:{bad.server_port}/v1", tmp_path / f"{name}_refused"))
+            assert KEY not in str(info.value) and KEY not in capsys.readouterr().err
+    finally:
+        ok.shutdown()
+        bad.shutdown()

@@ -1,5 +1,5 @@
 """Where an OpenAI-compatible request may go with the API key, and how it is sent: the one place for the judge
-(eval.judge) and the OPA expert (training.dpo.opa.expert).
+(eval.judge) and the OPA expert (training.dpo.opa.expert), and how a request is retried (`post_chat`).
 
 * The key comes from an environment variable, read when a request is sent; it is never written to a file, a
   log line or an error message. A key holding whitespace or control characters inside (a CRLF file read with
@@ -12,10 +12,17 @@
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import json
 import os
+import sys
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
+
+RETRY_STATUS = frozenset({408, 409, 425, 429})  # and every 5xx: the server may answer the same request later
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -29,6 +36,25 @@ _OPENER = urllib.request.build_opener(_NoRedirect)  # https: the environment's p
 
 class KeyRefused(ValueError):
     """The API key cannot be sent to this URL, or is not a usable header value; the message never holds it."""
+
+
+class ChatAPIError(RuntimeError):
+    """The endpoint gave no usable reply (or the key cannot go to it); the message never holds the key."""
+
+
+def chat_completions_url(url: str) -> str:
+    """A base URL (…/v1) or the full …/chat/completions URL -> the chat-completions endpoint."""
+    url = url.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def reply_text(out) -> str | None:
+    """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
+    choices = out.get("choices") if isinstance(out, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
 
 
 def public_url(url: str) -> str:
@@ -68,3 +94,52 @@ def auth_headers(url: str, api_key_env: str) -> dict[str, str]:
 def send(req: urllib.request.Request, timeout: float):
     """Open `req` without following redirects (an HTTPError 3xx instead); plain http goes around any proxy."""
     return (_OPENER if req.type == "https" else _DIRECT).open(req, timeout=timeout)
+
+
+def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s: float, timeout_s: float,
+              who: str, url_flag: str, on_request=None) -> dict:
+    """POST `body` to the chat-completions endpoint `url` -> the reply (a JSON object with a text
+    choices[0].message.content). A failed request (network error, timeout, a reply cut short, HTTP 408, 409, 425,
+    429 or 5xx, a reply without that text) is retried up to `retries` times, sleeping backoff_s * 2**k before retry
+    k+1, each failure printed to stderr; a redirect or another HTTP error (400, 401, 403, 404) fails at once,
+    with the first 300 characters of the error body (the key, should a server echo it, replaced by ***).
+    on_request: called before each request is sent. Raises ChatAPIError naming `who` and the URL (never the key)."""
+    where = f"{who} {public_url(url)}"
+    try:
+        headers = auth_headers(url, api_key_env)
+    except KeyRefused as err:
+        raise ChatAPIError(f"{where}: {err}") from None
+    key = headers.get("Authorization", "").removeprefix("Bearer ")
+    data, last = json.dumps(body).encode(), ""
+    for k in range(retries + 1):
+        if k:
+            time.sleep(backoff_s * 2 ** (k - 1))
+        if on_request is not None:
+            on_request()
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with send(req, timeout=timeout_s) as resp:
+                out = json.loads(resp.read().decode("utf-8"))
+            if reply_text(out) is not None:
+                return out
+            last = "reply has no text choices[0].message.content"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+            if 300 <= err.code < 400:
+                raise ChatAPIError(f"{where}: {last} redirect, not followed (the API key would go with it): give "
+                                   f"{url_flag} the address it redirects to") from None
+            if err.code not in RETRY_STATUS and err.code < 500:
+                raise ChatAPIError(f"{where}: {last} (not retried): {_error_body(err, key)!r}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError,
+                http.client.HTTPException) as err:  # HTTPException: e.g. IncompleteRead, a body cut short
+            last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+        print(f"{where}: request failed ({last}); attempt {k + 1} of {retries + 1}", file=sys.stderr)
+    raise ChatAPIError(f"{where}: no reply after {retries + 1} attempts ({last})")
+
+
+def _error_body(err: urllib.error.HTTPError, key: str) -> str:
+    try:
+        text = err.read()[:300].decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - no body to show is no reason to hide the status
+        return ""
+    return text.replace(key, "***") if key else text

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import io
 import json
 import os
 import re
 import tempfile
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from training import chat_api
-from training.chat_api import KeyRefused, auth_headers, public_url
+from training.chat_api import chat_completions_url, post_chat, reply_text
 
 SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
 TYPE_WEIGHT = {"image_recognition_error": 3.0, "correct": 1.0, "language_comprehension_error": 1.0}  # pair 4
@@ -133,7 +129,7 @@ Response: {response}"""
 class ChatExpert:
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache_dir: str | Path = ".",
                  retries: int = 4, timeout: float = 120.0, backoff: float = 2.0):
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+        self.url = chat_completions_url(url)
         self.model, self.api_key_env = model, api_key_env
         self.cache = Path(cache_dir)
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
@@ -149,30 +145,11 @@ class ChatExpert:
         return {"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": content}]}
 
     def _post(self, body: dict) -> str:
-        where = public_url(self.url)
-        try:  # the key goes only over https or to this machine, never in a message (training.chat_api)
-            headers = auth_headers(self.url, self.api_key_env)
-        except KeyRefused as err:
-            raise RuntimeError(f"expert {where}: {err}") from None
-        last = None
-        for attempt in range(self.retries + 1):
-            try:
-                self.calls += 1
-                req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
-                with chat_api.send(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                last = e
-                if 300 <= e.code < 400:
-                    raise RuntimeError(f"expert {where}: HTTP {e.code} redirect, not followed (the API key would go "
-                                       "with it): give --expert_url the address it redirects to") from None
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    raise RuntimeError(f"{where}: HTTP {e.code} {e.read()[:300]!r}") from e
-            except (urllib.error.URLError, http.client.HTTPException, OSError, KeyError, json.JSONDecodeError) as e:
-                last = e  # OSError: timeouts and resets; HTTPException: a reply cut short (IncompleteRead)
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
-        raise RuntimeError(f"{where}: no answer after {self.retries + 1} tries ({last})")
+        def sent():
+            self.calls += 1
+        out = post_chat(self.url, body, self.api_key_env, retries=self.retries, backoff_s=self.backoff,
+                        timeout_s=self.timeout, who="expert", url_flag="--expert_url", on_request=sent)
+        return reply_text(out)
 
     def review(self, response: str, reference: str = "", facts=None, question: str = "", image=None) -> list[dict]:
         body = self._body(question, response, image)
