@@ -11,7 +11,8 @@ stage() {
     skip) echo "== $out: finished earlier with this command, code and inputs: kept (PIPELINE_FRESH=1 retrains)"
           return 0 ;;
     resume) echo "== $out: continuing its interrupted run"; bash "$@" --resume ;;
-    *) bash "$@" ;;
+    *) echo "== $out: training (no finished or interrupted run with this command, code and inputs)"
+       bash "$@" ;;
   esac
   python -m training.pipeline end "$out" -- "$@"
 }

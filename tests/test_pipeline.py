@@ -158,6 +158,7 @@ FAKE_STAGE = """out="$1"; shift
 echo "$(basename "$out")${*:+ $*}" >> "$LOG"
 mkdir -p "$out"
 if [ -n "${FAIL:-}" ]; then exit 3; fi
+case "${1:-}" in --stop_after_steps*) exit 75 ;; esac
 """
 
 
@@ -181,7 +182,8 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
         log.unlink(missing_ok=True)
         return p.returncode, ran, p.stdout
 
-    assert pipeline_run()[:2] == (0, ["a", "b", "c --x 1"])
+    rc, ran, stdout = pipeline_run()
+    assert (rc, ran) == (0, ["a", "b", "c --x 1"]) and stdout.count("== ") == 3 and stdout.count("training (") == 3
     rc, ran, stdout = pipeline_run()
     assert (rc, ran) == (0, []) and stdout.count("kept") == 3
     assert json.loads((c / pipeline.RECORD).read_text())["after"] == [str(a), str(b)]
@@ -191,6 +193,11 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b", "c --x 1"])
     (b / "model.safetensors").write_bytes(b"new")  # b rewritten by hand: b and what starts from it retrain
     assert pipeline_run("--lr 3")[:2] == (0, ["b", "c --x 1"])
+    # a run stopped at --stop_after_steps (exit status 75) is continued by a rerun, with or without the flag
+    assert pipeline_run("--stop_after_steps 2 --lr 4")[:2] == (75, ["a --stop_after_steps 2 --lr 4"])
+    assert pipeline_run("--lr 4")[:2] == (0, ["a --lr 4 --resume", "b", "c --x 1"])
+    assert pipeline_run("--stop_after_steps=2 --lr 5")[:2] == (75, ["a --stop_after_steps=2 --lr 5"])
+    assert pipeline_run("--stop_after_steps 9 --lr 5")[:2] == (75, ["a --stop_after_steps 9 --lr 5 --resume"])
 
 
 def test_stage_function_without_separator_stops(tmp_path):

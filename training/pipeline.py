@@ -158,7 +158,22 @@ def read_record(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def without_stop_point(command: list[str]) -> list[str]:
+    """The command less `--stop_after_steps N` (how far one run goes, not what the stage computes): a stage
+    stopped there (exit status 75) is resumed by a rerun with or without it."""
+    out, i = [], 0
+    while i < len(command):
+        if command[i] == "--stop_after_steps":
+            i += 2
+            continue
+        if not command[i].startswith("--stop_after_steps="):
+            out.append(command[i])
+        i += 1
+    return out
+
+
 def fingerprint(command: list[str], after: list[str], root: Path = ROOT, out: Path | None = None) -> str:
+    command = without_stop_point(command)
     deps = {}
     for d in after:
         rec = read_record(Path(d))
