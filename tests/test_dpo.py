@@ -296,6 +296,29 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("zero", ["0", "3"])
+def test_a_qlora_run_resumes_exactly_from_its_trained_weights(world, tiny, tmp_path, zero):
+    """A QLoRA checkpoint holds the trained weights only (the 4-bit base's quantisation state made the resume fail
+    to load, and every checkpoint carried the whole frozen base); resumed, the run equals the uninterrupted one."""
+    from safetensors.torch import load_file
+    common = ["--qlora", "--lora_r", "4", "--lora_dropout", "0", "--freeze_vision_tower", "--max_steps", "3",
+              "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--zero_stage", zero]
+    main(dpo_args(world, tiny, tmp_path / "full", *common))
+    r = main(dpo_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "2"))
+    assert r["interrupted"]
+    states = list((tmp_path / "cut" / "checkpoints" / "step2").glob("*model_states.pt"))
+    saved = torch.load(states[0], weights_only=False, map_location="cpu")["module"]
+    assert any("lora_" in k for k in saved)  # the frozen base is not in it: no 4-bit weight, no vision tower
+    assert not any(k.endswith("base_layer.weight") or "vision_tower" in k or "embed_tokens" in k for k in saved)
+    main(dpo_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    assert [x["loss"] for x in _rows(tmp_path / "cut")] == pytest.approx([x["loss"] for x in _rows(tmp_path / "full")],
+                                                                           rel=0, abs=1e-6)
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "cut"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_missing_sft_model_stops_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run `bash run_sft.sh` first"):

@@ -338,7 +338,8 @@ class Strategy:
         tag = f"step{step}"
         for root, engine in engines.items():
             self.require_finite_weights(engine, Path(root) / tag)
-            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=_adapters(engine))
         self.barrier()
         if self.is_main:
             for root in engines:
@@ -348,7 +349,10 @@ class Strategy:
         self.barrier()
 
     def load_resume(self, engine, ckpt_root: str | Path) -> dict | None:
-        """Load the newest resumable checkpoint (written by this project's own runs) if any."""
+        """Load the newest resumable checkpoint (written by this project's own runs) if any. A LoRA / QLoRA
+        model's checkpoints hold its trained weights only (adapters and whatever else trains): its frozen base is
+        the one it was built on (--from_checkpoint), as with peft's own checkpoints; a 4-bit base's quantisation
+        state cannot even be loaded back into a module."""
         ckpt_root = Path(ckpt_root)
         if not (ckpt_root / "latest").exists():
             return None
@@ -360,7 +364,25 @@ class Strategy:
             raise dangling                   # deletes the checkpoints that are there)
         with weights_only_loads():
             path, client_state = engine.load_checkpoint(str(ckpt_root), load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
+                                                        load_lr_scheduler_states=True,
+                                                        custom_load_fn=_load_trained if _adapters(engine) else None)
         if path is None:
             raise dangling
         return client_state
+
+
+def _adapters(engine) -> bool:
+    """Whether the engine trains a peft (LoRA / QLoRA) model."""
+    return hasattr(getattr(engine, "module", engine), "peft_config")
+
+
+def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module loading for a checkpoint of trained weights only (training.engine.strategy.save_resume):
+    every trained parameter of `dst` must be in `src`."""
+    trained = [n for n, p in dst.named_parameters() if p.requires_grad]
+    missing = [n for n in trained if n not in src]
+    if missing:
+        raise SystemExit(f"--resume: the checkpoint lacks {len(missing)} trained weights of this model (such as "
+                         f"{missing[0]}): it was written for another model or LoRA setting; start afresh without "
+                         "--resume")
+    dst.load_state_dict({n: src[n] for n in trained}, strict=False)
