@@ -13,8 +13,9 @@ Two batch layouts give the same per-response log-probs (tested to 1e-4):
                logits are built only where a response token is predicted (`logits_to_keep`).
 
 Shapes (N items, K responses, T row length, L label length):
-  PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: the items' lengths (in packing
-  order) and masks (N, 1, T, T) for attention; keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
+  PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: gather (N*T,) / scatter
+  (sum of item lengths,) indices between the packed row and N item slots of T, and the items' masks
+  (N, 1, T, T) for attention; keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
   weights (N*K, Rmax+1) aligned with the logits taken at `keep` (labels[:, 0] is IGNORE:
   token_logprobs shifts by one).
   PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
@@ -106,7 +107,7 @@ def _weights(item: GroupItem, k: int) -> torch.Tensor:
 class PrefixBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    layout: dict  # lengths (N ints) and mask (N, 1, T, T): training.dpo.packed
+    layout: dict  # gather (N*T,), scatter (sum T_i,) indices and mask (N, 1, T, T): training.dpo.packed
     keep: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
@@ -117,7 +118,7 @@ class PrefixBatch:
 
     def to(self, device) -> "PrefixBatch":
         t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "keep", "labels", "weights")}
-        return PrefixBatch(**t, layout={**self.layout, "mask": self.layout["mask"].to(device)},
+        return PrefixBatch(**t, layout={k: v.to(device) for k, v in self.layout.items()},
                            vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
                            n_responses=self.n_responses, indices=self.indices)
 
@@ -137,6 +138,8 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
     T = max(lengths)
     ids, pos = [], []
     seg = torch.full((N, T), -1, dtype=torch.long)  # 0 prompt, k+1 response k, -1 padding (attention only)
+    gather = torch.zeros((N, T), dtype=torch.long)  # packed position of each (item, slot); padding -> 0
+    scatter = []  # (item, slot) of each packed position, flattened
     keep = torch.zeros((N, K, rmax + 1), dtype=torch.long)
     labels = torch.full((N, K, rmax + 1), IGNORE, dtype=torch.long)
     weights = torch.zeros((N, K, rmax + 1))
@@ -159,12 +162,14 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
             labels[n, k, 1:R + 1] = tgt
             weights[n, k, 1:R + 1] = _weights(it, k)
             start += R
+        gather[n, :L] = offset + torch.arange(L)
+        scatter.append(n * T + torch.arange(L))
         offset += L
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     q, kv = seg[:, :, None], seg[:, None, :]
     mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
     mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
-    layout = {"lengths": tuple(lengths), "mask": mask[:, None]}
+    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None]}
     vision = collate_vision([it.vision for it in items], arch_name, lengths)
     return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
                        labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])

@@ -4,17 +4,14 @@ prefix mask (response k sees the prompt and itself).
 
 The language model's attention implementation becomes "sdpa_prefix" (registered here): with the
 keyword `prefix_layout` (passed through the model's forward kwargs, so gradient-checkpointing
-recomputation gets it too) it lays each item's queries, keys and values side by side, (N, H, T, D), by
-slicing the packed row at the items' lengths and padding each slice to T (slices and padding: their
-backward is a copy, where an index gather's is a scatter-add), runs one SDPA call under the items' prefix
-masks and joins the items' outputs back into the packed row;
+recomputation gets it too) it gathers each item's queries, keys and values side by side, (N, H, T, D),
+runs one SDPA call under the items' prefix masks and scatters the result back to the packed tokens;
 without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged.
 Only attention sees the items padded to the longest; projections and MLPs run on real tokens only.
 The implementation name is not saved with the checkpoint (transformers drops it from config.json).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 NAME = "sdpa_prefix"
@@ -30,13 +27,14 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: one key/value head per group
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    lengths, mask = prefix_layout["lengths"], prefix_layout["mask"]
-    t = mask.shape[-1]
+    gather, scatter, mask = prefix_layout["gather"], prefix_layout["scatter"], prefix_layout["mask"]
+    n, t = mask.shape[0], mask.shape[-1]
+    heads, dim = query.shape[1], query.shape[-1]
     # packed (1, H, S, D) -> per item (N, H, T, D): attention alone sees the items side by side
-    q, k, v = (torch.stack([F.pad(x, (0, 0, 0, t - x.shape[1])) for x in xs[0].split(lengths, dim=1)])
-               for xs in (query, key, value))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling).transpose(1, 2)
-    return torch.cat([o[:n] for o, n in zip(out, lengths)])[None], None  # (1, S, H, D), as SDPA's forward
+    q, k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, scatter)  # back to the packed tokens
+    return out[None], None
 
 
 def _register() -> None:
