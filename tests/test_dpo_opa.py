@@ -558,3 +558,25 @@ def test_a_cut_response_keeps_its_token_weights_and_is_reported(tiny, tmp_path):
     same = _opa_row("red.png", rollout=GT + " And one red star.")
     ds, _ = _opa_dataset(tiny, [same], tmp_path, 80, report)
     assert ds[0] is None and report.skipped[-1]["field"] == "rollout"
+
+
+def test_a_finished_lora_step_is_not_run_again(world, tmp_path, monkeypatch):
+    """A finished LoRA step leaves adapters, no config.json: the DPO step took them for no output and ran again
+    (with --resume, which now refuses a finished run's folder)."""
+    import shutil
+
+    import training.dpo.opa.main as opa
+    out = tmp_path / "opa"
+    for d in (out / "adapter", out / "work" / "opa_sft" / "adapter"):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"")
+    ran = []
+    monkeypatch.setattr(opa, "_stage", lambda script, args, in_process=False: ran.append((script, "--resume" in args)))
+    args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
+            str(world / "images"), "--output_dir", str(out)]
+    for step in ("sft", "dpo"):
+        opa.main(args + ["--step", step])
+    assert ran == []
+    shutil.rmtree(out / "adapter")
+    opa.main(args + ["--step", "dpo"])
+    assert ran == [("run_dpo_training.sh", True)]

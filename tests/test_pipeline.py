@@ -2,6 +2,7 @@
 starts from are unchanged; an interrupted one continues with --resume; anything else trains anew."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,10 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
     monkeypatch.delenv("PIPELINE_FRESH", raising=False)
     out = tmp_path / "out"
     assert pipeline.begin(out, ["s"], [], root) == "fresh"
-    assert pipeline.begin(out, ["s"], [], root) == "resume"  # started, never finished
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"  # started, never finished, no checkpoint written
+    (out / "checkpoints" / "actor").mkdir(parents=True)
+    (out / "checkpoints" / "actor" / "latest").write_text("step1")
+    assert pipeline.begin(out, ["s"], [], root) == "resume"  # continued from its checkpoint
     with pytest.raises(SystemExit, match="does not record a start"):
         pipeline.end(out, ["other"])
     pipeline.end(out, ["s"])
@@ -157,6 +161,7 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
 FAKE_STAGE = """out="$1"; shift
 echo "$(basename "$out")${*:+ $*}" >> "$LOG"
 mkdir -p "$out"
+if [ -z "${NO_CHECKPOINT:-}" ]; then mkdir -p "$out/checkpoints"; echo step1 > "$out/checkpoints/latest"; fi
 if [ -n "${FAIL:-}" ]; then exit 3; fi
 case "${1:-}" in --stop_after_steps*) exit 75 ;; esac
 """
@@ -191,6 +196,10 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     assert pipeline_run("--lr 3", {"FAIL": "1"})[:2] == (3, ["a --lr 3"])  # interrupted: b never starts
     assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3 --resume", "b", "c --x 1"])
     assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b", "c --x 1"])
+    assert pipeline_run("--lr 6", {"FAIL": "1", "NO_CHECKPOINT": "1"})[:2] == (3, ["a --lr 6"])
+    shutil.rmtree(a / "checkpoints")  # interrupted before writing any: trained anew
+    assert pipeline_run("--lr 6")[:2] == (0, ["a --lr 6", "b", "c --x 1"])
+    assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3", "b", "c --x 1"])
     (b / "model.safetensors").write_bytes(b"new")  # b rewritten by hand: b and what starts from it retrain
     assert pipeline_run("--lr 3")[:2] == (0, ["b", "c --x 1"])
     # a run stopped at --stop_after_steps (exit status 75) is continued by a rerun, with or without the flag

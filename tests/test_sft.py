@@ -63,6 +63,11 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # --resume of a finished run that left no checkpoint: it retrained from step 0, replacing the model
+    before = (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="holds a finished run's model and no checkpoint to resume from"):
+        main(sft_args(world, tiny, tmp_path / "full", *common, "--resume"))
+    assert (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_resume_with_a_dangling_latest_stops_and_keeps_the_checkpoints(world, tiny, tmp_path):
@@ -177,7 +182,6 @@ def _plain_loss(model_dir, world, rows):
     """Token-mean NLL of the rows' target tokens, one row at a time with the saved model (hand path)."""
     from training.config import LoraArgs, ModelArgs
     from training.data.collate import collate_sft
-    from training.data.formats import read_sft
     from training.data.images import load_image
     from training.model.builder import load_model_and_processor
     from training.templates.chat import ChatEncoder

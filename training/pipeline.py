@@ -193,8 +193,8 @@ def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) ->
     rec = read_record(out)
     state = "fresh"
     if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
-        if rec["status"] != "done":
-            state = "resume"
+        if rec["status"] != "done":  # interrupted: continued from its last checkpoint, if it wrote one
+            state = "resume" if any(Path(out).glob("checkpoints/**/latest")) else "fresh"
         elif rec["weights"] == weights_digest(out):  # not rewritten since (by a stage run outside the pipeline)
             state = "skip"
     if state != "skip":

@@ -195,6 +195,11 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
     if saved and state is not None:
         state.load_state_dict(saved)
     step = saved["step"] if saved else 0
+    if run.resume and not saved:
+        from training.model.builder import saved_model_files
+        if saved_model_files(out):  # a finished run: retraining would replace its model
+            raise SystemExit(f"--resume: {out} holds a finished run's model and no checkpoint to resume from; run "
+                             "without --resume to train it afresh (which replaces that model)")
     if not saved:
         clear_earlier_run(strategy, out)
     logger = MetricsLogger(out, strategy.is_main, resume_step=step if saved else None)

@@ -305,11 +305,12 @@ def main(argv=None) -> None:
         step_correct(a, work)
     sft_dir = work / "opa_sft"
     resume = [] if a.force else ["--resume"]  # a stage continues from its last checkpoint (none: from the start)
-    if "sft" in steps and (a.force or not (sft_dir / "adapter").exists() and not (sft_dir / "config.json").exists()):
+    from training.model.builder import saved_model_files  # a finished step's model: weights or adapters
+    if "sft" in steps and (a.force or not saved_model_files(sft_dir)):
         _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
                               "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed", str(a.seed),
                               *resume, *shlex.split(a.sft_args)], a.in_process)
-    if "dpo" in steps and (a.force or not (Path(a.output_dir) / "config.json").exists()):
+    if "dpo" in steps and (a.force or not saved_model_files(a.output_dir)):
         _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
                                        str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
                                        "--output_dir", a.output_dir, "--sft_weight", "0", *resume,
