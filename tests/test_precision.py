@@ -50,3 +50,12 @@ def test_a_precision_the_accelerator_lacks_stops_with_a_clear_message(world, tin
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)  # the CPU accelerator's answer
     with pytest.raises(SystemExit, match="--precision fp16: DeepSpeed's .* accelerator does not support it"):
         sft(sft_args(world, tiny, tmp_path / "fp16", "--precision", "fp16", "--max_steps", "1"))
+
+
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """A T4 (compute capability 7.5) reports bf16 as supported, emulated: "auto" took bf16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, want in (((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert inference_device("cuda", "auto") == ("cuda", want)

@@ -1,5 +1,9 @@
 """The DeepSpeed configuration a run gets, with and without a user's --deepspeed_config."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +40,27 @@ def test_a_user_config_wins_where_it_sets_values_and_ours_fill_the_rest(tmp_path
 def test_a_user_config_contradicting_a_flag_stops(tmp_path, user, kw, match):
     with pytest.raises(SystemExit, match=match):
         _strategy(tmp_path, user, **kw)
+
+
+def test_each_rank_sets_its_device_before_anything_is_placed(tmp_path):
+    """bitsandbytes puts a 4-bit model on the current device: unless each rank sets its own (LOCAL_RANK) first,
+    every rank's went to GPU 0. Checked with the accelerator's set_device recorded, in a fresh process."""
+    code = """
+import os
+from deepspeed.accelerator import get_accelerator
+import deepspeed
+acc, seen = get_accelerator(), []
+acc.set_device = lambda i: seen.append(("set_device", i))
+init = deepspeed.init_distributed
+deepspeed.init_distributed = lambda *a, **k: (seen.append(("init_distributed",)), init(*a, **k))[1]
+from training.config import DeepSpeedArgs, OptimArgs
+from training.engine.strategy import Strategy
+os.environ.update(RANK="0", LOCAL_RANK="1", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
+Strategy(DeepSpeedArgs(), OptimArgs())
+print(seen)
+"""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[('set_device', 1), ('init_distributed',)]"

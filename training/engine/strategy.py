@@ -147,12 +147,20 @@ class Strategy:
             raise SystemExit(f"--precision {precision}: DeepSpeed's {get_accelerator().device_name()} accelerator does "
                              "not support it here; use " + ("--precision bf16 or fp32" if precision == "fp16"
                                                               else "--precision fp32"))
+        from training.model.builder import native_bf16
+        if precision == "bf16" and get_accelerator().device_name() == "cuda" and not native_bf16():
+            print(f"warning: --precision bf16 on a GPU of compute capability {torch.cuda.get_device_capability()} "
+                  "is emulated (slow; bf16 needs 8.0, Ampere, to run natively): --precision fp16 is the fast choice "
+                  "there", file=sys.stderr)
         self.ds, self.optim, self.precision = ds, optim, precision
         self.user_config = self._user_config()
         if not torch.distributed.is_initialized():
             if "RANK" not in os.environ:  # plain `python -m`: a world of one
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+            # each rank on its own device before anything is placed (bitsandbytes loads a 4-bit model onto the
+            # current device: without this every rank's went to GPU 0)
+            get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
             deepspeed.init_distributed(dist_backend=self._backend(), verbose=False)
             if sys.excepthook is not _note_crash:
                 sys.excepthook = _note_crash
@@ -160,7 +168,6 @@ class Strategy:
             release_shm_names()
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
-        from deepspeed.accelerator import get_accelerator
         self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
     def _user_config(self) -> dict:

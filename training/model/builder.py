@@ -46,8 +46,15 @@ def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str
         from training.engine.cpu_memory import keep_freed_memory
         keep_freed_memory()
     if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        precision = "fp32" if device == "cpu" else ("bf16" if native_bf16() else "fp16")
     return device, precision
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8.0 on: Ampere and later). A T4 or V100
+    reports bf16 as supported (emulated: slow, and no bf16 convolutions for a vision tower's patch embedding)."""
+    import torch
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def disable_dropout(model):
