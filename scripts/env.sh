@@ -18,13 +18,25 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
 export TOKENIZERS_PARALLELISM=false
-# Launch a stage module with the deepspeed launcher; NUM_GPUS (default: all) / HOSTFILE select ranks.
+# Launch a stage module with the deepspeed launcher; NUM_GPUS (default: all; the first NUM_GPUS of
+# CUDA_VISIBLE_DEVICES when it is set) / HOSTFILE select ranks.
 launch() {
   local module="$1"; shift
   local args=()
   if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
   if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
     args+=(--num_accelerators "${NUM_GPUS:-1}")
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+    # given --num_gpus the launcher drops CUDA_VISIBLE_DEVICES (and runs on GPUs 0..N-1): name the devices instead
+    local devices="$CUDA_VISIBLE_DEVICES" n
+    n="$(echo "$devices" | tr ',' '\n' | grep -c .)"
+    if [ -n "${NUM_GPUS:-}" ]; then
+      if [ "$NUM_GPUS" -gt "$n" ]; then
+        echo "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$devices names $n device(s)" >&2; return 2
+      fi
+      devices="$(echo "$devices" | cut -d, -f1-"$NUM_GPUS")"
+    fi
+    args+=(--include "localhost:$devices")
   elif [ -n "${NUM_GPUS:-}" ]; then
     args+=(--num_gpus "$NUM_GPUS")
   fi
