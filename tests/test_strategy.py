@@ -36,10 +36,20 @@ def test_a_user_config_wins_where_it_sets_values_and_ours_fill_the_rest(tmp_path
     ({"fp16": {"enabled": True}}, {}, "enables fp16, but --precision is fp32"),
     ({"bf16": {"enabled": True}}, {}, "enables bf16, but --precision is fp32"),
     ({"train_micro_batch_size_per_gpu": 16}, {}, "differs from the run's 4"),
+    # these two were overwritten without a word by the flags' values
+    ({"train_batch_size": 64}, {}, "train_batch_size 64 differs from the run's 4"),
+    ({"fp16": {"enabled": False}}, {"precision": "fp16"}, "disables fp16, but --precision is fp16"),
 ])
 def test_a_user_config_contradicting_a_flag_stops(tmp_path, user, kw, match):
+    precision = kw.pop("precision", "fp32")
     with pytest.raises(SystemExit, match=match):
-        _strategy(tmp_path, user, **kw)
+        _strategy(tmp_path, user, precision, **kw)
+
+
+def test_a_user_config_agreeing_with_the_flags_runs(tmp_path):
+    user = {"train_batch_size": 4, "gradient_accumulation_steps": "auto", "fp16": {"enabled": False},
+            "bf16": {"enabled": False}}
+    assert _strategy(tmp_path, user).config()["train_batch_size"] == 4
 
 
 def test_each_rank_sets_its_device_before_anything_is_placed(tmp_path):

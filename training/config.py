@@ -25,7 +25,8 @@ REF_CACHE_FOLDER = "ref_logps"  # DPO's cached reference log-probs: beside the d
 class ModelArgs:
     from_checkpoint: str = _f("", "Model to start from: local path or Hub id. Empty: the embedded tiny VLM.")
     model_architecture: str = _f("auto", "Architecture override (auto detects it from the config).")
-    template: str = _f("auto", "Chat template override (auto: the processor's own, else the architecture's).")
+    template: str = _f("auto", "Chat template override: a Jinja template FILE (auto: the processor's own, else "
+                               "the architecture's).")
     vision_tower: str = _f("", "Build from parts: vision encoder (CLIP/SigLIP path, or "
                                "open_clip:NAME[:FILE.safetensors]).")
     language_model: str = _f("", "Build from parts: causal LM path.")
@@ -98,7 +99,8 @@ class RunArgs:
     output_dir: str = _f("output/run", "Where the checkpoint, metrics and logs go.")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
     eval_steps: int = _f(0, "Evaluate --eval_data_path every N steps (0: at the end only).")
-    save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: none; the finished model "
+                            "is saved either way).")
     resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
     stop_after_steps: int = _f(0, "Save a resumable checkpoint and exit after this many steps, as if "
                                   "interrupted (0: run to the end). Continue with --resume.")
@@ -135,8 +137,8 @@ class RMArgs:
 @dataclass
 class DPOArgs:
     loss_type: str = _f("sigmoid", "sigmoid (DPO) | cdpo (label smoothing) | ipo | orpo (reference-free) | "
-                                   "listwise (Plackett-Luce over ranked candidates) | opa (OPA-DPO on a file "
-                                   "made by run_opa_dpo.sh)",
+                                   "listwise (Plackett-Luce over ranked candidates) | opa (OPA-DPO on pairs made "
+                                   "by run_opa_dpo.sh, or the published OPA-DPO set)",
                         choices=["sigmoid", "cdpo", "ipo", "orpo", "listwise", "opa"])
     beta: float = _f(0.1, "DPO beta (IPO: tau). Scales the implicit reward beta * (logp - ref_logp).")
     label_smoothing: float = _f(0.1, "cDPO: probability that a preference label is flipped (loss_type cdpo).")

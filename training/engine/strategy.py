@@ -186,12 +186,15 @@ class Strategy:
         if cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
             d.offload = True  # the optimizer must then be DeepSpeed's CPU Adam (prepare)
         for kind, names in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16"))):
-            if any(cfg.get(n, {}).get("enabled") for n in names) and self.precision != kind:
-                raise SystemExit(f"{d.deepspeed_config} enables {kind}, but --precision is {self.precision}: "
-                                 "make them agree")
+            enabled = [cfg[n].get("enabled") for n in names if isinstance(cfg.get(n), dict) and "enabled" in cfg[n]]
+            if any(enabled) and self.precision != kind or enabled and not any(enabled) and self.precision == kind:
+                raise SystemExit(f"{d.deepspeed_config} {'enables' if any(enabled) else 'disables'} {kind}, but "
+                                 f"--precision is {self.precision}: make them agree")
         o = self.optim
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         for key, ours in (("train_micro_batch_size_per_gpu", o.per_device_train_batch_size),
-                          ("gradient_accumulation_steps", o.gradient_accumulation_steps)):
+                          ("gradient_accumulation_steps", o.gradient_accumulation_steps),
+                          ("train_batch_size", o.per_device_train_batch_size * o.gradient_accumulation_steps * world)):
             if key in cfg and cfg[key] not in (ours, "auto"):
                 raise SystemExit(f"{d.deepspeed_config}: {key} {cfg[key]} differs from the run's {ours}: set "
                                  "batch sizes with --per_device_train_batch_size / --gradient_accumulation_steps")
