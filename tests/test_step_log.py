@@ -15,6 +15,7 @@ class Recorder:
 
         self.logged, self.saved, self.closed = [], [], False
         self.optim, self.world_size = OptimArgs(), 1  # what a run's shape is read from
+        self.precision = "fp32"
 
     def log(self, step, m):
         self.logged.append((step, dict(m)))
@@ -69,6 +70,28 @@ def test_last_step_is_logged_evaluations_every_eval_steps_and_checkpoints_when_d
     assert not rec.closed
     log.close()
     assert rec.closed
+
+
+def test_fp16_runs_log_each_engines_loss_scale_and_skipped_steps():
+    """DeepSpeed skips the optimizer step (and the learning-rate schedule) on overflowing fp16 gradients; a run
+    that skipped many lagged its schedule without a trace in its metrics."""
+    rec = Recorder()
+    rec.precision = "fp16"
+    actor = SimpleNamespace(optimizer=SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=2.0 ** 14)),
+                            skipped_steps=3)
+    critic = SimpleNamespace(optimizer=SimpleNamespace(cur_scale=512.0), skipped_steps=0)  # older optimizers
+    run = SimpleNamespace(logging_steps=1, save_steps=0, stop_after_steps=0, save_total_limit=1, eval_steps=0)
+    log = StepLog(rec, {"actor": actor, "critic": critic}, run, StepPlan(4, 4), Path("ck"), rec, None, {})
+    log.after(1, {"loss": 1.0}, {})
+    m = rec.logged[0][1]
+    assert (m["actor/loss_scale"], m["actor/skipped_steps"]) == (16384.0, 3)
+    assert (m["critic/loss_scale"], m["critic/skipped_steps"]) == (512.0, 0)
+    rec.logged.clear()
+    StepLog(rec, {"": actor}, run, StepPlan(4, 4), Path("ck"), rec, None, {}).after(1, {"loss": 1.0}, {})
+    assert rec.logged[0][1]["loss_scale"] == 16384.0
+    _, plain = make(logging_steps=1)
+    plain.after(1, {"loss": 1.0}, {})  # fp32: nothing of the kind
+    assert not any("scale" in k or "skipped" in k for k in plain.strategy.logged[0][1])
 
 
 class State:
@@ -169,8 +192,8 @@ class _Engine:
     def __init__(self, fail_at=None, seen=None):
         self.module, self.fail_at, self.seen = torch.nn.Linear(2, 2), fail_at, seen
 
-    def save_checkpoint(self, root, tag, client_state, save_latest=True):
-        assert not save_latest  # `latest` is the strategy's to write, once every engine and rank is done
+    def save_checkpoint(self, root, tag, client_state, save_latest=True, exclude_frozen_parameters=False):
+        assert not save_latest and not exclude_frozen_parameters  # a plain model: its checkpoint holds it all  # `latest` is the strategy's to write, once every engine and rank is done
         if self.seen is not None:  # what the other engines' `latest` say while this one is written
             self.seen.append({p.parent.name: p.read_text() for p in Path(root).parent.glob("*/latest")})
         if tag == self.fail_at:

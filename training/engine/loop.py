@@ -210,6 +210,15 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
     return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state)
 
 
+def loss_scaling(engine) -> dict:
+    """fp16: the dynamic loss scale and the optimizer steps skipped so far for overflowing gradients (DeepSpeed
+    steps neither the weights nor the learning-rate schedule then, so a run with many skips lags its schedule)."""
+    opt = getattr(engine, "optimizer", None)
+    scale = getattr(getattr(opt, "loss_scale_config", None), "cur_scale", getattr(opt, "cur_scale", None))
+    out = {"skipped_steps": int(getattr(engine, "skipped_steps", 0))}
+    return out if scale is None else {"loss_scale": float(scale), **out}
+
+
 class StepLog:
     """What every stage's loop does after an optimizer step. Amounts counted since the last logged step
     become per-second rates in that step's metrics, with the epoch; metrics are logged every
@@ -242,6 +251,9 @@ class StepLog:
         if self.due(step):
             dt = max(time.time() - self._t0, 1e-9)
             m.update(epoch=step / self.plan.steps_per_epoch, **{k: v / dt for k, v in self._since.items()})
+            if self.strategy.precision == "fp16":
+                for name, engine in self.engines.items():
+                    m.update({f"{name}/{k}" if name else k: v for k, v in loss_scaling(engine).items()})
             m.update(evaluate() if held_out else {})
             self.logger.log(step, m)
             self.history.append({"step": step, **m})
