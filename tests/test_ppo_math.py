@@ -146,6 +146,10 @@ def test_stop_token_penalty_sets_or_subtracts():
     a = PPOArgs()  # on by default, as LLaVA-RLHF's _shape_reward: -8 for a response that never emitted EOS
     torch.testing.assert_close(stop_token_penalty(score, ended, a.missing_eos_penalty, a.relative_eos_penalty),
                                t([1.5, -8.0, -8.0]))
+    # the scores on the accelerator, `ended` on the CPU (as rollouts keep it): torch.where mixed devices and
+    # stopped a GPU run at its first step; the meta device stands in for a GPU here
+    for relative in (False, True):
+        assert stop_token_penalty(score.to("meta"), ended, 8.0, relative).device.type == "meta"
 
 
 def test_disable_dropout_makes_train_mode_deterministic():

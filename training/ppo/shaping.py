@@ -28,5 +28,5 @@ def stop_token_penalty(score: torch.Tensor, ended: torch.Tensor, penalty: float,
     score minus penalty; penalty 0 leaves the scores."""
     if not penalty:
         return score
-    missing = ~ended.to(torch.bool)
+    missing = ~ended.to(device=score.device, dtype=torch.bool)  # rollouts keep `ended` on the CPU
     return score - penalty * missing.to(score) if relative else torch.where(missing, -penalty, score)
