@@ -46,6 +46,18 @@ def test_a_user_config_contradicting_a_flag_stops(tmp_path, user, kw, match):
         _strategy(tmp_path, user, precision, **kw)
 
 
+def test_offload_needs_a_zero_stage_and_adam(tmp_path):
+    """At stage 0 the parameters stay where they train: CPU Adam asserted on GPU parameters at the first step."""
+    with pytest.raises(SystemExit, match="needs --zero_stage 1, 2 or 3"):
+        _strategy(tmp_path, None, offload=True)
+    with pytest.raises(SystemExit, match="drop --optimizer sgd"):
+        Strategy(DeepSpeedArgs(offload=True, zero_stage=2), OptimArgs(optimizer="sgd"))
+    s = _strategy(tmp_path, {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 10}}, offload=True)
+    # a frozen model (reference, reward model) is partitioned and offloaded like the trained one
+    assert s.frozen_config()["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"},
+                                                      "stage3_prefetch_bucket_size": 10}
+
+
 def test_a_user_config_agreeing_with_the_flags_runs(tmp_path):
     user = {"train_batch_size": 4, "gradient_accumulation_steps": "auto", "fp16": {"enabled": False},
             "bf16": {"enabled": False}}

@@ -154,6 +154,11 @@ class Strategy:
                   "there", file=sys.stderr)
         self.ds, self.optim, self.precision = ds, optim, precision
         self.user_config = self._user_config()
+        if ds.offload and ds.zero_stage == 0:  # CPU Adam would then get the parameters where they train (a GPU)
+            raise SystemExit("--offload moves ZeRO's optimizer state (at stage 3 the parameters too) to the CPU: it "
+                             "needs --zero_stage 1, 2 or 3")
+        if ds.offload and optim.optimizer != "adamw":
+            raise SystemExit(f"--offload trains with DeepSpeed's CPU Adam: drop --optimizer {optim.optimizer}")
         if not torch.distributed.is_initialized():
             if "RANK" not in os.environ:  # plain `python -m`: a world of one
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -265,10 +270,16 @@ class Strategy:
         model.requires_grad_(False)
         if self.ds.zero_stage != 3:
             return model.to(self.device).eval()
-        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine, *_ = deepspeed.initialize(model=model, config=self.frozen_config())
         engine.eval()  # DeepSpeedEngine.eval() returns None
         return engine
+
+    def frozen_config(self) -> dict:
+        """A frozen model's ZeRO-3 config: its parameters partitioned as the trained model's (offloaded with
+        --offload, the user's zero_optimization settings applied)."""
+        zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if self.ds.offload else {})}
+        user = {k: v for k, v in self.user_config.get("zero_optimization", {}).items() if k != "offload_optimizer"}
+        return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {**zero, **user}}
 
     # ---- reductions --------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor | float, op: str = "sum") -> torch.Tensor:
