@@ -162,3 +162,46 @@ def test_disable_dropout_makes_train_mode_deterministic():
     assert not torch.equal(m(x), m(x))
     disable_dropout(m)
     assert torch.equal(m(x), m(x)) and m.attention_dropout == 0.0 and m.training
+
+
+def test_one_minibatch_of_all_rollouts_keeps_vision_inputs_of_any_layout():
+    """Qwen2-VL's patches of all images are concatenated, not one row per prompt: a minibatch that reorders or
+    splits the rollouts cannot carry them. With --per_device_train_batch_size = --rollout_batch_size (what the
+    error says to set) it still raised, as each epoch's minibatch was a shuffled order of all the rollouts."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from training.data.collate import SFTBatch
+    from training.ppo.trainer import PPOTrainer, _select
+    batch = SFTBatch(torch.arange(6).view(2, 3), torch.ones(2, 3), torch.zeros(2, 3),
+                     {"pixel_values": torch.randn(7, 4), "image_grid_thw": torch.ones(2, 3)})
+    trainer = SimpleNamespace(cfg={"optim": SimpleNamespace(per_device_train_batch_size=2, seed=0)}, _step=3)
+    assert PPOTrainer._minibatches(trainer, 2, epoch=1) == [[0, 1]]
+    assert _select(batch, [0, 1]) is batch
+    with pytest.raises(NotImplementedError, match="cannot split vision input 'pixel_values'"):
+        _select(batch, [1, 0])
+    trainer.cfg["optim"].per_device_train_batch_size = 1
+    assert sorted(sum(PPOTrainer._minibatches(trainer, 4, epoch=1), [])) == [0, 1, 2, 3]
+
+
+def test_token_logprobs_and_entropy_by_hand_at_the_targets_only():
+    """log softmax(logits / T) at each target's label, and the entropy there, in float32 from bf16 logits; prompt
+    positions hold 0 and get no gradient (only the target rows are upcast: a VLM's image tokens never are)."""
+    from training.logprobs import IGNORE, token_logprobs, token_logprobs_entropy
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1, IGNORE], [IGNORE, 4, 4, 0, 6]])
+    T = 0.7
+    lp, mask, ent = token_logprobs_entropy(logits, labels, temperature=T)
+    logz = torch.log_softmax(logits.detach().float()[:, :-1] / T, -1)
+    want_mask = labels[:, 1:] != IGNORE
+    want_lp = logz.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * want_mask
+    want_ent = -(logz.exp() * logz).sum(-1) * want_mask
+    assert torch.equal(mask, want_mask) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, want_lp)
+    torch.testing.assert_close(ent, want_ent)
+    torch.testing.assert_close(token_logprobs(logits, labels, T)[0], want_lp)
+    lp.sum().backward()
+    rows_with_grad = logits.grad.abs().sum(-1) != 0
+    assert torch.equal(rows_with_grad[:, :-1], want_mask) and not rows_with_grad[:, -1].any()

@@ -11,15 +11,38 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(label) and its mask, both (B, T-1); masked positions hold 0."""
+def _target_rows(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """The logits of the target positions only, float32, / temperature: (n, V), their labels (n,), where they
+    sit (B, T-1) and the mask. Prompt positions (a VLM's hundreds of image tokens) are never upcast."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE
-    safe = labels.masked_fill(~mask, 0)
-    # cross_entropy avoids materialising a second (B, T, V) tensor of log-softmax
-    lp = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), safe.reshape(-1),
-                          reduction="none").view(labels.shape)
-    return lp * mask, mask
+    where = mask.nonzero(as_tuple=True)
+    rows = logits[where].float()
+    return (rows / temperature if temperature != 1.0 else rows), labels[where], where, mask
+
+
+def _placed(values: torch.Tensor, where, mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put(where, values)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) under softmax(logits / temperature) and its mask, both (B, T-1); masked positions
+    hold 0."""
+    rows, target, where, mask = _target_rows(logits, labels, temperature)
+    return _placed(-F.cross_entropy(rows, target, reduction="none"), where, mask), mask
+
+
+def token_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                           entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """token_logprobs and the entropy of softmax(logits / temperature) at the same positions, (B, T-1) each;
+    entropy_grad False: the entropy is a metric only (no graph kept of its vocabulary-wide terms)."""
+    rows, target, where, mask = _target_rows(logits, labels, temperature)
+    lp = _placed(-F.cross_entropy(rows, target, reduction="none"), where, mask)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        logz = torch.log_softmax(rows, -1)
+        ent = _placed(-(logz.exp() * logz).sum(-1), where, mask)
+    return lp, mask, ent
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_estimate, token_rewards, whiten
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.logprobs import masked_mean, nll_sum, token_logprobs
+from training.logprobs import masked_mean, nll_sum, token_logprobs, token_logprobs_entropy
 from training.losses import ppo_policy_loss, ppo_value_loss
 from training.data.formats import ANSWER_FIELDS
 from training.ppo.rollout import generate_rollouts, response_view
@@ -88,15 +88,9 @@ class PPOTrainer:
     def _logprobs(self, model, batch, with_entropy: bool = False):
         """Token log-probs (and entropies) of the distribution rollouts sample from: logits / temperature."""
         logits = model(**batch.model_inputs()).logits
-        if self.p.temperature != 1.0:
-            logits = logits / self.p.temperature
-        lp, mask = token_logprobs(logits, batch.labels)
-        ent = None
-        if with_entropy:  # with entropy_coef 0 only a metric: no graph kept of the vocabulary-wide float32 terms
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.p.entropy_coef != 0):
-                logz = torch.log_softmax(logits[:, :-1].float(), -1)
-                ent = -(logz.exp() * logz).sum(-1)
-        return lp, mask, ent
+        if with_entropy:  # with entropy_coef 0 only a metric
+            return token_logprobs_entropy(logits, batch.labels, self.p.temperature, self.p.entropy_coef != 0)
+        return (*token_logprobs(logits, batch.labels, self.p.temperature), None)
 
     def _scores(self, records, images, responses) -> torch.Tensor:
         """The reward model's scores of the rollouts, each read whole (image, prompt, response and the factual
@@ -181,8 +175,11 @@ class PPOTrainer:
                 "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
 
     def _minibatches(self, n: int, epoch: int):
-        """This PPO epoch's minibatches: a fresh order every epoch, fixed by (seed, step, epoch)."""
+        """This PPO epoch's minibatches: a fresh order every epoch, fixed by (seed, step, epoch); one minibatch of
+        every rollout, in rollout order, when it holds them all (its loss does not depend on the order)."""
         mb = self.cfg["optim"].per_device_train_batch_size
+        if mb >= n:
+            return [list(range(n))]
         g = torch.Generator().manual_seed(self.cfg["optim"].seed + self._step + 1_000_003 * epoch)
         perm = torch.randperm(n, generator=g).tolist()
         return [perm[i:i + mb] for i in range(0, n, mb)]
@@ -273,7 +270,8 @@ class PPOTrainer:
 
 def _select(batch, idx: list[int]):
     from training.data.collate import SFTBatch
-    from training.templates.chat import PER_SAMPLE_VISION  # noqa: F401
+    if idx == list(range(batch.input_ids.shape[0])):  # the whole rollout: vision inputs of any layout as they are
+        return batch
     vision = {}
     for k, v in batch.vision.items():
         if v.shape[0] == batch.input_ids.shape[0]:
