@@ -206,6 +206,11 @@ def step_rollout(a, work: Path) -> None:
             bar.update(len(chunk))
     bar.close()
     print(f"rollouts: {len(todo)} new -> {out}")
+    del model
+    if device.startswith("cuda"):  # the SFT and DPO steps train in processes of their own on this GPU
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def make_expert(a, work: Path):
