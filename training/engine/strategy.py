@@ -333,15 +333,20 @@ class Strategy:
                                  "intact (resume with --resume after fixing the cause, e.g. a lower learning rate)")
 
     def save_hf(self, engine, processor, out_dir: str | Path) -> None:
-        """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 parameters are gathered first."""
+        """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 the parameters are gathered first."""
         from training.model.builder import save_model
 
         out_dir = Path(out_dir)
         self.require_finite_weights(engine, out_dir)
         module = engine.module if hasattr(engine, "module") else engine
-        if self.ds.zero_stage == 3:
+        if self.ds.zero_stage == 3 and not hasattr(module, "peft_config"):
+            # collective: the weights gathered one module at a time into rank 0's CPU memory, which writes them
+            # (gathering them all at once held the whole model on every device, beside the optimizer's state)
+            state = engine._zero3_consolidated_16bit_state_dict()
+            if self.is_main:
+                save_model(module, processor, out_dir, state_dict=state)
+        elif self.ds.zero_stage == 3:  # adapters: the base stays frozen; peft writes the adapters it gathers here
             import deepspeed
-            # collective: every rank gathers the partitioned parameters, rank 0 writes them
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 if self.is_main:
                     save_model(module, processor, out_dir)

@@ -340,12 +340,14 @@ def remove_paths(paths) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def save_model(model, processor, out_dir: str | Path) -> str:
+def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = None) -> str:
     """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
     out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them.
     A model of the other kind saved there before is removed (an adapter folder left beside new full weights
-    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base."""
+    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base.
+    state_dict: a plain model's weights gathered elsewhere (ZeRO-3: Strategy.save_hf), written instead of its
+    parameters."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -364,7 +366,8 @@ def save_model(model, processor, out_dir: str | Path) -> str:
             "base": model.peft_config["default"].base_model_name_or_path}
         (adapter / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
     else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True, **({} if state_dict is None else
+                                                                   {"state_dict": state_dict}))
     if processor is not None:
         processor.save_pretrained(out_dir)
     return str(out_dir)

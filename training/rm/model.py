@@ -75,16 +75,21 @@ class RewardModel(torch.nn.Module):
         return v.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     # ---- checkpoint --------------------------------------------------------------------------
-    def save_pretrained(self, out_dir, safe_serialization: bool = True, **_) -> None:
-        """Called by `builder.save_model` (hence by `Strategy.save_hf`, which gathers ZeRO-3
-        parameters first): backbone as a normal checkpoint, then the head and its description."""
+    def save_pretrained(self, out_dir, safe_serialization: bool = True, state_dict: dict | None = None, **_) -> None:
+        """Called by `builder.save_model` (hence by `Strategy.save_hf`, which under ZeRO-3 gathers the parameters
+        or passes them gathered as `state_dict`): backbone as a normal checkpoint, then the head and its
+        description."""
         from safetensors.torch import save_file
 
         from training.model.builder import save_model
 
+        def part(prefix):
+            return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
+                                                    if k.startswith(prefix)}
         out_dir = Path(out_dir)
-        save_model(self.backbone, None, out_dir)
-        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.value_head.state_dict().items()}
+        save_model(self.backbone, None, out_dir, state_dict=part("backbone."))
+        head = part("value_head.") or self.value_head.state_dict()
+        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()}
         save_file(head, str(out_dir / HEAD_FILE))
         (out_dir / INFO_FILE).write_text(json.dumps({
             "kind": "reward_model", "hidden_size": self.value_head.in_features, "factual": self.factual,
