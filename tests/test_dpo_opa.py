@@ -405,10 +405,10 @@ def test_force_with_step_all_redoes_every_step(world, tmp_path, monkeypatch):
     calls = _record_steps(opa, monkeypatch)
     out = tmp_path / "opa"
     work = out / "work"
-    for f in ("rollouts.jsonl", "reports.jsonl", "opa_sft/config.json"):
+    for f in ("rollouts.jsonl", "reports.jsonl", "opa_sft/model.safetensors"):  # a finished step's model: its weights
         (work / f).parent.mkdir(parents=True, exist_ok=True)
         (work / f).write_text("{}")
-    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("{}")
     opa.main(_opa_main_args(world, out))  # every output there: nothing redone
     assert calls == [("rollout", True), ("correct", True)]
     calls.clear()
