@@ -236,6 +236,23 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_qlora_reward_model_at_zero3_resumes_exactly_and_saves_its_adapters(world, tiny, tmp_path):
+    """The reward model holds its peft backbone inside: its QLoRA checkpoints failed to load back (the 4-bit
+    quantisation state), and a ZeRO-3 save must gather the adapters before peft writes them."""
+    from safetensors.torch import load_file
+    common = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--eval_data_path",
+              "", "--qlora", "--lora_r", "4", "--lora_dropout", "0", "--freeze_vision_tower", "--zero_stage", "3"]
+    main(rm_args(world, tiny, tmp_path / "full", *common))
+    assert main(rm_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "2")
+                )["interrupted"]
+    main(rm_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    for name in ("adapter/adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(v.numel() for v in a.values())  # gathered, not ZeRO-3 placeholders
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_factual_block_cut_by_max_seq_len_is_a_bad_row_reported_once(world, tiny):
     from training.data.bad_rows import BadRowReport
     from training.model.builder import load_model_and_processor

@@ -339,7 +339,7 @@ class Strategy:
         out_dir = Path(out_dir)
         self.require_finite_weights(engine, out_dir)
         module = engine.module if hasattr(engine, "module") else engine
-        if self.ds.zero_stage == 3 and not hasattr(module, "peft_config"):
+        if self.ds.zero_stage == 3 and not _adapters(module):
             # collective: the weights gathered one module at a time into rank 0's CPU memory, which writes them
             # (gathering them all at once held the whole model on every device, beside the optimizer's state)
             state = engine._zero3_consolidated_16bit_state_dict()
@@ -398,8 +398,8 @@ class Strategy:
 
 
 def _adapters(engine) -> bool:
-    """Whether the engine trains a peft (LoRA / QLoRA) model."""
-    return hasattr(getattr(engine, "module", engine), "peft_config")
+    """Whether the engine trains a peft (LoRA / QLoRA) model, or one inside (a reward model's or critic's backbone)."""
+    return any(hasattr(m, "peft_config") for m in getattr(engine, "module", engine).modules())
 
 
 def _load_trained(src: dict, dst: torch.nn.Module) -> None:
