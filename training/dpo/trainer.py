@@ -87,13 +87,16 @@ class DPOTrainer:
             loss = obj["pair_loss_sum"] / max(n_items, 1.0)
             if n_tok:
                 loss = loss + obj["nll_sum"] / n_tok
-                nll += float(obj["nll_sum"].detach()) / n_tok
             # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a global mean
             self.engine.backward(loss * accum * world)
             self.engine.step()
-            total_loss += float(loss.detach())
-            for k, v in obj["metrics"].items():
-                sums[k] += float(v)
+            # one device-to-host copy of this micro-batch's numbers (each float() of a GPU tensor waits for it)
+            vals = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=loss.device).detach() for x in (
+                loss, obj["nll_sum"] / max(n_tok, 1), *obj["metrics"].values())]).tolist()
+            total_loss += vals[0]
+            nll += vals[1] if n_tok else 0.0
+            for k, v in zip(obj["metrics"], vals[2:]):
+                sums[k] += v
         for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(self.make_batch, len(self.dataset))
             if self.needs_reference and self.ref_cache is None:
