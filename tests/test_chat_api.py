@@ -156,3 +156,40 @@ def test_judge_and_expert_retry_alike_and_show_a_refusal_without_the_key(tmp_pat
     finally:
         ok.shutdown()
         bad.shutdown()
+
+
+def test_a_refusal_is_the_experts_bad_row_and_a_long_echo_loses_all_of_the_key(tmp_path, monkeypatch):
+    """A reply whose message has no text (a refusal) is not asked again: the expert's parse makes it the rollout's
+    bad row (a ValueError the correct step skips with --skip_bad_rows), as before the shared loop. An error body
+    echoing the key across the 300 characters shown kept the key's first characters."""
+    from training.chat_api import ChatAPIError
+    sent = []
+
+    def refusal(h):
+        sent.append(1)
+        out = json.dumps({"choices": [{"message": {"content": None, "refusal": "I can't."}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    def long_echo(h):
+        out = ("x" * 262 + f" header was {h.headers.get('Authorization')}").encode()
+        h.send_response(403)
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    monkeypatch.setenv("OPA_TEST_KEY", KEY)
+    first, second = _serve(refusal), _serve(long_echo)
+    try:
+        with pytest.raises(ValueError, match="no text"):
+            ChatExpert(f"http://127.0.0.1:{first.server_port}/v1", "m", "OPA_TEST_KEY", tmp_path / "a", retries=3,
+                       backoff=0.01).review("A red star.")
+        assert len(sent) == 1
+        with pytest.raises(ChatAPIError, match="HTTP 403") as info:
+            _expert(f"http://127.0.0.1:{second.server_port}/v1", tmp_path / "b").review("A red star.")
+    finally:
+        first.shutdown()
+        second.shutdown()
+    assert KEY[:8] not in str(info.value) and "x" * 200 in str(info.value)

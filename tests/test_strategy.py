@@ -56,6 +56,10 @@ def test_offload_needs_a_zero_stage_and_adam(tmp_path):
     # a frozen model (reference, reward model) is partitioned and offloaded like the trained one
     assert s.frozen_config()["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"},
                                                       "stage3_prefetch_bucket_size": 10}
+    # a user's NVMe parameter offload: frozen engines sharing its swap folder deleted each other's files
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}}}
+    assert _strategy(tmp_path, nvme).frozen_config()["zero_optimization"] == {"stage": 3,
+                                                                             "offload_param": {"device": "cpu"}}
 
 
 def test_a_user_config_agreeing_with_the_flags_runs(tmp_path):

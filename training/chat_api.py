@@ -97,13 +97,15 @@ def send(req: urllib.request.Request, timeout: float):
 
 
 def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s: float, timeout_s: float,
-              who: str, url_flag: str, on_request=None) -> dict:
+              who: str, url_flag: str, on_request=None, require_text: bool = True) -> dict:
     """POST `body` to the chat-completions endpoint `url` -> the reply (a JSON object with a text
     choices[0].message.content). A failed request (network error, timeout, a reply cut short, HTTP 408, 409, 425,
     429 or 5xx, a reply without that text) is retried up to `retries` times, sleeping backoff_s * 2**k before retry
     k+1, each failure printed to stderr; a redirect or another HTTP error (400, 401, 403, 404) fails at once,
     with the first 300 characters of the error body (the key, should a server echo it, replaced by ***).
-    on_request: called before each request is sent. Raises ChatAPIError naming `who` and the URL (never the key)."""
+    on_request: called before each request is sent. require_text False: a reply whose choices[0].message has no
+    text (a refusal: content null) is returned, not asked again (the same request gets the same refusal); the
+    caller decides. Raises ChatAPIError naming `who` and the URL (never the key)."""
     where = f"{who} {public_url(url)}"
     try:
         headers = auth_headers(url, api_key_env)
@@ -120,7 +122,7 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
         try:
             with send(req, timeout=timeout_s) as resp:
                 out = json.loads(resp.read().decode("utf-8"))
-            if reply_text(out) is not None:
+            if reply_text(out) is not None or not require_text and _has_message(out):
                 return out
             last = "reply has no text choices[0].message.content"
         except urllib.error.HTTPError as err:
@@ -137,9 +139,17 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
     raise ChatAPIError(f"{where}: no reply after {retries + 1} attempts ({last})")
 
 
+def _has_message(out) -> bool:
+    choices = out.get("choices") if isinstance(out, dict) else None
+    return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict) and isinstance(
+        choices[0].get("message"), dict)
+
+
 def _error_body(err: urllib.error.HTTPError, key: str) -> str:
+    """The first 300 characters of an error body, the key replaced before the cut (a key across the cut would
+    leave its first characters unreplaced)."""
     try:
-        text = err.read()[:300].decode("utf-8", "replace")
+        text = err.read(1 << 16).decode("utf-8", "replace")
     except Exception:  # noqa: BLE001 - no body to show is no reason to hide the status
         return ""
-    return text.replace(key, "***") if key else text
+    return (text.replace(key, "***") if key else text)[:300]

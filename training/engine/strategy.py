@@ -165,7 +165,7 @@ class Strategy:
                                   MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
             # each rank on its own device before anything is placed (bitsandbytes loads a 4-bit model onto the
             # current device: without this every rank's went to GPU 0)
-            get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
             deepspeed.init_distributed(dist_backend=self._backend(), verbose=False)
             if sys.excepthook is not _note_crash:
                 sys.excepthook = _note_crash
@@ -275,11 +275,13 @@ class Strategy:
         return engine
 
     def frozen_config(self) -> dict:
-        """A frozen model's ZeRO-3 config: its parameters partitioned as the trained model's (offloaded with
-        --offload, the user's zero_optimization settings applied)."""
-        zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if self.ds.offload else {})}
-        user = {k: v for k, v in self.user_config.get("zero_optimization", {}).items() if k != "offload_optimizer"}
-        return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {**zero, **user}}
+        """A frozen model's ZeRO-3 config: its parameters partitioned as the trained model's (offloaded to the CPU
+        with --offload or a user config's offload_param, its other zero_optimization settings applied)."""
+        user = self.user_config.get("zero_optimization", {})
+        offload = self.ds.offload or "offload_param" in user  # to the CPU: frozen engines sharing an NVMe swap
+        zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if offload else {})}  # folder delete each other's
+        return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+            **zero, **{k: v for k, v in user.items() if k not in ("offload_optimizer", "offload_param")}}}
 
     # ---- reductions --------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor | float, op: str = "sum") -> torch.Tensor:

@@ -148,7 +148,8 @@ class ChatExpert:
         def sent():
             self.calls += 1
         out = post_chat(self.url, body, self.api_key_env, retries=self.retries, backoff_s=self.backoff,
-                        timeout_s=self.timeout, who="expert", url_flag="--expert_url", on_request=sent)
+                        timeout_s=self.timeout, who="expert", url_flag="--expert_url", on_request=sent,
+                        require_text=False)  # a refusal (no text) is the rollout's bad row, not asked again
         return reply_text(out)
 
     def review(self, response: str, reference: str = "", facts=None, question: str = "", image=None) -> list[dict]:
