@@ -296,7 +296,7 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("zero", ["0", "3"])
+@pytest.mark.parametrize("zero", ["0", "2", "3"])  # 2: the T4 profile's stage, with its buckets sized to LoRA
 def test_a_qlora_run_resumes_exactly_from_its_trained_weights(world, tiny, tmp_path, zero):
     """A QLoRA checkpoint holds the trained weights only (the 4-bit base's quantisation state made the resume fail
     to load, and every checkpoint carried the whole frozen base); resumed, the run equals the uninterrupted one."""

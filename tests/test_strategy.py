@@ -62,6 +62,17 @@ def test_offload_needs_a_zero_stage_and_adam(tmp_path):
                                                                              "offload_param": {"device": "cpu"}}
 
 
+def test_zero_buckets_are_no_larger_than_the_trained_weights(tmp_path):
+    """ZeRO-2 kept a 5e8-element bucket (1 GB in fp16 per device) for LoRA's few million weights."""
+    lora = _strategy(tmp_path, None, zero_stage=2).config(n_trainable=63_000_001)["zero_optimization"]
+    assert lora["reduce_bucket_size"] == lora["allgather_bucket_size"] == 63_000_576  # a multiple of 1024
+    big = _strategy(tmp_path, None, zero_stage=1).config(n_trainable=7_000_000_000)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 500_000_000
+    user = _strategy(tmp_path, {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}})
+    assert user.config(n_trainable=63_000_000)["zero_optimization"]["reduce_bucket_size"] == 1000  # the user's wins
+    assert "reduce_bucket_size" not in _strategy(tmp_path, None).config(n_trainable=10)["zero_optimization"]
+
+
 def test_a_user_config_agreeing_with_the_flags_runs(tmp_path):
     user = {"train_batch_size": 4, "gradient_accumulation_steps": "auto", "fp16": {"enabled": False},
             "bf16": {"enabled": False}}

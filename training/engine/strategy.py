@@ -132,6 +132,9 @@ def weights_only_loads():
         torch.load = real
 
 
+BUCKET_DEFAULT = 500_000_000  # DeepSpeed's ZeRO reduce / allgather bucket, in elements
+
+
 class NonFiniteError(FloatingPointError):
     """A NaN or inf in a loss, reward or the weights: the run stops without writing a checkpoint."""
 
@@ -214,9 +217,15 @@ class Strategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def config(self) -> dict:
+    def config(self, n_trainable: int | None = None) -> dict:
+        """n_trainable: the trained parameters' count. ZeRO 1-2 then reduce and gather in buckets no larger than
+        those (DeepSpeed's default, 5e8 elements, is a 1 GB fp16 buffer per device even for LoRA's few weights)."""
         o, d = self.optim, self.ds
         zero = {"stage": d.zero_stage}
+        if n_trainable and d.zero_stage in (1, 2):
+            # a multiple of 1024: DeepSpeed wants the allgather bucket aligned for NCCL
+            bucket = min(BUCKET_DEFAULT, -(-n_trainable // 1024) * 1024)
+            zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket
         if d.offload and d.zero_stage > 0:
             zero["offload_optimizer"] = {"device": "cpu"}
             if d.zero_stage == 3:
@@ -260,7 +269,8 @@ class Strategy:
             opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
         warmup = o.num_warmup_steps or int(o.warmup_ratio * total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, warmup, total_steps))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=self.config())
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=self.config(sum(p.numel() for p in params)))
         return engine
 
     def prepare_frozen(self, model: torch.nn.Module):
