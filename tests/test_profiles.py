@@ -26,6 +26,32 @@ def test_a_profile_parses_for_its_stage(name):
     profile = json.loads((CONFIGS / name).read_text())
     values = {k: v for section in cfg.values() for k, v in vars(section).items()}
     assert all(values[k] == v for k, v in profile.items())
-    if "T4" in name:  # LLaVA-1.6 at COCO sizes: ~2,150-2,350 image tokens (configs/README.md)
-        assert values["max_seq_len"] >= 4096 and values["precision"] == "fp16" and values["qlora"]
-        assert values["per_device_eval_batch_size"] <= 4
+    if "T4" in name:  # T4s have no bf16; LLaVA-1.6's images must fit with room for the text
+        assert values["precision"] == "fp16" and values["qlora"] and values["per_device_eval_batch_size"] <= 4
+        assert values["max_seq_len"] - max(LLAVA16_IMAGE_TOKENS.values()) >= 1024
+
+
+def _llava16_image_tokens(width: int, height: int) -> int:
+    """Image tokens of LLaVA-1.6 (any resolution: 336-pixel tiles on its grid pinpoints, CLIP-L/14 patches, the
+    class token dropped, a newline per row) for an image of this size, counted by transformers' own processor
+    (configured as llava-hf/llava-v1.6-mistral-7b-hf's, built here: nothing is downloaded)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor, PreTrainedTokenizerFast
+
+    images = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                     image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                           [336, 1008]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<image>": 1},
+                                                                              unk_token="<unk>")))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    proc = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", image_token="<image>")
+    return proc._get_number_of_features(height, width, 336, 336)
+
+
+# COCO's common sizes and a square 336 image; configs/README.md quotes these counts
+LLAVA16_IMAGE_TOKENS = {(640, 480): 2340, (640, 427): 2144, (375, 500): 2352, (336, 336): 1176}
+
+
+def test_llava16_image_token_counts():
+    assert {size: _llava16_image_tokens(*size) for size in LLAVA16_IMAGE_TOKENS} == LLAVA16_IMAGE_TOKENS
