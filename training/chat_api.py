@@ -48,12 +48,17 @@ def chat_completions_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
-def reply_text(out) -> str | None:
-    """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
+def _message(out) -> dict | None:
+    """choices[0].message of a reply body, or None when the body (of any JSON type) lacks it."""
     choices = out.get("choices") if isinstance(out, dict) else None
     first = choices[0] if isinstance(choices, list) and choices else None
     message = first.get("message") if isinstance(first, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
+    return message if isinstance(message, dict) else None
+
+
+def reply_text(out) -> str | None:
+    """choices[0].message.content of a reply body, or None when the body (of any JSON type) lacks it."""
+    content = (_message(out) or {}).get("content")
     return content if isinstance(content, str) else None
 
 
@@ -122,7 +127,7 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
         try:
             with send(req, timeout=timeout_s) as resp:
                 out = json.loads(resp.read().decode("utf-8"))
-            if reply_text(out) is not None or not require_text and _has_message(out):
+            if reply_text(out) is not None or not require_text and _message(out) is not None:
                 return out
             last = "reply has no text choices[0].message.content"
         except urllib.error.HTTPError as err:
@@ -137,12 +142,6 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
             last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         print(f"{where}: request failed ({last}); attempt {k + 1} of {retries + 1}", file=sys.stderr)
     raise ChatAPIError(f"{where}: no reply after {retries + 1} attempts ({last})")
-
-
-def _has_message(out) -> bool:
-    choices = out.get("choices") if isinstance(out, dict) else None
-    return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict) and isinstance(
-        choices[0].get("message"), dict)
 
 
 def _error_body(err: urllib.error.HTTPError, key: str) -> str:

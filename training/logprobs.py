@@ -25,12 +25,16 @@ def _placed(values: torch.Tensor, where, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put(where, values)
 
 
+def _logprobs_placed(rows, target, where, mask) -> torch.Tensor:
+    return _placed(-F.cross_entropy(rows, target, reduction="none"), where, mask)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(label) under softmax(logits / temperature) and its mask, both (B, T-1); masked positions
     hold 0."""
     rows, target, where, mask = _target_rows(logits, labels, temperature)
-    return _placed(-F.cross_entropy(rows, target, reduction="none"), where, mask), mask
+    return _logprobs_placed(rows, target, where, mask), mask
 
 
 def token_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -38,7 +42,7 @@ def token_logprobs_entropy(logits: torch.Tensor, labels: torch.Tensor, temperatu
     """token_logprobs and the entropy of softmax(logits / temperature) at the same positions, (B, T-1) each;
     entropy_grad False: the entropy is a metric only (no graph kept of its vocabulary-wide terms)."""
     rows, target, where, mask = _target_rows(logits, labels, temperature)
-    lp = _placed(-F.cross_entropy(rows, target, reduction="none"), where, mask)
+    lp = _logprobs_placed(rows, target, where, mask)
     with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
         logz = torch.log_softmax(rows, -1)
         ent = _placed(-(logz.exp() * logz).sum(-1), where, mask)

@@ -288,8 +288,10 @@ class Strategy:
         """A frozen model's ZeRO-3 config: its parameters partitioned as the trained model's (offloaded to the CPU
         with --offload or a user config's offload_param, its other zero_optimization settings applied)."""
         user = self.user_config.get("zero_optimization", {})
-        offload = self.ds.offload or "offload_param" in user  # to the CPU: frozen engines sharing an NVMe swap
-        zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if offload else {})}  # folder delete each other's
+        # to the CPU, never to the user's NVMe folder: DeepSpeed clears an engine's swap folder as it starts, and
+        # the frozen engines would share it
+        offload = self.ds.offload or "offload_param" in user
+        zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if offload else {})}
         return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
             **zero, **{k: v for k, v in user.items() if k not in ("offload_optimizer", "offload_param")}}}
 

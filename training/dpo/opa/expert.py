@@ -21,7 +21,6 @@ import os
 import re
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from training.chat_api import chat_completions_url, post_chat, reply_text
