@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(cfg["optim"].seed)
     out = Path(run.output_dir)
-    model, processor, arch = load_model_and_processor(m, cfg["lora"])
+    model, processor, arch = load_model_and_processor(m, cfg["lora"], zero3=strategy.build_config())
     if a.disable_dropout:
         disable_dropout(model)
     report = BadRowReport(skip=d.skip_bad_rows)
@@ -145,7 +145,7 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
         trainer.ref_start = snapshot(trainer.engine)
     else:
         from training.model.builder import load_model_and_processor
-        ref, _, _ = load_model_and_processor(m, lora, for_training=False)
+        ref, _, _ = load_model_and_processor(m, lora, for_training=False, zero3=trainer.s.build_config(frozen=True))
         trainer.ref_model = trainer.s.prepare_frozen(ref)
 
 

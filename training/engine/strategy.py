@@ -250,6 +250,15 @@ class Strategy:
             cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, **user.get("fp16", {})}
         return cfg
 
+    def build_config(self, frozen: bool = False) -> dict | None:
+        """At ZeRO-3, the config a model is built under (`load_model_and_processor(..., zero3=)`): transformers
+        then creates and loads it inside deepspeed.zero.Init, each rank materialising only its share of the weights.
+        Built whole, every rank held the whole model in host memory and DeepSpeed moved all of it onto every device
+        before partitioning it, so a model larger than one GPU could not train at all. None at stages 0-2."""
+        if self.ds.zero_stage != 3:
+            return None
+        return self.frozen_config() if frozen else self.config()
+
     def prepare(self, model: torch.nn.Module, total_steps: int, learning_rate: float | None = None):
         """Wrap a model for training: AdamW over trainable params + warm-up/decay schedule."""
         import dataclasses

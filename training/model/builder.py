@@ -12,7 +12,9 @@ LLaVA convention) so `merge_lora` restores them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -149,9 +151,49 @@ def embedded_tiny_vlm() -> str:
     return str(ensure_tiny_vlm(final))  # rebuilt in place only if its definition changed
 
 
-def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_training: bool = True):
+WHOLE_ONLY = {"bit": "transformers' BiT backbone (the embedded tiny VLM's DPT-hybrid tower) makes a tensor from a "
+                     "numpy array as it is built, which deepspeed.zero.Init's tensor constructor cannot take"}
+
+
+def _model_types(config) -> set[str]:
+    """The model types of a config and of every config inside it (vision tower, its backbone, text model...)."""
+    from transformers import PretrainedConfig
+    inner = [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
+    return {config.model_type} | {t for c in inner for t in _model_types(c)}
+
+
+@contextlib.contextmanager
+def _partitioned(zero3: dict | None, config, path: str):
+    """Models transformers loads inside are built under deepspeed.zero.Init with this ZeRO-3 config (it reads the
+    config through a weak reference that must stay alive); None: built whole. 4-bit models are always built whole
+    (transformers never partitions a quantized model), and so are models with a part in WHOLE_ONLY (DeepSpeed then
+    partitions them as the engine starts)."""
+    blocked = sorted(_model_types(config) & set(WHOLE_ONLY)) if zero3 is not None else []
+    if blocked and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ZeRO-3: {path} is built whole on every rank, then partitioned: {WHOLE_ONLY[blocked[0]]}")
+    if zero3 is None or blocked:
+        yield
+        return
+    import torch
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    alive = HfDeepSpeedConfig(zero3)
+    # built for real, a model draws random numbers (CLIP's class embedding; a whole build makes them on the meta
+    # device): the random state is left as a whole build leaves it, so what the caller draws next (a reward head's
+    # initial weights) does not depend on the ZeRO stage
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        unset_hf_deepspeed_config()  # later loads (merges, generation outside DeepSpeed) see no ZeRO-3
+        del alive
+
+
+def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_training: bool = True,
+                             zero3: dict | None = None):
     """-> (model, processor, arch_spec). for_training=False: frozen, eval mode, no LoRA or checkpointing
-    (reference / reward-scoring copies); QLoRA still loads the base in 4-bit then."""
+    (reference / reward-scoring copies); QLoRA still loads the base in 4-bit then. zero3: the ZeRO-3 config of the
+    engine the model goes into (`Strategy.build_config`): the model is then built partitioned across the ranks."""
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -168,7 +210,13 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if lora_args.qlora:
         kwargs["quantization_config"] = _bnb_config(spec, model_args, lora_args)
     model_cls = getattr(transformers, spec.model_class_for(config.model_type))
-    model = model_cls.from_pretrained(path, config=config, **kwargs)
+    with _partitioned(zero3, config, path):
+        model = model_cls.from_pretrained(path, config=config, **kwargs)
+    # transformers (5.23) keeps, after a ZeRO-3 load, every weight renaming it tried, and save_pretrained reverses
+    # them all: a LLaVA was saved as language_model.model.model.*, which no later load finds. The used ones only,
+    # as its other loads keep.
+    if getattr(model, "_weight_conversions", None):
+        model._weight_conversions = [c for c in model._weight_conversions if c.was_used()]
     if lora_args.qlora:
         keep_4bit_weights_unpacked(model)
     cast_vision_inputs(model, spec)

@@ -94,17 +94,19 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(cfg["optim"].seed)
     out = Path(run.output_dir)
-    actor, processor, arch = load_model_and_processor(m, cfg["lora"])
+    actor, processor, arch = load_model_and_processor(m, cfg["lora"], zero3=strategy.build_config())
     template = set_chat_template(processor, m.template)  # rollout prompts; saved with the actor
     ref = None
     if cfg["lora"].lora_r == 0 or p.reference_model:
         ref_args = dataclasses.replace(m, from_checkpoint=p.reference_model or m.from_checkpoint)
-        ref, _, _ = load_model_and_processor(ref_args, LoraArgs(), for_training=False)
+        ref, _, _ = load_model_and_processor(ref_args, LoraArgs(), for_training=False,
+                                            zero3=strategy.build_config(frozen=True))
         ref = strategy.prepare_frozen(ref)
-    rm, rm_processor, rm_arch = load_reward_model(p.reward_model, dataclasses.replace(m, gradient_checkpointing=False))
+    rm, rm_processor, rm_arch = load_reward_model(p.reward_model, dataclasses.replace(m, gradient_checkpointing=False),
+                                                  zero3=strategy.build_config(frozen=True))
     rm = strategy.prepare_frozen(rm)
     critic, critic_proc, critic_arch = load_reward_model(p.critic_init or p.reward_model, m, cfg["lora"],
-                                                         for_training=True)
+                                                         for_training=True, zero3=strategy.build_config())
     same_tokens = critic_proc.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     if not same_tokens or critic_arch.name != arch.name:  # the critic reads the actor's token ids and images
         raise SystemExit(f"the critic ({p.critic_init or p.reward_model}: {critic_arch.name}) must share the actor's "

@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     from training.templates.chat import ChatEncoder
 
     torch.manual_seed(cfg["optim"].seed)
-    backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
+    backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"], zero3=strategy.build_config())
     model = RewardModel(backbone, factual=rmc.factual)
     template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)

@@ -101,12 +101,13 @@ def is_reward_model(path: str | Path) -> bool:
 
 
 def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lora_args: LoraArgs | None = None,
-                      *, for_training: bool = False):
+                      *, for_training: bool = False, zero3: dict | None = None):
     """-> (RewardModel, processor, arch_spec) from a checkpoint written by `RewardModel.save_pretrained`.
 
     for_training=False: frozen, eval mode (the PPO reward model, best-of-n). for_training=True: the
     builder's training path (freeze flags, LoRA / QLoRA from `lora_args`) plus a trainable head, e.g.
-    the PPO critic. `model_args` supplies precision and freeze options; its checkpoint is `path`."""
+    the PPO critic. `model_args` supplies precision and freeze options; its checkpoint is `path`. zero3: as
+    `load_model_and_processor`'s (the backbone is built partitioned; the small head is partitioned by DeepSpeed)."""
     from safetensors.torch import load_file
 
     from training.model.builder import eval_mode, load_model_and_processor
@@ -117,7 +118,8 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
                                 "`bash run_rm_training.sh`")
     info = json.loads((path / INFO_FILE).read_text())
     margs = dataclasses.replace(model_args or ModelArgs(), from_checkpoint=str(path))
-    backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training)
+    backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training,
+                                                          zero3=zero3)
     rm = RewardModel(backbone, factual=bool(info.get("factual", False)))
     rm.value_head.load_state_dict(load_file(str(path / info.get("head_file", HEAD_FILE))))
     if not for_training:

@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(cfg["optim"].seed)
     d, out = cfg["data"], Path(cfg["run"].output_dir)
-    model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"])
+    model, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"], zero3=strategy.build_config())
     report = BadRowReport(skip=d.skip_bad_rows)
     template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)

@@ -1,0 +1,101 @@
+"""ZeRO-3 builds models partitioned (transformers' from_pretrained under deepspeed.zero.Init): each rank holds its
+share of the weights from the start, and DeepSpeed never moves a whole model onto every device. Built so, every
+stage trains as a single rank with the whole batch does."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from dist_dpo_driver import DIST_COMMON, dpo_args
+from dist_partitioned_driver import LORA, RM, SFT
+from safetensors.torch import load_file
+from sft_helpers import sft_args, weights
+from test_rm import rm_args
+from test_sft_distributed import _free_port
+
+from training.config import DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs
+from training.engine.strategy import Strategy
+from training.model.builder import load_model_and_processor
+from training.model.tiny_archs import SUPPORTED_TINY, make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return Path(make_tiny_checkpoint("llava", tmp_path_factory.mktemp("llava")))
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_TINY)
+def test_a_partitioned_build_holds_the_checkpoints_weights(arch, tmp_path):
+    path = make_tiny_checkpoint(arch, tmp_path / arch)
+    zero3 = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32").build_config()
+    whole, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs())
+    torch.manual_seed(0)
+    part, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), zero3=zero3)
+    drawn = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(4))  # the random state as a whole build leaves it (a reward head's init)
+    params = dict(part.named_parameters())
+    assert all(hasattr(p, "ds_id") for p in params.values())
+    assert all(p.numel() == 0 for p in params.values())  # nothing held whole: a world of one keeps its share apart
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in whole.named_parameters():
+            assert torch.equal(params[name].data, p.data), name
+    buffers = dict(part.named_buffers())
+    assert set(buffers) == {n for n, _ in whole.named_buffers()}
+    for name, b in whole.named_buffers():
+        assert torch.equal(buffers[name], b), name
+    again, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs())
+    assert not any(hasattr(p, "ds_id") for p in again.parameters())  # the ZeRO-3 setting ends with the load
+
+
+def test_the_tiny_vlm_is_built_whole_and_says_why(tiny, capsys):
+    zero3 = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32").build_config()
+    model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), zero3=zero3)
+    assert not any(hasattr(p, "ds_id") for p in model.parameters())
+    assert "built whole on every rank, then partitioned: transformers' BiT" in capsys.readouterr().out
+
+
+def test_every_stage_at_zero3_on_two_ranks_builds_partitioned_and_matches_one_rank(world, llava, tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
+           str(_free_port()), str(ROOT / "tests" / "dist_partitioned_driver.py"), str(world), str(llava), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        loads = json.loads((tmp_path / f"loads_rank{rank}.json").read_text())
+        # SFT, SFT-LoRA, DPO policy + reference, RM, PPO actor + reference + reward model + critic
+        assert len(loads) == 9 and all(x["zero3"] for x in loads), loads
+        assert all(x["partitioned"] == x["params"] > 0 for x in loads), loads
+        assert [x["for_training"] for x in loads] == [True, True, True, False, True, True, False, False, True]
+
+    one = tmp_path / "one"
+    from training.dpo.main import main as dpo
+    from training.rm.main import main as rm
+    from training.sft.main import main as sft
+    single = ("--per_device_train_batch_size", "4")
+    sft(sft_args(world, llava, one / "sft", *SFT, *single))
+    sft(sft_args(world, llava, one / "sft_lora", *SFT, *LORA, *single))
+    dpo(dpo_args(world, llava, one / "dpo", *DIST_COMMON, *single))
+    rm(rm_args(world, llava, one / "rm", *RM, *single))
+    init = weights(llava)
+    for name, files in (("sft", ["model.safetensors"]), ("dpo", ["model.safetensors"]),
+                        ("rm", ["model.safetensors", "value_head.safetensors"]),
+                        ("sft_lora", ["adapter/adapter_model.safetensors"])):
+        want = {k: v for f in files for k, v in load_file(str(one / name / f)).items()}
+        got = {k: v for f in files for k, v in load_file(str(tmp_path / name / f)).items()}
+        assert set(got) == set(want), name
+        moved = [k for k in want if k in init and not torch.equal(want[k], init[k])] + \
+            [k for k in want if "lora_B" in k and float(want[k].abs().max()) > 0]
+        assert moved, name  # the steps changed something
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    ppo_rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert ppo_rows and "value_loss" in ppo_rows[-1]
+    assert all(torch.isfinite(torch.tensor(float(v))) for r in ppo_rows for v in r.values())
+    assert (tmp_path / "ppo" / "model.safetensors").is_file()
