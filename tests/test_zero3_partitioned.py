@@ -54,6 +54,18 @@ def test_a_partitioned_build_holds_the_checkpoints_weights(arch, tmp_path):
     assert not any(hasattr(p, "ds_id") for p in again.parameters())  # the ZeRO-3 setting ends with the load
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_partitions_are_built_in_the_runs_precision(llava, frozen):
+    """A bf16 run's frozen reference or reward model too (a config without the run's bf16 section made zero.Init
+    build it in fp32)."""
+    s = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "bf16")
+    model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(llava), precision="bf16"), LoraArgs(),
+                                           for_training=not frozen, zero3=s.build_config(frozen=frozen))
+    assert {p.ds_tensor.dtype for p in model.parameters()} == {torch.bfloat16}
+    engine = s.prepare_frozen(model) if frozen else s.prepare(model, 2)
+    assert {p.ds_tensor.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+
+
 def test_the_tiny_vlm_is_built_whole_and_says_why(tiny, capsys):
     zero3 = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32").build_config()
     model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), zero3=zero3)

@@ -301,7 +301,10 @@ class Strategy:
         # the frozen engines would share it
         offload = self.ds.offload or "offload_param" in user
         zero = {"stage": 3, **({"offload_param": {"device": "cpu"}} if offload else {})}
-        return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        # the run's bf16 / fp16 section: zero.Init builds the partitions in the dtype it names (fp32 without one,
+        # which doubled a bf16 reference's memory and made it compute in another precision than the policy)
+        precision = {k: v for k, v in self.config().items() if k in ("bf16", "fp16")}
+        return {"train_micro_batch_size_per_gpu": 1, **precision, "zero_optimization": {
             **zero, **{k: v for k, v in user.items() if k not in ("offload_optimizer", "offload_param")}}}
 
     # ---- reductions --------------------------------------------------------------------------
