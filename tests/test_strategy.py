@@ -62,6 +62,22 @@ def test_offload_needs_a_zero_stage_and_adam(tmp_path):
                                                                              "offload_param": {"device": "cpu"}}
 
 
+def test_nvme_offload_serves_one_trained_model(tmp_path, monkeypatch):
+    """PPO's critic engine cleared the swap folder holding the actor's swapped-out weights (DeepSpeed removes it as an
+    engine starts); a second trained model with NVMe offload stops before that."""
+    import deepspeed
+    import torch
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, **kw: (model, None, None, None))
+    for where in ("offload_param", "offload_optimizer"):
+        s = _strategy(tmp_path, {"zero_optimization": {"stage": 3, where: {"device": "nvme", "nvme_path": "/x"}}})
+        s.prepare(torch.nn.Linear(2, 2), 10)  # the actor
+        with pytest.raises(SystemExit, match=rf"NVMe offload \({where}\) serves one trained model"):
+            s.prepare(torch.nn.Linear(2, 2), 10)  # the critic
+    plain = _strategy(tmp_path, None, zero_stage=3)
+    plain.prepare(torch.nn.Linear(2, 2), 10)
+    plain.prepare(torch.nn.Linear(2, 2), 10)  # no swap folder: any number of models
+
+
 def test_zero_buckets_are_no_larger_than_the_trained_weights(tmp_path):
     """ZeRO-2 kept a 5e8-element bucket (1 GB in fp16 per device) for LoRA's few million weights."""
     lora = _strategy(tmp_path, None, zero_stage=2).config(n_trainable=63_000_001)["zero_optimization"]

@@ -156,6 +156,7 @@ class Strategy:
                   "is emulated (slow; bf16 needs 8.0, Ampere, to run natively): --precision fp16 is the fast choice "
                   "there", file=sys.stderr)
         self.ds, self.optim, self.precision = ds, optim, precision
+        self._swap_folder_taken = False  # by a trained engine's NVMe offload (_claim_swap_folder)
         self.user_config = self._user_config()
         if ds.offload and ds.zero_stage == 0:  # CPU Adam would then get the parameters where they train (a GPU)
             raise SystemExit("--offload moves ZeRO's optimizer state (at stage 3 the parameters too) to the CPU: it "
@@ -252,9 +253,10 @@ class Strategy:
 
     def build_config(self, frozen: bool = False) -> dict | None:
         """At ZeRO-3, the config a model is built under (`load_model_and_processor(..., zero3=)`): transformers
-        then creates and loads it inside deepspeed.zero.Init, each rank materialising only its share of the weights.
-        Built whole, every rank held the whole model in host memory and DeepSpeed moved all of it onto every device
-        before partitioning it, so a model larger than one GPU could not train at all. None at stages 0-2."""
+        then creates and loads it inside deepspeed.zero.Init, each device holding only its share of the weights (rank
+        0 reads the whole checkpoint into host memory, the others its headers). Built whole, every rank held the
+        whole model in host memory and DeepSpeed moved all of it onto every device before partitioning it, so a
+        model larger than one GPU could not train at all. None at stages 0-2."""
         if self.ds.zero_stage != 3:
             return None
         return self.frozen_config() if frozen else self.config()
@@ -278,9 +280,21 @@ class Strategy:
             opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
         warmup = o.num_warmup_steps or int(o.warmup_ratio * total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, warmup, total_steps))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                               config=self.config(sum(p.numel() for p in params)))
+        config = self.config(sum(p.numel() for p in params))
+        self._claim_swap_folder(config)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
         return engine
+
+    def _claim_swap_folder(self, config: dict) -> None:
+        """A user's NVMe offload serves one trained model per run: DeepSpeed clears the swap folder as an engine
+        starts, so PPO's critic would delete the actor's swapped-out weights and optimizer state."""
+        zero = config["zero_optimization"]
+        nvme = [k for k in ("offload_param", "offload_optimizer") if (zero.get(k) or {}).get("device") == "nvme"]
+        if nvme and self._swap_folder_taken:
+            raise SystemExit(f"{self.ds.deepspeed_config}: NVMe offload ({', '.join(nvme)}) serves one trained model "
+                             "per run, and this stage trains a second (PPO's critic), whose engine would clear the "
+                             "first one's swap folder: offload to the CPU (--offload) instead")
+        self._swap_folder_taken = self._swap_folder_taken or bool(nvme)
 
     def prepare_frozen(self, model: torch.nn.Module):
         """Wrap a frozen model (reference / reward model) for inference; ZeRO-3 partitions it too."""
