@@ -33,7 +33,8 @@ def llava(tmp_path_factory):
 @pytest.mark.parametrize("arch", SUPPORTED_TINY)
 def test_a_partitioned_build_holds_the_checkpoints_weights(arch, tmp_path):
     path = make_tiny_checkpoint(arch, tmp_path / arch)
-    zero3 = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32").build_config()
+    strategy = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32")
+    zero3 = strategy.build_config()
     whole, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs())
     torch.manual_seed(0)
     part, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), zero3=zero3)
@@ -52,6 +53,12 @@ def test_a_partitioned_build_holds_the_checkpoints_weights(arch, tmp_path):
         assert torch.equal(buffers[name], b), name
     again, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs())
     assert not any(hasattr(p, "ds_id") for p in again.parameters())  # the ZeRO-3 setting ends with the load
+    # saved from its engine, it is the checkpoint again, by the checkpoint's names (a LLaVA came out renamed)
+    strategy.save_hf(strategy.prepare(part, 2), None, tmp_path / "saved")
+    saved, original = weights(tmp_path / "saved"), weights(Path(path))
+    assert set(saved) == set(original)
+    for name, v in original.items():
+        assert torch.equal(saved[name], v), name
 
 
 @pytest.mark.parametrize("frozen", [False, True])
