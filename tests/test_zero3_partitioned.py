@@ -116,5 +116,6 @@ def test_every_stage_at_zero3_on_two_ranks_builds_partitioned_and_matches_one_ra
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
     ppo_rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert ppo_rows and "value_loss" in ppo_rows[-1]
+    assert abs(ppo_rows[0]["kl"]) < 1e-5  # before any update the partitioned actor and reference are one model
     assert all(torch.isfinite(torch.tensor(float(v))) for r in ppo_rows for v in r.values())
     assert (tmp_path / "ppo" / "model.safetensors").is_file()
