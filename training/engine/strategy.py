@@ -367,7 +367,7 @@ class Strategy:
         ZeRO-3) hold a NaN or inf: an optimizer step can make them so from a finite loss (an overflowing
         gradient), and the last good checkpoint must stay the last one written."""
         module = engine.module if hasattr(engine, "module") else engine
-        bad = sum(int(not torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+        bad = sum(int(not torch.isfinite(_held_values(p, self.rank)).all()) for p in module.parameters())
         if float(self.all_reduce(float(bad))) > 0:
             raise NonFiniteError(f"non-finite weights: {where} was not written; the last good checkpoint is "
                                  "intact (resume with --resume after fixing the cause, e.g. a lower learning rate)")
@@ -435,6 +435,20 @@ class Strategy:
         if path is None:
             raise dangling
         return client_state
+
+
+def _held_values(p: torch.Tensor, rank: int) -> torch.Tensor:
+    """The values of parameter p this rank holds: under ZeRO-3 its partition without the padding that fills the last
+    ranks' shares up to the partition size (DeepSpeed allocates it with torch.empty and never writes it: any bits,
+    NaN included, which stopped runs at random, e.g. on mllama's one-element gates); else p itself."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p
+    group = getattr(p, "ds_process_group", None)
+    if group is not None and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank(group=group)
+    n = part.numel()
+    return part.reshape(-1)[:max(0, min(n, p.ds_numel - rank * n))]
 
 
 def _adapters(engine) -> bool:

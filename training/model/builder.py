@@ -99,15 +99,28 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
     or (nothing given) the embedded tiny VLM. Built things go to fresh temporary directories; their
     random parts are seeded, so every rank of a distributed run builds the same weights."""
     if model_args.vision_tower and model_args.language_model:
-        out = tempfile.mkdtemp(prefix="vlm_from_parts_")
-        return build_from_parts(model_args.vision_tower, model_args.language_model, out)
+        return made_once(lambda: build_from_parts(model_args.vision_tower, model_args.language_model,
+                                                  tempfile.mkdtemp(prefix="vlm_from_parts_")))
     if model_args.vision_tower or model_args.language_model:
         raise ValueError("Building from parts needs both --vision_tower and --language_model")
     if not model_args.from_checkpoint:
         return embedded_tiny_vlm()
     if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
-        return merged_checkpoint(model_args.from_checkpoint, model_args.trust_remote_code)
+        return made_once(lambda: merged_checkpoint(model_args.from_checkpoint, model_args.trust_remote_code))
     return model_args.from_checkpoint
+
+
+def made_once(make) -> str:
+    """make() -> a folder, on rank 0 only when several ranks run (torch.distributed), every rank getting its path:
+    transformers' save_pretrained writes a model's weights on global rank 0 only, so another rank's own copy held
+    none (a LoRA merge in the shared cache could then be a folder without a model, for good). The ranks share a
+    file system, as a multi-node run must."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return make()
+    box = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) -> str:
@@ -125,7 +138,8 @@ def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) 
     stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([str(root), stats, trust_remote_code]).encode()).hexdigest()[:16]
     final = cache_dir("merged") / key
-    if not (final / "config.json").is_file():
+    if not saved_model_files(final, adapter=False):  # weights, not config.json: an earlier race left that alone
+        shutil.rmtree(final, ignore_errors=True)  # such a copy without weights (made by ranks before made_once)
         staging = merge_lora(root, tempfile.mkdtemp(dir=final.parent), trust_remote_code=trust_remote_code)
         try:
             os.rename(staging, final)

@@ -1,0 +1,65 @@
+"""What the builder writes while several ranks run (torch.distributed up): transformers' save_pretrained writes a
+model's weights on global rank 0 only, so a folder each rank made for itself held none on the others."""
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from training.config import LoraArgs, ModelArgs
+from training.model.builder import load_model_and_processor, save_model
+from training.model.tiny_archs import make_tiny_checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _rank(rank: int, port: int, tmp: str) -> None:
+    import training.model.merge_lora as merge_lora
+    from training.model.builder import resolve_checkpoint
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), VLM_ALIGN_CACHE=f"{tmp}/cache")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    merges = []
+    real = merge_lora.merge_lora
+    merge_lora.merge_lora = lambda *a, **k: merges.append(1) or real(*a, **k)
+    merged = resolve_checkpoint(ModelArgs(from_checkpoint=f"{tmp}/lora"))
+    from test_builder import _tiny_lm, _tiny_vision
+    if rank == 0:
+        _tiny_vision("clip", Path(tmp) / "vision")
+        _tiny_lm("llama", Path(tmp) / "lm")
+    torch.distributed.barrier()
+    parts = resolve_checkpoint(ModelArgs(vision_tower=f"{tmp}/vision", language_model=f"{tmp}/lm"))
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps({"merged": merged, "parts": parts, "merges": len(merges)}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_merges_and_builds_from_parts_for_every_rank(tmp_path):
+    model, processor, _ = load_model_and_processor(
+        ModelArgs(from_checkpoint=make_tiny_checkpoint("llava", tmp_path / "llava")), LoraArgs(lora_r=4))
+    save_model(model, processor, tmp_path / "lora")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["merges"] for g in got] == [1, 0]  # rank 1's own merge had no weights, and could win the rename
+    for key in ("merged", "parts"):
+        assert got[0][key] == got[1][key], key
+        assert (Path(got[0][key]) / "model.safetensors").is_file() and (Path(got[0][key]) / "config.json").is_file()
+
+
+def test_a_merge_left_without_weights_is_made_again(tmp_path, monkeypatch):
+    """What the race above left in the cache (a folder with the processor's files and a config, no weights) was
+    returned by every later run."""
+    from training.model.builder import merged_checkpoint
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    model, processor, _ = load_model_and_processor(
+        ModelArgs(from_checkpoint=make_tiny_checkpoint("llava", tmp_path / "llava")), LoraArgs(lora_r=4))
+    save_model(model, processor, tmp_path / "lora")
+    first = Path(merged_checkpoint(str(tmp_path / "lora")))
+    (first / "model.safetensors").unlink()
+    again = Path(merged_checkpoint(str(tmp_path / "lora")))
+    assert again == first and (again / "model.safetensors").is_file()
