@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import math
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -250,7 +249,7 @@ def _tiny_vision(kind, path):
 
 @pytest.mark.parametrize("vision_kind,lm_kind", [("clip", "llama"), ("siglip", "qwen2")])
 def test_build_from_parts(tmp_path, monkeypatch, vision_kind, lm_kind):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the builder composes parts
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))  # where the builder composes parts
     vision = _tiny_vision(vision_kind, tmp_path / "vision")
     lm, tok = _tiny_lm(lm_kind, tmp_path / "lm")
     out = build_from_parts(str(tmp_path / "vision"), str(tmp_path / "lm"), tmp_path / "vlm")

@@ -46,6 +46,7 @@ def test_rank_zero_merges_and_builds_from_parts_for_every_rank(tmp_path):
     mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [g["merges"] for g in got] == [1, 0]  # rank 1's own merge had no weights, and could win the rename
+    assert Path(got[0]["parts"]).parent == tmp_path / "cache" / "from_parts"  # not a machine's own /tmp
     for key in ("merged", "parts"):
         assert got[0][key] == got[1][key], key
         assert (Path(got[0][key]) / "model.safetensors").is_file() and (Path(got[0][key]) / "config.json").is_file()
@@ -63,3 +64,20 @@ def test_a_merge_left_without_weights_is_made_again(tmp_path, monkeypatch):
     (first / "model.safetensors").unlink()
     again = Path(merged_checkpoint(str(tmp_path / "lora")))
     assert again == first and (again / "model.safetensors").is_file()
+
+
+def test_a_model_from_parts_is_composed_once_per_version_of_its_parts(tmp_path, monkeypatch):
+    from test_builder import _tiny_lm, _tiny_vision
+
+    import training.model.builder as builder
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    _tiny_vision("clip", tmp_path / "vision")
+    _tiny_lm("llama", tmp_path / "lm")
+    builds = []
+    real = builder.build_from_parts
+    monkeypatch.setattr(builder, "build_from_parts", lambda *a: builds.append(1) or real(*a))
+    args = ModelArgs(vision_tower=str(tmp_path / "vision"), language_model=str(tmp_path / "lm"))
+    first = builder.resolve_checkpoint(args)
+    assert builder.resolve_checkpoint(args) == first and len(builds) == 1
+    _tiny_lm("qwen2", tmp_path / "lm")  # another language model in the same folder
+    assert builder.resolve_checkpoint(args) != first and len(builds) == 2

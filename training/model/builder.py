@@ -99,8 +99,7 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
     or (nothing given) the embedded tiny VLM. Built things go to fresh temporary directories; their
     random parts are seeded, so every rank of a distributed run builds the same weights."""
     if model_args.vision_tower and model_args.language_model:
-        return made_once(lambda: build_from_parts(model_args.vision_tower, model_args.language_model,
-                                                  tempfile.mkdtemp(prefix="vlm_from_parts_")))
+        return made_once(lambda: composed_checkpoint(model_args.vision_tower, model_args.language_model))
     if model_args.vision_tower or model_args.language_model:
         raise ValueError("Building from parts needs both --vision_tower and --language_model")
     if not model_args.from_checkpoint:
@@ -123,29 +122,55 @@ def made_once(make) -> str:
     return box[0]
 
 
+def _digest(*parts) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _stats(files, root: Path) -> list:
+    return [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+
+
+def _built_once(final: Path, build) -> str:
+    """final, made by build(staging folder) unless it holds a model's weights already; it appears by an atomic
+    rename, so concurrent processes never read half of one. A folder there without weights (left by ranks that
+    each made their own copy, before made_once) is made again."""
+    import os
+    import shutil
+    if not saved_model_files(final, adapter=False):
+        shutil.rmtree(final, ignore_errors=True)
+        staging = build(tempfile.mkdtemp(dir=final.parent))
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process won the race: its copy is the same
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(final)
+
+
 def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) -> str:
     """A LoRA checkpoint merged into its base, as a plain checkpoint: made once per version of its files
     (in <user cache>/merged/<digest of names, sizes, times>: training.model.cache) and reused by every later load, rank
-    and reference copy; it appears by an atomic rename, so concurrent ranks never read half of one."""
-    import hashlib
-    import os
-    import shutil
-
+    and reference copy."""
     from training.model.merge_lora import merge_lora
     root = Path(adapter_checkpoint).resolve()
-    files = sorted(f for f in root.rglob("*") if f.is_file() and ((root / ADAPTER_SUBDIR) in f.parents or (
-        f.parent == root and f.suffix in (".json", ".jinja", ".model", ".txt", ".safetensors"))))
-    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([str(root), stats, trust_remote_code]).encode()).hexdigest()[:16]
-    final = cache_dir("merged") / key
-    if not saved_model_files(final, adapter=False):  # weights, not config.json: an earlier race left that alone
-        shutil.rmtree(final, ignore_errors=True)  # such a copy without weights (made by ranks before made_once)
-        staging = merge_lora(root, tempfile.mkdtemp(dir=final.parent), trust_remote_code=trust_remote_code)
-        try:
-            os.rename(staging, final)
-        except OSError:  # another process won the race: its copy is the same merge
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(final)
+    files = [f for f in root.rglob("*") if f.is_file() and ((root / ADAPTER_SUBDIR) in f.parents or (
+        f.parent == root and f.suffix in (".json", ".jinja", ".model", ".txt", ".safetensors")))]
+    final = cache_dir("merged") / _digest(str(root), _stats(files, root), trust_remote_code)
+    return _built_once(final, lambda staging: merge_lora(root, staging, trust_remote_code=trust_remote_code))
+
+
+def composed_checkpoint(vision_tower: str, language_model: str) -> str:
+    """`build_from_parts` of a vision tower and a language model (local folders or files, Hub ids, open_clip specs),
+    made once per version of their files in <user cache>/from_parts/<digest> (it was made anew in a temporary folder
+    by every run, on a multi-node run in each machine's own /tmp)."""
+    def version(spec: str):
+        local = Path(spec.split(":", 2)[2] if spec.startswith("open_clip:") and spec.count(":") == 2 else spec)
+        if local.is_dir():
+            return _stats((f for f in local.rglob("*") if f.is_file()), local)
+        return _stats([local], local.parent) if local.is_file() else None
+    final = cache_dir("from_parts") / _digest(vision_tower, version(vision_tower), language_model,
+                                              version(language_model))
+    return _built_once(final, lambda staging: build_from_parts(vision_tower, language_model, staging))
 
 
 def embedded_tiny_vlm() -> str:
