@@ -119,3 +119,23 @@ def test_every_stage_at_zero3_on_two_ranks_builds_partitioned_and_matches_one_ra
     assert abs(ppo_rows[0]["kl"]) < 1e-5  # before any update the partitioned actor and reference are one model
     assert all(torch.isfinite(torch.tensor(float(v))) for r in ppo_rows for v in r.values())
     assert (tmp_path / "ppo" / "model.safetensors").is_file()
+
+
+def test_a_critic_called_through_forward_gets_zero3_prefetching(llava):
+    """DeepSpeed starts each step of its ZeRO-3 parameter prefetching at the model's forward: the PPO critic, called
+    through RewardModel.values, never completed a trace (no prefetch); per_token=True gives the values by forward."""
+    from training.rm.model import RewardModel
+    s = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32")
+    backbone, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(llava)), LoraArgs(), zero3=s.build_config())
+    critic = s.prepare(RewardModel(backbone), 10)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    mask = (ids > 0).long()
+    for _ in range(3):
+        values = critic(ids, mask, per_token=True)
+        critic.backward(values.pow(2).mean())
+        critic.step()
+    assert critic.optimizer.parameter_offload.get_param_coordinator().is_complete_trace()
+    with torch.no_grad():
+        values, by_method, rewards = critic(ids, mask, per_token=True), critic.module.values(ids, mask), critic(ids, mask)
+    assert values.shape == (2, 5) and torch.equal(values, by_method)
+    assert torch.equal(rewards, values[[0, 1], [4, 2]])  # each row's last non-pad token

@@ -159,7 +159,8 @@ class PPOTrainer:
             lp, mask, _ = self._logprobs(actor, ro.batch)
             with self._ref_context():
                 ref_lp, _, _ = self._logprobs(self._module(self.ref) if self.ref is not None else actor, ro.batch)
-            values = self._module(self.critic).values(ro.batch.input_ids, ro.batch.attention_mask, **ro.batch.vision)
+            values = self._module(self.critic)(ro.batch.input_ids, ro.batch.attention_mask, per_token=True,
+                                               **ro.batch.vision)
         old_lp, rmask = response_view(lp, mask, R)
         ref_lp, _ = response_view(ref_lp, mask, R)
         values, _ = response_view(values[:, :-1], mask, R)
@@ -213,7 +214,7 @@ class PPOTrainer:
                     stats["policy_loss"].append(float(pl.detach()))
                     stats["clipfrac"].append(float(clipfrac.detach()))
                     stats["entropy"].append(float(ent_mean.detach()))
-                v = self._module(self.critic).values(b.input_ids, b.attention_mask, **b.vision)
+                v = self._module(self.critic)(b.input_ids, b.attention_mask, per_token=True, **b.vision)
                 v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
                 vl = p.vf_coef * ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
                 _check_finite(self.s, step, ckpt, value_loss=vl)

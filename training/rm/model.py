@@ -69,10 +69,12 @@ class RewardModel(torch.nn.Module):
         h = self.hidden_states(input_ids, attention_mask, **vision)
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids, attention_mask, **vision) -> torch.Tensor:
-        """(B,) float32 rewards, read at each row's last non-pad token."""
+    def forward(self, input_ids, attention_mask, per_token: bool = False, **vision) -> torch.Tensor:
+        """(B,) float32 rewards, read at each row's last non-pad token; per_token: the (B, T) values (the critic's).
+        Through forward, not `values`, under ZeRO-3: DeepSpeed starts each step of its parameter prefetching at the
+        model's forward, and a critic called by `values` never got past recording (no prefetch)."""
         v = self.values(input_ids, attention_mask, **vision)
-        return v.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+        return v if per_token else v.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     # ---- checkpoint --------------------------------------------------------------------------
     def save_pretrained(self, out_dir, safe_serialization: bool = True, state_dict: dict | None = None, **_) -> None:
