@@ -96,8 +96,8 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 def resolve_checkpoint(model_args: ModelArgs) -> str:
     """The plain checkpoint to load: from parts, a merged adapter checkpoint, the given path or Hub id,
-    or (nothing given) the embedded tiny VLM. Built things go to fresh temporary directories; their
-    random parts are seeded, so every rank of a distributed run builds the same weights."""
+    or (nothing given) the embedded tiny VLM. Built things are made once in the user's model cache
+    (training.model.cache), by rank 0 when several ranks run; their random parts are seeded."""
     if model_args.vision_tower and model_args.language_model:
         return made_once(lambda: composed_checkpoint(model_args.vision_tower, model_args.language_model))
     if model_args.vision_tower or model_args.language_model:
@@ -135,7 +135,6 @@ def _built_once(final: Path, build) -> str:
     """final, made by build(staging folder) unless it holds a model's weights already; it appears by an atomic
     rename, so concurrent processes never read half of one. A folder there without weights (left by ranks that
     each made their own copy, before made_once) is made again."""
-    import os
     import shutil
     if not saved_model_files(final, adapter=False):
         shutil.rmtree(final, ignore_errors=True)
