@@ -9,4 +9,32 @@ for arg in "$@"; do
     exec python -m eval.benchmark "$@"
   fi
 done
-exec python -m training.predict.main "$@"
+# NUM_GPUS=N (N > 1): N processes answer every N-th question each (--num_chunks / --chunk_idx), one per GPU (the
+# first N of CUDA_VISIBLE_DEVICES when it is set), appending to one answers file; on a CPU-only machine N processes
+# share the cores.
+n="${NUM_GPUS:-1}"
+if [ "$n" -le 1 ]; then
+  exec python -m training.predict.main "$@"
+fi
+if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
+  devices=""
+  export OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
+else
+  devices="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((n - 1)))}"
+  if [ "$(echo "$devices" | tr ',' '\n' | grep -c .)" -lt "$n" ]; then
+    echo "NUM_GPUS=$n but CUDA_VISIBLE_DEVICES=$devices names fewer devices" >&2; exit 2
+  fi
+fi
+pids=()
+for i in $(seq 0 $((n - 1))); do
+  if [ -n "$devices" ]; then
+    CUDA_VISIBLE_DEVICES="$(echo "$devices" | cut -d, -f$((i + 1)))" \
+      python -m training.predict.main "$@" --num_chunks "$n" --chunk_idx "$i" &
+  else
+    python -m training.predict.main "$@" --num_chunks "$n" --chunk_idx "$i" &
+  fi
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

@@ -8,7 +8,9 @@ Batched; an interrupted run resumes: question_ids already in --output_file are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from training.data.images import is_base64_text
@@ -40,8 +42,33 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--reward_model", default="", help="reward model checkpoint (run_rm_training.sh); without "
                                                      "--best_of_n it only records each answer's reward")
     p.add_argument("--rm_batch_size", type=int, default=32, help="sequences per reward-model forward pass")
+    p.add_argument("--num_chunks", type=int, default=1,
+                   help="answer every num_chunks-th question (from --chunk_idx) only: processes answering the "
+                        "chunks of one file (NUM_GPUS=N bash run_predict.sh starts one per GPU) append to the same "
+                        "--output_file, each batch under a file lock")
+    p.add_argument("--chunk_idx", type=int, default=0, help="which chunk, 0 .. num_chunks-1")
     add_inference_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
+        p.error(f"--chunk_idx {args.chunk_idx} of --num_chunks {args.num_chunks}: need 0 <= chunk_idx < num_chunks")
+    return args
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on the answers file (flock: processes answering chunks of one question file append to it
+    and read it at their start); no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per answers file
+        yield
+        return
+    with open(path, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_image_folder(data_path: str) -> str:
@@ -99,7 +126,9 @@ def check_settings(out: Path, done: set, settings: dict) -> None:
                              "pass another --output_file, or delete the file to answer again")
     elif done:
         print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
-    side.write_text(json.dumps(settings, indent=1))
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")  # chunk processes write it too: each whole, atomically
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, side)
 
 
 def answer_row(r, text: str, model_id: str) -> dict:
@@ -180,13 +209,16 @@ def predict(args: argparse.Namespace) -> Path:
     image_root = args.image_folder or default_image_folder(args.data_path)
     out = Path(args.output_file or Path(args.model_path) / "predictions" / (Path(args.data_path).stem + ".jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = answered(out)
     device, precision = inference_device(args.device, args.precision)
-    check_settings(out, done, run_settings(args, device, precision, image_root))
+    with locked(out):  # another chunk's process may be writing a batch: never read (or cut) half of it
+        done = answered(out)
+        check_settings(out, done, run_settings(args, device, precision, image_root))
     report = BadRowReport(skip=args.skip_bad_rows)
     records = read_prompts([args.data_path], image_root, report)
     unique_ids(records)
-    records = [r for r in records if _qid(r) not in done]
+    # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
+    mine = records[args.chunk_idx::args.num_chunks]
+    records = [r for r in mine if _qid(r) not in done]
     model, processor, arch = load_model_and_processor(
         ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
         LoraArgs(), for_training=False)
@@ -195,7 +227,8 @@ def predict(args: argparse.Namespace) -> Path:
     decode = DecodeArgs(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
     scorer = _scorer(args, records, device, precision) if args.reward_model else None
     model_id = args.model_id or args.model_path
-    bar = tqdm(total=len(records) + len(done), initial=len(done), desc="predict", disable=not args.progress)
+    what = f"predict {args.chunk_idx + 1}/{args.num_chunks}" if args.num_chunks > 1 else "predict"
+    bar = tqdm(total=len(mine), initial=len(mine) - len(records), desc=what, disable=not args.progress)
     unscored = 0
     with out.open("a") as f:
         for i in range(0, len(records), args.batch_size):
@@ -221,15 +254,17 @@ def predict(args: argparse.Namespace) -> Path:
             if rewards is not None:
                 rows, k = rewarded(chunk, rows, rewards, args.best_of_n, report, scorer)
                 unscored += k
-            f.write("".join(json.dumps(row) + "\n" for row in rows))  # a batch at once; a cut one is redone
-            f.flush()
+            with locked(out):
+                f.write("".join(json.dumps(row) + "\n" for row in rows))  # a batch at once; a cut one is redone
+                f.flush()
             bar.update(len(chunk))
     bar.close()
     if unscored:
         print(f"{unscored} sampled answers did not fit the reward model's max_seq_len={args.max_seq_len} whole and "
               f"were not scored; each question's answer was chosen among the rest ('n_scored' in {out})")
     if report.skipped:
-        report.write(out.parent, out.stem + ".bad_rows.json")
+        chunk = f".chunk{args.chunk_idx}of{args.num_chunks}" if args.num_chunks > 1 else ""
+        report.write(out.parent, f"{out.stem}.bad_rows{chunk}.json")
     return out
 
 

@@ -1,0 +1,57 @@
+"""Answering one question file in chunks (--num_chunks / --chunk_idx; `NUM_GPUS=N bash run_predict.sh` starts one
+process per GPU): every question answered once, as one process answers it, into one answers file."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training.predict.main import parse, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _questions(world, out: Path, n: int) -> Path:
+    rows = [json.loads(x) for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:n]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _argv(world, tiny, qfile, afile, *extra):
+    return ["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+            "--output_file", str(afile), "--max_new_tokens", "6", "--batch_size", "1", "--no-progress", *extra]
+
+
+def _rows(afile: Path) -> dict:
+    rows = [json.loads(x) for x in afile.read_text().splitlines()]
+    by_id = {r["question_id"]: r for r in rows}
+    assert len(by_id) == len(rows), "a question answered twice"
+    return by_id
+
+
+def test_two_processes_answer_every_question_once_as_one_does(world, tiny, tmp_path):
+    qfile = _questions(world, tmp_path / "q.jsonl", 9)
+    predict(parse(_argv(world, tiny, qfile, tmp_path / "one.jsonl")))
+    env = {**os.environ, "NUM_GPUS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "run_predict.sh"), *_argv(world, tiny, qfile, tmp_path / "two.jsonl")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(str(tmp_path / "two.jsonl")) == 2  # two processes, each printing the file it wrote
+    one, two = _rows(tmp_path / "one.jsonl"), _rows(tmp_path / "two.jsonl")
+    assert len(one) == 9 and set(two) == set(one)
+    assert all(two[q]["text"] == one[q]["text"] for q in one)  # batch 1: each question decoded alone either way
+    # both processes recorded the same settings (the chunking is not one of them)
+    assert json.loads((tmp_path / "two.predict.json").read_text())["model_path"] == str(tiny)
+
+
+def test_a_chunk_answers_its_share_of_what_is_unanswered(world, tiny, tmp_path):
+    qfile = _questions(world, tmp_path / "q.jsonl", 6)
+    afile = tmp_path / "a.jsonl"
+    predict(parse(_argv(world, tiny, qfile, afile, "--num_chunks", "3", "--chunk_idx", "1")))
+    ids = [str(json.loads(x)["question_id"]) for x in qfile.read_text().splitlines()]
+    assert sorted(map(str, _rows(afile))) == sorted([ids[1], ids[4]])
+    predict(parse(_argv(world, tiny, qfile, afile)))  # the whole file afterwards: only the rest is answered
+    assert sorted(map(str, _rows(afile))) == sorted(ids)
+    with pytest.raises(SystemExit):
+        parse(_argv(world, tiny, qfile, afile, "--num_chunks", "2", "--chunk_idx", "2"))
