@@ -171,6 +171,24 @@ def test_accumulation_must_divide_a_ppo_steps_micro_batches(world, tiny, rm, tmp
         main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--gradient_accumulation_steps", "4"))
 
 
+def test_the_critic_accumulates_gradients_at_zero3_as_at_zero0(world, tiny, rm, tmp_path):
+    """Called past its DeepSpeed engine (engine.module), the critic never advanced ZeRO-3's micro-step count, so
+    each micro-batch's gradient replaced the one before instead of adding to it: with accumulation 2 the critic
+    learnt from every second micro-batch only. Its values steer the actor from step 2 on."""
+    rows = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--gradient_accumulation_steps", "2",
+                      "--per_device_train_batch_size", "1", "--zero_stage", str(stage), "--optimizer", "sgd"))
+        rows[stage] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows[0], rows[3]):
+        for k in ("value_loss", "explained_variance", "policy_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    w0, w3 = weights(tmp_path / "zero0"), weights(tmp_path / "zero3")
+    for k in w0:
+        torch.testing.assert_close(w3[k], w0[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, tiny, rm, tmp_path):
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport

@@ -214,7 +214,9 @@ class PPOTrainer:
                     stats["policy_loss"].append(float(pl.detach()))
                     stats["clipfrac"].append(float(clipfrac.detach()))
                     stats["entropy"].append(float(ent_mean.detach()))
-                v = self._module(self.critic)(b.input_ids, b.attention_mask, per_token=True, **b.vision)
+                # through the engine (as the actor): its forward advances ZeRO-3's micro-step count, without which
+                # each micro-batch's gradient replaced the one before under accumulation
+                v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
                 v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
                 vl = p.vf_coef * ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
                 _check_finite(self.s, step, ckpt, value_loss=vl)
