@@ -20,12 +20,14 @@ if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
   devices=""
   export OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
 else
-  devices="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((n - 1)))}"
-  if [ "$(echo "$devices" | tr ',' '\n' | grep -c .)" -lt "$n" ]; then
-    echo "NUM_GPUS=$n but CUDA_VISIBLE_DEVICES=$devices names fewer devices" >&2; exit 2
+  count="$(python -c 'import torch; print(torch.cuda.device_count())')"
+  devices="${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((count - 1)))}"
+  if [ "$(echo "$devices" | tr ',' '\n' | grep -c .)" -lt "$n" ] || [ "$count" -lt "$n" ]; then
+    echo "NUM_GPUS=$n but there are $count GPUs (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})" >&2; exit 2
   fi
 fi
 pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM  # background processes ignore Ctrl-C: stop them too
 for i in $(seq 0 $((n - 1))); do
   if [ -n "$devices" ]; then
     CUDA_VISIBLE_DEVICES="$(echo "$devices" | cut -d, -f$((i + 1)))" \

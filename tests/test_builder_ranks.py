@@ -2,6 +2,7 @@
 model's weights on global rank 0 only, so a folder each rank made for itself held none on the others."""
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -31,7 +32,15 @@ def _rank(rank: int, port: int, tmp: str) -> None:
         _tiny_lm("llama", Path(tmp) / "lm")
     torch.distributed.barrier()
     parts = resolve_checkpoint(ModelArgs(vision_tower=f"{tmp}/vision", language_model=f"{tmp}/lm"))
-    Path(tmp, f"rank{rank}.json").write_text(json.dumps({"merged": merged, "parts": parts, "merges": len(merges)}))
+    n_merges = len(merges)
+    broken = Path(tmp, "broken")  # rank 0's merge fails (its base is gone): every rank stops, none waits
+    try:
+        resolve_checkpoint(ModelArgs(from_checkpoint=str(broken)))
+        error = ""
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        error = f"{type(err).__name__}: {err}"
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps({"merged": merged, "parts": parts, "merges": n_merges,
+                                                        "error": error}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -40,6 +49,9 @@ def test_rank_zero_merges_and_builds_from_parts_for_every_rank(tmp_path):
     model, processor, _ = load_model_and_processor(
         ModelArgs(from_checkpoint=make_tiny_checkpoint("llava", tmp_path / "llava")), LoraArgs(lora_r=4))
     save_model(model, processor, tmp_path / "lora")
+    shutil.copytree(tmp_path / "lora", tmp_path / "broken")
+    info = tmp_path / "broken" / "adapter" / "vlm_builder.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "base": str(tmp_path / "gone")}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,6 +59,7 @@ def test_rank_zero_merges_and_builds_from_parts_for_every_rank(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [g["merges"] for g in got] == [1, 0]  # rank 1's own merge had no weights, and could win the rename
     assert Path(got[0]["parts"]).parent == tmp_path / "cache" / "from_parts"  # not a machine's own /tmp
+    assert got[0]["error"] and "rank 0 could not make the checkpoint" in got[1]["error"], got
     for key in ("merged", "parts"):
         assert got[0][key] == got[1][key], key
         assert (Path(got[0][key]) / "model.safetensors").is_file() and (Path(got[0][key]) / "config.json").is_file()

@@ -55,3 +55,22 @@ def test_a_chunk_answers_its_share_of_what_is_unanswered(world, tiny, tmp_path):
     assert sorted(map(str, _rows(afile))) == sorted(ids)
     with pytest.raises(SystemExit):
         parse(_argv(world, tiny, qfile, afile, "--num_chunks", "2", "--chunk_idx", "2"))
+
+
+def test_a_line_cut_by_another_chunks_dead_process_is_not_appended_after(world, tiny, tmp_path, monkeypatch):
+    """A chunk's process stopped while writing leaves a cut last line; the processes still answering appended their
+    batches after it, and every later read of the file stopped on that line."""
+    import training.predict.main as predict_main
+    qfile = _questions(world, tmp_path / "q.jsonl", 4)
+    afile = tmp_path / "a.jsonl"
+    real, cut = predict_main.fitting, []
+
+    def dies_mid_batch(*args):  # the other process writes half a row while this one generates its first batch
+        if not cut:
+            cut.append(1)
+            with afile.open("a") as f:
+                f.write('{"question_id": "half')
+        return real(*args)
+    monkeypatch.setattr(predict_main, "fitting", dies_mid_batch)
+    predict(parse(_argv(world, tiny, qfile, afile, "--num_chunks", "2", "--chunk_idx", "0")))
+    assert cut and len(_rows(afile)) == 2  # every line whole: the half row is gone, this chunk's two answers there

@@ -113,13 +113,26 @@ def made_once(make) -> str:
     """make() -> a folder, on rank 0 only when several ranks run (torch.distributed), every rank getting its path:
     transformers' save_pretrained writes a model's weights on global rank 0 only, so another rank's own copy held
     none (a LoRA merge in the shared cache could then be a folder without a model, for good). The ranks share a
-    file system, as a multi-node run must."""
+    file system, as a multi-node run must. The others wait in a group of their own with a long timeout (merging a
+    large model can outlast the run's group's, DeepSpeed's 10 minutes), and raise when rank 0 failed."""
+    from datetime import timedelta
+
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return make()
-    box = [make() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=12))
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(make(), None)]
+        except Exception as err:
+            dist.broadcast_object_list([(None, f"{type(err).__name__}: {err}")], src=0, group=group)
+            raise
+    dist.broadcast_object_list(box, src=0, group=group)
+    path, error = box[0]
+    if error:
+        raise RuntimeError(f"rank 0 could not make the checkpoint every rank loads: {error}")
+    return path
 
 
 def _digest(*parts) -> str:

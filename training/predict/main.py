@@ -76,17 +76,34 @@ def default_image_folder(data_path: str) -> str:
     return str(cand) if cand.is_dir() else str(Path(data_path).parent)
 
 
-def answered(out: Path) -> set[str]:
-    """question_ids already in an answers file. A last line cut short (an interrupted run wrote part of a
-    batch) is removed, so its question is answered again; any other unreadable line is an error."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
+def drop_unfinished_line(out: Path) -> bytes:
+    """The answers file's contents without a last line cut short (a process stopped while writing a batch), which
+    is removed from the file: its question is answered again, and another chunk's process does not append after it.
+    Call under `locked`."""
+    data = out.read_bytes() if out.exists() else b""
     end = data.rfind(b"\n") + 1
     if end < len(data):
         print(f"{out}: removing an unfinished last line ({len(data) - end} bytes) left by an interrupted run")
         with out.open("r+b") as f:
             f.truncate(end)
+    return data[:end]
+
+
+def ends_whole(out: Path) -> bool:
+    """Whether the answers file is empty or ends with a whole line (reads its last byte only)."""
+    with out.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def answered(out: Path) -> set[str]:
+    """question_ids already in an answers file (`drop_unfinished_line` first); an unreadable line is an error."""
+    if not out.exists():
+        return set()
+    data = drop_unfinished_line(out)
+    end = len(data)
     done = set()
     for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
         if line.strip():
@@ -255,6 +272,8 @@ def predict(args: argparse.Namespace) -> Path:
                 rows, k = rewarded(chunk, rows, rewards, args.best_of_n, report, scorer)
                 unscored += k
             with locked(out):
+                if not ends_whole(out):  # another chunk's process died mid-batch: append after whole lines only
+                    drop_unfinished_line(out)
                 f.write("".join(json.dumps(row) + "\n" for row in rows))  # a batch at once; a cut one is redone
                 f.flush()
             bar.update(len(chunk))
