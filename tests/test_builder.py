@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from training.config import LoraArgs, ModelArgs
 from training.model.architectures import ARCHITECTURES, detect_architecture
-from training.model.builder import (build_from_parts, enable_gradient_checkpointing, load_model_and_processor,
-                                    save_model)
+from training.model.builder import enable_gradient_checkpointing, load_model_and_processor, save_model
+from training.model.parts import build_from_parts
 from training.model.tiny_archs import SUPPORTED_TINY, build_tokenizer, make_tiny_checkpoint
 
 ARCHS = [a for a in SUPPORTED_TINY if a != "smolvlm" or importlib.util.find_spec("num2words")]
@@ -288,7 +288,7 @@ def _tiny_open_clip(tmp_path):
 def test_open_clip_conversion_same_features(tmp_path):
     import open_clip
 
-    from training.model.builder import open_clip_to_clip_vision
+    from training.model.parts import open_clip_to_clip_vision
     arch = _tiny_open_clip(tmp_path)
     visual = open_clip.create_model(arch, pretrained=None).visual.eval()
     hf = open_clip_to_clip_vision(visual, quick_gelu=True).eval()

@@ -83,12 +83,13 @@ def test_a_model_from_parts_is_composed_once_per_version_of_its_parts(tmp_path, 
     from test_builder import _tiny_lm, _tiny_vision
 
     import training.model.builder as builder
+    import training.model.parts as parts
     monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
     _tiny_vision("clip", tmp_path / "vision")
     _tiny_lm("llama", tmp_path / "lm")
     builds = []
-    real = builder.build_from_parts
-    monkeypatch.setattr(builder, "build_from_parts", lambda *a: builds.append(1) or real(*a))
+    real = parts.build_from_parts
+    monkeypatch.setattr(parts, "build_from_parts", lambda *a: builds.append(1) or real(*a))
     args = ModelArgs(vision_tower=str(tmp_path / "vision"), language_model=str(tmp_path / "lm"))
     first = builder.resolve_checkpoint(args)
     assert builder.resolve_checkpoint(args) == first and len(builds) == 1
