@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from training.chat_api import ChatAPIError, chat_completions_url, post_chat, public_url, reply_text
+from training.files import write_text_atomic
 
 JudgeError = ChatAPIError  # the judge endpoint could not give a reply
 
@@ -129,10 +128,7 @@ class Judge:
 
 def _write_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def add_judge_args(p) -> None:

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from training.config import REF_CACHE_FOLDER
+from training.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = "pipeline_stage.json"
@@ -220,9 +221,7 @@ def _write(out: Path, rec: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rec["time"] = datetime.datetime.now().isoformat(timespec="seconds")
-    tmp = out / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(out / RECORD)
+    write_text_atomic(out / RECORD, json.dumps(rec, indent=1))
 
 
 def main(argv=None) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from training.config import DeepSpeedArgs, OptimArgs
+from training.files import write_text_atomic
 
 
 def setup_environment() -> None:
@@ -59,12 +60,6 @@ def close_distributed(timeout_s: float = 120.0) -> None:
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001 - exiting anyway; a failed wait must not mask the run's own outcome
         pass
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rotate_checkpoints(root: Path, step: int, keep: int) -> None:
@@ -409,7 +404,7 @@ class Strategy:
         self.barrier()
         if self.is_main:
             for root in engines:
-                _write_atomic_text(Path(root) / "latest", tag)
+                write_text_atomic(Path(root) / "latest", tag)
             for root in engines:
                 rotate_checkpoints(Path(root), step, keep)
         self.barrier()

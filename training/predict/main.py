@@ -15,6 +15,7 @@ from pathlib import Path
 
 from training.data.images import is_base64_text
 from training.data.records import IMAGE_PLACEHOLDER
+from training.files import write_text_atomic
 from training.model.builder import add_inference_args
 
 
@@ -143,9 +144,7 @@ def check_settings(out: Path, done: set, settings: dict) -> None:
                              "pass another --output_file, or delete the file to answer again")
     elif done:
         print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
-    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")  # chunk processes write it too: each whole, atomically
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, side)
+    write_text_atomic(side, json.dumps(settings, indent=1))  # chunk processes write it too
 
 
 def answer_row(r, text: str, model_id: str) -> dict:

@@ -17,13 +17,12 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import urllib.parse
 from pathlib import Path
 
 from training.chat_api import chat_completions_url, post_chat, reply_text
+from training.files import write_text_atomic
 
 SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
 TYPE_WEIGHT = {"image_recognition_error": 3.0, "correct": 1.0, "language_comprehension_error": 1.0}  # pair 4
@@ -164,10 +163,7 @@ class ChatExpert:
         text = self._post(body)
         report = parse_report(text)  # a malformed answer is not cached
         self.cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")  # a killed write leaves no half-written entry
-        with os.fdopen(fd, "w") as f:
-            json.dump({"content": text}, f)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"content": text}))  # a killed write leaves no half-written entry
         return report
 
 

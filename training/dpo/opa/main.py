@@ -26,6 +26,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from training.files import write_text_atomic
 from training.model.builder import add_inference_args
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -104,9 +105,7 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(x + "\n" for x in lines))
 
 
 def _input_sha(r: dict) -> str:

@@ -1,0 +1,22 @@
+"""write_text_atomic: the file holds the old text or the new, never part of either."""
+from pathlib import Path
+
+import pytest
+
+from training.files import write_text_atomic
+
+
+def test_a_write_replaces_whole_and_a_failed_one_leaves_the_old_text(tmp_path, monkeypatch):
+    path = tmp_path / "record.json"
+    write_text_atomic(path, "old")
+    write_text_atomic(path, "new é")
+    assert path.read_text(encoding="utf-8") == "new é" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+    def killed(self, text, encoding=None):  # the write dies after half of the text
+        Path.write_bytes(self, text[: len(text) // 2].encode())
+        raise OSError("disk full")
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "a much longer text")
+    assert path.read_text(encoding="utf-8") == "new é"  # the old text, and no temporary file left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
