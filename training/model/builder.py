@@ -187,19 +187,9 @@ def composed_checkpoint(vision_tower: str, language_model: str) -> str:
 
 
 def embedded_tiny_vlm() -> str:
-    """The embedded tiny LLaVA (`training.model.tiny`, seeded) in <user cache>/tiny_vlm, built
-    once; the first build appears by an atomic rename, so concurrent ranks never read a half-written one."""
-    import os
-    import shutil
-
+    """The embedded tiny LLaVA (`training.model.tiny`, seeded) in <user cache>/tiny_vlm, built once (`_built_once`)."""
     from training.model.tiny import build_tiny_vlm, ensure_tiny_vlm
-    final = cache_dir() / "tiny_vlm"
-    if not (final / "config.json").is_file():
-        staging = build_tiny_vlm(tempfile.mkdtemp(dir=final.parent))
-        try:
-            os.rename(staging, final)
-        except OSError:  # another process won the race: its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+    final = _built_once(cache_dir() / "tiny_vlm", build_tiny_vlm)
     return str(ensure_tiny_vlm(final))  # rebuilt in place only if its definition changed
 
 
