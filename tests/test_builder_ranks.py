@@ -95,3 +95,36 @@ def test_a_model_from_parts_is_composed_once_per_version_of_its_parts(tmp_path, 
     assert builder.resolve_checkpoint(args) == first and len(builds) == 1
     _tiny_lm("qwen2", tmp_path / "lm")  # another language model in the same folder
     assert builder.resolve_checkpoint(args) != first and len(builds) == 2
+
+
+def _independent_process(tmp: str, barrier) -> None:
+    import time
+
+    from training.model.builder import _built_once
+
+    def build(staging: str) -> str:
+        with open(Path(tmp) / "builds.txt", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # a merge takes a while: the other process asks meanwhile
+        Path(staging, "model.safetensors").write_bytes(b"weights")
+        return staging
+    barrier.wait()
+    Path(tmp, f"got{os.getpid()}.txt").write_text(_built_once(Path(tmp) / "cache" / "merged" / "key", build))
+
+
+def test_independent_processes_make_a_cached_checkpoint_once(tmp_path):
+    """run_predict.sh's chunk processes (no process group between them) on one LoRA checkpoint each merged it, N
+    merges of the model in memory at once; the first makes it now, the others wait and load it."""
+    (tmp_path / "cache" / "merged").mkdir(parents=True)  # as training.model.cache.cache_dir leaves it
+    ctx = torch.multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_independent_process, args=(str(tmp_path), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len((tmp_path / "builds.txt").read_text().split()) == 1
+    got = {f.read_text() for f in tmp_path.glob("got*.txt")}
+    assert got == {str(tmp_path / "cache" / "merged" / "key")}
+    assert (tmp_path / "cache" / "merged" / "key" / "model.safetensors").read_bytes() == b"weights"

@@ -79,6 +79,32 @@ def test_nvme_offload_serves_one_trained_model(tmp_path, monkeypatch):
     plain.prepare(torch.nn.Linear(2, 2), 10)  # no swap folder: any number of models
 
 
+def test_adamw_is_torchs_fused_kernel_where_it_runs(tmp_path, monkeypatch):
+    """The per-parameter AdamW loop (torch's default on the CPU) against transformers' Trainer (TRL), which uses the
+    fused kernel; the step is the same update (to fp32 rounding), SGD and CPU offload keep their own."""
+    import deepspeed
+    got = {}
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, **kw: (got.setdefault("opt", optimizer),
+                                                                               None, None, None))
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    start = a.weight.detach().clone()
+    _strategy(tmp_path, None).prepare(a, 10)
+    fused = got.pop("opt")
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(b.parameters(), lr=fused.defaults["lr"], weight_decay=fused.defaults["weight_decay"])
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for m, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and not torch.allclose(a.weight, start, atol=1e-4)
+    Strategy(DeepSpeedArgs(), OptimArgs(optimizer="sgd")).prepare(torch.nn.Linear(2, 2), 10)
+    assert isinstance(got.pop("opt"), torch.optim.SGD)
+
+
 def test_zero_buckets_are_no_larger_than_the_trained_weights(tmp_path):
     """ZeRO-2 kept a 5e8-element bucket (1 GB in fp16 per device) for LoRA's few million weights."""
     lora = _strategy(tmp_path, None, zero_stage=2).config(n_trainable=63_000_001)["zero_optimization"]

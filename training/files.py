@@ -1,9 +1,12 @@
-"""Files written whole: a reader (another rank, another chunk's process, a resumed run) sees the old contents or the
-new, never half of them, and a write killed part-way leaves the old file as it was."""
+"""Files shared by processes: written whole (a reader -- another rank, another chunk's process, a resumed run -- sees
+the old contents or the new, never half of them, and a write killed part-way leaves the old file as it was), and
+locked while one process works on them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import sys
 from pathlib import Path
 
 
@@ -17,3 +20,26 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """An exclusive lock (flock) on `path`, created if missing, held until the block ends; other processes (and other
+    opens in this one) wait for it. Without one where fcntl is missing (not POSIX) or the file system refuses it (some
+    network mounts), with a warning in the second case."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            print(f"warning: cannot lock {path} ({err}); going on without the lock", file=sys.stderr)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -128,6 +128,7 @@ def weights_only_loads():
 
 
 BUCKET_DEFAULT = 500_000_000  # DeepSpeed's ZeRO reduce / allgather bucket, in elements
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) runs
 
 
 class NonFiniteError(FloatingPointError):
@@ -272,7 +273,10 @@ class Strategy:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             opt = DeepSpeedCPUAdam(params, lr=o.learning_rate, weight_decay=o.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+            # fused (one kernel over all parameters, as transformers' Trainer and so TRL default to) where
+            # torch has it; its per-parameter loop otherwise
+            fused = all(p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES for p in params)
+            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay, fused=fused or None)
         warmup = o.num_warmup_steps or int(o.warmup_ratio * total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, warmup, total_steps))
         config = self.config(sum(p.numel() for p in params))

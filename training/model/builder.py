@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from training.config import LoraArgs, ModelArgs
+from training.files import locked
 from training.model.architectures import ArchSpec, detect_architecture
 from training.model.cache import cache_dir
 
@@ -145,17 +146,23 @@ def _stats(files, root: Path) -> list:
 
 
 def _built_once(final: Path, build) -> str:
-    """final, made by build(staging folder) unless it holds a model's weights already; it appears by an atomic
-    rename, so concurrent processes never read half of one. A folder there without weights (left by ranks that
-    each made their own copy, before made_once) is made again."""
+    """final, made by build(staging folder) unless it holds a model's weights already. One process makes it at a
+    time (a lock file beside it): independent processes on one checkpoint (run_predict.sh's chunk processes on a
+    LoRA checkpoint) merged it each, N times the memory at once; the others wait and load it. It appears by an
+    atomic rename, so a process that does not take the lock never reads half of one. A folder there without weights
+    (left by ranks that each made their own copy, before made_once) is made again."""
     import shutil
-    if not saved_model_files(final, adapter=False):
-        shutil.rmtree(final, ignore_errors=True)
-        staging = build(tempfile.mkdtemp(dir=final.parent))
-        try:
-            os.rename(staging, final)
-        except OSError:  # another process won the race: its copy is the same
-            shutil.rmtree(staging, ignore_errors=True)
+    if saved_model_files(final, adapter=False):
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with locked(final.with_name(final.name + ".lock")):
+        if not saved_model_files(final, adapter=False):  # not made while this process waited
+            shutil.rmtree(final, ignore_errors=True)
+            staging = build(tempfile.mkdtemp(dir=final.parent))
+            try:
+                os.rename(staging, final)
+            except OSError:  # a process without the lock won the race: its copy is the same
+                shutil.rmtree(staging, ignore_errors=True)
     return str(final)
 
 

@@ -8,14 +8,13 @@ Batched; an interrupted run resumes: question_ids already in --output_file are n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from pathlib import Path
 
 from training.data.images import is_base64_text
 from training.data.records import IMAGE_PLACEHOLDER
-from training.files import write_text_atomic
+from training.files import locked, write_text_atomic
 from training.model.builder import add_inference_args
 
 
@@ -53,23 +52,6 @@ def parse(argv=None) -> argparse.Namespace:
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
         p.error(f"--chunk_idx {args.chunk_idx} of --num_chunks {args.num_chunks}: need 0 <= chunk_idx < num_chunks")
     return args
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on the answers file (flock: processes answering chunks of one question file append to it
-    and read it at their start); no lock where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one process per answers file
-        yield
-        return
-    with open(path, "ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_image_folder(data_path: str) -> str:
