@@ -93,9 +93,10 @@ def check_complete(items: list[dict], answers: dict[str, str], where: str) -> No
 
 
 def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str, image_folder: str,
-             decoding: dict, predict_flags: list[str],
-             restart: bool = False) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """Answers per split, generating what is missing. Returns (answers, answer file per split)."""
+             decoding: dict, predict_flags: list[str], restart: bool = False,
+             num_processes: int = 1) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Answers per split, generating what is missing (in num_processes processes, one per GPU:
+    training.predict.parallel). Returns (answers, answer file per split)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answers, files = {}, {}
     for split, items in qs.items():
@@ -119,10 +120,17 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
         qfile.write_text(lines, encoding="utf-8")
         got = read_answers(afile)
         if any(q["question_id"] not in got for q in items):
-            from training.predict.main import parse, predict
-
-            predict(parse(["--model_path", str(model_path), "--data_path", str(qfile), "--output_file", str(afile),
-                           "--image_folder", image_folder, *predict_flags]))
+            argv = ["--model_path", str(model_path), "--data_path", str(qfile), "--output_file", str(afile),
+                    "--image_folder", image_folder, *predict_flags]
+            if num_processes > 1:
+                from training.predict.parallel import run_chunks
+                status = run_chunks(argv, num_processes)
+                if status:
+                    raise SystemExit(f"answering {qfile} in {num_processes} processes failed (exit status {status}); "
+                                     "run again to answer what is missing")
+            else:
+                from training.predict.main import parse, predict
+                predict(parse(argv))
             got = read_answers(afile)
         check_complete(items, got, str(afile))
         answers[split], files[split] = got, str(afile)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_version", default="", help="label recorded with the data files' sha256")
     g = p.add_argument_group("generation (training.predict.main)")
     g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--num_processes", type=int, default=1,
+                   help="processes answering the questions, one per GPU (training.predict.parallel; run_predict.sh "
+                        "passes NUM_GPUS)")
     g.add_argument("--max_new_tokens", type=int, default=None, help="default: the benchmark's")
     g.add_argument("--num_beams", type=int, default=None, help="default: the benchmark's")
     g.add_argument("--do_sample", action="store_true")
@@ -144,6 +147,12 @@ def run(args) -> dict:
         if not args.model_path:
             raise SystemExit("--model_path is required unless --answers is given")
         from training.model.builder import inference_device
+        if args.num_processes < 1:
+            raise SystemExit(f"--num_processes {args.num_processes}: need 1 or more")
+        if args.num_processes > 1 and ":" in args.device:
+            raise SystemExit(f"--device {args.device} with --num_processes {args.num_processes}: each process answers "
+                             "on a GPU of its own; pass the device kind (cuda) or choose the GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
         device, precision = inference_device(args.device, args.precision)
         # the numerics belong to the answers' settings: a rerun at another precision or on another kind of
         # device does not append to these answers
@@ -153,7 +162,8 @@ def run(args) -> dict:
                                          "device": device, "precision": precision,
                                          "progress": args.progress})
         answers, files = generate(qs, out_dir / "predictions", args.benchmark + suffix, args.model_path,
-                                  args.image_folder, decoding, flags, restart=args.restart_answers)
+                                  args.image_folder, decoding, flags, restart=args.restart_answers,
+                                  num_processes=args.num_processes)
     judge, jdec = None, None
     if mod.needs_judge(args):
         judge = judge_from_args(args, mod.JUDGE_MODEL)

@@ -96,6 +96,9 @@ def test_run_predict_sh_dispatches(tmp_path):
     assert run("--benchmark=mmhal") == "python -m eval.benchmark --benchmark=mmhal"
     assert run("--model_path", "m", "--data_path", "q.jsonl") == \
         "python -m training.predict.main --model_path m --data_path q.jsonl"
+    env["NUM_GPUS"] = "3"  # one process per GPU: training.predict.parallel, or the benchmark's generation
+    assert run("--model_path", "m") == "python -m training.predict.parallel 3 --model_path m"
+    assert run("--benchmark", "pope") == "python -m eval.benchmark --benchmark pope --num_processes 3"
 
 
 def _result(path: Path, model: str, bench: str, metrics: dict, created: str = "2026-01-01T00:00:00"):

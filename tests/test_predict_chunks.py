@@ -75,3 +75,24 @@ def test_a_line_cut_by_another_chunks_dead_process_is_not_appended_after(world, 
     monkeypatch.setattr(predict_main, "fitting", dies_mid_batch)
     predict(parse(_argv(world, tiny, qfile, afile, "--num_chunks", "2", "--chunk_idx", "0")))
     assert cut and len(_rows(afile)) == 2  # every line whole: the half row is gone, this chunk's two answers there
+
+
+def test_a_benchmark_is_answered_by_several_processes_as_by_one(world, tiny, tmp_path, monkeypatch):
+    """`NUM_GPUS=N bash run_predict.sh --benchmark ...` generated in one process whatever N was."""
+    from eval.benchmark import main as bench_main
+    import training.predict.parallel as parallel
+    calls, real = [], parallel.run_chunks
+    monkeypatch.setattr(parallel, "run_chunks", lambda argv, n: calls.append(n) or real(argv, n))
+
+    def run(out, *extra):
+        return bench_main(["--benchmark", "pope", "--model_path", str(tiny), "--data", str(world), "--output_dir",
+                           str(out), "--max_new_tokens", "3", "--batch_size", "1", "--no-progress", "--pope_suffix", "",
+                           *extra])
+    one, two = run(tmp_path / "one"), run(tmp_path / "two", "--num_processes", "2")
+    assert calls == [2, 2, 2]  # each of POPE's three splits, in two processes
+    assert two["metrics"] == one["metrics"] and two["decoding"] == one["decoding"]
+    for split in one["answers"]:
+        assert {q: r["text"] for q, r in _rows(Path(two["answers"][split])).items()} == \
+            {q: r["text"] for q, r in _rows(Path(one["answers"][split])).items()}
+    with pytest.raises(SystemExit, match="each process answers on a GPU of its own"):
+        run(tmp_path / "three", "--num_processes", "2", "--device", "cuda:1")

@@ -155,7 +155,7 @@ def _built_once(final: Path, build) -> str:
     if saved_model_files(final, adapter=False):
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with locked(final.with_name(final.name + ".lock")):
+    with locked(final.with_name(f".{final.name}.lock")):
         if not saved_model_files(final, adapter=False):  # not made while this process waited
             shutil.rmtree(final, ignore_errors=True)
             staging = build(tempfile.mkdtemp(dir=final.parent))

@@ -1,0 +1,71 @@
+"""N processes answering one question file, one per GPU: each answers every N-th question (training.predict.main's
+--num_chunks / --chunk_idx) into the one answers file. `NUM_GPUS=N bash run_predict.sh ...` and eval.benchmark's
+--num_processes start them here.
+
+    python -m training.predict.parallel N <training.predict.main flags>
+
+Process i sees the i-th of the first N GPUs (CUDA_VISIBLE_DEVICES's when it is set) as its only one; on a CPU-only
+machine (or DS_ACCELERATOR=cpu) the N processes share the cores (OMP_NUM_THREADS = cores / N each). Ctrl-C (or a
+termination signal) stops every process; the exit status is the first failing process's, else 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+
+def process_devices(n: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each of n processes (None each on the CPU). Stops when there are fewer GPUs than n."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return [None] * n
+    import torch
+    count = torch.cuda.device_count()
+    if count == 0:
+        return [None] * n
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(count)))).split(",") if d]
+    if min(count, len(visible)) < n:
+        raise SystemExit(f"{n} processes, one per GPU, but there are {count} GPUs "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return visible[:n]
+
+
+def run_chunks(argv: list[str], n: int) -> int:
+    """training.predict.main with argv in n processes (chunk i of n each); returns the exit status."""
+    procs = []
+    cpu_threads = str(max(1, (os.cpu_count() or 1) // n))
+    try:
+        for i, device in enumerate(process_devices(n)):
+            env = dict(os.environ)
+            if device is None:
+                env["OMP_NUM_THREADS"] = cpu_threads
+            else:
+                env["CUDA_VISIBLE_DEVICES"] = device
+            procs.append(subprocess.Popen([sys.executable, "-m", "training.predict.main", *argv, "--num_chunks",
+                                           str(n), "--chunk_idx", str(i)], env=env))
+        status = 0
+        for p in procs:
+            rc = p.wait()
+            status = status or rc
+        return status
+    finally:  # Ctrl-C, a termination signal, an error starting one: none of them keeps running
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
+        raise SystemExit("usage: python -m training.predict.parallel N <training.predict.main flags>")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up above
+    try:
+        sys.exit(run_chunks(sys.argv[2:], int(sys.argv[1])))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
