@@ -96,3 +96,50 @@ def test_a_benchmark_is_answered_by_several_processes_as_by_one(world, tiny, tmp
             {q: r["text"] for q, r in _rows(Path(one["answers"][split])).items()}
     with pytest.raises(SystemExit, match="each process answers on a GPU of its own"):
         run(tmp_path / "three", "--num_processes", "2", "--device", "cuda:1")
+
+
+def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    import training.predict.parallel as parallel
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert parallel.process_devices(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert parallel.process_devices(2) == ["2", "3"]
+    with pytest.raises(SystemExit, match="3 processes, one per GPU, but 2 GPUs are there to use"):
+        parallel.process_devices(3)  # two of the four visible: the third would answer on the CPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert parallel.process_devices(3) == [None] * 3  # a CPU-only machine: the processes share its cores
+
+    # a process that fails gives the exit status; an interrupt (Ctrl-C) stops every process
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n[ "$FAIL" = 1 ] && exit 3\nsleep 60\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setenv("FAIL", "1")
+    assert parallel.run_chunks([], 2) == 3
+    monkeypatch.setenv("FAIL", "0")
+    started = []
+    real_popen = subprocess.Popen
+
+    class Interrupted(real_popen):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self)
+
+        def wait(self, timeout=None):
+            if self.poll() is None and len(started) == 2 and not getattr(self, "hit", False):
+                self.hit = True
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    monkeypatch.setattr(subprocess, "Popen", Interrupted)
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.run_chunks([], 2)
+    assert len(started) == 2 and all(p.poll() is not None for p in started) and time.time() - t0 < 30

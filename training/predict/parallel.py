@@ -26,8 +26,8 @@ def process_devices(n: int) -> list[str | None]:
         return [None] * n
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(count)))).split(",") if d]
     if min(count, len(visible)) < n:
-        raise SystemExit(f"{n} processes, one per GPU, but there are {count} GPUs "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        raise SystemExit(f"{n} processes, one per GPU, but {min(count, len(visible))} GPUs are there to use ({count} "
+                         f"seen, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     return visible[:n]
 
 
