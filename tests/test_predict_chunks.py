@@ -58,6 +58,24 @@ def test_a_chunk_answers_its_share_of_what_is_unanswered(world, tiny, tmp_path):
         parse(_argv(world, tiny, qfile, afile, "--num_chunks", "2", "--chunk_idx", "2"))
 
 
+def test_each_bad_row_is_reported_by_one_chunk(world, tiny, tmp_path):
+    """Rows unreadable in the question file were listed in every chunk's bad-rows report."""
+    qfile = _questions(world, tmp_path / "q.jsonl", 6)
+    lines = qfile.read_text().splitlines()
+    qfile.write_text("\n".join(lines[:2] + ["{not json", json.dumps({"question_id": "x", "image": "none.png"})]
+                               + lines[2:]) + "\n")
+    predict(parse(_argv(world, tiny, qfile, tmp_path / "one.jsonl", "--skip_bad_rows")))
+    one = json.loads((tmp_path / "one.bad_rows.json").read_text())["rows"]
+    assert len(one) == 2
+    for i in range(2):
+        predict(parse(_argv(world, tiny, qfile, tmp_path / "two.jsonl", "--skip_bad_rows", "--num_chunks", "2",
+                            "--chunk_idx", str(i))))
+    chunks = [tmp_path / f"two.bad_rows.chunk{i}of2.json" for i in range(2)]
+    found = [r for c in chunks if c.exists() for r in json.loads(c.read_text())["rows"]]
+    assert sorted(map(json.dumps, found)) == sorted(map(json.dumps, one))  # each once, none lost
+    assert set(_rows(tmp_path / "two.jsonl")) == set(_rows(tmp_path / "one.jsonl"))
+
+
 def test_a_line_cut_by_another_chunks_dead_process_is_not_appended_after(world, tiny, tmp_path, monkeypatch):
     """A chunk's process stopped while writing leaves a cut last line; the processes still answering appended their
     batches after it, and every later read of the file stopped on that line."""

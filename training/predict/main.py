@@ -213,6 +213,8 @@ def predict(args: argparse.Namespace) -> Path:
         check_settings(out, done, run_settings(args, device, precision, image_root))
     report = BadRowReport(skip=args.skip_bad_rows)
     records = read_prompts([args.data_path], image_root, report)
+    if args.chunk_idx > 0:  # rows unreadable in the file are every chunk's finding: chunk 0 reports them
+        report.skipped.clear()
     unique_ids(records)
     # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
     mine = records[args.chunk_idx::args.num_chunks]
