@@ -63,7 +63,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood over target tokens and the number of target tokens."""
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood over target tokens and the number of target tokens (a tensor where the logits
+    are: reading it to the host waits for the device)."""
     lp, mask = token_logprobs(logits, labels)
-    return -lp.sum(), int(mask.sum())
+    return -lp.sum(), mask.sum()

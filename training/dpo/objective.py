@@ -17,7 +17,7 @@ REFERENCE_FREE = {"orpo"}
 def objective(pol: ResponseLogps, ref: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, a) -> dict:
     """pol: policy log-probs (N, K); ref: (sum, count, wsum) of the reference, (N, K); a: DPOArgs.
     Returns {"pair_loss_sum": scalar over items, "nll_sum": scalar over chosen tokens (ORPO),
-    "nll_tokens": int, "metrics": {name: sum over items}}."""
+    "nll_tokens": chosen target tokens (ORPO; a tensor), "metrics": {name: sum over items}}."""
     beta = a.beta
     m = {}
     out = {"nll_sum": torch.zeros((), device=pol.sum.device), "nll_tokens": 0.0}
@@ -28,7 +28,7 @@ def objective(pol: ResponseLogps, ref: tuple[torch.Tensor, torch.Tensor, torch.T
         term, log_odds = L.orpo_odds_ratio_loss(avg[:, 0], avg[:, 1])
         out["pair_loss_sum"] = a.orpo_lambda * term.sum()
         out["nll_sum"] = -pol.sum[:, 0].sum()
-        out["nll_tokens"] = float(pol.count[:, 0].sum())
+        out["nll_tokens"] = pol.count[:, 0].sum()
         rw, rl = (a.orpo_lambda * avg[:, 0]).detach(), (a.orpo_lambda * avg[:, 1]).detach()
         m.update({"log_odds_ratio": -term.detach().sum(), "log_odds_chosen": log_odds.detach().sum(),
                   "logps/chosen": avg[:, 0].detach().sum(), "logps/rejected": avg[:, 1].detach().sum()})

@@ -76,13 +76,13 @@ class DPOTrainer:
             tok = sum(float((b.labels.view(b.n_items, b.n_responses, -1)[:, 0, 1:] != -100).sum()) for b in batches)
         n_items, n_tok = self.s.all_reduce(torch.tensor([sum(b.n_items // rows for b in batches), tok],
                                                         dtype=torch.float64)).tolist()
-        sums = dict.fromkeys(self.metric_keys, 0.0)
-        total_loss = nll = 0.0
+        # each micro-batch's numbers are summed where computed and read to the host once, after the step's last
+        # micro-batch (a read per micro-batch made the CPU wait for the GPU between them)
+        acc, counts = None, []
         for b in batches:
             ref = self._reference(b) if self.needs_reference else None
             pol = response_logps(self.engine, b)
-            if self.ref_cache is not None:
-                self.ref_cache.check(b.indices, pol.count)
+            counts.append((b.indices, pol.count.detach()))
             obj = objective(pol, ref, self.a)
             loss = obj["pair_loss_sum"] / max(n_items, 1.0)
             if n_tok:
@@ -90,22 +90,25 @@ class DPOTrainer:
             # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a global mean
             self.engine.backward(loss * accum * world)
             self.engine.step()
-            # one device-to-host copy of this micro-batch's numbers (each float() of a GPU tensor waits for it)
             vals = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=loss.device).detach() for x in (
-                loss, obj["nll_sum"] / max(n_tok, 1), *obj["metrics"].values())]).tolist()
-            total_loss += vals[0]
-            nll += vals[1] if n_tok else 0.0
-            for k, v in zip(obj["metrics"], vals[2:]):
-                sums[k] += v
+                loss, obj["nll_sum"] / max(n_tok, 1), *(obj["metrics"][k] for k in self.metric_keys))])
+            acc = vals if acc is None else acc + vals
         for _ in range(accum - len(batches)):  # every row of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(self.make_batch, len(self.dataset))
             if self.needs_reference and self.ref_cache is None:
                 self._reference(stand)  # a live reference's forward gathers under ZeRO-3 too: discarded
             idle_micro_step(self.engine, lambda: response_logps(self.engine, stand).sum.sum())
+        if self.ref_cache is not None:
+            for indices, count in counts:
+                self.ref_cache.check(indices, count)
+        if acc is None:  # a rank whose rows were all skipped adds nothing
+            acc = torch.zeros(2 + len(self.metric_keys), dtype=torch.float64)
+        if not n_tok:
+            acc[1] = 0.0
         # one collective of values every rank has, in one order, even a rank whose rows were all skipped
-        t = self.s.all_reduce(torch.tensor([total_loss, nll, *sums.values()], dtype=torch.float64)).tolist()
+        t = self.s.all_reduce(acc.cpu()).tolist()
         m = {"loss": t[0], **({"nll_loss": t[1]} if self.a.loss_type == "orpo" else {})}
-        m.update({k: v / max(n_items, 1.0) for k, v in zip(sums, t[2:])})
+        m.update({k: v / max(n_items, 1.0) for k, v in zip(self.metric_keys, t[2:])})
         m.update(pairs=n_items, lr=lr)
         return m
 

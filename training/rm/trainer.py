@@ -82,7 +82,9 @@ class RMTrainer:
         batches = [b for b in micro_batches if b is not None]
         lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         n_units = float(self.s.all_reduce(sum(self._units(b) for b in batches)))
-        total, center_total, stats, tokens = 0.0, 0.0, torch.zeros(6, dtype=torch.float64), 0
+        # summed where computed, copied to the host once per step (a float() per micro-batch waited for the GPU)
+        sums, rewards = torch.zeros(2, dtype=torch.float64, device=self.s.device), []
+        tokens = sum(b.n_tokens for b in batches)  # counted before the first forward
         for b in batches:
             R, mask = self._rewards(b)
             loss_sum, _, center = rank_loss(R, mask, self.loss_kind, rm.margin, rm.center_coef)
@@ -90,13 +92,13 @@ class RMTrainer:
             # the step's units, the centering term a mean over its micro-batches
             self.engine.backward(loss_sum * accum * world / max(n_units, 1.0) + center)
             self.engine.step()
-            total, center_total = total + float(loss_sum.detach()), center_total + float(center.detach())
-            stats += pair_stats(R.detach(), mask)
-            tokens += b.n_tokens
+            sums += torch.stack([torch.as_tensor(x, device=sums.device).detach().double() for x in (loss_sum, center)])
+            rewards.append((R.detach(), mask))
         for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
             idle_micro_step(self.engine, lambda: self._rewards(stand)[0].sum())
-        red = self.s.all_reduce(torch.cat([torch.tensor([total, center_total, tokens], dtype=torch.float64), stats]))
+        stats = sum((pair_stats(R, mask) for R, mask in rewards), torch.zeros(6, dtype=torch.float64))
+        red = self.s.all_reduce(torch.cat([sums.cpu(), torch.tensor([tokens], dtype=torch.float64), stats]))
         loss = float(red[0]) / max(n_units, 1.0) + float(red[1]) / (accum * world)
         return {"loss": loss, "tokens": float(red[2]), "lr": lr, **summarize(red[3:])}
 

@@ -59,18 +59,18 @@ class SFTTrainer:
         batches = [b for b in micro_batches if b is not None]
         lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         n_tok = float(self.s.all_reduce(sum(b.n_target_tokens for b in batches)))
-        total_nll = 0.0
+        total_nll = torch.zeros((), dtype=torch.float64, device=self.s.device)  # summed where computed: no GPU sync
         for b in batches:
             logits = self.engine(**b.model_inputs()).logits
             nll, _ = nll_sum(logits, b.labels)
             # DeepSpeed divides by `accum` and averages ranks: undo both so the step is a token mean
             self.engine.backward(nll * accum * world / max(n_tok, 1.0))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total_nll += float(nll.detach())
+            total_nll += nll.detach().double()
         for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(self._batch, len(self.dataset))
             idle_micro_step(self.engine, lambda: nll_sum(self.engine(**stand.model_inputs()).logits, stand.labels)[0])
-        loss = float(self.s.all_reduce(total_nll)) / max(n_tok, 1.0)
+        loss = float(self.s.all_reduce(total_nll.cpu())) / max(n_tok, 1.0)  # one device-to-host copy per step
         return {"loss": loss, "target_tokens": n_tok, "lr": lr}
 
     @torch.no_grad()
@@ -89,7 +89,7 @@ class SFTTrainer:
             b = collate_sft(items, self.pad_id, self.arch_name).to(self.s.device)
             s, t = nll_sum(self.engine(**b.model_inputs()).logits, b.labels)
             if not fill:
-                nll, tokens, rows = nll + float(s), tokens + t, rows + len(items)
+                nll, tokens, rows = nll + float(s), tokens + int(t), rows + len(items)
         if was_training:
             self.engine.train()
         nll, tokens, rows = self.s.all_reduce(torch.tensor([nll, tokens, rows], dtype=torch.float64)).tolist()
