@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.chat_api import ChatAPIError, chat_completions_url, post_chat, public_url, reply_text
+from training.chat_api import ChatAPIError, chat_completions_url, endpoint_key, post_chat, public_url, reply_text
 from training.files import write_text_atomic
 
 JudgeError = ChatAPIError  # the judge endpoint could not give a reply
@@ -58,7 +58,7 @@ class Judge:
 
     def key(self, messages: list[dict], decoding: dict, attempt: int = 0) -> str:
         # the endpoint too: two servers answering to one model name (a local one and a hosted one) are two judges
-        payload = {"endpoint": public_url(self.cfg.endpoint), "model": self.cfg.model, "messages": messages,
+        payload = {"endpoint": endpoint_key(self.cfg.endpoint), "model": self.cfg.model, "messages": messages,
                    "decoding": decoding}
         if attempt:
             payload["attempt"] = attempt

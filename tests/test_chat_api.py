@@ -193,3 +193,27 @@ def test_a_refusal_is_the_experts_bad_row_and_a_long_echo_loses_all_of_the_key(t
         first.shutdown()
         second.shutdown()
     assert KEY[:8] not in str(info.value) and "x" * 200 in str(info.value)
+
+
+def test_endpoints_are_shown_without_secrets_and_keyed_alike_by_judge_and_expert(tmp_path):
+    """The OPA expert stripped credentials from its cache key its own way and the judge another (query dropped, host
+    lowercased); one key now. public_url lost an IPv6 host's brackets ("http://::1:8000/v1")."""
+    from eval.judge import Judge, JudgeConfig
+    from training.chat_api import endpoint_key, public_url
+    from training.dpo.opa.expert import ChatExpert
+    assert public_url("http://[::1]:8000/v1/chat?code=SECRET") == "http://[::1]:8000/v1/chat"
+    assert public_url("https://user:pw@Host.example:8443/v1?k=SECRET#x") == "https://Host.example:8443/v1"
+    assert endpoint_key("https://user:pw@h.example/v1?api-version=2") == "https://h.example/v1?api-version=2"
+
+    def judge_key(url):
+        return Judge(JudgeConfig(url=url, model="m", cache_dir=str(tmp_path))).key([{"role": "user", "content": "x"}],
+                                                                                 {"temperature": 0.0})
+    assert judge_key("https://u:p@h.example/v1?api-version=1") == judge_key("https://h.example/v1?api-version=1")
+    assert judge_key("https://h.example/v1?api-version=1") != judge_key("https://h.example/v1?api-version=2")
+    seen = []
+    for url in ("https://u:p@h.example/v1?api-version=1", "https://h.example/v1?api-version=1",
+                "https://h.example/v1?api-version=2"):
+        expert = ChatExpert(url, "m", "NO_SUCH_KEY", tmp_path / "expert")
+        expert._post = lambda body, url=url: seen.append(url) or '[{"copied_content": "A red star.", "score": 4}]'
+        expert.review("A red star.")
+    assert seen == ["https://u:p@h.example/v1?api-version=1", "https://h.example/v1?api-version=2"]  # 2nd: cached

@@ -62,11 +62,19 @@ def reply_text(out) -> str | None:
     return content if isinstance(content, str) else None
 
 
+def _without_credentials(p: urllib.parse.SplitResult) -> urllib.parse.SplitResult:
+    return p._replace(netloc=p.netloc.rpartition("@")[2])  # user:password@ dropped; port, IPv6 brackets kept
+
+
 def public_url(url: str) -> str:
     """The URL without credentials or query string (what results files and messages show)."""
-    p = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else "",
-                                    p.path, "", ""))
+    return _without_credentials(urllib.parse.urlsplit(url))._replace(query="", fragment="").geturl()
+
+
+def endpoint_key(url: str) -> str:
+    """The endpoint as a cache of its replies (the judge's, the OPA expert's) knows it: the URL less any credentials
+    written in it, its query kept (it can choose a deployment or an API version); hashed into keys, never shown."""
+    return _without_credentials(urllib.parse.urlsplit(url)).geturl()
 
 
 def loopback(host: str | None) -> bool:

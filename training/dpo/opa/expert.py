@@ -18,10 +18,9 @@ import hashlib
 import io
 import json
 import re
-import urllib.parse
 from pathlib import Path
 
-from training.chat_api import chat_completions_url, post_chat, reply_text
+from training.chat_api import chat_completions_url, endpoint_key, post_chat, reply_text
 from training.files import write_text_atomic
 
 SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
@@ -152,9 +151,8 @@ class ChatExpert:
 
     def review(self, response: str, reference: str = "", facts=None, question: str = "", image=None) -> list[dict]:
         body = self._body(question, response, image)
-        p = urllib.parse.urlsplit(self.url)  # the endpoint, less any credentials in the URL (the key is never in)
-        url = p._replace(netloc=p.netloc.rpartition("@")[2]).geturl()
-        key = hashlib.sha256(json.dumps({"url": url, "body": body}, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps({"url": endpoint_key(self.url), "body": body}, sort_keys=True).encode()
+                             ).hexdigest()
         path = self.cache / f"{key}.json"
         try:
             return parse_report(json.loads(path.read_text())["content"])
