@@ -26,10 +26,10 @@ pronoun is a verb, and so is one right after "to" unless it is inflected (an inf
 "to trees", "to people") or the "to" is a preposition by its preceding word ("next to water",
 "close to", "due to", "walk to"; _TO_PREPOSITION); "hot" is never a noun), and spaCy's word-vector
 similarity (> 0.8, which
-also matches near-synonyms) is left out: only exact matches cover or mark. A plural that is itself a
-vocabulary word ("sunglasses", "slippers", "chopsticks", "earrings") is kept as written, where WordNet makes
-it a singular the vocabulary lacks ("sunglass") that never matches. Numbers can therefore differ from
-inference.py wherever the tagger, the lemmatizer or the word vectors decide. --amber_nlp reference uses
+also matches near-synonyms) is left out: only exact matches cover or mark. Lemmas are WordNet's, as
+inference.py's WordNetLemmatizer gives them (eval.nouns: "sunglasses" -> "sunglass", which the vocabulary lacks,
+"men" stays "men"). Numbers can therefore differ from inference.py wherever the tagger or the word vectors
+decide. --amber_nlp reference uses
 nltk + spaCy en_core_web_lg exactly as inference.py does, when they and their data are installed.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class RuleNouns:
         tokens = tokenize(text)
         out = []
         for i, tok in enumerate(tokens):
-            lemma = lemmatize(tok, self.vocab)
+            lemma = lemmatize(tok)
             if lemma not in self.vocab or lemma in _NEVER_NOUN:
                 continue
             prev = tokens[i - 1].lower() if i else ""

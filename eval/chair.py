@@ -47,7 +47,7 @@ class CocoObjects:
 
     def __init__(self, synonyms_file: str | Path = SYNONYMS,
                  tokenizer: Callable[[str], list[str]] = tokenize,
-                 lemmatizer: Callable[[str, frozenset], str] = lemmatize):
+                 lemmatizer: Callable[[str], str] = lemmatize):
         lines = [line.strip().split(", ") for line in Path(synonyms_file).read_text().splitlines() if line.strip()]
         self.canonical: dict[str, str] = {}
         for synonyms in lines:
@@ -62,10 +62,6 @@ class CocoObjects:
         for v in _VEHICLES:
             self.double[f"passenger {v}"] = v
         self.double.update({"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"})
-        # Words the lemmatizer may return: every word of the list and of the phrases ("wine glas" is
-        # the reference's patch for a singularizer that turned "glass" into "glas"; not a word).
-        self.vocab = frozenset(w for phrase in (*self.objects, *self.double) if phrase != "wine glas"
-                               for w in phrase.split(" "))
         self._tokenize, self._lemmatize = tokenizer, lemmatizer
 
     def _merge_pairs(self, words: list[str], keep_single: bool = True) -> list[str]:
@@ -87,7 +83,7 @@ class CocoObjects:
         return [(w, self.canonical[w]) for w in words if w in self.objects]
 
     def lemmas(self, text: str) -> list[str]:
-        return [self._lemmatize(w, self.vocab) for w in self._tokenize(text.lower())]
+        return [self._lemmatize(w) for w in self._tokenize(text.lower())]
 
     def mentions(self, text: str) -> list[tuple[str, str]]:
         """(word, COCO class) for every object mention in `text`, in order, repeats kept."""

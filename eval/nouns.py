@@ -1,38 +1,33 @@
-"""Word tokenizer and noun lemmatizer that need no downloaded language data.
+"""Word tokenizer and noun lemmatizer with no downloaded language data, as the reference scorers use NLTK's.
 
-The reference scorers use NLTK's `word_tokenize` and WordNet's noun lemmatizer; their data cannot
-be downloaded here. What the scorers need from them is narrow: split a response into words and
-punctuation, and turn a plural noun into the singular that the benchmark's vocabulary holds. So:
+The reference scorers use NLTK's `word_tokenize` and `WordNetLemmatizer().lemmatize(word)` (nouns); NLTK's data
+cannot be downloaded here. So:
 
 * `tokenize` splits like the Treebank tokenizer where it matters: punctuation is its own token (a
-  phrase never pairs across a '.' or ','), "dog's" -> "dog", "'s", hyphenated words stay whole.
-* `lemmatize(word, vocab)` follows WordNet's `morphy` for nouns: an exception table of irregular
-  plurals, then the suffix rules (-s, -ses, -xes, -zes, -ches, -shes, -men, -ies), keeping only
-  candidates in `vocab` (WordNet keeps only candidates in WordNet) and returning the shortest, as
-  `WordNetLemmatizer` does. A word with no candidate in `vocab` comes back unchanged (WordNet does
-  the same for words it does not know); with `vocab=None` the first rule's singular is returned.
+  phrase never pairs across a '.' or ','), "dog's" -> "dog", "'s" (and 'm 'd 'll 're 've; "can't" -> "ca", "n't"),
+  a quoted word is a word ("'dog'" -> "'", "dog", "'"), words joined by '-', '/' or '_' stay whole ("hot-dog",
+  "knife/fork": NLTK finds no object in "knife/fork"). Punctuation runs ("...", "--") and abbreviations ("U.S.")
+  split otherwise than NLTK's, which changes no object.
+* `lemmatize(word)` is WordNet's noun lemma as NLTK 3.10 gives it: the word itself and its exception forms
+  (noun.exc) or else its suffix-rule forms (-s, -ses, -ves, -xes, -zes, -ches, -shes, -men, -ies), kept when
+  WordNet holds them as nouns, the shortest (the first of equal length) returned; a word with none comes back
+  unchanged. WordNet 3.0's noun list and exceptions are in data/wordnet/ (scripts/wordnet_nouns.py wrote them;
+  LICENSE there). So "men" stays "men" (WordNet holds it as a noun: not a COCO word), "vases" becomes "vas".
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import re
+from pathlib import Path
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'[a-z]+|[^\sa-z0-9]", re.IGNORECASE)
+WORDNET = Path(__file__).parent / "data" / "wordnet"
 
-# Irregular plurals (WordNet's noun.exc entries for everyday objects, people and animals).
-IRREGULAR = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "grandchildren": "grandchild",
-    "mice": "mouse", "geese": "goose", "oxen": "ox", "teeth": "tooth", "feet": "foot", "lice": "louse",
-    "knives": "knife", "pocketknives": "pocketknife", "wives": "wife", "lives": "life", "leaves": "leaf",
-    "loaves": "loaf", "wolves": "wolf", "calves": "calf", "halves": "half", "shelves": "shelf",
-    "scarves": "scarf", "thieves": "thief", "hooves": "hoof", "elves": "elf", "selves": "self",
-    "cacti": "cactus", "fungi": "fungus", "radii": "radius", "dice": "die", "criteria": "criterion",
-    "buffaloes": "buffalo", "tomatoes": "tomato", "potatoes": "potato", "mangoes": "mango",
-    "volcanoes": "volcano", "heroes": "hero", "dominoes": "domino", "mosquitoes": "mosquito",
-    "torpedoes": "torpedo", "echoes": "echo",
-}
+_TOKEN = re.compile(r"[a-z0-9_]+(?=n't\b)|n't\b|'(?:s|m|d|ll|re|ve)\b|[a-z0-9_]+(?:[-/][a-z0-9_]+)*|[^\sa-z0-9_]",
+                    re.IGNORECASE)
 
-# WordNet morphy's noun rules, in its order: (suffix, replacement).
-_RULES = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+# WordNet morphy's noun rules, in NLTK's order: (suffix, replacement).
+_RULES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
           ("men", "man"), ("ies", "y"))
 
 
@@ -41,30 +36,22 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def _candidates(word: str) -> list[str]:
-    out = [word]
-    for suffix, repl in _RULES:
-        if word.endswith(suffix) and len(word) > len(suffix):
-            out.append(word[: len(word) - len(suffix)] + repl)
-    return out
+@functools.cache
+def wordnet_nouns() -> tuple[frozenset[str], dict[str, list[str]]]:
+    """(WordNet 3.0's single-word noun lemmas, its irregular noun forms -> their lemmas)."""
+    nouns = frozenset(gzip.decompress((WORDNET / "nouns.txt.gz").read_bytes()).decode().split())
+    exceptions = {}
+    for line in (WORDNET / "noun.exc").read_text().splitlines():
+        form, *lemmas = line.split() or [""]
+        if form:
+            exceptions[form] = lemmas
+    return nouns, exceptions
 
 
-def _guess(word: str) -> str:
-    """A singular for a word outside any vocabulary (used only when `vocab` is None)."""
-    for suffix, repl in (("ies", "y"), ("ches", "ch"), ("shes", "sh"), ("sses", "ss"), ("xes", "x"),
-                         ("zes", "z"), ("men", "man")):
-        if word.endswith(suffix) and len(word) > len(suffix) + 1:
-            return word[: len(word) - len(suffix)] + repl
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 3:
-        return word[:-1]
-    return word
-
-
-def lemmatize(word: str, vocab: set[str] | frozenset[str] | None = None) -> str:
-    """Singular noun form of `word` (lowercase), restricted to `vocab` when one is given."""
-    if word in IRREGULAR:
-        return IRREGULAR[word]
-    if vocab is None:
-        return _guess(word)
-    found = [c for c in _candidates(word) if c in vocab]
+def lemmatize(word: str) -> str:
+    """WordNet's noun lemma of `word` (lowercase), as NLTK's WordNetLemmatizer gives it (module docstring)."""
+    nouns, exceptions = wordnet_nouns()
+    forms = exceptions[word] if word in exceptions else [
+        word[:len(word) - len(suffix)] + repl for suffix, repl in _RULES if word.endswith(suffix)]
+    found = [f for f in dict.fromkeys([word, *forms]) if f in nouns]
     return min(found, key=len) if found else word
