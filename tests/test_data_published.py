@@ -82,3 +82,35 @@ def test_opa_pairs_rows_read_from_any_table_file(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps(r) + "\n")
     (again,) = read_opa(str(tmp_path / "pairs.jsonl"))
     assert {k: v for k, v in again.items() if k != "_where"} == r
+
+
+def test_the_set_as_released_base64_images_and_the_report_object(tmp_path):
+    """The release keeps each image as base64 text and the expert's report as a JSON object ("image_description",
+    "0", "1", ..., "Added"; pseudo_rollout_coco's output format), its queries start with "<image>\\n". Every row was
+    refused (image_bytes not bytes); given bytes, the object report read as [] (an empty revision, no weights), and
+    the question's own placeholder made a second one."""
+    import base64
+
+    from training.data.bad_rows import BadRowReport
+    from training.dpo.opa.data import OPADataset
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny import build_processor
+    from training.templates.chat import ChatEncoder
+    report = {"image_description": "A red star and a blue circle.",
+              "0": {"copied_content": "There is one red star.", "score": 4, "error_type": "correct", "object": [],
+                    "rewritten_content": "There is one red star.", "reason": ""},
+              "1": {"copied content": "There is a blue cross.", "score": "1", "error type": "Image_recognition_error",
+                    "object": ["cross -> circle"], "rewritten content": "There is a blue circle.", "reason": "r"},
+              "Added": {"rewritten_content": "The background is white.", "reason": "missing"}}
+    row = _row(queries="<image>\nDescribe the image.", image_bytes=base64.b64encode(_png()).decode(),
+               AI_json_report=json.dumps(report, indent=4))
+    (r,) = read_opa(_opa_set(tmp_path / "released", [row]))
+    assert r["question"] == "Describe the image."
+    assert r["revised"] == "There is one red star. There is a blue circle. The background is white."
+    assert r["revised_score_weights"] == [["There is one red star.", 1.0], ["There is a blue circle.", 2.5],
+                                          ["The background is white.", 1.0]]
+    assert [w for _, w in r["revised_type_weights"]] == [1.0, 3.0, 1.0]  # "Image_recognition_error" is one
+    assert r["rollout_weights"] == [["There is one red star.", 1.0], ["There is a blue cross.", 2.5]]
+    ds = OPADataset([r], ChatEncoder(build_processor(), ARCHITECTURES["llava"], 400), None, BadRowReport())
+    real, masked = ds[0]
+    assert len(real.responses) == 4 and len(masked.responses) == 2  # encoded with one image placeholder

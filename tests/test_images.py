@@ -54,6 +54,20 @@ def test_dotdot_escape_rejected(root, path):
         load_image(path, root)
 
 
+def test_windows_relative_paths_and_links_out_of_the_root(root, tmp_path):
+    """A Windows relative path ("sub\\red.png") was "file not found"; a symbolic link out of the root is refused with
+    a message saying so (it said only "path escapes the image root", for a path with no '..' in it)."""
+    import shutil
+    (root / "sub").mkdir(exist_ok=True)
+    shutil.copy(root / "red.png", root / "sub" / "red.png")
+    _check(load_image("sub\\red.png", root))
+    (root / "linked").symlink_to(root.parent)
+    with pytest.raises(ImageError, match="path escapes the image root through a symbolic link"):
+        load_image("linked/outside.png", root)
+    with pytest.raises(ImageError, match=r"path escapes the image root$"):
+        load_image("../outside.png", root)
+
+
 def test_absolute_path_outside_rejected(root):
     with pytest.raises(ImageError, match="path escapes the image root"):
         load_image(str(root.parent / "outside.png"), root)

@@ -61,11 +61,19 @@ def resolve_image_path(path: str | os.PathLike, image_root: str | os.PathLike | 
     """
     if "\0" in str(path):
         raise ImageError("bad path: contains a NUL character")
+    if os.sep == "/" and "\\" in str(path) and not os.path.isabs(path) and not os.path.lexists(
+            os.path.join(image_root or "", path)):
+        path = str(path).replace("\\", "/")  # a Windows relative path (coco\\train2017\\a.jpg)
     try:
         if image_root:
             root = Path(os.path.realpath(image_root))
             full = Path(os.path.realpath(root / path))  # an absolute `path` replaces the root here
             if full != root and root not in full.parents:
+                inside = Path(os.path.normpath(root / path))
+                if inside == root or root in inside.parents:  # '..'-free and inside: a symbolic link leads out
+                    raise ImageError(f"path escapes the image root through a symbolic link (it resolves to {full}); "
+                                     "links out of the image root are not followed: give the folder they point "
+                                     "into as the image folder")
                 raise ImageError("path escapes the image root")
         else:
             full = Path(os.path.realpath(path))

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from training.data.bad_rows import cut_alike
-from training.data.images import ImageError, image_source, is_base64_text, load_image
+from training.data.images import ImageError, decode_base64, image_source, is_base64_text, load_image
 from training.data.readers import DataFormatError
-from training.data.records import Message, RowRef
+from training.data.records import IMAGE_PLACEHOLDER, Message, RowRef
 from training.dpo.data import GroupItem, encode_group
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
 from training.templates.chat import RowNotEncodable
@@ -83,7 +83,8 @@ def revised_with_weights(report: list[dict]) -> tuple[str, list, list]:
     pieces, score_w, type_w = [], [], []
     for r in report:
         bad = r["score"] < 4
-        text = (r["rewritten_content"] if bad else r["copied_content"]).strip()
+        # a sentence the rollout lacked (the release's "Added": nothing copied) is its rewritten text
+        text = (r["rewritten_content"] if bad or not r["copied_content"].strip() else r["copied_content"]).strip()
         if not text:
             continue
         sw = SCORE_WEIGHT[r["score"]]
@@ -96,7 +97,7 @@ def revised_with_weights(report: list[dict]) -> tuple[str, list, list]:
 
 
 def rollout_weights(report: list[dict]) -> list:
-    return [[r["copied_content"], SCORE_WEIGHT[r["score"]]] for r in report]
+    return [[r["copied_content"], SCORE_WEIGHT[r["score"]]] for r in report if r["copied_content"].strip()]
 
 
 def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
@@ -174,7 +175,8 @@ class OPADataset(torch.utils.data.Dataset):
             self.report.bad(where, "image", str(err), item=(self, i))
             return None
         seed = self.seed * 1_000_003 + i
-        prompt = [Message("user", "<image>\n" + r["question"])]
+        q = r["question"]  # the image goes first unless the question places it (a published query: "<image>\n...")
+        prompt = [Message("user", q if IMAGE_PLACEHOLDER in q else f"{IMAGE_PLACEHOLDER}\n{q}")]
         texts = [r["gt"], r["revised"], r["rollout"], r["revised"]]
         sw = [None, r["revised_score_weights"], r["rollout_weights"], r["revised_type_weights"]]
         try:
@@ -238,18 +240,20 @@ def _from_published(row: dict, ref: RowRef) -> dict:
                                   f"{', '.join(PUBLISHED_FIELDS)})")
     image = row["image_bytes"]
     image = image.get("bytes") if isinstance(image, dict) else image  # a datasets Image column: {bytes, path}
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        raise DataFormatError(f"{ref.file}: row {ref.row}: field 'image_bytes': expected the image's bytes, got "
-                              f"{type(image).__name__}")
+    if not isinstance(image, (bytes, bytearray, memoryview, str)):
+        raise DataFormatError(f"{ref.file}: row {ref.row}: field 'image_bytes': expected the image's bytes or "
+                              f"base64 text, got {type(image).__name__}")
     report = row["AI_json_report"]
     try:
-        image = image_field(bytes(image), "")
+        # the released set keeps base64 text (its make_opadpo_dataset.py encodes the bytes)
+        image = image_field(decode_base64(image) if isinstance(image, str) else bytes(image), "")
         report = parse_report(report if isinstance(report, str) else json.dumps(report))
     except (ValueError, TypeError) as err:  # ImageError is a ValueError
         field = "image_bytes" if isinstance(err, ImageError) else "AI_json_report"
         raise DataFormatError(f"{ref.file}: row {ref.row}: field '{field}': {err}") from None
     revised, score_w, type_w = revised_with_weights(report)
-    return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": row["queries"],
+    question = row["queries"].replace(IMAGE_PLACEHOLDER, "").strip() if isinstance(row["queries"], str) else None
+    return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": question,
             "gt": row["standard_response"], "rollout": row["original_generate_response"], "revised": revised,
             "rollout_weights": rollout_weights(report), "revised_score_weights": score_w,
             "revised_type_weights": type_w, "report": report}

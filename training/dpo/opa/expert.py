@@ -182,6 +182,38 @@ def _first_json_list(text: str) -> list:
     return lists[0]
 
 
+DESCRIPTION_KEYS = ("image_description", "image description")
+
+
+def _report_entries(text: str) -> list:
+    """The sentence entries of a report: the first JSON list of objects in an expert's answer, or the whole answer as
+    a JSON object in the OPA-DPO release's layout ({"image_description": ..., "0": {...}, "1": {...}, ...,
+    "Added": {...}}; its pseudo_rollout_coco prompt): the entries in their order, the image description left out,
+    "Added" a sentence the rollout lacked (rewritten only, weight 1: a score of 4, "correct")."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(stripped)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            out = []
+            for key, r in whole.items():
+                if key in DESCRIPTION_KEYS:
+                    continue
+                if key == "Added" and isinstance(r, dict):
+                    r = {"copied_content": "", "score": 4, "error_type": "correct",
+                         "rewritten_content": _field(r, "rewritten_content") or "", "reason": _field(r, "reason")}
+                out.append(r)
+            return out
+    return _first_json_list(text)
+
+
+def _field(r: dict, name: str):
+    """A report field by its name or with a space for the underscore ("copied content"), as the release has both."""
+    return r.get(name, r.get(name.replace("_", " ")))
+
+
 def _score(x) -> int:
     """A score 1-4 (clamped): an integer, or a number or text that is one ("3", 3.0); anything else is an error."""
     try:
@@ -193,17 +225,20 @@ def _score(x) -> int:
 
 
 def _text(r: dict, field: str, default: str) -> str:
-    x = r.get(field, default)
+    x = _field(r, field)
+    x = default if x is None and field not in r and field.replace("_", " ") not in r else x
     return x if isinstance(x, str) else ""  # JSON null (or a number) is no text: was the text "None"
 
 
 def parse_report(text) -> list[dict]:
-    """The per-sentence report in an expert's answer: its first JSON list of objects. A text field that is
-    not a string (null) becomes ""; a missing score is 4. Anything else is a ValueError."""
+    """The per-sentence report in an expert's answer (_report_entries: a JSON list of objects, or the OPA-DPO
+    release's JSON object). A text field that is not a string (null, the release's list of objects) becomes ""; a
+    missing score is 4 (a score written as text, "2", is that score: the release's loader gave it weight 1).
+    Anything else is a ValueError."""
     if not isinstance(text, str):
         raise ValueError(f"expert answer has no text (content {text!r:.40})")
     out = []
-    for k, r in enumerate(_first_json_list(text)):
+    for k, r in enumerate(_report_entries(text)):
         if not isinstance(r, dict):
             raise ValueError(f"expert answer: sentence {k} is a {type(r).__name__}, not an object: {r!r:.80}")
         try:
@@ -211,7 +246,9 @@ def parse_report(text) -> list[dict]:
         except ValueError as e:
             raise ValueError(f"expert answer: sentence {k}: {e}") from None
         copied = _text(r, "copied_content", "")
-        out.append({"copied_content": copied, "score": score, "error_type": _text(r, "error_type", "correct"),
+        # lowercase: the release's prompt offers "Image_recognition_error", which its loader's table then missed
+        etype = _text(r, "error_type", "correct").strip().lower()
+        out.append({"copied_content": copied, "score": score, "error_type": etype,
                     "object": _text(r, "object", ""), "rewritten_content": _text(r, "rewritten_content", copied),
                     "reason": _text(r, "reason", "")})
     return out
