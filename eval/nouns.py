@@ -6,6 +6,7 @@ cannot be downloaded here. So:
 * `tokenize` splits like the Treebank tokenizer where it matters: punctuation is its own token (a
   phrase never pairs across a '.' or ','), "dog's" -> "dog", "'s" (and 'm 'd 'll 're 've; "can't" -> "ca", "n't"),
   a quoted word is a word ("'dog'" -> "'", "dog", "'"), words joined by '-', '/' or '_' stay whole ("hot-dog",
+  "bird's-eye",
   "knife/fork": NLTK finds no object in "knife/fork"). Punctuation runs ("...", "--") and abbreviations ("U.S.")
   split otherwise than NLTK's, which changes no object.
 * `lemmatize(word)` is WordNet's noun lemma as NLTK 3.10 gives it: the word itself and its exception forms
@@ -23,8 +24,8 @@ from pathlib import Path
 
 WORDNET = Path(__file__).parent / "data" / "wordnet"
 
-_TOKEN = re.compile(r"[a-z0-9_]+(?=n't\b)|n't\b|'(?:s|m|d|ll|re|ve)\b|[a-z0-9_]+(?:[-/][a-z0-9_]+)*|[^\sa-z0-9_]",
-                    re.IGNORECASE)
+_TOKEN = re.compile(r"[a-z0-9_]+(?=n't\b)|n't\b|'(?:s|m|d|ll|re|ve)(?![a-z0-9_'-])"
+                    r"|[a-z0-9_]+(?:(?:[-/]|'[a-z0-9_]+[-/])[a-z0-9_]+)*|[^\sa-z0-9_]", re.IGNORECASE)
 
 # WordNet morphy's noun rules, in NLTK's order: (suffix, replacement).
 _RULES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),

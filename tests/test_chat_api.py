@@ -204,6 +204,8 @@ def test_endpoints_are_shown_without_secrets_and_keyed_alike_by_judge_and_expert
     assert public_url("http://[::1]:8000/v1/chat?code=SECRET") == "http://[::1]:8000/v1/chat"
     assert public_url("https://user:pw@Host.example:8443/v1?k=SECRET#x") == "https://Host.example:8443/v1"
     assert endpoint_key("https://user:pw@h.example/v1?api-version=2") == "https://h.example/v1?api-version=2"
+    for malformed in ("https://bob:s3cr?et@api.example.com/v1", "https://bob:1234/et@api.example.com/v1"):
+        assert "s3cr" not in public_url(malformed) and "1234" not in public_url(malformed)  # a password unencoded
 
     def judge_key(url):
         return Judge(JudgeConfig(url=url, model="m", cache_dir=str(tmp_path))).key([{"role": "user", "content": "x"}],

@@ -108,3 +108,12 @@ def test_chat_expert_cache_is_per_endpoint(tmp_path):
         assert a.review("A red star.")[0]["score"] == 1 and len(calls) == 2  # each endpoint's answer cached
     finally:
         server.shutdown()
+
+
+def test_a_report_inside_a_json_object_reads_as_before():
+    """The release's report object ("0", "1", ..., "Added") is read by its keys; any other object holding the list
+    of sentences ({"sentences": [...]}) still reads by the list inside it (it was refused: "sentence 0 is a list")."""
+    from training.dpo.opa.expert import parse_report
+    for key in ("sentences", "report"):
+        r = parse_report(json.dumps({key: [{"copied_content": "A red star.", "score": 3}]}))
+        assert [(x["copied_content"], x["score"]) for x in r] == [("A red star.", 3)]

@@ -28,6 +28,7 @@ def test_tokenizer_needs_no_data():
     # as NLTK's word_tokenize: a quoted word is a word, "n't" splits off, '/' and '_' join (checked with nltk 3.10)
     assert tokenize("A sign reads 'dog'. Can't") == ["A", "sign", "reads", "'", "dog", "'", ".", "Ca", "n't"]
     assert tokenize("a knife/fork and dog_cat") == ["a", "knife/fork", "and", "dog_cat"]
+    assert tokenize("a bird's-eye view") == ["a", "bird's-eye", "view"]  # no bird in it
 
 
 def test_lemmatizer_is_wordnets():

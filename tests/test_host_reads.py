@@ -1,7 +1,10 @@
 """A training step reads its numbers to the host once, after its last micro-batch: each read of a GPU tensor
 (float(), .item(), .tolist(), .cpu(), ...) makes the CPU wait for the GPU, and one per micro-batch left the GPU
 idle between micro-batches while the CPU launched the next. Reads made by our code (training/) are recorded
-between the step's first and last backward; transformers' own (inside a model's forward) are not ours to move."""
+between the step's first and last backward; transformers' own (inside a model's forward) are not ours to move, nor
+is training.logprobs' nonzero() (the loss takes the target positions only, which a dense log-softmax over every
+position and the whole vocabulary would cost far more than the wait). A .to(device) is not watched: on this CPU-only
+machine a copy to the host and one to the training device are the same call."""
 import sys
 from pathlib import Path
 

@@ -139,6 +139,7 @@ def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
     fake = tmp_path / "python"
     fake.write_text('#!/usr/bin/env bash\n[ "$FAIL" = 1 ] && exit 3\nsleep 60\n')
     fake.chmod(0o755)
+    python = sys.executable
     monkeypatch.setattr(sys, "executable", str(fake))
     monkeypatch.setenv("FAIL", "1")
     assert parallel.run_chunks([], 2) == 3
@@ -161,3 +162,25 @@ def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         parallel.run_chunks([], 2)
     assert len(started) == 2 and all(p.poll() is not None for p in started) and time.time() - t0 < 30
+    monkeypatch.setattr(subprocess, "Popen", real_popen)
+
+    # a chunk process killed by a signal: the shell's 128 + signal (137 for SIGKILL, an out-of-memory kill), not 247
+    fake.write_text('#!/usr/bin/env bash\nkill -KILL $$\n')
+    assert parallel.run_chunks([], 2) == 137
+
+    # a termination signal to a caller that is not parallel's own main (eval.benchmark's generate) stops the chunk
+    # processes too: they were left running, answering into the file
+    pids = tmp_path / "pids"
+    fake.write_text(f'#!/usr/bin/env bash\necho $$ >> {pids}\nsleep 60\n')
+    caller = real_popen([python, "-c", f"import sys; sys.executable = {str(fake)!r}; "
+                         "from training.predict.parallel import run_chunks; run_chunks([], 2)"],
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    caller.terminate()
+    assert caller.wait(30) == 143
+    time.sleep(0.5)
+    alive = [p for p in pids.read_text().split() if os.path.exists(f"/proc/{p}") and
+             "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"chunk processes {alive} still running after their caller was terminated"

@@ -67,8 +67,13 @@ def _without_credentials(p: urllib.parse.SplitResult) -> urllib.parse.SplitResul
 
 
 def public_url(url: str) -> str:
-    """The URL without credentials or query string (what results files and messages show)."""
-    return _without_credentials(urllib.parse.urlsplit(url))._replace(query="", fragment="").geturl()
+    """The URL without credentials or query string (what results files and messages show). A URL with an '@' that
+    does not end its host part (a password holding an unencoded '/', '?' or '#') is not shown at all: where the
+    credentials end cannot be told."""
+    p = urllib.parse.urlsplit(url)
+    if "@" in url and "@" not in p.netloc:
+        return f"{p.scheme}://<URL not shown: an '@' outside its host part (encode the password's special characters)>"
+    return _without_credentials(p)._replace(query="", fragment="").geturl()
 
 
 def endpoint_key(url: str) -> str:

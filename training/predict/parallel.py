@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 
 def process_devices(n: int) -> list[str | None]:
@@ -31,10 +32,18 @@ def process_devices(n: int) -> list[str | None]:
     return visible[:n]
 
 
+def _on_term(*_):
+    raise SystemExit(143)  # the clean-up in run_chunks runs
+
+
 def run_chunks(argv: list[str], n: int) -> int:
-    """training.predict.main with argv in n processes (chunk i of n each); returns the exit status."""
+    """training.predict.main with argv in n processes (chunk i of n each); returns the exit status (a process killed
+    by a signal gives 128 + its number, as a shell says it). A termination signal stops them all: the handler is
+    set here, for every caller (eval.benchmark's too), and put back after."""
     procs = []
     cpu_threads = str(max(1, (os.cpu_count() or 1) // n))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
     try:
         for i, device in enumerate(process_devices(n)):
             env = dict(os.environ)
@@ -47,7 +56,7 @@ def run_chunks(argv: list[str], n: int) -> int:
         status = 0
         for p in procs:
             rc = p.wait()
-            status = status or rc
+            status = status or (128 - rc if rc < 0 else rc)
         return status
     finally:  # Ctrl-C, a termination signal, an error starting one: none of them keeps running
         for p in procs:
@@ -55,12 +64,13 @@ def run_chunks(argv: list[str], n: int) -> int:
                 p.terminate()
         for p in procs:
             p.wait()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:
     if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
         raise SystemExit("usage: python -m training.predict.parallel N <training.predict.main flags>")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up above
     try:
         sys.exit(run_chunks(sys.argv[2:], int(sys.argv[1])))
     except KeyboardInterrupt:

@@ -196,7 +196,8 @@ def _report_entries(text: str) -> list:
             whole = json.loads(stripped)
         except json.JSONDecodeError:
             whole = None
-        if isinstance(whole, dict):
+        release = isinstance(whole, dict) and any(k.isdigit() or k == "Added" or k in DESCRIPTION_KEYS for k in whole)
+        if release:  # other objects ({"sentences": [...]}) hold their list inside: the first list of objects below
             out = []
             for key, r in whole.items():
                 if key in DESCRIPTION_KEYS:
