@@ -144,7 +144,7 @@ def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIL", "1")
     assert parallel.run_chunks([], 2) == 3
     monkeypatch.setenv("FAIL", "0")
-    started = []
+    started, interrupted = [], []
     real_popen = subprocess.Popen
 
     class Interrupted(real_popen):
@@ -153,8 +153,8 @@ def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
             started.append(self)
 
         def wait(self, timeout=None):
-            if self.poll() is None and len(started) == 2 and not getattr(self, "hit", False):
-                self.hit = True
+            if self.poll() is None and len(started) == 2 and not interrupted:
+                interrupted.append(self)  # Ctrl-C once, while waiting for the first process
                 raise KeyboardInterrupt
             return super().wait(timeout)
     monkeypatch.setattr(subprocess, "Popen", Interrupted)
