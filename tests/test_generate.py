@@ -219,3 +219,33 @@ def test_generation_stops_at_the_templates_end_of_turn_token(tmp_path):
     ro = generate_rollouts(model, processor, encoder, arch.name, [[Message("user", "<image>\nWhat?")]], [[image]],
                            DecodeArgs(max_new_tokens=6), "cpu")
     assert ro.lengths.tolist() == [1] and ro.ended.tolist() == [True]
+
+
+def test_rollout_log_probs_are_those_of_the_distribution_sampled(world, tiny):
+    """PPO's ratios, KL and entropy take log-probs under softmax(logits / T) without the suppressed tokens; the
+    rollout sampled under transformers' default top_k of 50 (and the log-probs kept the suppressed tokens in the
+    softmax): on this 77-token vocabulary, a token outside the top 50 was never drawn though its log-prob counted."""
+    from training.logprobs import token_logprobs
+    model, processor, arch, prompts, images = _setup(world, tiny)
+    assert len(processor.tokenizer) > 50  # so a top-50 cut is a real cut here
+    encoder = ChatEncoder(processor, arch, 160)
+    scores, real_generate = [], model.generate
+
+    def generate(**kw):  # the sampler's own processed scores: the distribution each token was drawn from
+        out = real_generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.extend(out.scores)
+        return out.sequences
+    model.generate = generate
+    torch.manual_seed(0)
+    T = 1.7
+    ro = generate_rollouts(model, processor, encoder, arch.name, prompts, images,
+                           DecodeArgs(max_new_tokens=5, do_sample=True, temperature=T), "cpu")
+    sampler = torch.log_softmax(torch.stack(scores, 1).float(), -1)  # (B, steps, V)
+    with torch.no_grad():
+        lp, mask = token_logprobs(model(**ro.batch.model_inputs()).logits, ro.batch.labels, T, ro.suppressed)
+    prompt_lens = [int((row != -100).nonzero()[0]) for row in ro.batch.labels]  # where each response starts
+    for b, (n, p) in enumerate(zip(ro.lengths.tolist(), prompt_lens)):
+        tokens = ro.batch.input_ids[b, p:p + n]
+        want = sampler[b, torch.arange(n), tokens]
+        torch.testing.assert_close(lp[b, p - 1:p - 1 + n], want, rtol=0, atol=2e-4)
+    assert torch.isfinite(sampler[..., ro.suppressed]).sum() == 0  # the suppressed ids: never drawable

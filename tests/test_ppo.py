@@ -56,10 +56,10 @@ def test_ppo_lora_reference_stays_the_sft_model_while_the_projector_trains(world
             yield
         self.in_ref = False
 
-    def logprobs(self, model, batch, with_entropy=False):
-        out = real_lp(self, model, batch, with_entropy)
+    def logprobs(self, model, batch, suppressed, with_entropy=False):
+        out = real_lp(self, model, batch, suppressed, with_entropy)
         if getattr(self, "in_ref", False):  # the reference's log-probs vs the frozen SFT model's, same rollouts
-            diffs.append(float((out[0] - real_lp(self, frozen, batch)[0]).abs().max()))
+            diffs.append(float((out[0] - real_lp(self, frozen, batch, suppressed)[0]).abs().max()))
         return out
 
     monkeypatch.setattr(PPOTrainer, "_ref_context", ctx)
@@ -115,8 +115,8 @@ def test_reward_bias_is_added_to_every_shaped_score(world, tiny, rm, tmp_path):
 def test_non_finite_reward_stops_and_keeps_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch):
     real = PPOTrainer._scores
 
-    def poisoned(self, records, images, responses):
-        s = real(self, records, images, responses)
+    def poisoned(self, records, images, responses, step):
+        s = real(self, records, images, responses, step)
         return s * float("nan") if self._step >= 1 else s
 
     monkeypatch.setattr(PPOTrainer, "_scores", poisoned)
@@ -278,8 +278,30 @@ def test_temperature_scales_the_log_probs(world, tiny, rm, tmp_path, monkeypatch
     trainer.p = type("P", (), {"temperature": 0.5})()
     model = lambda **kw: type("O", (), {"logits": logits})()  # noqa: E731
     batch = type("B", (), {"model_inputs": lambda self: {}, "labels": labels})()
-    lp, _, _ = trainer._logprobs(model, batch)
+    lp, _, _ = trainer._logprobs(model, batch, [])
     assert float(lp[0, 0]) == pytest.approx(float(torch.log_softmax(logits[0, 0] / 0.5, -1)[0]))
+    # a token the sampler suppresses (padding, <image>) is out of the softmax, as it is out of the sampler's
+    lp, _, _ = trainer._logprobs(model, batch, [2])
+    assert float(lp[0, 0]) == pytest.approx(float(torch.log_softmax(logits[0, 0, :2] / 0.5, -1)[0]))
+
+
+def test_top_p_below_one_is_refused(world, tiny, rm, tmp_path):
+    with pytest.raises(SystemExit, match="--top_p 0.9: PPO's ratios, KL and entropy"):
+        main(ppo_args(world, tiny, rm, tmp_path / "p", "--top_p", "0.9"))
+
+
+def test_the_factual_block_is_shuffled_per_rollout(world, tiny, tmp_path, monkeypatch):
+    """LLaVA-RLHF's PPO shuffles the captions for every rollout (the reward model trains on shuffled ones too);
+    every rollout of a prompt read them in the row's order."""
+    from sft_helpers import make_reward_model
+
+    import training.ppo.trainer as trainer_module
+    seeds, real = [], trainer_module.encode_for_rm
+    monkeypatch.setattr(trainer_module, "encode_for_rm",
+                        lambda *a, **k: seeds.append(k["shuffle_seed"]) or real(*a, **k))
+    rm = make_reward_model(tiny, tmp_path / "frm", factual=True)
+    main(ppo_args(world, tiny, rm, tmp_path / "f", "--max_steps", "2"))
+    assert len(seeds) == 8 and len(set(seeds)) == 8  # 4 rollouts a step, 2 steps: each its own order
 
 
 def test_non_finite_weights_are_never_saved(world, tiny, rm, tmp_path, monkeypatch):

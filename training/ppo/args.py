@@ -15,7 +15,8 @@ class PPOArgs:
     rollout_batch_size: int = _f(32, "Prompts per rank per PPO step (generated together, KV-cached).")
     max_new_tokens: int = _f(40, "Longest response.")
     temperature: float = _f(1.0, "Sampling temperature of rollouts.")
-    top_p: float = _f(1.0, "Nucleus sampling of rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling of rollouts: 1 only (the trainer's log-probs are of the whole softmax; "
+                           "lower --temperature instead).")
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
     clip_eps: float = _f(0.2, "Policy ratio clip.")
     value_clip_eps: float = _f(0.2, "Value clip.")

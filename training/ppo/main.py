@@ -76,6 +76,11 @@ def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     m, d, p, run = cfg["model"], cfg["data"], cfg["ppo"], cfg["run"]
     refuse_held_out(d, run, "PPO")
+    if p.top_p != 1:
+        raise SystemExit(f"--top_p {p.top_p}: PPO's ratios, KL and entropy are those of softmax(logits / temperature), "
+                         "so rollouts sample from all of it (top_p 1); lower --temperature to sample more narrowly")
+    if p.temperature <= 0:
+        raise SystemExit(f"--temperature {p.temperature}: rollouts sample; give a temperature above 0")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:

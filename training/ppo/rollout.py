@@ -25,6 +25,7 @@ class Rollout:
     lengths: torch.Tensor  # (B,) response tokens incl. EOS
     ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
     gen_tokens_per_s: float
+    suppressed: list[int]  # token ids the sampler never draws: the trainer's log-probs leave them out too
 
 
 def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
@@ -36,10 +37,12 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
     left = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True).to(device)
     t0 = time.time()
     with torch.no_grad():
+        # top_k=0: from the whole softmax / temperature, the distribution the trainer's log-probs are of
+        # (transformers' default top_k of 50 sampled from a truncated one, so ratios and KL were off-policy)
         out = model.generate(**left.model_inputs(), do_sample=decode.do_sample, temperature=decode.temperature,
-                             top_p=decode.top_p, max_new_tokens=decode.max_new_tokens, synced_gpus=synced_gpus,
-                             pad_token_id=tok.pad_token_id, eos_token_id=eos_list, use_cache=True,
-                             suppress_tokens=never)
+                             top_p=decode.top_p, top_k=0, max_new_tokens=decode.max_new_tokens,
+                             synced_gpus=synced_gpus, pad_token_id=tok.pad_token_id, eos_token_id=eos_list,
+                             use_cache=True, suppress_tokens=never)
     dt = time.time() - t0
     new = out[:, left.input_ids.shape[1]:].cpu()
     rows, lengths, ended = [], [], []
@@ -54,7 +57,7 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
     batch = collate_sft(rows, tok.pad_token_id, arch_name).to(device)
     texts = tok.batch_decode([r.input_ids[r.prompt_len:] for r in rows], skip_special_tokens=True)
     return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended),
-                   sum(lengths) / max(dt, 1e-9))
+                   sum(lengths) / max(dt, 1e-9), never)
 
 
 def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,21 +85,26 @@ class PPOTrainer:
             return lora_reference(self.actor, self.ref_start)
         return contextlib.nullcontext()
 
-    def _logprobs(self, model, batch, with_entropy: bool = False):
-        """Token log-probs (and entropies) of the distribution rollouts sample from: logits / temperature."""
+    def _logprobs(self, model, batch, suppressed, with_entropy: bool = False):
+        """Token log-probs (and entropies) of the distribution rollouts sample from: softmax(logits / temperature)
+        without the tokens the sampler suppresses."""
         logits = model(**batch.model_inputs()).logits
         if with_entropy:  # with entropy_coef 0 only a metric
-            return token_logprobs_entropy(logits, batch.labels, self.p.temperature, self.p.entropy_coef != 0)
-        return (*token_logprobs(logits, batch.labels, self.p.temperature), None)
+            return token_logprobs_entropy(logits, batch.labels, self.p.temperature, self.p.entropy_coef != 0,
+                                          suppressed)
+        return (*token_logprobs(logits, batch.labels, self.p.temperature, suppressed), None)
 
-    def _scores(self, records, images, responses) -> torch.Tensor:
+    def _scores(self, records, images, responses, step: int) -> torch.Tensor:
         """The reward model's scores of the rollouts, each read whole (image, prompt, response and the factual
-        block): a rollout it cannot read whole stops the run on every rank, naming the prompt's row."""
+        block, its facts shuffled per rollout as LLaVA-RLHF's PPO does, seeded by seed, step, rank and row): a
+        rollout it cannot read whole stops the run on every rank, naming the prompt's row."""
         factual = self.p.factual and getattr(self._module(self.rm), "factual", False)
         enc, bad = [], ""
-        for r, im, resp in zip(records, images, responses):
+        for i, (r, im, resp) in enumerate(zip(records, images, responses)):
+            seed = f"{self.cfg['optim'].seed}-{step}-{self.s.rank}-{i}"
             try:
-                enc.append(encode_for_rm(self.rm_encoder, r.prompt, resp, im, r.facts, factual, whole=True))
+                enc.append(encode_for_rm(self.rm_encoder, r.prompt, resp, im, r.facts, factual, shuffle_seed=seed,
+                                         whole=True))
             except PromptTooLong as e:
                 bad = bad or f"{r.source}: {e}"
         if float(self.s.all_reduce(float(bool(bad)))) > 0:  # every rank stops, none waits in a collective
@@ -156,15 +161,16 @@ class PPOTrainer:
                                images, decode, self.s.device, synced_gpus=self.synced)
         R = int(ro.lengths.max())
         with torch.no_grad():
-            lp, mask, _ = self._logprobs(actor, ro.batch)
+            lp, mask, _ = self._logprobs(actor, ro.batch, ro.suppressed)
             with self._ref_context():
-                ref_lp, _, _ = self._logprobs(self._module(self.ref) if self.ref is not None else actor, ro.batch)
+                ref_lp, _, _ = self._logprobs(self._module(self.ref) if self.ref is not None else actor, ro.batch,
+                                              ro.suppressed)
             values = self._module(self.critic)(ro.batch.input_ids, ro.batch.attention_mask, per_token=True,
                                                **ro.batch.vision)
         old_lp, rmask = response_view(lp, mask, R)
         ref_lp, _ = response_view(ref_lp, mask, R)
         values, _ = response_view(values[:, :-1], mask, R)
-        raw = self._scores(records, images, ro.responses)
+        raw = self._scores(records, images, ro.responses, step)
         kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
         _check_finite(self.s, step, ckpt, reward=raw, kl=kl)
         score = self._shape(raw, ro, records)
@@ -197,7 +203,7 @@ class PPOTrainer:
                 b = _select(ro.batch, idx)
                 rm_ = exp["rmask"][idx]
                 if train_actor:
-                    lp, mask, ent = self._logprobs(self.actor, b, with_entropy=True)
+                    lp, mask, ent = self._logprobs(self.actor, b, ro.suppressed, with_entropy=True)
                     lp, _ = response_view(lp, mask, exp["R"])
                     ent, _ = response_view(ent, mask, exp["R"])
                     pl, clipfrac = ppo_policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], rm_, p.clip_eps)
