@@ -285,9 +285,11 @@ def test_temperature_scales_the_log_probs(world, tiny, rm, tmp_path, monkeypatch
     assert float(lp[0, 0]) == pytest.approx(float(torch.log_softmax(logits[0, 0, :2] / 0.5, -1)[0]))
 
 
-def test_top_p_below_one_is_refused(world, tiny, rm, tmp_path):
+def test_top_p_below_one_and_no_temperature_are_refused(world, tiny, rm, tmp_path):
     with pytest.raises(SystemExit, match="--top_p 0.9: PPO's ratios, KL and entropy"):
         main(ppo_args(world, tiny, rm, tmp_path / "p", "--top_p", "0.9"))
+    with pytest.raises(SystemExit, match="--temperature 0.0: rollouts sample"):
+        main(ppo_args(world, tiny, rm, tmp_path / "t", "--temperature", "0"))
 
 
 def test_the_factual_block_is_shuffled_per_rollout(world, tiny, tmp_path, monkeypatch):
@@ -296,11 +298,13 @@ def test_the_factual_block_is_shuffled_per_rollout(world, tiny, tmp_path, monkey
     from sft_helpers import make_reward_model
 
     import training.ppo.trainer as trainer_module
-    seeds, real = [], trainer_module.encode_for_rm
+    calls, real = [], trainer_module.encode_for_rm
     monkeypatch.setattr(trainer_module, "encode_for_rm",
-                        lambda *a, **k: seeds.append(k["shuffle_seed"]) or real(*a, **k))
+                        lambda *a, **k: calls.append((a[5], k["shuffle_seed"])) or real(*a, **k))
     rm = make_reward_model(tiny, tmp_path / "frm", factual=True)
     main(ppo_args(world, tiny, rm, tmp_path / "f", "--max_steps", "2"))
+    assert all(factual for factual, _ in calls)  # the factual block is read (so its order matters)
+    seeds = [seed for _, seed in calls]
     assert len(seeds) == 8 and len(set(seeds)) == 8  # 4 rollouts a step, 2 steps: each its own order
 
 

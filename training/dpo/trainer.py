@@ -103,8 +103,6 @@ class DPOTrainer:
                 self.ref_cache.check(indices, count)
         if acc is None:  # a rank whose rows were all skipped adds nothing
             acc = torch.zeros(2 + len(self.metric_keys), dtype=torch.float64)
-        if not n_tok:
-            acc[1] = 0.0
         # one collective of values every rank has, in one order, even a rank whose rows were all skipped
         t = self.s.all_reduce(acc.cpu()).tolist()
         m = {"loss": t[0], **({"nll_loss": t[1]} if self.a.loss_type == "orpo" else {})}

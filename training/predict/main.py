@@ -85,10 +85,8 @@ def answered(out: Path) -> set[str]:
     """question_ids already in an answers file (`drop_unfinished_line` first); an unreadable line is an error."""
     if not out.exists():
         return set()
-    data = drop_unfinished_line(out)
-    end = len(data)
     done = set()
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(drop_unfinished_line(out).decode("utf-8").splitlines(), 1):
         if line.strip():
             try:
                 done.add(str(json.loads(line)["question_id"]))

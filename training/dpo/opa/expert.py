@@ -226,8 +226,8 @@ def _score(x) -> int:
 
 
 def _text(r: dict, field: str, default: str) -> str:
-    x = _field(r, field)
-    x = default if x is None and field not in r and field.replace("_", " ") not in r else x
+    """A text field by either spelling (`_field`); `default` when it is absent, "" when it is not text."""
+    x = _field(r, field) if field in r or field.replace("_", " ") in r else default
     return x if isinstance(x, str) else ""  # JSON null (or a number) is no text: was the text "None"
 
 
