@@ -13,8 +13,10 @@ for stage in (0, 1, 2, 3):
     ptx = ["--ptx_coef", "0.5", "--ptx_data_path", str(world / "sft_train.json")] if stage == 3 else []
     main(ppo_args(world, tiny, rm, out / f"zero{stage}", "--zero_stage", str(stage), "--max_steps", "1",
                   "--rollout_batch_size", "2", "--max_new_tokens", "12", "--temperature", "1.5", *ptx))
+# generating with ZeRO's per-module gathers (synced_gpus) rather than the whole actor gathered, as the runs above
 main(ppo_args(world, tiny, rm, out / "zero3_lora", "--zero_stage", "3", "--max_steps", "2", "--rollout_batch_size", "2",
-              "--max_new_tokens", "12", "--temperature", "1.5", "--lora_r", "4", "--lora_dropout", "0"))
+              "--max_new_tokens", "12", "--temperature", "1.5", "--lora_r", "4", "--lora_dropout", "0",
+              "--no-gather_for_generation"))
 main(ppo_args(world, tiny, rm, out / "zero3_qlora", "--zero_stage", "3", "--max_steps", "1", "--rollout_batch_size", "2",
               "--max_new_tokens", "12", "--temperature", "1.5", "--qlora", "--lora_r", "4", "--lora_dropout", "0",
               "--freeze_vision_tower"))

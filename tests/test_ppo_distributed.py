@@ -1,5 +1,6 @@
-"""PPO on two CPU ranks at ZeRO 0, 1, 2 and 3: rollouts of different lengths per rank must not hang
-(ZeRO-3 generation keeps every rank in the parameter gathers) and every stage saves an actor; at
+"""PPO on two CPU ranks at ZeRO 0, 1, 2 and 3: rollouts of different lengths per rank must not hang (ZeRO-3
+generation gathers the whole actor on each rank, or with --no-gather_for_generation, as the LoRA run, keeps every rank
+in the per-module gathers) and every stage saves an actor; at
 ZeRO-3 with the PPO-ptx term on; and LoRA and QLoRA actors at ZeRO-3, whose reference is the actor with adapters off."""
 import json
 import os

@@ -139,3 +139,46 @@ def test_a_critic_called_through_forward_gets_zero3_prefetching(llava):
         values, by_method, rewards = critic(ids, mask, per_token=True), critic.module.values(ids, mask), critic(ids, mask)
     assert values.shape == (2, 5) and torch.equal(values, by_method)
     assert torch.equal(rewards, values[[0, 1], [4, 2]])  # each row's last non-pad token
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_generation_gathers_the_whole_model_once_and_training_goes_on(llava, lora, monkeypatch):
+    """PPO's rollouts at ZeRO-3 (Strategy.whole_for_generation, --gather_for_generation): no per-module fetch while
+    generating, the same tokens as with ZeRO's per-module gathers, and the hooks back after it: the next training
+    step (which needs them to gather the partitioned weights) gives what it gives after a hooked generation."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+    import numpy as np
+    from PIL import Image
+
+    fetches = []
+    fetch = Coordinator.fetch_sub_module
+    monkeypatch.setattr(Coordinator, "fetch_sub_module", lambda self, *a, **k: (fetches.append(1), fetch(self, *a, **k))[1])
+
+    def run(gather: bool):
+        s = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(optimizer="sgd", learning_rate=0.5), "fp32")
+        torch.manual_seed(0)
+        model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(llava)),
+                                                     LoraArgs(lora_r=4, lora_dropout=0) if lora else LoraArgs(),
+                                                     zero3=s.build_config())
+        engine = s.prepare(model, 10)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+        b = dict(proc(text=[f"{arch.image_token} a red circle"], images=[image], return_tensors="pt"))
+        fetches.clear()
+        with s.whole_for_generation(engine, gather) as m:
+            m.eval()
+            out = m.generate(**b, do_sample=False, max_new_tokens=6, pad_token_id=proc.tokenizer.pad_token_id)
+        n = len(fetches)
+        engine.train()
+        losses = []
+        for _ in range(2):
+            loss = engine(**b, labels=b["input_ids"]).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return out, n, len(fetches) - n, losses
+
+    (out, n, n_train, losses), (out_hooked, n_hooked, _, losses_hooked) = run(True), run(False)
+    assert n == 0 and n_hooked > 6  # one fetch per module per token with ZeRO's hooks
+    assert n_train > 0  # the hooks are back: training fetches (and releases) each module's weights again
+    assert torch.equal(out, out_hooked)
+    assert losses == pytest.approx(losses_hooked, rel=1e-6) and losses[1] < losses[0]

@@ -371,6 +371,22 @@ class Strategy:
             raise NonFiniteError(f"non-finite weights: {where} was not written; the last good checkpoint is "
                                  "intact (resume with --resume after fixing the cause, e.g. a lower learning rate)")
 
+    @contextlib.contextmanager
+    def whole_for_generation(self, engine, gather: bool = True):
+        """The engine's module for generation. At ZeRO-3 with `gather`: every weight gathered on this rank and
+        ZeRO's per-module hooks off for the duration (DeepSpeed's unwrap_model_for_generation, as TRL's
+        ds3_gather_for_generation), so generating costs one all-gather of the model instead of one per layer per
+        generated token, and ranks need not keep step with each other (no synced_gpus); the whole model must fit
+        in one device's memory beside the run. Otherwise the module as it is."""
+        module = engine.module if hasattr(engine, "module") else engine
+        if self.ds.zero_stage != 3 or not gather:
+            yield module
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(engine):
+            yield module
+
     def save_hf(self, engine, processor, out_dir: str | Path) -> None:
         """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 the parameters are gathered first."""
         from training.model.builder import save_model

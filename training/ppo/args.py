@@ -17,6 +17,10 @@ class PPOArgs:
     temperature: float = _f(1.0, "Sampling temperature of rollouts.")
     top_p: float = _f(1.0, "Nucleus sampling of rollouts: 1 only (the trainer's log-probs are of the whole softmax; "
                            "lower --temperature instead).")
+    gather_for_generation: bool = _f(True, "At ZeRO-3, gather the actor's whole weights on each rank while it "
+                                           "generates rollouts (one all-gather per PPO step, not one per layer "
+                                           "per token); turn off when the whole actor does not fit in one "
+                                           "device's memory beside the run.")
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
     clip_eps: float = _f(0.2, "Policy ratio clip.")
     value_clip_eps: float = _f(0.2, "Value clip.")

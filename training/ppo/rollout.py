@@ -2,9 +2,10 @@
 
 A rollout batch is right-padded `prompt + response` rows (an SFTBatch whose labels are the
 response tokens, EOS included), so the actor, reference and critic forwards and the shared
-log-prob code treat it exactly like SFT data. Under ZeRO-3 with several ranks, generation runs
-with `synced_gpus=True`: a rank that finished keeps joining the parameter all-gathers until every
-rank is done, which is what makes other frameworks hang at step 0.
+log-prob code treat it exactly like SFT data. Under ZeRO-3 the trainer gathers the whole actor on
+each rank for generation (Strategy.whole_for_generation); with --no-gather_for_generation and several
+ranks, generation runs with `synced_gpus=True`: a rank that finished keeps joining the per-module
+parameter all-gathers until every rank is done, which is what makes other frameworks hang at step 0.
 """
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class PPOTrainer:
                              f"scores (--rollout_batch_size {self.p.rollout_batch_size} x {strategy.world_size} "
                              "ranks): give 0 or at least that many")
         self.moments = RunningMoments(self.p.reward_norm_window)
-        self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1
+        # ZeRO-3 generation with per-module gathers: a rank that finished keeps joining them (synced_gpus)
+        self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1 and not self.p.gather_for_generation
 
     # ---- forwards ------------------------------------------------------------------------------
     def _module(self, engine):
@@ -157,8 +158,9 @@ class PPOTrainer:
         eval_mode(actor)
         # sampling depends only on (seed, step, rank): a resumed run draws the same rollouts
         torch.manual_seed(self.cfg["optim"].seed + 100003 * step + self.s.rank)
-        ro = generate_rollouts(actor, self.processor, self.encoder, self.arch_name, [r.prompt for r in records],
-                               images, decode, self.s.device, synced_gpus=self.synced)
+        with self.s.whole_for_generation(self.actor, p.gather_for_generation) as whole:
+            ro = generate_rollouts(whole, self.processor, self.encoder, self.arch_name, [r.prompt for r in records],
+                                   images, decode, self.s.device, synced_gpus=self.synced)
         R = int(ro.lengths.max())
         with torch.no_grad():
             lp, mask, _ = self._logprobs(actor, ro.batch, ro.suppressed)
