@@ -150,9 +150,13 @@ def test_generation_gathers_the_whole_model_once_and_training_goes_on(llava, lor
     import numpy as np
     from PIL import Image
 
-    fetches = []
-    fetch = Coordinator.fetch_sub_module
-    monkeypatch.setattr(Coordinator, "fetch_sub_module", lambda self, *a, **k: (fetches.append(1), fetch(self, *a, **k))[1])
+    fetches, fetch = [], Coordinator.fetch_sub_module
+
+    def counted(self, *a, **k):
+        fetches.append(1)
+        return fetch(self, *a, **k)
+
+    monkeypatch.setattr(Coordinator, "fetch_sub_module", counted)
 
     def run(gather: bool):
         s = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(optimizer="sgd", learning_rate=0.5), "fp32")
