@@ -219,3 +219,15 @@ def test_endpoints_are_shown_without_secrets_and_keyed_alike_by_judge_and_expert
         expert._post = lambda body, url=url: seen.append(url) or '[{"copied_content": "A red star.", "score": 4}]'
         expert.review("A red star.")
     assert seen == ["https://u:p@h.example/v1?api-version=1", "https://h.example/v1?api-version=2"]  # 2nd: cached
+
+
+@pytest.mark.parametrize("url", ["https://bob:s3cret@api.example.com/v1", "https://bob:s3cr/et@api.example.com/v1"])
+def test_credentials_in_the_url_are_refused_before_any_request_and_never_shown(tmp_path, url, capsys):
+    """urllib took "bob:s3cret@api.example.com" for a host and port: every request failed, and its error
+    (InvalidURL: nonnumeric port: 's3cret@api.example.com') was printed on each retry and kept in the message."""
+    from training.chat_api import ChatAPIError, post_chat
+    sent = []
+    with pytest.raises(ChatAPIError, match="credentials are never sent in the URL") as err:
+        post_chat(url, {"x": 1}, "", retries=2, backoff_s=0.0, timeout_s=1.0, who="judge", url_flag="--judge_url",
+                  on_request=lambda: sent.append(1))
+    assert not sent and "s3cr" not in str(err.value) and "s3cr" not in capsys.readouterr().err

@@ -125,6 +125,9 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
     text (a refusal: content null) is returned, not asked again (the same request gets the same refusal); the
     caller decides. Raises ChatAPIError naming `who` and the URL (never the key)."""
     where = f"{who} {public_url(url)}"
+    if "@" in url:  # urllib would take user:password@host for a host and port and print them in its errors
+        raise ChatAPIError(f"{where}: the URL holds an '@': credentials are never sent in the URL (give the key in "
+                           f"the environment variable the API-key option names); write an '@' elsewhere as %40")
     try:
         headers = auth_headers(url, api_key_env)
     except KeyRefused as err:
