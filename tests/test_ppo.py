@@ -80,7 +80,7 @@ def test_entropy_bonus_reaches_the_actor_update(world, tiny, rm, tmp_path):
 
 
 def test_ppo_resume_equals_uninterrupted(world, tiny, rm, tmp_path):
-    common = ["--max_steps", "2"]
+    common = ["--max_steps", "2", "--kl_target", "1", "--kl_horizon", "10"]  # the adaptive coefficient resumes too
     main(ppo_args(world, tiny, rm, tmp_path / "full", *common))
     main(ppo_args(world, tiny, rm, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "1"))
     main(ppo_args(world, tiny, rm, tmp_path / "cut", *common, "--resume"))

@@ -70,6 +70,24 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_resume_with_other_options_is_refused_and_keeps_the_runs_config(world, tiny, tmp_path):
+    """Only the shape (batch, accumulation, seed, data size) was checked: a resume with another --learning_rate ran
+    on at the checkpoint's (DeepSpeed restores the optimizer and schedule), another --max_steps stretched the
+    schedule midway, and run_config.json was rewritten with the new options even when the resume was refused."""
+    out = tmp_path / "cut"
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
+    main(sft_args(world, tiny, out, *common, "--save_steps", "2", "--stop_after_steps", "2"))
+    config = (out / "run_config.json").read_text()
+    for other, said in ((["--learning_rate", "5e-2"], "--learning_rate 0.001 in the checkpoint, 0.05 now"),
+                        (["--max_steps", "6"], "--max_steps 4 in the checkpoint, 6 now")):
+        with pytest.raises(SystemExit, match=said):
+            main(sft_args(world, tiny, out, *common, *other, "--resume"))
+        assert (out / "run_config.json").read_text() == config
+    # how it is logged, saved, evaluated or shown may change
+    main(sft_args(world, tiny, out, *common, "--resume", "--logging_steps", "2", "--no-gradient_checkpointing"))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 4]
+
+
 def test_resume_with_a_dangling_latest_stops_and_keeps_the_checkpoints(world, tiny, tmp_path):
     """`latest` naming a missing checkpoint stopped the run with a bare assertion inside DeepSpeed (or, where
     DeepSpeed returns nothing, started afresh, deleting the checkpoints there). It stops naming the tag."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from training.engine import loop
+from training.config import RunArgs
 from training.engine.loop import StepLog, StepPlan
 
 
@@ -128,11 +129,11 @@ class Resumer(Recorder):
 
 def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     strategy = Resumer()
-    run = SimpleNamespace(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=2,
+    run = RunArgs(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=2,
                           stop_after_steps=0, save_total_limit=1)
     state = State(0.4)
     engines = {"actor": "A", "critic": "C"}
-    step, log = loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=state)
+    step, log = loop.open_run(strategy, engines, {"run": run}, StepPlan(5, 5), "ppo", {}, state=state)
     assert step == 0
     for s in (1, 2, 3):
         state.kl = 0.1 * s
@@ -142,36 +143,36 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     assert set(strategy.store) == {str(ck / "actor"), str(ck / "critic")}  # each engine in its own directory
     shape = {"world_size": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "seed": 1234,
              "steps_per_epoch": 5}
-    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape} for _, st in strategy.store.values())  # step 2
+    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape, "settings": {}} for _, st in strategy.store.values())  # step 2
 
     resumed = State(0.4)
     run.resume = True
-    step, log = loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=resumed)
+    step, log = loop.open_run(strategy, engines, {"run": run}, StepPlan(5, 5), "ppo", {}, state=resumed)
     log.close()
     assert step == 2 and resumed.kl == 0.1 * 2
 
     strategy.store[str(ck / "critic")] = ("C", {"step": 1, "kl_coef": 0.1})  # a run killed between the two saves
     with pytest.raises(SystemExit, match="different steps"):
-        loop.open_run(strategy, engines, run, StepPlan(5, 5), "ppo", {}, state=State(0.4))
+        loop.open_run(strategy, engines, {"run": run}, StepPlan(5, 5), "ppo", {}, state=State(0.4))
 
 
 def test_resume_refuses_a_run_of_another_shape(tmp_path):
     """A resumed run with another world size, batch, accumulation, seed or data size would not continue the
     checkpoint's run (another data order): refused, naming what differs."""
     strategy = Resumer()
-    run = SimpleNamespace(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=1,
+    run = RunArgs(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=1,
                           stop_after_steps=0, save_total_limit=1)
-    _, log = loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})
+    _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})
     log.after(1, {}, {})
     log.close()
     run.resume = True
     strategy.world_size = 2
     with pytest.raises(SystemExit, match="world_size 1 in the checkpoint, 2 now"):
-        loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})
+        loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})
     strategy.world_size = 1
     with pytest.raises(SystemExit, match="steps_per_epoch 5 in the checkpoint, 4 now"):
-        loop.open_run(strategy, {"": "E"}, run, StepPlan(4, 5), "sft", {})
-    step, log = loop.open_run(strategy, {"": "E"}, run, StepPlan(5, 5), "sft", {})  # the same shape resumes
+        loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(4, 5), "sft", {})
+    step, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})  # the same shape resumes
     log.close()
     assert step == 1
 
@@ -231,3 +232,17 @@ def test_rotation_keeps_the_checkpoint_just_written_and_drops_later_ones(tmp_pat
     (root / "latest").write_text("step2")
     s.save_resume({root: _Engine()}, 3, {}, keep=1)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"] and (root / "latest").read_text() == "step3"
+
+
+def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, capsys):
+    """The run killed as it wrote a row: --resume failed with a JSONDecodeError. A bad row before the last is
+    still an error, naming the file and line."""
+    from training.engine.metrics import MetricsLogger
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsLogger(tmp_path, resume_step=2).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert "line 3 was cut short" in capsys.readouterr().out
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not a metrics row"):
+        MetricsLogger(tmp_path, resume_step=2)

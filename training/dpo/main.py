@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
-                             refuse_held_out, require_held_out, save_config)
+                             refuse_held_out, require_held_out)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -76,8 +76,6 @@ def main(argv=None) -> dict:
         dataset = EncodedCache(dataset, d.encoded_cache_mb)
     trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name, eval_set)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
-    if strategy.is_main:
-        save_config(cfg, out / "run_config.json")
     import time
     t0 = time.time()
     if trainer.needs_reference:

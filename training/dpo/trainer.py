@@ -144,7 +144,7 @@ class DPOTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        step, log = open_run(self.s, self.engine, c, self.plan, self.a.loss_type,
+        step, log = open_run(self.s, self.engine, self.cfg, self.plan, self.a.loss_type,
                              {"loss": ("loss", "{:.3f}"), "acc": ("rewards/accuracies", "{:.2f}")})
         self.engine.train()
         for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,

@@ -160,6 +160,30 @@ def run_shape(strategy, plan: StepPlan) -> dict:
             "steps_per_epoch": plan.steps_per_epoch, **plan.shape}
 
 
+# options a resumed run may change: how it is watched, logged, saved or evaluated, and what only costs memory or time
+FREE_ON_RESUME = {("data", "eval_data_path"), ("data", "encoded_cache_mb"), ("optim", "per_device_eval_batch_size"),
+                  ("ds", "local_rank"), ("model", "gradient_checkpointing")}
+
+
+def run_settings(cfg: dict) -> dict:
+    """The options a resumed run must share with its checkpoint ("concept.option" -> value): all but RunArgs'
+    and FREE_ON_RESUME."""
+    import dataclasses
+    return {f"{concept}.{k}": v for concept, args in cfg.items() if concept != "run"
+            for k, v in dataclasses.asdict(args).items() if (concept, k) not in FREE_ON_RESUME}
+
+
+def check_run_settings(saved: dict | None, now: dict, ckpt: Path) -> None:
+    """Refuse a resume with options other than the checkpoint's: DeepSpeed would restore the old optimizer and
+    schedule under the new ones (a new --learning_rate ignored), another loss or data would continue the run
+    as another. A checkpoint without settings (written before they were kept) is not checked."""
+    diff = [f"--{k.split('.', 1)[1]} {v!r} in the checkpoint, {now[k]!r} now" for k, v in (saved or {}).items()
+            if k in now and now[k] != v]
+    if diff:
+        raise SystemExit(f"--resume: {ckpt} was written with other options ({'; '.join(diff)}): resume with the "
+                         "checkpoint's (its run's run_config.json beside it), or start afresh without --resume")
+
+
 def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
     """Refuse a resume whose shape differs from the checkpoint's (a checkpoint without one is not checked)."""
     diff = {k: (v, now.get(k)) for k, v in (saved or {}).items() if now.get(k) != v}
@@ -169,9 +193,12 @@ def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
                          "the data's size): resume with the same settings and data, or start afresh without --resume")
 
 
-def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]], state=None):
+def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]],
+             state=None):
     """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engines are
-    restored from the last resumable checkpoint and the metrics file continues.
+    restored from the last resumable checkpoint (refused for another shape or other options) and the metrics
+    file continues. cfg: the stage's options by concept; written to output_dir/run_config.json once the run
+    is known to start or continue (a refused resume leaves the checkpoint's there).
 
     engine: a DeepSpeed engine, or {name: engine} for a stage with several (PPO: actor and critic), each
     checkpointed under checkpoints/<name>. state: what a resumed run must restore besides the engines,
@@ -179,6 +206,9 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
     in the checkpoints' client state."""
     from training.engine.metrics import MetricsLogger
 
+    from training.config import save_config
+
+    run = cfg["run"]
     out = Path(run.output_dir)
     engines = engine if isinstance(engine, dict) else {"": engine}
     ckpt = out / "checkpoints"
@@ -192,6 +222,7 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
         saved = next(iter(got.values()))
         if saved:
             check_run_shape(saved.get("shape"), run_shape(strategy, plan), ckpt)
+            check_run_settings(saved.get("settings"), run_settings(cfg), ckpt)
     if saved and state is not None:
         state.load_state_dict(saved)
     step = saved["step"] if saved else 0
@@ -200,6 +231,8 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
         if saved_model_files(out):  # a finished run: retraining would replace its model
             raise SystemExit(f"--resume: {out} holds a finished run's model and no checkpoint to resume from; run "
                              "without --resume to train it afresh (which replaces that model)")
+    if strategy.is_main:
+        save_config(cfg, out / "run_config.json")
     if not saved:
         clear_earlier_run(strategy, out)
     logger = MetricsLogger(out, strategy.is_main, resume_step=step if saved else None)
@@ -207,7 +240,7 @@ def open_run(strategy, engine, run, plan: StepPlan, desc: str, postfix: dict[str
     if strategy.is_main and run.progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True)
-    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state)
+    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state, run_settings(cfg))
 
 
 def loss_scaling(engine) -> dict:
@@ -226,8 +259,9 @@ class StepLog:
     `postfix` (label -> (metric key, format), read from this step's metrics or else the last logged
     ones); a resumable checkpoint is written when due."""
 
-    def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None):
-        self.strategy, self.engines, self.run, self.plan = strategy, engines, run, plan
+    def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
+                 settings: dict | None = None):
+        self.strategy, self.engines, self.run, self.plan, self.settings = strategy, engines, run, plan, settings
         self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
@@ -264,7 +298,7 @@ class StepLog:
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
         if save_due(step, self.plan.total_steps, self.run):
-            client = {"step": step, "shape": run_shape(self.strategy, self.plan),
+            client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
                       **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
                                       client, self.run.save_total_limit)

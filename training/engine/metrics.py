@@ -5,6 +5,8 @@ import json
 import time
 from pathlib import Path
 
+from training.files import write_text_atomic
+
 
 class MetricsLogger:
     """resume_step: the step a resumed run restarts after; rows logged after it by the interrupted run
@@ -20,9 +22,8 @@ class MetricsLogger:
             if resume_step is None and self.path.exists():
                 self.path.unlink()
             elif self.path.exists():
-                rows = [x for x in self.path.read_text().splitlines() if x.strip()]
-                kept = [x for x in rows if json.loads(x)["step"] <= resume_step]
-                self.path.write_text("".join(x + "\n" for x in kept))
+                kept = [x for x in _rows(self.path) if json.loads(x)["step"] <= resume_step]
+                write_text_atomic(self.path, "".join(x + "\n" for x in kept))
             from torch.utils.tensorboard import SummaryWriter
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
@@ -40,6 +41,21 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _rows(path: Path) -> list[str]:
+    """metrics.jsonl's rows; a last row cut short (the run killed as it wrote it, so after its last checkpoint)
+    is dropped, a bad row before it is an error naming the file and line."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    for i, x in enumerate(lines):
+        try:
+            json.loads(x)["step"]
+        except (ValueError, KeyError, TypeError) as err:
+            if i == len(lines) - 1:
+                print(f"{path}: line {i + 1} was cut short as the run stopped; dropped")
+                return lines[:i]
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({err}): mend or delete the file") from None
+    return lines
 
 
 def _num(v):

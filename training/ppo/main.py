@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
-                             refuse_held_out, save_config)
+                             refuse_held_out)
 from training.engine.strategy import Strategy
 from training.ppo.args import PPOArgs
 
@@ -135,8 +135,6 @@ def main(argv=None) -> dict:
     trainer.actor = strategy.prepare(actor, actor_updates)
     trainer.critic = strategy.prepare(critic, trainer.total_steps * trainer.updates_per_step,
                                       learning_rate=p.critic_learning_rate)
-    if strategy.is_main:
-        save_config(cfg, out / "run_config.json")
     history = trainer.train()
     if trainer.interrupted:
         strategy.write_report(report, out)  # what it found so far; the resumed run adds to it

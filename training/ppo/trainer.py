@@ -267,7 +267,7 @@ class PPOTrainer:
                         shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs})
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
-        step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, c, plan, "ppo",
+        step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, self.cfg, plan, "ppo",
                              {"reward": ("reward/mean", "{:.2f}"), "kl": ("kl", "{:.2f}")}, state=self)
         for step, _, idx in planned_steps(plan, step, len(self.records), self.p.rollout_batch_size, 1,
                                           self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):

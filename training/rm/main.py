@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RMArgs, RunArgs, parse_config,
-                             require_held_out, save_config)
+                             require_held_out)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -77,8 +77,6 @@ def main(argv=None) -> dict:
     eval_set = dataset(d.eval_data_path, False) if d.eval_data_path else None
     trainer = RMTrainer(strategy, None, processor, train_set, eval_set, cfg, arch.name)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
-    if strategy.is_main:
-        save_config(cfg, out / "run_config.json")
     history = trainer.train()
     if trainer.interrupted:
         trainer.logger.close()

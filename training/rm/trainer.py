@@ -139,7 +139,7 @@ class RMTrainer:
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        step, log = open_run(self.s, self.engine, c, self.plan, "rm",
+        step, log = open_run(self.s, self.engine, self.cfg, self.plan, "rm",
                              {"loss": ("loss", "{:.3f}"), "acc": ("accuracy", "{:.2f}")})
         self.logger = log.logger
         lists = o.per_device_train_batch_size * o.gradient_accumulation_steps * self.s.world_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
-                             require_held_out, save_config)
+                             require_held_out)
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -44,8 +44,6 @@ def main(argv=None) -> dict:
     eval_set = dataset(d.eval_data_path) if d.eval_data_path else None
     trainer = SFTTrainer(strategy, None, processor, dataset(d.data_path), cfg, arch.name, eval_set)
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
-    if strategy.is_main:
-        save_config(cfg, out / "run_config.json")
     history = trainer.train()
     if trainer.interrupted:
         trainer.logger.close()

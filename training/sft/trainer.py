@@ -97,7 +97,7 @@ class SFTTrainer:
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
-        step, log = open_run(self.s, self.engine, c, self.plan, "sft",
+        step, log = open_run(self.s, self.engine, self.cfg, self.plan, "sft",
                              {"loss": ("loss", "{:.3f}"), "tok_s": ("target_tokens_per_s", "{:.0f}")})
         self.engine.train()
         for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,
