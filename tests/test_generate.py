@@ -236,6 +236,7 @@ def test_rollout_log_probs_are_those_of_the_distribution_sampled(world, tiny):
         scores.extend(out.scores)
         return out.sequences
     model.generate = generate
+    model.generation_config.repetition_penalty = 1.5  # a checkpoint's own setting: not of the policy's distribution
     torch.manual_seed(0)
     T = 1.7
     ro = generate_rollouts(model, processor, encoder, arch.name, prompts, images,
@@ -249,3 +250,18 @@ def test_rollout_log_probs_are_those_of_the_distribution_sampled(world, tiny):
         want = sampler[b, torch.arange(n), tokens]
         torch.testing.assert_close(lp[b, p - 1:p - 1 + n], want, rtol=0, atol=2e-4)
     assert torch.isfinite(sampler[..., ro.suppressed]).sum() == 0  # the suppressed ids: never drawable
+
+
+def test_sampling_ignores_the_checkpoints_own_filters(world, tiny):
+    """Qwen2-VL ships generation_config.json with top_k 1 (and do_sample true): best-of-n, predict's sampling and
+    OPA-DPO's rollouts then drew n copies of the greedy answer; elsewhere transformers' top_k of 50 cut them."""
+    model, processor, arch, prompts, images = _setup(world, tiny)
+    model.generation_config.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.01)
+    encoder = ChatEncoder(processor, arch, 160)
+    torch.manual_seed(0)
+    texts = generate_batch(model, processor, encoder, arch.name, prompts[:1], images[:1],
+                           DecodeArgs(max_new_tokens=6, do_sample=True, temperature=1.0, num_return_sequences=6))
+    assert len(set(texts[0])) > 1
+    assert (model.generation_config.top_k, model.generation_config.top_p) == (1, 0.001)  # put back after it
+    greedy = DecodeArgs(max_new_tokens=6, num_return_sequences=1)
+    assert generate_batch(model, processor, encoder, arch.name, prompts[:1], images[:1], greedy)[0][0]

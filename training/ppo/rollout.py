@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from training.data.collate import SFTBatch, collate_sft
-from training.predict.generate import DecodeArgs, stop_and_never
+from training.predict.generate import DecodeArgs, sampling_as_asked, stop_and_never
 from training.templates.chat import IGNORE, ChatEncoder, Encoded
 
 
@@ -37,9 +37,10 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
     enc = [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
     left = collate_sft(enc, tok.pad_token_id, arch_name, left_pad=True).to(device)
     t0 = time.time()
-    with torch.no_grad():
+    with torch.no_grad(), sampling_as_asked(model, decode.do_sample):
         # top_k=0: from the whole softmax / temperature, the distribution the trainer's log-probs are of
-        # (transformers' default top_k of 50 sampled from a truncated one, so ratios and KL were off-policy)
+        # (transformers' default top_k of 50 sampled from a truncated one, so ratios and KL were off-policy;
+        # and nothing a checkpoint's generation config sets, e.g. a repetition penalty)
         out = model.generate(**left.model_inputs(), do_sample=decode.do_sample, temperature=decode.temperature,
                              top_p=decode.top_p, top_k=0, max_new_tokens=decode.max_new_tokens,
                              synced_gpus=synced_gpus, pad_token_id=tok.pad_token_id, eos_token_id=eos_list,

@@ -1,6 +1,7 @@
 """Batched generation for prompts with images (left-padded, KV-cached, greedy / sampling / beams)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,27 @@ def stop_and_never(model, tokenizer, end_of_turn: int | None = None) -> tuple[li
     return eos_ids, sorted(i for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer) and i not in set(eos_ids))
 
 
+@contextlib.contextmanager
+def sampling_as_asked(model, do_sample: bool):
+    """Sampling draws from softmax(logits / temperature), cut by top_p, and from nothing else: generate would
+    apply whatever a checkpoint's generation_config.json sets (Qwen2-VL's: top_k 1, so every sample was its
+    greedy answer; others: a repetition penalty, min_p, ...) and transformers' own top_k of 50 where it sets
+    none. While sampling, the model's generation config is one holding only its token ids (callers pass top_k=0);
+    greedy decoding and beams keep the checkpoint's."""
+    if not do_sample:
+        yield
+        return
+    from transformers import GenerationConfig
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: generate is the base's
+    old = target.generation_config
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    target.generation_config = GenerationConfig(**{k: getattr(old, k) for k in ids if getattr(old, k, None) is not None})
+    try:
+        yield
+    finally:
+        target.generation_config = old
+
+
 def encode_prompts(encoder: ChatEncoder, prompts: list, images: list) -> list:
     """Prompts to answer, encoded; one that does not fit max_seq_len raises PromptTooLong."""
     return [encoder.encode(p, im, add_generation_prompt=True) for p, im in zip(prompts, images)]
@@ -53,8 +75,8 @@ def generate_batch(model, processor, encoder: ChatEncoder, arch_name: str, promp
               num_return_sequences=decode.num_return_sequences, pad_token_id=tok.pad_token_id,
               eos_token_id=eos_ids, suppress_tokens=never)
     if decode.do_sample:
-        kw.update(temperature=decode.temperature, top_p=decode.top_p)
-    with torch.no_grad():
+        kw.update(temperature=decode.temperature, top_p=decode.top_p, top_k=0)
+    with torch.no_grad(), sampling_as_asked(model, decode.do_sample):
         out = model.generate(**batch.model_inputs(), **kw)
     new = out[:, batch.input_ids.shape[1]:]
     texts = tok.batch_decode(new, skip_special_tokens=True)
