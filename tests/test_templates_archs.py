@@ -486,3 +486,42 @@ def test_a_turn_the_whole_rendering_does_not_hold_is_a_bad_row(tmp_path):
     data = SFTDataset([ConversationRecord("r0", two, [], RowRef("d.json", 0))], enc, str(tmp_path), report)
     assert data[0] is None
     assert report.skipped[0]["row"] == 0 and "not prefix-stable" in report.skipped[0]["reason"]
+
+
+def test_the_templates_own_refusal_is_a_bad_row_and_its_date_is_fixed(tmp_path):
+    """Llama 3.2 Vision's official template raises for a system message beside an image: the jinja2 error stopped
+    training even with --skip_bad_rows. It also writes "Today Date: <today>" (strftime_now): the same conversation
+    became other tokens the next day (a reference cache, a resumed run)."""
+    from training.data.bad_rows import BadRowReport
+    from training.data.records import ConversationRecord, RowRef
+    from training.sft.trainer import SFTDataset
+
+    ck = make_tiny_checkpoint("mllama", tmp_path / "mllama")
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    official = MLLAMA_OFFICIAL_LIKE.replace(  # the official template's two lines, as Meta's repository has them
+        "{%- if not ns.has_images %}",
+        "{%- if ns.has_images and not system == '' %}{{- raise_exception('Prompting with images is incompatible "
+        "with system messages.') }}{%- endif %}{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+        "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+        "{%- endif %}{%- endif %}{%- if not ns.has_images %}Today Date: {{ date_string }}")
+    enc = ChatEncoder(processor, arch, 1024, chat_template=official)
+    e = enc.encode([Message("user", "Hello"), Message("assistant", "Hi.")], [])
+    assert "Today Date: 26 Jul 2024" in processor.tokenizer.decode(e.input_ids.tolist())
+    row = [Message("system", "Be brief."), Message("user", "<image>\nColour?"), Message("assistant", "Red.")]
+    report = BadRowReport(skip=True)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(image)
+    data = SFTDataset([ConversationRecord("r0", row, [str(image)], RowRef("d.json", 0))], enc, str(tmp_path), report)
+    assert data[0] is None
+    assert "incompatible with system messages" in report.skipped[0]["reason"]
+
+
+def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path):
+    """--template's help promised a fallback to the architecture's template that does not exist; such a processor
+    failed on the first row with transformers' ValueError, as a bad row."""
+    ck = make_tiny_checkpoint("llava", tmp_path / "llava")
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    processor.chat_template = None
+    with pytest.raises(SystemExit, match="has no chat template: give one with --template FILE"):
+        ChatEncoder(processor, arch, 256)
+    ChatEncoder(processor, arch, 256, chat_template=MLLAMA_OFFICIAL_LIKE)  # a file's template is enough

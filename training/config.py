@@ -25,8 +25,8 @@ REF_CACHE_FOLDER = "ref_logps"  # DPO's cached reference log-probs: beside the d
 class ModelArgs:
     from_checkpoint: str = _f("", "Model to start from: local path or Hub id. Empty: the embedded tiny VLM.")
     model_architecture: str = _f("auto", "Architecture override (auto detects it from the config).")
-    template: str = _f("auto", "Chat template override: a Jinja template FILE (auto: the processor's own, else "
-                               "the architecture's).")
+    template: str = _f("auto", "Chat template override: a Jinja template FILE (auto: the processor's own; a "
+                               "processor without one needs a FILE).")
     vision_tower: str = _f("", "Build from parts: vision encoder (CLIP/SigLIP path, or "
                                "open_clip:NAME[:FILE.safetensors]).")
     language_model: str = _f("", "Build from parts: causal LM path.")

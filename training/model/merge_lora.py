@@ -62,8 +62,11 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
         trained = info.get("precision") or "fp32"
         q = _bnb_config(spec, ModelArgs(precision=trained),
                         LoraArgs(qlora=True, bnb_double_quant=info["qlora"]["double_quant"]))
+        # device_map cpu: bitsandbytes would place it on the current GPU, where a 7B dequantized to fp16 (14 GB)
+        # does not fit a 16 GB T4 (the 2x T4 reward-model profile starts from output/sft, QLoRA adapters)
         model = model_cls.from_pretrained(base, config=config, dtype=torch_dtype(trained), trust_remote_code=trust,
-                                          quantization_config=q, use_safetensors=True).dequantize().to(dtype)
+                                          quantization_config=q, use_safetensors=True,
+                                          device_map="cpu").dequantize().to(dtype)
     else:
         model = model_cls.from_pretrained(base, config=config, dtype=dtype, trust_remote_code=trust,
                                           use_safetensors=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import jinja2
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,10 @@ TOKEN_ALIGNED = ("mm_token_type_ids", "cross_attention_mask")
 # Renderings kept by a ChatEncoder: locating the answers renders the prompt once per response and the whole
 # conversation twice; a pair's prompt and its responses are encoded one after another.
 RENDERS_KEPT = 64
+
+
+# the date Llama 3.x chat templates fall back to without strftime_now: every render the same tokens
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 class RowNotEncodable(ValueError):
@@ -98,6 +103,9 @@ class ChatEncoder:
         self.processor, self.arch, self.max_seq_len = processor, arch, max_seq_len
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.chat_template = chat_template
+        if not chat_template and not getattr(processor, "chat_template", None):
+            raise SystemExit(f"the {type(processor).__name__} of this model has no chat template: give one with "
+                             "--template FILE (a Jinja chat template, e.g. the one of the model it was tuned from)")
         self.image_token = arch.image_token
         self._rendered: dict[tuple, str] = {}
 
@@ -130,7 +138,9 @@ class ChatEncoder:
 
     def _render_hf(self, hf_messages: list[dict], add_generation_prompt: bool) -> str:
         kw = {"chat_template": self.chat_template} if self.chat_template else {}
-        return self.processor.apply_chat_template(hf_messages, tokenize=False,
+        # date_string: Llama 3.x templates write "Today Date: <the day's date>" unless given one: the same
+        # conversation would become other tokens from one day to the next (a reference cache, a resumed run)
+        return self.processor.apply_chat_template(hf_messages, tokenize=False, date_string=TEMPLATE_DATE,
                                                   add_generation_prompt=add_generation_prompt, **kw)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
@@ -140,8 +150,11 @@ class ChatEncoder:
             if len(self._rendered) >= RENDERS_KEPT:
                 self._rendered.clear()
             system_as_text = any(m.role == "system" for m in messages) and self._system_as_text
-            text = self._rendered[key] = self._render_hf(to_hf_messages(messages, system_as_text),
-                                                         add_generation_prompt)
+            try:
+                text = self._render_hf(to_hf_messages(messages, system_as_text), add_generation_prompt)
+            except jinja2.TemplateError as err:  # the template's own raise_exception: e.g. Llama 3.2 Vision's
+                raise RowNotEncodable(f"the chat template refuses this conversation: {err}") from None  # system + image
+            self._rendered[key] = text
         return text
 
     def segments(self, messages: list[Message], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
