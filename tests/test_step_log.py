@@ -143,7 +143,8 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     assert set(strategy.store) == {str(ck / "actor"), str(ck / "critic")}  # each engine in its own directory
     shape = {"world_size": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "seed": 1234,
              "steps_per_epoch": 5}
-    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape, "settings": {}} for _, st in strategy.store.values())  # step 2
+    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape, "settings": {}}  # step 2
+               for _, st in strategy.store.values())
 
     resumed = State(0.4)
     run.resume = True

@@ -49,7 +49,7 @@ def sampling_as_asked(model, do_sample: bool):
     target = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: generate is the base's
     old = target.generation_config
     ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    target.generation_config = GenerationConfig(**{k: getattr(old, k) for k in ids if getattr(old, k, None) is not None})
+    target.generation_config = GenerationConfig(**{k: v for k in ids if (v := getattr(old, k, None)) is not None})
     try:
         yield
     finally:
