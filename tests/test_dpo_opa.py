@@ -117,6 +117,7 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
     main(args + ["--step", "rollout"])
     rollouts = (out / "work" / "rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 4
+    assert all("<image>" in json.loads(x)["prompt"][-1]["content"] for x in rollouts)  # the messages answered
     main(args)  # the other steps; the rollout step finds its output and does nothing
     assert (out / "work" / "rollouts.jsonl").read_text().splitlines() == rollouts
     pairs = json.loads((out / "work" / "opa_pairs.json").read_text())

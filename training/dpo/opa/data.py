@@ -137,6 +137,16 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     return w
 
 
+def opa_prompt(r: dict) -> list[Message]:
+    """The prompt a row's answers respond to: the messages its rollout was sampled from (run_opa_dpo.sh keeps
+    them: earlier turns, a system message, where the image stands), else its question with the image first
+    unless the question places it (a published query: "<image>\n...")."""
+    if r.get("prompt"):
+        return [Message(m["role"], m["content"]) for m in r["prompt"]]
+    q = r["question"]
+    return [Message("user", q if IMAGE_PLACEHOLDER in q else f"{IMAGE_PLACEHOLDER}\n{q}")]
+
+
 class OPADataset(torch.utils.data.Dataset):
     rows_per_item = ROWS_PER_ITEM
 
@@ -175,8 +185,7 @@ class OPADataset(torch.utils.data.Dataset):
             self.report.bad(where, "image", str(err), item=(self, i))
             return None
         seed = self.seed * 1_000_003 + i
-        q = r["question"]  # the image goes first unless the question places it (a published query: "<image>\n...")
-        prompt = [Message("user", q if IMAGE_PLACEHOLDER in q else f"{IMAGE_PLACEHOLDER}\n{q}")]
+        prompt = opa_prompt(r)
         texts = [r["gt"], r["revised"], r["rollout"], r["revised"]]
         sw = [None, r["revised_score_weights"], r["rollout_weights"], r["revised_type_weights"]]
         try:
@@ -202,6 +211,9 @@ class OPADataset(torch.utils.data.Dataset):
         return [real, mask]
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def _field_problem(r) -> tuple[str, str] | None:
     """(field, reason) of the first field of an opa_pairs.json row that is missing or of the wrong type."""
     if not isinstance(r, dict):
@@ -214,6 +226,11 @@ def _field_problem(r) -> tuple[str, str] | None:
     for k in TEXT_FIELDS:
         if not isinstance(r[k], str):
             return k, f"expected text, got {type(r[k]).__name__}"
+    prompt = r.get("prompt")
+    if prompt is not None and not (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in prompt)
+            and prompt[-1]["role"] == "user"):
+        return "prompt", f"expected the rollout's messages ([{{role, content}}, ...], the last a user's): {prompt!r:.60}"
     for k in WEIGHT_FIELDS:
         if not isinstance(r[k], list):
             return k, f"expected a list of [sentence, weight], got {type(r[k]).__name__}"

@@ -198,8 +198,9 @@ def step_rollout(a, work: Path) -> None:
             images = [[load_image(r[2], a.image_folder)] for r in chunk]
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device)
             for (rid, prompt, image, ref, facts, key), t in zip(chunk, texts):
-                question = prompt[-1].content.replace("<image>", "").strip()
-                f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question,
+                question = prompt[-1].content.replace("<image>", "").strip()  # what the expert reads
+                messages = [{"role": m.role, "content": m.content} for m in prompt]  # what the policy answered
+                f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question, "prompt": messages,
                                     "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
             f.flush()
             bar.update(len(chunk))
@@ -223,7 +224,7 @@ def make_expert(a, work: Path):
 
 def step_correct(a, work: Path) -> None:
     from training.data.images import load_image
-    from training.dpo.opa.data import revised_with_weights, rollout_weights
+    from training.dpo.opa.data import opa_prompt, revised_with_weights, rollout_weights
 
     rollouts = _read_jsonl(work / "rollouts.jsonl")
     if not rollouts:
@@ -261,12 +262,17 @@ def step_correct(a, work: Path) -> None:
         if a.only_corrected and all(x["score"] == 4 for x in report) or a.max_pairs and len(pairs) >= a.max_pairs:
             continue
         rid = r["id"]
-        pairs.append({"id": rid, "key": key, "image": r["image"], "question": r["question"], "gt": r["gt"],
-                      "rollout": r["rollout"], "revised": revised, "rollout_weights": rollout_weights(report),
-                      "revised_score_weights": score_w, "revised_type_weights": type_w, "report": report})
+        pair = {"id": rid, "key": key, "image": r["image"], "question": r["question"], "gt": r["gt"],
+                "rollout": r["rollout"], "revised": revised, "rollout_weights": rollout_weights(report),
+                "revised_score_weights": score_w, "revised_type_weights": type_w, "report": report}
+        if r.get("prompt"):  # rollouts written before the prompt was kept: the question, the image first
+            pair["prompt"] = r["prompt"]
+        pairs.append(pair)
+        turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m.role, m.role), "value": m.content}
+                 for m in opa_prompt(pair)]
         for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal)
-            sft.append({"id": f"{rid}-{len(sft)}", "image": r["image"], "conversations": [
-                {"from": "human", "value": "<image>\n" + r["question"]}, {"from": "gpt", "value": answer}]})
+            sft.append({"id": f"{rid}-{len(sft)}", "image": r["image"],
+                        "conversations": turns + [{"from": "gpt", "value": answer}]})
     (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
     (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
     n_bad = sum(any(x["score"] < 4 for x in report) for report in reports.values())

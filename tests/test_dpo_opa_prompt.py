@@ -1,0 +1,46 @@
+"""OPA-DPO trains on the prompt its rollout was sampled from: the rollout step keeps the row's messages (earlier
+turns, a system message, where the image stands), and the OPA-SFT rows and the four pairs are built on them. The
+work files kept the last question only, rebuilt as "<image>\\n" + question: another prompt than the policy answered
+wherever the image came after the text or the conversation had earlier turns."""
+import json
+
+from PIL import Image
+
+from test_dpo_opa import FACTS, GT
+
+PROMPT = [{"role": "system", "content": "Answer in one sentence."},
+          {"role": "user", "content": "Is there a circle?"}, {"role": "assistant", "content": "Yes."},
+          {"role": "user", "content": "Describe the image in detail.\n<image>"}]
+
+
+def test_the_pairs_and_the_sft_rows_keep_the_rollouts_prompt(world, tiny, tmp_path):
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.records import Message
+    from training.dpo.opa.data import OPADataset, read_opa
+    from training.dpo.opa.main import main
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    out = tmp_path / "opa"
+    (out / "work").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (0, 200, 200)).save(tmp_path / "x.png")
+    wrong = "The image shows one blue circle and one red square on a cyan background."
+    row = {"key": "p0#0", "id": "p0", "image": "x.png", "question": "Describe the image in detail.",
+           "prompt": PROMPT, "gt": GT, "facts": FACTS, "rollout": wrong}
+    (out / "work" / "rollouts.jsonl").write_text(json.dumps(row) + "\n")
+    main(["--step", "correct", "--force", "--from_checkpoint", str(tiny), "--data_path",
+          str(world / "preference_train.json"), "--image_folder", str(tmp_path), "--output_dir", str(out)])
+    pairs = read_opa(str(out / "work" / "opa_pairs.json"))
+    assert pairs[0]["prompt"] == PROMPT
+    sft = json.loads((out / "work" / "opa_sft.json").read_text())
+    assert [t["value"] for t in sft[0]["conversations"][:4]] == [m["content"] for m in PROMPT]
+    assert [t["from"] for t in sft[0]["conversations"]] == ["system", "human", "gpt", "human", "gpt"]
+
+    _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    enc = ChatEncoder(proc, arch, 1024)
+    image = Image.open(tmp_path / "x.png").convert("RGB")
+    answered = enc.encode([Message(m["role"], m["content"]) for m in PROMPT], [image], add_generation_prompt=True)
+    real, masked = OPADataset(pairs, enc, str(tmp_path), BadRowReport())[0]
+    for item in (real, masked):  # the tokens the rollout was sampled after
+        assert item.prompt_ids.tolist() == answered.input_ids.tolist()
