@@ -156,9 +156,10 @@ def worker_ours(a) -> dict:
 def worker_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from trl import DPOConfig, DPOTrainer
+
+    from training.data.images import load_image
 
     rows = json.loads(Path(a.data).read_text())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.precision]
@@ -168,7 +169,7 @@ def worker_trl(a) -> dict:
     def example(r):
         q = r["conversations"][0]["value"].replace("<image>\n", "")
         chosen, rejected = r["conversations"][1]["value"][:2]
-        return {"images": [Image.open(Path(a.images) / r["image"]).convert("RGB")],
+        return {"images": [load_image(r["image"], a.images)],  # inside the image root, as our stages read it
                 "prompt": [{"role": "user", "content": q}],
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}]}

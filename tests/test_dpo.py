@@ -224,6 +224,10 @@ def test_reference_cache_fingerprints(tmp_path):
     recs = [SimpleNamespace(images=[str(tmp_path / "i.png"), b"bytes"]), {"image": "i.png"}]
     got = images_fingerprint(recs, str(tmp_path))
     assert len(got) == 1 and got[0][0] == str((tmp_path / "i.png").resolve())
+    # OPA rows without --image_folder: their images lie under their file's folder, as OPADataset reads them
+    from training.data.records import RowRef
+    got = images_fingerprint([{"image": "i.png", "_where": RowRef(str(tmp_path / "pairs.json"), 0)}], "")
+    assert len(got) == 1 and got[0][0] == str((tmp_path / "i.png").resolve())
 
 
 def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
@@ -247,9 +251,10 @@ def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
         assert [r[k] for r in lc] == pytest.approx([r[k] for r in ld], rel=1e-5, abs=1e-6), k
 
 
-def test_reference_cache_key_follows_the_model_parts_and_quantisation():
+def test_reference_cache_key_follows_the_model_parts_and_quantisation(tmp_path):
     """A model built from --vision_tower / --language_model ignores --from_checkpoint, and the 4-bit settings
-    change a QLoRA reference: each must change the cache key (they all shared one)."""
+    change a QLoRA reference: each must change the cache key (they all shared one). A part in a folder counts by
+    its files (a retrained language model at the same path kept the key)."""
     import dataclasses
 
     from training.config import DataArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs
@@ -265,6 +270,13 @@ def test_reference_cache_key_follows_the_model_parts_and_quantisation():
         cfg = {**base, concept: dataclasses.replace(base[concept], **change)}
         keys.add(str(reference_settings(cfg, None, 2, "llava", 1)))
     assert len(keys) == 1 + len(changed)
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "model.safetensors").write_text("weights")
+    cfg = {**base, "model": dataclasses.replace(base["model"], language_model=str(lm))}
+    before = str(reference_settings(cfg, None, 2, "llava", 1))
+    (lm / "model.safetensors").write_text("retrained weights")
+    assert str(reference_settings(cfg, None, 2, "llava", 1)) != before
 
 
 def test_a_stale_reference_cache_is_refused(world, tiny, tmp_path):

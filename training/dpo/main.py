@@ -110,10 +110,13 @@ def main(argv=None) -> dict:
 
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:
     """What the cached reference log-probs depend on besides the checkpoint's files and the data (its key)."""
+    from training.model.fingerprint import model_fingerprint
     m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
     return {"max_seq_len": d.max_seq_len, "template": template, "K": K, "arch": arch_name, "precision": m.precision,
             "rows": rows, "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
-            "parts": (m.vision_tower, m.language_model),  # a model built from parts ignores from_checkpoint
+            # a model built from parts ignores from_checkpoint: each part's files (a folder's), else its name
+            "parts": [(x, model_fingerprint(x)) if x and Path(x).is_dir() else x for x in (m.vision_tower,
+                                                                                           m.language_model)],
             "bnb": (lora.bnb_compute_dtype, lora.bnb_double_quant),  # the 4-bit base a QLoRA reference runs on
             "opa_mask": (a.opa_mask_ratio, cfg["optim"].seed, "model input")}  # how the mask is made
 

@@ -42,10 +42,14 @@ def data_fingerprint(path: str) -> list:
 
 
 def images_fingerprint(records, root: str) -> list:
-    """The image files the records name (preference records keep resolved paths; OPA's rows paths under
-    root); images kept as bytes are inside the data files."""
-    srcs = (src for r in records for src in ((r.get("image"),) if isinstance(r, dict) else r.images))
-    files = {os.path.join(root, s) for s in srcs if isinstance(s, str)}  # joining an absolute path keeps it
+    """The image files the records name (preference records keep resolved paths; OPA's rows paths under root,
+    by default their file's folder, as OPADataset reads them); images kept as bytes are inside the data files."""
+    def under(r) -> str:
+        where = r.get("_where") if isinstance(r, dict) else None
+        return root or (os.path.dirname(os.path.abspath(where.file)) if where is not None else "")
+
+    srcs = ((under(r), src) for r in records for src in ((r.get("image"),) if isinstance(r, dict) else r.images))
+    files = {os.path.join(d, s) for d, s in srcs if isinstance(s, str)}  # joining an absolute path keeps it
     return [_stat(Path(f)) for f in sorted(files) if os.path.isfile(f)]
 
 
