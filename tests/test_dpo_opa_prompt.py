@@ -44,3 +44,20 @@ def test_the_pairs_and_the_sft_rows_keep_the_rollouts_prompt(world, tiny, tmp_pa
     real, masked = OPADataset(pairs, enc, str(tmp_path), BadRowReport())[0]
     for item in (real, masked):  # the tokens the rollout was sampled after
         assert item.prompt_ids.tolist() == answered.input_ids.tolist()
+
+
+def test_an_interrupted_rollout_step_rerun_with_other_settings_is_refused(world, tiny, tmp_path):
+    """The rollout step resumed by prompt key alone: rerun with another policy or temperature, it appended those
+    rollouts to the first ones without a word."""
+    import pytest
+
+    from training.dpo.opa.main import main
+    out = tmp_path / "opa"
+    args = ["--step", "rollout", "--from_checkpoint", str(tiny), "--data_path", str(world / "preference_train.json"),
+            "--image_folder", str(world / "images"), "--output_dir", str(out), "--max_new_tokens", "6",
+            "--rollout_batch_size", "2"]
+    main(args + ["--n_prompts", "2"])
+    with pytest.raises(SystemExit, match=r"other settings \(temperature differ"):
+        main(args + ["--n_prompts", "3", "--temperature", "0.5"])
+    main(args + ["--n_prompts", "3"])  # the same settings: the rest of the prompts
+    assert len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3

@@ -110,18 +110,20 @@ def run_settings(args, device: str, precision: str, image_root: str) -> dict:
             "device": device.split(":")[0], "precision": precision, "model_id": args.model_id}
 
 
-def check_settings(out: Path, done: set, settings: dict) -> None:
+def check_settings(out: Path, done, settings: dict, suffix: str = ".predict.json",
+                   remedy: str = "pass another --output_file, or delete the file to answer again") -> None:
     """`<answers>.predict.json` records what wrote the answers (the model and a fingerprint of its weight files,
     the question file, decoding, seed, reward model, lengths, precision). A resume with other settings would mix
     two models' or decodings' answers in one file (a retrained model in the same folder reused all of them):
-    refused. A file answered before this record existed is resumed as it is."""
-    side = out.with_name(out.stem + ".predict.json")
+    refused. A file answered before this record existed is resumed as it is. (OPA-DPO's rollouts too: suffix
+    ".settings.json".)"""
+    side = out.with_name(out.stem + suffix)
     if done and side.exists():
         old = json.loads(side.read_text())
         diff = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
         if diff:
             raise SystemExit(f"{out} holds answers written with other settings ({', '.join(diff)} differ; see {side}): "
-                             "pass another --output_file, or delete the file to answer again")
+                             f"{remedy}")
     elif done:
         print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
     write_text_atomic(side, json.dumps(settings, indent=1))  # chunk processes write it too

@@ -166,6 +166,15 @@ def load_prompts(a, report=None):
     return out
 
 
+def rollout_settings(a) -> dict:
+    """What draws the rollouts: the policy (and its files), the sampling and its seeds. An interrupted rollout step
+    rerun with others appended another policy's or temperature's rollouts to the first ones."""
+    from training.model.fingerprint import model_fingerprint
+    return {"from_checkpoint": a.from_checkpoint, "model": model_fingerprint(a.from_checkpoint),
+            "temperature": a.temperature, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+            "rollout_batch_size": a.rollout_batch_size}
+
+
 def step_rollout(a, work: Path) -> None:
     import torch
 
@@ -174,10 +183,13 @@ def step_rollout(a, work: Path) -> None:
     from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
+    from training.predict.main import check_settings
     from training.templates.chat import ChatEncoder
 
     out = work / "rollouts.jsonl"
     done = _read_jsonl(out)
+    check_settings(out, done, rollout_settings(a), ".settings.json",
+                   "give the first settings, or redo every step with --step all --force")
     report = BadRowReport(skip=a.skip_bad_rows)
     todo = [r for r in load_prompts(a, report) if r[5] not in done]
     report.write(work)
