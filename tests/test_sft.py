@@ -351,3 +351,25 @@ def test_bad_rows_report_of_a_resumed_run_counts_the_rows_before_the_stop(world,
     assert full["n_truncated"] > 0
     assert sorted(map(json.dumps, cut["truncated_rows"])) == sorted(map(json.dumps, full["truncated_rows"]))
     assert cut["n_skipped"] == full["n_skipped"]
+
+
+def test_bad_rows_found_before_a_kill_are_listed_after_the_resume(world, tiny, tmp_path, monkeypatch):
+    """Only a clean stop wrote them: a run killed after its last checkpoint lost the rows found before it, and
+    the resumed run listed only those it encoded itself. They are written with every resumable checkpoint."""
+    from training.engine.loop import StepLog
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--skip_bad_rows", "--max_seq_len", "100"]
+    main(sft_args(world, tiny, tmp_path / "full", *common))
+    after = StepLog.after
+
+    def killed_at_step_3(self, step, *a, **k):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return after(self, step, *a, **k)
+
+    monkeypatch.setattr(StepLog, "after", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(sft_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "2"))
+    monkeypatch.setattr(StepLog, "after", after)
+    main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    full, cut = (json.loads((tmp_path / r / "bad_rows.json").read_text()) for r in ("full", "cut"))
+    assert sorted(map(json.dumps, cut["truncated_rows"])) == sorted(map(json.dumps, full["truncated_rows"]))

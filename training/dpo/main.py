@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
         from training.data.encoded_cache import EncodedCache
         dataset = EncodedCache(dataset, d.encoded_cache_mb)
     trainer = DPOTrainer(strategy, processor, dataset, cfg, arch.name, eval_set)
+    trainer.report = report
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     import time
     t0 = time.time()

@@ -21,6 +21,8 @@ from training.model.reference import lora_reference
 
 
 class DPOTrainer:
+    report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
+
     def __init__(self, strategy, processor, dataset, cfg, arch_name: str, eval_set=None):
         self.s, self.processor, self.dataset, self.cfg = strategy, processor, dataset, cfg
         self.arch_name, self.a = arch_name, cfg["dpo"]
@@ -145,7 +147,8 @@ class DPOTrainer:
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         step, log = open_run(self.s, self.engine, self.cfg, self.plan, self.a.loss_type,
-                             {"loss": ("loss", "{:.3f}"), "acc": ("rewards/accuracies", "{:.2f}")})
+                             {"loss": ("loss", "{:.3f}"), "acc": ("rewards/accuracies", "{:.2f}")},
+                             report=self.report)
         self.engine.train()
         for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,
                                           o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,

@@ -194,7 +194,7 @@ def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
 
 
 def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]],
-             state=None):
+             state=None, report=None):
     """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engines are
     restored from the last resumable checkpoint (refused for another shape or other options) and the metrics
     file continues. cfg: the stage's options by concept; written to output_dir/run_config.json once the run
@@ -203,7 +203,8 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     engine: a DeepSpeed engine, or {name: engine} for a stage with several (PPO: actor and critic), each
     checkpointed under checkpoints/<name>. state: what a resumed run must restore besides the engines,
     with state_dict() / load_state_dict() (PPO: its KL controller and reward statistics); it travels
-    in the checkpoints' client state."""
+    in the checkpoints' client state. report: the run's BadRowReport, written with every resumable checkpoint
+    (a run killed after it then resumed still lists the rows found before it)."""
     from training.engine.metrics import MetricsLogger
 
     from training.config import save_config
@@ -240,7 +241,7 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     if strategy.is_main and run.progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True)
-    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state, run_settings(cfg))
+    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state, run_settings(cfg), report)
 
 
 def loss_scaling(engine) -> dict:
@@ -260,8 +261,9 @@ class StepLog:
     ones); a resumable checkpoint is written when due."""
 
     def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, report=None):
         self.strategy, self.engines, self.run, self.plan, self.settings = strategy, engines, run, plan, settings
+        self.report = report
         self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
@@ -298,6 +300,8 @@ class StepLog:
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
         if save_due(step, self.plan.total_steps, self.run):
+            if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
+                self.strategy.write_report(self.report, self.run.output_dir)
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
                       **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,

@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
                          rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template))
+    trainer.report = report
     # schedules count optimizer updates: updates_per_step of them per PPO step, the actor's after the warm-up
     actor_steps = trainer.total_steps - min(p.critic_warmup_steps, trainer.total_steps)
     actor_updates = max(1, actor_steps * trainer.updates_per_step)

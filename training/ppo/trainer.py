@@ -41,6 +41,8 @@ def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
 
 
 class PPOTrainer:
+    report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
+
     def __init__(self, strategy, actor, critic, ref, rm, processor, rm_processor, encoder, rm_encoder,
                  arch_name: str, rm_arch_name: str, records, image_root: str, cfg, ptx=None):
         self.s, self.actor, self.critic, self.ref, self.rm = strategy, actor, critic, ref, rm
@@ -268,7 +270,8 @@ class PPOTrainer:
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, self.cfg, plan, "ppo",
-                             {"reward": ("reward/mean", "{:.2f}"), "kl": ("kl", "{:.2f}")}, state=self)
+                             {"reward": ("reward/mean", "{:.2f}"), "kl": ("kl", "{:.2f}")}, state=self,
+                             report=self.report)
         for step, _, idx in planned_steps(plan, step, len(self.records), self.p.rollout_batch_size, 1,
                                           self.s.world_size, self.s.rank, o.seed, c.stop_after_steps):
             self._step = step - 1

@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
     train_set = dataset(d.data_path, True)
     eval_set = dataset(d.eval_data_path, False) if d.eval_data_path else None
     trainer = RMTrainer(strategy, None, processor, train_set, eval_set, cfg, arch.name)
+    trainer.report = report
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     history = trainer.train()
     if trainer.interrupted:

@@ -55,6 +55,8 @@ def summarize(stats: torch.Tensor, prefix: str = "") -> dict:
 
 
 class RMTrainer:
+    report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
+
     def __init__(self, strategy, engine, processor, train_set: RMDataset, eval_set: RMDataset | None, cfg,
                  arch_name: str):
         self.s, self.engine, self.processor, self.cfg = strategy, engine, processor, cfg
@@ -140,7 +142,8 @@ class RMTrainer:
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         step, log = open_run(self.s, self.engine, self.cfg, self.plan, "rm",
-                             {"loss": ("loss", "{:.3f}"), "acc": ("accuracy", "{:.2f}")})
+                             {"loss": ("loss", "{:.3f}"), "acc": ("accuracy", "{:.2f}")},
+                             report=self.report)
         self.logger = log.logger
         lists = o.per_device_train_batch_size * o.gradient_accumulation_steps * self.s.world_size
         self.engine.train()

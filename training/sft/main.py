@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
 
     eval_set = dataset(d.eval_data_path) if d.eval_data_path else None
     trainer = SFTTrainer(strategy, None, processor, dataset(d.data_path), cfg, arch.name, eval_set)
+    trainer.report = report
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     history = trainer.train()
     if trainer.interrupted:

@@ -39,6 +39,8 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class SFTTrainer:
+    report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
+
     def __init__(self, strategy, engine, processor, dataset: SFTDataset, cfg, arch_name: str,
                  eval_set: SFTDataset | None = None):
         self.s, self.engine, self.processor, self.dataset, self.cfg = strategy, engine, processor, dataset, cfg
@@ -98,7 +100,8 @@ class SFTTrainer:
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         step, log = open_run(self.s, self.engine, self.cfg, self.plan, "sft",
-                             {"loss": ("loss", "{:.3f}"), "tok_s": ("target_tokens_per_s", "{:.0f}")})
+                             {"loss": ("loss", "{:.3f}"), "tok_s": ("target_tokens_per_s", "{:.0f}")},
+                             report=self.report)
         self.engine.train()
         for step, _, idx in planned_steps(self.plan, step, len(self.dataset), o.per_device_train_batch_size,
                                           o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
