@@ -516,7 +516,7 @@ def test_the_templates_own_refusal_is_a_bad_row_and_its_date_is_fixed(tmp_path):
     assert "incompatible with system messages" in report.skipped[0]["reason"]
 
 
-def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path):
+def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path, capfd):
     """--template's help promised a fallback to the architecture's template that does not exist; such a processor
     failed on the first row with transformers' ValueError, as a bad row."""
     ck = make_tiny_checkpoint("llava", tmp_path / "llava")
@@ -524,4 +524,6 @@ def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path):
     processor.chat_template = None
     with pytest.raises(SystemExit, match="has no chat template: give one with --template FILE"):
         ChatEncoder(processor, arch, 256)
-    ChatEncoder(processor, arch, 256, chat_template=MLLAMA_OFFICIAL_LIKE)  # a file's template is enough
+    enc = ChatEncoder(processor, arch, 256, chat_template=MLLAMA_OFFICIAL_LIKE)  # a file's template is enough
+    enc.encode([Message("user", "Hello"), Message("assistant", "Hi.")], [])
+    assert "processor_kwargs" not in capfd.readouterr().err  # no date_string for a template without one

@@ -138,9 +138,12 @@ class ChatEncoder:
 
     def _render_hf(self, hf_messages: list[dict], add_generation_prompt: bool) -> str:
         kw = {"chat_template": self.chat_template} if self.chat_template else {}
-        # date_string: Llama 3.x templates write "Today Date: <the day's date>" unless given one: the same
-        # conversation would become other tokens from one day to the next (a reference cache, a resumed run)
-        return self.processor.apply_chat_template(hf_messages, tokenize=False, date_string=TEMPLATE_DATE,
+        template = self.chat_template or getattr(self.processor, "chat_template", None)
+        if isinstance(template, str) and "date_string" in template:  # (transformers warns of a variable not used)
+            # Llama 3.x templates write "Today Date: <the day's date>" unless given one: the same conversation
+            # would become other tokens from one day to the next (a reference cache, a resumed run)
+            kw["date_string"] = TEMPLATE_DATE
+        return self.processor.apply_chat_template(hf_messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **kw)
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
