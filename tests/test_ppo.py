@@ -29,12 +29,18 @@ def test_ppo_end_to_end(world, tiny, rm, tmp_path):
 
 
 def test_ppo_lora_actor_uses_disabled_adapters_as_reference(world, tiny, rm, tmp_path):
-    out = tmp_path / "ppo_lora"
-    main(ppo_args(world, tiny, rm, out, "--max_steps", "1", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj"))
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    # before the first update the actor IS the reference: KL is exactly 0
-    assert row["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert (out / "adapter").exists()
+    """Before the first update the actor is the reference (KL 0); after it, the adapters-off reference gives the
+    run a separate frozen SFT model gives (KL 0 at step 1 alone held whatever the reference was: LoRA's B starts
+    at zero)."""
+    lora = ["--max_steps", "2", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj", "--lora_dropout", "0",
+            "--learning_rate", "1e-2"]
+    main(ppo_args(world, tiny, rm, tmp_path / "off", *lora))
+    main(ppo_args(world, tiny, rm, tmp_path / "frozen", *lora, "--reference_model", str(tiny)))
+    off, frozen = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+                   for r in ("off", "frozen"))
+    assert off[0]["kl"] == pytest.approx(0.0, abs=1e-6) and abs(off[1]["kl"]) > 1e-4
+    assert [r["kl"] for r in off] == pytest.approx([r["kl"] for r in frozen], rel=1e-4, abs=1e-7)
+    assert (tmp_path / "off" / "adapter").exists()
 
 
 def test_ppo_lora_reference_stays_the_sft_model_while_the_projector_trains(world, tiny, rm, tmp_path, monkeypatch):
