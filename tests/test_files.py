@@ -1,5 +1,4 @@
 """write_text_atomic: the file holds the old text or the new, never part of either; locked: one holder at a time."""
-from pathlib import Path
 
 import pytest
 
@@ -12,13 +11,19 @@ def test_a_write_replaces_whole_and_a_failed_one_leaves_the_old_text(tmp_path, m
     write_text_atomic(path, "new é")
     assert path.read_text(encoding="utf-8") == "new é" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
-    def killed(self, text, encoding=None):  # the write dies after half of the text
-        Path.write_bytes(self, text[: len(text) // 2].encode())
+    import os
+    calls, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), replace(a, b))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+    write_text_atomic(path, "newer")
+    assert calls == ["fsync", "replace", "fsync"]  # the text on disk before its name, the name before the return
+
+    def killed(fd):  # the disk fails before the text is on it
         raise OSError("disk full")
-    monkeypatch.setattr(Path, "write_text", killed)
+    monkeypatch.setattr(os, "fsync", killed)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(path, "a much longer text")
-    assert path.read_text(encoding="utf-8") == "new é"  # the old text, and no temporary file left beside it
+    assert path.read_text(encoding="utf-8") == "newer"  # the old text, and no temporary file left beside it
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 

@@ -12,14 +12,33 @@ from pathlib import Path
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to a temporary file beside `path`, named for this process, then rename it onto `path`
-    (atomic on one file system); concurrent writers never share a temporary file."""
+    (atomic on one file system); concurrent writers never share a temporary file. The text reaches the disk before
+    the rename and the rename before the return (fsync), so a power loss cannot leave a name over unwritten data."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_folder(folder: str | Path) -> None:
+    """fsync a folder (its entries: a rename into it), where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system or platform that does not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

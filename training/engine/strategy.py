@@ -421,6 +421,8 @@ class Strategy:
             self.require_finite_weights(engine, Path(root) / tag)
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                                    exclude_frozen_parameters=_adapters(engine))
+        if hasattr(os, "sync"):  # every rank's shards on disk before `latest` names them (a power loss, a crash)
+            os.sync()
         self.barrier()
         if self.is_main:
             for root in engines:
