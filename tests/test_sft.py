@@ -83,6 +83,9 @@ def test_resume_with_other_options_is_refused_and_keeps_the_runs_config(world, t
         with pytest.raises(SystemExit, match=said):
             main(sft_args(world, tiny, out, *common, *other, "--resume"))
         assert (out / "run_config.json").read_text() == config
+    # another ZeRO stage: DeepSpeed failed inside its load (FileNotFoundError: ..._optim_states.pt), naming nothing
+    with pytest.raises(SystemExit, match="--zero_stage 0 in the checkpoint, 2 now"):
+        main(sft_args(world, tiny, out, *common, "--zero_stage", "2", "--resume"))
     # how it is logged, saved, evaluated or shown may change
     main(sft_args(world, tiny, out, *common, "--resume", "--logging_steps", "2", "--no-gradient_checkpointing"))
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 4]

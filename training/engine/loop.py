@@ -215,6 +215,11 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     ckpt = out / "checkpoints"
     saved = None
     if run.resume:
+        from training.engine.strategy import saved_run_record
+        for name in engines:  # before DeepSpeed loads: another ZeRO stage or world size fails inside it obscurely
+            record = saved_run_record(ckpt / name) or {}
+            check_run_shape(record.get("shape"), run_shape(strategy, plan), ckpt)
+            check_run_settings(record.get("settings"), run_settings(cfg), ckpt)
         got = {name: strategy.load_resume(e, ckpt / name) for name, e in engines.items()}
         steps = {name: g["step"] if g else None for name, g in got.items()}
         if len(set(steps.values())) > 1:  # e.g. a run killed between writing the actor's and the critic's

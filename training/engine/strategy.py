@@ -131,6 +131,19 @@ BUCKET_DEFAULT = 500_000_000  # DeepSpeed's ZeRO reduce / allgather bucket, in e
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) runs
 
 
+RUN_RECORD = "run.json"  # in each resumable checkpoint: the run's shape and options, readable without loading it
+
+
+def saved_run_record(ckpt_root: str | Path) -> dict | None:
+    """The shape and options the newest resumable checkpoint under ckpt_root was written with (None: none, or one
+    written before they were recorded)."""
+    latest = Path(ckpt_root) / "latest"
+    if not latest.is_file():
+        return None
+    record = Path(ckpt_root) / latest.read_text().strip() / RUN_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 class NonFiniteError(FloatingPointError):
     """A NaN or inf in a loss, reward or the weights: the run stops without writing a checkpoint."""
 
@@ -425,6 +438,9 @@ class Strategy:
             os.sync()
         self.barrier()
         if self.is_main:
+            for root in engines:  # what a resume checks before DeepSpeed loads (it fails obscurely on another stage)
+                write_text_atomic(Path(root) / tag / RUN_RECORD, json.dumps(
+                    {k: client_state[k] for k in ("shape", "settings") if k in client_state}))
             for root in engines:
                 write_text_atomic(Path(root) / "latest", tag)
             for root in engines:
