@@ -8,6 +8,14 @@
 # anew (training/pipeline.py); PIPELINE_FRESH=1 retrains every stage.
 source "$(dirname "$0")/scripts/env.sh"
 source "$(dirname "$0")/scripts/stage.sh"
+for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT must write those
+  case "$arg" in
+    --output_dir|--output_dir=*|--world_dir|--world_dir=*|--world_seed|--world_seed=*)
+      echo "run_pipeline.sh: ${arg%%=*} is not a pipeline option (the later stages read output/sft and data/world);" \
+           "run the stages' scripts one by one to use another" >&2
+      exit 2;;
+  esac
+done
 python -m training.pipeline prepare
 stage output/sft -- run_sft.sh "$@"
 stage output/rm output/sft -- run_rm_training.sh

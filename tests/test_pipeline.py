@@ -52,6 +52,17 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     monkeypatch.setenv("NUM_GPUS", "2")
     assert pipeline.fingerprint(cmd, [], root) != base
     monkeypatch.delenv("NUM_GPUS")
+    # the GPUs a launch uses, and the hostfile's machines (its name alone counted): another world size
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert pipeline.fingerprint(cmd, [], root) != base
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=2\n")
+    monkeypatch.setenv("HOSTFILE", str(hosts))
+    one = pipeline.fingerprint(cmd, [], root)
+    hosts.write_text("node1 slots=2\nnode2 slots=2\n")
+    assert pipeline.fingerprint(cmd, [], root) != one
+    monkeypatch.delenv("HOSTFILE")
 
     dep = tmp_path / "out_sft"
     with pytest.raises(SystemExit, match="no finished run"):
@@ -213,3 +224,12 @@ def test_stage_function_without_separator_stops(tmp_path):
     p = subprocess.run(["bash", "-c", f"set -euo pipefail; cd {ROOT}; source scripts/stage.sh; stage {tmp_path} a b; "
                         "echo went on"], capture_output=True, text=True)
     assert p.returncode == 2 and "usage: stage OUT" in p.stderr and "went on" not in p.stdout
+
+
+@pytest.mark.parametrize("arg", ["--output_dir", "--output_dir=x", "--world_seed", "--world_dir=w"])
+def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg):
+    """run_pipeline.sh passes its arguments to SFT: --output_dir X trained into X while RM, DPO, ORPO and PPO
+    loaded output/sft; another world seed or folder made SFT train on another world than the benchmarks'."""
+    proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), arg, "x"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr

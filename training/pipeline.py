@@ -41,7 +41,7 @@ RECORD = "pipeline_stage.json"
 CODE = ("training", "scripts", "configs")
 PACKAGES = ("training", "eval")  # the project's Python packages; a stage's fingerprint holds the modules it imports
 INPUTS = ("data/world", "output/tiny_vlm_init")
-ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")
+ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")  # + the hostfile's text, the GPUs seen
 DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
 
@@ -185,8 +185,19 @@ def fingerprint(command: list[str], after: list[str], root: Path = ROOT, out: Pa
     parts = {"command": command, "code": tree_digest(code_files(command, root), root),
              "inputs": tree_digest(inputs, root),
              "paths": path_args_digest(command, [Path(d) for d in after] + ([Path(out)] if out else []), root),
-             "env": {k: os.environ.get(k, "") for k in ENV}, "after": deps}
+             "env": environment(), "after": deps}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def environment() -> dict:
+    """What sets a stage's ranks (its world size, so its data order): the launcher's variables, the hostfile's
+    lines and the GPUs this machine has (the launcher uses them all without NUM_GPUS). A stage resumed with
+    other ranks is refused by its own check, which stopped the pipeline; it now trains afresh."""
+    env = {k: os.environ.get(k, "") for k in ENV}
+    hostfile = Path(env["HOSTFILE"]) if env["HOSTFILE"] else None
+    env["hostfile_text"] = hostfile.read_text() if hostfile and hostfile.is_file() else ""
+    env["gpus"] = len([d for d in Path("/dev").glob("nvidia[0-9]*")])
+    return env
 
 
 def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) -> str:
