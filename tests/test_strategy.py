@@ -93,7 +93,7 @@ def test_adamw_is_torchs_fused_kernel_where_it_runs(tmp_path, monkeypatch):
     _strategy(tmp_path, None).prepare(a, 10)
     fused = got.pop("opt")
     assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
-    loop = torch.optim.AdamW(b.parameters(), lr=fused.defaults["lr"], weight_decay=fused.defaults["weight_decay"])
+    loop = torch.optim.AdamW(b.parameters(), lr=fused.defaults["lr"], weight_decay=0.0)  # the groups' (default 0)
     x = torch.randn(16, 8)
     for _ in range(3):
         for m, opt in ((a, fused), (b, loop)):
@@ -166,3 +166,43 @@ def test_the_finite_check_reads_held_values_not_partition_padding(tmp_path):
     module.register_parameter("b", param(1, [nan, 1.0]))
     with pytest.raises(NonFiniteError, match="non-finite weights"):
         s.require_finite_weights(module, tmp_path / "out")
+
+
+def test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers(tmp_path, monkeypatch):
+    """One group decayed every trainable tensor, biases and norm gains too (transformers' Trainer and
+    Vision-LLM-Alignment exempt them); the warm-up reached its peak one step early (s+1)/w, 'constant' warmed up,
+    and warmup_ratio rounded down."""
+    import deepspeed
+    import transformers
+    got = {}
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, lr_scheduler, **kw: (
+        got.update(opt=optimizer, sched=lr_scheduler), None, None, None))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    s = Strategy(DeepSpeedArgs(), OptimArgs(weight_decay=0.1, num_warmup_steps=3, lr_scheduler_type="linear"))
+    s.prepare(model, 10)
+    decay = {id(p): g["weight_decay"] for g in got["opt"].param_groups for p in g["params"]}
+    assert decay == {id(model[0].weight): 0.1, id(model[2].weight): 0.1, id(model[0].bias): 0.0,
+                     id(model[1].weight): 0.0, id(model[1].bias): 0.0}
+    lrs = []
+    for _ in range(10):
+        lrs.append(got["sched"].get_last_lr()[0])
+        got["opt"].step()
+        got["sched"].step()
+    ref = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=got["opt"].defaults["lr"])
+    hf = transformers.get_linear_schedule_with_warmup(ref, 3, 10)
+    want = []
+    for _ in range(10):
+        want.append(hf.get_last_lr()[0])
+        ref.step()
+        hf.step()
+    assert lrs == pytest.approx(want) and lrs[0] == 0.0
+    with pytest.raises(SystemExit, match="constant takes no warm-up"):
+        Strategy(DeepSpeedArgs(), OptimArgs(num_warmup_steps=2, lr_scheduler_type="constant")).prepare(model, 10)
+    Strategy(DeepSpeedArgs(), OptimArgs(warmup_ratio=0.1, lr_scheduler_type="constant_with_warmup")).prepare(model, 35)
+    lrs = []
+    for _ in range(5):
+        lrs.append(got["sched"].get_last_lr()[0])
+        got["opt"].step()
+        got["sched"].step()
+    peak = got["opt"].defaults["lr"]
+    assert lrs == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak])  # ceil(0.1 x 35) = 4 warm-up steps

@@ -74,12 +74,14 @@ class OptimArgs:
     gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step.")
     optimizer: str = _f("adamw", "adamw | sgd (plain SGD: updates linear in the gradient)", choices=["adamw", "sgd"])
     learning_rate: float = _f(1e-3, "Peak learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not of biases and norm weights, as transformers' Trainer).")
     num_train_epochs: float = _f(1.0, "Epochs over the training data.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: from epochs).")
-    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant", choices=["cosine", "linear", "constant"])
-    num_warmup_steps: int = _f(0, "Linear warm-up steps.")
-    warmup_ratio: float = _f(0.0, "Warm-up as a share of all steps (used when num_warmup_steps is 0).")
+    lr_scheduler_type: str = _f("cosine", "cosine | linear | constant | constant_with_warmup (transformers' "
+                                          "get_scheduler)", choices=["cosine", "linear", "constant",
+                                                                     "constant_with_warmup"])
+    num_warmup_steps: int = _f(0, "Linear warm-up steps (from 0 at the first step, as transformers').")
+    warmup_ratio: float = _f(0.0, "Warm-up as a share of all steps, rounded up (used when num_warmup_steps is 0).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
     seed: int = _f(1234, "Training seed.")
 

@@ -93,18 +93,23 @@ def release_shm_names() -> None:
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the peak learning rate at optimizer step s (0-based)."""
-    def f(s: int) -> float:
-        if warmup and s < warmup:
-            return (s + 1) / warmup
-        p = min(1.0, (s - warmup) / max(1, total - warmup))
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * p))
-        if kind == "linear":
-            return 1.0 - p
-        return 1.0
-    return f
+def schedule(optimizer, kind: str, warmup_steps: int, warmup_ratio: float, total: int):
+    """transformers' get_scheduler (what Trainer, so TRL, runs): warm-up s / warmup from 0 at step 0 (0-based),
+    then cosine or linear to 0 at `total`; "constant" takes no warm-up (given one, refused: use
+    constant_with_warmup); warmup_ratio rounds up, as TrainingArguments does."""
+    from transformers import get_scheduler
+    warmup = warmup_steps or math.ceil(warmup_ratio * total)
+    if kind == "constant" and warmup:
+        raise SystemExit(f"--lr_scheduler_type constant takes no warm-up ({warmup} steps asked): use "
+                         "constant_with_warmup, or give --num_warmup_steps 0")
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def decayed_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The parameters weight decay applies to, by transformers' Trainer rule (so TRL's): not biases, not norm
+    layers' weights (Vision-LLM-Alignment also exempts bias and LayerNorm.weight)."""
+    from transformers import Trainer
+    return set(Trainer.get_decay_parameter_names(None, model))  # a method that reads nothing of its Trainer
 
 
 @contextlib.contextmanager
@@ -277,21 +282,25 @@ class Strategy:
         import deepspeed
 
         o = self.optim if learning_rate is None else dataclasses.replace(self.optim, learning_rate=learning_rate)
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         if not params:
             raise ValueError("no trainable parameters: check the freeze / LoRA options")
+        decayed = decayed_parameter_names(model)
+        groups = [g for g in ({"params": [p for n, p in named if n in decayed], "weight_decay": o.weight_decay},
+                              {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0})
+                  if g["params"]]
         if o.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(groups, lr=o.learning_rate)
         elif self.ds.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            opt = DeepSpeedCPUAdam(params, lr=o.learning_rate, weight_decay=o.weight_decay)
+            opt = DeepSpeedCPUAdam(groups, lr=o.learning_rate)
         else:
             # fused (one kernel over all parameters, as transformers' Trainer and so TRL default to) where
             # torch has it; its per-parameter loop otherwise
             fused = all(p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES for p in params)
-            opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=o.weight_decay, fused=fused or None)
-        warmup = o.num_warmup_steps or int(o.warmup_ratio * total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.lr_scheduler_type, warmup, total_steps))
+            opt = torch.optim.AdamW(groups, lr=o.learning_rate, fused=fused or None)
+        sched = schedule(opt, o.lr_scheduler_type, o.num_warmup_steps, o.warmup_ratio, total_steps)
         config = self.config(sum(p.numel() for p in params))
         self._claim_swap_folder(config)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
