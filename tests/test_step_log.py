@@ -247,3 +247,15 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, capsys
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not a metrics row"):
         MetricsLogger(tmp_path, resume_step=2)
+
+
+def test_samples_past_the_last_whole_step_are_said_to_be_left_out(tmp_path, capsys):
+    """10 samples, micro-batch 3, accumulation 2: one step of 6 per epoch, 4 left out each epoch without a word."""
+    plan = StepPlan.make(10, 3, 2, 1, 1.0, 0)
+    assert (plan.steps_per_epoch, plan.unused_per_epoch) == (1, 4)
+    run = RunArgs(output_dir=str(tmp_path), progress=False)
+    main_rank = Resumer()
+    main_rank.is_main = True
+    _, log = loop.open_run(main_rank, {"": "E"}, {"run": run}, plan, "sft", {})
+    log.close()
+    assert "4 samples are left out of each one" in capsys.readouterr().out

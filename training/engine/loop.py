@@ -18,6 +18,7 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int
     shape: dict = field(default_factory=dict)
+    unused_per_epoch: int = 0  # samples past the epoch's last whole optimizer step (another draw each epoch)
 
     @staticmethod
     def make(n: int, micro: int, accum: int, world: int, epochs: float, max_steps: int) -> "StepPlan":
@@ -25,7 +26,7 @@ class StepPlan:
         if per_epoch == 0:
             raise ValueError(f"{n} samples are fewer than one optimizer step ({micro} x {accum} x {world} ranks)")
         total = max_steps if max_steps > 0 else max(1, int(per_epoch * epochs))
-        return StepPlan(per_epoch, total)
+        return StepPlan(per_epoch, total, unused_per_epoch=n - per_epoch * micro * accum * world)
 
 
 def epoch_micro_batches(n: int, micro: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
@@ -239,6 +240,9 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
                              "without --resume to train it afresh (which replaces that model)")
     if strategy.is_main:
         save_config(cfg, out / "run_config.json")
+        if plan.unused_per_epoch:  # nothing left out without a word
+            print(f"{desc}: each epoch trains on whole optimizer steps: {plan.unused_per_epoch} samples are left "
+                  "out of each one (another draw each epoch, the order being reshuffled)")
     if not saved:
         clear_earlier_run(strategy, out)
     logger = MetricsLogger(out, strategy.is_main, resume_step=step if saved else None)
