@@ -6,7 +6,8 @@
     python -m benchmarks.quality --methods dpo   # only some methods
     python -m benchmarks.quality --seeds 3       # each method with 3 training seeds; verdicts on the means
 
-PPO uses the reward model in output/rm (trained by run_rm_training.sh first when missing).
+PPO uses the reward model in output/rm (trained by run_rm_training.sh first when missing or older than the
+SFT model); --reuse keeps a model only when it was trained after the models it starts from.
 
 Trains each method with its stage script's defaults (bash run_dpo_training.sh ...), then generates
 greedy descriptions of the held-out scenes (bench_objhal) and scores CHAIR_i (share of mentioned
@@ -39,6 +40,17 @@ def score(model: str, world: str) -> dict:
         pred.unlink()  # always score the model as it is now
     # its own run name: the model's eval_embedded.json (POPE, counts: what eval.report reads) is kept
     return evaluate(model, world, benches=["objhal"], run_name="quality")["results"]["objhal"]
+
+
+def trained_after(out: str, *inputs: str) -> bool:
+    """Whether `out` holds a model whose weights were written after every input model's (SFT's; PPO: the reward
+    model's too): a model trained from an earlier SFT model in the same folder is not reused against a new one."""
+    from training.model.builder import saved_model_files
+
+    def times(d):
+        return [f.stat().st_mtime for f in saved_model_files(Path(d))]
+    mine = times(out)
+    return bool(mine) and all(min(mine) >= max(times(d) or [0.0]) for d in inputs)
 
 
 def pairs_used(out: str) -> int:
@@ -82,7 +94,7 @@ def main(argv=None) -> dict:
             "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft]),
             "ppo": ("run_ppo_training.sh", "output/ppo", ["--from_checkpoint", a.sft])}
     methods = list(a.methods) + (["opa_dpo"] if a.with_opa and "opa_dpo" not in a.methods else [])
-    if "ppo" in methods and not (Path("output/rm") / "config.json").exists():
+    if "ppo" in methods and not trained_after("output/rm", a.sft):  # PPO's reward and critic come from it
         train("run_rm_training.sh", "output/rm", "--from_checkpoint", a.sft)
     # the training seed: OptimArgs.seed (default 1234) for the stages; OPA's own --seed (rollouts, default 0)
     seed_of = {m: ("--seed", 0 if m == "opa_dpo" else 1234) for m in methods}
@@ -91,7 +103,7 @@ def main(argv=None) -> dict:
         script, out, args = runs[m]
         per_seed = []
         for k_out, k_args in seed_runs(out, args, a.seeds, *seed_of[m]):
-            if not (a.reuse and (Path(k_out) / "config.json").exists()):
+            if not (a.reuse and trained_after(k_out, a.sft, *(["output/rm"] if m == "ppo" else []))):
                 train(script, k_out, *k_args)
             per_seed.append(score(k_out, a.world))
         results[m], spread[m] = mean_sd([{k: r[k] for k in ("CHAIRi", "CHAIRs", "recall")} for r in per_seed])

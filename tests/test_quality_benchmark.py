@@ -17,3 +17,20 @@ def test_mean_and_sample_sd_over_seeds():
     assert mean == pytest.approx({"recall": 0.95, "CHAIRi": 0.03})
     assert sd["recall"] == pytest.approx(0.02 / 2 ** 0.5)  # sample sd of two values: |a - b| / sqrt(2)
     assert mean_sd([{"recall": 0.9}])[1] == {"recall": 0.0}
+
+
+def test_a_model_is_reused_only_if_trained_after_the_models_it_starts_from(tmp_path):
+    """Any output/rm was reused for PPO (its reward and critic) and --reuse kept output/dpo ... whatever SFT model
+    they came from: after SFT was retrained, the verdicts judged the new SFT against models of the old one."""
+    import os
+
+    from benchmarks.quality import trained_after
+    sft, rm, ppo = (tmp_path / d for d in ("sft", "rm", "ppo"))
+    for i, d in enumerate((sft, rm, ppo)):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"w")
+        os.utime(d / "model.safetensors", (1000 + i, 1000 + i))
+    assert trained_after(str(rm), str(sft)) and trained_after(str(ppo), str(sft), str(rm))
+    os.utime(sft / "model.safetensors", (2000, 2000))  # SFT retrained
+    assert not trained_after(str(rm), str(sft)) and not trained_after(str(ppo), str(sft), str(rm))
+    assert not trained_after(str(tmp_path / "missing"), str(sft))
