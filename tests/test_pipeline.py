@@ -54,7 +54,11 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     monkeypatch.delenv("NUM_GPUS")
     # the GPUs a launch uses, and the hostfile's machines (its name alone counted): another world size
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert pipeline.fingerprint(cmd, [], root) != base
+    one_gpu = pipeline.fingerprint(cmd, [], root)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # another GPU, the same count: the same stage
+    assert pipeline.fingerprint(cmd, [], root) == one_gpu
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert pipeline.fingerprint(cmd, [], root) != one_gpu
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     hosts = tmp_path / "hosts"
     hosts.write_text("node1 slots=2\n")

@@ -391,7 +391,8 @@ def test_one_sft_step_through_the_stage(arch, ckpts, tmp_path):
     main(["--from_checkpoint", ckpts[arch], "--data_path", str(data), "--image_folder", str(images),
           "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_seq_len", "256", "--no-progress",
           # 2 micro-batches of 2: the one step sees all 4 rows (multi-turn, two-image, image after text)
-          "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--output_dir", str(out)])
+          "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--output_dir", str(out),
+          "--num_warmup_steps", "0"])  # (a warm-up's first step is at learning rate 0, as transformers')
     assert (out / "model.safetensors").is_file()
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1]
@@ -514,6 +515,10 @@ def test_the_templates_own_refusal_is_a_bad_row_and_its_date_is_fixed(tmp_path):
     data = SFTDataset([ConversationRecord("r0", row, [str(image)], RowRef("d.json", 0))], enc, str(tmp_path), report)
     assert data[0] is None
     assert "incompatible with system messages" in report.skipped[0]["reason"]
+    import jinja2  # a broken template is no row's fault: it stops the run
+    broken = ChatEncoder(processor, arch, 1024, chat_template=official.replace("{%- endfor %}", "{%- endfor }", 1))
+    with pytest.raises(jinja2.TemplateSyntaxError):
+        broken.encode([Message("user", "Hello"), Message("assistant", "Hi.")], [])
 
 
 def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path, capfd):

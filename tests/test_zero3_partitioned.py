@@ -181,6 +181,15 @@ def test_generation_gathers_the_whole_model_once_and_training_goes_on(llava, lor
             losses.append(loss.item())
         return out, n, len(fetches) - n, losses
 
+    if lora:  # an error while generating: the hooks are back all the same (DeepSpeed's own helper left them off)
+        s = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(optimizer="sgd"), "fp32")
+        model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(llava)), LoraArgs(), zero3=s.build_config())
+        engine = s.prepare(model, 10)
+        before = len(engine.optimizer.parameter_offload.forward_hooks)
+        with pytest.raises(RuntimeError, match="generation failed"):
+            with s.whole_for_generation(engine):
+                raise RuntimeError("generation failed")
+        assert len(engine.optimizer.parameter_offload.forward_hooks) == before > 0
     (out, n, n_train, losses), (out_hooked, n_hooked, _, losses_hooked) = run(True), run(False)
     assert n == 0 and n_hooked > 6  # one fetch per module per token with ZeRO's hooks
     assert n_train > 0  # the hooks are back: training fetches (and releases) each module's weights again

@@ -11,7 +11,8 @@ scripts and requirements.txt, except the Python modules its script neither start
 or through other modules: code_files), those default inputs (data/world, output/tiny_vlm_init), the names,
 sizes and modification times of the files that its arguments name (a --data_path, an --image_folder,
 a --from_checkpoint outside the pipeline's own stages), the ranks
-(NUM_GPUS, HOSTFILE, DS_ACCELERATOR) and, for each finished stage it starts from (--after), that
+(NUM_GPUS, HOSTFILE and its lines, DS_ACCELERATOR, how many GPUs a launch sees) and, for each finished stage it
+starts from (--after), that
 stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
   skip    the stage finished with this fingerprint and its weight files are those it wrote: its output
           is kept;
@@ -41,7 +42,7 @@ RECORD = "pipeline_stage.json"
 CODE = ("training", "scripts", "configs")
 PACKAGES = ("training", "eval")  # the project's Python packages; a stage's fingerprint holds the modules it imports
 INPUTS = ("data/world", "output/tiny_vlm_init")
-ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")  # + the hostfile's text, the GPUs seen
+ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")  # + the hostfile's text and how many GPUs a launch sees
 DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
 
@@ -196,7 +197,9 @@ def environment() -> dict:
     env = {k: os.environ.get(k, "") for k in ENV}
     hostfile = Path(env["HOSTFILE"]) if env["HOSTFILE"] else None
     env["hostfile_text"] = hostfile.read_text() if hostfile and hostfile.is_file() else ""
-    env["gpus"] = len([d for d in Path("/dev").glob("nvidia[0-9]*")])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # how many, not which: a SLURM job gets other ids each time
+    env["gpus"] = (len([x for x in visible.split(",") if x.strip()]) if visible is not None
+                   else len(list(Path("/dev").glob("nvidia[0-9]*"))))
     return env
 
 

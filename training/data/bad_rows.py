@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.data.records import RowRef
+from training.files import write_text_atomic
 
 
 class BadRowError(ValueError):
@@ -74,9 +75,9 @@ class BadRowReport:
     def write(self, out_dir: str | Path, name: str = "bad_rows.json") -> Path:
         path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"n_skipped": len(self.skipped), "by_reason": self.counts(),
-                                    "rows": self.skipped, "n_truncated": len(self.cut),
-                                    "truncated_rows": self.cut}, indent=1))
+        write_text_atomic(path, json.dumps({"n_skipped": len(self.skipped), "by_reason": self.counts(),  # a kill mid-
+                                            "rows": self.skipped, "n_truncated": len(self.cut),  # write: the old one
+                                            "truncated_rows": self.cut}, indent=1))
         if self.skipped:  # nothing is dropped silently
             print(f"skipped {len(self.skipped)} bad rows: see {path}")
         if self.cut:

@@ -163,7 +163,9 @@ def run_shape(strategy, plan: StepPlan) -> dict:
 
 # options a resumed run may change: how it is watched, logged, saved or evaluated, and what only costs memory or time
 FREE_ON_RESUME = {("data", "eval_data_path"), ("data", "encoded_cache_mb"), ("optim", "per_device_eval_batch_size"),
-                  ("ds", "local_rank"), ("model", "gradient_checkpointing")}
+                  ("ds", "local_rank"), ("model", "gradient_checkpointing"), ("ppo", "gather_for_generation"),
+                  ("dpo", "ref_cache_dir"), ("dpo", "precompute_ref"), ("dpo", "fast_path"),
+                  ("data", "skip_bad_rows")}  # the last: the remedy after a run stopped on a bad row
 
 
 def run_settings(cfg: dict) -> dict:
@@ -218,7 +220,12 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     if run.resume:
         from training.engine.strategy import saved_run_record
         for name in engines:  # before DeepSpeed loads: another ZeRO stage or world size fails inside it obscurely
-            record = saved_run_record(ckpt / name) or {}
+            record = saved_run_record(ckpt / name)
+            if record is None and (ckpt / name / "latest").is_file():
+                raise SystemExit(f"--resume: {ckpt / name} was written by an earlier version of this project (no "
+                                 f"run.json): its optimizer state has another layout (one parameter group, before "
+                                 "weight decay spared biases and norms); start afresh without --resume")
+            record = record or {}
             check_run_shape(record.get("shape"), run_shape(strategy, plan), ckpt)
             check_run_settings(record.get("settings"), run_settings(cfg), ckpt)
         got = {name: strategy.load_resume(e, ckpt / name) for name, e in engines.items()}

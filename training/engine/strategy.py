@@ -396,18 +396,26 @@ class Strategy:
     @contextlib.contextmanager
     def whole_for_generation(self, engine, gather: bool = True):
         """The engine's module for generation. At ZeRO-3 with `gather`: every weight gathered on this rank and
-        ZeRO's per-module hooks off for the duration (DeepSpeed's unwrap_model_for_generation, as TRL's
-        ds3_gather_for_generation), so generating costs one all-gather of the model instead of one per layer per
-        generated token, and ranks need not keep step with each other (no synced_gpus); the whole model must fit
-        in one device's memory beside the run. Otherwise the module as it is."""
+        ZeRO's per-module hooks off for the duration (as DeepSpeed's unwrap_model_for_generation and TRL's
+        ds3_gather_for_generation do; theirs leave the hooks off after an error), so generating costs one
+        all-gather of the model instead of one per layer per generated token, and ranks need not keep step with
+        each other (no synced_gpus); the whole model must fit in one device's memory beside the run. Otherwise
+        the module as it is."""
         module = engine.module if hasattr(engine, "module") else engine
         if self.ds.zero_stage != 3 or not gather:
             yield module
             return
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        import deepspeed
 
-        with unwrap_model_for_generation(engine):
-            yield module
+        hooks = engine.optimizer.parameter_offload  # DeepSpeedZeRoOffload: the hooks that fetch and release weights
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            for h in hooks.forward_hooks + hooks.backward_hooks:
+                h.remove()
+            hooks.forward_hooks, hooks.backward_hooks = [], []
+            try:
+                yield module
+            finally:  # back (their trace re-recorded) before the weights are partitioned again, also after an error
+                hooks._register_deepspeed_module(module)
 
     def save_hf(self, engine, processor, out_dir: str | Path) -> None:
         """Save a Hugging Face checkpoint (safetensors); under ZeRO-3 the parameters are gathered first."""

@@ -105,7 +105,8 @@ class ChatEncoder:
         self.chat_template = chat_template
         if not chat_template and not getattr(processor, "chat_template", None):
             raise SystemExit(f"the {type(processor).__name__} of this model has no chat template: give one with "
-                             "--template FILE (a Jinja chat template, e.g. the one of the model it was tuned from)")
+                             "--template FILE (training stages; a Jinja chat template, e.g. the one of the model it "
+                             "was tuned from), or save it with the model as chat_template.jinja")
         self.image_token = arch.image_token
         self._rendered: dict[tuple, str] = {}
 
@@ -155,6 +156,8 @@ class ChatEncoder:
             system_as_text = any(m.role == "system" for m in messages) and self._system_as_text
             try:
                 text = self._render_hf(to_hf_messages(messages, system_as_text), add_generation_prompt)
+            except (jinja2.TemplateSyntaxError, jinja2.UndefinedError):  # a broken template: not the row's fault
+                raise
             except jinja2.TemplateError as err:  # the template's own raise_exception: e.g. Llama 3.2 Vision's
                 raise RowNotEncodable(f"the chat template refuses this conversation: {err}") from None  # system + image
             self._rendered[key] = text
