@@ -141,7 +141,8 @@ def worker_ours(a) -> dict:
     t0 = time.time()
     r = main(["--from_checkpoint", a.model, "--data_path", a.data, "--image_folder", a.images, "--output_dir",
               str(out), "--ref_cache_dir", str(ref_dir), "--max_seq_len", "4096",
-              "--per_device_train_batch_size", str(a.batch), "--per_device_eval_batch_size", str(a.batch),
+              "--per_device_train_batch_size", str(a.batch),
+              "--per_device_eval_batch_size", str(a.ref_batch or a.batch),
               "--num_train_epochs", str(a.epochs), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
               "--num_warmup_steps", "0", "--logging_steps", "1", "--no-progress", "--precision", a.precision,
               "--figure_dir", str(out / "figure"), "--max_grad_norm", "1.0", "--sft_weight", "0"])  # plain sigmoid DPO, as TRL
@@ -213,6 +214,7 @@ def run_worker(kind: str, a, model: Path, data: Path, images: Path, work: Path) 
     out = work / f"{kind}.json"
     cmd = [sys.executable, "-m", "benchmarks.dpo_speed", "--worker", kind, "--model", str(model), "--data",
            str(data), "--images", str(images), "--work", str(work), "--batch", str(a.batch), "--epochs", str(a.epochs),
+           "--ref_batch", str(a.ref_batch),
            "--precision",
            a.precision, "--result", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -289,6 +291,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ref_batch", type=int, default=0, help="pairs per batch of our reference pass "
+                   "(--per_device_eval_batch_size; TRL, which runs its reference every step, has none; 0: --batch)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the pairs (ours computes the reference "
                                                           "log-probs once, before the first)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the median run is reported")
