@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.config import DeepSpeedArgs, OptimArgs
-from training.engine.strategy import Strategy
+from training.engine.strategy import Strategy, decayed_parameter_names
 
 
 def _strategy(tmp_path, user: dict | None, precision="fp32", **ds):
@@ -196,6 +196,11 @@ def test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers(t
         ref.step()
         hf.step()
     assert lrs == pytest.approx(want) and lrs[0] == 0.0
+    from transformers import LlavaForConditionalGeneration, Trainer
+
+    from training.model import tiny
+    vlm = LlavaForConditionalGeneration(tiny.tiny_config(tiny.build_tokenizer()))  # transformers' rule, name for name
+    assert decayed_parameter_names(vlm) == set(Trainer.get_decay_parameter_names(None, vlm))
     with pytest.raises(SystemExit, match="constant takes no warm-up"):
         Strategy(DeepSpeedArgs(), OptimArgs(num_warmup_steps=2, lr_scheduler_type="constant")).prepare(model, 10)
     Strategy(DeepSpeedArgs(), OptimArgs(warmup_ratio=0.1, lr_scheduler_type="constant_with_warmup")).prepare(model, 35)
@@ -206,3 +211,21 @@ def test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers(t
         got["sched"].step()
     peak = got["opt"].defaults["lr"]
     assert lrs == pytest.approx([0.0, peak / 4, peak / 2, 3 * peak / 4, peak])  # ceil(0.1 x 35) = 4 warm-up steps
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup,total", [(0, 7), (3, 10), (1, 1), (5, 5)])
+def test_schedules_are_transformers_get_scheduler_at_every_step(kind, warmup, total):
+    import transformers
+
+    from training.engine.strategy import schedule
+    if kind == "constant" and warmup:
+        return  # refused (test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers)
+    ours_opt, hf_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
+    ours = schedule(ours_opt, kind, warmup, 0.0, total)
+    hf = transformers.get_scheduler(kind, hf_opt, num_warmup_steps=warmup, num_training_steps=total)
+    for _ in range(total + 2):
+        assert ours.get_last_lr() == pytest.approx(hf.get_last_lr(), abs=1e-12)
+        for o, sc in ((ours_opt, ours), (hf_opt, hf)):
+            o.step()
+            sc.step()

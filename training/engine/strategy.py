@@ -93,23 +93,43 @@ def release_shm_names() -> None:
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at optimizer step s (0-based), as transformers' get_scheduler (what
+    Trainer, so TRL, runs): warm-up s / warmup from 0 at step 0, then cosine or linear to 0 at `total`; "constant"
+    has no warm-up. Written here (tests/test_strategy.py holds it to get_scheduler at every step): importing
+    transformers.optimization costs ~60 MB."""
+    def f(s: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if s < warmup:
+            return s / max(1, warmup)
+        if kind == "constant_with_warmup":
+            return 1.0
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        return max(0.0, (total - s) / max(1, total - warmup))  # linear
+    return f
+
+
 def schedule(optimizer, kind: str, warmup_steps: int, warmup_ratio: float, total: int):
-    """transformers' get_scheduler (what Trainer, so TRL, runs): warm-up s / warmup from 0 at step 0 (0-based),
-    then cosine or linear to 0 at `total`; "constant" takes no warm-up (given one, refused: use
-    constant_with_warmup); warmup_ratio rounds up, as TrainingArguments does."""
-    from transformers import get_scheduler
+    """The learning-rate schedule; "constant" with a warm-up is refused (constant_with_warmup is that);
+    warmup_ratio rounds up, as TrainingArguments does."""
     warmup = warmup_steps or math.ceil(warmup_ratio * total)
     if kind == "constant" and warmup:
         raise SystemExit(f"--lr_scheduler_type constant takes no warm-up ({warmup} steps asked): use "
                          "constant_with_warmup, or give --num_warmup_steps 0")
-    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))
+
+
+# transformers' Trainer.get_decay_parameter_names (5.23), its name patterns: importing Trainer itself costs ~90 MB
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
 def decayed_parameter_names(model: torch.nn.Module) -> set[str]:
     """The parameters weight decay applies to, by transformers' Trainer rule (so TRL's): not biases, not norm
     layers' weights (Vision-LLM-Alignment also exempts bias and LayerNorm.weight)."""
-    from transformers import Trainer
-    return set(Trainer.get_decay_parameter_names(None, model))  # a method that reads nothing of its Trainer
+    from transformers.trainer_pt_utils import get_parameter_names
+    return set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
 
 
 @contextlib.contextmanager
