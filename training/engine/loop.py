@@ -221,7 +221,8 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
         from training.engine.strategy import saved_run_record
         for name in engines:  # before DeepSpeed loads: another ZeRO stage or world size fails inside it obscurely
             record = saved_run_record(ckpt / name)
-            if record is None and (ckpt / name / "latest").is_file():
+            latest = ckpt / name / "latest"  # (naming a checkpoint that is not there: load_resume says so)
+            if record is None and latest.is_file() and (ckpt / name / latest.read_text().strip()).is_dir():
                 raise SystemExit(f"--resume: {ckpt / name} was written by an earlier version of this project (no "
                                  f"run.json): its optimizer state has another layout (one parameter group, before "
                                  "weight decay spared biases and norms); start afresh without --resume")
