@@ -74,17 +74,17 @@ def test_fingerprint_follows_command_code_inputs_ranks_and_dependencies(tmp_path
     assert pipeline.begin(dep, ["a"], [], root) == "fresh"
     with pytest.raises(SystemExit, match="no finished run"):  # begun, not finished
         pipeline.fingerprint(cmd, [str(dep)], root)
-    pipeline.end(dep, ["a"])
+    _finish(dep, ["a"])
     with_dep = pipeline.fingerprint(cmd, [str(dep)], root)
     assert with_dep != base
     assert pipeline.begin(dep, ["a", "b"], [], root) == "fresh"  # the dependency retrained with other arguments
-    pipeline.end(dep, ["a", "b"])
+    _finish(dep, ["a", "b"])
     assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
     with_dep = pipeline.fingerprint(cmd, [str(dep)], root)
     assert pipeline.begin(dep, ["a", "b"], [], root) == "skip"
     (dep / "model.safetensors").write_bytes(b"weights")  # rewritten outside the pipeline (a stage run by hand)
     assert pipeline.begin(dep, ["a", "b"], [], root) == "fresh"
-    pipeline.end(dep, ["a", "b"])  # same command, code and inputs; other weights
+    _finish(dep, ["a", "b"])  # same command, code and inputs; other weights
     assert pipeline.fingerprint(cmd, [str(dep)], root) != with_dep
 
 
@@ -135,7 +135,7 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
     images.mkdir()
     (images / "a.png").write_bytes(b"png")
     assert pipeline.begin(dep, ["d"], [], root) == "fresh"
-    pipeline.end(dep, ["d"])
+    _finish(dep, ["d"])
     cmd = ["run_sft.sh", "--data_path", f"{data},{data}", "--image_folder", str(images), "--output_dir", str(out),
            "--from_checkpoint", str(dep)]
     base = pipeline.fingerprint(cmd, [str(dep)], root, out)
@@ -159,8 +159,8 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
     (out / "checkpoints" / "actor" / "latest").write_text("step1")
     assert pipeline.begin(out, ["s"], [], root) == "resume"  # continued from its checkpoint
     with pytest.raises(SystemExit, match="does not record a start"):
-        pipeline.end(out, ["other"])
-    pipeline.end(out, ["s"])
+        _finish(out, ["other"])
+    _finish(out, ["s"])
     rec = json.loads((out / pipeline.RECORD).read_text())
     assert rec["status"] == "done" and rec["command"] == ["s"]
     assert pipeline.begin(out, ["s"], [], root) == "skip"
@@ -168,9 +168,17 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_FRESH", "1")
     assert pipeline.begin(out, ["s"], [], root) == "fresh"
     monkeypatch.delenv("PIPELINE_FRESH")
-    pipeline.end(out, ["s"])
+    _finish(out, ["s"])
     (root / "training" / "stage.py").write_text("x = 3\n")  # the code changed since it finished
     assert pipeline.begin(out, ["s"], [], root) == "fresh"
+
+
+def _finish(out: Path, command: list[str]) -> None:
+    """pipeline.end after a stage that wrote its model (a stand-in weight file unless one is there)."""
+    if not (Path(out) / "model.safetensors").exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "model.safetensors").write_bytes(b"w")
+    pipeline.end(out, command)
 
 
 FAKE_STAGE = """out="$1"; shift
@@ -179,6 +187,7 @@ mkdir -p "$out"
 if [ -z "${NO_CHECKPOINT:-}" ]; then mkdir -p "$out/checkpoints"; echo step1 > "$out/checkpoints/latest"; fi
 if [ -n "${FAIL:-}" ]; then exit 3; fi
 case "${1:-}" in --stop_after_steps*) exit 75 ;; esac
+if [ -z "${NO_MODEL:-}" ]; then echo w > "$out/model.safetensors"; fi
 """
 
 
@@ -222,6 +231,11 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     assert pipeline_run("--lr 4")[:2] == (0, ["a --lr 4 --resume", "b", "c --x 1"])
     assert pipeline_run("--stop_after_steps=2 --lr 5")[:2] == (75, ["a --stop_after_steps=2 --lr 5"])
     assert pipeline_run("--stop_after_steps 9 --lr 5")[:2] == (75, ["a --stop_after_steps 9 --lr 5 --resume"])
+    # a stage that wrote its model elsewhere (an --output_dir in a --config profile): not marked finished, and the
+    # stages after it do not start (they were marked done over an empty folder, and read it)
+    (a / "model.safetensors").unlink()
+    rc, ran, _ = pipeline_run("--lr 7", {"NO_MODEL": "1"})
+    assert rc != 0 and ran == ["a --lr 7"] and json.loads((a / pipeline.RECORD).read_text())["status"] == "started"
 
 
 def test_stage_function_without_separator_stops(tmp_path):

@@ -203,6 +203,9 @@ def test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers(t
     assert decayed_parameter_names(vlm) == set(Trainer.get_decay_parameter_names(None, vlm))
     with pytest.raises(SystemExit, match="constant takes no warm-up"):
         Strategy(DeepSpeedArgs(), OptimArgs(num_warmup_steps=2, lr_scheduler_type="constant")).prepare(model, 10)
+    from training.config import parse_config  # and as the options are read, before a stage loads its models
+    with pytest.raises(SystemExit, match="constant takes no warm-up"):
+        parse_config({"optim": OptimArgs}, ["--lr_scheduler_type", "constant", "--warmup_ratio", "0.1"])
     Strategy(DeepSpeedArgs(), OptimArgs(warmup_ratio=0.1, lr_scheduler_type="constant_with_warmup")).prepare(model, 35)
     lrs = []
     for _ in range(5):

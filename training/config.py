@@ -203,7 +203,12 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
             raise SystemExit(f"{pre.config}: unknown arguments {unknown}")
         parser.set_defaults(**profile)
     ns = vars(parser.parse_args(argv))
-    return {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
+    cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
+    for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
+        if o.lr_scheduler_type == "constant" and (o.num_warmup_steps or o.warmup_ratio):
+            raise SystemExit("--lr_scheduler_type constant takes no warm-up: use constant_with_warmup, or give "
+                             "--num_warmup_steps 0 (and no --warmup_ratio)")
+    return cfg
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

@@ -221,6 +221,10 @@ def end(out: Path, command: list[str]) -> None:
     rec = read_record(out)
     if not rec or rec["status"] != "started" or rec["command"] != command:
         raise SystemExit(f"pipeline: {Path(out) / RECORD} does not record a start of {command}; not marked finished")
+    if not any(f.suffix == ".safetensors" and "checkpoints" not in f.relative_to(out).parts
+               for f in Path(out).rglob("*")):  # e.g. a --config profile's output_dir: later stages read `out`
+        raise SystemExit(f"pipeline: the stage wrote no model into {out}, where the later stages read it (did an "
+                         "argument or a --config profile send its output elsewhere?); not marked finished")
     _write(out, {**rec, "status": "done", "weights": weights_digest(out)})
 
 
