@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,10 +206,17 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     ns = vars(parser.parse_args(argv))
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
-        if o.lr_scheduler_type == "constant" and (o.num_warmup_steps or o.warmup_ratio):
-            raise SystemExit("--lr_scheduler_type constant takes no warm-up: use constant_with_warmup, or give "
-                             "--num_warmup_steps 0 (and no --warmup_ratio)")
+        warmup_steps(o, 1)
     return cfg
+
+
+def warmup_steps(o: OptimArgs, total: int) -> int:
+    """The warm-up's length: num_warmup_steps, else warmup_ratio of `total` rounded up (as TrainingArguments);
+    "constant" takes none (refused: constant_with_warmup is that)."""
+    if o.lr_scheduler_type == "constant" and (o.num_warmup_steps or o.warmup_ratio):
+        raise SystemExit("--lr_scheduler_type constant takes no warm-up: use constant_with_warmup, or give "
+                         "--num_warmup_steps 0 (and no --warmup_ratio)")
+    return o.num_warmup_steps or math.ceil(o.warmup_ratio * total)
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

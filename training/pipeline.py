@@ -68,10 +68,15 @@ def tree_digest(paths, root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
+def weight_files(out: Path) -> list[Path]:
+    """The weight files a stage wrote (its model or adapters), not its resumable checkpoints."""
+    return sorted(f for f in Path(out).rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()
+                  and "checkpoints" not in f.relative_to(out).parts)
+
+
 def weights_digest(out: Path) -> str:
     """Names, sizes and modification times of the weight files a stage wrote (its model or adapters)."""
-    files = sorted(f for f in Path(out).rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()
-                   and "checkpoints" not in f.relative_to(out).parts)
+    files = weight_files(out)
     stats = [(str(f.relative_to(out)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
@@ -221,8 +226,7 @@ def end(out: Path, command: list[str]) -> None:
     rec = read_record(out)
     if not rec or rec["status"] != "started" or rec["command"] != command:
         raise SystemExit(f"pipeline: {Path(out) / RECORD} does not record a start of {command}; not marked finished")
-    if not any(f.suffix == ".safetensors" and "checkpoints" not in f.relative_to(out).parts
-               for f in Path(out).rglob("*")):  # e.g. a --config profile's output_dir: later stages read `out`
+    if not weight_files(out):  # e.g. a --config profile's output_dir: the later stages read `out`
         raise SystemExit(f"pipeline: the stage wrote no model into {out}, where the later stages read it (did an "
                          "argument or a --config profile send its output elsewhere?); not marked finished")
     _write(out, {**rec, "status": "done", "weights": weights_digest(out)})

@@ -208,9 +208,8 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     with state_dict() / load_state_dict() (PPO: its KL controller and reward statistics); it travels
     in the checkpoints' client state. report: the run's BadRowReport, written with every resumable checkpoint
     (a run killed after it then resumed still lists the rows found before it)."""
-    from training.engine.metrics import MetricsLogger
-
     from training.config import save_config
+    from training.engine.metrics import MetricsLogger
 
     run = cfg["run"]
     out = Path(run.output_dir)

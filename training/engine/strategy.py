@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import DeepSpeedArgs, OptimArgs
+from training.config import DeepSpeedArgs, OptimArgs, warmup_steps
 from training.files import write_text_atomic
 
 
@@ -111,14 +111,9 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def schedule(optimizer, kind: str, warmup_steps: int, warmup_ratio: float, total: int):
-    """The learning-rate schedule; "constant" with a warm-up is refused (constant_with_warmup is that);
-    warmup_ratio rounds up, as TrainingArguments does."""
-    warmup = warmup_steps or math.ceil(warmup_ratio * total)
-    if kind == "constant" and warmup:
-        raise SystemExit(f"--lr_scheduler_type constant takes no warm-up ({warmup} steps asked): use "
-                         "constant_with_warmup, or give --num_warmup_steps 0")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))
+def schedule(optimizer, o: OptimArgs, total: int):
+    """The learning-rate schedule of `o` over `total` optimizer steps (its warm-up: training.config.warmup_steps)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.lr_scheduler_type, warmup_steps(o, total), total))
 
 
 # transformers' Trainer.get_decay_parameter_names (5.23), its name patterns: importing Trainer itself costs ~90 MB
@@ -320,7 +315,7 @@ class Strategy:
             # torch has it; its per-parameter loop otherwise
             fused = all(p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES for p in params)
             opt = torch.optim.AdamW(groups, lr=o.learning_rate, fused=fused or None)
-        sched = schedule(opt, o.lr_scheduler_type, o.num_warmup_steps, o.warmup_ratio, total_steps)
+        sched = schedule(opt, o, total_steps)
         config = self.config(sum(p.numel() for p in params))
         self._claim_swap_folder(config)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
