@@ -4,6 +4,7 @@ locked while one process works on them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import sys
@@ -62,3 +63,22 @@ def locked(path: str | Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_settings(out: Path, done, settings: dict, suffix: str = ".predict.json",
+                   remedy: str = "pass another --output_file, or delete the file to answer again") -> None:
+    """`out`'s record of the settings that wrote it (`<out stem><suffix>` beside it: for predict's answers the model
+    and a fingerprint of its weight files, the question file, decoding, seed, ...; for OPA-DPO's rollouts the
+    policy and its sampling). `done`: what `out` already holds. Resuming it with other settings would mix two
+    models' or decodings' rows in one file: refused. A file written before its record existed is resumed as it
+    is. The record is (re)written."""
+    side = out.with_name(out.stem + suffix)
+    if done and side.exists():
+        old = json.loads(side.read_text())
+        diff = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+        if diff:
+            raise SystemExit(f"{out} holds answers written with other settings ({', '.join(diff)} differ; see {side}): "
+                             f"{remedy}")
+    elif done:
+        print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
+    write_text_atomic(side, json.dumps(settings, indent=1))  # chunk processes write it too

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from training.data.images import is_base64_text
 from training.data.records import IMAGE_PLACEHOLDER
-from training.files import locked, write_text_atomic
+from training.files import check_settings, locked
 from training.model.builder import add_inference_args
 
 
@@ -108,25 +108,6 @@ def run_settings(args, device: str, precision: str, image_root: str) -> dict:
             "reward_model_fingerprint": model_fingerprint(args.reward_model) if args.reward_model else None,
             "max_seq_len": args.max_seq_len, "model_architecture": args.model_architecture,
             "device": device.split(":")[0], "precision": precision, "model_id": args.model_id}
-
-
-def check_settings(out: Path, done, settings: dict, suffix: str = ".predict.json",
-                   remedy: str = "pass another --output_file, or delete the file to answer again") -> None:
-    """`<answers>.predict.json` records what wrote the answers (the model and a fingerprint of its weight files,
-    the question file, decoding, seed, reward model, lengths, precision). A resume with other settings would mix
-    two models' or decodings' answers in one file (a retrained model in the same folder reused all of them):
-    refused. A file answered before this record existed is resumed as it is. (OPA-DPO's rollouts too: suffix
-    ".settings.json".)"""
-    side = out.with_name(out.stem + suffix)
-    if done and side.exists():
-        old = json.loads(side.read_text())
-        diff = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
-        if diff:
-            raise SystemExit(f"{out} holds answers written with other settings ({', '.join(diff)} differ; see {side}): "
-                             f"{remedy}")
-    elif done:
-        print(f"{out}: answers without a record of their settings ({side}); resuming as they are")
-    write_text_atomic(side, json.dumps(settings, indent=1))  # chunk processes write it too
 
 
 def answer_row(r, text: str, model_id: str) -> dict:

@@ -183,7 +183,7 @@ def step_rollout(a, work: Path) -> None:
     from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
-    from training.predict.main import check_settings
+    from training.files import check_settings
     from training.templates.chat import ChatEncoder
 
     out = work / "rollouts.jsonl"
