@@ -1,6 +1,6 @@
 """Files shared by processes: written whole (a reader -- another rank, another chunk's process, a resumed run -- sees
-the old contents or the new, never half of them, and a write killed part-way leaves the old file as it was), and
-locked while one process works on them."""
+the old contents or the new, never half of them, and a write killed part-way leaves the old file as it was),
+locked while one process works on them, and resumed only with the settings that wrote them (check_settings)."""
 from __future__ import annotations
 
 import contextlib
