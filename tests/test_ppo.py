@@ -133,16 +133,67 @@ def test_non_finite_reward_stops_and_keeps_last_checkpoint(world, tiny, rm, tmp_
     assert (ckpt / "latest").read_text().strip() == "step1" and (ckpt / "step1").is_dir()
 
 
-def test_rollout_the_reward_model_cannot_read_whole_stops_naming_the_row(world, tiny, rm, tmp_path):
-    """A factual block too long for the reward model's room was cut silently and the cut input scored."""
-    rows = json.loads((world / "ppo_prompts.json").read_text())[:8]
+def test_a_prompt_whose_facts_leave_the_reward_model_no_room_is_a_bad_row_before_training(world, tiny, rm, tmp_path):
+    """A factual block too long for the reward model's room was cut silently and the cut input scored; then it
+    stopped the run at the step that drew it (every resume again). Now a bad row before training."""
+    from training.data.bad_rows import BadRowError
+
+    rows = json.loads((world / "ppo_prompts.json").read_text())[:9]
     rows[3]["facts"] = rows[3]["facts"] * 40
     data = tmp_path / "prompts.json"
     data.write_text(json.dumps(rows))
-    args = ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "2")
+    args = ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1")
     args[args.index("--data_path") + 1] = str(data)
-    with pytest.raises(ValueError, match=r"prompts.json, row 3: .*cannot read this rollout whole"):
+    with pytest.raises(BadRowError, match=r"prompts.json: row 3: field .facts.: .*factual block exceed"):
         main(args)
+    main(args + ["--skip_bad_rows"])
+    bad = json.loads((tmp_path / "out" / "bad_rows.json").read_text())
+    assert [(r["row"], r["field"]) for r in bad["rows"]] == [(3, "facts")]
+
+
+def test_a_response_spelling_the_image_placeholder_is_scored(world, tiny, rm, tmp_path, monkeypatch):
+    """The policy can spell "<image>" from ordinary tokens (the placeholder's id is never sampled); the reward
+    model's encoder took it for a second image and the run stopped (at the same step on every resume)."""
+    import training.ppo.trainer as trainer_mod
+    from training.rm.data import readable_response
+
+    real = trainer_mod.generate_rollouts
+
+    def spelled(*a, **k):
+        ro = real(*a, **k)
+        ro.responses[0] = ro.responses[0] + " <image>"
+        return ro
+
+    monkeypatch.setattr(trainer_mod, "generate_rollouts", spelled)
+    out = tmp_path / "spelled"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "1"))
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"] == \
+        json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"]
+    enc = type("E", (), {"image_token": "<image>"})()
+    assert readable_response("a <image> b <image>", enc) == "a  b "
+
+
+def test_weights_made_non_finite_between_checkpoints_stop_the_step_by_name(world, tiny, rm, tmp_path, monkeypatch):
+    """An update that steps the weights to inf from a finite loss, with no checkpoint due: the next rollout
+    failed inside sampling ("probability tensor contains inf"; on a GPU a device-side assert)."""
+    import training.ppo.trainer as trainer_mod
+
+    real_value_loss, real_train_on, seen = trainer_mod.ppo_value_loss, PPOTrainer.train_on, {}
+
+    def train_on(self, exp, step, ckpt):
+        seen.update(trainer=self, step=step)
+        return real_train_on(self, exp, step, ckpt)
+
+    def value_loss(*a, **k):  # after the actor's update of step 1's one minibatch: poison what it stepped to
+        if seen["step"] == 1:
+            with torch.no_grad():
+                next(seen["trainer"]._module(seen["trainer"].actor).parameters()).fill_(float("inf"))
+        return real_value_loss(*a, **k)
+
+    monkeypatch.setattr(PPOTrainer, "train_on", train_on)
+    monkeypatch.setattr(trainer_mod, "ppo_value_loss", value_loss)
+    with pytest.raises(NonFiniteError, match="non-finite weights in the actor after PPO step 1"):
+        main(ppo_args(world, tiny, rm, tmp_path / "inf", "--max_steps", "3", "--per_device_train_batch_size", "4"))
 
 
 def test_bad_prompts_are_bad_rows_before_training(world, tiny, rm, tmp_path):

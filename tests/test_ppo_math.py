@@ -205,3 +205,80 @@ def test_token_logprobs_and_entropy_by_hand_at_the_targets_only():
     lp.sum().backward()
     rows_with_grad = logits.grad.abs().sum(-1) != 0
     assert torch.equal(rows_with_grad[:, :-1], want_mask) and not rows_with_grad[:, -1].any()
+
+
+def _over_two_ranks(fn, *halves_of):
+    """fn(*args, reduce=...) run as two ranks (threads), rank r holding rows [2r, 2r+2) of each tensor, with
+    `reduce` an all_reduce(sum) between them: -> the two ranks' results."""
+    import threading
+
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def reduce(v):
+            slots[r] = v.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        out[r] = fn(*(x[2 * r:2 * r + 2] for x in halves_of), reduce=reduce)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    return out
+
+
+def test_explained_variance_by_hand_and_over_two_ranks():
+    """1 - Var(ret - V) / Var(ret) over response tokens: by hand, and over two ranks as over one (it was each
+    rank's own, and only rank 0's was logged)."""
+    from training.advantages import explained_variance, masked_moments
+
+    ret = torch.tensor([[1., 2., 3., 9.], [4., 6., 0., 0.], [2., 2., 2., 2.], [0., 1., 5., 5.]])
+    val = torch.tensor([[1., 1., 2., -5.], [3., 6., 0., 7.], [2., 2., 2., 2.], [0., 1., 5., 5.]])
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 1., 0., 0.], [0., 0., 0., 0.], [0., 0., 0., 0.]])
+    # ret over the mask: 1 2 3 4 6 (mean 3.2, var 2.96); ret - V: 0 1 1 1 0 (mean 0.6, var 0.24)
+    mean, var = masked_moments(ret, mask)
+    assert float(mean) == pytest.approx(3.2) and float(var) == pytest.approx(2.96)
+    assert explained_variance(ret, val, mask) == pytest.approx(1 - 0.24 / 2.96)
+    assert explained_variance(ret, ret.new_full(ret.shape, 3.2), mask) == pytest.approx(0.0, abs=1e-6)
+    # rows 2-3 (rank 1) have no response token: rank 0 alone is the whole; now split rows 0 and 1 across ranks
+    order = [0, 2, 1, 3]
+    both = _over_two_ranks(explained_variance, ret[order], val[order], mask[order])
+    assert both == [pytest.approx(1 - 0.24 / 2.96)] * 2
+    assert explained_variance(ret[:1], val[:1], mask[:1]) != pytest.approx(1 - 0.24 / 2.96)  # one rank's own
+
+
+def test_logged_update_statistics_are_the_mean_over_ranks():
+    from training.ppo.trainer import rank_means
+
+    class TwoRanks:  # this rank's values plus the other rank's (policy_loss mean 3.0, entropy mean 1.0)
+        world_size = 2
+
+        def all_reduce(self, t):
+            return t.double() + torch.tensor([3.0, 1.0], dtype=torch.float64)
+
+    got = rank_means(TwoRanks(), {"policy_loss": [1.0, 2.0], "value_loss": [], "entropy": [0.5, 0.5]})
+    assert got == {"policy_loss": pytest.approx((1.5 + 3.0) / 2), "entropy": pytest.approx((0.5 + 1.0) / 2)}
+
+
+def test_the_stop_token_penalty_stays_out_of_the_reward_statistics():
+    """The -8 of a response cut at --max_new_tokens went into the running mean / std, so the normalised scores
+    of every other response shrank (and stayed shrunk with the whole-run window). The statistics are of the
+    clipped reward-model scores; the penalised score is normalised with them."""
+    from types import SimpleNamespace
+
+    from training.advantages import RunningMoments
+    from training.ppo.trainer import PPOTrainer
+
+    p = SimpleNamespace(missing_eos_penalty=8.0, relative_eos_penalty=False, reward_clip=10.0, normalize_reward=True,
+                        length_bonus=0.0, max_new_tokens=40, correct_bonus=0.0, reward_bias=0.0)
+    fake = SimpleNamespace(p=p, moments=RunningMoments(), s=SimpleNamespace(gather=lambda t: t))
+    score = torch.tensor([1.0, 2.0, 3.0, 14.0])
+    rollout = SimpleNamespace(ended=torch.tensor([True, True, True, False]), lengths=torch.tensor([5, 6, 7, 40]))
+    shaped = PPOTrainer._shape(fake, score, rollout, records=[None] * 4)
+    clipped = torch.tensor([1.0, 2.0, 3.0, 10.0])  # the statistics: these, the 14 clipped, not the -8
+    assert fake.moments.mean == pytest.approx(float(clipped.mean()))
+    assert fake.moments.std == pytest.approx(float(clipped.std(unbiased=False)), rel=1e-5)
+    expect = (torch.tensor([1.0, 2.0, 3.0, -8.0]) - clipped.mean()) / clipped.std(unbiased=False)
+    torch.testing.assert_close(shaped, expect, rtol=1e-5, atol=1e-6)

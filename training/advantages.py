@@ -51,19 +51,32 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           reduce=None) -> torch.Tensor:
-    """(x - mean) / std over masked positions (mean kept when shift_mean is False).
-
-    reduce: sums a tensor over ranks (e.g. the strategy's all_reduce); with it the mean and variance are
-    those of every rank's positions together, so two ranks whiten as one rank with the whole batch."""
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) variance of x over masked positions. reduce: sums a tensor over ranks (e.g. the
+    strategy's all_reduce); with it the moments are those of every rank's positions together."""
     total = reduce or (lambda t: t)
     m = mask.to(x.dtype)
     count = total(m.sum().double()).clamp(min=1)  # no position anywhere: zeros, not NaN
     mean = (total((x * m).sum().double()) / count).to(x.dtype)
     var = (total((((x - mean) ** 2) * m).sum().double()) / count).to(x.dtype)
+    return mean, var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
+    """(x - mean) / std over masked positions (mean kept when shift_mean is False); with `reduce` (see
+    masked_moments) two ranks whiten as one rank with the whole batch."""
+    mean, var = masked_moments(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out if shift_mean else out + mean) * mask
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, reduce=None) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked positions (of all ranks with `reduce`): 1 for a
+    critic that predicts the returns, 0 for one that predicts their mean, negative for worse."""
+    _, var_ret = masked_moments(returns, mask, reduce)
+    _, var_err = masked_moments(returns - values, mask, reduce)
+    return float(1 - var_err / var_ret.clamp(min=1e-8))
 
 
 class RunningMoments:

@@ -58,3 +58,6 @@ class PPOArgs:
     ptx_image_folder: str = _f("", "Image root of --ptx_data_path (default: --image_folder).")
     ptx_batch_size: int = _f(8, "SFT rows per actor update in the ptx term.")
     factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")
+    captions_file: str = _f("", "LLaVA-RLHF image_to_caption.json (image -> captions): each prompt's captions, and a "
+                                "multiple-choice prompt's correct answer, join its facts, as the reward model's "
+                                "training (its --captions_file) gave them.")

@@ -48,26 +48,43 @@ def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     return SFTDataset(read_sft(path.split(","), root, report), encoder, root, report)
 
 
-def usable_prompts(records, encoder, image_root: str, report, need_facts: bool, progress: bool) -> list:
+def usable_prompts(records, encoder, image_root: str, report, factual: bool, progress: bool, rm_encoder=None,
+                   room: int = 0) -> list:
     """The prompts a rollout can use, checked before training (a bad one found mid-run would stop every resume
     at the same step, and on several ranks leave the others waiting): each must fit --max_seq_len with its
-    image, and carry facts when the reward model is factual. The others are bad rows of `report` naming file,
-    row and field (an error, or with --skip_bad_rows skipped and counted in bad_rows.json)."""
+    image, carry facts when the reward model is factual, and leave the reward model `room` tokens for the
+    response beside its image, prompt and factual block (rm_encoder: the reward model's). The others are bad
+    rows of `report` naming file, row and field (an error, or with --skip_bad_rows skipped and counted in
+    bad_rows.json)."""
     from tqdm import tqdm
 
     from training.data.images import load_image
+    from training.rm.data import encode_for_rm
     from training.rm.factual import with_facts
     from training.templates.chat import RowNotEncodable
 
     kept = []
     for r in tqdm(records, desc="checking prompts", disable=not progress, dynamic_ncols=True):
-        if need_facts and not with_facts([r], report):  # in row order: the first bad row is the one named
+        if factual and not with_facts([r], report):  # in row order: the first bad row is the one named
             continue
+        images = [load_image(s, image_root) for s in r.images]
         try:
-            encoder.encode(r.prompt, [load_image(s, image_root) for s in r.images], add_generation_prompt=True)
+            encoder.encode(r.prompt, images, add_generation_prompt=True)
         except RowNotEncodable as e:
             report.bad(r.source, r.prompt_field, str(e))
             continue
+        if rm_encoder is not None:
+            try:
+                n = len(encode_for_rm(rm_encoder, r.prompt, "", images, r.facts, factual, whole=True).input_ids)
+            except RowNotEncodable as e:
+                n, why = None, str(e)
+            if n is None or n + room > rm_encoder.max_seq_len:
+                report.bad(r.source, "facts" if factual else r.prompt_field,
+                           why if n is None else f"the reward model reads {n} tokens of image, prompt"
+                           f"{' and facts' if factual else ''} before the response, which with --max_new_tokens "
+                           f"{room} exceeds the {rm_encoder.max_seq_len} it reads (--max_seq_len + "
+                           "--max_new_tokens + 64)")
+                continue
         kept.append(r)
     return kept
 
@@ -121,12 +138,12 @@ def main(argv=None) -> dict:
         disable_dropout(actor)
         disable_dropout(critic)
     report = BadRowReport(skip=d.skip_bad_rows)
-    records = read_prompts(d.data_path.split(","), d.image_folder, report)
+    records = read_prompts(d.data_path.split(","), d.image_folder, report, p.captions_file or None)
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
+    rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     records = usable_prompts(records, encoder, d.image_folder, report,
                              p.factual and getattr(getattr(rm, "module", rm), "factual", False),
-                             strategy.is_main and run.progress)
-    rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
+                             strategy.is_main and run.progress, rm_encoder, p.max_new_tokens)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
                          rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template))
     trainer.report = report

@@ -25,7 +25,7 @@ class Rollout:
     responses: list[str]  # decoded response text (special tokens removed)
     lengths: torch.Tensor  # (B,) response tokens incl. EOS
     ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
-    gen_tokens_per_s: float
+    gen_seconds: float  # this rank's generation time
     suppressed: list[int]  # token ids the sampler never draws: the trainer's log-probs leave them out too
 
 
@@ -58,8 +58,7 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
         rows.append(Encoded(ids, labels, e.vision, prompt_len=len(e.input_ids)))
     batch = collate_sft(rows, tok.pad_token_id, arch_name).to(device)
     texts = tok.batch_decode([r.input_ids[r.prompt_len:] for r in rows], skip_special_tokens=True)
-    return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended),
-                   sum(lengths) / max(dt, 1e-9), never)
+    return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended), dt, never)
 
 
 def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from training.advantages import AdaptiveKLController, RunningMoments, gae, kl_estimate, token_rewards, whiten
+from training.advantages import (AdaptiveKLController, RunningMoments, explained_variance, gae, kl_estimate,
+                                 token_rewards, whiten)
 from training.data.collate import collate_sft
 from training.data.images import load_image
 from training.logprobs import masked_mean, nll_sum, token_logprobs, token_logprobs_entropy
@@ -22,7 +23,7 @@ from training.data.formats import ANSWER_FIELDS
 from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
-from training.rm.data import encode_for_rm
+from training.rm.data import encode_for_rm, readable_response
 from training.engine.loop import StepPlan, open_run, planned_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
@@ -38,6 +39,14 @@ def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
         what = ", ".join(bad) if bad else "values on another rank"
         raise NonFiniteError(f"non-finite {what} at PPO step {step}: stopping. The last good checkpoint "
                              f"is intact under {ckpt} (resume with --resume after fixing the cause)")
+
+
+def rank_means(strategy, stats: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each statistic's per-update values over every rank (each rank makes the same number of
+    updates, so that is the mean of the ranks' means); statistics with no values are left out."""
+    names = [k for k, v in stats.items() if v]
+    means = strategy.all_reduce(torch.tensor([sum(stats[k]) / len(stats[k]) for k in names])) / strategy.world_size
+    return dict(zip(names, means.tolist()))
 
 
 class PPOTrainer:
@@ -106,8 +115,8 @@ class PPOTrainer:
         for i, (r, im, resp) in enumerate(zip(records, images, responses)):
             seed = f"{self.cfg['optim'].seed}-{step}-{self.s.rank}-{i}"
             try:
-                enc.append(encode_for_rm(self.rm_encoder, r.prompt, resp, im, r.facts, factual, shuffle_seed=seed,
-                                         whole=True))
+                enc.append(encode_for_rm(self.rm_encoder, r.prompt, readable_response(resp, self.rm_encoder), im,
+                                         r.facts, factual, shuffle_seed=seed, whole=True))
             except PromptTooLong as e:
                 bad = bad or f"{r.source}: {e}"
         if float(self.s.all_reduce(float(bool(bad)))) > 0:  # every rank stops, none waits in a collective
@@ -119,11 +128,15 @@ class PPOTrainer:
             return self.rm(batch.input_ids, batch.attention_mask, **batch.vision).float()
 
     def _shape(self, score: torch.Tensor, rollout, records) -> torch.Tensor:
+        """The reward at each response's last token before the KL penalty: the reward model's score with the
+        stop-token penalty (in the score's units, as LLaVA-RLHF has it), clipped, then normalised by running
+        statistics of the clipped scores alone (the penalty kept out of them), then the length, correct-option
+        and bias terms."""
         p = self.p
         s = stop_token_penalty(score, rollout.ended, p.missing_eos_penalty, p.relative_eos_penalty)
         s = s.clamp(-p.reward_clip, p.reward_clip)
         if p.normalize_reward:
-            self.moments.update(self.s.gather(s))
+            self.moments.update(self.s.gather(score.clamp(-p.reward_clip, p.reward_clip)))
             s = (s - self.moments.mean) / self.moments.std
         s = s + p.length_bonus * rollout.lengths.to(s) / p.max_new_tokens
         if p.correct_bonus:
@@ -158,6 +171,7 @@ class PPOTrainer:
         decode = DecodeArgs(max_new_tokens=p.max_new_tokens, do_sample=True, temperature=p.temperature, top_p=p.top_p)
         actor = self._module(self.actor)
         eval_mode(actor)
+        eval_mode(self._module(self.critic))  # the old values, as the old log-probs, without dropout
         # sampling depends only on (seed, step, rank): a resumed run draws the same rollouts
         torch.manual_seed(self.cfg["optim"].seed + 100003 * step + self.s.rank)
         with self.s.whole_for_generation(self.actor, p.gather_for_generation) as whole:
@@ -228,25 +242,33 @@ class PPOTrainer:
                 # each micro-batch's gradient replaced the one before under accumulation
                 v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
                 v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
-                vl = p.vf_coef * ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
+                vl = ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
                 _check_finite(self.s, step, ckpt, value_loss=vl)
-                self.critic.backward(vl)
+                self.critic.backward(p.vf_coef * vl)
                 self.critic.step()
-                stats["value_loss"].append(float(vl.detach()))
+                stats["value_loss"].append(float(vl.detach()))  # unscaled, comparable across --vf_coef
                 n_tok += int(rm_.sum())
+        for name, engine in (("actor", self.actor), ("critic", self.critic)):  # a finite loss can step to NaN
+            if not self.s.weights_finite(engine):  # (the next rollout would fail inside sampling, unnamed)
+                raise NonFiniteError(f"non-finite weights in the {name} after PPO step {step}: stopping. The last "
+                                     f"good checkpoint is intact under {ckpt} (resume with --resume after fixing "
+                                     "the cause, e.g. a lower learning rate)")
         rmask = exp["rmask"].float()
-        ret, val = exp["ret"], exp["values"]
-        var_ret = masked_mean((ret - masked_mean(ret, rmask)) ** 2, rmask)
-        ev = 1 - masked_mean((ret - val - masked_mean(ret - val, rmask)) ** 2, rmask) / var_ret.clamp(min=1e-8)
+        total = lambda t: self.s.all_reduce(t).to(t)  # noqa: E731  (sums over ranks)
         seq_kl = exp["kl"].sum(-1)
+        train_s = self.s.all_reduce(time.time() - t0, "max")
         out = {
             "reward/mean": self._mean(exp["raw"]), "reward/std": float(self.s.gather(exp["raw"]).std()),
             "reward/shaped_mean": self._mean(exp["score"]), "kl": self._mean(seq_kl), "kl_coef": self.kl_ctl.value,
-            "explained_variance": float(ev), "response_length": self._mean(ro.lengths.float()),
-            "eos_rate": self._mean(ro.ended.float()), "gen_tokens_per_s": ro.gen_tokens_per_s,
-            "train_tokens_per_s": n_tok / max(time.time() - t0, 1e-9), "actor_trained": float(train_actor),
+            "explained_variance": explained_variance(exp["ret"], exp["values"], rmask, total),
+            "response_length": self._mean(ro.lengths.float()), "eos_rate": self._mean(ro.ended.float()),
+            # all ranks' tokens over the slowest rank's time
+            "gen_tokens_per_s": float(self.s.all_reduce(float(ro.lengths.sum())) /
+                                      self.s.all_reduce(ro.gen_seconds, "max").clamp(min=1e-9)),
+            "train_tokens_per_s": float(self.s.all_reduce(float(n_tok)) / train_s.clamp(min=1e-9)),
+            "actor_trained": float(train_actor),
         }
-        out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
+        out.update(rank_means(self.s, stats))
         self.kl_ctl.update(out["kl"], p.rollout_batch_size * self.s.world_size)
         return out
 

@@ -38,6 +38,13 @@ def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, fac
     return enc
 
 
+def readable_response(text: str, encoder: ChatEncoder) -> str:
+    """A generated response as a reward model reads it (PPO, best-of-n): without the image placeholder string,
+    which a policy can spell from ordinary tokens (the placeholder's own id is never sampled) and the encoder
+    would take for another image. Training data with one is a bad row instead (training.data.formats)."""
+    return text.replace(encoder.image_token, "") if encoder.image_token else text
+
+
 @dataclass
 class RankedBatch:
     seqs: SFTBatch
@@ -129,8 +136,8 @@ class RewardScorer:
         enc, kept = [], []
         for i, (p, im, r) in enumerate(zip(prompts, images, responses)):
             try:
-                enc.append(encode_for_rm(self.encoder, p, r, im, facts[i] if use_facts else None, use_facts,
-                                         whole=True))
+                enc.append(encode_for_rm(self.encoder, p, readable_response(r, self.encoder), im,
+                                         facts[i] if use_facts else None, use_facts, whole=True))
                 kept.append(i)
             except PromptTooLong:
                 if not self.skip_unfit:
