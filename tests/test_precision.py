@@ -59,3 +59,28 @@ def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypa
     for capability, want in (((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
         assert inference_device("cuda", "auto") == ("cuda", want)
+
+
+def test_fp16_at_zero0_is_refused_and_trains_at_zero1():
+    """DeepSpeed scales the loss only for a ZeRO optimizer but its stage-0 FP16 optimizer unscales the gradients:
+    fp16 at stage 0 moved the weights by 0 where fp32 moved them by ~lr (Adam's first step); refused now. At
+    stage 1 fp16 trains like fp32."""
+    import pytest
+
+    from training.config import DeepSpeedArgs, OptimArgs
+    from training.engine.strategy import Strategy
+
+    optim = OptimArgs(learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=4)
+    with pytest.raises(SystemExit, match="fp16 at --zero_stage 0: DeepSpeed does not scale the loss"):
+        Strategy(DeepSpeedArgs(zero_stage=0), optim, "fp16")
+    moved = {}
+    for stage, precision in ((1, "fp16"), (0, "fp32")):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        engine = Strategy(DeepSpeedArgs(zero_stage=stage), optim, precision).prepare(model, 10)
+        before = model.weight.detach().float().clone()
+        x = torch.randn(4, 64, dtype=torch.float16 if precision == "fp16" else torch.float32)
+        engine.backward(1e-5 * engine(x).float().pow(2).mean())  # small gradients, as a 7B's LoRA ones
+        engine.step()
+        moved[precision] = float((model.weight.detach().float() - before).abs().mean()) / 1e-3
+    assert moved["fp16"] == pytest.approx(moved["fp32"], rel=0.05) and moved["fp32"] > 0.5

@@ -182,11 +182,18 @@ class Strategy:
         from training.model.builder import native_bf16
         if precision == "bf16" and get_accelerator().device_name() == "cuda" and not native_bf16():
             print(f"warning: --precision bf16 on a GPU of compute capability {torch.cuda.get_device_capability()} "
-                  "is emulated (slow; bf16 needs 8.0, Ampere, to run natively): --precision fp16 is the fast choice "
-                  "there", file=sys.stderr)
+                  "is emulated (slow; bf16 needs 8.0, Ampere, to run natively): --precision fp16 (at --zero_stage 1-3) "
+                  "is the fast choice there", file=sys.stderr)
         self.ds, self.optim, self.precision = ds, optim, precision
         self._swap_folder_taken = False  # by a trained engine's NVMe offload (_claim_swap_folder)
         self.user_config = self._user_config()
+        if precision == "fp16" and ds.zero_stage == 0:
+            # DeepSpeed (0.19.8) scales the loss only for a ZeRO optimizer; at stage 0 its FP16 optimizer still
+            # divides the gradients by the loss scale in step(): updates 65536x too small, clipping and overflow
+            # checks on unscaled gradients, while the logs show a healthy loss scale (DeepSpeed PR #8393)
+            raise SystemExit("--precision fp16 at --zero_stage 0: DeepSpeed does not scale the loss there but unscales "
+                             "the gradients, so the model barely trains; use --zero_stage 1 (the same memory on one "
+                             "GPU), 2 or 3, or --precision bf16 / fp32")
         if ds.offload and ds.zero_stage == 0:  # CPU Adam would then get the parameters where they train (a GPU)
             raise SystemExit("--offload moves ZeRO's optimizer state (at stage 3 the parameters too) to the CPU: it "
                              "needs --zero_stage 1, 2 or 3")
@@ -398,13 +405,17 @@ class Strategy:
             report.merge(parts)
             report.write(out_dir)
 
-    def require_finite_weights(self, engine, where: Path) -> None:
-        """Stop, on every rank, before writing `where` when any rank's parameters (its partitions under
-        ZeRO-3) hold a NaN or inf: an optimizer step can make them so from a finite loss (an overflowing
-        gradient), and the last good checkpoint must stay the last one written."""
+    def weights_finite(self, engine) -> bool:
+        """Whether every rank's parameters (its partitions under ZeRO-3) are free of NaN and inf (collective)."""
         module = engine.module if hasattr(engine, "module") else engine
         bad = sum(int(not torch.isfinite(_held_values(p, self.rank)).all()) for p in module.parameters())
-        if float(self.all_reduce(float(bad))) > 0:
+        return float(self.all_reduce(float(bad))) == 0
+
+    def require_finite_weights(self, engine, where: Path) -> None:
+        """Stop, on every rank, before writing `where` when any rank's weights hold a NaN or inf: an optimizer
+        step can make them so from a finite loss (an overflowing gradient), and the last good checkpoint must
+        stay the last one written."""
+        if not self.weights_finite(engine):
             raise NonFiniteError(f"non-finite weights: {where} was not written; the last good checkpoint is "
                                  "intact (resume with --resume after fixing the cause, e.g. a lower learning rate)")
 
