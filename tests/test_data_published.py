@@ -114,3 +114,30 @@ def test_the_set_as_released_base64_images_and_the_report_object(tmp_path):
     ds = OPADataset([r], ChatEncoder(build_processor(), ARCHITECTURES["llava"], 400), None, BadRowReport())
     real, masked = ds[0]
     assert len(real.responses) == 4 and len(masked.responses) == 2  # encoded with one image placeholder
+
+
+def test_llava_rlhf_ppo_prompts_get_the_factual_block_of_the_reward_models_training(tmp_path):
+    """LLaVA-RLHF's reward model trains with each image's captions (and a multiple-choice row's correct answer)
+    from image_to_caption.json; PPO read facts only from a `facts` field and had no --captions_file, so
+    Fact-RLHF on its data stopped with every prompt a bad row. Both now read the same block."""
+    from training.data.formats import read_preferences
+    from training.rm.factual import rm_messages
+
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "0001.jpg").write_bytes(_png())
+    captions = tmp_path / "image_to_caption.json"
+    captions.write_text(json.dumps({"0001": ["A red square.", "Something red."]}))
+    turns = [{"from": "human", "value": "<image>\nColour? A. blue B. red"}]
+    mc = {"choices": ["blue", "red"], "correct_choice_idx": 1}
+    pref = tmp_path / "pref.json"
+    pref.write_text(json.dumps([{"id": "q", "image": "coco/0001.jpg", "conversations": turns, "output_1":
+                                 {"from": "gpt", "value": "B"}, "output_2": {"from": "gpt", "value": "A"},
+                                 "preference": 1, **mc}]))
+    prompts = tmp_path / "ppo.json"
+    prompts.write_text(json.dumps([{"id": "q", "image": "coco/0001.jpg", "conversations": turns, **mc}]))
+    (p,) = read_preferences(str(pref), str(tmp_path), captions_file=str(captions))
+    (r,) = read_prompts(str(prompts), str(tmp_path), captions_file=str(captions))
+    assert r.facts == p.facts == ["A red square.", "Something red.", "correct answer: red"]
+    assert rm_messages(r.prompt, "B", r.facts, True, "s") == rm_messages(p.prompt, "B", p.facts, True, "s")
+    assert r.meta == {"correct_option": "B"}  # --correct_bonus reads the letter
+    assert read_prompts(str(prompts), str(tmp_path))[0].facts is None  # no captions file: as before

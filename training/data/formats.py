@@ -339,6 +339,33 @@ def _output_text(row: dict, key: str) -> str:
     return _text(value.get("value") if isinstance(value, dict) else value, key, response=True)
 
 
+def _caption_facts(images: list, field: str, ctx: dict) -> list[str]:
+    """Fact-RLHF's captions of a row's (first) image from the captions file in ctx (none without one): looked up by
+    the image's path, file name or stem, as LLaVA-RLHF keys image_to_caption.json."""
+    captions = ctx.get("captions")
+    if captions is None or not images:
+        return []
+    key = str(images[0])
+    found = next((captions[k] for k in (key, Path(key).name, Path(key).stem) if k in captions), None)
+    if found is None:
+        raise RowProblem(field, f"no captions for image {key!r} in the captions file")
+    found = [found] if isinstance(found, str) else found
+    if not isinstance(found, list) or not all(isinstance(c, str) for c in found):
+        raise RowProblem(field, f"the captions file's entry for image {key!r} is not a caption or a list of captions")
+    return found
+
+
+def _answer_fact(row: dict) -> str | None:
+    """LLaVA-RLHF's factual line for a multiple-choice row: "correct answer: <the option's text>"."""
+    answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
+    choices, idx = row.get("choices"), row.get("correct_choice_idx")
+    if answer is None and idx is not None:
+        if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < len(choices)):
+            raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
+        answer = choices[idx]
+    return None if answer is None else f"correct answer: {answer}"
+
+
 def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     turns = _llava_turns(row)
     if turns[-1][0] == "assistant":  # the slot that output_1 / output_2 fill
@@ -350,26 +377,10 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
     responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2")
     images, field = _llava_images(row)
-    facts = list(_facts(row) or [])
-    captions = ctx.get("captions")
-    if captions is not None and images:
-        key = str(images[0])
-        found = next((captions[k] for k in (key, Path(key).name, Path(key).stem) if k in captions), None)
-        if found is None:
-            raise RowProblem(field, f"no captions for image {key!r} in the captions file")
-        found = [found] if isinstance(found, str) else found
-        if not isinstance(found, list) or not all(isinstance(c, str) for c in found):
-            raise RowProblem(field, f"the captions file's entry for image {key!r} is not a caption or a list of "
-                                    "captions")
-        facts += found
-    answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
-    choices, idx = row.get("choices"), row.get("correct_choice_idx")
-    if answer is None and idx is not None:
-        if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < len(choices)):
-            raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
-        answer = choices[idx]
-    if answer is not None:
-        facts.append(f"correct answer: {answer}")
+    facts = list(_facts(row) or []) + _caption_facts(images, field, ctx)
+    answer = _answer_fact(row)
+    if answer:
+        facts.append(answer)
     return _pref(row, ref, prompt, responses, images, field, facts or None,
                  response_fields="output_1/output_2")
 
@@ -432,7 +443,10 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = _llava_messages(turns, "conversations", end="user")
     images, field = _llava_images(row)
     _place_images(prompt, len(images), "conversations")
-    record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
+    facts = _facts(row)
+    if ctx.get("captions") is not None:  # Fact-RLHF's PPO: the same factual block as its reward model's training
+        facts = [*(facts or []), *_caption_facts(images, field, ctx), *filter(None, [_answer_fact(row)])]
+    record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=facts or None,
                           meta=_answer_meta(row), source=ref, prompt_field="conversations")
     return ParsedRow(record, images, field)
 
@@ -489,8 +503,9 @@ def question_id(row: dict, index: int) -> str:
 
 
 PROMPT_FORMATS = [
-    Format("conversations", "Vision-LLM-Alignment PPO prompts: image, conversations [human, optional gpt "
-           "reference]", lambda r: isinstance(r.get("conversations"), (list, str)), _prompt_conversations),
+    Format("conversations", "Vision-LLM-Alignment / LLaVA-RLHF PPO prompts: image, conversations [human, optional "
+           "gpt reference]", lambda r: isinstance(r.get("conversations"), (list, str)), _prompt_conversations,
+           context=("captions",)),
     Format("trl_prompt", "TRL prompt-only: prompt (messages or text), images",
            lambda r: "prompt" in r, _prompt_trl),
     Format("opa", "OPA-DPO's OPA set: queries, image_bytes, standard_response (the reference)",
@@ -504,26 +519,35 @@ def read_sft(paths, image_root: str | None, report: BadRowReport | None = None) 
     return read_records(KINDS, "SFT", paths, image_root, report, {})
 
 
+def read_captions(captions_file: str | None) -> dict:
+    """The read context of a captions file (Fact-RLHF image_to_caption.json: image -> captions), or {}."""
+    if not captions_file:
+        return {}
+    try:
+        with open(captions_file, encoding="utf-8-sig") as f:
+            captions = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{captions_file}: not a JSON file of captions ({err})") from None
+    if not isinstance(captions, dict):
+        raise DataFormatError(f"{captions_file}: expected a JSON object image id -> list of captions")
+    return {"captions": captions}
+
+
 def read_preferences(paths, image_root: str | None, report: BadRowReport | None = None,
                      captions_file: str | None = None) -> list[PreferenceRecord]:
     """Ranked responses, best first. `captions_file` (Fact-RLHF image_to_caption.json: image -> captions)
     adds each LLaVA-RLHF row's captions to its facts; a file of any other format is refused with it,
     as no other format can use them."""
-    ctx = {}
-    if captions_file:
-        try:
-            with open(captions_file, encoding="utf-8-sig") as f:
-                ctx["captions"] = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataFormatError(f"{captions_file}: not a JSON file of captions ({err})") from None
-        if not isinstance(ctx["captions"], dict):
-            raise DataFormatError(f"{captions_file}: expected a JSON object image id -> list of captions")
-    return read_records(KINDS, "preference", paths, image_root, report, ctx)
+    return read_records(KINDS, "preference", paths, image_root, report, read_captions(captions_file))
 
 
-def read_prompts(paths, image_root: str | None, report: BadRowReport | None = None) -> list[PromptRecord]:
-    """Prompts for PPO rollouts and prediction (optional reference answer, facts, benchmark meta)."""
-    return read_records(KINDS, "prompt", paths, image_root, report, {})
+def read_prompts(paths, image_root: str | None, report: BadRowReport | None = None,
+                 captions_file: str | None = None) -> list[PromptRecord]:
+    """Prompts for PPO rollouts and prediction (optional reference answer, facts, benchmark meta).
+    `captions_file`: for conversation rows (LLaVA-RLHF's PPO prompts), each image's captions and a multiple-choice
+    row's "correct answer: <option>" join its facts, as read_preferences gives them to the reward model's training;
+    a file of any other format is refused with it."""
+    return read_records(KINDS, "prompt", paths, image_root, report, read_captions(captions_file))
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> Path:
