@@ -13,7 +13,8 @@ Generative (ids 1-1004), per response, as inference.py does it:
 Discriminative (ids > 1004): the response must be exactly "Yes" or "No"; the positive class is
 "No"; accuracy, precision, recall, F1 overall and for existence / attribute / relation. An answer
 that is neither ("Yes, there is a dog.") counts as wrong, as in inference.py; how many there are is
-`disc_not_yes_no` in the metrics, and a warning names it (--amber_disc_suffix asks for one word).
+`disc_not_yes_no` in the metrics, and a warning names it. So each discriminative question gets LLaVA's
+short-answer instruction (--amber_disc_suffix, as POPE's --pope_suffix; recorded in the results file).
 AMBER score = 0.5 * (1 - CHAIR + F1).
 
 Metrics are fractions. `reference_printout` repeats inference.py's printed numbers exactly
@@ -39,6 +40,7 @@ import sys
 from pathlib import Path
 
 from eval.nouns import lemmatize, tokenize
+from eval.pope import LLAVA_SUFFIX
 
 _VERB_CONTEXT = {"can", "could", "will", "would", "should", "may", "might", "must", "i", "you", "we",
                  "they", "he", "she"}
@@ -260,8 +262,10 @@ def add_args(p) -> None:
     g.add_argument("--amber_nlp", choices=["rule", "reference"], default="rule",
                    help="rule: no downloaded data; reference: nltk + spaCy en_core_web_lg as inference.py")
     g.add_argument("--amber_similarity", type=float, default=0.8, help="spaCy similarity threshold (reference)")
-    g.add_argument("--amber_disc_suffix", default="",
-                   help="appended to discriminative questions (scoring needs answers exactly 'Yes' / 'No')")
+    g.add_argument("--amber_disc_suffix", default=LLAVA_SUFFIX,
+                   help="appended to discriminative questions, as POPE's (scoring needs answers exactly 'Yes' / "
+                        "'No'; without it a chat model's 'Yes, there is...' counts as wrong); recorded in the "
+                        "results file")
 
 
 def needs_judge(args) -> bool:
@@ -302,7 +306,7 @@ def score(args, qs, answers, judge=None, decoding=None):
     if metrics.get("disc_not_yes_no"):
         msg = (f"AMBER: {metrics['disc_not_yes_no']} of {details['discriminative_n']} discriminative answers are "
                "not exactly 'Yes' or 'No' and count as wrong (the reference's rule); ask for one word with "
-               "--amber_disc_suffix, e.g. \"\\nAnswer the question using a single word or phrase.\"")
+               "--amber_disc_suffix")
         print(f"warning: {msg}", file=sys.stderr)
         details["warnings"].append(msg)
     return metrics, details, per

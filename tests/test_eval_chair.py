@@ -29,6 +29,9 @@ def test_tokenizer_needs_no_data():
     assert tokenize("A sign reads 'dog'. Can't") == ["A", "sign", "reads", "'", "dog", "'", ".", "Ca", "n't"]
     assert tokenize("a knife/fork and dog_cat") == ["a", "knife/fork", "and", "dog_cat"]
     assert tokenize("a bird's-eye view") == ["a", "bird's-eye", "view"]  # no bird in it
+    # an apostrophe inside a word that is no clitic keeps the word whole: "o'clock" held a hallucinated clock
+    assert tokenize("It is 3 o'clock.") == ["It", "is", "3", "o'clock", "."]
+    assert CocoObjects().mentions("It is 3 o'clock and a dog sleeps.") == [("dog", "dog")]
 
 
 def test_lemmatizer_is_wordnets():

@@ -167,6 +167,12 @@ def test_amber_suffix_only_on_discriminative_questions(tmp_path):
     args = build_parser().parse_args(["--benchmark", "amber", "--data", str(d), "--amber_disc_suffix", " Yes or No?"])
     texts = [q["text"] for q in questions(args)[""]]
     assert texts[:3] == ["Describe this image.", "Describe this image.", "Is there a dog? Yes or No?"]
+    # by default LLaVA's short-answer instruction, as POPE's (without one a chat model's "Yes, there is a dog."
+    # counted as wrong and F1 / AMBER_score fell toward 0)
+    from eval.pope import LLAVA_SUFFIX
+    default = build_parser().parse_args(["--benchmark", "amber", "--data", str(d)])
+    assert [q["text"] for q in questions(default)[""]][:3] == ["Describe this image.", "Describe this image.",
+                                                                "Is there a dog?" + LLAVA_SUFFIX]
 
 
 def test_pope_with_a_split_missing_warns_and_says_how_many(tmp_path, capsys):

@@ -34,9 +34,10 @@ def test_vision_tower_gets_its_own_dtype(world, tiny):
 
 
 def test_predict_in_bf16_and_auto_device(world, tiny, tmp_path):
-    assert inference_device("auto", "auto") == (("cuda", "bf16") if torch.cuda.is_available() and
-                                              torch.cuda.is_bf16_supported() else
-                                              ("cuda", "fp16") if torch.cuda.is_available() else ("cpu", "fp32"))
+    import os
+    gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    assert inference_device("auto", "auto") == (("cuda", "bf16") if gpu and torch.cuda.is_bf16_supported() else
+                                              ("cuda", "fp16") if gpu else ("cpu", "fp32"))
     out = predict(["--model_path", str(tiny), "--data_path", str(world / "ppo_prompts.json"), "--image_folder",
                    str(world / "images"), "--output_file", str(tmp_path / "a.jsonl"), "--max_new_tokens", "6",
                    "--precision", "bf16", "--no-progress"])
@@ -84,3 +85,14 @@ def test_fp16_at_zero0_is_refused_and_trains_at_zero1():
         engine.step()
         moved[precision] = float((model.weight.detach().float() - before).abs().mean()) / 1e-3
     assert moved["fp16"] == pytest.approx(moved["fp32"], rel=0.05) and moved["fp32"] > 0.5
+
+
+def test_auto_device_follows_ds_accelerator_cpu(monkeypatch):
+    """DS_ACCELERATOR=cpu on a GPU machine: parallel prediction gave its processes no GPU each ("share the CPU")
+    while "auto" still chose cuda, so all of them loaded onto GPU 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert inference_device("auto", "auto") == ("cpu", "fp32")
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert inference_device("auto", "auto") == ("cuda", "bf16")

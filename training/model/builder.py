@@ -40,11 +40,14 @@ def torch_dtype(precision: str):
 
 def inference_device(device: str = "auto", precision: str = "auto") -> tuple[str, str]:
     """Where generation outside DeepSpeed runs (prediction, OPA rollouts): "auto" -> the GPU in bf16 when
-    there is one (fp16 on GPUs without bf16), else the CPU in fp32. On the CPU, freed tensor memory is
-    kept for reuse from here on (training.engine.cpu_memory)."""
+    there is one (fp16 on GPUs without bf16), else the CPU in fp32; DS_ACCELERATOR=cpu means the CPU, as it does
+    for training and for parallel prediction's processes (which then share the CPU, not GPU 0). On the CPU, freed
+    tensor memory is kept for reuse from here on (training.engine.cpu_memory)."""
+    import os
+
     import torch
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "cpu"
     if device == "cpu":
         from training.engine.cpu_memory import keep_freed_memory
         keep_freed_memory()
