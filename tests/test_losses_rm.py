@@ -90,3 +90,21 @@ def test_plackett_luce_stable_for_large_rewards_and_padding_grads():
 def test_ranked_pairs():
     assert ranked_pairs(3) == ([0, 0, 1], [1, 2, 2])
     assert ranked_pairs(2) == ([0], [1])
+
+
+def test_the_trainers_loss_and_accuracy_read_the_first_response_as_the_best():
+    """The stage's loss and accuracy by hand: rewards (2, 0) with the best first give -log sigmoid(2) = 0.1269280110
+    for Bradley-Terry and Plackett-Luce, and accuracy 1; swapped, -log sigmoid(-2) = 2.1269280110 and accuracy 0
+    (a reversed pair or comparison passed every test before)."""
+    from training.rm.trainer import pair_stats, rank_loss, summarize
+
+    mask = torch.tensor([[True, True]])
+    for kind in ("bradley_terry", "plackett_luce"):
+        loss, units, _ = rank_loss(torch.tensor([[2.0, 0.0]]), mask, kind, 0.0, 0.0)
+        assert (loss.item(), units) == (pytest.approx(0.1269280110, abs=1e-7), 1)
+        loss, _, _ = rank_loss(torch.tensor([[0.0, 2.0]]), mask, kind, 0.0, 0.0)
+        assert loss.item() == pytest.approx(2.1269280110, abs=1e-7)
+    stats = summarize(pair_stats(torch.tensor([[2.0, 0.0], [1.0, 3.0]]), torch.ones(2, 2, dtype=torch.bool)))
+    assert stats == {"accuracy": 0.5, "reward_chosen": 1.5, "reward_rejected": 1.5, "reward_margin": 0.0}
+    three = torch.tensor([[3.0, 2.0, 1.0]])  # every pair of a ranking in order
+    assert summarize(pair_stats(three, torch.ones(1, 3, dtype=torch.bool)))["accuracy"] == 1.0

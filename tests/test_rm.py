@@ -106,6 +106,11 @@ def test_lora_reward_model_saves_adapters_and_reloads(world, tiny, tmp_path):
     critic, _, _ = load_reward_model(out, lora_args=LoraArgs(lora_r=4), for_training=True)  # PPO critic init
     assert critic.value_head.weight.requires_grad
     torch.testing.assert_close(critic.value_head.weight, rm.value_head.weight)
+    # merged (python -m training.model.merge_lora), it is still this reward model: the head was left behind
+    from training.model.merge_lora import merge_lora
+    merge_lora(out, tmp_path / "merged")
+    torch.testing.assert_close(_scores(*load_reward_model(tmp_path / "merged"), world, factual=False), a,
+                               rtol=0, atol=1e-5)
 
 
 def test_qlora_reward_model_trains_and_evaluates(world, tiny, tmp_path):
@@ -123,6 +128,15 @@ def test_ranked_lists_train_with_plackett_luce(world, tiny, tmp_path):
     r = main(rm_args(world, tiny, tmp_path / "pl", "--data_path", str(world / "ranked_train.json"),
                      "--max_steps", "2", "--per_device_train_batch_size", "4"))
     assert r["loss"] == "plackett_luce" and r["eval"]["eval/n"] == 8
+    with pytest.raises(SystemExit, match="--margin 1.0 is a Bradley-Terry margin; the Plackett-Luce loss"):
+        main(rm_args(world, tiny, tmp_path / "m", "--data_path", str(world / "ranked_train.json"), "--margin", "1"))
+
+
+def test_held_out_data_that_is_training_data_is_refused(world, tiny, tmp_path):
+    """--eval_data_path naming the training file reported training accuracy as held-out."""
+    train = str(world / "preference_train.json")
+    with pytest.raises(SystemExit, match="--eval_data_path .*preference_train.json is training data too"):
+        main(rm_args(world, tiny, tmp_path / "x", "--data_path", train, "--eval_data_path", train))
 
 
 def _bad_copy(world, tmp_path):

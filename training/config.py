@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,11 @@ def require_held_out(data: DataArgs, run: RunArgs) -> None:
     """For stages with one: --eval_steps needs held-out data (after the stage's defaults are filled in)."""
     if run.eval_steps and not data.eval_data_path:
         raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
+    both = {os.path.realpath(x) for x in data.eval_data_path.split(",") if x} & \
+        {os.path.realpath(x) for x in data.data_path.split(",") if x}
+    if both:  # its figures would be reported as held-out ones
+        raise SystemExit(f"--eval_data_path {', '.join(sorted(both))} is training data too (--data_path): give "
+                         "held-out data")
 
 
 @dataclass

@@ -95,7 +95,15 @@ def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, preci
         raise SystemExit(f"merge_lora: --output_dir {out_dir} is the adapters' own folder, which the merged model "
                          "would replace: give another folder")
     model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code, original_base)
-    return save_model(model, processor, out_dir)
+    saved = save_model(model, processor, out_dir)
+    from training.rm.model import HEAD_FILE, INFO_FILE, is_reward_model
+    if is_reward_model(run_dir):  # a reward model's head and record go with its merged backbone
+        import json
+        import shutil
+        info = json.loads((run_dir / INFO_FILE).read_text())
+        for name in (INFO_FILE, info.get("head_file", HEAD_FILE)):
+            shutil.copyfile(run_dir / name, Path(out_dir) / name)
+    return saved
 
 
 def main(argv=None) -> None:

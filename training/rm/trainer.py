@@ -66,6 +66,10 @@ class RMTrainer:
         self.plan = StepPlan.make(len(train_set), o.per_device_train_batch_size, o.gradient_accumulation_steps,
                                   strategy.world_size, o.num_train_epochs, o.max_steps)
         self.loss_kind = resolve_rank_loss(rm.rank_loss, [len(r.responses) for r in train_set.records])
+        if rm.margin and self.loss_kind == "plackett_luce":  # it has no margin term: the flag did nothing
+            raise SystemExit(f"--margin {rm.margin} is a Bradley-Terry margin; the Plackett-Luce loss (ranked lists "
+                             "longer than two, or --rank_loss plackett_luce) has none: drop --margin or use "
+                             "--rank_loss bradley_terry")
         self.interrupted = False
 
     def _batch(self, dataset: RMDataset, idx: list[int]) -> RankedBatch | None:
