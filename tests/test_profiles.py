@@ -31,6 +31,21 @@ def test_a_profile_parses_for_its_stage(name):
         assert values["max_seq_len"] - max(LLAVA16_IMAGE_TOKENS.values()) >= 1024
 
 
+def test_the_reward_model_profile_runs_on_the_users_data_as_its_readme_says(tmp_path):
+    """configs/README.md says to add --data_path and --image_folder; the profile's eval_steps then stopped the run
+    for want of held-out data (--eval_data_path, which the embedded default fills in but a user's data does not)."""
+    from training.defaults import resolve_defaults
+    from training.engine.strategy import Strategy
+    from training.rm import main
+
+    cfg = parse_config(main.CONCEPTS, ["--config", str(CONFIGS / "rm_llava16_7b_qlora_2xT4.json"), "--data_path",
+                                       str(tmp_path / "pairs.json"), "--image_folder", str(tmp_path)], main.DEFAULTS)
+    strategy = Strategy(cfg["ds"], cfg["optim"], "fp32")  # (fp16 needs an accelerator that has it)
+    resolve_defaults(cfg["model"], cfg["data"], strategy, "preference_train.json")
+    main.resolve_eval_steps(cfg["data"], cfg["run"])  # stopped with "--eval_steps: give the held-out data"
+    assert cfg["run"].eval_steps == 0
+
+
 def _llava16_image_tokens(width: int, height: int) -> int:
     """Image tokens of LLaVA-1.6 (any resolution: 336-pixel tiles on its grid pinpoints, CLIP-L/14 patches, the
     class token dropped, a newline per row) for an image of this size, counted by transformers' own processor
