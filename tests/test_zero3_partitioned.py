@@ -195,3 +195,31 @@ def test_generation_gathers_the_whole_model_once_and_training_goes_on(llava, lor
     assert n_train > 0  # the hooks are back: training fetches (and releases) each module's weights again
     assert torch.equal(out, out_hooked)
     assert losses == pytest.approx(losses_hooked, rel=1e-6) and losses[1] < losses[0]
+
+
+def test_a_lora_save_at_zero3_gathers_the_trained_weights_only(llava, tmp_path, monkeypatch):
+    """Saving a LoRA model at ZeRO-3 gathered every parameter at once: the whole base on every device at the end of
+    a run partitioned because the model does not fit one. Only the trained weights are written, and gathered."""
+    strategy = Strategy(DeepSpeedArgs(zero_stage=3), OptimArgs(), "fp32")
+    model, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(llava)), LoraArgs(lora_r=4),
+                                                   zero3=strategy.build_config())
+    engine = strategy.prepare(model, 1)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < len(trained) < len(list(model.parameters()))
+    gathered, real = [], deepspeed.zero.GatheredParameters
+
+    def recording(params, *a, **k):
+        params = [params] if isinstance(params, torch.nn.Parameter) else list(params)
+        gathered.append(len(params))
+        return real(params, *a, **k)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    strategy.save_hf(engine, processor, tmp_path / "out")
+    assert gathered == [len(trained)]
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    with deepspeed.zero.GatheredParameters(trained):
+        held = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert len(saved) == len(held) and all(v.numel() > 0 for v in saved.values())
+    for name, value in saved.items():
+        match = [v for n, v in held.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        torch.testing.assert_close(value, match[0])

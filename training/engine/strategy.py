@@ -456,9 +456,12 @@ class Strategy:
             state = engine._zero3_consolidated_16bit_state_dict()
             if self.is_main:
                 save_model(module, processor, out_dir, state_dict=state)
-        elif self.ds.zero_stage == 3:  # adapters: the base stays frozen; peft writes the adapters it gathers here
+        elif self.ds.zero_stage == 3:  # adapters: only trained weights are written (peft's adapters, the trained
+            # projector / tower / value head), so only they are gathered (all of them held the whole model on every
+            # device at the last step of a run that was partitioned because it does not fit one)
             import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad],
+                                                   modifier_rank=None):
                 if self.is_main:
                     save_model(module, processor, out_dir)
         elif self.is_main:
