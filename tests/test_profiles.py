@@ -70,3 +70,18 @@ LLAVA16_IMAGE_TOKENS = {(640, 480): 2340, (640, 427): 2144, (375, 500): 2352, (3
 
 def test_llava16_image_token_counts():
     assert {size: _llava16_image_tokens(*size) for size in LLAVA16_IMAGE_TOKENS} == LLAVA16_IMAGE_TOKENS
+
+
+@pytest.mark.parametrize("key,value,why", [("precision", "float16", "is not one of"), ("zero_stage", 5, "is not one of"),
+                                           ("lr_scheduler_type", "polynomial", "is not one of"),
+                                           ("qlora", "false", "is not true or false"),
+                                           ("learning_rate", "1e-4", "is not a number"),
+                                           ("max_seq_len", 2048.5, "is not an integer")])
+def test_a_profile_value_is_checked_as_the_command_line_checks_it(key, value, why, tmp_path):
+    """Profile values went in unchecked: "false" (a true string) turned QLoRA on, an unknown scheduler ran as
+    linear, "float16" built an fp16 model under an fp32 DeepSpeed config."""
+    from training.sft import main
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(SystemExit, match=f"p.json: {key}: .* {why}"):
+        parse_config(main.CONCEPTS, ["--config", str(path)], main.DEFAULTS)

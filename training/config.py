@@ -191,6 +191,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             group.add_argument(f"--{f.name}", type=_arg_type(tp), **kw)
 
 
+def _profile_value_problem(action: argparse.Action, value) -> str:
+    """What is wrong with a profile's value for this argument ("" when nothing): the checks the command line makes
+    (a profile's "false" was a true string, a choice outside the list passed)."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "" if isinstance(value, bool) else "is not true or false (JSON true / false)"
+    want = action.type or str
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(want, lambda v: True)
+    if not ok(value):
+        return f"is not {'a number' if want is float else 'an integer' if want is int else 'text'}"
+    if action.choices is not None and value not in action.choices:
+        return f"is not one of {list(action.choices)}"
+    return ""
+
+
 def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = None,
                  description: str = "") -> dict:
     """Parse argv into {name: dataclass instance}. `defaults` overrides dataclass defaults per stage."""
@@ -208,6 +224,11 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
         unknown = sorted(set(profile) - known)
         if unknown:
             raise SystemExit(f"{pre.config}: unknown arguments {unknown}")
+        actions = {a.dest: a for a in parser._actions}
+        for key, value in profile.items():  # set_defaults takes values as they are: no type or choice check
+            problem = _profile_value_problem(actions[key], value)
+            if problem:
+                raise SystemExit(f"{pre.config}: {key}: {value!r} {problem}")
         parser.set_defaults(**profile)
     ns = vars(parser.parse_args(argv))
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
