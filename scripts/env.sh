@@ -18,15 +18,35 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
 export TOKENIZERS_PARALLELISM=false
+# The deepspeed launcher starts other nodes' ranks over pdsh / ssh with only PYTHON*, NCCL* and a few other
+# variables: the ones this project's ranks read go to them through DS_ENV_FILE (with any .deepspeed_env of the
+# user's, which DS_ENV_FILE would otherwise hide). Secrets (HF_TOKEN) are not put on their command lines: log in
+# on each node (the Hub token file under a shared home) instead.
+node_env_file() {
+  local file v
+  file="$(mktemp "${TMPDIR:-/tmp}/vlm_align_env.XXXXXX")"
+  for v in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do if [ -f "$v" ]; then cat "$v" >> "$file"; fi; done
+  for v in VLM_ALIGN_CACHE XDG_CACHE_HOME HF_HOME HF_HUB_CACHE HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_DATASETS_OFFLINE \
+           GLOO_SOCKET_IFNAME TOKENIZERS_PARALLELISM; do
+    if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$file"; fi
+  done
+  export DS_ENV_FILE="$file"
+}
 # Launch a stage module with the deepspeed launcher; NUM_GPUS (default: all; the first NUM_GPUS of
 # CUDA_VISIBLE_DEVICES when it is set) / HOSTFILE select ranks.
 launch() {
   local module="$1"; shift
   local args=()
-  if [ -n "${HOSTFILE:-}" ]; then args+=(--hostfile "$HOSTFILE"); fi
-  if [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
+  if [ -n "${HOSTFILE:-}" ]; then
+    # (the launcher warns and trains on this machine alone when the file is missing)
+    if [ ! -f "$HOSTFILE" ]; then echo "HOSTFILE=$HOSTFILE: no such file (relative to $ROOT)" >&2; return 2; fi
+    # its slots say how many GPUs each node runs, whatever this (head) machine has: no CPU branch here
+    args+=(--hostfile "$HOSTFILE")
+    if [ -n "${NUM_GPUS:-}" ]; then args+=(--num_gpus "$NUM_GPUS"); fi
+    node_env_file
+  elif [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
     args+=(--num_accelerators "${NUM_GPUS:-1}")
-  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+  elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     # given --num_gpus the launcher drops CUDA_VISIBLE_DEVICES (and runs on GPUs 0..N-1): name the devices instead
     local devices="$CUDA_VISIBLE_DEVICES" n
     n="$(echo "$devices" | tr ',' '\n' | grep -c .)"

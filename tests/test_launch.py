@@ -28,9 +28,14 @@ def _launch(tmp_path, **env) -> subprocess.CompletedProcess:
     # the launcher dropped CUDA_VISIBLE_DEVICES when given --num_gpus: GPUs 0 and 1 ran instead of 2 and 3
     ({"CUDA_VISIBLE_DEVICES": "2,3", "NUM_GPUS": "2"}, "--include localhost:2,3 "),
     ({"CUDA_VISIBLE_DEVICES": "5,1,7", "NUM_GPUS": "2"}, "--include localhost:5,1 "),
-    ({"CUDA_VISIBLE_DEVICES": "2,3", "HOSTFILE": "hosts"}, "--hostfile hosts "),
+    ({"CUDA_VISIBLE_DEVICES": "2,3", "HOSTFILE": "HOSTS"}, "--hostfile HOSTS "),
+    ({"NUM_GPUS": "4", "HOSTFILE": "HOSTS"}, "--hostfile HOSTS --num_gpus 4 "),
 ])
 def test_launch_arguments(tmp_path, env, want):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=2\nnode2 slots=2\n")
+    env = {k: str(hosts) if v == "HOSTS" else v for k, v in env.items()}
+    want = want.replace("HOSTS", str(hosts))
     p = _launch(tmp_path, **env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == f"{want}--master_port 29999 --module training.sft.main --x 1"
@@ -39,3 +44,30 @@ def test_launch_arguments(tmp_path, env, want):
 def test_more_gpus_than_visible_devices_stops(tmp_path):
     p = _launch(tmp_path, CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="4")
     assert p.returncode == 2 and "NUM_GPUS=4 but CUDA_VISIBLE_DEVICES=2,3 names 2 device(s)" in p.stderr
+
+
+def test_a_missing_hostfile_stops(tmp_path):
+    """The deepspeed launcher warns and trains on this machine alone when the hostfile is not there."""
+    p = _launch(tmp_path, HOSTFILE=str(tmp_path / "nowhere"))
+    assert p.returncode == 2 and "nowhere: no such file" in p.stderr
+
+
+def test_a_hostfile_run_from_a_machine_without_gpus_takes_the_hostfiles_slots(tmp_path):
+    """On a head node without CUDA the CPU branch passed --num_accelerators 1: one GPU per node."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=8\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho "$@"\ncat "$DS_ENV_FILE"\n')
+    (fake / "deepspeed").chmod(0o755)
+    script = f'source scripts/env.sh; export PATH="{fake}:$PATH" DS_ACCELERATOR=cpu; launch training.sft.main'
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "HF_TOKEN")}
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), "MASTER_PORT": "29999",
+                            "VLM_ALIGN_CACHE": "/shared/cache", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == f"--hostfile {hosts} --master_port 29999 --module training.sft.main"
+    # the other nodes' ranks get the variables they read (pdsh passes PYTHON* and NCCL* only), never the token
+    assert {"VLM_ALIGN_CACHE=/shared/cache", "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false"} <= set(lines[1:])
+    assert not any("hf_secret" in x for x in lines)
