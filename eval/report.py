@@ -126,7 +126,10 @@ def table(results: list[dict], order=None) -> str:
             files = r.get("dataset", {}).get("files_sha256", {})
             data = ", ".join(f"{Path(f).name}@{h[:8]}" for f, h in files.items())
             version = r.get("dataset", {}).get("version")
-            line = f"{dec}; {judge}; data {data}" + (f" (version {version})" if version else "")
+            nlp = r.get("details", {}).get("nlp")  # AMBER's noun finder: "rule" is not its reference's spaCy
+            line = f"{dec}; {judge}; data {data}" + (f" (version {version})" if version else "") + \
+                (f"; nouns by {nlp}{' (not comparable with published AMBER figures)' if nlp == 'rule' else ''}"
+                 if nlp else "")
             if line not in seen:
                 seen.append(line)
         lines += [f"- {TITLES[b]}: " + " | ".join(seen)]

@@ -3,8 +3,10 @@
     python -m eval.run_embedded --models output/sft [output/dpo ...] --world data/world
 
 Each model's results go to <model>/eval_embedded.json (the same file `python -m eval.benchmark
---benchmark embedded` writes, which `python -m eval.report` reads). Answers made by an older version
-of a model (same folder, rewritten weights) are generated again.
+--benchmark embedded` writes, which `python -m eval.report` reads); with some of the benchmarks (--benches)
+or other decoding (--num_beams) to eval_embedded_<run name>.json (--run_name, default from those settings),
+so the all-benchmark greedy results stay. Answers made by an older version of a model (same folder, rewritten
+weights) are generated again.
 """
 from __future__ import annotations
 
@@ -47,9 +49,17 @@ def main(argv=None) -> str:
     p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--benches", nargs="*", default=None, choices=list(BENCHES))
     p.add_argument("--table_file", default="")
+    p.add_argument("--run_name", default=None,
+                   help="results (and answers) under this name (default: none for all benchmarks greedy, else "
+                        "from --benches / --num_beams)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
-    rows = [evaluate(m, a.world, a.batch_size, a.benches, a.num_beams, a.progress) for m in a.models]
+    run_name = a.run_name
+    if run_name is None:  # a subset or other decoding replaced the model's all-benchmark greedy results
+        subset = a.benches is not None and sorted(a.benches) != sorted(BENCHES)
+        run_name = "_".join(([*sorted(a.benches)] if subset else []) +
+                            ([f"beams{a.num_beams}"] if a.num_beams != 1 else []))
+    rows = [evaluate(m, a.world, a.batch_size, a.benches, a.num_beams, a.progress, run_name) for m in a.models]
     t = table(rows)
     if a.table_file:
         Path(a.table_file).write_text(t + "\n")

@@ -55,3 +55,18 @@ def test_count_and_missing_answers(tmp_path):
         f.write(json.dumps({"question_id": "b", "text": "There are three."}) + "\n")
     assert score_answers("count", q, a)["accuracy"] == pytest.approx(0.5)
     assert score_rows("count", [], {}) == {"accuracy": 0.0, "n": 0}  # was a ZeroDivisionError
+
+
+def test_a_subset_run_keeps_the_all_benchmark_results(world, tiny, tmp_path):
+    """python -m eval.run_embedded --benches X wrote the model's eval_embedded.json, the all-benchmark results
+    eval.report reads, with X alone (and deleted those answers)."""
+    import shutil
+
+    from eval.run_embedded import main
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    full = model / "eval_embedded.json"
+    full.write_text('{"stand-in": "the all-benchmark results"}')
+    main(["--models", str(model), "--world", str(world), "--benches", "count", "--no-progress"])
+    assert full.read_text() == '{"stand-in": "the all-benchmark results"}'
+    assert json.loads((model / "eval_embedded_count.json").read_text())["details"]["results"].keys() == {"count"}

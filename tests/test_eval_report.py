@@ -67,3 +67,14 @@ def test_mmhal_response_file_has_run_name(tmp_path):
     assert [Path(f).name for f in files] == ["mmhal_greedy_response.json", "mmhal_beam_response.json",
                                              "mmhal_response.json"]
     assert [json.loads(Path(f).read_text())[1]["model_answer"] for f in files] == ["A1", "B1", "C1"]
+
+
+def test_report_says_when_amber_nouns_came_from_the_rule_finder(tmp_path):
+    """AMBER scored with the rule-based noun finder (the default: no spaCy download) sat beside published AMBER
+    figures as if comparable; the settings line says which finder it was."""
+    f = _result(tmp_path / "m", "output/dpo", "amber", 0.1, "2026-01-01T00:00:01")
+    rec = json.loads(f.read_text())
+    rec["metrics"] = {"CHAIR": 0.1, "Cover": 0.5, "Hal": 0.3, "Cog": 0.02, "F1": 0.8, "AMBER_score": 0.85}
+    rec["details"] = {"nlp": "rule"}
+    f.write_text(json.dumps(rec))
+    assert "nouns by rule (not comparable with published AMBER figures)" in report.table(report.load([f]))
