@@ -284,12 +284,25 @@ def test_ptx_term_is_the_sft_nll_of_its_seeded_rows_and_resumes_exactly(world, t
     assert max(float((a[k] - d[k]).abs().max()) for k in a) > 1e-5
 
 
-def test_ppo_qlora_actor_and_critic(world, tiny, rm, tmp_path):
-    """QLoRA (NF4 base + LoRA) for the actor, the critic and the frozen reward model; the reference is the
-    actor with its adapters off."""
+def test_ppo_qlora_actor_and_critic(world, tiny, rm, tmp_path, monkeypatch):
+    """QLoRA (NF4 base + LoRA) for the actor, the critic and the frozen reward model (it loaded in full precision:
+    a 7B's 14 GB on a 16 GB T4); the reference is the actor with its adapters off."""
+    import bitsandbytes as bnb
+
+    import training.rm.model as rm_model
+    real, frozen = rm_model.load_reward_model, []
+
+    def recording(*a, for_training=False, **k):
+        out = real(*a, for_training=for_training, **k)
+        if not for_training:
+            frozen.append(out[0])
+        return out
+
+    monkeypatch.setattr(rm_model, "load_reward_model", recording)
     out = tmp_path / "ppo_qlora"
     main(ppo_args(world, tiny, rm, out, "--max_steps", "2", "--qlora", "--lora_r", "4", "--lora_dropout", "0",
                   "--freeze_vision_tower"))
+    assert len(frozen) == 1 and any(isinstance(x, bnb.nn.Linear4bit) for x in frozen[0].modules())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts: actor = reference

@@ -119,13 +119,15 @@ def main(argv=None) -> dict:
     actor, processor, arch = load_model_and_processor(m, cfg["lora"], zero3=strategy.build_config())
     template = set_chat_template(processor, m.template)  # rollout prompts; saved with the actor
     ref = None
+    # with --qlora the frozen models load in 4-bit too (a 7B reward model in fp16 alone fills a 16 GB T4)
+    frozen = dataclasses.replace(cfg["lora"], lora_r=0) if cfg["lora"].qlora else LoraArgs()
     if cfg["lora"].lora_r == 0 or p.reference_model:
         ref_args = dataclasses.replace(m, from_checkpoint=p.reference_model or m.from_checkpoint)
-        ref, _, _ = load_model_and_processor(ref_args, LoraArgs(), for_training=False,
+        ref, _, _ = load_model_and_processor(ref_args, frozen, for_training=False,
                                             zero3=strategy.build_config(frozen=True))
         ref = strategy.prepare_frozen(ref)
     rm, rm_processor, rm_arch = load_reward_model(p.reward_model, dataclasses.replace(m, gradient_checkpointing=False),
-                                                  zero3=strategy.build_config(frozen=True))
+                                                  frozen, zero3=strategy.build_config(frozen=True))
     rm = strategy.prepare_frozen(rm)
     critic, critic_proc, critic_arch = load_reward_model(p.critic_init or p.reward_model, m, cfg["lora"],
                                                          for_training=True, zero3=strategy.build_config())
