@@ -24,7 +24,8 @@ class PPOArgs:
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
     clip_eps: float = _f(0.2, "Policy ratio clip.")
     value_clip_eps: float = _f(0.2, "Value clip.")
-    vf_coef: float = _f(1.0, "Scale of the critic loss (the critic has its own optimizer).")
+    vf_coef: float = _f(1.0, "Scale of the critic loss (the critic has its own AdamW, so it acts through gradient "
+                             "clipping alone; metrics log the loss unscaled).")
     critic_learning_rate: float = _f(1e-4, "Critic learning rate.")
     gamma: float = _f(1.0, "Discount.")
     lam: float = _f(0.95, "GAE lambda.")
