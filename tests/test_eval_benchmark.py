@@ -65,7 +65,7 @@ def test_run_embedded_table(tmp_path, world, tiny, capsys):
     shutil.copytree(tiny, model)
     table_file = tmp_path / "results.md"
     t = run_embedded(["--models", str(model), "--world", str(world), "--table_file", str(table_file),
-                      "--no-progress", "--benches", "objhal", "count"])
+                      "--no-progress", "--benches", "objhal", "count", "--run_name", ""])  # as the main results
     assert t.splitlines()[0].startswith("| model | objhal CHAIRi | objhal CHAIRs |")
     assert f"| {model} |" in t and table_file.read_text().strip() == t
     saved = json.loads((model / "eval_embedded.json").read_text())
