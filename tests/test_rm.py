@@ -174,6 +174,20 @@ def test_bad_rows_skipped_and_counted(world, tiny, tmp_path):
     assert json.loads((tmp_path / "nf" / "bad_rows.json").read_text())["n_skipped"] == 2
 
 
+def test_held_out_rewards_name_their_rows(world, tiny, tmp_path):
+    """eval_rewards.json left skipped held-out rows out, so its k-th list was no longer the file's k-th row."""
+    rows = json.loads((world / "preference_heldout.json").read_text())[:6]
+    rows[1]["conversations"][-1]["value"] = rows[1]["conversations"][-1]["value"][:1]  # refused as it is read
+    rows[3]["conversations"][0]["value"] += " Describe every shape." * 60  # refused as it is encoded
+    path = tmp_path / "held_out.json"
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "o"
+    main(rm_args(world, tiny, out, "--max_steps", "1", "--eval_data_path", str(path), "--skip_bad_rows"))
+    saved = json.loads((out / "eval_rewards.json").read_text())
+    assert saved["rows"] == [{"file": str(path), "row": i} for i in (0, 2, 3, 4, 5)]
+    assert [None in x for x in saved["ranked_rewards"]] == [False, False, True, False, False]
+
+
 def test_default_run_needs_the_sft_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="run_sft.sh"):

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
         trainer.logger.log(trainer.final_step, metrics)
         result["eval"] = metrics
         if strategy.is_main:
-            write_eval(out, Path(cfg["run"].figure_dir), metrics, rewards, rmc.factual)
+            write_eval(out, Path(cfg["run"].figure_dir), metrics, rewards, rmc.factual, eval_set.records)
     trainer.logger.close()
     strategy.write_report(report, out)
     if strategy.is_main:
@@ -106,15 +106,18 @@ def main(argv=None) -> dict:
     return result
 
 
-def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: bool) -> Path:
-    """eval_metrics.json + eval_rewards.json in out; the chosen-vs-rejected histogram in figure_dir."""
+def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: bool, records) -> Path:
+    """eval_metrics.json + eval_rewards.json in out (each held-out list's rewards, best first, with its file and
+    row; null for a skipped row); the chosen-vs-rejected histogram in figure_dir."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
     rows = [[None if v != v else v for v in r] for r in rewards.tolist()]  # NaN -> null
-    (out / "eval_rewards.json").write_text(json.dumps({"ranked_rewards": rows}))
+    where = [{"file": r.source.file, "row": r.source.row} if r.source else None for r in records]
+    (out / "eval_rewards.json").write_text(json.dumps({"ranked_rewards": rows, "rows": where}))
+    rewards = rewards[~rewards[:, 0].isnan()]
     chosen = rewards[:, 0]
     rejected = rewards[:, 1:].flatten()
     rejected = rejected[~rejected.isnan()]

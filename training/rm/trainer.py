@@ -111,8 +111,8 @@ class RMTrainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> tuple[dict, torch.Tensor]:
-        """Held-out metrics and the (n_lists, N) reward matrix (NaN: padding or skipped row). Ranks split
-        the lists (training.engine.loop.rank_batches)."""
+        """Held-out metrics and the (n_lists, N) reward matrix, row i for eval_set.records[i] (NaN: padding, or
+        every entry of a skipped row). Ranks split the lists (training.engine.loop.rank_batches)."""
         ds, bs = self.eval_set, self.cfg["optim"].per_device_eval_batch_size
         n = len(ds)
         N = max(len(r.responses) for r in ds.records)
@@ -133,14 +133,14 @@ class RMTrainer:
                 out[i, row.shape[0]:] = float("nan")
         if was_training:
             self.engine.train()
-        R = self.s.all_reduce(out)
-        kept = ~torch.isnan(R[:, 0])
-        R, mask = R[kept], ~torch.isnan(R[kept])
+        every = self.s.all_reduce(out)
+        kept = ~torch.isnan(every[:, 0])
+        R, mask = every[kept], ~torch.isnan(every[kept])
         Rf = torch.nan_to_num(R).float()
         loss, units, center = rank_loss(Rf, mask, self.loss_kind, self.cfg["rm"].margin, self.cfg["rm"].center_coef)
         metrics = {"eval/loss": float(loss) / max(units, 1) + float(center), "eval/n": int(kept.sum()),
                    **summarize(pair_stats(Rf, mask), "eval/")}
-        return metrics, R
+        return metrics, every
 
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> list[dict]:
