@@ -82,6 +82,8 @@ def test_fast_path_equals_two_full_forwards(world, tiny):
     ds = PreferenceDataset(recs, ChatEncoder(proc, arch, 160), str(world / "images"), BadRowReport(), 0)
     items = [ds[i] for i in range(5)]
     items[1].responses[2], items[1].targets[2] = items[1].responses[2][:3], items[1].targets[2][:3]  # ragged
+    items[3].prompt_ids = torch.cat([items[3].prompt_ids, items[3].prompt_ids[-6:]])  # prompts of other lengths
+    assert len({len(it.prompt_ids) for it in items}) > 1
     pad = proc.tokenizer.pad_token_id
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
