@@ -27,7 +27,8 @@ WORDNET = Path(__file__).parent / "data" / "wordnet"
 # NLTK's word_tokenize on one sentence: "n't" and clitics ('s 'm 'd 'll 're 've) split off; a word with an apostrophe
 # inside that is no clitic ("o'clock") kept whole; hyphen / slash compounds kept whole.
 _TOKEN = re.compile(r"[a-z0-9_]+(?=n't\b)|n't\b|'(?:s|m|d|ll|re|ve)(?![a-z0-9_'-])"
-                    r"|[a-z0-9_]+(?:'(?!(?:s|m|d|ll|re|ve)(?![a-z0-9_'-]))[a-z0-9_]+)+(?![-/'a-z0-9_])"
+                    r"|[a-z0-9_]+(?:'(?!(?:s|m|d|ll|re|ve)(?![a-z0-9_'-]))[a-z0-9_]+)+"
+                    r"(?![-/a-z0-9_]|'(?!(?:s|m|d|ll|re|ve)(?![a-z0-9_'-])))"
                     r"|[a-z0-9_]+(?:(?:[-/]|'[a-z0-9_]+[-/])[a-z0-9_]+)*|[^\sa-z0-9_]", re.IGNORECASE)
 
 # WordNet morphy's noun rules, in NLTK's order: (suffix, replacement).

@@ -18,17 +18,21 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
 export TOKENIZERS_PARALLELISM=false
-# The deepspeed launcher starts other nodes' ranks over pdsh / ssh with only PYTHON*, NCCL* and a few other
-# variables: the ones this project's ranks read go to them through DS_ENV_FILE (with any .deepspeed_env of the
-# user's, which DS_ENV_FILE would otherwise hide). Secrets (HF_TOKEN) are not put on their command lines: log in
-# on each node (the Hub token file under a shared home) instead.
+# The deepspeed launcher starts other nodes' ranks over pdsh / ssh with only PYTHON* (and on a GPU head NCCL*)
+# variables: the ones this project's ranks read, and NCCL_*, go to them through DS_ENV_FILE, followed by any
+# .deepspeed_env of the user's (which DS_ENV_FILE would otherwise hide; read last, its values win). Secrets (HF_TOKEN)
+# are not put on their command lines: log in on each node (the Hub token file under a shared home) instead. The
+# file goes when the launching script exits.
 node_env_file() {
   local file v
   file="$(mktemp "${TMPDIR:-/tmp}/vlm_align_env.XXXXXX")"
-  for v in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do if [ -f "$v" ]; then cat "$v" >> "$file"; fi; done
+  trap 'rm -f "'"$file"'"' EXIT
   for v in VLM_ALIGN_CACHE XDG_CACHE_HOME HF_HOME HF_HUB_CACHE HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_DATASETS_OFFLINE \
-           GLOO_SOCKET_IFNAME TOKENIZERS_PARALLELISM; do
+           GLOO_SOCKET_IFNAME TOKENIZERS_PARALLELISM $(compgen -e | grep '^NCCL_' || true); do
     if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$file"; fi
+  done
+  for v in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do
+    if [ -f "$v" ]; then cat "$v" >> "$file"; echo >> "$file"; fi  # (a file without a last newline)
   done
   export DS_ENV_FILE="$file"
 }

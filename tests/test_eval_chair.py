@@ -32,6 +32,7 @@ def test_tokenizer_needs_no_data():
     # an apostrophe inside a word that is no clitic keeps the word whole: "o'clock" held a hallucinated clock
     assert tokenize("It is 3 o'clock.") == ["It", "is", "3", "o'clock", "."]
     assert CocoObjects().mentions("It is 3 o'clock and a dog sleeps.") == [("dog", "dog")]
+    assert tokenize("the o'clock's hand") == ["the", "o'clock", "'s", "hand"]
 
 
 def test_lemmatizer_is_wordnets():

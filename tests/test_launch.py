@@ -58,16 +58,23 @@ def test_a_hostfile_run_from_a_machine_without_gpus_takes_the_hostfiles_slots(tm
     hosts.write_text("node1 slots=8\n")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho "$@"\ncat "$DS_ENV_FILE"\n')
+    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho "$@"\necho "FILE=$DS_ENV_FILE"\ncat "$DS_ENV_FILE"\n')
     (fake / "deepspeed").chmod(0o755)
     script = f'source scripts/env.sh; export PATH="{fake}:$PATH" DS_ACCELERATOR=cpu; launch training.sft.main'
     base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "HF_TOKEN")}
+    (tmp_path / ".deepspeed_env").write_text("GLOO_SOCKET_IFNAME=ib0")  # the user's, without a last newline
     p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), "MASTER_PORT": "29999",
-                            "VLM_ALIGN_CACHE": "/shared/cache", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret"})
+                            "VLM_ALIGN_CACHE": "/shared/cache", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret",
+                            "NCCL_SOCKET_IFNAME": "eth1", "GLOO_SOCKET_IFNAME": "eth0"})
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0] == f"--hostfile {hosts} --master_port 29999 --module training.sft.main"
-    # the other nodes' ranks get the variables they read (pdsh passes PYTHON* and NCCL* only), never the token
-    assert {"VLM_ALIGN_CACHE=/shared/cache", "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false"} <= set(lines[1:])
+    # the other nodes' ranks get the variables they read (pdsh passes PYTHON* only from a CPU head), never the
+    # token; the user's .deepspeed_env comes last, so its value wins (DeepSpeed keeps the last of a name)
+    assert {"VLM_ALIGN_CACHE=/shared/cache", "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false",
+            "NCCL_SOCKET_IFNAME=eth1"} <= set(lines[1:])
+    assert [x for x in lines if x.startswith("GLOO_SOCKET_IFNAME=")][-1] == "GLOO_SOCKET_IFNAME=ib0"
     assert not any("hf_secret" in x for x in lines)
+    env_file = Path(next(x for x in lines if x.startswith("FILE=")).removeprefix("FILE="))
+    assert env_file.name.startswith("vlm_align_env.") and not env_file.exists()  # removed at exit

@@ -171,6 +171,7 @@ def test_a_response_spelling_the_image_placeholder_is_scored(world, tiny, rm, tm
         json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"]
     enc = type("E", (), {"image_token": "<image>"})()
     assert readable_response("a <image> b <image>", enc) == "a  b "
+    assert readable_response("a <ima<image>ge> b", enc) == "a  b"  # one pass would join another
 
 
 def test_weights_made_non_finite_between_checkpoints_stop_the_step_by_name(world, tiny, rm, tmp_path, monkeypatch):

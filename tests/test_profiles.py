@@ -75,7 +75,7 @@ def test_llava16_image_token_counts():
 @pytest.mark.parametrize("key,value,why", [("precision", "float16", "is not one of"), ("zero_stage", 5, "is not one of"),
                                            ("lr_scheduler_type", "polynomial", "is not one of"),
                                            ("qlora", "false", "is not true or false"),
-                                           ("learning_rate", "1e-4", "is not a number"),
+                                           ("learning_rate", "fast", "is not a number"),
                                            ("max_seq_len", 2048.5, "is not an integer")])
 def test_a_profile_value_is_checked_as_the_command_line_checks_it(key, value, why, tmp_path):
     """Profile values went in unchecked: "false" (a true string) turned QLoRA on, an unknown scheduler ran as
@@ -85,3 +85,12 @@ def test_a_profile_value_is_checked_as_the_command_line_checks_it(key, value, wh
     path.write_text(json.dumps({key: value}))
     with pytest.raises(SystemExit, match=f"p.json: {key}: .* {why}"):
         parse_config(main.CONCEPTS, ["--config", str(path)], main.DEFAULTS)
+
+
+def test_profile_values_the_command_line_would_take_pass(tmp_path):
+    """Text for a number goes through the option's type as argparse takes it; null for an option unset by default."""
+    from training.rm import main
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"learning_rate": "2e-5", "zero_stage": "2", "eval_steps": None}))
+    cfg = parse_config(main.CONCEPTS, ["--config", str(path)], main.DEFAULTS)
+    assert (cfg["optim"].learning_rate, cfg["ds"].zero_stage, cfg["run"].eval_steps) == (2e-5, 2, None)

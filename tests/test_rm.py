@@ -137,6 +137,15 @@ def test_held_out_data_that_is_training_data_is_refused(world, tiny, tmp_path):
     train = str(world / "preference_train.json")
     with pytest.raises(SystemExit, match="--eval_data_path .*preference_train.json is training data too"):
         main(rm_args(world, tiny, tmp_path / "x", "--data_path", train, "--eval_data_path", train))
+    held = str(world / "preference_heldout.json")  # in a list with spaces, or in a folder given as the data
+    with pytest.raises(SystemExit, match="is training data too"):
+        main(rm_args(world, tiny, tmp_path / "x", "--data_path", f"{held}, {train}", "--eval_data_path", train))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "pairs.json").write_text((world / "preference_train.json").read_text())
+    with pytest.raises(SystemExit, match="is training data too"):
+        main(rm_args(world, tiny, tmp_path / "x", "--data_path", str(folder), "--eval_data_path",
+                     str(folder / "pairs.json")))
 
 
 def _bad_copy(world, tmp_path):

@@ -124,8 +124,14 @@ def require_held_out(data: DataArgs, run: RunArgs) -> None:
     """For stages with one: --eval_steps needs held-out data (after the stage's defaults are filled in)."""
     if run.eval_steps and not data.eval_data_path:
         raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
-    both = {os.path.realpath(x) for x in data.eval_data_path.split(",") if x} & \
-        {os.path.realpath(x) for x in data.data_path.split(",") if x}
+    from training.data.readers import DataFormatError, expand_paths  # (a folder stands for its data files)
+
+    def sources(paths: str) -> set[str]:
+        try:
+            return {os.path.realpath(x) for x in expand_paths(paths)}
+        except DataFormatError:  # (the reader says what is wrong with it when it reads)
+            return {os.path.realpath(x.strip()) for x in paths.split(",") if x.strip()}
+    both = sources(data.eval_data_path) & sources(data.data_path) if data.eval_data_path else set()
     if both:  # its figures would be reported as held-out ones
         raise SystemExit(f"--eval_data_path {', '.join(sorted(both))} is training data too (--data_path): give "
                          "held-out data")
@@ -192,11 +198,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _profile_value_problem(action: argparse.Action, value) -> str:
-    """What is wrong with a profile's value for this argument ("" when nothing): the checks the command line makes
-    (a profile's "false" was a true string, a choice outside the list passed)."""
+    """What is wrong with a profile's value for this argument ("" when nothing): what the command line would refuse
+    (a profile's "false" was a true string, a choice outside the list passed). Text for a number goes through the
+    option's type, as argparse takes a text default; null stays for an option whose default is none."""
+    if value is None and action.default is None:
+        return ""
     if isinstance(action, argparse.BooleanOptionalAction):
         return "" if isinstance(value, bool) else "is not true or false (JSON true / false)"
     want = action.type or str
+    if isinstance(value, str) and want in (int, float):
+        try:
+            value = want(value)
+        except ValueError:
+            return f"is not {'a number' if want is float else 'an integer'}"
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}.get(want, lambda v: True)

@@ -42,7 +42,9 @@ def readable_response(text: str, encoder: ChatEncoder) -> str:
     """A generated response as a reward model reads it (PPO, best-of-n): without the image placeholder string,
     which a policy can spell from ordinary tokens (the placeholder's own id is never sampled) and the encoder
     would take for another image. Training data with one is a bad row instead (training.data.formats)."""
-    return text.replace(encoder.image_token, "") if encoder.image_token else text
+    while encoder.image_token and encoder.image_token in text:  # one pass could join a new one ("<ima<image>ge>")
+        text = text.replace(encoder.image_token, "")
+    return text
 
 
 @dataclass
