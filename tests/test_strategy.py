@@ -163,6 +163,9 @@ def test_the_finite_check_reads_held_values_not_partition_padding(tmp_path):
     module = torch.nn.Module()
     module.register_parameter("a", param(1, [1.0, nan]))
     s.require_finite_weights(module, tmp_path / "out")  # the NaN is padding
+    # a frozen weight is not read (no step changes it: a LoRA run's whole base was read every PPO step)
+    module.register_parameter("frozen", torch.nn.Parameter(torch.tensor([nan]), requires_grad=False))
+    s.require_finite_weights(module, tmp_path / "out")
     module.register_parameter("b", param(1, [nan, 1.0]))
     with pytest.raises(NonFiniteError, match="non-finite weights"):
         s.require_finite_weights(module, tmp_path / "out")

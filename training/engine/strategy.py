@@ -406,10 +406,14 @@ class Strategy:
             report.write(out_dir)
 
     def weights_finite(self, engine) -> bool:
-        """Whether every rank's parameters (its partitions under ZeRO-3) are free of NaN and inf (collective)."""
+        """Whether every rank's trained parameters (its partitions under ZeRO-3) are free of NaN and inf (collective).
+        Frozen ones are left out (no step changes them: a LoRA run's whole base was read every PPO step), and the
+        flags are gathered on the device and read once (reading one per parameter waited on a GPU each time)."""
         module = engine.module if hasattr(engine, "module") else engine
-        bad = sum(int(not torch.isfinite(_held_values(p, self.rank)).all()) for p in module.parameters())
-        return float(self.all_reduce(float(bad))) == 0
+        flags = [torch.isfinite(_held_values(p, self.rank)).all().to(self.device)
+                 for p in module.parameters() if p.requires_grad]
+        bad = float((~torch.stack(flags)).sum()) if flags else 0.0
+        return float(self.all_reduce(bad)) == 0
 
     def require_finite_weights(self, engine, where: Path) -> None:
         """Stop, on every rank, before writing `where` when any rank's weights hold a NaN or inf: an optimizer
