@@ -410,9 +410,8 @@ class Strategy:
         Frozen ones are left out (no step changes them: a LoRA run's whole base was read every PPO step), and the
         flags are gathered on the device and read once (reading one per parameter waited on a GPU each time)."""
         module = engine.module if hasattr(engine, "module") else engine
-        flags = [torch.isfinite(_held_values(p, self.rank)).all().to(self.device)
-                 for p in module.parameters() if p.requires_grad]
-        bad = float((~torch.stack(flags)).sum()) if flags else 0.0
+        flags = [torch.isfinite(_held_values(p, self.rank)).all() for p in module.parameters() if p.requires_grad]
+        bad = float((~torch.stack([f.to(flags[0].device) for f in flags])).sum()) if flags else 0.0
         return float(self.all_reduce(bad)) == 0
 
     def require_finite_weights(self, engine, where: Path) -> None:
