@@ -167,8 +167,8 @@ def test_a_response_spelling_the_image_placeholder_is_scored(world, tiny, rm, tm
     monkeypatch.setattr(trainer_mod, "generate_rollouts", spelled)
     out = tmp_path / "spelled"
     main(ppo_args(world, tiny, rm, out, "--max_steps", "1"))
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"] == \
-        json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"]
+    import math
+    assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"])
     enc = type("E", (), {"image_token": "<image>"})()
     assert readable_response("a <image> b <image>", enc) == "a  b "
     assert readable_response("a <ima<image>ge> b", enc) == "a  b"  # one pass would join another

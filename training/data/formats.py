@@ -355,15 +355,15 @@ def _caption_facts(images: list, field: str, ctx: dict) -> list[str]:
     return found
 
 
-def _answer_fact(row: dict) -> str | None:
-    """LLaVA-RLHF's factual line for a multiple-choice row: "correct answer: <the option's text>"."""
+def _answer_fact(row: dict) -> list[str]:
+    """LLaVA-RLHF's factual line for a multiple-choice row, ["correct answer: <the option's text>"], else []."""
     answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
     choices, idx = row.get("choices"), row.get("correct_choice_idx")
     if answer is None and idx is not None:
         if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < len(choices)):
             raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
         answer = choices[idx]
-    return None if answer is None else f"correct answer: {answer}"
+    return [] if answer is None else [f"correct answer: {answer}"]
 
 
 def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
@@ -377,10 +377,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
     responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2")
     images, field = _llava_images(row)
-    facts = list(_facts(row) or []) + _caption_facts(images, field, ctx)
-    answer = _answer_fact(row)
-    if answer:
-        facts.append(answer)
+    facts = list(_facts(row) or []) + _caption_facts(images, field, ctx) + _answer_fact(row)
     return _pref(row, ref, prompt, responses, images, field, facts or None,
                  response_fields="output_1/output_2")
 
@@ -445,7 +442,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     _place_images(prompt, len(images), "conversations")
     facts = _facts(row)
     if ctx.get("captions") is not None:  # Fact-RLHF's PPO: the same factual block as its reward model's training
-        facts = [*(facts or []), *_caption_facts(images, field, ctx), *filter(None, [_answer_fact(row)])]
+        facts = list(facts or []) + _caption_facts(images, field, ctx) + _answer_fact(row)
     record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=facts or None,
                           meta=_answer_meta(row), source=ref, prompt_field="conversations")
     return ParsedRow(record, images, field)

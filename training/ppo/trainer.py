@@ -195,7 +195,7 @@ class PPOTrainer:
         rewards = token_rewards(score, kl, rmask.float(), self.kl_ctl.value)
         adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
         if p.whiten_advantages:
-            adv = whiten(adv, rmask.float(), reduce=lambda t: self.s.all_reduce(t).to(t))
+            adv = whiten(adv, rmask.float(), reduce=self._sum_ranks)
         return {"rollout": ro, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp, "values": values,
                 "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
 
@@ -254,13 +254,12 @@ class PPOTrainer:
                                      f"good checkpoint is intact under {ckpt} (resume with --resume after fixing "
                                      "the cause, e.g. a lower learning rate)")
         rmask = exp["rmask"].float()
-        total = lambda t: self.s.all_reduce(t).to(t)  # noqa: E731  (sums over ranks)
         seq_kl = exp["kl"].sum(-1)
         train_s = self.s.all_reduce(time.time() - t0, "max")
         out = {
             "reward/mean": self._mean(exp["raw"]), "reward/std": float(self.s.gather(exp["raw"]).std()),
             "reward/shaped_mean": self._mean(exp["score"]), "kl": self._mean(seq_kl), "kl_coef": self.kl_ctl.value,
-            "explained_variance": explained_variance(exp["ret"], exp["values"], rmask, total),
+            "explained_variance": explained_variance(exp["ret"], exp["values"], rmask, self._sum_ranks),
             "response_length": self._mean(ro.lengths.float()), "eos_rate": self._mean(ro.ended.float()),
             # all ranks' tokens over the slowest rank's time
             "gen_tokens_per_s": float(self.s.all_reduce(float(ro.lengths.sum())) /
@@ -271,6 +270,10 @@ class PPOTrainer:
         out.update(rank_means(self.s, stats))
         self.kl_ctl.update(out["kl"], p.rollout_batch_size * self.s.world_size)
         return out
+
+    def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over ranks, in t's dtype and on its device (the `reduce` of whiten and explained_variance)."""
+        return self.s.all_reduce(t).to(t)
 
     def _mean(self, x: torch.Tensor) -> float:
         return float(self.s.gather(x.float()).mean())
