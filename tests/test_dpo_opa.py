@@ -110,10 +110,10 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
     out = tmp_path / "opa"
     args = ["--from_checkpoint", str(tiny), "--data_path", str(world / "preference_train.json"), "--image_folder",
             str(world / "images"), "--n_prompts", "4", "--output_dir", str(out), "--in_process",
-            "--max_new_tokens", "12", "--rollout_batch_size", "2",
+            "--max_new_tokens", "12", "--rollout_batch_size", "2", "--figure_dir", str(out / "fig"),
             "--sft_args", "--lora_r 4 --lora_dropout 0 --max_steps 1 --per_device_train_batch_size 4 --no-progress",
-            "--dpo_args", f"--max_steps 2 --per_device_train_batch_size 2 --no-progress --logging_steps 1 "
-                          f"--num_warmup_steps 0 --figure_dir {out / 'fig'}"]
+            "--dpo_args", "--max_steps 2 --per_device_train_batch_size 2 --no-progress --logging_steps 1 "
+                          "--num_warmup_steps 0"]
     main(args + ["--step", "rollout"])
     rollouts = (out / "work" / "rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 4
@@ -123,6 +123,8 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
     pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
     assert len(pairs) == 4 and all(p["report"] and p["revised"] for p in pairs)
     assert (out / "work" / "opa_sft" / "adapter" / "adapter_config.json").exists()
+    # both steps' plots in --figure_dir (the SFT step's went to the working folder's figure/)
+    assert {p.name for p in (out / "fig").iterdir()} >= {"opa_sft_metrics.png", "opa_metrics.png"}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["loss"] == pytest.approx(6.4 * np.log(2), rel=1e-4)  # policy == reference at step 1

@@ -34,8 +34,7 @@ def test_the_pairs_and_the_sft_rows_keep_the_rollouts_prompt(world, tiny, tmp_pa
     pairs = read_opa(str(out / "work" / "opa_pairs.json"))
     assert pairs[0]["prompt"] == PROMPT
     sft = json.loads((out / "work" / "opa_sft.json").read_text())
-    assert [t["value"] for t in sft[0]["conversations"][:4]] == [m["content"] for m in PROMPT]
-    assert [t["from"] for t in sft[0]["conversations"]] == ["system", "human", "gpt", "human", "gpt"]
+    assert sft[0]["prompt"] == PROMPT and [m["role"] for m in sft[0]["completion"]] == ["assistant"]
 
     _, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
     enc = ChatEncoder(proc, arch, 1024)
@@ -44,6 +43,16 @@ def test_the_pairs_and_the_sft_rows_keep_the_rollouts_prompt(world, tiny, tmp_pa
     real, masked = OPADataset(pairs, enc, str(tmp_path), BadRowReport())[0]
     for item in (real, masked):  # the tokens the rollout was sampled after
         assert item.prompt_ids.tolist() == answered.input_ids.tolist()
+    # the OPA-SFT row trains its answer alone: the prompt's earlier answer ("Yes.") was trained too
+    from training.data.formats import read_sft
+    from training.sft.trainer import SFTDataset
+    from training.templates.chat import IGNORE
+    rows = read_sft([str(out / "work" / "opa_sft.json")], str(tmp_path))
+    item = SFTDataset(rows, enc, str(tmp_path), BadRowReport())[0]
+    n = len(answered.input_ids)
+    assert item.input_ids[:n].tolist() == answered.input_ids.tolist() and (item.labels[:n] == IGNORE).all()
+    assert proc.tokenizer.decode(item.labels[n:][item.labels[n:] != IGNORE]).startswith(proc.tokenizer.decode(
+        proc.tokenizer(GT, add_special_tokens=False)["input_ids"]))
 
 
 def test_an_interrupted_rollout_step_rerun_with_other_settings_is_refused(world, tiny, tmp_path):

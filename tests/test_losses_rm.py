@@ -108,3 +108,22 @@ def test_the_trainers_loss_and_accuracy_read_the_first_response_as_the_best():
     assert stats == {"accuracy": 0.5, "reward_chosen": 1.5, "reward_rejected": 1.5, "reward_margin": 0.0}
     three = torch.tensor([[3.0, 2.0, 1.0]])  # every pair of a ranking in order
     assert summarize(pair_stats(three, torch.ones(1, 3, dtype=torch.bool)))["accuracy"] == 1.0
+
+
+def test_per_row_margins_apply_to_each_of_the_rows_pairs():
+    """Rows (2, 0) with margin 1 and (0, 0) with margin 0: log(1 + e^-1) + log 2 = 0.3132616875 + 0.6931471806;
+    a ranked list of three with margin 1 puts it on its three pairs; per-row margins equal TRL's margin column."""
+    from training.rm.trainer import list_margins, rank_loss
+
+    two = torch.ones(2, 2, dtype=torch.bool)
+    loss, units, _ = rank_loss(torch.tensor([[2.0, 0.0], [0.0, 0.0]]), two, "bradley_terry", [1.0, 0.0], 0.0)
+    assert (loss.item(), units) == (pytest.approx(1.0064088681, abs=1e-7), 2)
+    three = torch.tensor([[3.0, 2.0, 1.0]])
+    loss, units, _ = rank_loss(three, torch.ones(1, 3, dtype=torch.bool), "bradley_terry", [1.0], 0.0)
+    assert units == 3 and loss.item() == pytest.approx(2 * math.log(2) + math.log1p(math.exp(-1)), abs=1e-6)
+    assert list_margins([None, 0.5], 2, 3.0) == [3.0, 0.5] and list_margins(None, 2, 3.0) == [3.0, 3.0]
+    g = torch.Generator().manual_seed(2)
+    w, lo, m = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.rand(8, generator=g)
+    loss, units, _ = rank_loss(torch.stack([w, lo], 1), torch.ones(8, 2, dtype=torch.bool), "bradley_terry",
+                               m.tolist(), 0.0)
+    torch.testing.assert_close(loss / units, _trl_reward_loss(w, lo, m), rtol=0, atol=1e-6)

@@ -377,3 +377,40 @@ def test_eval_steps_default_follows_the_held_out_pairs(world, tiny, tmp_path):
     args.remove("--eval_data_path")
     with pytest.raises(SystemExit, match="--eval_data_path"):
         main([*args, "--eval_steps", "5"])
+
+
+def _as_trl(world: Path, path: Path, margins: list | None) -> Path:
+    """The world's first 8 pairs in TRL's conversational preference format, with a `margin` column if given."""
+    def msg(role, text, image=False):
+        return {"role": role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
+
+    rows = []
+    for i, r in enumerate(json.loads((world / "preference_train.json").read_text())[:8]):
+        chosen, rejected = r["conversations"][-1]["value"][:2]
+        q = r["conversations"][0]["value"].replace("<image>", "").strip()
+        rows.append({"images": [r["image"]], "prompt": [msg("user", q, image=True)],
+                     "chosen": [msg("assistant", chosen)], "rejected": [msg("assistant", rejected)],
+                     "facts": r["facts"], **({"margin": margins[i]} if margins else {})})
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_trl_margin_column_is_each_rows_bradley_terry_margin(world, tiny, tmp_path):
+    """TRL's RewardTrainer subtracts a row's `margin` inside the sigmoid; the column was not read. A column of 2.0
+    on every row gives --margin 2.0's loss; a bad value is a bad row naming the field; Plackett-Luce refuses it."""
+    def first_loss(path, name, *extra):
+        r = main(rm_args(world, tiny, tmp_path / name, "--max_steps", "1", "--data_path", str(path),
+                         "--eval_data_path", "", "--per_device_train_batch_size", "4", *extra))
+        return r["history"][0]["loss"]
+
+    plain = _as_trl(world, tmp_path / "plain.json", None)
+    column = _as_trl(world, tmp_path / "column.json", [2.0] * 8)
+    assert read_preferences([str(column)], str(world / "images"))[3].margin == 2.0
+    with_column, with_flag = first_loss(column, "c"), first_loss(plain, "f", "--margin", "2.0")
+    assert with_column == pytest.approx(with_flag, abs=1e-5) and with_column > first_loss(plain, "p") + 0.5
+    with pytest.raises(SystemExit, match="margin column"):
+        first_loss(column, "pl", "--rank_loss", "plackett_luce")
+    bad = _as_trl(world, tmp_path / "bad.json", [0.0, 0.0, "big"] + [0.0] * 5)
+    with pytest.raises(BadRowError) as e:
+        first_loss(bad, "b")
+    assert str(bad) in str(e.value) and "row 2" in str(e.value) and "margin" in str(e.value)

@@ -1,4 +1,6 @@
 """The chat-template layer on the embedded tiny VLM: labels token by token, truncation, generation."""
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -148,3 +150,20 @@ def test_kept_renderings_are_those_of_the_same_conversation_and_prompt_flag(proc
         enc.render([Message("user", f"Question {i}?")], True)
     assert len(enc._rendered) <= RENDERS_KEPT
     assert enc.render([Message("user", "Question 3?")], True).count("Question 3?") == 1
+
+
+def test_a_prompt_completion_row_trains_its_completion_alone(proc, tmp_path):
+    """TRL prompt-completion rows (the OPA-SFT step writes them): the prompt's earlier answers are context. OPA-SFT
+    wrote LLaVA conversations, so a multi-turn prompt's earlier answers were trained too."""
+    from training.data.formats import read_sft
+
+    msg = lambda m: {"role": m.role, "content": m.content}  # noqa: E731
+    _img().save(tmp_path / "x.png")
+    path = tmp_path / "pc.json"
+    path.write_text(json.dumps([{"images": ["x.png"], "prompt": [msg(m) for m in CONV[:3]],
+                                 "completion": [msg(CONV[3])]}, {"prompt": "Q?", "completion": "A."}]))
+    first, second = read_sft([str(path)], str(tmp_path))
+    assert (first.messages, first.images, first.last_answer_only) == (CONV, [str(tmp_path / "x.png")], True)
+    assert (second.messages, second.images) == ([Message("user", "Q?"), Message("assistant", "A.")], [])
+    e = ChatEncoder(proc, ARCHITECTURES["llava"], 200).encode(first.messages, [_img()], last_answer_only=True)
+    assert [t != IGNORE for t in e.labels.tolist()] == [False] * (2 + N_IMG + 8 + 8 + 9) + [True] * 8

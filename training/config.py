@@ -145,7 +145,8 @@ class RMArgs:
     rank_loss: str = _f("auto", "auto (Bradley-Terry for pairs, Plackett-Luce for longer ranked lists) | "
                                 "bradley_terry (every pair of a ranking) | plackett_luce",
                         choices=["auto", "bradley_terry", "plackett_luce"])
-    margin: float = _f(0.0, "Bradley-Terry margin: r_chosen should exceed r_rejected by this much.")
+    margin: float = _f(0.0, "Bradley-Terry margin: r_chosen should exceed r_rejected by this much (a TRL-format "
+                            "row's `margin` column replaces it for that row, as TRL's RewardTrainer reads it).")
     center_coef: float = _f(1e-3, "LLaVA-RLHF reward centering: + coef * |mean(r_chosen + r_rejected)| (0: off).")
 
 

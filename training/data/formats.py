@@ -15,6 +15,8 @@ placeholders than images, or any in an assistant turn, is a bad row.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -255,6 +257,19 @@ def _sft_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
                      field)
 
 
+def _sft_trl_completion(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
+    """TRL prompt-completion: the completion is the one target; assistant turns in the prompt are context."""
+    prompt, inline = _trl_messages(_need(row, "prompt"), "prompt", end="user")
+    completion = _trl_response(_need(row, "completion"), "completion")
+    if PH in completion:
+        raise RowProblem("completion", f"'{PH}' in a response")
+    messages = prompt + [Message("assistant", completion)]
+    images, field = _trl_images(row, inline)
+    _place_images(messages, len(images), "prompt")
+    return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref, text_field="prompt/completion",
+                                        last_answer_only=True), images, field)
+
+
 _OPA_ANSWERS = ("standard_response", "AI_pseudo_response")
 
 
@@ -292,6 +307,9 @@ SFT_FORMATS = [
            lambda r: isinstance(r.get("conversations"), list) and not _is_ranked(r), _sft_llava),
     Format("trl_messages", "TRL conversational: messages [{role, content}], images",
            lambda r: "messages" in r, _sft_trl),
+    Format("trl_prompt_completion", "TRL prompt-completion: prompt (messages or text), completion (one assistant "
+           "message or text), images; the completion alone is trained", lambda r: {"prompt", "completion"} <= r.keys(),
+           _sft_trl_completion),
     Format("opa", "OPA-DPO's OPA set (save_to_disk): queries, image_bytes, standard_response and "
            "AI_pseudo_response (each a target)", lambda r: {"queries", *_OPA_ANSWERS} <= r.keys(), _sft_opa),
 ]
@@ -382,13 +400,25 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
                  response_fields="output_1/output_2")
 
 
+def _margin(row: dict) -> float | None:
+    """TRL's optional `margin` column (its RewardTrainer subtracts it inside the Bradley-Terry sigmoid)."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RowProblem("margin", f"expected a finite number, got {value!r}")
+    return float(value)
+
+
 def _pref_trl(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt, inline = _trl_messages(_need(row, "prompt"), "prompt", end="user")
     responses = _responses([_trl_response(row.get("chosen"), "chosen"),
                             _trl_response(row.get("rejected"), "rejected")], "chosen/rejected")
     images, field = _trl_images(row, inline)
-    return _pref(row, ref, prompt, responses, images, field, _facts(row), text_field="prompt",
-                 response_fields="chosen/rejected")
+    parsed = _pref(row, ref, prompt, responses, images, field, _facts(row), text_field="prompt",
+                   response_fields="chosen/rejected")
+    parsed.record.margin = _margin(row)
+    return parsed
 
 
 def _pref_opa_dpo(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:

@@ -31,12 +31,14 @@ class Message:
 
 @dataclass
 class ConversationRecord:
-    """SFT: a (multi-turn) conversation; every assistant turn is a target."""
+    """SFT: a (multi-turn) conversation; every assistant turn is a target (the last one alone when
+    `last_answer_only`: a prompt-completion row, whose earlier answers are the prompt's)."""
     id: str
     messages: list[Message]
     images: list[Any] = field(default_factory=list)
     source: RowRef | None = None
     text_field: str = "conversations"  # the row's field(s) holding the text: named when it turns out bad
+    last_answer_only: bool = False
 
 
 @dataclass
@@ -49,6 +51,7 @@ class PreferenceRecord:
     facts: list[str] | None = None  # Fact-RLHF: captions / ground-truth objects / correct option
     source: RowRef | None = None
     text_field: str = "conversations"  # the row's field(s) holding the texts: named when they turn out bad
+    margin: float | None = None  # TRL's `margin` column: how far the chosen reward should exceed the rejected
 
 
 @dataclass

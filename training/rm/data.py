@@ -51,9 +51,10 @@ def readable_response(text: str, encoder: ChatEncoder) -> str:
 class RankedBatch:
     seqs: SFTBatch
     sizes: list[int]
+    margins: list[float | None] | None = None  # per list: its row's margin column (None: none given)
 
     def to(self, device) -> "RankedBatch":
-        return RankedBatch(self.seqs.to(device), self.sizes)
+        return RankedBatch(self.seqs.to(device), self.sizes, self.margins)
 
     @property
     def n_tokens(self) -> int:
@@ -71,9 +72,9 @@ class RankedBatch:
         return out, mask
 
 
-def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str) -> RankedBatch:
+def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str, margins=None) -> RankedBatch:
     flat = [e for cands in items for e in cands]
-    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items])
+    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items], margins)
 
 
 class RMDataset(torch.utils.data.Dataset):

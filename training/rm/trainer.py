@@ -28,12 +28,21 @@ def resolve_rank_loss(kind: str, sizes: list[int]) -> str:
     return "bradley_terry" if all(n == 2 for n in sizes) else "plackett_luce"
 
 
-def rank_loss(R, mask, kind: str, margin: float, center_coef: float):
-    """-> (loss summed over units, number of units, centering term) of one micro-batch."""
+def list_margins(margins: list[float | None] | None, n_lists: int, default: float) -> list[float]:
+    """Each list's Bradley-Terry margin: its row's margin column where it has one, else --margin."""
+    return [default if m is None else m for m in (margins or [None] * n_lists)]
+
+
+def rank_loss(R, mask, kind: str, margin: float | list[float], center_coef: float):
+    """-> (loss summed over units, number of units, centering term) of one micro-batch. margin: one for all
+    pairs, or one per list (row) applied to each of its pairs."""
     better, worse = matrix_pairs(R, mask)
     center = reward_centering(better, worse, center_coef) if center_coef else R.new_zeros(())
     if kind == "plackett_luce":
         return plackett_luce_loss(R, mask, reduction="sum"), R.shape[0], center
+    if not isinstance(margin, (int, float)):
+        per_list = torch.tensor(margin, dtype=torch.float32, device=R.device)
+        margin = matrix_pairs(per_list[:, None].expand(R.shape), mask)[0]  # each pair gets its list's margin
     return bradley_terry_loss(better, worse, margin, reduction="sum"), better.numel(), center
 
 
@@ -70,11 +79,18 @@ class RMTrainer:
             raise SystemExit(f"--margin {rm.margin} is a Bradley-Terry margin; the Plackett-Luce loss (ranked lists "
                              "longer than two, or --rank_loss plackett_luce) has none: drop --margin or use "
                              "--rank_loss bradley_terry")
+        with_margin = next((r for r in train_set.records if r.margin is not None), None)
+        if with_margin is not None and self.loss_kind == "plackett_luce":
+            raise SystemExit(f"{with_margin.source}: a margin column is a Bradley-Terry margin; the Plackett-Luce "
+                             "loss (ranked lists longer than two, or --rank_loss plackett_luce) has none: drop the "
+                             "column or use --rank_loss bradley_terry")
         self.interrupted = False
 
     def _batch(self, dataset: RMDataset, idx: list[int]) -> RankedBatch | None:
-        items = [x for x in (dataset[i] for i in idx) if x is not None]
-        return collate_ranked(items, self.pad_id, self.arch_name).to(self.s.device) if items else None
+        got = [(i, x) for i in idx if (x := dataset[i]) is not None]
+        margins = [dataset.records[i].margin for i, _ in got]
+        return (collate_ranked([x for _, x in got], self.pad_id, self.arch_name, margins).to(self.s.device)
+                if got else None)
 
     def _rewards(self, b: RankedBatch):
         return b.as_matrix(self.engine(**b.seqs.model_inputs()))
@@ -93,7 +109,8 @@ class RMTrainer:
         tokens = sum(b.n_tokens for b in batches)  # counted before the first forward
         for b in batches:
             R, mask = self._rewards(b)
-            loss_sum, _, center = rank_loss(R, mask, self.loss_kind, rm.margin, rm.center_coef)
+            margins = list_margins(b.margins, len(b.sizes), rm.margin)
+            loss_sum, _, center = rank_loss(R, mask, self.loss_kind, margins, rm.center_coef)
             # DeepSpeed divides by `accum` and averages ranks: the ranking term becomes a mean over
             # the step's units, the centering term a mean over its micro-batches
             self.engine.backward(loss_sum * accum * world / max(n_units, 1.0) + center)
@@ -137,7 +154,9 @@ class RMTrainer:
         kept = ~torch.isnan(every[:, 0])
         R, mask = every[kept], ~torch.isnan(every[kept])
         Rf = torch.nan_to_num(R).float()
-        loss, units, center = rank_loss(Rf, mask, self.loss_kind, self.cfg["rm"].margin, self.cfg["rm"].center_coef)
+        margins = list_margins([r.margin for r, k in zip(ds.records, kept.tolist()) if k], len(R),
+                               self.cfg["rm"].margin)
+        loss, units, center = rank_loss(Rf, mask, self.loss_kind, margins, self.cfg["rm"].center_coef)
         metrics = {"eval/loss": float(loss) / max(units, 1) + float(center), "eval/n": int(kept.sum()),
                    **summarize(pair_stats(Rf, mask), "eval/")}
         return metrics, every

@@ -29,7 +29,7 @@ class SFTDataset(torch.utils.data.Dataset):
         r = self.records[i]
         images = [load_image(src, self.image_root) for src in r.images]
         try:
-            enc = self.encoder.encode(r.messages, images)
+            enc = self.encoder.encode(r.messages, images, last_answer_only=r.last_answer_only)
         except RowNotEncodable as e:
             self.report.bad(r.source, r.text_field, str(e), item=(self, i))
             return None

@@ -269,13 +269,17 @@ class ChatEncoder:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"], {}
 
     def encode(self, messages: list[Message], images: list, add_generation_prompt: bool = False,
-               memo: dict | None = None, end_at_last_target: bool = False) -> Encoded:
+               memo: dict | None = None, end_at_last_target: bool = False, last_answer_only: bool = False) -> Encoded:
         """memo: a dict shared by encodes of conversations with the SAME images (a prompt and its K
         responses): a segment already tokenised there (the prompt, with its image processing) is reused.
         end_at_last_target: the sequence ends with the last answer's end token, without the separator some
         templates write after it (ChatML's newline, llava-hf LLaVA-1.5's space): a reward model reading its
-        last token then reads the same token in every row, whether or not a separator would have fit."""
+        last token then reads the same token in every row, whether or not a separator would have fit.
+        last_answer_only: the last answer is the one target (the earlier ones are context)."""
         segs = self.segments(messages, add_generation_prompt)
+        if last_answer_only:
+            last = max((k for k, (_, target) in enumerate(segs) if target), default=-1)
+            segs = [(text, target and k == last) for k, (text, target) in enumerate(segs)]
         while end_at_last_target and segs and not segs[-1][1]:
             segs = segs[:-1]
         n_needed = sum(t.count(self.image_token) for t, _ in segs)

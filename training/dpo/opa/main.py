@@ -48,6 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "the expert answers unusably (retried on the next run), instead of stopping")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
+    p.add_argument("--figure_dir", default="figure", help="the SFT and DPO steps' plots (named after their folders)")
     p.add_argument("--only_corrected", action="store_true",
                    help="build pairs only from rollouts the expert corrected (a rollout it leaves as it is gives "
                         "pairs 1 and 2 no contrast: chosen and rejected say the same)")
@@ -280,11 +281,10 @@ def step_correct(a, work: Path) -> None:
         if r.get("prompt"):  # rollouts written before the prompt was kept: the question, the image first
             pair["prompt"] = r["prompt"]
         pairs.append(pair)
-        turns = [{"from": {"user": "human", "assistant": "gpt"}.get(m.role, m.role), "value": m.content}
-                 for m in opa_prompt(pair)]
-        for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal)
-            sft.append({"id": f"{rid}-{len(sft)}", "image": r["image"],
-                        "conversations": turns + [{"from": "gpt", "value": answer}]})
+        prompt = [{"role": m.role, "content": m.content} for m in opa_prompt(pair)]
+        for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal); TRL's
+            sft.append({"id": f"{rid}-{len(sft)}", "images": [r["image"]], "prompt": prompt,  # prompt-completion
+                        "completion": [{"role": "assistant", "content": answer}]})  # rows: the answer alone trains
     (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
     (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
     n_bad = sum(any(x["score"] < 4 for x in report) for report in reports.values())
@@ -331,12 +331,12 @@ def main(argv=None) -> None:
     if "sft" in steps and (a.force or not saved_model_files(sft_dir)):
         _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
                               "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed", str(a.seed),
-                              *resume, *shlex.split(a.sft_args)], a.in_process)
+                              "--figure_dir", a.figure_dir, *resume, *shlex.split(a.sft_args)], a.in_process)
     if "dpo" in steps and (a.force or not saved_model_files(a.output_dir)):
         _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
                                        str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
-                                       "--output_dir", a.output_dir, "--sft_weight", "0", *resume,
-                                       *shlex.split(a.dpo_args)], a.in_process)
+                                       "--output_dir", a.output_dir, "--sft_weight", "0", "--figure_dir", a.figure_dir,
+                                       *resume, *shlex.split(a.dpo_args)], a.in_process)
 
 
 if __name__ == "__main__":
