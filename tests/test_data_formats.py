@@ -401,6 +401,7 @@ BAD_ROWS = {
     "llava conversations null": (read_sft, GOOD_SFT, dict(GOOD_SFT, conversations=None), "conversations",
                                  "expected a non-empty list of turns"),
     "trl row lacks messages": (read_sft, GOOD_MSGS, GOOD_SFT, "messages", "missing field"),
+    "trl messages a text": (read_sft, GOOD_MSGS, {"messages": "Q"}, "messages", "no assistant response"),
     "ranked list of one": (read_preferences, GOOD_PREF, dict(GOOD_PREF, conversations=_turns("Q", ["only"])),
                            "conversations[1].value", "needs at least 2"),
     "ranked value not a list": (read_preferences, GOOD_PREF, dict(GOOD_PREF, conversations=_turns("Q", "one")),

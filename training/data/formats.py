@@ -174,7 +174,9 @@ def _trl_content(content: Any, field: str) -> tuple[str, list]:
 
 
 def _trl_messages(messages: Any, field: str, end: str) -> tuple[list[Message], list]:
-    if isinstance(messages, str):  # TRL "standard" (non-conversational) prompt
+    if isinstance(messages, str):  # TRL "standard" (non-conversational) prompt; SFT's messages need a response
+        if end == "assistant":
+            raise RowProblem(field, "a text, not a list of messages: no assistant response to train on")
         return [Message("user", messages)], []
     if not isinstance(messages, list) or not messages:
         raise RowProblem(field, "expected a non-empty list of messages")
