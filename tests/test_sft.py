@@ -327,6 +327,17 @@ def test_eval_steps_without_held_out_data_stops():
         main(["--eval_steps", "5"])
 
 
+def test_held_out_data_that_is_the_default_training_file_is_refused(world, tiny, tmp_path, monkeypatch):
+    """Without --data_path the embedded world's sft_train.json is the training data: as --eval_data_path it was
+    taken for held-out data (checked before the defaults were filled in) and its loss reported as held-out."""
+    monkeypatch.setattr("training.world.generate.ensure_world", lambda out, seed=0: out)
+    args = ["--from_checkpoint", str(tiny), "--world_dir", str(world), "--eval_data_path",
+            str(world / "sft_train.json"), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--no-progress",
+            "--figure_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="is training data too"):
+        main(args)
+
+
 def test_a_fresh_run_leaves_no_earlier_model_in_its_folder(world, tiny, tmp_path):
     """A LoRA run's adapter/ left beside a later full fine-tune's weights was loaded instead of them (by every later
     stage); a fresh run stopped early left the earlier run's finished model beside its own config and metrics."""

@@ -19,10 +19,11 @@ PANELS = [("loss", ["loss", "eval/loss"]), ("learning rate", ["lr"]), ("target t
 
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
-    require_held_out(cfg["data"], cfg["run"])
+    require_held_out(cfg["data"], cfg["run"])  # before anything starts; again once the defaults are filled in:
     strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
     from training.defaults import resolve_defaults
     resolve_defaults(cfg["model"], cfg["data"], strategy, "sft_train.json")
+    require_held_out(cfg["data"], cfg["run"])  # the embedded world's training file is training data too
 
     import torch
     from training.data.bad_rows import BadRowReport
