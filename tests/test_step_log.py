@@ -178,6 +178,14 @@ def test_resume_refuses_a_run_of_another_shape(tmp_path):
     assert step == 1
 
 
+def test_a_stand_in_batch_is_the_first_good_row_and_none_is_a_clear_error():
+    """Every row bad (--skip_bad_rows): a rank short of a batch stopped with a bare StopIteration."""
+    from training.engine.loop import stand_in_batch
+    assert stand_in_batch(lambda idx: None if idx[0] < 2 else idx, 4) == [2]
+    with pytest.raises(ValueError, match="none of the 3 rows makes a batch"):
+        stand_in_batch(lambda idx: None, 3)
+
+
 @pytest.mark.parametrize("n,world,bs", [(5, 2, 2), (8, 2, 3), (3, 4, 2), (1, 2, 1), (7, 3, 2)])
 def test_rank_batches_cover_every_item_once_with_equal_batch_counts(n, world, bs):
     from training.engine.loop import rank_batches

@@ -71,7 +71,11 @@ def rank_batches(n: int, world: int, rank: int, batch_size: int) -> Iterator[lis
 def stand_in_batch(make_batch, n: int):
     """The batch of the first of n items that makes one (not a bad row): what a rank short of a batch
     runs and discards (rank_batches)."""
-    return next(b for i in range(n) if (b := make_batch([i])) is not None)
+    batch = next((b for i in range(n) if (b := make_batch([i])) is not None), None)
+    if batch is None:  # a bare StopIteration before
+        raise ValueError(f"none of the {n} rows makes a batch: every one is a bad row (skipped by --skip_bad_rows; "
+                         "bad_rows.json names them)")
+    return batch
 
 
 def idle_micro_step(engine, discarded_loss) -> None:
