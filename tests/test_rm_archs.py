@@ -85,15 +85,17 @@ def test_non_factual_reward_is_read_at_the_answers_end_token(tmp_path):
     assert torch.equal(tight.input_ids, full.input_ids) and not tight.truncated
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama"])
 def test_scorer_reads_a_response_spelling_the_image_placeholder_without_it(arch, tmp_path):
     """A sampled answer (best-of-n, PPO) can spell the placeholder from ordinary tokens; the scorer's encoder took
-    it for a second image and stopped. The reward model reads the answer without it."""
+    it for a second image and stopped. The reward model reads the answer without it: the architecture's token
+    and the messages' "<image>" (on Qwen2-VL and mllama that one stopped scoring: "2 image placeholders")."""
     from training.rm.data import RewardScorer
 
     backbone, processor, spec = load_model_and_processor(ModelArgs(from_checkpoint=make_tiny_checkpoint(
         arch, tmp_path / "base")), LoraArgs())
     scorer = RewardScorer(RewardModel(backbone, factual=False).eval(), processor, spec, 512, batch_size=1)
-    text = f"one red circle {spec.image_token}."
-    spelled, plain = scorer.score([PROMPT] * 2, [[_img(0)]] * 2, [text, text.replace(spec.image_token, "")])
-    assert float(spelled) == float(plain)
+    for mark in {spec.image_token, "<image>"}:
+        text = f"one red circle {mark}."
+        spelled, plain = scorer.score([PROMPT] * 2, [[_img(0)]] * 2, [text, text.replace(mark, "")])
+        assert float(spelled) == float(plain)

@@ -16,6 +16,7 @@ import torch
 from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
+from training.data.records import IMAGE_PLACEHOLDER
 from training.rm.factual import MissingFacts, rm_messages, with_facts
 from training.templates.chat import ChatEncoder, Encoded, PromptTooLong, RowNotEncodable
 
@@ -41,9 +42,13 @@ def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, fac
 def readable_response(text: str, encoder: ChatEncoder) -> str:
     """A generated response as a reward model reads it (PPO, best-of-n): without the image placeholder string,
     which a policy can spell from ordinary tokens (the placeholder's own id is never sampled) and the encoder
-    would take for another image. Training data with one is a bad row instead (training.data.formats)."""
-    while encoder.image_token and encoder.image_token in text:  # one pass could join a new one ("<ima<image>ge>")
-        text = text.replace(encoder.image_token, "")
+    would take for another image. Training data with one is a bad row instead (training.data.formats). Both spellings
+    go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the messages' "<image>", which the template layer
+    turns into an image of any architecture."""
+    marks = [t for t in (IMAGE_PLACEHOLDER, encoder.image_token) if t]
+    while any(t in text for t in marks):  # one pass could join a new one ("<ima<image>ge>")
+        for t in marks:
+            text = text.replace(t, "")
     return text
 
 
