@@ -167,3 +167,29 @@ def test_a_prompt_completion_row_trains_its_completion_alone(proc, tmp_path):
     assert (second.messages, second.images) == ([Message("user", "Q?"), Message("assistant", "A.")], [])
     e = ChatEncoder(proc, ARCHITECTURES["llava"], 200).encode(first.messages, [_img()], last_answer_only=True)
     assert [t != IGNORE for t in e.labels.tolist()] == [False] * (2 + N_IMG + 8 + 8 + 9) + [True] * 8
+
+
+def test_an_answer_spelling_the_placeholder_is_a_bad_row_not_a_stopped_run(tmp_path):
+    """OPA-DPO trains on sampled rollouts (and an expert's revisions): one spelling "<image>" became a second image
+    (LLaVA's template renders an assistant's image part too) and a bare ValueError stopped the DPO step even with
+    --skip_bad_rows. It is a bad row, skipped and counted."""
+    from transformers import AutoProcessor
+
+    from training.data.bad_rows import BadRowReport
+    from training.dpo.opa.data import OPADataset, read_opa
+    from training.model.tiny_archs import make_tiny_checkpoint
+    from training.templates.chat import RowNotEncodable
+
+    proc = AutoProcessor.from_pretrained(make_tiny_checkpoint("llava", tmp_path / "llava"))
+    enc = ChatEncoder(proc, ARCHITECTURES["llava"], 300)
+    with pytest.raises(RowNotEncodable, match="2 image placeholders but 1 images"):
+        enc.encode([CONV[0], Message("assistant", "A red <image> star.")], [_img()])
+    _img().save(tmp_path / "red.png")
+    gt, rollout = "The image shows one red circle.", "A red <image> star."
+    row = {"id": "x", "image": "red.png", "question": "Describe.", "gt": gt, "rollout": rollout, "revised": gt,
+           "rollout_weights": [[rollout, 2.5]], "revised_score_weights": [[gt, 1.0]],
+           "revised_type_weights": [[gt, 1.0]]}
+    (tmp_path / "pairs.json").write_text(json.dumps([row]))
+    report = BadRowReport(skip=True)
+    data = OPADataset(read_opa(str(tmp_path / "pairs.json")), enc, str(tmp_path), report)
+    assert data[0] is None and "image placeholders" in report.skipped[0]["reason"]

@@ -283,8 +283,8 @@ class ChatEncoder:
         while end_at_last_target and segs and not segs[-1][1]:
             segs = segs[:-1]
         n_needed = sum(t.count(self.image_token) for t, _ in segs)
-        if n_needed != len(images):
-            raise ValueError(f"conversation has {n_needed} image placeholders but {len(images)} images")
+        if n_needed != len(images):  # (a rollout or an expert's text can spell "<image>": that row, not the run)
+            raise RowNotEncodable(f"conversation has {n_needed} image placeholders but {len(images)} images")
         pieces, img_i = [], 0  # (ids, is_target, vision, n_images)
         for k, (text, target) in enumerate(segs):
             n = text.count(self.image_token)
