@@ -532,3 +532,22 @@ def test_a_processor_without_a_chat_template_needs_a_template_file(tmp_path, cap
     enc = ChatEncoder(processor, arch, 256, chat_template=MLLAMA_OFFICIAL_LIKE)  # a file's template is enough
     enc.encode([Message("user", "Hello"), Message("assistant", "Hi.")], [])
     assert "processor_kwargs" not in capfd.readouterr().err  # no date_string for a template without one
+
+
+def test_an_end_token_the_tokenizer_only_adds_is_not_followed_by_eos(tmp_path):
+    """A Llama 3 base tokenizer (Llama-3.2-11B-Vision's) names BOS and EOS (<|end_of_text|>) only: <|eot_id|>, which
+    the template closes every answer with, is one of its added tokens. Not taken for an end token, every answer was
+    trained as "<|eot_id|><|end_of_text|>" (not the template's text) and generation stopped at <|end_of_text|>."""
+    ck = make_tiny_checkpoint("mllama", tmp_path / "mllama")
+    config = json.loads((tmp_path / "mllama" / "tokenizer_config.json").read_text())
+    config.update(eos_token="<|end_of_text|>", extra_special_tokens=[])
+    (tmp_path / "mllama" / "tokenizer_config.json").write_text(json.dumps(config))
+    _, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=ck), LoraArgs(), for_training=False)
+    tok = processor.tokenizer
+    assert "<|eot_id|>" not in tok.all_special_tokens and tok.eos_token == "<|end_of_text|>"
+    enc = ChatEncoder(processor, arch, 512)
+    e = enc.encode(CONV[1:], [_img(0)])
+    assert tok.decode(e.input_ids.tolist()) == enc.render(CONV[1:], False)
+    targets = [tok.decode(e.input_ids[s:t].tolist()) for s, t in _spans(e.labels)]
+    assert targets == [A1 + "<|eot_id|>", A2 + "<|eot_id|>"]
+    assert enc.end_of_turn_id == tok.convert_tokens_to_ids("<|eot_id|>")

@@ -122,9 +122,15 @@ class ChatEncoder:
         except (RowNotEncodable, StopIteration):  # a template that cannot render a plain exchange: EOS only
             return None
         ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-        special = set(getattr(self.tokenizer, "all_special_ids", [])) | set(
-            getattr(self.tokenizer, "added_tokens_decoder", {}))
+        special = {self.tokenizer.convert_tokens_to_ids(t) for t in self._special_tokens}
         return ids[-1] if ids and ids[-1] in special else None
+
+    @functools.cached_property
+    def _special_tokens(self) -> set[str]:
+        """The tokens an answer can end with as its end token: those the tokenizer names (BOS, EOS, pad, extras) and
+        its added tokens (a Llama 3 base tokenizer names BOS and EOS only: its <|eot_id|> is an added token)."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        return {t for t in getattr(self.tokenizer, "all_special_tokens", []) if t} | {a.content for a in added.values()}
 
     @functools.cached_property
     def _system_as_text(self) -> bool:
@@ -177,7 +183,7 @@ class ChatEncoder:
         """(the target, how many rendered characters it covers) of an assistant turn the template rendered as
         `rendered` (the text the turn adds after the generation prompt)."""
         core, eos = rendered.rstrip(), self.tokenizer.eos_token
-        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
+        specials = self._special_tokens
         if eos and MISSPELT_EOS.get(eos) and core.endswith(MISSPELT_EOS[eos]):
             # llava-hf's LLaVA-NeXT-Mistral template writes the TEXT "<\s>" where the EOS "</s>" belongs:
             # trained as the answer's end, the model would learn to write it and never emit the EOS
