@@ -70,3 +70,20 @@ def test_an_interrupted_rollout_step_rerun_with_other_settings_is_refused(world,
         main(args + ["--n_prompts", "3", "--temperature", "0.5"])
     main(args + ["--n_prompts", "3"])  # the same settings: the rest of the prompts
     assert len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_prompt_too_long_for_the_rollout_is_a_bad_row(world, tiny, tmp_path):
+    """The rollout step encoded prompts within a fixed 4096 tokens and a longer one stopped it with an uncaught
+    PromptTooLong: a bad row now, within --max_seq_len, naming file, row and field (or skipped and counted)."""
+    import pytest
+
+    from training.data.bad_rows import BadRowError
+    from training.dpo.opa.main import main
+    data = world / "preference_train.json"
+    args = ["--step", "rollout", "--from_checkpoint", str(tiny), "--data_path", str(data), "--image_folder",
+            str(world / "images"), "--max_new_tokens", "4", "--n_prompts", "2", "--max_seq_len", "40"]
+    with pytest.raises(BadRowError, match=rf"{data}: row 0: field 'conversations'.*exceeds max_seq_len=40"):
+        main(args + ["--output_dir", str(tmp_path / "a")])
+    main(args + ["--output_dir", str(tmp_path / "b"), "--skip_bad_rows"])
+    assert json.loads((tmp_path / "b" / "work" / "bad_rows.json").read_text())["n_skipped"] == 2
+    assert not (tmp_path / "b" / "work" / "rollouts.jsonl").read_text()

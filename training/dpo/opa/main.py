@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max_pairs", type=int, default=0, help="keep at most this many prompts' pairs (0: all)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_seq_len", type=int, default=4096, help="longest prompt (image tokens included) a rollout "
+                   "is sampled after; a longer one is a bad row (the DPO step's own limit is its --max_seq_len)")
     p.add_argument("--rollout_batch_size", type=int, default=64)
     add_inference_args(p, "of the rollouts: ")
     p.add_argument("--seed", type=int, default=0)
@@ -142,9 +144,10 @@ def _is_preference_data(path: str) -> bool:
 
 
 def load_prompts(a, report=None):
-    """(id, prompt, image, reference, facts, key) of the first --n_prompts rows of a preference file (the
-    chosen response is the reference) or a prompt file with reference answers; image is JSON-safe
-    (image_field); key "<id>#<k>", k the row's position among the rows read, is unique where ids are not.
+    """(id, prompt, image, reference, facts, key, (source, field)) of the first --n_prompts rows of a preference
+    file (the chosen response is the reference) or a prompt file with reference answers; image is JSON-safe
+    (image_field); key "<id>#<k>", k the row's position among the rows read, is unique where ids are not;
+    source and field: where the prompt was read (a bad row names them).
     OPA-DPO needs one image per prompt: a row with none or several is a bad row of `report`."""
     from training.data.bad_rows import BadRowReport
     from training.data.formats import read_preferences, read_prompts
@@ -163,7 +166,8 @@ def load_prompts(a, report=None):
         if len(r.images) != 1:
             report.bad(r.source, "image", f"OPA-DPO needs exactly one image per prompt; the row has {len(r.images)}")
             continue
-        out.append((r.id, r.prompt, image_field(r.images[0], a.image_folder), ref, r.facts, f"{r.id}#{k}"))
+        out.append((r.id, r.prompt, image_field(r.images[0], a.image_folder), ref, r.facts, f"{r.id}#{k}",
+                    (r.source, getattr(r, "prompt_field", getattr(r, "text_field", "prompt")))))
     return out
 
 
@@ -176,12 +180,27 @@ def rollout_settings(a) -> dict:
             "rollout_batch_size": a.rollout_batch_size}
 
 
+def fitting_prompts(enc, chunk: list, image_root: str, report) -> tuple[list, list, list]:
+    """(the rows of a chunk whose prompt fits --max_seq_len, their images, their encoded prompts); each other is a
+    bad row of `report` naming its file, row and field (an error, or with --skip_bad_rows skipped and counted)."""
+    from training.data.images import load_image
+    from training.templates.chat import RowNotEncodable
+
+    kept = []
+    for r in chunk:
+        images = [load_image(r[2], image_root)]
+        try:
+            kept.append((r, images, enc.encode(r[1], images, add_generation_prompt=True)))
+        except RowNotEncodable as err:
+            report.bad(*r[6], str(err))
+    return tuple(map(list, zip(*kept))) if kept else ([], [], [])
+
+
 def step_rollout(a, work: Path) -> None:
     import torch
 
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport
-    from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
     from training.files import check_settings
@@ -200,7 +219,7 @@ def step_rollout(a, work: Path) -> None:
     model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=a.from_checkpoint, precision=precision),
                                                  LoraArgs(), for_training=False)
     model.to(device)
-    enc = ChatEncoder(proc, arch, 4096)
+    enc = ChatEncoder(proc, arch, a.max_seq_len)
     decode = DecodeArgs(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", disable=not a.progress, dynamic_ncols=True)
@@ -208,9 +227,11 @@ def step_rollout(a, work: Path) -> None:
         for i in range(0, len(todo), a.rollout_batch_size):
             chunk = todo[i:i + a.rollout_batch_size]
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
-            images = [[load_image(r[2], a.image_folder)] for r in chunk]
-            texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device)
-            for (rid, prompt, image, ref, facts, key), t in zip(chunk, texts):
+            chunk, images, encoded = fitting_prompts(enc, chunk, a.image_folder, report)
+            report.write(work)
+            texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device,
+                                   encoded) if chunk else []
+            for (rid, prompt, image, ref, facts, key, _), t in zip(chunk, texts):
                 question = prompt[-1].content.replace("<image>", "").strip()  # what the expert reads
                 messages = [{"role": m.role, "content": m.content} for m in prompt]  # what the policy answered
                 f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question, "prompt": messages,
