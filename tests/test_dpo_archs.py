@@ -36,3 +36,32 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
             want = sequence_logprobs(out.logits, labels[None])[0]
             torch.testing.assert_close(got.sum[n, k], want, rtol=0, atol=1e-4, msg=f"{arch} item {n} response {k}")
     assert (spec.name in PREFIX_ARCHS) == (arch == "llava_next")
+
+
+@pytest.mark.parametrize("lm", ["gemma2", "mistral"])
+def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
+    """A LLaVA checkpoint holds any causal LM (built from parts). The packed layout computed plain causal SDPA for
+    every layer: Mistral's and Gemma 2's sliding windows (6 tokens here, shorter than the rows) and Gemma 2's
+    soft-capped attention logits (its eager attention) were lost: the log-probs differed by nats."""
+    import transformers
+
+    path = make_tiny_checkpoint("llava", tmp_path / "llava")
+    _, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    common = dict(vocab_size=cfg.text_config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.5)
+    cfg.text_config = (transformers.Gemma2Config(**common, head_dim=8, attn_logit_softcapping=1.0) if lm == "gemma2"
+                       else transformers.MistralConfig(**common))
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    if lm == "gemma2":
+        model.config.text_config._attn_implementation = "eager"  # (transformers' choice for Gemma 2: soft-capping)
+    enc = ChatEncoder(proc, spec, 4096)
+    image = Image.new("RGB", (40, 30), (200, 20, 20))
+    items = [encode_group(enc, [Message("user", q)], resp, [image], i) for i, (q, resp) in enumerate(
+        [("<image>\nWhat is shown?", ["A red circle.", "A big blue square is here."]),
+         ("<image>\nDescribe the image in a lot of detail, please.", ["Two green stars.", "A cross."])])]
+    plain, fast = (response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=f)).sum
+                   for f in (False, True))
+    assert plain.abs().min() > 1.0
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)

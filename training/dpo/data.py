@@ -14,10 +14,10 @@ Two batch layouts give the same per-response log-probs (tested to 1e-4):
 
 Shapes (N items, K responses, T row length, L label length):
   PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: gather (N*T,) / scatter
-  (sum of item lengths,) indices between the packed row and N item slots of T, and the items' masks
-  (N, 1, T, T) for attention; keep (1, N*K*(Rmax+1)) positions whose logits predict labels; labels,
-  weights (N*K, Rmax+1) aligned with the logits taken at `keep` (labels[:, 0] is IGNORE:
-  token_logprobs shifts by one).
+  (sum of item lengths,) indices between the packed row and N item slots of T, the items' masks
+  (N, 1, T, T) for attention and their slots' positions (N, T); keep (1, N*K*(Rmax+1)) positions whose
+  logits predict labels; labels, weights (N*K, Rmax+1) aligned with the logits taken at `keep`
+  (labels[:, 0] is IGNORE: token_logprobs shifts by one).
   PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _weights(item: GroupItem, k: int) -> torch.Tensor:
 class PrefixBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    layout: dict  # gather (N*T,), scatter (sum T_i,) indices and mask (N, 1, T, T): training.dpo.packed
+    layout: dict  # gather (N*T,), scatter (sum T_i,), mask (N, 1, T, T), positions (N, T): training.dpo.packed
     keep: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
@@ -169,7 +169,8 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
     q, kv = seg[:, :, None], seg[:, None, :]
     mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
     mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
-    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None]}
+    positions = torch.cat(pos)[gather]  # (N, T) each slot's position id (padding: any), for sliding windows
+    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None], "positions": positions}
     vision = collate_vision([it.vision for it in items], arch_name, lengths)
     return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
                        labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])

@@ -7,11 +7,14 @@ keyword `prefix_layout` (passed through the model's forward kwargs, so gradient-
 recomputation gets it too) it gathers each item's queries, keys and values side by side, (N, H, T, D),
 runs one SDPA call under the items' prefix masks and scatters the result back to the packed tokens;
 without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged.
+A layer's sliding window (Mistral, Gemma 2, Phi-3) narrows each item's mask by position, as the plain masks do,
+and attention-logit soft-capping (Gemma 2) runs the attention unfused (SDPA has none), as eager attention does.
 Only attention sees the items padded to the longest; projections and MLPs run on real tokens only.
 The implementation name is not saved with the checkpoint (transformers drops it from config.json).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 NAME = "sdpa_prefix"
@@ -30,11 +33,27 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     gather, scatter, mask = prefix_layout["gather"], prefix_layout["scatter"], prefix_layout["mask"]
     n, t = mask.shape[0], mask.shape[-1]
     heads, dim = query.shape[1], query.shape[-1]
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window:  # keys less than `window` positions back, as the plain layout's sliding-window mask (by index)
+        pos = prefix_layout["positions"]
+        mask = mask & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
     # packed (1, H, S, D) -> per item (N, H, T, D): attention alone sees the items side by side
     q, k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (query, key, value))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    if softcap:
+        out = softcapped_attention(q, k, v, mask, dropout, dim ** -0.5 if scaling is None else scaling, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     out = out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, scatter)  # back to the packed tokens
     return out[None], None
+
+
+def softcapped_attention(q, k, v, mask, dropout: float, scaling: float, softcap: float):
+    """Attention with soft-capped logits, softcap * tanh(scores / softcap), under a boolean mask (N, 1, T, T);
+    softmax in float32, as transformers' eager attention of Gemma 2."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), v)
 
 
 def _register() -> None:
