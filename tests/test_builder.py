@@ -442,3 +442,31 @@ def test_lora_saved_beside_its_own_base_keeps_it_and_merge_refuses_its_own_folde
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(SystemExit, match="adapters' own folder"):
         merge_cli(["--adapter_dir", str(own), "--output_dir", str(own)])
+
+
+def test_a_hub_models_fingerprint_follows_its_cached_revision(tmp_path, monkeypatch):
+    """A Hub id's fingerprint was its name alone: a new revision of the model reused the reference log-probs and
+    benchmark answers cached for the old one. It now holds the local cache's current snapshot's files."""
+    import huggingface_hub.constants
+
+    from training.model.fingerprint import model_fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--vlm"
+
+    def revision(commit: str, content: str) -> None:
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / content).write_text(content)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / content)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    uncached = model_fingerprint("org/vlm")
+    assert model_fingerprint("org/other") != uncached
+    revision("c1", "first")
+    first = model_fingerprint("org/vlm")
+    assert first != uncached and model_fingerprint("org/vlm") == first
+    revision("c2", "second")
+    assert model_fingerprint("org/vlm") not in (first, uncached)
+    assert model_fingerprint(str(tmp_path / "no such folder")) == model_fingerprint(str(tmp_path / "no such folder"))

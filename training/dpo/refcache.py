@@ -78,7 +78,8 @@ class RefCache:
 
     def check(self, indices: list[int], count: torch.Tensor) -> None:
         """The cached token counts of these items must be the batch's: a cache whose key missed a change (a
-        file edited within the same second and size, a model changed under a Hub id) is refused, not used."""
+        file edited within the same second and size, a Hub model changed outside the local cache) is refused, not
+        used, where it changes a response's token count (the one check left: the log-probs themselves are not)."""
         cached, now = self.count[torch.tensor(indices), :count.shape[1]], count.detach().double().cpu()
         if not torch.equal(cached, now):
             bad = indices[int((cached != now).any(-1).nonzero()[0, 0])]
