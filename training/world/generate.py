@@ -26,7 +26,7 @@ from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene
 
 DESCRIBE = "Describe the image in detail."
 # Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
-VERSION = 3
+VERSION = 4
 POPE_SUFFIX = ""
 
 
@@ -68,9 +68,12 @@ def _hallucinated(scene: Scene, rng: random.Random, partner_first: bool = True) 
 
 
 def _wrong_count(scene: Scene, rng: random.Random) -> str:
+    """One kind's count off by one; never below its number of colours ("two squares (red, green and blue)"
+    would give the error away in the text alone)."""
     k = rng.choice(scene.kinds)
     n = scene.count(k)
-    return describe(scene, counts={k: n + 1 if n < 3 or rng.random() < 0.5 else n - 1})
+    fewer = n >= 3 and rng.random() >= 0.5 and n - 1 >= len({o.color for o in scene.objects if o.kind == k})
+    return describe(scene, counts={k: n - 1 if fewer else n + 1})
 
 
 def _conv(scene: Scene, turns: list[tuple[str, str]], suffix: str = "") -> dict:
