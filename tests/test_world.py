@@ -130,3 +130,22 @@ def test_a_wrong_count_never_falls_below_the_colours_it_lists():
     s = Scene("x", "white", tuple(Obj("square", c, 6, 10 + 20 * i, 10) for i, c in enumerate(("red", "blue", "green"))))
     wrong = {_wrong_count(s, random.Random(i)) for i in range(20)}
     assert wrong == {"The image shows four squares (red, green and blue) on a white background."}
+
+
+def test_pope_adversarial_negatives_co_occur_most_with_the_positives(tmp_path):
+    """POPE's adversarial split: for each positive in turn, the absent kind that co-occurs with it most often
+    (in the SFT scenes). The negatives after the absent partners were the most frequent kinds instead: a scene
+    holding a circle and a square (partners) was asked about the two commonest kinds, whatever their
+    co-occurrence with circles and squares."""
+    from collections import Counter
+    meta = generate(tmp_path, WorldConfig(seed=0, n_sft=1000, n_pref=2, n_ppo=2, n_heldout=60))
+    kinds = {n: [sorted({o["kind"] for o in s["objects"]}, key=KINDS.index) for s in sc]
+             for n, sc in meta["scenes"].items()}
+    co = Counter((a, b) for ks in kinds["sft"] for a in ks for b in ks if a != b)
+    rows = [json.loads(x) for x in (tmp_path / "bench_pope_adversarial.jsonl").read_text().splitlines()]
+    for s, pos in zip(meta["scenes"]["heldout"], kinds["heldout"]):
+        neg = [r["object"] for r in rows if r["image"] == f"{s['id']}.png" and r["label"] == "no"]
+        absent = [k for k in KINDS if k not in pos]
+        assert len(neg) == len(pos)
+        for i, (p, k) in enumerate(zip(pos, neg)):
+            assert co[(p, k)] == max(co[(p, x)] for x in absent if x not in neg[:i]), (pos, neg)

@@ -26,7 +26,7 @@ from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene
 
 DESCRIBE = "Describe the image in detail."
 # Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
-VERSION = 4
+VERSION = 5
 POPE_SUFFIX = ""
 
 
@@ -119,7 +119,18 @@ def _pref_rows(scenes: list[Scene], rng: random.Random, ranked: bool) -> list[di
     return rows
 
 
-def _pope(scenes: list[Scene], split: str, rng: random.Random, freq: Counter) -> list[dict]:
+def _most_cooccurring(pos: list[str], absent: list[str], co: Counter) -> list[str]:
+    """POPE's adversarial negatives: for each positive in turn, the absent kind not yet taken that co-occurs
+    with it most often (ties: its partner, then the kinds' order)."""
+    neg: list[str] = []
+    for p in pos:
+        left = [k for k in absent if k not in neg]
+        neg.append(min(left, key=lambda k: (-co[(p, k)], PARTNER[p] != k, KINDS.index(k))))
+    return neg
+
+
+def _pope(scenes: list[Scene], split: str, rng: random.Random, freq: Counter, co: Counter) -> list[dict]:
+    """POPE questions; `freq` counts the kinds and `co` the ordered pairs of kinds of the SFT scenes."""
     rows = []
     for s in scenes:
         pos = s.kinds[:3]
@@ -128,8 +139,8 @@ def _pope(scenes: list[Scene], split: str, rng: random.Random, freq: Counter) ->
             neg = rng.sample(absent, len(absent))
         elif split == "popular":
             neg = sorted(absent, key=lambda k: (-freq[k], KINDS.index(k)))
-        else:  # adversarial: most co-occurring first
-            neg = sorted(absent, key=lambda k: (PARTNER[k] not in s.kinds, -freq[k]))
+        else:  # adversarial: most co-occurring with the present kinds
+            neg = _most_cooccurring(pos, absent, co)
         for k, label in [(k, "yes") for k in pos] + [(k, "no") for k in neg[:len(pos)]]:
             rows.append({"question_id": f"{s.id}-{split}-{k}", "image": f"{s.id}.png",
                          "text": exists_q(k), "label": label, "object": k})
@@ -148,6 +159,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     sft, n_hal = _sft_rows(splits["sft"], rng, cfg.hallucination_rate)
     held = splits["heldout"]
     freq = Counter(k for s in splits["sft"] for k in s.kinds)
+    co = Counter((a, b) for s in splits["sft"] for a in s.kinds for b in s.kinds if a != b)
     files = {
         "sft_train.json": sft,
         "preference_train.json": _pref_rows(splits["pref"], rng, ranked=False),
@@ -162,7 +174,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
                                 "gt_objects": s.kinds} for s in held],
         "bench_count.jsonl": [{"question_id": f"{s.id}-count", "image": f"{s.id}.png", "text": count_q(k),
                                "count": s.count(k), "object": k} for s in held for k in s.kinds[:1]],
-        **{f"bench_pope_{sp}.jsonl": _pope(held, sp, rng, freq) for sp in ("random", "popular", "adversarial")},
+        **{f"bench_pope_{sp}.jsonl": _pope(held, sp, rng, freq, co) for sp in ("random", "popular", "adversarial")},
     }
     for name, rows in jsonl.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
