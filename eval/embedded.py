@@ -1,7 +1,7 @@
 """Scoring on the embedded world, where the ground truth is exact.
 
-Object mentions are the world's kind nouns (singular or plural) in a response, compared with the
-scene's kinds:
+Object mentions are the world's kind nouns (singular or plural) among a response's words, split as
+eval.chair splits them (a hyphenated "star-shaped" is one word, no star), compared with the scene's kinds:
   CHAIR_i  = hallucinated mentions / all mentions       (every mention, as benchmarks.md and eval.chair)
   CHAIR_s  = responses with >= 1 hallucinated kind / all responses
   recall   = sum of distinct correct kinds / sum of ground-truth kinds
@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from eval.nouns import tokenize
 from eval.pope import parse_yes_no, pope_metrics
 from training.world.scenes import KINDS, NUMBERS, PLURAL
 
@@ -20,8 +21,9 @@ _NOUNS = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
 
 
 def mentions(text: str) -> list[str]:
-    """The kind of every object noun in the text, in order, repeats kept."""
-    return [_NOUNS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NOUNS]
+    """The kind of every object noun in the text, in order, repeats kept; words as the reference scorer's
+    tokenizer splits them (eval.nouns), so "star-shaped" names no star."""
+    return [_NOUNS[w] for w in tokenize(text.lower()) if w in _NOUNS]
 
 
 def mentioned_kinds(text: str) -> list[str]:

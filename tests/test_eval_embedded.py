@@ -12,6 +12,15 @@ def test_mentions_singular_plural_distinct():
     assert mentioned_kinds("nothing here") == []
 
 
+def test_mentions_are_words_as_the_reference_scorer_splits_them():
+    """CHAIR's tokenizer keeps a hyphenated word whole (eval.nouns, as NLTK's): "star-shaped" names no star. The
+    embedded scorer split at every non-letter and counted a hallucinated star here (CHAIR_s 1.0, CHAIR_i 1/3)."""
+    text = "One red cross-shaped sign and a star-shaped red cross. The cross's arms."
+    assert mentioned_kinds(text) == ["cross"]
+    m = chair([text], [["cross"]])
+    assert m["CHAIRs"] == 0 and m["CHAIRi"] == 0 and m["recall"] == 1
+
+
 def test_chair_hand_worked():
     responses = ["one red circle and two stars.",  # star hallucinated: 1 of 2 mentions
                  "three squares.",                  # correct
