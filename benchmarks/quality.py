@@ -10,8 +10,8 @@ PPO uses the reward model in output/rm (trained by run_rm_training.sh first when
 SFT model); --reuse keeps a model only when it was trained after the models it starts from.
 
 Trains each method with its stage script's defaults (bash run_dpo_training.sh ...), then generates
-greedy descriptions of the held-out scenes (bench_objhal) and scores CHAIR_i (share of mentioned
-object kinds that are absent) and object recall against the SFT model. Targets: CHAIR_i at most
+greedy descriptions of the held-out scenes (bench_objhal) and scores CHAIR_i (share of object
+mentions that name an absent kind) and object recall against the SFT model. Targets: CHAIR_i at most
 half of SFT's; recall at most 0.03 below SFT's; OPA-DPO reaches DPO's CHAIR_i with at most a third
 of DPO's preference pairs.
 """
@@ -75,6 +75,15 @@ def mean_sd(rows: list[dict]) -> tuple[dict, dict]:
     return mean, sd
 
 
+def meets_target(r: dict, sft: dict, dpo: dict | None = None, pair_share: float = 0.0) -> bool:
+    """The issues' target for one model's scores r: CHAIR_i at most half of SFT's (dpo given: at most DPO's, with
+    at most a third of its pairs) and recall at most 0.03 below SFT's (compared without dividing or subtracting
+    floats, so an SFT CHAIR_i of 0 or a drop of exactly 0.03 reads as written)."""
+    hallucination = (r["CHAIRi"] <= dpo["CHAIRi"] and pair_share <= 1 / 3 if dpo is not None
+                     else 2 * r["CHAIRi"] <= sft["CHAIRi"])
+    return hallucination and round(sft["recall"] - r["recall"], 9) <= 0.03
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sft", default="output/sft")
@@ -124,11 +133,10 @@ def main(argv=None) -> dict:
         if name == "sft":
             verdict = "baseline"
         else:
-            ok = ratio <= 0.5 and drop >= -0.03
-            if name == "opa_dpo" and "dpo" in results:
-                ok = (r["CHAIRi"] <= results["dpo"]["CHAIRi"] and drop >= -0.03
-                      and pairs_used(runs["opa_dpo"][1]) <= pairs_used(runs["dpo"][1]) / 3)
-            verdict = "PASS" if ok else "FAIL"
+            opa = name == "opa_dpo" and "dpo" in results
+            verdict = "PASS" if meets_target(r, base, results["dpo"] if opa else None,
+                                             pairs_used(runs[name][1]) / pairs_used(runs["dpo"][1]) if opa else 0.0
+                                             ) else "FAIL"
         verdicts[name] = verdict
         lines.append(f"| {name} | {r['CHAIRi']:.3f}{sd(name, 'CHAIRi')} | {r['CHAIRs']:.3f} | "
                      f"{r['recall']:.3f}{sd(name, 'recall')} | {ratio:.2f} | "

@@ -34,3 +34,19 @@ def test_a_model_is_reused_only_if_trained_after_the_models_it_starts_from(tmp_p
     os.utime(sft / "model.safetensors", (2000, 2000))  # SFT retrained
     assert not trained_after(str(rm), str(sft)) and not trained_after(str(ppo), str(sft), str(rm))
     assert not trained_after(str(tmp_path / "missing"), str(sft))
+
+
+def test_the_target_reads_as_written_at_its_edges():
+    """An SFT CHAIR_i of 0 made the ratio NaN (every model failed, one with CHAIR_i 0 too); a recall drop of exactly
+    0.03 failed by float rounding (0.87 - 0.9 = -0.030000000000000027)."""
+    from benchmarks.quality import meets_target
+    sft = {"CHAIRi": 0.1, "recall": 0.96}
+    assert meets_target({"CHAIRi": 0.05, "recall": 0.93}, sft)
+    assert meets_target({"CHAIRi": 0.05, "recall": 0.87}, {"CHAIRi": 0.1, "recall": 0.9})
+    assert not meets_target({"CHAIRi": 0.051, "recall": 0.95}, sft)
+    assert not meets_target({"CHAIRi": 0.02, "recall": 0.929}, sft)
+    assert meets_target({"CHAIRi": 0.0, "recall": 0.96}, {"CHAIRi": 0.0, "recall": 0.96})
+    dpo = {"CHAIRi": 0.03, "recall": 0.95}
+    assert meets_target({"CHAIRi": 0.03, "recall": 0.95}, sft, dpo, 600 / 2000)
+    assert not meets_target({"CHAIRi": 0.03, "recall": 0.95}, sft, dpo, 700 / 2000)
+    assert not meets_target({"CHAIRi": 0.031, "recall": 0.95}, sft, dpo, 0.3)
