@@ -174,10 +174,10 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
 
 
 def _finish(out: Path, command: list[str]) -> None:
-    """pipeline.end after a stage that wrote its model (a stand-in weight file unless one is there)."""
-    if not (Path(out) / "model.safetensors").exists():
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "model.safetensors").write_bytes(b"w")
+    """pipeline.end after a stage that wrote its model (a stand-in weight file, of another size each time)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model = Path(out) / "model.safetensors"
+    model.write_bytes(b"w" * (model.stat().st_size + 1 if model.exists() else 1))
     pipeline.end(out, command)
 
 
@@ -236,6 +236,11 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     (a / "model.safetensors").unlink()
     rc, ran, _ = pipeline_run("--lr 7", {"NO_MODEL": "1"})
     assert rc != 0 and ran == ["a --lr 7"] and json.loads((a / pipeline.RECORD).read_text())["status"] == "started"
+    # nor is one that left an earlier run's model there (run_pipeline.sh --help: SFT printed its help and exited 0,
+    # and RM, DPO, ORPO and PPO then trained from the old SFT model, recorded as the `--help` command's)
+    assert pipeline_run("--lr 7")[:2] == (0, ["a --lr 7 --resume", "b", "c --x 1"])
+    rc, ran, _ = pipeline_run("--help", {"NO_MODEL": "1"})
+    assert rc != 0 and ran == ["a --help"] and json.loads((a / pipeline.RECORD).read_text())["status"] == "started"
 
 
 def test_stage_function_without_separator_stops(tmp_path):

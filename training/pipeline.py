@@ -20,7 +20,9 @@ stage's fingerprint and the names, sizes and times of its weight files. `begin` 
           checkpoint (a stage with none starts over);
   fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
 and records the start (unless skip). `end` records the finish of the command begun: the stage's output
-keeps the fingerprint of the code and inputs it started with. PIPELINE_FRESH=1 makes every stage fresh.
+keeps the fingerprint of the code and inputs it started with; a command that wrote no model into OUT (its
+weight files are those there when it began: --help, or an --output_dir elsewhere) is not marked finished.
+PIPELINE_FRESH=1 makes every stage fresh.
 """
 from __future__ import annotations
 
@@ -217,8 +219,9 @@ def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) ->
             state = "resume" if any(Path(out).glob("checkpoints/**/latest")) else "fresh"
         elif rec["weights"] == weights_digest(out):  # not rewritten since (by a stage run outside the pipeline)
             state = "skip"
-    if state != "skip":
-        _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after})
+    if state != "skip":  # (the weights there now: `end` refuses a stage that leaves them as they were)
+        _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after,
+                     "weights_at_start": weights_digest(out) if Path(out).is_dir() else None})
     return state
 
 
@@ -226,7 +229,9 @@ def end(out: Path, command: list[str]) -> None:
     rec = read_record(out)
     if not rec or rec["status"] != "started" or rec["command"] != command:
         raise SystemExit(f"pipeline: {Path(out) / RECORD} does not record a start of {command}; not marked finished")
-    if not weight_files(out):  # e.g. a --config profile's output_dir: the later stages read `out`
+    # e.g. a --config profile's output_dir, or --help: the later stages read `out`, where an earlier run's model
+    # may still lie (it would be marked as this command's)
+    if not weight_files(out) or weights_digest(out) == rec.get("weights_at_start"):
         raise SystemExit(f"pipeline: the stage wrote no model into {out}, where the later stages read it (did an "
                          "argument or a --config profile send its output elsewhere?); not marked finished")
     _write(out, {**rec, "status": "done", "weights": weights_digest(out)})
