@@ -147,6 +147,17 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
     base = pipeline.fingerprint(cmd, [str(dep)], root, out)
     (images / "b.png").write_bytes(b"png")
     assert pipeline.fingerprint(cmd, [str(dep)], root, out) != base
+    # the same files named as --option=VALUE (argparse's other spelling): their changes counted as well
+    cmd = ["run_sft.sh", f"--data_path={data}", f"--image_folder={images}", f"--output_dir={out}"]
+    base = pipeline.fingerprint(cmd, [], root, out)
+    data.write_text("[1, 2]")
+    assert pipeline.fingerprint(cmd, [], root, out) != base
+    base = pipeline.fingerprint(cmd, [], root, out)
+    (images / "c.png").write_bytes(b"png")
+    assert pipeline.fingerprint(cmd, [], root, out) != base
+    base = pipeline.fingerprint(cmd, [], root, out)
+    (out / "model.safetensors").write_bytes(b"w")  # (its own output still does not count)
+    assert pipeline.fingerprint(cmd, [], root, out) == base
 
 
 def test_begin_and_end_states(tmp_path, monkeypatch):

@@ -90,7 +90,8 @@ def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) ->
     skip = [(root / s).resolve() for s in skip]
     stats = []
     for arg in command[1:]:
-        for part in arg.split(","):  # --data_path takes a comma-separated list
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg  # (--data_path=FILE)
+        for part in value.split(","):  # --data_path takes a comma-separated list
             p = (root / part) if part else None
             if p is None or not p.exists() or any(p.resolve().is_relative_to(s) for s in skip):
                 continue
