@@ -2,7 +2,6 @@
 starts from are unchanged; an interrupted one continues with --resume; anything else trains anew."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,8 +231,13 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3 --resume", "b", "c --x 1"])
     assert pipeline_run("--lr 3", {"PIPELINE_FRESH": "1"})[:2] == (0, ["a --lr 3", "b", "c --x 1"])
     assert pipeline_run("--lr 6", {"FAIL": "1", "NO_CHECKPOINT": "1"})[:2] == (3, ["a --lr 6"])
-    shutil.rmtree(a / "checkpoints")  # interrupted before writing any: trained anew
+    # interrupted before writing any: trained anew, not resumed from the checkpoint of the earlier run (--lr 3) still
+    # there (a stage removes it once it starts training; killed before, its `--resume` was refused: other options)
+    assert pipeline_run("--lr 6", {"FAIL": "1", "NO_CHECKPOINT": "1"})[:2] == (3, ["a --lr 6"])
     assert pipeline_run("--lr 6")[:2] == (0, ["a --lr 6", "b", "c --x 1"])
+    assert pipeline_run("--lr 7", {"FAIL": "1"})[:2] == (3, ["a --lr 7"])  # one that wrote its own: continued
+    assert pipeline_run("--lr 7", {"FAIL": "1", "NO_CHECKPOINT": "1"})[:2] == (3, ["a --lr 7 --resume"])
+    assert pipeline_run("--lr 7", {"FAIL": "1", "NO_CHECKPOINT": "1"})[:2] == (3, ["a --lr 7 --resume"])
     assert pipeline_run("--lr 3")[:2] == (0, ["a --lr 3", "b", "c --x 1"])
     (b / "model.safetensors").write_bytes(b"new")  # b rewritten by hand: b and what starts from it retrain
     assert pipeline_run("--lr 3")[:2] == (0, ["b", "c --x 1"])

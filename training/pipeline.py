@@ -17,7 +17,7 @@ stage's fingerprint and the names, sizes and times of its weight files. `begin` 
   skip    the stage finished with this fingerprint and its weight files are those it wrote: its output
           is kept;
   resume  it started with this fingerprint and did not finish: it continues from its last resumable
-          checkpoint (a stage with none starts over);
+          checkpoint (a stage with none of its own starts over: one an earlier run left there is not its);
   fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
 and records the start (unless skip). `end` records the finish of the command begun: the stage's output
 keeps the fingerprint of the code and inputs it started with; a command that wrote no model into OUT (its
@@ -211,18 +211,27 @@ def environment() -> dict:
     return env
 
 
+def checkpoint_marks(out: Path) -> list:
+    """The resumable checkpoints in a stage's output: each `latest` file's name, text and modification time."""
+    return sorted([str(f.relative_to(out)), f.read_text().strip(), f.stat().st_mtime_ns]
+                  for f in Path(out).glob("checkpoints/**/latest") if f.is_file())
+
+
 def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) -> str:
     fp = fingerprint(command, after, root, out)
     rec = read_record(out)
     state = "fresh"
+    marks = checkpoint_marks(out)
     if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
-        if rec["status"] != "done":  # interrupted: continued from its last checkpoint, if it wrote one
-            state = "resume" if any(Path(out).glob("checkpoints/**/latest")) else "fresh"
+        if rec["status"] != "done":  # interrupted: continued from the last checkpoint it wrote, if it wrote one (not
+            # one an earlier run with other arguments left there, which the stage removes only once it starts training)
+            state = "resume" if marks and marks != rec.get("checkpoints_at_start") else "fresh"
         elif rec["weights"] == weights_digest(out):  # not rewritten since (by a stage run outside the pipeline)
             state = "skip"
     if state != "skip":  # (the weights there now: `end` refuses a stage that leaves them as they were)
         _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after,
-                     "weights_at_start": weights_digest(out) if Path(out).is_dir() else None})
+                     "weights_at_start": weights_digest(out) if Path(out).is_dir() else None,
+                     "checkpoints_at_start": rec.get("checkpoints_at_start") if state == "resume" else marks})
     return state
 
 
