@@ -10,6 +10,10 @@ source "$(dirname "$0")/scripts/env.sh"
 source "$(dirname "$0")/scripts/stage.sh"
 for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT must write those
   case "$arg" in
+    -h|--help)  # (given to SFT, it printed SFT's help, exited 0 and left output/sft's record as that command's)
+      sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$ROOT/run_pipeline.sh"
+      echo "SFT's arguments: python -m training.sft.main --help"
+      exit 0;;
     --output_dir|--output_dir=*|--world_dir|--world_dir=*|--world_seed|--world_seed=*)
       echo "run_pipeline.sh: ${arg%%=*} is not a pipeline option (the later stages read output/sft and data/world);" \
            "run the stages' scripts one by one to use another" >&2

@@ -2,6 +2,7 @@
 starts from are unchanged; an interrupted one continues with --resume; anything else trains anew."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,18 @@ def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg)
     proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), arg, "x"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr
+
+
+def test_the_pipeline_help_prints_its_usage_and_trains_nothing(tmp_path):
+    """`bash run_pipeline.sh --help` went to SFT: SFT printed its help and exited 0, and the pipeline went on (the
+    embedded defaults built, RM, DPO, ORPO and PPO trained from whatever output/sft held)."""
+    p = subprocess.Popen(["bash", str(ROOT / "run_pipeline.sh"), "--help"], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0 and out.startswith("The main job") and "training.sft.main --help" in out
+    assert "== " not in out
+
