@@ -7,7 +7,7 @@
 # was interrupted from its last resumable checkpoint (if it wrote one: --save_steps) and trains the rest
 # anew (training/pipeline.py); PIPELINE_FRESH=1 retrains every stage.
 source "$(dirname "$0")/scripts/env.sh"
-source "$(dirname "$0")/scripts/stage.sh"
+source "$ROOT/scripts/stage.sh"  # (env.sh moved to $ROOT: a relative $0 names nothing now)
 for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT must write those
   case "$arg" in
     -h|--help)  # (given to SFT, it printed SFT's help, exited 0 and left output/sft's record as that command's)

@@ -287,3 +287,10 @@ def test_the_pipeline_help_prints_its_usage_and_trains_nothing(tmp_path):
     assert p.returncode == 0 and out.startswith("The main job") and "training.sft.main --help" in out
     assert "== " not in out
 
+
+def test_the_pipeline_runs_from_another_directory(tmp_path):
+    """scripts/env.sh moves to the repository root, after which `$(dirname "$0")` (a relative path) named nothing:
+    `bash proj/run_pipeline.sh` stopped at `source .../scripts/stage.sh: No such file or directory`."""
+    proc = subprocess.run(["bash", f"{ROOT.name}/run_pipeline.sh", "--world_seed", "1"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT.parent)
+    assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr, proc.stderr
