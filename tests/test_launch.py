@@ -78,3 +78,16 @@ def test_a_hostfile_run_from_a_machine_without_gpus_takes_the_hostfiles_slots(tm
     assert not any("hf_secret" in x for x in lines)
     env_file = Path(next(x for x in lines if x.startswith("FILE=")).removeprefix("FILE="))
     assert env_file.name.startswith("vlm_align_env.") and not env_file.exists()  # removed at exit
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_an_opa_step_that_did_not_finish_stops_opa_dpo_with_its_status(tmp_path, monkeypatch, in_process):
+    """run_opa_dpo.sh's SFT step stopped by --stop_after_steps (exit status 75, not finished): through run_sft.sh
+    it ended in a CalledProcessError traceback (status 1); in process the DPO step started from the unfinished one."""
+    from training.dpo.opa import main as opa
+    (tmp_path / "run_sft.sh").write_text("exit 75\n")
+    monkeypatch.setattr(opa, "ROOT", tmp_path)
+    monkeypatch.setattr("training.sft.main.main", lambda args: {"interrupted": True})
+    with pytest.raises(SystemExit) as e:
+        opa._stage("run_sft.sh", ["--stop_after_steps", "1"], in_process)
+    assert e.value.code == 75

@@ -320,14 +320,20 @@ def step_correct(a, work: Path) -> None:
 
 
 def _stage(script: str, args: list[str], in_process: bool = False) -> None:
+    """Run one step's stage; a step that did not finish (a failure, or --stop_after_steps: exit status 75) stops
+    OPA-DPO with its exit status, before the next step starts from it."""
     if in_process:
         import importlib
+
+        from training.engine.loop import exit_status
         module = {"run_sft.sh": "training.sft.main", "run_dpo_training.sh": "training.dpo.main"}[script]
-        importlib.import_module(module).main(args)
-        return
-    cmd = ["bash", str(ROOT / script), *args]
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+        status = exit_status(importlib.import_module(module).main(args))
+    else:
+        cmd = ["bash", str(ROOT / script), *args]
+        print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        status = subprocess.run(cmd, cwd=ROOT).returncode
+    if status:
+        raise SystemExit(status)
 
 
 def main(argv=None) -> None:
