@@ -158,6 +158,13 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
     base = pipeline.fingerprint(cmd, [], root, out)
     (out / "model.safetensors").write_bytes(b"w")  # (its own output still does not count)
     assert pipeline.fingerprint(cmd, [], root, out) == base
+    # and those a --config profile names (a JSON file of argument values): its data changed, the stage retrains
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"data_path": str(data), "image_folder": str(images), "learning_rate": 1e-3}))
+    for cmd in (["run_sft.sh", "--config", str(profile)], ["run_sft.sh", f"--config={profile}"]):
+        base = pipeline.fingerprint(cmd, [], root, out)
+        data.write_text(data.read_text() + " ")
+        assert pipeline.fingerprint(cmd, [], root, out) != base
 
 
 def test_begin_and_end_states(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ its command line, the code it runs (every file under training/, eval/, scripts/,
 scripts and requirements.txt, except the Python modules its script neither starts nor imports, directly
 or through other modules: code_files), those default inputs (data/world, output/tiny_vlm_init), the names,
 sizes and modification times of the files that its arguments name (a --data_path, an --image_folder,
-a --from_checkpoint outside the pipeline's own stages), the ranks
+a --from_checkpoint outside the pipeline's own stages; a --config profile's too), the ranks
 (NUM_GPUS, HOSTFILE and its lines, DS_ACCELERATOR, how many GPUs a launch sees) and, for each finished stage it
 starts from (--after), that
 stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
@@ -83,14 +83,29 @@ def weights_digest(out: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def arg_values(command: list[str], root: Path = ROOT) -> list[str]:
+    """The values of a stage's arguments (after the script, which is code; --option=VALUE's too) and the text
+    values of the --config profile it names (a JSON file of argument values: its --data_path, ...)."""
+    args = command[1:]
+    values = [a.split("=", 1)[1] if a.startswith("--") and "=" in a else a for a in args]
+    profiles = [values[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    profiles += [v for a, v in zip(args, values) if a.startswith("--config=")]
+    for name in profiles:
+        try:
+            loaded = json.loads((root / name).read_text())
+        except (OSError, ValueError):  # (the stage says what is wrong with it)
+            continue
+        if isinstance(loaded, dict):
+            values += [v for v in loaded.values() if isinstance(v, str)]
+    return values
+
+
 def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) -> str:
-    """Names, sizes and modification times of the files and folders the stage's arguments name (after
-    the script, which is code), except those inside `skip` (the stage's output and the stages it
-    starts from, which their records cover)."""
+    """Names, sizes and modification times of the files and folders the stage's arguments name (arg_values),
+    except those inside `skip` (the stage's output and the stages it starts from, which their records cover)."""
     skip = [(root / s).resolve() for s in skip]
     stats = []
-    for arg in command[1:]:
-        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg  # (--data_path=FILE)
+    for value in arg_values(command, root):
         for part in value.split(","):  # --data_path takes a comma-separated list
             p = (root / part) if part else None
             if p is None or not p.exists() or any(p.resolve().is_relative_to(s) for s in skip):
