@@ -94,3 +94,15 @@ def test_profile_values_the_command_line_would_take_pass(tmp_path):
     path.write_text(json.dumps({"learning_rate": "2e-5", "zero_stage": "2", "eval_steps": None}))
     cfg = parse_config(main.CONCEPTS, ["--config", str(path)], main.DEFAULTS)
     assert (cfg["optim"].learning_rate, cfg["ds"].zero_stage, cfg["run"].eval_steps) == (2e-5, 2, None)
+
+
+@pytest.mark.parametrize("text,why", [('{"learning_rate": 1e-4,}', "Expecting property name"),
+                                      ('["learning_rate"]', "not a JSON object"), (None, "No such file")])
+def test_a_profile_that_cannot_be_read_is_named(text, why, tmp_path):
+    """A trailing comma, a list, a mistyped name: a JSONDecodeError, AttributeError or FileNotFoundError traceback."""
+    from training.sft import main
+    path = tmp_path / "p.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=f"--config {path}: .*{why}"):
+        parse_config(main.CONCEPTS, ["--config", str(path)], main.DEFAULTS)

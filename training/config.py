@@ -222,6 +222,17 @@ def _profile_value_problem(action: argparse.Action, value) -> str:
     return ""
 
 
+def read_profile(path: str) -> dict:
+    """A --config profile: a JSON object of argument values; one that cannot be read stops the run, naming it."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--config {path}: {e}")
+    if not isinstance(profile, dict):
+        raise SystemExit(f'--config {path}: not a JSON object of argument values ({{"learning_rate": 2e-5, ...}})')
+    return profile
+
+
 def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = None,
                  description: str = "") -> dict:
     """Parse argv into {name: dataclass instance}. `defaults` overrides dataclass defaults per stage."""
@@ -234,7 +245,7 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
         parser.set_defaults(**defaults)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        profile = json.loads(Path(pre.config).read_text())
+        profile = read_profile(pre.config)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(profile) - known)
         if unknown:
