@@ -91,3 +91,18 @@ def test_an_opa_step_that_did_not_finish_stops_opa_dpo_with_its_status(tmp_path,
     with pytest.raises(SystemExit) as e:
         opa._stage("run_sft.sh", ["--stop_after_steps", "1"], in_process)
     assert e.value.code == 75
+
+
+@pytest.mark.parametrize("env", [{}, {"NUM_GPUS": "2"}, {"NUM_GPUS": "3"}, {"NUM_GPUS": "2", "OMP_NUM_THREADS": "5"}])
+def test_cpu_ranks_share_the_cores(env):
+    """On a machine without CUDA every rank ran `nproc` threads: two SFT ranks on two cores spun against each other,
+    7.2 s a step instead of 0.3 with one thread each. A value the user sets stays."""
+    base = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "OMP_NUM_THREADS", "DS_ACCELERATOR")}
+    p = subprocess.run(["bash", "-c", 'source scripts/env.sh; echo "$DS_ACCELERATOR $OMP_NUM_THREADS"'], cwd=ROOT,
+                       env={**base, **env}, capture_output=True, text=True, timeout=120)
+    accelerator, threads = p.stdout.split()
+    if accelerator != "cpu":
+        pytest.skip("a machine with CUDA: its ranks run on GPUs")
+    cores = len(os.sched_getaffinity(0))
+    want = env.get("OMP_NUM_THREADS") or str(max(1, cores // int(env.get("NUM_GPUS", "1"))))
+    assert threads == want
