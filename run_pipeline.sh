@@ -14,7 +14,7 @@ for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT mu
       sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$ROOT/run_pipeline.sh"
       echo "SFT's arguments: python -m training.sft.main --help"
       exit 0;;
-    --output_dir|--output_dir=*|--world_dir|--world_dir=*|--world_seed|--world_seed=*)
+    --ou*|--world_d*|--world_s*)  # (with the prefixes argparse takes for them: --out, --world_s=1)
       echo "run_pipeline.sh: ${arg%%=*} is not a pipeline option (the later stages read output/sft and data/world);" \
            "run the stages' scripts one by one to use another" >&2
       exit 2;;

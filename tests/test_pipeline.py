@@ -272,7 +272,8 @@ def test_stage_function_without_separator_stops(tmp_path):
     assert p.returncode == 2 and "usage: stage OUT" in p.stderr and "went on" not in p.stdout
 
 
-@pytest.mark.parametrize("arg", ["--output_dir", "--output_dir=x", "--world_seed", "--world_dir=w"])
+@pytest.mark.parametrize("arg", ["--output_dir", "--output_dir=x", "--world_seed", "--world_dir=w",
+                                 "--out", "--world_s=1", "--world_d"])  # (argparse takes unambiguous prefixes)
 def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg):
     """run_pipeline.sh passes its arguments to SFT: --output_dir X trained into X while RM, DPO, ORPO and PPO
     loaded output/sft; another world seed or folder made SFT train on another world than the benchmarks'."""
