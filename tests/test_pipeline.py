@@ -165,6 +165,17 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
         base = pipeline.fingerprint(cmd, [], root, out)
         data.write_text(data.read_text() + " ")
         assert pipeline.fingerprint(cmd, [], root, out) != base
+    # but not where the stage writes besides its output (its figures, DPO's reference cache): a stage given
+    # --figure_dir DIR retrained on every rerun, its own plot being one of its inputs
+    figures, cache = tmp_path / "figures", tmp_path / "cache"
+    for cmd in (["run_sft.sh", "--figure_dir", str(figures), "--ref_cache_dir", str(cache)],
+                ["run_sft.sh", f"--figure_dir={figures}", f"--ref_cache_dir={cache}"]):
+        figures.mkdir(exist_ok=True)
+        cache.mkdir(exist_ok=True)
+        base = pipeline.fingerprint(cmd, [], root, out)
+        (figures / "sft_metrics.png").write_bytes(b"png" * len(cmd))
+        (cache / "k.safetensors").write_bytes(b"x" * len(cmd))
+        assert pipeline.fingerprint(cmd, [], root, out) == base
 
 
 def test_begin_and_end_states(tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ PACKAGES = ("training", "eval")  # the project's Python packages; a stage's fing
 INPUTS = ("data/world", "output/tiny_vlm_init")
 ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")  # + the hostfile's text and how many GPUs a launch sees
 DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
+WRITTEN = ("output_dir", "figure_dir", "ref_cache_dir")  # options naming where a stage writes (not its inputs)
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
 
 
@@ -83,21 +84,33 @@ def weights_digest(out: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def option_values(args: list[str]) -> list[tuple[str, str]]:
+    """(option, value) for each value in a command's arguments: --name=VALUE, or VALUE after --name ("" for none)."""
+    out = []
+    for i, a in enumerate(args):
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            if eq:
+                out.append((name, value))
+        else:
+            before = args[i - 1] if i else ""
+            out.append((before[2:] if before.startswith("--") and "=" not in before else "", a))
+    return out
+
+
 def arg_values(command: list[str], root: Path = ROOT) -> list[str]:
-    """The values of a stage's arguments (after the script, which is code; --option=VALUE's too) and the text
-    values of the --config profile it names (a JSON file of argument values: its --data_path, ...)."""
-    args = command[1:]
-    values = [a.split("=", 1)[1] if a.startswith("--") and "=" in a else a for a in args]
-    profiles = [values[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    profiles += [v for a, v in zip(args, values) if a.startswith("--config=")]
-    for name in profiles:
+    """The values of a stage's arguments (after the script, which is code) and the text values of the --config
+    profile it names (a JSON file of argument values: its --data_path, ...), but for the options that say where
+    the stage writes (WRITTEN: what it writes there is no input of it)."""
+    pairs = option_values(command[1:])
+    for name in [v for k, v in pairs if k == "config"]:
         try:
             loaded = json.loads((root / name).read_text())
         except (OSError, ValueError):  # (the stage says what is wrong with it)
             continue
         if isinstance(loaded, dict):
-            values += [v for v in loaded.values() if isinstance(v, str)]
-    return values
+            pairs += [(k, v) for k, v in loaded.items() if isinstance(v, str)]
+    return [v for k, v in pairs if k not in WRITTEN]
 
 
 def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) -> str:
