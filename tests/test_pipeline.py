@@ -178,6 +178,29 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
         assert pipeline.fingerprint(cmd, [], root, out) == base
 
 
+def test_fingerprint_reads_abbreviated_options_as_the_stage_does(tmp_path):
+    """argparse takes an unambiguous prefix of an option (run_pipeline.sh passes its arguments to SFT): --fig DIR
+    is --figure_dir DIR, whose plot entered the fingerprint (retrained on every rerun); --conf FILE is --config FILE,
+    whose data did not (kept after it changed); --stop_after N is --stop_after_steps N (a rerun without it trained
+    anew instead of resuming)."""
+    root = fake_project(tmp_path / "proj")
+    figures, data, profile = tmp_path / "figs", tmp_path / "pairs.json", tmp_path / "profile.json"
+    figures.mkdir()
+    data.write_text("[]")
+    profile.write_text(json.dumps({"data_path": str(data)}))
+    for cmd in (["run_sft.sh", "--fig", str(figures)], ["run_sft.sh", f"--figure_d={figures}"]):
+        base = pipeline.fingerprint(cmd, [], root)
+        (figures / "sft_metrics.png").write_bytes(b"png" * len(cmd[-1]))
+        assert pipeline.fingerprint(cmd, [], root) == base, cmd
+    for cmd in (["run_sft.sh", "--conf", str(profile)], ["run_sft.sh", f"--confi={profile}"]):
+        base = pipeline.fingerprint(cmd, [], root)
+        data.write_text(data.read_text() + " ")
+        assert pipeline.fingerprint(cmd, [], root) != base, cmd
+    plain = pipeline.fingerprint(["run_sft.sh", "--lr", "1"], [], root)
+    for stop in (["--stop_after", "2"], ["--stop_after=2"], ["--stop_after_steps", "2"]):
+        assert pipeline.fingerprint(["run_sft.sh", *stop, "--lr", "1"], [], root) == plain, stop
+
+
 def test_begin_and_end_states(tmp_path, monkeypatch):
     root = fake_project(tmp_path / "proj")
     monkeypatch.delenv("PIPELINE_FRESH", raising=False)

@@ -84,6 +84,12 @@ def weights_digest(out: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def names_option(name: str, option: str) -> bool:
+    """Whether --name is --option as a stage's argparse reads it: the option or an abbreviation of it (argparse takes
+    any unambiguous prefix: --fig for --figure_dir, --conf for --config; an ambiguous one stops the stage)."""
+    return bool(name) and option.startswith(name)
+
+
 def option_values(args: list[str]) -> list[tuple[str, str]]:
     """(option, value) for each value in a command's arguments: --name=VALUE, or VALUE after --name ("" for none)."""
     out = []
@@ -103,14 +109,14 @@ def arg_values(command: list[str], root: Path = ROOT) -> list[str]:
     profile it names (a JSON file of argument values: its --data_path, ...), but for the options that say where
     the stage writes (WRITTEN: what it writes there is no input of it)."""
     pairs = option_values(command[1:])
-    for name in [v for k, v in pairs if k == "config"]:
+    for name in [v for k, v in pairs if names_option(k, "config")]:
         try:
             loaded = json.loads((root / name).read_text())
         except (OSError, ValueError):  # (the stage says what is wrong with it)
             continue
         if isinstance(loaded, dict):
             pairs += [(k, v) for k, v in loaded.items() if isinstance(v, str)]
-    return [v for k, v in pairs if k not in WRITTEN]
+    return [v for k, v in pairs if not any(names_option(k, w) for w in WRITTEN)]
 
 
 def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) -> str:
@@ -197,15 +203,16 @@ def read_record(out: Path) -> dict | None:
 
 
 def without_stop_point(command: list[str]) -> list[str]:
-    """The command less `--stop_after_steps N` (how far one run goes, not what the stage computes): a stage
-    stopped there (exit status 75) is resumed by a rerun with or without it."""
+    """The command less `--stop_after_steps N` (how far one run goes, not what the stage computes; also as
+    --stop_after_steps=N or an abbreviation: names_option): a stage stopped there (exit status 75) is resumed by a
+    rerun with or without it."""
     out, i = [], 0
     while i < len(command):
-        if command[i] == "--stop_after_steps":
-            i += 2
+        name, eq, _ = command[i][2:].partition("=") if command[i].startswith("--") else ("", "", "")
+        if names_option(name, "stop_after_steps"):
+            i += 1 if eq else 2
             continue
-        if not command[i].startswith("--stop_after_steps="):
-            out.append(command[i])
+        out.append(command[i])
         i += 1
     return out
 
