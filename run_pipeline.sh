@@ -10,7 +10,8 @@ source "$(dirname "$0")/scripts/env.sh"
 source "$ROOT/scripts/stage.sh"  # (env.sh moved to $ROOT: a relative $0 names nothing now)
 for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT must write those
   case "$arg" in
-    -h|--help)  # (given to SFT, it printed SFT's help, exited 0 and left output/sft's record as that command's)
+    -h|--h|--he|--hel|--help)  # (given to SFT, as argparse's prefixes of --help too, it printed SFT's help, exited 0
+      # and left output/sft's record as that command's)
       sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$ROOT/run_pipeline.sh"
       echo "SFT's arguments: python -m training.sft.main --help"
       exit 0;;

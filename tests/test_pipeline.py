@@ -316,10 +316,11 @@ def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg)
     assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr
 
 
-def test_the_pipeline_help_prints_its_usage_and_trains_nothing(tmp_path):
+@pytest.mark.parametrize("arg", ["--help", "-h", "--he"])  # (argparse takes --he, --hel for --help)
+def test_the_pipeline_help_prints_its_usage_and_trains_nothing(tmp_path, arg):
     """`bash run_pipeline.sh --help` went to SFT: SFT printed its help and exited 0, and the pipeline went on (the
     embedded defaults built, RM, DPO, ORPO and PPO trained from whatever output/sft held)."""
-    p = subprocess.Popen(["bash", str(ROOT / "run_pipeline.sh"), "--help"], cwd=ROOT, text=True,
+    p = subprocess.Popen(["bash", str(ROOT / "run_pipeline.sh"), arg], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = p.communicate(timeout=60)
