@@ -117,3 +117,11 @@ def test_a_report_inside_a_json_object_reads_as_before():
     for key in ("sentences", "report"):
         r = parse_report(json.dumps({key: [{"copied_content": "A red star.", "score": 3}]}))
         assert [(x["copied_content"], x["score"]) for x in r] == [("A red star.", 3)]
+
+
+def test_stated_counts_split_words_as_the_scorer_does():
+    """The reviser split at every non-letter: "two star-shaped crosses" stated two stars (a count error for a scene
+    with no star), where the CHAIR scorer keeps "star-shaped" whole."""
+    from training.dpo.opa.expert import _stated_counts
+    assert _stated_counts("There are two star-shaped crosses.") == {"cross": 2}
+    assert _stated_counts("The image shows two red circles and one blue star.") == {"circle": 2, "star": 1}

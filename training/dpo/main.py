@@ -109,11 +109,17 @@ def main(argv=None) -> dict:
     return result
 
 
+# Bumped when the reference log-probs of the same model and data change with the code (2: the packed layout
+# follows sliding windows and soft-capping), so a cache computed before is computed anew.
+REF_NUMERICS = 2
+
+
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:
     """What the cached reference log-probs depend on besides the checkpoint's files and the data (its key)."""
     from training.model.fingerprint import model_fingerprint
     m, d, a, lora = cfg["model"], cfg["data"], cfg["dpo"], cfg["lora"]
-    return {"max_seq_len": d.max_seq_len, "template": template, "K": K, "arch": arch_name, "precision": m.precision,
+    return {"numerics": REF_NUMERICS, "max_seq_len": d.max_seq_len, "template": template, "K": K, "arch": arch_name,
+            "precision": m.precision,
             "rows": rows, "skip_bad_rows": d.skip_bad_rows, "qlora": lora.qlora,
             # a model built from parts ignores from_checkpoint: each part's files (a folder's), else its name
             "parts": [(x, model_fingerprint(x)) if x and Path(x).is_dir() else x for x in (m.vision_tower,

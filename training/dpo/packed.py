@@ -6,7 +6,8 @@ The language model's attention implementation becomes "sdpa_prefix" (registered 
 keyword `prefix_layout` (passed through the model's forward kwargs, so gradient-checkpointing
 recomputation gets it too) it gathers each item's queries, keys and values side by side, (N, H, T, D),
 runs one SDPA call under the items' prefix masks and scatters the result back to the packed tokens;
-without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged.
+without it, it is plain SDPA with the usual masks, so generation and every other forward are unchanged (but for
+a model whose attention soft-caps its logits: SDPA has no soft-capping, so its other forwards differ).
 A layer's sliding window (Mistral, Gemma 2, Phi-3) narrows each item's mask by position, as the plain masks do,
 and attention-logit soft-capping (Gemma 2) runs the attention unfused (SDPA has none), as eager attention does.
 Only attention sees the items padded to the longest; projections and MLPs run on real tokens only.

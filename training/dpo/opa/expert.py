@@ -62,10 +62,12 @@ def _truth(facts: list[str], reference: str) -> tuple[set[str], dict[str, int]]:
 
 
 def _stated_counts(sentence: str) -> dict[str, int]:
-    """{kind: n} for each "<number> [colour] <kind>" in the sentence."""
+    """{kind: n} for each "<number> [colour] <kind>" in the sentence; words as the scorer splits them
+    (eval.nouns), so "two star-shaped crosses" counts crosses, not stars."""
+    from eval.nouns import tokenize
     from training.world.scenes import KINDS, NUMBERS, PLURAL
     nouns = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
-    words = re.findall(r"[a-z]+", sentence.lower())
+    words = tokenize(sentence.lower())
     out = {}
     for i, w in enumerate(words):
         if w in NUMBERS:

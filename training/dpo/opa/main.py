@@ -223,10 +223,12 @@ def step_rollout(a, work: Path) -> None:
     decode = DecodeArgs(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature)
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", disable=not a.progress, dynamic_ncols=True)
+    written = 0
     with out.open("a") as f:
         for i in range(0, len(todo), a.rollout_batch_size):
             chunk = todo[i:i + a.rollout_batch_size]
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
+            asked = len(chunk)
             chunk, images, encoded = fitting_prompts(enc, chunk, a.image_folder, report)
             report.write(work)
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device,
@@ -237,9 +239,11 @@ def step_rollout(a, work: Path) -> None:
                 f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question, "prompt": messages,
                                     "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
             f.flush()
-            bar.update(len(chunk))
+            bar.update(asked)
+            written += len(chunk)
     bar.close()
-    print(f"rollouts: {len(todo)} new -> {out}")
+    print(f"rollouts: {written} new -> {out}" + (f" ({len(todo) - written} prompts bad rows)" if written < len(todo)
+                                                  else ""))
     del model
     if device.startswith("cuda"):  # the SFT and DPO steps train in processes of their own on this GPU
         import gc
