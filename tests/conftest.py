@@ -1,4 +1,5 @@
-"""Tests never reach the network: the Hub and datasets run offline."""
+"""Tests never reach the network: the Hub and datasets run offline; they write nothing into the working folder's
+figure/ (a stage run without --figure_dir plots there)."""
 import os
 import sys
 from pathlib import Path
@@ -22,3 +23,12 @@ def world(tmp_path_factory):
 def tiny(tmp_path_factory):
     from sft_helpers import make_tiny
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_plots_in_the_working_folder():
+    figure = Path(__file__).parents[1] / "figure"
+    before = set(figure.glob("*.png"))
+    yield
+    added = sorted(p.name for p in set(figure.glob("*.png")) - before)
+    assert not added, f"tests wrote {added} into {figure}: pass --figure_dir under tmp_path"

@@ -392,6 +392,7 @@ def test_one_sft_step_through_the_stage(arch, ckpts, tmp_path):
           "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_seq_len", "256", "--no-progress",
           # 2 micro-batches of 2: the one step sees all 4 rows (multi-turn, two-image, image after text)
           "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--output_dir", str(out),
+          "--figure_dir", str(tmp_path / "figure"),  # not the working folder's figure/
           "--num_warmup_steps", "0"])  # (a warm-up's first step is at learning rate 0, as transformers')
     assert (out / "model.safetensors").is_file()
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
