@@ -3,6 +3,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ -n "${NUM_GPUS:-}" ] && ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "NUM_GPUS=$NUM_GPUS: expected a whole number of ranks per node, at least 1 (unset: every GPU, or one" \
+       "CPU rank)" >&2
+  exit 2
+fi
 PY="$ROOT/.venv/bin/python"
 if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.txt" -nt "$ROOT/.venv/.installed" ]; then
   echo "setting up $ROOT/.venv (first run: a few minutes)" >&2
@@ -18,7 +23,6 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
   # each of the NUM_GPUS ranks (processes) a share of the cores: ranks running a thread per core each spin against
   # one another (two SFT ranks on two cores: 7.2 s a step instead of 0.3)
   ranks="${NUM_GPUS:-1}"
-  [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || ranks=1
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > ranks ? $(nproc) / ranks : 1 ))}"
 fi
 export TOKENIZERS_PARALLELISM=false

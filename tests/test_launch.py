@@ -106,3 +106,12 @@ def test_cpu_ranks_share_the_cores(env):
     cores = len(os.sched_getaffinity(0))
     want = env.get("OMP_NUM_THREADS") or str(max(1, cores // int(env.get("NUM_GPUS", "1"))))
     assert threads == want
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "2.5"])
+def test_a_num_gpus_that_is_no_rank_count_is_refused_by_name(value):
+    """NUM_GPUS=abc printed "integer expression expected" and went on (run_predict.sh), or reached the launcher."""
+    base = {k: v for k, v in os.environ.items() if k != "NUM_GPUS"}
+    p = subprocess.run(["bash", "-c", "source scripts/env.sh; echo reached"], cwd=ROOT, env={**base, "NUM_GPUS": value},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "reached" not in p.stdout and f"NUM_GPUS={value}: expected" in p.stderr

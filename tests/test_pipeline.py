@@ -217,6 +217,8 @@ def test_begin_and_end_states(tmp_path, monkeypatch):
     assert rec["status"] == "done" and rec["command"] == ["s"]
     assert pipeline.begin(out, ["s"], [], root) == "skip"
     assert json.loads((out / pipeline.RECORD).read_text()) == rec  # a kept stage's record is untouched
+    monkeypatch.setenv("PIPELINE_FRESH", "0")  # (it retrained every stage: any value did)
+    assert pipeline.begin(out, ["s"], [], root) == "skip"
     monkeypatch.setenv("PIPELINE_FRESH", "1")
     assert pipeline.begin(out, ["s"], [], root) == "fresh"
     monkeypatch.delenv("PIPELINE_FRESH")

@@ -22,7 +22,7 @@ stage's fingerprint and the names, sizes and times of its weight files. `begin` 
 and records the start (unless skip). `end` records the finish of the command begun: the stage's output
 keeps the fingerprint of the code and inputs it started with; a command that wrote no model into OUT (its
 weight files are those there when it began: --help, or an --output_dir elsewhere) is not marked finished.
-PIPELINE_FRESH=1 makes every stage fresh.
+PIPELINE_FRESH=1 makes every stage fresh (0, false, no or empty: as unset).
 """
 from __future__ import annotations
 
@@ -252,12 +252,17 @@ def checkpoint_marks(out: Path) -> list:
                   for f in Path(out).glob("checkpoints/**/latest") if f.is_file())
 
 
+def fresh_requested() -> bool:
+    """PIPELINE_FRESH set to anything but empty, 0, false or no (PIPELINE_FRESH=0 retrained every stage)."""
+    return os.environ.get("PIPELINE_FRESH", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) -> str:
     fp = fingerprint(command, after, root, out)
     rec = read_record(out)
     state = "fresh"
     marks = checkpoint_marks(out)
-    if rec and rec["fingerprint"] == fp and not os.environ.get("PIPELINE_FRESH"):
+    if rec and rec["fingerprint"] == fp and not fresh_requested():
         if rec["status"] != "done":  # interrupted: continued from the last checkpoint it wrote, if it wrote one (not
             # one an earlier run with other arguments left there, which the stage removes only once it starts training)
             state = "resume" if marks and marks != rec.get("checkpoints_at_start") else "fresh"
