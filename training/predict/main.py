@@ -135,19 +135,20 @@ def unique_ids(records) -> None:
         seen[qid] = r.source
 
 
-def fitting(chunk: list, images: list, encoder, report) -> tuple[list, list, list]:
+def fitting(chunk: list, images: list, encoder, report, prompt=lambda r: r.prompt,
+            where=lambda r: (r.source, r.prompt_field)) -> tuple[list, list, list]:
     """(records, their images, their encoded prompts) of a batch, without the questions whose prompt does not
     fit max_seq_len: each is a bad row of `report` naming its file, row and text field (an error, or with
-    --skip_bad_rows skipped and counted)."""
+    --skip_bad_rows skipped and counted). prompt(r), where(r): a record's messages and its (source, field)."""
     from training.predict.generate import encode_prompts
     from training.templates.chat import RowNotEncodable
 
     kept = []
     for r, im in zip(chunk, images):
         try:
-            kept.append((r, im, encode_prompts(encoder, [r.prompt], [im])[0]))
+            kept.append((r, im, encode_prompts(encoder, [prompt(r)], [im])[0]))
         except RowNotEncodable as err:
-            report.bad(r.source, r.prompt_field, str(err))
+            report.bad(*where(r), str(err))
     return tuple(map(list, zip(*kept))) if kept else ([], [], [])
 
 

@@ -180,29 +180,15 @@ def rollout_settings(a) -> dict:
             "rollout_batch_size": a.rollout_batch_size}
 
 
-def fitting_prompts(enc, chunk: list, image_root: str, report) -> tuple[list, list, list]:
-    """(the rows of a chunk whose prompt fits --max_seq_len, their images, their encoded prompts); each other is a
-    bad row of `report` naming its file, row and field (an error, or with --skip_bad_rows skipped and counted)."""
-    from training.data.images import load_image
-    from training.templates.chat import RowNotEncodable
-
-    kept = []
-    for r in chunk:
-        images = [load_image(r[2], image_root)]
-        try:
-            kept.append((r, images, enc.encode(r[1], images, add_generation_prompt=True)))
-        except RowNotEncodable as err:
-            report.bad(*r[6], str(err))
-    return tuple(map(list, zip(*kept))) if kept else ([], [], [])
-
-
 def step_rollout(a, work: Path) -> None:
     import torch
 
     from training.config import LoraArgs, ModelArgs
     from training.data.bad_rows import BadRowReport
+    from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
     from training.predict.generate import DecodeArgs, generate_batch
+    from training.predict.main import fitting
     from training.files import check_settings
     from training.templates.chat import ChatEncoder
 
@@ -229,7 +215,8 @@ def step_rollout(a, work: Path) -> None:
             chunk = todo[i:i + a.rollout_batch_size]
             torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
             asked = len(chunk)
-            chunk, images, encoded = fitting_prompts(enc, chunk, a.image_folder, report)
+            images = [[load_image(r[2], a.image_folder)] for r in chunk]
+            chunk, images, encoded = fitting(chunk, images, enc, report, prompt=lambda r: r[1], where=lambda r: r[6])
             report.write(work)
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device,
                                    encoded) if chunk else []
