@@ -11,7 +11,10 @@ never learns to stop.
 
 Segments are tokenised one by one: a prompt segment that holds images goes through the processor
 (which expands the image placeholders exactly as the model expects and returns pixel inputs);
-other segments go through the tokenizer. Truncation drops tokens from the end but never cuts an
+other segments go through the tokenizer. A later segment is tokenised after the text before it, back to
+that text's last special token (written as the EOS), and that context's tokens are dropped: a tokenizer
+that puts a prefix space in front of what it is given (SentencePiece's "▁" in Llama and Mistral
+tokenizers) would otherwise give each segment tokens the whole conversation does not have. Truncation drops tokens from the end but never cuts an
 image's tokens: a later turn whose images would be cut is dropped whole, with its images, and a
 sample whose first prompt (with its images) does not fit raises `PromptTooLong`, as does a prompt
 to answer (generation: no targets) that does not fit whole.
@@ -29,6 +32,7 @@ sample (see `merge_vision`) and padded like input_ids by the collator.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -256,7 +260,37 @@ class ChatEncoder:
         return [s for s in segs if s[0]]
 
     # ---- tokens --------------------------------------------------------------------------
-    def _tokenize(self, text: str, images: list, first: bool) -> tuple[list[int], dict]:
+    @functools.cached_property
+    def _section_starts(self) -> re.Pattern | None:
+        """The tokens that start a new section for the tokenizer (its special and added tokens): the text after
+        one is tokenised the same alone as within the whole conversation."""
+        tokens = sorted(self._special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    def _context(self, before: str) -> str:
+        """What a segment following the text `before` continues, as the tokenizer sees it within the whole
+        conversation: `before` from its last special token on (that token written as the EOS, which needs no
+        image), else all of `before` (the conversation's first section)."""
+        last = None
+        for last in self._section_starts.finditer(before) if self._section_starts else ():
+            pass
+        anchor = self.tokenizer.eos_token
+        if last is None or not anchor:
+            return before
+        return anchor + before[last.end():]
+
+    def _tokenize(self, text: str, images: list, first: bool, context: str = "") -> tuple[list[int], dict]:
+        """The tokens of `text` (and its pixel inputs) as they are in the whole conversation, where `context` is
+        the text before it (see `_context`); the tokens of a context that a token of `text` would merge into
+        cannot be dropped, and `text` is then tokenised alone."""
+        if context and self.image_token not in context:
+            head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            ids, vision = self._tokenize_alone(context + text, images, first=False)
+            if ids[:len(head)] == head:
+                return ids[len(head):], {k: v[:, len(head):] if k in TOKEN_ALIGNED else v for k, v in vision.items()}
+        return self._tokenize_alone(text, images, first)
+
+    def _tokenize_alone(self, text: str, images: list, first: bool) -> tuple[list[int], dict]:
         bos = self.tokenizer.bos_token
         add_special = first and not (bos and text.startswith(bos))
         if images:
@@ -291,18 +325,18 @@ class ChatEncoder:
         n_needed = sum(t.count(self.image_token) for t, _ in segs)
         if n_needed != len(images):  # (a rollout or an expert's text can spell "<image>": that row, not the run)
             raise RowNotEncodable(f"conversation has {n_needed} image placeholders but {len(images)} images")
-        pieces, img_i = [], 0  # (ids, is_target, vision, n_images)
+        pieces, img_i, before = [], 0, ""  # (ids, is_target, vision, n_images)
         for k, (text, target) in enumerate(segs):
-            n = text.count(self.image_token)
-            key = (k, img_i, text)
+            n, context = text.count(self.image_token), self._context(before)
+            key = (k, img_i, context, text)
             if memo is not None and key in memo:
                 ids, vision = memo[key]
             else:
-                ids, vision = self._tokenize(text, images[img_i:img_i + n], first=k == 0)
+                ids, vision = self._tokenize(text, images[img_i:img_i + n], first=k == 0, context=context)
                 if memo is not None:
                     memo[key] = ids, vision
             pieces.append((ids, target, vision, n))
-            img_i += n
+            img_i, before = img_i + n, before + text
         return self._assemble(pieces, whole=add_generation_prompt)
 
     def _assemble(self, pieces, whole: bool = False) -> Encoded:
