@@ -15,12 +15,11 @@ for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT mu
       sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$ROOT/run_pipeline.sh"
       echo "SFT's arguments: python -m training.sft.main --help"
       exit 0;;
-    --ou*|--world_d*|--world_s*)  # (with the prefixes argparse takes for them: --out, --world_s=1)
-      echo "run_pipeline.sh: ${arg%%=*} is not a pipeline option (the later stages read output/sft and data/world);" \
-           "run the stages' scripts one by one to use another" >&2
-      exit 2;;
   esac
 done
+# --output_dir, --world_dir, --world_seed (or argparse's prefixes of them: --out, --world_s=1), on the command line
+# or in a --config profile: SFT would write or read elsewhere, and exit 2
+python -m training.pipeline check -- "$@" || exit $?
 python -m training.pipeline prepare
 stage output/sft -- run_sft.sh "$@"
 stage output/rm output/sft -- run_rm_training.sh

@@ -178,6 +178,47 @@ def test_fingerprint_follows_files_named_by_arguments(tmp_path):
         assert pipeline.fingerprint(cmd, [], root, out) == base
 
 
+def test_a_folder_argument_holding_the_repository_leaves_out_what_runs_write(tmp_path):
+    """--image_folder . named the repository, whose output/ and figure/ every stage writes: each stage's fingerprint
+    then changed with the others' outputs, and every rerun retrained it. A file named inside output/ still counts."""
+    root = fake_project(tmp_path / "proj")
+    (root / "images").mkdir()
+    (root / "images" / "a.png").write_bytes(b"png")
+    (root / "output" / "opa").mkdir(parents=True)
+    (root / "output" / "opa" / "pairs.json").write_text("[]")
+    cmd = ["run_sft.sh", "--image_folder", ".", "--data_path", "output/opa/pairs.json"]
+    base = pipeline.fingerprint(cmd, [], root)
+    for written in ("output/dpo/model.safetensors", "figure/dpo_metrics.png", ".venv/x.py"):
+        (root / written).parent.mkdir(parents=True, exist_ok=True)
+        (root / written).write_bytes(b"w")
+    assert pipeline.fingerprint(cmd, [], root) == base
+    (root / "images" / "a.png").write_bytes(b"png2")
+    assert pipeline.fingerprint(cmd, [], root) != base
+    base = pipeline.fingerprint(cmd, [], root)
+    (root / "output" / "opa" / "pairs.json").write_text("[1]")
+    assert pipeline.fingerprint(cmd, [], root) != base
+
+
+def test_a_refused_command_leaves_the_finished_run_kept(tmp_path, monkeypatch):
+    """A command that wrote no model into the stage's output (--help, an output_dir elsewhere) is not marked
+    finished; its start replaced the finished run's record, so the next run of the original command retrained."""
+    root = fake_project(tmp_path / "proj")
+    monkeypatch.delenv("PIPELINE_FRESH", raising=False)
+    out = tmp_path / "out"
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+    _finish(out, ["s"])
+    assert pipeline.begin(out, ["s", "--help"], [], root) == "fresh"
+    with pytest.raises(SystemExit, match="wrote no model"):
+        pipeline.end(out, ["s", "--help"])
+    assert pipeline.begin(out, ["s"], [], root) == "skip"
+    # one that did write its model is that model's record from then on
+    assert pipeline.begin(out, ["s", "--lr", "2"], [], root) == "fresh"
+    _finish(out, ["s", "--lr", "2"])
+    rec = json.loads((out / pipeline.RECORD).read_text())
+    assert rec["status"] == "done" and rec["command"] == ["s", "--lr", "2"] and "finished_before" not in rec
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+
+
 def test_fingerprint_reads_abbreviated_options_as_the_stage_does(tmp_path):
     """argparse takes an unambiguous prefix of an option (run_pipeline.sh passes its arguments to SFT): --fig DIR
     is --figure_dir DIR, whose plot entered the fingerprint (retrained on every rerun); --conf FILE is --config FILE,
@@ -299,7 +340,9 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     # and RM, DPO, ORPO and PPO then trained from the old SFT model, recorded as the `--help` command's)
     assert pipeline_run("--lr 7")[:2] == (0, ["a --lr 7 --resume", "b", "c --x 1"])
     rc, ran, _ = pipeline_run("--help", {"NO_MODEL": "1"})
-    assert rc != 0 and ran == ["a --help"] and json.loads((a / pipeline.RECORD).read_text())["status"] == "started"
+    rec = json.loads((a / pipeline.RECORD).read_text())  # not the --help command's: the finished run's, kept
+    assert rc != 0 and ran == ["a --help"] and (rec["status"], rec["command"][-2:]) == ("done", ["--lr", "7"])
+    assert pipeline_run("--lr 7")[:2] == (0, [])  # (its record replaced, a retrained once)
 
 
 def test_stage_function_without_separator_stops(tmp_path):
@@ -316,6 +359,17 @@ def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg)
     proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), arg, "x"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["output_dir", "world_dir", "world_seed"])
+def test_the_pipeline_refuses_them_in_a_profile(tmp_path, key):
+    """The same options set by a --config profile went to SFT unchecked."""
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"learning_rate": 1e-3, key: 1 if key == "world_seed" else "elsewhere"}))
+    for args in (["--config", str(profile)], [f"--conf={profile}"]):
+        proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), *args], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+        assert proc.returncode == 2 and f"{profile}: {key} is not a pipeline option" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("arg", ["--help", "-h", "--he"])  # (argparse takes --he, --hel for --help)

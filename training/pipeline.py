@@ -10,7 +10,8 @@ its command line, the code it runs (every file under training/, eval/, scripts/,
 scripts and requirements.txt, except the Python modules its script neither starts nor imports, directly
 or through other modules: code_files), those default inputs (data/world, output/tiny_vlm_init), the names,
 sizes and modification times of the files that its arguments name (a --data_path, an --image_folder,
-a --from_checkpoint outside the pipeline's own stages; a --config profile's too), the ranks
+a --from_checkpoint outside the pipeline's own stages; a --config profile's too; a folder that holds
+the repository's output/ or figure/ less those), the ranks
 (NUM_GPUS, HOSTFILE and its lines, DS_ACCELERATOR, how many GPUs a launch sees) and, for each finished stage it
 starts from (--after), that
 stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
@@ -21,7 +22,8 @@ stage's fingerprint and the names, sizes and times of its weight files. `begin` 
   fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
 and records the start (unless skip). `end` records the finish of the command begun: the stage's output
 keeps the fingerprint of the code and inputs it started with; a command that wrote no model into OUT (its
-weight files are those there when it began: --help, or an --output_dir elsewhere) is not marked finished.
+weight files are those there when it began: --help, or an --output_dir elsewhere) is not marked finished, and
+the record of the run whose model is still there comes back.
 PIPELINE_FRESH=1 makes every stage fresh (0, false, no or empty: as unset).
 """
 from __future__ import annotations
@@ -47,6 +49,11 @@ INPUTS = ("data/world", "output/tiny_vlm_init")
 ENV = ("NUM_GPUS", "HOSTFILE", "DS_ACCELERATOR")  # + the hostfile's text and how many GPUs a launch sees
 DERIVED = ("__pycache__", REF_CACHE_FOLDER)  # compiled code; DPO's reference log-probs, cached beside the data
 WRITTEN = ("output_dir", "figure_dir", "ref_cache_dir")  # options naming where a stage writes (not its inputs)
+# what run_pipeline.sh's arguments (SFT's) may not set: the later stages read output/sft and data/world
+PIPELINE_FIXED = ("output_dir", "world_dir", "world_seed")
+# folders of the repository that hold what runs write (or its environment), left out of a folder argument that holds
+# them (--image_folder .: every stage's output would be an input of it) unless the argument names a path inside
+PRODUCTS = ("output", "figure", ".git", ".venv")
 WHOLE_FILE_MAX = 64 * 2 ** 20  # larger files enter the fingerprint by size and modification time
 
 
@@ -123,13 +130,16 @@ def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) ->
     """Names, sizes and modification times of the files and folders the stage's arguments name (arg_values),
     except those inside `skip` (the stage's output and the stages it starts from, which their records cover)."""
     skip = [(root / s).resolve() for s in skip]
+    products = [(root / x).resolve() for x in PRODUCTS]
     stats = []
     for value in arg_values(command, root):
         for part in value.split(","):  # --data_path takes a comma-separated list
             p = (root / part) if part else None
             if p is None or not p.exists() or any(p.resolve().is_relative_to(s) for s in skip):
                 continue
-            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(_files(p))]
+            held = [x for x in products if x.is_relative_to(p.resolve()) and x != p.resolve()]
+            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(_files(p))
+                      if not any(f.resolve().is_relative_to(x) for x in held)]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
@@ -195,6 +205,20 @@ def code_files(command: list[str], root: Path = ROOT) -> list[str]:
              if used is None or f in used or f.suffix != ".py"]
     files += sorted(root.glob("run_*.sh")) + [f for f in [root / "requirements.txt"] if f.is_file()]
     return sorted({str(f.relative_to(root)) for f in files})
+
+
+def refused_options(args: list[str], root: Path = ROOT) -> list[str]:
+    """What in run_pipeline.sh's arguments (given to SFT) sets a PIPELINE_FIXED option: an option as argparse reads
+    it (an abbreviation too), or a key of a --config profile they name."""
+    found = [a.partition("=")[0] for a in args
+             if a.startswith("--") and any(names_option(a[2:].partition("=")[0], o) for o in PIPELINE_FIXED)]
+    for name in [v for k, v in option_values(args) if names_option(k, "config")]:
+        try:
+            loaded = json.loads((root / name).read_text())
+        except (OSError, ValueError):  # (SFT says what is wrong with it)
+            continue
+        found += [f"{name}: {k}" for k in (loaded if isinstance(loaded, dict) else ()) if k in PIPELINE_FIXED]
+    return found
 
 
 def read_record(out: Path) -> dict | None:
@@ -271,7 +295,9 @@ def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) ->
     if state != "skip":  # (the weights there now: `end` refuses a stage that leaves them as they were)
         _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after,
                      "weights_at_start": weights_digest(out) if Path(out).is_dir() else None,
-                     "checkpoints_at_start": rec.get("checkpoints_at_start") if state == "resume" else marks})
+                     "checkpoints_at_start": rec.get("checkpoints_at_start") if state == "resume" else marks,
+                     # the finished run whose model is there: `end` puts its record back if this one writes none
+                     "finished_before": rec if rec and rec["status"] == "done" else (rec or {}).get("finished_before")})
     return state
 
 
@@ -282,9 +308,13 @@ def end(out: Path, command: list[str]) -> None:
     # e.g. a --config profile's output_dir, or --help: the later stages read `out`, where an earlier run's model
     # may still lie (it would be marked as this command's)
     if not weight_files(out) or weights_digest(out) == rec.get("weights_at_start"):
+        before = rec.get("finished_before")
+        if before and before["weights"] == weights_digest(out):  # its model is still there, and still its
+            _write(out, before)
         raise SystemExit(f"pipeline: the stage wrote no model into {out}, where the later stages read it (did an "
                          "argument or a --config profile send its output elsewhere?); not marked finished")
-    _write(out, {**rec, "status": "done", "weights": weights_digest(out)})
+    done = {k: v for k, v in rec.items() if k != "finished_before"}
+    _write(out, {**done, "status": "done", "weights": weights_digest(out)})
 
 
 def prepare(root: Path = ROOT) -> None:
@@ -303,7 +333,7 @@ def _write(out: Path, rec: dict) -> None:
 
 def main(argv=None) -> str | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["prepare", "begin", "end"])
+    p.add_argument("action", choices=["prepare", "check", "begin", "end"])
     p.add_argument("out", nargs="?")
     p.add_argument("--after", nargs="*", default=[])
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -312,7 +342,13 @@ def main(argv=None) -> str | None:
     if a.action == "prepare":
         prepare()
         return None
-    if not a.out or not command:
+    if a.action == "check":  # run_pipeline.sh's arguments, for SFT
+        for what in refused_options(command):
+            print(f"run_pipeline.sh: {what} is not a pipeline option (the later stages read output/sft and data/world);"
+                  " run the stages' scripts one by one to use another", file=sys.stderr)
+            raise SystemExit(2)
+        return None
+    if not a.out or not command:  # (check: its arguments are all after --)
         raise SystemExit("pipeline: give the stage's output folder, and its command after --")
     if a.action == "begin":
         state = begin(Path(a.out), command, a.after)
