@@ -134,14 +134,14 @@ def test_a_wrong_count_never_falls_below_the_colours_it_lists():
 
 def test_pope_adversarial_negatives_co_occur_most_with_the_positives(tmp_path):
     """POPE's adversarial split: for each positive in turn, the absent kind that co-occurs with it most often
-    (in the SFT scenes). The negatives after the absent partners were the most frequent kinds instead: a scene
-    holding a circle and a square (partners) was asked about the two commonest kinds, whatever their
-    co-occurrence with circles and squares."""
+    in the images asked about, as POPE counts it (they were counted in the SFT scenes). The negatives after the
+    absent partners were the most frequent kinds instead: a scene holding a circle and a square (partners) was asked
+    about the two commonest kinds, whatever their co-occurrence with circles and squares."""
     from collections import Counter
     meta = generate(tmp_path, WorldConfig(seed=0, n_sft=1000, n_pref=2, n_ppo=2, n_heldout=60))
     kinds = {n: [sorted({o["kind"] for o in s["objects"]}, key=KINDS.index) for s in sc]
              for n, sc in meta["scenes"].items()}
-    co = Counter((a, b) for ks in kinds["sft"] for a in ks for b in ks if a != b)
+    co = Counter((a, b) for ks in kinds["heldout"] for a in ks for b in ks if a != b)
     rows = [json.loads(x) for x in (tmp_path / "bench_pope_adversarial.jsonl").read_text().splitlines()]
     for s, pos in zip(meta["scenes"]["heldout"], kinds["heldout"]):
         neg = [r["object"] for r in rows if r["image"] == f"{s['id']}.png" and r["label"] == "no"]
@@ -149,3 +149,17 @@ def test_pope_adversarial_negatives_co_occur_most_with_the_positives(tmp_path):
         assert len(neg) == len(pos)
         for i, (p, k) in enumerate(zip(pos, neg)):
             assert co[(p, k)] == max(co[(p, x)] for x in absent if x not in neg[:i]), (pos, neg)
+
+
+def test_pope_popular_negatives_are_the_commonest_absent_kinds_of_the_images_asked_about(tmp_path):
+    """POPE's popular split ranks the kinds by how many of the images it asks about hold them (they were counted in
+    the SFT scenes, another sample)."""
+    from collections import Counter
+    meta = generate(tmp_path, WorldConfig(seed=1, n_sft=50, n_pref=2, n_ppo=2, n_heldout=40))
+    kinds = [sorted({o["kind"] for o in s["objects"]}, key=KINDS.index) for s in meta["scenes"]["heldout"]]
+    freq = Counter(k for ks in kinds for k in ks)
+    rows = [json.loads(x) for x in (tmp_path / "bench_pope_popular.jsonl").read_text().splitlines()]
+    for s, pos in zip(meta["scenes"]["heldout"], kinds):
+        neg = [r["object"] for r in rows if r["image"] == f"{s['id']}.png" and r["label"] == "no"]
+        absent = sorted((k for k in KINDS if k not in pos), key=lambda k: (-freq[k], KINDS.index(k)))
+        assert neg == absent[:len(pos[:3])], (pos, neg)

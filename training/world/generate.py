@@ -26,7 +26,7 @@ from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene
 
 DESCRIBE = "Describe the image in detail."
 # Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
-VERSION = 5
+VERSION = 6
 POPE_SUFFIX = ""
 
 
@@ -130,7 +130,8 @@ def _most_cooccurring(pos: list[str], absent: list[str], co: Counter) -> list[st
 
 
 def _pope(scenes: list[Scene], split: str, rng: random.Random, freq: Counter, co: Counter) -> list[dict]:
-    """POPE questions; `freq` counts the kinds and `co` the ordered pairs of kinds of the SFT scenes."""
+    """POPE questions; `freq` counts the kinds and `co` the ordered pairs of kinds of the evaluated scenes (POPE counts
+    them over the images it asks about)."""
     rows = []
     for s in scenes:
         pos = s.kinds[:3]
@@ -158,8 +159,8 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
             render(s).save(out / "images" / f"{s.id}.png")  # always: ids repeat across seeds and sizes
     sft, n_hal = _sft_rows(splits["sft"], rng, cfg.hallucination_rate)
     held = splits["heldout"]
-    freq = Counter(k for s in splits["sft"] for k in s.kinds)
-    co = Counter((a, b) for s in splits["sft"] for a in s.kinds for b in s.kinds if a != b)
+    freq = Counter(k for s in held for k in s.kinds)
+    co = Counter((a, b) for s in held for a in s.kinds for b in s.kinds if a != b)
     files = {
         "sft_train.json": sft,
         "preference_train.json": _pref_rows(splits["pref"], rng, ranked=False),
