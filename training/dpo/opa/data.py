@@ -115,7 +115,9 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
     character offsets), located inside the response ids (the template may add tokens around it, which
     keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
-    weight). A tokenizer that merges across the template boundary leaves all weights at 1."""
+    weight). A token stands where its first character other than whitespace does: a word token that holds the
+    space before it (SentencePiece's "▁No", byte-level "ĠThe") is its sentence's first token, not one between
+    sentences. A tokenizer that merges across the template boundary leaves all weights at 1."""
     w = torch.ones(len(response_ids))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -129,7 +131,9 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
             continue
         spans.append((s, s + len(sentence.strip()), float(weight)))
         pos = s + len(sentence.strip())
-    for t, (a, _) in enumerate(offsets[:n]):
+    for t, (a, b) in enumerate(offsets[:n]):
+        word = text[a:b].lstrip()
+        a = b - len(word) if word else a  # (a token of whitespace alone stays where it starts)
         for s, e, weight in spans:
             if s <= a < e:
                 w[start + t] = weight
