@@ -19,3 +19,36 @@ def test_a_sentences_first_word_holding_the_space_before_it_has_the_sentences_we
     w = token_weights(tok, text, [[FIRST, 2.0], [SECOND, 3.0]], ids).tolist()
     n1 = pieces.index("▁No,")
     assert w == [2.0] * n1 + [3.0] * (len(ids) - n1)  # "▁No," had weight 1
+
+
+def _tiny_llava_processor():
+    from training.model.tiny_archs import _BUILDERS
+    return _BUILDERS["llava"]()[1]
+
+
+@pytest.mark.parametrize("make", ["sp_first", "sp_always", "byte_level"])
+def test_an_answers_tokens_carry_their_weights_as_the_conversation_tokenises_them(make, tmp_path):
+    """Tokenised alone, the answer began with a token its encoded response does not hold: SentencePiece's "▁ci"
+    where it follows the prompt's "A:" directly ("ci"), byte-level "c" where it follows "ASSISTANT: " ("Ġc");
+    the answer was not found in its response and every weight was 1."""
+    from PIL import Image
+
+    from test_template_sentencepiece import processor
+    from training.data.bad_rows import BadRowReport
+    from training.dpo.opa.data import OPADataset
+    from training.model.architectures import ARCHITECTURES
+    from training.templates.chat import ChatEncoder
+
+    proc = _tiny_llava_processor() if make == "byte_level" else processor(make == "sp_always", "joined")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    one, two = "circle and two blue squares.", SECOND
+    revised = f"{one} {two}"
+    row = {"id": "x", "image": "red.png", "question": "Describe.", "gt": FIRST, "rollout": FIRST, "revised": revised,
+           "rollout_weights": [[FIRST, 1.0]], "revised_score_weights": [[one, 2.0], [two, 3.0]],
+           "revised_type_weights": [[one, 2.0], [two, 3.0]]}
+    ds = OPADataset([row], ChatEncoder(proc, ARCHITECTURES["llava"], 512), str(tmp_path), BadRowReport())
+    real, mask = ds[0]
+    tok = proc.tokenizer
+    for ids, w in ((real.responses[1], real.weights[1]), (real.responses[3], real.weights[3]),
+                   (mask.responses[1], mask.weights[1])):
+        assert tok.decode(ids[w == 2.0]).strip() == one and tok.decode(ids[w == 3.0]).strip() == two

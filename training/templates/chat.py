@@ -279,6 +279,19 @@ class ChatEncoder:
             return before
         return anchor + before[last.end():]
 
+    def answer_context(self, messages: list[Message]) -> tuple[str, str]:
+        """(context, lead) of the last answer of `messages` as `encode` tokenises it: its segment is tokenised after
+        `context` (whose tokens are dropped; see `_context`) and starts with `lead`, the template's text before the
+        message's content (the space after "ASSISTANT:"). ("", "") where the segment does not hold the content (a
+        template that rewrites it): the content is then tokenised alone."""
+        segs = self.segments(messages)
+        k = max((i for i, (_, target) in enumerate(segs) if target), default=None)
+        at = -1 if k is None else segs[k][0].find(messages[-1].content)
+        if at < 0:
+            return "", ""
+        context = self._context("".join(text for text, _ in segs[:k])) if k else ""
+        return ("" if self.image_token in context else context), segs[k][0][:at]
+
     def _tokenize(self, text: str, images: list, first: bool, context: str = "") -> tuple[list[int], dict]:
         """The tokens of `text` (and its pixel inputs) as they are in the whole conversation, where `context` is
         the text before it (see `_context`); the tokens of a context that a token of `text` would merge into
