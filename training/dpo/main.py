@@ -111,8 +111,9 @@ def main(argv=None) -> dict:
 
 # Bumped when the reference log-probs of the same model and data change with the code (2: the packed layout
 # follows sliding windows and soft-capping; 3: a SentencePiece tokenizer's segments are tokenised as in the whole
-# conversation), so a cache computed before is computed anew.
-REF_NUMERICS = 3
+# conversation; 4: OPA's per-token weights, in the cached weighted sums, are those of each answer's tokens as its
+# conversation holds them), so a cache computed before is computed anew.
+REF_NUMERICS = 4
 
 
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:
