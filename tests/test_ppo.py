@@ -3,8 +3,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from sft_helpers import make_reward_model, ppo_args, weights
 
+from training.data.records import Message
 from training.ppo.main import main
 from training.ppo.trainer import NonFiniteError, PPOTrainer
 
@@ -172,6 +174,23 @@ def test_a_response_spelling_the_image_placeholder_is_scored(world, tiny, rm, tm
     enc = type("E", (), {"image_token": "<image>"})()
     assert readable_response("a <image> b <image>", enc) == "a  b "
     assert readable_response("a <ima<image>ge> b", enc) == "a  b"  # one pass would join another
+
+
+def test_a_response_spelling_an_end_token_is_scored_without_it():
+    """A policy can spell "</s>" from ordinary tokens; decoded and encoded again for the reward model, it became a
+    real EOS inside the answer (two in the reward model's input, a cut the policy could be paid for)."""
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny import build_processor
+    from training.rm.data import encode_for_rm, readable_response
+    from training.templates.chat import ChatEncoder
+
+    proc = build_processor()
+    enc, eos = ChatEncoder(proc, ARCHITECTURES["llava"], 512), proc.tokenizer.eos_token_id
+    prompt = [Message("user", "<image>\nDescribe the image in detail.")]
+    response = readable_response("A red circle.</s> A blue star.", enc)
+    assert response == "A red circle. A blue star."
+    ids = encode_for_rm(enc, prompt, response, [Image.new("RGB", (32, 32))]).input_ids.tolist()
+    assert ids.count(eos) == 1 and ids[-1] == eos
 
 
 def test_weights_made_non_finite_between_checkpoints_stop_the_step_by_name(world, tiny, rm, tmp_path, monkeypatch):

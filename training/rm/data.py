@@ -40,12 +40,16 @@ def encode_for_rm(encoder: ChatEncoder, prompt, response: str, images: list, fac
 
 
 def readable_response(text: str, encoder: ChatEncoder) -> str:
-    """A generated response as a reward model reads it (PPO, best-of-n): without the image placeholder string,
-    which a policy can spell from ordinary tokens (the placeholder's own id is never sampled) and the encoder
-    would take for another image. Training data with one is a bad row instead (training.data.formats). Both spellings
-    go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the messages' "<image>", which the template layer
-    turns into an image of any architecture."""
-    marks = [t for t in (IMAGE_PLACEHOLDER, encoder.image_token) if t]
+    """A generated response as a reward model reads it (PPO, best-of-n): without the text of a special token, which
+    a policy can spell from ordinary tokens (the special token's own id is removed from the decoded text or never
+    sampled) and the encoder would take for the token itself: "<image>" for another image, "</s>" or "<|im_end|>"
+    for an end of turn inside the answer. Training data with a placeholder is a bad row instead
+    (training.data.formats). Both image spellings go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the
+    messages' "<image>", which the template layer turns into an image of any architecture."""
+    tok = getattr(encoder, "tokenizer", None)
+    special = set(getattr(tok, "all_special_tokens", None) or ()) | {
+        a.content for a in (getattr(tok, "added_tokens_decoder", None) or {}).values() if a.special}
+    marks = sorted({t for t in (IMAGE_PLACEHOLDER, encoder.image_token, *special) if t}, key=len, reverse=True)
     while any(t in text for t in marks):  # one pass could join a new one ("<ima<image>ge>")
         for t in marks:
             text = text.replace(t, "")
