@@ -163,6 +163,21 @@ def test_predict_does_not_resume_answers_written_with_other_settings(tmp_path, w
         predict(parse([*argv, "--max_new_tokens", "5"]))
 
 
+def test_predict_does_not_resume_answers_to_questions_the_file_now_asks_otherwise(tmp_path, world, tiny):
+    """The settings record names the question file, not what it asks: a question file rewritten in place (another
+    prompt for the same question_id) took every question as done and kept the answers to the old prompts."""
+    from training.predict.main import parse, predict
+    qfile = tmp_path / "q.jsonl"
+    rows = [json.loads(x) for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:2]]
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+            "--output_file", str(tmp_path / "a.jsonl"), "--no-progress", "--max_new_tokens", "3"]
+    predict(parse(argv))
+    qfile.write_text("".join(json.dumps({**r, "text": "Describe the image."}) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="now asks otherwise"):
+        predict(parse(argv))
+
+
 def test_scoring_refuses_repeated_question_ids_and_answers_of_several_models(tmp_path, world):
     """Two questions sharing an id were both scored against its one answer; answers of two models were scored as
     one result, credited to --model_path."""

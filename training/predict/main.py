@@ -81,15 +81,17 @@ def ends_whole(out: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def answered(out: Path) -> set[str]:
-    """question_ids already in an answers file (`drop_unfinished_line` first); an unreadable line is an error."""
+def answered(out: Path) -> dict[str, dict]:
+    """question_id -> answer row already in an answers file (`drop_unfinished_line` first); an unreadable line is
+    an error."""
     if not out.exists():
-        return set()
-    done = set()
+        return {}
+    done = {}
     for n, line in enumerate(drop_unfinished_line(out).decode("utf-8").splitlines(), 1):
         if line.strip():
             try:
-                done.add(str(json.loads(line)["question_id"]))
+                row = json.loads(line)
+                done[str(row["question_id"])] = row
             except (ValueError, KeyError, TypeError) as err:
                 raise SystemExit(f"{out}, line {n}: not an answer row with a question_id ({err!r}); move the file "
                                  "away or fix the line to resume") from None
@@ -120,6 +122,19 @@ def answer_row(r, text: str, model_id: str) -> dict:
     row["image"] = src if isinstance(src, str) and not is_base64_text(src) else None
     prompt = r.prompt[-1].content.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
     return {**row, "prompt": prompt, "text": text, "model_id": model_id}
+
+
+def changed_questions(records, done: dict[str, dict]) -> list[str]:
+    """question_ids answered in the file for another prompt or image than the question file holds now (the
+    settings record names the question file, not what it asks): resuming would keep those answers."""
+    out = []
+    for r in records:
+        row = done.get(_qid(r))
+        if row is not None:
+            now = answer_row(r, "", "")
+            if any(k in row and row[k] != now[k] for k in ("prompt", "image")):
+                out.append(_qid(r))
+    return out
 
 
 def unique_ids(records) -> None:
@@ -198,6 +213,11 @@ def predict(args: argparse.Namespace) -> Path:
     if args.chunk_idx > 0:  # rows unreadable in the file are every chunk's finding: chunk 0 reports them
         report.skipped.clear()
     unique_ids(records)
+    stale = changed_questions(records, done)
+    if stale:
+        raise SystemExit(f"{out} holds answers to {len(stale)} question(s) that {args.data_path} now asks otherwise "
+                         f"(another prompt or image; first: {stale[0]!r}): pass another --output_file, or delete the "
+                         "file to answer again")
     # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
     mine = records[args.chunk_idx::args.num_chunks]
     records = [r for r in mine if _qid(r) not in done]
