@@ -86,6 +86,24 @@ def _json_line(path: Path, n: int, line: str) -> dict:
         raise ValueError(f"{path}, line {n}: not JSON ({err})") from None
 
 
+def question_lines(items: list[dict]) -> str:
+    """The question file `generate` writes for a split's questions; its sha256 is in the answers' settings."""
+    return "".join(json.dumps({"question_id": q["question_id"], "image": _image_field(q.get("image")),
+                               "text": q["text"]}, ensure_ascii=False) + "\n" for q in items)
+
+
+def check_same_questions(items: list[dict], answer_file: str | Path) -> None:
+    """Answers given to score (--answers) were made for these questions: the `<answers>.settings.json` beside them
+    (`generate` writes it) records the sha256 of the questions they answer; other questions (another prompt suffix,
+    another dataset file) are refused. Answer files without a settings file are scored as they are."""
+    sfile = Path(answer_file).with_suffix(".settings.json")
+    old = json.loads(sfile.read_text()).get("questions_sha256") if sfile.is_file() else None
+    if old is not None and old != hashlib.sha256(question_lines(items).encode()).hexdigest():
+        raise AnswersMismatch(f"{answer_file} answers other questions than these ({sfile} records another "
+                              "questions_sha256: another prompt suffix, such as --pope_suffix / --amber_disc_suffix, "
+                              "or another data file): score them with the options that made them")
+
+
 def check_complete(items: list[dict], answers: dict[str, str], where: str) -> None:
     missing = [q["question_id"] for q in items if q["question_id"] not in answers]
     if missing:
@@ -102,8 +120,7 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
     for split, items in qs.items():
         name = f"{tag}_{split}" if split else tag
         qfile, afile = out_dir / f"{name}.questions.jsonl", out_dir / f"{name}.jsonl"
-        lines = "".join(json.dumps({"question_id": q["question_id"], "image": _image_field(q.get("image")),
-                                    "text": q["text"]}, ensure_ascii=False) + "\n" for q in items)
+        lines = question_lines(items)
         settings = {"model_path": str(model_path), "model_fingerprint": model_fingerprint(model_path),
                     "decoding": {k: v for k, v in decoding.items() if k != "batch_size"},
                     "questions_sha256": hashlib.sha256(lines.encode()).hexdigest(), "image_folder": str(image_folder),

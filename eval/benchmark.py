@@ -28,8 +28,8 @@ import importlib
 import json
 from pathlib import Path
 
-from eval.answers import (answers_model_ids, check_complete, file_digest, generate, predict_flags, read_answers,
-                          unique_questions)
+from eval.answers import (answers_model_ids, check_complete, check_same_questions, file_digest, generate,
+                          predict_flags, read_answers, unique_questions)
 from eval.judge import add_judge_args, judge_decoding, judge_from_args
 from training.model.builder import add_inference_args
 
@@ -138,6 +138,7 @@ def run(args) -> dict:
         answers = {s: read_answers(f) for s, f in files.items()}
         for s in qs:
             check_complete(qs[s], answers[s], files[s])
+            check_same_questions(qs[s], files[s])
         decoding = answers_decoding(files.values())
         answered_by = sorted({m for f in files.values() for m in answers_model_ids(f)})
         if len(answered_by) > 1:  # one result must belong to one model run

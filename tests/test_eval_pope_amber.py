@@ -205,3 +205,22 @@ def test_amber_attribute_printout_starts_its_denominators_at_three_counters():
     _, details, _ = amber_metrics([{"id": a["id"]} for a in ann], responses, ann, {}, set(), RuleNouns(set()))
     assert details["reference_printout"]["attribute"]["Accuracy"] == 99.7  # 1996 / 2001.003; 99.8 with 2001.001
     assert details["reference_printout"]["discriminative"]["Accuracy"] == 99.8  # 1996 / 2001.001
+
+
+def test_scoring_answers_made_for_other_questions_is_refused(tmp_path):
+    """Answers made without LLaVA's suffix (--pope_suffix '') were scored with it when given by --answers: the
+    results file said they answered questions with the suffix. Their settings file records the questions' sha256."""
+    import hashlib
+
+    from eval.answers import AnswersMismatch, question_lines
+    from eval.pope import questions
+    d, files = _pope(tmp_path)
+    plain = questions(type("A", (), {"data": str(d), "pope_suffix": ""})())
+    for f in files:  # what eval.answers.generate writes beside each answer file, for the questions it asked
+        split, path = f.split("=")
+        sha = hashlib.sha256(question_lines(plain[split]).encode()).hexdigest()
+        (tmp_path / path).with_suffix(".settings.json").write_text(json.dumps({"questions_sha256": sha}))
+    argv = ["--benchmark", "pope", "--data", str(d), "--answers", *files, "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(AnswersMismatch, match="other questions"):
+        bench_main(argv)  # the default suffix: LLaVA's
+    assert bench_main([*argv, "--pope_suffix", ""])["details"]["prompt_suffix"] == ""
