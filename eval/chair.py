@@ -206,7 +206,8 @@ def llm_objects(judge, question: str, answer: str, decoding: dict, tries: int = 
     """Object phrases the judge extracts from one answer ([] for answers of <= 3 words)."""
     if len(answer.strip().split()) <= 3:
         return []
-    prompt = EXTRACT_PROMPT.read_text().replace("{question}", question).replace("{answer}", answer)
+    fill = {"question": question, "answer": answer}  # one pass, as str.format: a '{answer}' in the question stays
+    prompt = re.sub(r"\{(question|answer)\}", lambda m: fill[m.group(1)], EXTRACT_PROMPT.read_text())
     for attempt in range(tries):
         reply = judge.chat([{"role": "system", "content": prompt}], attempt=attempt, **decoding)
         try:

@@ -221,3 +221,16 @@ def test_llm_phrases_to_objects(coco):
     assert coco.from_phrases(["baby elephant", "red frisbee", "dining table", "dog", "dog", "toilet", "seat"]) == \
         [("elephant", "elephant"), ("frisbee", "frisbee"), ("dining table", "dining table"), ("dog", "dog"),
          ("toilet", "toilet")]
+
+
+def test_extract_prompt_fills_question_and_answer_in_one_pass():
+    """The answer was put into the prompt wherever the question held '{answer}' (two chained replaces)."""
+    from eval.chair import llm_objects
+    sent = []
+
+    class Judge:
+        def chat(self, messages, **kw):
+            sent.append(messages[0]["content"])
+            return '["dog"]'
+    assert llm_objects(Judge(), "Write {answer} and \\1 here", "A dog sits on a red mat.", {}) == ["dog"]
+    assert "<image> Write {answer} and \\1 here\n" in sent[0] and sent[0].count("A dog sits on a red mat.") == 1
