@@ -148,6 +148,17 @@ def test_held_out_data_that_is_training_data_is_refused(world, tiny, tmp_path):
                      str(folder / "pairs.json")))
 
 
+def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
+    """--data_path "a.json, b.json" (the list require_held_out and the readers take) stopped with "no such file":
+    the stage split it itself and kept the space in front of the second path."""
+    rows = json.loads((world / "preference_train.json").read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(rows[:8]))
+    b.write_text(json.dumps(rows[8:]))
+    r = main(rm_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", "",
+                     "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--no-factual"))
+    assert len([h for h in r["history"] if "loss" in h]) == len(rows) // 4  # one epoch over both files
+
 def _bad_copy(world, tmp_path):
     rows = json.loads((world / "preference_train.json").read_text())
     rows[2]["conversations"][-1]["value"] = [rows[2]["conversations"][-1]["value"][0]] * 2  # identical

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     captions = rmc.captions_file or None
 
     def dataset(path: str, train: bool) -> RMDataset:
-        records = read_preferences(path.split(","), d.image_folder, report, captions)
+        records = read_preferences(path, d.image_folder, report, captions)  # "a.json, b.json": spaces allowed
         return RMDataset(records, encoder, d.image_folder, report, rmc.factual, shuffle_facts=train,
                          seed=cfg["optim"].seed)
 
