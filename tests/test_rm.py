@@ -1,6 +1,7 @@
 """Reward-model stage end to end on the tiny VLM: train, save, reload, score; bad input; best-of-n."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -425,3 +426,30 @@ def test_trl_margin_column_is_each_rows_bradley_terry_margin(world, tiny, tmp_pa
     with pytest.raises(BadRowError) as e:
         first_loss(bad, "b")
     assert str(bad) in str(e.value) and "row 2" in str(e.value) and "margin" in str(e.value)
+
+
+def test_quality_controls_take_every_pairs_image_and_facts_from_another_pair(world, monkeypatch):
+    """The controls shuffled the pairs, which left some on their own image and facts (one of the 8 held-out pairs
+    here): its control accuracy counted pairs scored as they are. A scorer that ranks a pair right only with its
+    own image (or facts) must score 0 under each control."""
+    import training.rm.data as rm_data
+    import training.rm.model as rm_model
+    from training.rm.quality import controls
+    images = str(world / "images")
+    recs = read_preferences([str(world / "preference_heldout.json")], images)
+    owner = {resp: k for k, r in enumerate(recs) for resp in r.responses}
+    pixels = [load_image(r.images[0], images).tobytes() for r in recs]
+
+    class OwnOnly:  # chosen 1 and rejected 0 when image and facts are the pair's own, else a tie
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, prompts, imgs, responses, facts):
+            own = [imgs[i][0].tobytes() == pixels[owner[x]] and facts[i] == recs[owner[x]].facts
+                   for i, x in enumerate(responses)]
+            return torch.tensor([float(o and i % 2 == 0) for i, o in enumerate(own)])
+
+    monkeypatch.setattr(rm_model, "load_reward_model", lambda path: (SimpleNamespace(factual=True), None, None))
+    monkeypatch.setattr(rm_data, "RewardScorer", OwnOnly)
+    got = controls(Path("rm"), world / "preference_heldout.json", images)
+    assert got == {"clean": 1.0, "image_from_other_scene": 0.0, "facts_from_other_scene": 0.0}

@@ -107,10 +107,20 @@ def hard_pairs(world: Path, split: str, dest: Path, seed: int) -> Path:
     return dest
 
 
-def controls(rm_dir: Path, heldout: Path, image_root: str) -> dict:
-    """Held-out accuracy as is, with each pair's image from another scene, and (factual) with its facts."""
+def other_rows(n: int, seed: int = 0) -> list[int]:
+    """For each of n rows another row (a random cycle through all of them: none is its own), for the controls."""
     import random
 
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    other = list(range(n))
+    for i, k in enumerate(order):
+        other[k] = order[(i + 1) % n]
+    return other
+
+
+def controls(rm_dir: Path, heldout: Path, image_root: str) -> dict:
+    """Held-out accuracy as is, with each pair's image from another scene, and (factual) with its facts."""
     from training.data.formats import read_preferences
     from training.data.images import load_image
     from training.rm.data import RewardScorer
@@ -120,8 +130,7 @@ def controls(rm_dir: Path, heldout: Path, image_root: str) -> dict:
     scorer = RewardScorer(rm, processor, arch, 512, 64)
     recs = read_preferences([str(heldout)], image_root)
     images = [[load_image(s, image_root) for s in r.images] for r in recs]
-    other = list(range(len(recs)))
-    random.Random(0).shuffle(other)
+    other = other_rows(len(recs))
 
     def accuracy(img, fct) -> float:
         flat = [(k, resp) for k, r in enumerate(recs) for resp in r.responses[:2]]
