@@ -453,3 +453,21 @@ def test_quality_controls_take_every_pairs_image_and_facts_from_another_pair(wor
     monkeypatch.setattr(rm_data, "RewardScorer", OwnOnly)
     got = controls(Path("rm"), world / "preference_heldout.json", images)
     assert got == {"clean": 1.0, "image_from_other_scene": 0.0, "facts_from_other_scene": 0.0}
+
+
+def test_blank_facts_are_no_facts_when_scoring_as_in_training(world, tiny):
+    """Training (with_facts) and PPO take a row whose facts are all blank for a row without facts; best-of-n's
+    check and score_records took it for one with facts and stopped in the factual block (MissingFacts). They now
+    score such rows without the block, with the note, as they do rows with no facts at all."""
+    from training.model.builder import load_model_and_processor
+    from training.rm.data import missing_facts_note
+    recs = read_preferences([str(world / "preference_heldout.json")], str(world / "images"))[:2]
+    assert not missing_facts_note(recs, True)
+    recs[1].facts = [" "]
+    assert missing_facts_note(recs, True).startswith("note:")
+    backbone, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                         for_training=False)
+    scorer = RewardScorer(RewardModel(backbone, factual=True).eval(), processor, arch, 256)
+    blank = scorer.score_records(recs, str(world / "images"), [r.responses[0] for r in recs])
+    recs[1].facts = None
+    torch.testing.assert_close(blank, scorer.score_records(recs, str(world / "images"), [r.responses[0] for r in recs]))

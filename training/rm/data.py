@@ -17,7 +17,7 @@ from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
 from training.data.records import IMAGE_PLACEHOLDER
-from training.rm.factual import MissingFacts, rm_messages, with_facts
+from training.rm.factual import MissingFacts, has_facts, rm_messages, with_facts
 from training.templates.chat import ChatEncoder, Encoded, PromptTooLong, RowNotEncodable
 
 
@@ -143,7 +143,7 @@ class RewardScorer:
         raises PromptTooLong (a reward read at a cut response judges another answer), or with `skip_unfit` is not
         scored: its reward is NaN, for the caller to report."""
         use_facts = self.factual and facts is not None
-        if use_facts and any(not f for f in facts):
+        if use_facts and not all(has_facts(f) for f in facts):
             raise MissingFacts("factual reward model: some samples have facts and some have none")
         enc, kept = [], []
         for i, (p, im, r) in enumerate(zip(prompts, images, responses)):
@@ -165,13 +165,13 @@ class RewardScorer:
 
     def score_records(self, records, image_root: str, responses: list[str]) -> torch.Tensor:
         images = [[load_image(s, image_root) for s in r.images] for r in records]
-        facts = [r.facts for r in records] if all(r.facts for r in records) else None
+        facts = [r.facts for r in records] if all(has_facts(r.facts) for r in records) else None
         return self.score([r.prompt for r in records], images, responses, facts)
 
 
 def missing_facts_note(records, factual: bool) -> str:
     """Empty, or a one-line note when a factual reward model scores rows without facts."""
-    if factual and not all(r.facts for r in records):
+    if factual and not all(has_facts(r.facts) for r in records):
         return ("note: the reward model is factual but these questions carry no 'facts': scoring without "
                 "the factual block")
     return ""

@@ -26,12 +26,17 @@ class MissingFacts(ValueError):
     """Factual mode needs facts and this sample has none."""
 
 
+def has_facts(facts: list[str] | None) -> bool:
+    """Whether a sample carries facts for the factual block: a fact that is not blank."""
+    return any(f and f.strip() for f in facts or [])
+
+
 def with_facts(records, report) -> list:
     """The records that carry facts, for a factual reward model; each other one is a bad row of `report`
     (field "facts": an error, or with --skip_bad_rows skipped and counted)."""
     kept = []
     for r in records:
-        if any(f and f.strip() for f in r.facts or []):
+        if has_facts(r.facts):
             kept.append(r)
         else:
             report.bad(r.source, "facts", "missing: a factual reward model reads each row's facts (captions, "
