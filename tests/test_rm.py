@@ -471,3 +471,17 @@ def test_blank_facts_are_no_facts_when_scoring_as_in_training(world, tiny):
     blank = scorer.score_records(recs, str(world / "images"), [r.responses[0] for r in recs])
     recs[1].facts = None
     torch.testing.assert_close(blank, scorer.score_records(recs, str(world / "images"), [r.responses[0] for r in recs]))
+
+
+def test_held_out_rows_all_skipped_stop_before_training(world, tiny, tmp_path):
+    """Held-out rows without facts for a factual reward model, skipped: the run trained, saved, then stopped in its
+    final evaluation on no rows ("max() arg is an empty sequence") without writing bad_rows.json. It stops first."""
+    rows = json.loads((world / "preference_heldout.json").read_text())
+    for r in rows:
+        del r["facts"]
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match="every held-out row is a bad row"):
+        main(rm_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                     "--eval_data_path", str(held), "--skip_bad_rows"))
+    assert not (tmp_path / "o" / "value_head.safetensors").exists()

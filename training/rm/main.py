@@ -75,6 +75,9 @@ def main(argv=None) -> dict:
 
     train_set = dataset(d.data_path, True)
     eval_set = dataset(d.eval_data_path, False) if d.eval_data_path else None
+    if eval_set is not None and not len(eval_set):  # (its evaluation, after all the training, failed on no rows)
+        raise SystemExit(f"--eval_data_path {d.eval_data_path}: every held-out row is a bad row (skipped by "
+                         "--skip_bad_rows): nothing to evaluate; without --skip_bad_rows the first is named")
     trainer = RMTrainer(strategy, None, processor, train_set, eval_set, cfg, arch.name)
     trainer.report = report
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
