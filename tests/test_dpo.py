@@ -529,3 +529,16 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
     assert ("nll_loss" in metrics[0]) == (loss_type == "orpo")
 
 
+
+
+def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
+    """--data_path / --eval_data_path "a.json, b.json" stopped with "no such file": the stage split the list itself
+    and kept the space in front of the second path."""
+    rows = json.loads((world / "preference_train.json").read_text())
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(rows[:4]))
+    b.write_text(json.dumps(rows[4:8]))
+    c.write_text(json.dumps(rows[8:10]))
+    r = main(dpo_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", f"{c}, {c}",
+                      "--per_device_train_batch_size", "4", "--num_train_epochs", "1"))
+    assert len([h for h in r["history"] if "loss" in h]) == 2  # one epoch over both files

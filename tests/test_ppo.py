@@ -443,3 +443,15 @@ def test_template_override_renders_rollout_prompts_and_is_saved(world, tiny, rm,
     assert any(t != NO_EOS for t in prompts)  # the reward model's, rendered with its own template
     _, proc, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(out)), LoraArgs(), for_training=False)
     assert proc.chat_template == NO_EOS
+
+
+def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, rm, tmp_path):
+    """--data_path "a.json, b.json" stopped with "no such file": the stage split the list itself and kept the space
+    in front of the second path."""
+    rows = json.loads((world / "ppo_prompts.json").read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(rows[:4]))
+    b.write_text(json.dumps(rows[4:8]))
+    out = tmp_path / "o"
+    main(ppo_args(world, tiny, rm, out, "--data_path", f"{a}, {b}", "--max_steps", "2"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2

@@ -160,6 +160,7 @@ def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
                      "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--no-factual"))
     assert len([h for h in r["history"] if "loss" in h]) == len(rows) // 4  # one epoch over both files
 
+
 def _bad_copy(world, tmp_path):
     rows = json.loads((world / "preference_train.json").read_text())
     rows[2]["conversations"][-1]["value"] = [rows[2]["conversations"][-1]["value"][0]] * 2  # identical

@@ -394,3 +394,16 @@ def test_bad_rows_found_before_a_kill_are_listed_after_the_resume(world, tiny, t
     main(sft_args(world, tiny, tmp_path / "cut", *common, "--resume"))
     full, cut = (json.loads((tmp_path / r / "bad_rows.json").read_text()) for r in ("full", "cut"))
     assert sorted(map(json.dumps, cut["truncated_rows"])) == sorted(map(json.dumps, full["truncated_rows"]))
+
+
+def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
+    """--data_path "a.json, b.json" (the list the readers and require_held_out take) stopped with "no such file":
+    the stage split it itself and kept the space in front of the second path."""
+    rows = json.loads((world / "sft_train.json").read_text())
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(rows[:4]))
+    b.write_text(json.dumps(rows[4:8]))
+    c.write_text(json.dumps(rows[8:10]))
+    r = main(sft_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", f"{c}, {c}",
+                      "--per_device_train_batch_size", "4", "--num_train_epochs", "1"))
+    assert len([h for h in r["history"] if "loss" in h]) == 2  # one epoch over both files

@@ -124,13 +124,13 @@ def require_held_out(data: DataArgs, run: RunArgs) -> None:
     """For stages with one: --eval_steps needs held-out data (after the stage's defaults are filled in)."""
     if run.eval_steps and not data.eval_data_path:
         raise SystemExit("--eval_steps: give the held-out data to evaluate with --eval_data_path")
-    from training.data.readers import DataFormatError, expand_paths  # (a folder stands for its data files)
+    from training.data.readers import DataFormatError, expand_paths, split_paths  # (a folder: its data files)
 
     def sources(paths: str) -> set[str]:
         try:
             return {os.path.realpath(x) for x in expand_paths(paths)}
         except DataFormatError:  # (the reader says what is wrong with it when it reads)
-            return {os.path.realpath(x.strip()) for x in paths.split(",") if x.strip()}
+            return {os.path.realpath(x) for x in split_paths(paths)}
     both = sources(data.eval_data_path) & sources(data.data_path) if data.eval_data_path else set()
     if both:  # its figures would be reported as held-out ones
         raise SystemExit(f"--eval_data_path {', '.join(sorted(both))} is training data too (--data_path): give "

@@ -56,6 +56,11 @@ class Format:
     context: tuple[str, ...] = ()  # the context entries `parse` reads; a file given any other is refused
 
 
+def split_paths(paths: str) -> list[str]:
+    """A comma-separated list of paths ("a.json, b.json": spaces around each allowed) -> its paths."""
+    return [p.strip() for p in str(paths).split(",") if p.strip()]
+
+
 def expand_paths(paths: str | os.PathLike | list | tuple) -> list[str]:
     """A path, a comma-separated string or a list -> data sources.
 
@@ -63,7 +68,7 @@ def expand_paths(paths: str | os.PathLike | list | tuple) -> list[str]:
     as in a Hub snapshot of parquet shards.
     """
     if isinstance(paths, (str, os.PathLike)):
-        paths = [p.strip() for p in str(paths).split(",") if p.strip()]
+        paths = split_paths(paths)
     out = []
     for p in map(str, paths):
         if os.path.isdir(p) and not _is_saved_dataset(p):

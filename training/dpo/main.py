@@ -9,6 +9,7 @@ from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
                              refuse_held_out, require_held_out)
+from training.data.readers import split_paths
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     if a.disable_dropout:
         disable_dropout(model)
     report = BadRowReport(skip=d.skip_bad_rows)
-    paths = d.data_path.split(",")
+    paths = split_paths(d.data_path)
     template = set_chat_template(processor, m.template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     if a.loss_type == "opa":
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
         dataset = PreferenceDataset(records, encoder, d.image_folder, report, n_responses=n_resp)
     eval_set = None
     if d.eval_data_path:
-        eval_records = read_preferences(d.eval_data_path.split(","), d.image_folder, report)
+        eval_records = read_preferences(d.eval_data_path, d.image_folder, report)
         eval_set = PreferenceDataset(eval_records, encoder, d.image_folder, report, n_responses=n_resp)
     if d.encoded_cache_mb > 0:
         from training.data.encoded_cache import EncodedCache
@@ -149,7 +150,7 @@ def setup_reference(trainer, cfg, records, paths, arch_name, template, n_resp) -
 
         trainer.ref_cache = build(trainer.dataset, records, paths)
         if trainer.eval_set is not None:
-            trainer.eval_ref_cache = build(trainer.eval_set, trainer.eval_set.records, d.eval_data_path.split(","))
+            trainer.eval_ref_cache = build(trainer.eval_set, trainer.eval_set.records, split_paths(d.eval_data_path))
     elif lora.lora_r > 0:  # the policy with adapters off and its other trained weights at their start
         from training.model.reference import snapshot
         trainer.ref_start = snapshot(trainer.engine)

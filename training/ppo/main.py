@@ -45,7 +45,7 @@ def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     path = p.ptx_data_path or str(Path(d.world_dir) / "sft_train.json")
     root = p.ptx_image_folder or d.image_folder
     encoder = ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens, template)
-    return SFTDataset(read_sft(path.split(","), root, report), encoder, root, report)
+    return SFTDataset(read_sft(path, root, report), encoder, root, report)
 
 
 def usable_prompts(records, encoder, image_root: str, report, factual: bool, progress: bool, rm_encoder=None,
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         disable_dropout(actor)
         disable_dropout(critic)
     report = BadRowReport(skip=d.skip_bad_rows)
-    records = read_prompts(d.data_path.split(","), d.image_folder, report, p.captions_file or None)
+    records = read_prompts(d.data_path, d.image_folder, report, p.captions_file or None)
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     records = usable_prompts(records, encoder, d.image_folder, report,

@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
 
     def dataset(paths: str) -> SFTDataset:
-        return SFTDataset(read_sft(paths.split(","), d.image_folder, report), encoder, d.image_folder, report)
+        return SFTDataset(read_sft(paths, d.image_folder, report), encoder, d.image_folder, report)
 
     eval_set = dataset(d.eval_data_path) if d.eval_data_path else None
     trainer = SFTTrainer(strategy, None, processor, dataset(d.data_path), cfg, arch.name, eval_set)
