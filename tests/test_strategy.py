@@ -47,6 +47,20 @@ def test_a_user_config_contradicting_a_flag_stops(tmp_path, user, kw, match):
         _strategy(tmp_path, user, precision, **kw)
 
 
+def test_auto_values_of_a_user_config_are_filled_by_the_flags(tmp_path):
+    """Hugging Face's "auto" (the trainer fills it in): passed on, bf16 "auto" ran a --precision bf16 run in fp32,
+    gradient_clipping "auto" failed at the first step, and fp16 "auto" beside --precision bf16 was refused."""
+    user = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
+            "train_batch_size": "auto", "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"}}
+    s = _strategy(tmp_path, user, "bf16")
+    cfg = s.config()
+    assert cfg["bf16"] == {"enabled": True} and not cfg["fp16"].get("enabled") and cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_optimization"] == {"stage": 1} and cfg["train_batch_size"] == 4
+    engine = s.prepare(torch.nn.Linear(2, 2), 10)
+    assert engine.bfloat16_enabled() and not engine.fp16_enabled() and engine.gradient_clipping() == 1.0
+    assert not _strategy(tmp_path, {"bf16": {"enabled": "auto"}}).config()["bf16"].get("enabled")  # fp32
+
+
 def test_offload_needs_a_zero_stage_and_adam(tmp_path):
     """At stage 0 the parameters stay where they train: CPU Adam asserted on GPU parameters at the first step."""
     with pytest.raises(SystemExit, match="needs --zero_stage 1, 2 or 3"):

@@ -164,6 +164,14 @@ def saved_run_record(ckpt_root: str | Path) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
+def drop_auto(cfg: dict) -> dict:
+    """A DeepSpeed config without its "auto" values (Hugging Face's convention: "the trainer fills this in"), at every
+    level: the flags fill them. Passed on, DeepSpeed took "auto" for a setting: bf16 {"enabled": "auto"} turned bf16
+    off under --precision bf16, gradient_clipping "auto" failed at the first step, and fp16 / bf16 "auto" beside
+    --precision was refused as a contradiction."""
+    return {k: drop_auto(v) if isinstance(v, dict) else v for k, v in cfg.items() if v != "auto"}
+
+
 class NonFiniteError(FloatingPointError):
     """A NaN or inf in a loss, reward or the weights: the run stops without writing a checkpoint."""
 
@@ -221,7 +229,7 @@ class Strategy:
         d = self.ds
         if not d.deepspeed_config:
             return {}
-        cfg = json.loads(Path(d.deepspeed_config).read_text())
+        cfg = drop_auto(json.loads(Path(d.deepspeed_config).read_text()))
         stage = cfg.get("zero_optimization", {}).get("stage")
         if stage is not None and int(stage) != d.zero_stage:
             if d.zero_stage:
@@ -240,7 +248,7 @@ class Strategy:
         for key, ours in (("train_micro_batch_size_per_gpu", o.per_device_train_batch_size),
                           ("gradient_accumulation_steps", o.gradient_accumulation_steps),
                           ("train_batch_size", o.per_device_train_batch_size * o.gradient_accumulation_steps * world)):
-            if key in cfg and cfg[key] not in (ours, "auto"):
+            if key in cfg and cfg[key] != ours:
                 raise SystemExit(f"{d.deepspeed_config}: {key} {cfg[key]} differs from the run's {ours}: set "
                                  "batch sizes with --per_device_train_batch_size / --gradient_accumulation_steps")
         return cfg
