@@ -61,6 +61,19 @@ def test_auto_values_of_a_user_config_are_filled_by_the_flags(tmp_path):
     assert not _strategy(tmp_path, {"bf16": {"enabled": "auto"}}).config()["bf16"].get("enabled")  # fp32
 
 
+@pytest.mark.parametrize("user, match", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}, "optimizer.params.lr"),
+    ({"optimizer": {"type": "Lamb"}}, "optimizer.type Lamb"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, "scheduler.type WarmupLR"),
+])
+def test_optimizer_and_scheduler_settings_of_a_user_config_stop(tmp_path, user, match):
+    """DeepSpeed runs the optimizer and schedule it is given over its config's: a file's lr 1e-5 ran at 1e-3."""
+    with pytest.raises(SystemExit, match=match):
+        _strategy(tmp_path, user)
+    hf_style = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    assert _strategy(tmp_path, hf_style).config()["optimizer"] == {"type": "AdamW", "params": {}}
+
+
 def test_offload_needs_a_zero_stage_and_adam(tmp_path):
     """At stage 0 the parameters stay where they train: CPU Adam asserted on GPU parameters at the first step."""
     with pytest.raises(SystemExit, match="needs --zero_stage 1, 2 or 3"):

@@ -172,6 +172,21 @@ def drop_auto(cfg: dict) -> dict:
     return {k: drop_auto(v) if isinstance(v, dict) else v for k, v in cfg.items() if v != "auto"}
 
 
+OPTIMIZER_TYPES = {"adamw": ("adam", "adamw"), "sgd": ("sgd",)}  # --optimizer -> DeepSpeed's names that agree
+
+
+def unfollowed_settings(cfg: dict, optimizer: str) -> list[str]:
+    """What a DeepSpeed config's "optimizer" and "scheduler" sections set ("auto" values dropped before) that a run
+    would not do: the optimizer and the learning-rate schedule are the flags', and DeepSpeed uses the ones it is
+    given over its config's without a word (a file's lr 1e-5 ran at --learning_rate)."""
+    opt, sched = cfg.get("optimizer") or {}, cfg.get("scheduler") or {}
+    out = [f"optimizer.params.{k}" for k in opt.get("params") or {}]
+    if opt.get("type") and str(opt["type"]).lower() not in OPTIMIZER_TYPES[optimizer]:
+        out.insert(0, f"optimizer.type {opt['type']}")
+    return out + ([f"scheduler.type {sched['type']}"] if sched.get("type") else []) + [
+        f"scheduler.params.{k}" for k in sched.get("params") or {}]
+
+
 class NonFiniteError(FloatingPointError):
     """A NaN or inf in a loss, reward or the weights: the run stops without writing a checkpoint."""
 
@@ -244,6 +259,11 @@ class Strategy:
                 raise SystemExit(f"{d.deepspeed_config} {'enables' if any(enabled) else 'disables'} {kind}, but "
                                  f"--precision is {self.precision}: make them agree")
         o = self.optim
+        unfollowed = unfollowed_settings(cfg, o.optimizer)
+        if unfollowed:
+            raise SystemExit(f"{d.deepspeed_config}: {', '.join(unfollowed)}: the optimizer and its schedule come from "
+                             "the flags (--optimizer, --learning_rate, --weight_decay, --lr_scheduler_type, "
+                             "--num_warmup_steps / --warmup_ratio): remove them (or make them \"auto\")")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         for key, ours in (("train_micro_batch_size_per_gpu", o.per_device_train_batch_size),
                           ("gradient_accumulation_steps", o.gradient_accumulation_steps),
