@@ -377,6 +377,32 @@ def test_merge_lora_same_logits(tiny_ckpts, tmp_path, monkeypatch):
                    "--trust_remote_code"])
 
 
+def test_a_lora_checkpoint_is_merged_again_when_what_loading_reads_changes_only(tiny_ckpts, tmp_path, monkeypatch):
+    """The merge was keyed by every JSON file beside the adapters: each score written there (eval_*.json) made another
+    full merged copy; and a retrained base was not merged again (the old base's merge was loaded)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from training.model.builder import merged_checkpoint
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ckpts["llava"], base)
+    model, processor, _, _ = _moved_lora(str(base), LoraArgs(lora_r=4, lora_dropout=0.0))
+    save_model(model, processor, tmp_path / "run")
+    first = merged_checkpoint(str(tmp_path / "run"))
+    for name in ("eval_embedded.json", "run_config.json", "pipeline_stage.json", "bad_rows.json"):
+        (tmp_path / "run" / name).write_text("{}")
+    assert merged_checkpoint(str(tmp_path / "run")) == first
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v + 1 for k, v in weights.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    again = merged_checkpoint(str(tmp_path / "run"))
+    assert again != first
+    key = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(load_file(str(Path(again) / "model.safetensors"))[key], weights[key] + 1)
+
+
 def test_pickled_weights_are_refused(tiny_ckpts, tmp_path):
     """Safetensors only: a checkpoint holding pytorch_model.bin loaded through torch.load (pickle), and open_clip
     read a .pt weights file the same way."""

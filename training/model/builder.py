@@ -170,14 +170,15 @@ def _built_once(final: Path, build) -> str:
 
 
 def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) -> str:
-    """A LoRA checkpoint merged into its base, as a plain checkpoint: made once per version of its files
-    (in <user cache>/merged/<digest of names, sizes, times>: training.model.cache) and reused by every later load, rank
-    and reference copy."""
+    """A LoRA checkpoint merged into its base, as a plain checkpoint: made once per version of what loading it reads
+    (in <user cache>/merged/<digest of its fingerprint: training.model.fingerprint, its base's files included>:
+    training.model.cache) and reused by every later load, rank and reference copy. Keyed by every JSON file beside
+    the adapters, it was merged anew (another full copy) after each score written there (eval_*.json) or pipeline
+    record, and a retrained base was not merged again."""
+    from training.model.fingerprint import model_fingerprint
     from training.model.merge_lora import merge_lora
     root = Path(adapter_checkpoint).resolve()
-    files = [f for f in root.rglob("*") if f.is_file() and ((root / ADAPTER_SUBDIR) in f.parents or (
-        f.parent == root and f.suffix in (".json", ".jinja", ".model", ".txt", ".safetensors")))]
-    final = cache_dir("merged") / _digest(str(root), _stats(files, root), trust_remote_code)
+    final = cache_dir("merged") / _digest(str(root), model_fingerprint(root), trust_remote_code)
     return _built_once(final, lambda staging: merge_lora(root, staging, trust_remote_code=trust_remote_code))
 
 
