@@ -106,6 +106,24 @@ def test_nvme_offload_serves_one_trained_model(tmp_path, monkeypatch):
     plain.prepare(torch.nn.Linear(2, 2), 10)  # no swap folder: any number of models
 
 
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_a_user_configs_optimizer_offload_trains_with_cpu_adam_and_offloads_nothing_else(tmp_path, monkeypatch,
+                                                                                       device):
+    """A user config's NVMe optimizer offload got torch's AdamW (DeepSpeed refused it as the engine started); its CPU
+    optimizer offload turned --offload on, which at stage 3 offloaded the parameters too."""
+    import deepspeed
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    got = {}
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, config, **kw: (
+        got.update(opt=optimizer, config=config), None, None, None))
+    zero = {"stage": 3, "offload_optimizer": {"device": device, "nvme_path": str(tmp_path)}}
+    _strategy(tmp_path, {"zero_optimization": zero}).prepare(torch.nn.Linear(2, 2), 10)
+    assert isinstance(got["opt"], DeepSpeedCPUAdam) and got["config"]["zero_optimization"] == {
+        **zero, "stage3_gather_16bit_weights_on_model_save": True}
+    with pytest.raises(SystemExit, match="drop --optimizer sgd"):
+        Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs(optimizer="sgd"))
+
+
 def test_adamw_is_torchs_fused_kernel_where_it_runs(tmp_path, monkeypatch):
     """The per-parameter AdamW loop (torch's default on the CPU) against transformers' Trainer (TRL), which uses the
     fused kernel; the step is the same update (to fp32 rounding), SGD and CPU offload keep their own."""

@@ -164,6 +164,13 @@ def saved_run_record(ckpt_root: str | Path) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
+def offloads_optimizer(zero: dict) -> bool:
+    """Whether a zero_optimization config offloads the optimizer (to the CPU or NVMe): DeepSpeed then takes its own CPU
+    Adam only. A user config's NVMe offload got torch's AdamW, which DeepSpeed refused as the engine started; its CPU
+    offload turned --offload on, which offloaded the parameters too at stage 3."""
+    return (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+
+
 def drop_auto(cfg: dict) -> dict:
     """A DeepSpeed config without its "auto" values (Hugging Face's convention: "the trainer fills this in"), at every
     level: the flags fill them. Passed on, DeepSpeed took "auto" for a setting: bf16 {"enabled": "auto"} turned bf16
@@ -220,8 +227,10 @@ class Strategy:
         if ds.offload and ds.zero_stage == 0:  # CPU Adam would then get the parameters where they train (a GPU)
             raise SystemExit("--offload moves ZeRO's optimizer state (at stage 3 the parameters too) to the CPU: it "
                              "needs --zero_stage 1, 2 or 3")
-        if ds.offload and optim.optimizer != "adamw":
-            raise SystemExit(f"--offload trains with DeepSpeed's CPU Adam: drop --optimizer {optim.optimizer}")
+        offloaded = ds.offload or offloads_optimizer(self.user_config.get("zero_optimization", {}))
+        if offloaded and optim.optimizer != "adamw":
+            raise SystemExit(f"an optimizer offloaded (--offload, or the config's offload_optimizer) trains with "
+                             f"DeepSpeed's CPU Adam: drop --optimizer {optim.optimizer}")
         if not torch.distributed.is_initialized():
             if "RANK" not in os.environ:  # plain `python -m`: a world of one
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -251,8 +260,6 @@ class Strategy:
                 raise SystemExit(f"{d.deepspeed_config}: ZeRO stage {stage}, but --zero_stage {d.zero_stage}: "
                                  "give the stage once")
             d.zero_stage = int(stage)
-        if cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
-            d.offload = True  # the optimizer must then be DeepSpeed's CPU Adam (prepare)
         for kind, names in (("fp16", ("fp16",)), ("bf16", ("bf16", "bfloat16"))):
             enabled = [cfg[n].get("enabled") for n in names if isinstance(cfg.get(n), dict) and "enabled" in cfg[n]]
             if any(enabled) and self.precision != kind or enabled and not any(enabled) and self.precision == kind:
@@ -340,9 +347,10 @@ class Strategy:
         groups = [g for g in ({"params": [p for n, p in named if n in decayed], "weight_decay": o.weight_decay},
                               {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0})
                   if g["params"]]
+        config = self.config(sum(p.numel() for p in params))
         if o.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=o.learning_rate)
-        elif self.ds.offload:
+        elif offloads_optimizer(config["zero_optimization"]):  # --offload's, or the user config's (CPU or NVMe)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             opt = DeepSpeedCPUAdam(groups, lr=o.learning_rate)
         else:
@@ -351,7 +359,6 @@ class Strategy:
             fused = all(p.is_floating_point() and p.device.type in FUSED_ADAM_DEVICES for p in params)
             opt = torch.optim.AdamW(groups, lr=o.learning_rate, fused=fused or None)
         sched = schedule(opt, o, total_steps)
-        config = self.config(sum(p.numel() for p in params))
         self._claim_swap_folder(config)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
         return engine
