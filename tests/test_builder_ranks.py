@@ -97,6 +97,39 @@ def test_a_model_from_parts_is_composed_once_per_version_of_its_parts(tmp_path, 
     assert builder.resolve_checkpoint(args) != first and len(builds) == 2
 
 
+def test_a_model_from_hub_parts_is_composed_again_for_a_new_revision(tmp_path, monkeypatch):
+    """Parts named by Hub id were versioned by their names alone: a new revision in the local Hub cache reused the
+    composition of the old one."""
+    import huggingface_hub.constants
+
+    import training.model.builder as builder
+    import training.model.parts as parts
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def build(vision, lm, out):  # stands in for the composition (the parts here hold a config only)
+        Path(out, "model.safetensors").write_bytes(b"weights")
+        return out
+    monkeypatch.setattr(parts, "build_from_parts", build)
+
+    def revision(name: str, commit: str) -> None:
+        repo = tmp_path / "hub" / f"models--org--{name}"
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / commit).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    revision("clip", "v1")
+    revision("lm", "l1")
+    args = ModelArgs(vision_tower="org/clip", language_model="org/lm")
+    first = builder.resolve_checkpoint(args)
+    assert builder.resolve_checkpoint(args) == first
+    revision("lm", "l2")
+    assert builder.resolve_checkpoint(args) != first
+
+
 def _independent_process(tmp: str, barrier) -> None:
     import time
 

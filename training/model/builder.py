@@ -185,12 +185,16 @@ def merged_checkpoint(adapter_checkpoint: str, trust_remote_code: bool = False) 
 def composed_checkpoint(vision_tower: str, language_model: str) -> str:
     """`training.model.parts.build_from_parts` of a vision tower and a language model (local folders or files, Hub ids, open_clip specs),
     made once per version of their files in <user cache>/from_parts/<digest> (it was made anew in a temporary folder
-    by every run, on a multi-node run in each machine's own /tmp)."""
+    by every run, on a multi-node run in each machine's own /tmp). A Hub id's version is its local cache's current
+    snapshot (training.model.fingerprint): by its name alone, a new revision reused the old one's composition."""
     def version(spec: str):
         local = Path(spec.split(":", 2)[2] if spec.startswith("open_clip:") and spec.count(":") == 2 else spec)
         if local.is_dir():
             return _stats((f for f in local.rglob("*") if f.is_file()), local)
-        return _stats([local], local.parent) if local.is_file() else None
+        if local.is_file():
+            return _stats([local], local.parent)
+        from training.model.fingerprint import model_fingerprint
+        return model_fingerprint(spec)
     final = cache_dir("from_parts") / _digest(vision_tower, version(vision_tower), language_model,
                                               version(language_model))
     from training.model import parts
