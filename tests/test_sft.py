@@ -98,6 +98,21 @@ def test_resume_with_other_options_is_refused_and_keeps_the_runs_config(world, t
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 4]
 
 
+def test_resume_with_an_edited_deepspeed_config_is_refused(world, tiny, tmp_path):
+    """The checkpoint kept --deepspeed_config's path only: the file edited between the interrupt and the resume (its
+    gradient clipping here) went on under the new settings as the same run."""
+    ds, out = tmp_path / "ds.json", tmp_path / "cut"
+    ds.write_text(json.dumps({"gradient_clipping": 1.0}))
+    common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--deepspeed_config", str(ds)]
+    main(sft_args(world, tiny, out, *common, "--save_steps", "2", "--stop_after_steps", "2"))
+    ds.write_text(json.dumps({"gradient_clipping": 0.01}))
+    with pytest.raises(SystemExit, match=r"--deepspeed_config \(its text's sha256\)"):
+        main(sft_args(world, tiny, out, *common, "--resume"))
+    ds.write_text(json.dumps({"gradient_clipping": 1.0}))
+    main(sft_args(world, tiny, out, *common, "--resume"))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_resume_with_a_dangling_latest_stops_and_keeps_the_checkpoints(world, tiny, tmp_path):
     """`latest` naming a missing checkpoint stopped the run with a bare assertion inside DeepSpeed (or, where
     DeepSpeed returns nothing, started afresh, deleting the checkpoints there). It stops naming the tag."""

@@ -174,10 +174,16 @@ FREE_ON_RESUME = {("data", "eval_data_path"), ("data", "encoded_cache_mb"), ("op
 
 def run_settings(cfg: dict) -> dict:
     """The options a resumed run must share with its checkpoint ("concept.option" -> value): all but RunArgs'
-    and FREE_ON_RESUME."""
+    and FREE_ON_RESUME, and what a --deepspeed_config file holds (by its path alone, the file edited between the
+    interrupt and the resume went unnoticed)."""
     import dataclasses
-    return {f"{concept}.{k}": v for concept, args in cfg.items() if concept != "run"
-            for k, v in dataclasses.asdict(args).items() if (concept, k) not in FREE_ON_RESUME}
+    import hashlib
+    out = {f"{concept}.{k}": v for concept, args in cfg.items() if concept != "run"
+           for k, v in dataclasses.asdict(args).items() if (concept, k) not in FREE_ON_RESUME}
+    ds_file = getattr(cfg.get("ds"), "deepspeed_config", "")
+    if ds_file and Path(ds_file).is_file():
+        out["ds.deepspeed_config (its text's sha256)"] = hashlib.sha256(Path(ds_file).read_bytes()).hexdigest()[:16]
+    return out
 
 
 def check_run_settings(saved: dict | None, now: dict, ckpt: Path) -> None:
