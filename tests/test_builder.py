@@ -496,3 +496,20 @@ def test_a_hub_models_fingerprint_follows_its_cached_revision(tmp_path, monkeypa
     revision("c2", "second")
     assert model_fingerprint("org/vlm") not in (first, uncached)
     assert model_fingerprint(str(tmp_path / "no such folder")) == model_fingerprint(str(tmp_path / "no such folder"))
+
+
+def test_a_checkpoints_own_model_code_is_in_its_fingerprint(tmp_path):
+    """A checkpoint loaded with trust_remote_code runs its own modeling_*.py: edited, the model is another, but the
+    fingerprint (what reference caches and benchmark answers are keyed by) stayed the same."""
+    import os
+
+    from training.model.fingerprint import model_fingerprint
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    code = ckpt / "modeling_x.py"
+    code.write_text("A = 1\n")
+    before = model_fingerprint(ckpt)
+    code.write_text("A = 22\n")
+    os.utime(code, ns=(1, 1))
+    assert model_fingerprint(ckpt) != before

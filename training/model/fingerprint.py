@@ -1,7 +1,7 @@
 """A checkpoint's fingerprint: what loading it reads, by name, size and modification time.
 
 One definition for every cache keyed by a model (the DPO reference log-probs, benchmark answers):
-the weight, config, tokenizer and chat-template files of the folder and of its adapter/ subfolder,
+the weight, config, tokenizer, chat-template and model-code files of the folder and of its adapter/ subfolder,
 and for a LoRA checkpoint its base model's in turn. Files our stages write beside a model that
 loading never reads (run settings, bad rows, pipeline records, evaluation results, metrics) and
 the checkpoints/, predictions/ and tensorboard/ folders are left out, so scoring a model or
@@ -15,7 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
-LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".jinja", ".model", ".txt")
+# (".py": a checkpoint's own model code, which trust_remote_code runs)
+LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".jinja", ".model", ".txt", ".py")
 WRITTEN_BESIDE = ("run_config.json", "bad_rows.json", "pipeline_stage.json")  # + eval_*.json
 
 
