@@ -282,3 +282,31 @@ def test_the_stop_token_penalty_stays_out_of_the_reward_statistics():
     assert fake.moments.std == pytest.approx(float(clipped.std(unbiased=False)), rel=1e-5)
     expect = (torch.tensor([1.0, 2.0, 3.0, -8.0]) - clipped.mean()) / clipped.std(unbiased=False)
     torch.testing.assert_close(shaped, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_minibatches_split_the_images_of_each_prompt_several_or_none():
+    """Prompts with two images, none (text-only, a valid row) and one: pixel_values has one row per image, not
+    per prompt, so a minibatch raised at the first step that drew a text-only prompt (or, when the counts happened
+    to match, took another prompt's image). Each minibatch now carries exactly its own prompts' vision rows."""
+    from training.data.collate import collate_sft
+    from training.ppo.rollout import vision_rows
+    from training.ppo.trainer import _select
+    from training.templates.chat import Encoded
+
+    def row(n_img, tag):
+        ids = torch.full((3 + tag,), tag)
+        vis = {"pixel_values": torch.full((n_img, 2), float(tag))} if n_img else {}
+        return Encoded(ids, ids.clone(), vis)
+
+    rows = [row(2, 1), row(1, 2), row(0, 3), row(1, 4)]
+    batch = collate_sft(rows, 0, "llava")
+    assert batch.vision["pixel_values"].shape[0] == 4  # as many rows as prompts, but not one per prompt
+    counts = vision_rows(rows, "llava")
+    assert counts == {"pixel_values": [2, 1, 0, 1]}
+    for idx in ([0, 2], [2, 1], [3, 0], [2]):
+        want = collate_sft([rows[i] for i in idx], 0, "llava")
+        got = _select(batch, idx, counts)
+        assert got.vision.keys() == want.vision.keys()
+        for k in want.vision:
+            assert torch.equal(got.vision[k], want.vision[k]), (idx, k)
+    assert vision_rows(rows, "idefics3") == {"pixel_values": [1, 1, 1, 1]}  # collated one row per sample there

@@ -16,7 +16,7 @@ import torch
 
 from training.data.collate import SFTBatch, collate_sft
 from training.predict.generate import DecodeArgs, sampling_as_asked, stop_and_never
-from training.templates.chat import IGNORE, ChatEncoder, Encoded
+from training.templates.chat import IGNORE, PER_SAMPLE_VISION, TOKEN_ALIGNED, ChatEncoder, Encoded
 
 
 @dataclass
@@ -27,6 +27,16 @@ class Rollout:
     ended: torch.Tensor  # (B,) bool: the response emitted EOS within max_new_tokens
     gen_seconds: float  # this rank's generation time
     suppressed: list[int]  # token ids the sampler never draws: the trainer's log-probs leave them out too
+    vision_rows: dict | None = None  # vision key -> rows of batch.vision[key] each rollout holds (vision_rows)
+
+
+def vision_rows(rows: list[Encoded], arch_name: str) -> dict[str, list[int]]:
+    """How many rows of each collated vision input belong to each sample, in order: one per sample for inputs
+    collated one row per sample (token-aligned ones, PER_SAMPLE_VISION archs), else the sample's own rows (its
+    images, or Qwen2-VL's patches; none for a text-only prompt)."""
+    keys = dict.fromkeys(k for e in rows for k in (e.vision or {}))
+    return {k: [1] * len(rows) if k in TOKEN_ALIGNED or arch_name in PER_SAMPLE_VISION
+            else [int(e.vision[k].shape[0]) if e.vision and k in e.vision else 0 for e in rows] for k in keys}
 
 
 def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, prompts: list, images: list,
@@ -58,7 +68,8 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
         rows.append(Encoded(ids, labels, e.vision, prompt_len=len(e.input_ids)))
     batch = collate_sft(rows, tok.pad_token_id, arch_name).to(device)
     texts = tok.batch_decode([r.input_ids[r.prompt_len:] for r in rows], skip_special_tokens=True)
-    return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended), dt, never)
+    return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended), dt, never,
+                   vision_rows(rows, arch_name))
 
 
 def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

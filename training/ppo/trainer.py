@@ -218,7 +218,7 @@ class PPOTrainer:
         t0, n_tok, update = time.time(), 0, 0
         for epoch in range(p.ppo_epochs):
             for idx in self._minibatches(len(ro.responses), epoch):
-                b = _select(ro.batch, idx)
+                b = _select(ro.batch, idx, ro.vision_rows)
                 rm_ = exp["rmask"][idx]
                 if train_actor:
                     lp, mask, ent = self._logprobs(self.actor, b, ro.suppressed, with_entropy=True)
@@ -307,13 +307,22 @@ class PPOTrainer:
         return log.history
 
 
-def _select(batch, idx: list[int]):
+def _select(batch, idx: list[int], rows: dict[str, list[int]] | None = None):
+    """The rollouts `idx` of a rollout batch. rows (Rollout.vision_rows): how many rows of each vision input each
+    rollout holds, so that prompts with several images, none (text-only) or Qwen2-VL's patches split too; without
+    it a vision input must hold one row per rollout."""
     from training.data.collate import SFTBatch
     if idx == list(range(batch.input_ids.shape[0])):  # the whole rollout: vision inputs of any layout as they are
         return batch
     vision = {}
     for k, v in batch.vision.items():
-        if v.shape[0] == batch.input_ids.shape[0]:
+        n = (rows or {}).get(k)
+        if n is not None and sum(n) == v.shape[0]:
+            start = [sum(n[:i]) for i in range(len(n))]
+            picked = [j for i in idx for j in range(start[i], start[i] + n[i])]
+            if picked:  # no row (text-only prompts alone): the input is left out, as collate_sft does
+                vision[k] = v[picked]
+        elif v.shape[0] == batch.input_ids.shape[0]:
             vision[k] = v[idx]
         else:
             raise NotImplementedError(f"PPO minibatching cannot split vision input {k!r}: its rows are not one per "
