@@ -455,3 +455,12 @@ def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, rm, tmp_path
     out = tmp_path / "o"
     main(ppo_args(world, tiny, rm, out, "--data_path", f"{a}, {b}", "--max_steps", "2"))
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_one_rollout_per_step_logs_finite_metrics(world, tiny, rm, tmp_path):
+    """--rollout_batch_size 1 on one rank: reward/std was the sample std of one score, NaN in metrics.jsonl."""
+    out = tmp_path / "one"
+    main(ppo_args(world, tiny, rm, out, "--max_steps", "1", "--rollout_batch_size", "1",
+                  "--per_device_train_batch_size", "1"))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["reward/std"] == 0.0 and all(v == v for v in row.values() if isinstance(v, float)), row

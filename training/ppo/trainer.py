@@ -255,9 +255,10 @@ class PPOTrainer:
                                      "the cause, e.g. a lower learning rate)")
         rmask = exp["rmask"].float()
         seq_kl = exp["kl"].sum(-1)
+        raw = self.s.gather(exp["raw"])  # every rank's scores; one score alone has no spread (std 0, not NaN)
         train_s = self.s.all_reduce(time.time() - t0, "max")
         out = {
-            "reward/mean": self._mean(exp["raw"]), "reward/std": float(self.s.gather(exp["raw"]).std()),
+            "reward/mean": self._mean(exp["raw"]), "reward/std": float(raw.std(correction=int(raw.numel() > 1))),
             "reward/shaped_mean": self._mean(exp["score"]), "kl": self._mean(seq_kl), "kl_coef": self.kl_ctl.value,
             "explained_variance": explained_variance(exp["ret"], exp["values"], rmask, self._sum_ranks),
             "response_length": self._mean(ro.lengths.float()), "eos_rate": self._mean(ro.ended.float()),
