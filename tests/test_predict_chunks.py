@@ -184,3 +184,17 @@ def test_processes_get_one_gpu_each_and_stop_together(tmp_path, monkeypatch):
     alive = [p for p in pids.read_text().split() if os.path.exists(f"/proc/{p}") and
              "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"chunk processes {alive} still running after their caller was terminated"
+
+
+def test_a_rerun_with_every_question_answered_loads_no_model(world, tiny, tmp_path, monkeypatch, capsys):
+    """A rerun after every question was answered loaded the model (minutes for a 7B one) to answer nothing."""
+    import training.model.builder as builder
+    qfile, afile = _questions(world, tmp_path / "q.jsonl", 2), tmp_path / "a.jsonl"
+    predict(parse(_argv(world, tiny, qfile, afile)))
+    before = afile.read_text()
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(builder, "load_model_and_processor", no_load)
+    assert predict(parse(_argv(world, tiny, qfile, afile))) == afile
+    assert afile.read_text() == before and "is answered" in capsys.readouterr().out

@@ -221,6 +221,11 @@ def predict(args: argparse.Namespace) -> Path:
     # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
     mine = records[args.chunk_idx::args.num_chunks]
     records = [r for r in mine if _qid(r) not in done]
+    if not records:  # a rerun after every question was answered: no model to load (minutes for a 7B one)
+        print(f"{out}: every question of this share of {args.data_path} is answered")
+        if report.skipped:
+            report.write(out.parent, f"{out.stem}.bad_rows{_chunk_tag(args)}.json")
+        return out
     model, processor, arch = load_model_and_processor(
         ModelArgs(from_checkpoint=args.model_path, model_architecture=args.model_architecture, precision=precision),
         LoraArgs(), for_training=False)
@@ -267,9 +272,12 @@ def predict(args: argparse.Namespace) -> Path:
         print(f"{unscored} sampled answers did not fit the reward model's max_seq_len={args.max_seq_len} whole and "
               f"were not scored; each question's answer was chosen among the rest ('n_scored' in {out})")
     if report.skipped:
-        chunk = f".chunk{args.chunk_idx}of{args.num_chunks}" if args.num_chunks > 1 else ""
-        report.write(out.parent, f"{out.stem}.bad_rows{chunk}.json")
+        report.write(out.parent, f"{out.stem}.bad_rows{_chunk_tag(args)}.json")
     return out
+
+
+def _chunk_tag(args) -> str:
+    return f".chunk{args.chunk_idx}of{args.num_chunks}" if args.num_chunks > 1 else ""
 
 
 def _scorer(args, records, device: str, precision: str):
