@@ -113,6 +113,7 @@ class ChatEncoder:
                              "was tuned from), or save it with the model as chat_template.jinja")
         self.image_token = arch.image_token
         self._rendered: dict[tuple, str] = {}
+        self._contexts: dict[str, list[int]] = {}
 
     # ---- text ----------------------------------------------------------------------------
     @functools.cached_property
@@ -297,11 +298,20 @@ class ChatEncoder:
         the text before it (see `_context`); the tokens of a context that a token of `text` would merge into
         cannot be dropped, and `text` is then tokenised alone."""
         if context and self.image_token not in context:
-            head = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            head = self._context_ids(context)
             ids, vision = self._tokenize_alone(context + text, images, first=False)
             if ids[:len(head)] == head:
                 return ids[len(head):], {k: v[:, len(head):] if k in TOKEN_ALIGNED else v for k, v in vision.items()}
         return self._tokenize_alone(text, images, first)
+
+    def _context_ids(self, context: str) -> list[int]:
+        """A context's tokens, kept (a prompt's tail recurs: "...ASSISTANT:" before every answer)."""
+        ids = self._contexts.get(context)
+        if ids is None:
+            if len(self._contexts) >= RENDERS_KEPT:
+                self._contexts.clear()
+            ids = self._contexts[context] = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        return ids
 
     def _tokenize_alone(self, text: str, images: list, first: bool) -> tuple[list[int], dict]:
         bos = self.tokenizer.bos_token
