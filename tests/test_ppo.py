@@ -464,3 +464,8 @@ def test_one_rollout_per_step_logs_finite_metrics(world, tiny, rm, tmp_path):
                   "--per_device_train_batch_size", "1"))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["reward/std"] == 0.0 and all(v == v for v in row.values() if isinstance(v, float)), row
+
+
+def test_a_negative_reward_clip_is_refused(world, tiny, rm, tmp_path):
+    with pytest.raises(SystemExit, match="--reward_clip -1.0"):
+        main(ppo_args(world, tiny, rm, tmp_path / "o", "--reward_clip", "-1"))

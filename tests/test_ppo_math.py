@@ -284,6 +284,21 @@ def test_the_stop_token_penalty_stays_out_of_the_reward_statistics():
     torch.testing.assert_close(shaped, expect, rtol=1e-5, atol=1e-6)
 
 
+def test_reward_clip_0_clips_nothing():
+    """--reward_clip 0 clamped every score to 0: a run without any reward, silently."""
+    from types import SimpleNamespace
+
+    from training.advantages import RunningMoments
+    from training.ppo.trainer import PPOTrainer
+
+    p = SimpleNamespace(missing_eos_penalty=0.0, relative_eos_penalty=False, reward_clip=0.0, normalize_reward=False,
+                        length_bonus=0.0, max_new_tokens=40, correct_bonus=0.0, reward_bias=0.0)
+    fake = SimpleNamespace(p=p, moments=RunningMoments(), s=SimpleNamespace(gather=lambda t: t))
+    score = torch.tensor([-30.0, 2.0, 14.0])
+    rollout = SimpleNamespace(ended=torch.tensor([True] * 3), lengths=torch.tensor([5, 6, 7]))
+    torch.testing.assert_close(PPOTrainer._shape(fake, score, rollout, records=[None] * 3), score)
+
+
 def test_minibatches_split_the_images_of_each_prompt_several_or_none():
     """Prompts with two images, none (text-only, a valid row) and one: pixel_values has one row per image, not
     per prompt, so a minibatch raised at the first step that drew a text-only prompt (or, when the counts happened

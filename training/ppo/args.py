@@ -33,7 +33,7 @@ class PPOArgs:
     kl_estimator: str = _f("k1", "k1 | k3", choices=["k1", "k3"])
     kl_target: float = _f(0.0, "Adaptive KL controller target (0: fixed coefficient).")
     kl_horizon: int = _f(10000, "Adaptive KL controller horizon (samples).")
-    reward_clip: float = _f(10.0, "Clip reward-model scores to +-this.")
+    reward_clip: float = _f(10.0, "Clip reward-model scores to +-this (0: no clipping).")
     normalize_reward: bool = _f(True, "Normalise scores with running mean/std.")
     reward_norm_window: int = _f(0, "Normalise with the mean/std of the last this many scores (all ranks'), a "
                                     "running window; 0: of every score so far.")

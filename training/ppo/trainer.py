@@ -134,9 +134,10 @@ class PPOTrainer:
         and bias terms."""
         p = self.p
         s = stop_token_penalty(score, rollout.ended, p.missing_eos_penalty, p.relative_eos_penalty)
-        s = s.clamp(-p.reward_clip, p.reward_clip)
+        clip = p.reward_clip or float("inf")  # (0: none; it clamped every score to 0, a run without reward)
+        s = s.clamp(-clip, clip)
         if p.normalize_reward:
-            self.moments.update(self.s.gather(score.clamp(-p.reward_clip, p.reward_clip)))
+            self.moments.update(self.s.gather(score.clamp(-clip, clip)))
             s = (s - self.moments.mean) / self.moments.std
         s = s + p.length_bonus * rollout.lengths.to(s) / p.max_new_tokens
         if p.correct_bonus:
