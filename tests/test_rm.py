@@ -486,3 +486,18 @@ def test_held_out_rows_all_skipped_stop_before_training(world, tiny, tmp_path):
         main(rm_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--per_device_train_batch_size", "4",
                      "--eval_data_path", str(held), "--skip_bad_rows"))
     assert not (tmp_path / "o" / "value_head.safetensors").exists()
+
+
+def test_held_out_rows_that_all_fail_to_encode_give_no_figures(world, tiny, tmp_path):
+    """Held-out rows read well but each too long to encode (skipped as they are encoded, after training): the final
+    metrics read accuracy 0.0 and rewards 0.0 over no rows. They are NaN now, with eval/n 0."""
+    import math
+    rows = json.loads((world / "preference_heldout.json").read_text())[:4]
+    for r in rows:
+        r["conversations"][0]["value"] += " more" * 600
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps(rows))
+    r = main(rm_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                     "--eval_data_path", str(held), "--skip_bad_rows", "--max_seq_len", "256"))
+    ev = r["eval"]
+    assert ev["eval/n"] == 0 and all(math.isnan(v) for k, v in ev.items() if k != "eval/n"), ev

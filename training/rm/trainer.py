@@ -127,6 +127,13 @@ class RMTrainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
+    def _stand_in(self, ds) -> RankedBatch:
+        """A batch to run and discard: of the held-out rows, else (every one a bad row) of the training rows."""
+        try:
+            return stand_in_batch(lambda i: self._batch(ds, i), len(ds))
+        except ValueError:
+            return stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
+
     def evaluate(self) -> tuple[dict, torch.Tensor]:
         """Held-out metrics and the (n_lists, N) reward matrix, row i for eval_set.records[i] (NaN: padding, or
         every entry of a skipped row). Ranks split the lists (training.engine.loop.rank_batches)."""
@@ -141,7 +148,7 @@ class RMTrainer:
             for i in set(idx) - {i for i, _ in got}:
                 out[i] = float("nan")  # a skipped bad row
             if not got:  # a forward all the same (rank_batches), discarded
-                self._rewards(stand_in_batch(lambda i: self._batch(ds, i), n))
+                self._rewards(self._stand_in(ds))
                 continue
             R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
             R = R.double().cpu().masked_fill(~mask.cpu(), float("nan"))
@@ -159,6 +166,10 @@ class RMTrainer:
         loss, units, center = rank_loss(Rf, mask, self.loss_kind, margins, self.cfg["rm"].center_coef)
         metrics = {"eval/loss": float(loss) / max(units, 1) + float(center), "eval/n": int(kept.sum()),
                    **summarize(pair_stats(Rf, mask), "eval/")}
+        if not kept.any():  # every held-out row a bad row (skipped): no figures, rather than an accuracy of 0
+            metrics = {k: v if k == "eval/n" else float("nan") for k, v in metrics.items()}
+            if self.s.is_main:
+                print("held-out evaluation: every row was a bad row (skipped; see bad_rows.json): no metrics")
         return metrics, every
 
     # ---- loop --------------------------------------------------------------------------------
