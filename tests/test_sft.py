@@ -422,3 +422,17 @@ def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
     r = main(sft_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", f"{c}, {c}",
                       "--per_device_train_batch_size", "4", "--num_train_epochs", "1"))
     assert len([h for h in r["history"] if "loss" in h]) == 2  # one epoch over both files
+
+
+def test_held_out_rows_that_all_fail_to_encode_give_no_loss(world, tiny, tmp_path):
+    """Held-out rows that read well but each fail to encode (skipped as they are encoded, after training): the final
+    evaluation stopped with a bare StopIteration, the trained model saved but the run failed."""
+    import math
+    rows = json.loads((world / "sft_train.json").read_text())[-4:]
+    for r in rows:
+        r["conversations"][0]["value"] += " more" * 600
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps(rows))
+    r = main(sft_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--eval_data_path", str(held),
+                      "--skip_bad_rows"))
+    assert r["eval"]["eval/n"] == 0 and math.isnan(r["eval"]["eval/loss"])

@@ -86,8 +86,9 @@ class SFTTrainer:
         for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
             items = [x for x in (ds[i] for i in idx) if x is not None]
             fill = not items
-            if fill:  # no rows (or only bad ones) in this rank's batch: a forward all the same, discarded
-                items = [next(x for x in (ds[i] for i in range(len(ds))) if x is not None)]
+            if fill:  # no rows (or only bad ones) in this rank's batch: a forward all the same, discarded (of a
+                # training row when every held-out row is a bad row: a bare StopIteration after training before)
+                items = [next(x for d in (ds, self.dataset) for x in (d[i] for i in range(len(d))) if x is not None)]
             b = collate_sft(items, self.pad_id, self.arch_name).to(self.s.device)
             s, t = nll_sum(self.engine(**b.model_inputs()).logits, b.labels)
             if not fill:
@@ -95,7 +96,9 @@ class SFTTrainer:
         if was_training:
             self.engine.train()
         nll, tokens, rows = self.s.all_reduce(torch.tensor([nll, tokens, rows], dtype=torch.float64)).tolist()
-        return {"eval/loss": nll / max(tokens, 1.0), "eval/target_tokens": tokens, "eval/n": int(rows)}
+        if not rows and self.s.is_main:
+            print("held-out evaluation: every row was a bad row (skipped; see bad_rows.json): no loss")
+        return {"eval/loss": nll / tokens if tokens else float("nan"), "eval/target_tokens": tokens, "eval/n": int(rows)}
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
