@@ -98,7 +98,8 @@ class SFTTrainer:
         nll, tokens, rows = self.s.all_reduce(torch.tensor([nll, tokens, rows], dtype=torch.float64)).tolist()
         if not rows and self.s.is_main:
             print("held-out evaluation: every row was a bad row (skipped; see bad_rows.json): no loss")
-        return {"eval/loss": nll / tokens if tokens else float("nan"), "eval/target_tokens": tokens, "eval/n": int(rows)}
+        loss = nll / tokens if tokens else float("nan")
+        return {"eval/loss": loss, "eval/target_tokens": tokens, "eval/n": int(rows)}
 
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
