@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     if p.temperature <= 0:
         raise SystemExit(f"--temperature {p.temperature}: rollouts sample; give a temperature above 0")
     if p.reward_clip < 0:
-        raise SystemExit(f"--reward_clip {p.reward_clip}: scores are clipped to +-it; give a bound above 0, or 0 for none")
+        raise SystemExit(f"--reward_clip {p.reward_clip}: scores are clipped to +-it; give a bound above 0, or 0 "
+                         "for none")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
