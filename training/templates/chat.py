@@ -9,15 +9,15 @@ answer with no end token at all (llava-hf's LLaVA-1.5 template writes the text a
 tokenizer's EOS appended to each answer, as LLaVA trained it: a model that never sees an end token
 never learns to stop.
 
-Segments are tokenised one by one: a prompt segment that holds images goes through the processor
-(which expands the image placeholders exactly as the model expects and returns pixel inputs);
-other segments go through the tokenizer. A later segment is tokenised after the text before it, back to
-that text's last special token (written as the EOS), and that context's tokens are dropped: a tokenizer
-that puts a prefix space in front of what it is given (SentencePiece's "▁" in Llama and Mistral
-tokenizers) would otherwise give each segment tokens the whole conversation does not have.
-Truncation drops tokens from the end but never cuts an image's tokens: a later turn whose images would
-be cut is dropped whole, with its images, and a sample whose first prompt (with its images) does not fit raises `PromptTooLong`, as does a prompt
-to answer (generation: no targets) that does not fit whole.
+Segments are tokenised one by one: a prompt segment that holds images goes through the processor (which
+expands the image placeholders exactly as the model expects and returns pixel inputs); other segments go
+through the tokenizer. A later segment is tokenised after the text before it, back to that text's last special
+token (written as the EOS), and that context's tokens are dropped: a tokenizer that puts a prefix space in
+front of what it is given (SentencePiece's "▁" in Llama and Mistral tokenizers) would otherwise give each
+segment tokens the whole conversation does not have. Truncation drops tokens from the end but never cuts an
+image's tokens: a later turn whose images would be cut is dropped whole, with its images, and a sample whose
+first prompt (with its images) does not fit raises `PromptTooLong`, as does a prompt to answer (generation: no
+targets) that does not fit whole.
 
 Whitespace a template writes AFTER an assistant turn's end-of-turn token (ChatML's "<|im_end|>\n",
 Idefics3's "<end_of_utterance>\n") is the separator before the next turn: generation stops at the
