@@ -139,7 +139,7 @@ def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) ->
                 continue
             held = [x for x in products if x.is_relative_to(p.resolve()) and x != p.resolve()]
             stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(_files(p))
-                      if not any(f.resolve().is_relative_to(x) for x in held)]
+                      if not held or not any(f.resolve().is_relative_to(x) for x in held)]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
