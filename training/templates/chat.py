@@ -290,8 +290,20 @@ class ChatEncoder:
         at = -1 if k is None else segs[k][0].find(messages[-1].content)
         if at < 0:
             return "", ""
-        context = self._context("".join(text for text, _ in segs[:k])) if k else ""
-        return ("" if self.image_token in context else context), segs[k][0][:at]
+        return (self._context("".join(text for text, _ in segs[:k])) if k else ""), segs[k][0][:at]
+
+    def text_tokens(self, text: str, context: str = "") -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character spans in `text`) of a text without images as `encode` tokenises it after `context` (see
+        `_tokenize`), for a caller that needs where each token stands (a fast tokenizer's offsets)."""
+        if context and self.image_token not in context:
+            head = self._context_ids(context)
+            enc = self.tokenizer(context + text, add_special_tokens=False, return_offsets_mapping=True)
+            if enc["input_ids"][:len(head)] == head:
+                n = len(context)
+                return enc["input_ids"][len(head):], [(max(a - n, 0), max(b - n, 0))
+                                                      for a, b in enc["offset_mapping"][len(head):]]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
 
     def _tokenize(self, text: str, images: list, first: bool, context: str = "") -> tuple[list[int], dict]:
         """The tokens of `text` (and its pixel inputs) as they are in the whole conversation, where `context` is

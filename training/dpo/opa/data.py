@@ -111,33 +111,25 @@ def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
     return cut, 0 if cut is None else size - cut
 
 
-def _text_tokens(tokenizer, text: str, context: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """The ids of `text` after `context` and their character offsets in `text`; `text` alone where the context's
-    tokens are no prefix of the whole (a token of the text merged into them), as the chat-template layer does."""
-    if context:
-        head = tokenizer(context, add_special_tokens=False)["input_ids"]
-        enc = tokenizer(context + text, add_special_tokens=False, return_offsets_mapping=True)
-        if enc["input_ids"][:len(head)] == head:
-            n, spans = len(context), enc["offset_mapping"][len(head):]
-            return enc["input_ids"][len(head):], [(max(a - n, 0), max(b - n, 0)) for a, b in spans]
+def _alone(tokenizer, text: str) -> tuple[list[int], list]:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], enc["offset_mapping"]
 
 
 def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: list[int],
-                  context: str = "") -> torch.Tensor:
+                  tokens: tuple[list[int], list] | None = None) -> torch.Tensor:
     """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
     character offsets), located inside the response ids (the template may add tokens around it, which
     keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
-    weight). `text` is tokenised after `context`, whose tokens are dropped, as the chat-template layer
-    tokenises the answer (`ChatEncoder.answer_context`): alone, an answer written straight after the prompt's
+    weight). tokens: (ids, spans) of `text` as the conversation holds it (`ChatEncoder.text_tokens` after its
+    `answer_context`), else `text` is tokenised alone: alone, an answer written straight after the prompt's
     text would start with a token its response does not hold (SentencePiece's "▁"), and one after a space with
     one the space is not part of (byte-level "ĠThe" is "The" alone). A token stands where its first character
     other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
     "ĠThe") is its sentence's first token, not one between sentences. A tokenizer that merges across the template
     boundary leaves all weights at 1."""
     w = torch.ones(len(response_ids))
-    ids, offsets = _text_tokens(tokenizer, text, context)
+    ids, offsets = tokens or _alone(tokenizer, text)
     start, n = _locate(ids, response_ids)
     if start is None or n == 0:
         return w
@@ -201,7 +193,8 @@ class OPADataset(torch.utils.data.Dataset):
     def _weights(self, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor) -> torch.Tensor:
         """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it."""
         context, lead = self.encoder.answer_context(prompt + [Message("assistant", text)])
-        return token_weights(self.tokenizer, lead + text, sentence_weights, ids.tolist(), context)
+        return token_weights(self.tokenizer, lead + text, sentence_weights, ids.tolist(),
+                             self.encoder.text_tokens(lead + text, context))
 
     def __getitem__(self, i) -> list[GroupItem] | None:
         r, where = self.rows[i], self.refs[i]
