@@ -116,14 +116,22 @@ def arg_values(command: list[str], root: Path = ROOT) -> list[str]:
     profile it names (a JSON file of argument values: its --data_path, ...), but for the options that say where
     the stage writes (WRITTEN: what it writes there is no input of it)."""
     pairs = option_values(command[1:])
+    pairs += [(k, v) for _, profile in profiles(pairs, root) for k, v in profile.items() if isinstance(v, str)]
+    return [v for k, v in pairs if not any(names_option(k, w) for w in WRITTEN)]
+
+
+def profiles(pairs: list[tuple[str, str]], root: Path = ROOT) -> list[tuple[str, dict]]:
+    """(name, values) of each --config profile among (option, value) pairs that reads as a JSON object (the stage
+    says what is wrong with one that does not)."""
+    out = []
     for name in [v for k, v in pairs if names_option(k, "config")]:
         try:
             loaded = json.loads((root / name).read_text())
-        except (OSError, ValueError):  # (the stage says what is wrong with it)
+        except (OSError, ValueError):
             continue
         if isinstance(loaded, dict):
-            pairs += [(k, v) for k, v in loaded.items() if isinstance(v, str)]
-    return [v for k, v in pairs if not any(names_option(k, w) for w in WRITTEN)]
+            out.append((name, loaded))
+    return out
 
 
 def path_args_digest(command: list[str], skip: list[Path], root: Path = ROOT) -> str:
@@ -212,13 +220,8 @@ def refused_options(args: list[str], root: Path = ROOT) -> list[str]:
     it (an abbreviation too), or a key of a --config profile they name."""
     found = [a.partition("=")[0] for a in args
              if a.startswith("--") and any(names_option(a[2:].partition("=")[0], o) for o in PIPELINE_FIXED)]
-    for name in [v for k, v in option_values(args) if names_option(k, "config")]:
-        try:
-            loaded = json.loads((root / name).read_text())
-        except (OSError, ValueError):  # (SFT says what is wrong with it)
-            continue
-        found += [f"{name}: {k}" for k in (loaded if isinstance(loaded, dict) else ()) if k in PIPELINE_FIXED]
-    return found
+    return found + [f"{name}: {k}" for name, profile in profiles(option_values(args), root) for k in profile
+                    if k in PIPELINE_FIXED]
 
 
 def read_record(out: Path) -> dict | None:
