@@ -68,10 +68,13 @@ def rank_batches(n: int, world: int, rank: int, batch_size: int) -> Iterator[lis
         yield mine[c * batch_size:(c + 1) * batch_size]
 
 
-def stand_in_batch(make_batch, n: int):
+def stand_in_batch(make_batch, n: int, fallback: tuple | None = None):
     """The batch of the first of n items that makes one (not a bad row): what a rank short of a batch
-    runs and discards (rank_batches)."""
+    runs and discards (rank_batches). fallback: (make_batch, n) of other rows to take it from when none of these
+    makes one (an evaluation whose held-out rows are all bad: the training rows)."""
     batch = next((b for i in range(n) if (b := make_batch([i])) is not None), None)
+    if batch is None and fallback is not None:
+        return stand_in_batch(*fallback)
     if batch is None:  # a bare StopIteration before
         raise ValueError(f"none of the {n} rows makes a batch: every one is a bad row (skipped by --skip_bad_rows; "
                          "bad_rows.json names them)")

@@ -127,13 +127,6 @@ class RMTrainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def _stand_in(self, ds) -> RankedBatch:
-        """A batch to run and discard: of the held-out rows, else (every one a bad row) of the training rows."""
-        try:
-            return stand_in_batch(lambda i: self._batch(ds, i), len(ds))
-        except ValueError:
-            return stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
-
     def evaluate(self) -> tuple[dict, torch.Tensor]:
         """Held-out metrics and the (n_lists, N) reward matrix, row i for eval_set.records[i] (NaN: padding, or
         every entry of a skipped row). Ranks split the lists (training.engine.loop.rank_batches)."""
@@ -148,7 +141,8 @@ class RMTrainer:
             for i in set(idx) - {i for i, _ in got}:
                 out[i] = float("nan")  # a skipped bad row
             if not got:  # a forward all the same (rank_batches), discarded
-                self._rewards(self._stand_in(ds))
+                self._rewards(stand_in_batch(lambda i: self._batch(ds, i), n,
+                                             fallback=(lambda i: self._batch(self.train_set, i), len(self.train_set))))
                 continue
             R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
             R = R.double().cpu().masked_fill(~mask.cpu(), float("nan"))

@@ -51,8 +51,9 @@ class SFTTrainer:
         self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
                                   strategy.world_size, o.num_train_epochs, o.max_steps)
 
-    def _batch(self, idx: list[int]):
-        items = [x for x in (self.dataset[i] for i in idx) if x is not None]
+    def _batch(self, idx: list[int], dataset=None):
+        ds = self.dataset if dataset is None else dataset
+        items = [x for x in (ds[i] for i in idx) if x is not None]
         return collate_sft(items, self.pad_id, self.arch_name).to(self.s.device) if items else None
 
     def _step(self, micro_batches: list) -> dict:
@@ -84,15 +85,14 @@ class SFTTrainer:
         eval_mode(self.engine)
         nll, tokens, rows = 0.0, 0, 0
         for idx in rank_batches(len(ds), self.s.world_size, self.s.rank, bs):
-            items = [x for x in (ds[i] for i in idx) if x is not None]
-            fill = not items
+            b = self._batch(idx, ds) if idx else None
+            fill = b is None
             if fill:  # no rows (or only bad ones) in this rank's batch: a forward all the same, discarded (of a
-                # training row when every held-out row is a bad row: a bare StopIteration after training before)
-                items = [next(x for d in (ds, self.dataset) for x in (d[i] for i in range(len(d))) if x is not None)]
-            b = collate_sft(items, self.pad_id, self.arch_name).to(self.s.device)
+                # training row when every held-out row is a bad row)
+                b = stand_in_batch(lambda i: self._batch(i, ds), len(ds), fallback=(self._batch, len(self.dataset)))
             s, t = nll_sum(self.engine(**b.model_inputs()).logits, b.labels)
             if not fill:
-                nll, tokens, rows = nll + float(s), tokens + int(t), rows + len(items)
+                nll, tokens, rows = nll + float(s), tokens + int(t), rows + b.input_ids.shape[0]
         if was_training:
             self.engine.train()
         nll, tokens, rows = self.s.all_reduce(torch.tensor([nll, tokens, rows], dtype=torch.float64)).tolist()
