@@ -171,7 +171,10 @@ def test_a_response_spelling_the_image_placeholder_is_scored(world, tiny, rm, tm
     main(ppo_args(world, tiny, rm, out, "--max_steps", "1"))
     import math
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["reward/mean"])
-    enc = type("E", (), {"image_token": "<image>"})()
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny import build_processor
+    from training.templates.chat import ChatEncoder
+    enc = ChatEncoder(build_processor(), ARCHITECTURES["llava"], 512)
     assert readable_response("a <image> b <image>", enc) == "a  b "
     assert readable_response("a <ima<image>ge> b", enc) == "a  b"  # one pass would join another
 

@@ -16,7 +16,6 @@ import torch
 from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
-from training.data.records import IMAGE_PLACEHOLDER
 from training.rm.factual import MissingFacts, has_facts, rm_messages, with_facts
 from training.templates.chat import ChatEncoder, Encoded, PromptTooLong, RowNotEncodable
 
@@ -46,10 +45,7 @@ def readable_response(text: str, encoder: ChatEncoder) -> str:
     for an end of turn inside the answer. Training data with a placeholder is a bad row instead
     (training.data.formats). Both image spellings go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the
     messages' "<image>", which the template layer turns into an image of any architecture."""
-    tok = getattr(encoder, "tokenizer", None)
-    special = set(getattr(tok, "all_special_tokens", None) or ()) | {
-        a.content for a in (getattr(tok, "added_tokens_decoder", None) or {}).values() if a.special}
-    marks = sorted({t for t in (IMAGE_PLACEHOLDER, encoder.image_token, *special) if t}, key=len, reverse=True)
+    marks = encoder.spelled_marks  # (kept by the encoder: this runs for every sampled response)
     while any(t in text for t in marks):  # one pass could join a new one ("<ima<image>ge>")
         for t in marks:
             text = text.replace(t, "")

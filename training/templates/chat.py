@@ -138,6 +138,15 @@ class ChatEncoder:
         return {t for t in getattr(self.tokenizer, "all_special_tokens", []) if t} | {a.content for a in added.values()}
 
     @functools.cached_property
+    def spelled_marks(self) -> list[str]:
+        """The texts a generated answer must not hold when it is encoded again (the special tokens, the image
+        placeholders of the messages and of the architecture), longest first: see training.rm.data.readable_response."""
+        tok = self.tokenizer
+        special = set(getattr(tok, "all_special_tokens", None) or ()) | {
+            a.content for a in (getattr(tok, "added_tokens_decoder", None) or {}).values() if a.special}
+        return sorted({t for t in (IMAGE_PLACEHOLDER, self.image_token, *special) if t}, key=len, reverse=True)
+
+    @functools.cached_property
     def _system_as_text(self) -> bool:
         """Whether the template prints a system message's content as a string (Llama 3.2 Vision's official one
         writes `messages[0]['content']|trim`: given content parts it trained on their Python repr)."""
