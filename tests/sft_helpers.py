@@ -79,3 +79,25 @@ def pref_dataset(world, tiny, max_len, report=None, n_responses=0):
     recs = read_preferences([str(world / "ranked_train.json")], str(world / "images"))
     return PreferenceDataset(recs, ChatEncoder(proc, arch, max_len), str(world / "images"), report or BadRowReport(),
                              n_responses)
+
+
+def hub_revision(hub: Path, repo_id: str, commit: str, content: str = "") -> None:
+    """A revision of a Hub model in a local Hugging Face cache folder `hub`, as huggingface_hub lays it out: its
+    config.json a link to a blob named by its content (default: the commit), refs/main naming the commit."""
+    repo, content = hub / f"models--{repo_id.replace('/', '--')}", content or commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "blobs" / content).write_text(content)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / content)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def split_rows(source: Path, folder: Path, *cuts: tuple[int, int]) -> list[Path]:
+    """Files a.json, b.json, ... in `folder`, each holding the rows source[start:end] of one cut."""
+    import json
+    rows = json.loads(source.read_text())
+    out = [folder / f"{chr(ord('a') + k)}.json" for k in range(len(cuts))]
+    for path, (start, end) in zip(out, cuts):
+        path.write_text(json.dumps(rows[start:end]))
+    return out

@@ -478,15 +478,10 @@ def test_a_hub_models_fingerprint_follows_its_cached_revision(tmp_path, monkeypa
     from training.model.fingerprint import model_fingerprint
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    repo = tmp_path / "models--org--vlm"
+    from sft_helpers import hub_revision
 
     def revision(commit: str, content: str) -> None:
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "blobs" / content).write_text(content)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / content)
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
+        hub_revision(tmp_path, "org/vlm", commit, content)
 
     uncached = model_fingerprint("org/vlm")
     assert model_fingerprint("org/other") != uncached
@@ -495,7 +490,8 @@ def test_a_hub_models_fingerprint_follows_its_cached_revision(tmp_path, monkeypa
     assert first != uncached and model_fingerprint("org/vlm") == first
     revision("c2", "second")
     assert model_fingerprint("org/vlm") not in (first, uncached)
-    assert model_fingerprint(str(tmp_path / "no such folder")) == model_fingerprint(str(tmp_path / "no such folder"))
+    # a path that is no folder and no repo id (the Hub's validation refuses it) is its name: no error
+    assert model_fingerprint(str(tmp_path / "no such folder")) != model_fingerprint(str(tmp_path / "another"))
 
 
 def test_a_checkpoints_own_model_code_is_in_its_fingerprint(tmp_path):

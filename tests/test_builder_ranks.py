@@ -112,14 +112,10 @@ def test_a_model_from_hub_parts_is_composed_again_for_a_new_revision(tmp_path, m
         return out
     monkeypatch.setattr(parts, "build_from_parts", build)
 
+    from sft_helpers import hub_revision
+
     def revision(name: str, commit: str) -> None:
-        repo = tmp_path / "hub" / f"models--org--{name}"
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "blobs" / commit).write_text(commit)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / commit)
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(commit)
+        hub_revision(tmp_path / "hub", f"org/{name}", commit)
 
     revision("clip", "v1")
     revision("lm", "l1")

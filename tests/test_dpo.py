@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_dpo_driver import dpo_args
-from sft_helpers import pref_dataset, weights
+from sft_helpers import pref_dataset, split_rows, weights
 
 from training.dpo.main import main
 
@@ -534,11 +534,7 @@ def test_a_rank_whose_rows_were_all_skipped_reduces_what_the_others_do(world, ti
 def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
     """--data_path / --eval_data_path "a.json, b.json" stopped with "no such file": the stage split the list itself
     and kept the space in front of the second path."""
-    rows = json.loads((world / "preference_train.json").read_text())
-    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
-    a.write_text(json.dumps(rows[:4]))
-    b.write_text(json.dumps(rows[4:8]))
-    c.write_text(json.dumps(rows[8:10]))
+    a, b, c = split_rows(world / "preference_train.json", tmp_path, (0, 4), (4, 8), (8, 10))
     r = main(dpo_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", f"{c}, {c}",
                       "--per_device_train_batch_size", "4", "--num_train_epochs", "1"))
     assert len([h for h in r["history"] if "loss" in h]) == 2  # one epoch over both files

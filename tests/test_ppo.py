@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from sft_helpers import make_reward_model, ppo_args, weights
+from sft_helpers import make_reward_model, ppo_args, split_rows, weights
 
 from training.data.records import Message
 from training.ppo.main import main
@@ -448,16 +448,16 @@ def test_template_override_renders_rollout_prompts_and_is_saved(world, tiny, rm,
     assert proc.chat_template == NO_EOS
 
 
-def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, rm, tmp_path):
+def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, rm, tmp_path, monkeypatch):
     """--data_path "a.json, b.json" stopped with "no such file": the stage split the list itself and kept the space
     in front of the second path."""
-    rows = json.loads((world / "ppo_prompts.json").read_text())
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(rows[:4]))
-    b.write_text(json.dumps(rows[4:8]))
-    out = tmp_path / "o"
-    main(ppo_args(world, tiny, rm, out, "--data_path", f"{a}, {b}", "--max_steps", "2"))
-    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2
+    import training.ppo.main as ppo_main
+    a, b = split_rows(world / "ppo_prompts.json", tmp_path, (0, 3), (3, 8))
+    usable, seen = ppo_main.usable_prompts, []
+    monkeypatch.setattr(ppo_main, "usable_prompts", lambda records, *a, **k: usable(seen.extend(records) or records,
+                                                                                      *a, **k))
+    main(ppo_args(world, tiny, rm, tmp_path / "o", "--data_path", f"{a}, {b}", "--max_steps", "1"))
+    assert len(seen) == 8  # the prompts of both files
 
 
 def test_one_rollout_per_step_logs_finite_metrics(world, tiny, rm, tmp_path):

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sft_helpers import split_rows
 
 from training.config import LoraArgs, ModelArgs
 from training.data.bad_rows import BadRowError
@@ -153,9 +154,7 @@ def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
     """--data_path "a.json, b.json" (the list require_held_out and the readers take) stopped with "no such file":
     the stage split it itself and kept the space in front of the second path."""
     rows = json.loads((world / "preference_train.json").read_text())
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(rows[:8]))
-    b.write_text(json.dumps(rows[8:]))
+    a, b = split_rows(world / "preference_train.json", tmp_path, (0, 8), (8, len(rows)))
     r = main(rm_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", "",
                      "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--no-factual"))
     assert len([h for h in r["history"] if "loss" in h]) == len(rows) // 4  # one epoch over both files

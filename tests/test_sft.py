@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from sft_helpers import FakeRank, sft_args, weights
+from sft_helpers import FakeRank, sft_args, split_rows, weights
 
 from training.data.bad_rows import BadRowError
 from training.sft.main import main
@@ -414,11 +414,7 @@ def test_bad_rows_found_before_a_kill_are_listed_after_the_resume(world, tiny, t
 def test_a_data_path_list_with_spaces_reads_every_file(world, tiny, tmp_path):
     """--data_path "a.json, b.json" (the list the readers and require_held_out take) stopped with "no such file":
     the stage split it itself and kept the space in front of the second path."""
-    rows = json.loads((world / "sft_train.json").read_text())
-    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
-    a.write_text(json.dumps(rows[:4]))
-    b.write_text(json.dumps(rows[4:8]))
-    c.write_text(json.dumps(rows[8:10]))
+    a, b, c = split_rows(world / "sft_train.json", tmp_path, (0, 4), (4, 8), (8, 10))
     r = main(sft_args(world, tiny, tmp_path / "o", "--data_path", f"{a}, {b}", "--eval_data_path", f"{c}, {c}",
                       "--per_device_train_batch_size", "4", "--num_train_epochs", "1"))
     assert len([h for h in r["history"] if "loss" in h]) == 2  # one epoch over both files
