@@ -342,7 +342,7 @@ def test_stage_function_keeps_resumes_and_retrains(tmp_path):
     rc, ran, _ = pipeline_run("--help", {"NO_MODEL": "1"})
     rec = json.loads((a / pipeline.RECORD).read_text())  # not the --help command's: the finished run's, kept
     assert rc != 0 and ran == ["a --help"] and (rec["status"], rec["command"][-2:]) == ("done", ["--lr", "7"])
-    assert pipeline_run("--lr 7")[:2] == (0, [])  # (its record replaced, a retrained once)
+    assert pipeline_run("--lr 7")[:2] == (0, [])  # kept (a retrained once when --help replaced its record)
 
 
 def test_stage_function_without_separator_stops(tmp_path):
