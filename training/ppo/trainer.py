@@ -7,6 +7,7 @@ over minibatches (clipped policy loss for the actor, clipped value loss for the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -320,7 +321,7 @@ def _select(batch, idx: list[int], rows: dict[str, list[int]] | None = None):
     for k, v in batch.vision.items():
         n = (rows or {}).get(k)
         if n is not None and sum(n) == v.shape[0]:
-            start = [sum(n[:i]) for i in range(len(n))]
+            start = [0, *itertools.accumulate(n)]
             picked = [j for i in idx for j in range(start[i], start[i] + n[i])]
             if picked:  # no row (text-only prompts alone): the input is left out, as collate_sft does
                 vision[k] = v[picked]
