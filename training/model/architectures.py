@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# + Phi-3's fused attention and MLP inputs: a LLaVA built from parts may hold a Phi-3-style LM, where the Llama names
+# alone put adapters on o_proj and down_proj only (names a model lacks match nothing)
+_LLAVA_LINEARS = _LLAMA_LINEARS + ("qkv_proj", "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             name="llava", model_types=("llava",),
             model_class="LlavaForConditionalGeneration", processor_class="LlavaProcessor",
-            lora_targets=_LLAMA_LINEARS,
+            lora_targets=_LLAVA_LINEARS,
             vision_prefixes=("model.vision_tower.",),
             projector_prefixes=("model.multi_modal_projector.",),
             lm_prefixes=("model.language_model.", "lm_head."),
@@ -65,7 +68,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec(
             name="llava_next", model_types=("llava_next",),
             model_class="LlavaNextForConditionalGeneration", processor_class="LlavaNextProcessor",
-            lora_targets=_LLAMA_LINEARS,
+            lora_targets=_LLAVA_LINEARS,
             vision_prefixes=("model.vision_tower.",),
             # image_newline is the learned row separator that belongs with the projector
             projector_prefixes=("model.multi_modal_projector.", "model.image_newline"),
