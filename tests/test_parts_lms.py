@@ -3,7 +3,8 @@ and Gemma-2 (final logit soft-capping in its own causal-LM head)."""
 import torch
 from test_builder import _load, _tiny_vision
 
-from training.config import LoraArgs
+from training.config import LoraArgs, ModelArgs
+from training.model.builder import load_model_and_processor
 from training.model.parts import build_from_parts
 from training.model.tiny_archs import build_tokenizer
 
@@ -40,3 +41,19 @@ def test_lora_auto_covers_a_phi3_language_models_fused_projections(tmp_path):
     lora_modules = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
     assert all(spec.param_group(n + ".weight") == "lm" for n in lora_modules)  # none on the vision tower
 
+
+def test_a_composed_gemma2_computes_its_language_models_logits(tmp_path):
+    """Gemma2ForCausalLM soft-caps its logits (30 tanh(logits / 30)); LLaVA's head does not: the composed VLM's
+    text-only logits were not the language model's (max |logit| 10.04 against 9.68)."""
+    out, lm, tok = _composed(tmp_path, "gemma2")
+    ids = tok("red circle", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+    assert float(expected.abs().max()) > 5  # where the cap bends the logits
+    for lora in (LoraArgs(), LoraArgs(lora_r=4, lora_target_modules="q_proj,lm_head")):
+        for training in (True, False):
+            model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=out), lora, for_training=training)
+            model.eval()
+            with torch.no_grad():
+                got = model(input_ids=ids).logits[..., :expected.shape[-1]]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -282,6 +282,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if not for_training:
         model.requires_grad_(False)
         eval_mode(model)
+        cap_final_logits(model)
         return model, processor, spec
 
     if lora_args.qlora:
@@ -294,6 +295,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     apply_freezing(model, spec, model_args)
     if lora_args.lora_r > 0:
         model = apply_lora(model, spec, model_args, lora_args)
+    cap_final_logits(model)  # on LoRA's wrapper of the output layer, when adapters are on it
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # an adapter checkpoint stays the base (merged again when needed), not its merged copy in a temp folder
@@ -304,6 +306,17 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
                              **({"qlora": {"double_quant": lora_args.bnb_double_quant}} if lora_args.qlora else {})}
     model.train()
     return model, processor, spec
+
+
+def cap_final_logits(model) -> None:
+    """A language model's final logit soft-capping, cap * tanh(logits / cap) (Gemma-2's, 30), which its own causal-LM
+    class applies and the VLM classes holding it (a LLaVA built from parts) do not: their logits were not the language
+    model's. A forward hook on the output layer (of the peft model's base, after LoRA wraps it)."""
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(getattr(base.config, "text_config", None) or base.config, "final_logit_softcapping", None)
+    if cap:
+        base.get_output_embeddings().register_forward_hook(lambda module, inputs, out: cap * torch.tanh(out / cap))
 
 
 def keep_4bit_weights_unpacked(model) -> None:
