@@ -82,10 +82,11 @@ def parse(argv=None) -> argparse.Namespace:
 def _read_jsonl(path: Path) -> dict[str, dict]:
     """{key: row} of a work file, a later row replacing an earlier one of its key. A last line cut short (the
     step killed while appending) is dropped from the file with a warning, and its row is made again; any
-    other bad line is an error naming the file and line."""
+    other bad line is an error naming the file and line; a whole last row without its newline gets it."""
     if not path.exists():
         return {}
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     last = max((n for n, x in enumerate(lines, 1) if x.strip()), default=0)
     rows = {}
     for n, line in enumerate(lines[:last], 1):
@@ -104,6 +105,9 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
             raise SystemExit(f"{path}: line {n}: not a work-file row with a 'key' (an older version's file? redo "
                              "the step with --force)")
         rows[row["key"]] = row
+    else:
+        if text.strip() and not text.endswith("\n"):  # killed just before a row's newline: the next append would
+            _write_lines(path, lines[:last])           # join its row to that line
     return rows
 
 
