@@ -15,3 +15,19 @@ def test_a_last_row_killed_before_its_newline_is_resumed_after(tmp_path):
     with path.open("a") as f:  # the step resumes: appends its new rows
         f.write(rows[2] + "\n" + rows[3] + "\n")
     assert list(_read_jsonl(path)) == ["p#0", "p#1", "p#2", "p#3"]
+
+
+def test_a_rollout_step_rerun_on_another_data_file_is_refused(world, tiny, tmp_path):
+    """The rollout step kept the first data file's rollouts and appended the second's: the pairs mixed both files
+    (pref00000#0, pref00001#1, heldout00000#0, heldout00001#1 from --n_prompts 2)."""
+    import pytest
+
+    from training.dpo.opa.main import main
+    out = tmp_path / "opa"
+    args = ["--step", "rollout", "--from_checkpoint", str(tiny), "--image_folder", str(world / "images"),
+            "--output_dir", str(out), "--max_new_tokens", "4", "--n_prompts", "2", "--no-progress"]
+    main(args + ["--data_path", str(world / "preference_train.json")])
+    with pytest.raises(SystemExit, match=r"other settings \(data_path differ"):
+        main(args + ["--data_path", str(world / "preference_heldout.json")])
+    main(args + ["--data_path", str(world / "preference_train.json"), "--n_prompts", "3"])  # the same: resumed
+    assert len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3

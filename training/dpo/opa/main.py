@@ -176,10 +176,14 @@ def load_prompts(a, report=None):
 
 
 def rollout_settings(a) -> dict:
-    """What draws the rollouts: the policy (and its files), the sampling and its seeds. An interrupted rollout step
-    rerun with others appended another policy's or temperature's rollouts to the first ones."""
+    """What draws the rollouts: the prompts (the data file and the image root its rows' images are read from), the
+    policy (and its files), the sampling and its seeds. An interrupted rollout step rerun with others appended
+    another policy's or temperature's rollouts to the first ones; rerun on another data file, both files' rollouts
+    went into the pairs."""
     from training.model.fingerprint import model_fingerprint
-    return {"from_checkpoint": a.from_checkpoint, "model": model_fingerprint(a.from_checkpoint),
+    resolve_paths(a)
+    return {"data_path": os.path.abspath(a.data_path), "image_folder": os.path.abspath(a.image_folder),
+            "from_checkpoint": a.from_checkpoint, "model": model_fingerprint(a.from_checkpoint),
             "temperature": a.temperature, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
             "rollout_batch_size": a.rollout_batch_size}
 
