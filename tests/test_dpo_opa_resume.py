@@ -2,6 +2,8 @@
 input (another data file, another expert) that must not reuse what the first wrote."""
 import json
 
+from test_dpo_opa import GT, _opa_main_args, _write_rollouts
+
 
 def test_a_last_row_killed_before_its_newline_is_resumed_after(tmp_path):
     """A step killed between a row and its newline: the next append joined its first row to that line, and the
@@ -31,3 +33,31 @@ def test_a_rollout_step_rerun_on_another_data_file_is_refused(world, tiny, tmp_p
         main(args + ["--data_path", str(world / "preference_heldout.json")])
     main(args + ["--data_path", str(world / "preference_train.json"), "--n_prompts", "3"])  # the same: resumed
     assert len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3
+
+
+def test_another_expert_reviews_the_rollouts_again(world, tmp_path, monkeypatch):
+    """The correct step rerun with --expert chat (or another endpoint or model) reused the first expert's reports:
+    no request, the ground-truth reviser's pairs kept."""
+    import training.dpo.opa.main as opa
+    from training.dpo.opa.expert import GroundTruthReviser
+
+    asked = []
+
+    class Chat:
+        def review(self, response, **kw):
+            asked.append(response)
+            return GroundTruthReviser().review(response, **kw)
+
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", [GT, "A red star."])
+    path = out / "work" / "rollouts.jsonl"  # an image the chat expert is sent
+    path.write_text(path.read_text().replace('"x.png"', '"pref00000.png"'))
+    opa.main(_opa_main_args(world, out, "--step", "correct"))  # the ground-truth reviser
+    monkeypatch.setattr(opa, "make_expert", lambda a, work: Chat())
+    chat = ["--step", "correct", "--expert", "chat", "--expert_url", "http://127.0.0.1:9/v1"]
+    opa.main(_opa_main_args(world, out, *chat))
+    assert asked == [GT, "A red star."]
+    opa.main(_opa_main_args(world, out, *chat))  # the same expert: its reports kept
+    assert len(asked) == 2
+    opa.main(_opa_main_args(world, out, *chat, "--expert_model", "other"))
+    assert len(asked) == 4

@@ -14,7 +14,8 @@ A step whose output exists is skipped (rollouts and reports are appended per pro
 interrupted step continues where it stopped; the SFT and DPO stages continue from their last checkpoint);
 --force redoes the named step, with --step all every step. Work files key each prompt by its data id and
 row (`key`: ids need not be unique, LLaVA's name the image); a report records a hash of what the expert
-reviewed, so a rollout made anew is reviewed anew.
+reviewed and of the expert (--expert, its endpoint and model), so a rollout made anew, or a rollout under
+another expert, is reviewed anew.
 """
 from __future__ import annotations
 
@@ -115,9 +116,18 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     write_text_atomic(path, "".join(x + "\n" for x in lines))
 
 
-def _input_sha(r: dict) -> str:
-    """A hash of what the expert reviews of a rollout row: a report whose hash differs is of another rollout."""
-    seen = [r["rollout"], r["question"], r["gt"], r.get("facts"), r["image"]]
+def expert_identity(a) -> list:
+    """Which expert reviews: --expert, and for an endpoint its URL (less credentials; only ever hashed) and model."""
+    if a.expert != "chat":
+        return [a.expert]
+    from training.chat_api import chat_completions_url, endpoint_key
+    return [a.expert, endpoint_key(chat_completions_url(a.expert_url)), a.expert_model]
+
+
+def _input_sha(r: dict, expert: list) -> str:
+    """A hash of what the expert reviews of a rollout row, and of the expert (expert_identity): a report whose hash
+    differs is of another rollout, or another expert's."""
+    seen = [r["rollout"], r["question"], r["gt"], r.get("facts"), r["image"], expert]
     return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
 
 
@@ -266,7 +276,8 @@ def step_correct(a, work: Path) -> None:
     done = _read_jsonl(out)
     expert = make_expert(a, work)
     from tqdm import tqdm
-    todo = [key for key, r in rollouts.items() if done.get(key, {}).get("input_sha") != _input_sha(r)]
+    who = expert_identity(a)
+    todo = [key for key, r in rollouts.items() if done.get(key, {}).get("input_sha") != _input_sha(r, who)]
     bad = []
     with out.open("a") as f, tqdm(todo, desc="expert review", unit="answer", disable=not a.progress,
                                    dynamic_ncols=True) as bar:
@@ -281,10 +292,11 @@ def step_correct(a, work: Path) -> None:
                 if not a.skip_bad_rows:
                     raise ValueError(f"{bad[-1]} (pass --skip_bad_rows to skip and count such rollouts)") from err
                 continue
-            done[key] = {"key": key, "id": r["id"], "input_sha": _input_sha(r), "report": report}
+            done[key] = {"key": key, "id": r["id"], "input_sha": _input_sha(r, who), "report": report}
             f.write(json.dumps(done[key]) + "\n")
             f.flush()
-    reports = {k: done[k]["report"] for k, r in rollouts.items() if done.get(k, {}).get("input_sha") == _input_sha(r)}
+    reports = {k: done[k]["report"] for k, r in rollouts.items()
+               if done.get(k, {}).get("input_sha") == _input_sha(r, who)}
     pairs, sft, empty = [], [], []
     for key, report in reports.items():
         r = rollouts[key]
