@@ -61,3 +61,25 @@ def test_another_expert_reviews_the_rollouts_again(world, tmp_path, monkeypatch)
     assert len(asked) == 2
     opa.main(_opa_main_args(world, out, *chat, "--expert_model", "other"))
     assert len(asked) == 4
+
+
+def test_only_corrected_keeps_a_rollout_the_expert_added_a_sentence_to(world, tmp_path, monkeypatch):
+    """An expert answer in the OPA-DPO release's layout with an "Added" sentence (score 4, nothing copied) revises
+    the rollout, but --only_corrected dropped it ("0 of 1 rollouts corrected; 0 prompts' pairs")."""
+    import training.dpo.opa.main as opa
+    from training.dpo.opa.expert import parse_report
+
+    answer = json.dumps({"0": {"copied_content": "A blue circle.", "score": 4, "error_type": "correct",
+                               "rewritten_content": "A blue circle."},
+                         "Added": {"rewritten_content": "There are three crosses."}})
+
+    class Expert:
+        def review(self, response, **_):
+            return parse_report(answer)
+
+    monkeypatch.setattr(opa, "make_expert", lambda a, work: Expert())
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", ["A blue circle."])
+    opa.main(_opa_main_args(world, out, "--step", "correct", "--only_corrected"))
+    pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
+    assert [p["revised"] for p in pairs] == ["A blue circle. There are three crosses."]

@@ -96,6 +96,12 @@ def revised_with_weights(report: list[dict]) -> tuple[str, list, list]:
     return " ".join(pieces), score_w, type_w
 
 
+def corrected(report: list[dict]) -> bool:
+    """Whether the expert changed the rollout: a sentence scored below 4, or one it added (the release's "Added":
+    nothing copied, a score of 4)."""
+    return any(r["score"] < 4 or not r["copied_content"].strip() and r["rewritten_content"].strip() for r in report)
+
+
 def rollout_weights(report: list[dict]) -> list:
     return [[r["copied_content"], SCORE_WEIGHT[r["score"]]] for r in report if r["copied_content"].strip()]
 

@@ -267,7 +267,7 @@ def make_expert(a, work: Path):
 
 def step_correct(a, work: Path) -> None:
     from training.data.images import load_image
-    from training.dpo.opa.data import opa_prompt, revised_with_weights, rollout_weights
+    from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
 
     rollouts = _read_jsonl(work / "rollouts.jsonl")
     if not rollouts:
@@ -304,7 +304,7 @@ def step_correct(a, work: Path) -> None:
         if not revised.strip() or not r["gt"].strip():  # no ground-truth answer (a prompt file without
             empty.append(key)                            # references) or an empty revision: no pairs
             continue
-        if a.only_corrected and all(x["score"] == 4 for x in report) or a.max_pairs and len(pairs) >= a.max_pairs:
+        if a.only_corrected and not corrected(report) or a.max_pairs and len(pairs) >= a.max_pairs:
             continue
         rid = r["id"]
         pair = {"id": rid, "key": key, "image": r["image"], "question": r["question"], "gt": r["gt"],
@@ -319,7 +319,7 @@ def step_correct(a, work: Path) -> None:
                         "completion": [{"role": "assistant", "content": answer}]})  # rows: the answer alone trains
     (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
     (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
-    n_bad = sum(any(x["score"] < 4 for x in report) for report in reports.values())
+    n_bad = sum(corrected(report) for report in reports.values())
     print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected; {len(pairs)} prompts' pairs -> "
           f"{work / 'opa_pairs.json'}")
     if bad:
