@@ -83,3 +83,33 @@ def test_only_corrected_keeps_a_rollout_the_expert_added_a_sentence_to(world, tm
     opa.main(_opa_main_args(world, out, "--step", "correct", "--only_corrected"))
     pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
     assert [p["revised"] for p in pairs] == ["A blue circle. There are three crosses."]
+
+
+def test_a_stage_whose_data_changed_is_made_again(world, tmp_path, monkeypatch):
+    """The SFT and DPO steps were skipped whenever their folder held a model: after the correct step made other pairs
+    (new rollouts, another expert) the run ended on the models of the old pairs without a word."""
+    import training.dpo.opa.main as opa
+    from test_dpo_opa import _record_steps
+
+    calls = _record_steps(opa, monkeypatch)
+    out = tmp_path / "opa"
+
+    def stages(*extra):
+        calls.clear()
+        opa.main(_opa_main_args(world, out, *extra))
+        return [c for c in calls if c[0].startswith("run_")]
+
+    work = out / "work"
+    work.mkdir(parents=True)
+    for name in ("opa_sft.json", "opa_pairs.json"):
+        (work / name).write_text("[1]")
+    assert stages() == [("run_sft.sh", True), ("run_dpo_training.sh", True)]
+    (work / "opa_sft").mkdir()
+    for f in (work / "opa_sft" / "model.safetensors", out / "model.safetensors"):  # both stages finished
+        f.write_text("{}")
+    assert stages() == []  # their data as before: kept
+    for name in ("opa_sft.json", "opa_pairs.json"):
+        (work / name).write_text("[2]")  # the correct step made other pairs
+    assert stages() == [("run_sft.sh", False), ("run_dpo_training.sh", False)]  # made again, from the start
+    assert stages() == []
+    assert stages("--dpo_args", "--beta 0.2") == [("run_dpo_training.sh", False)]

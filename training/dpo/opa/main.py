@@ -11,7 +11,8 @@
     bash run_opa_dpo.sh --step dpo --dpo_args "--beta 0.2"
 
 A step whose output exists is skipped (rollouts and reports are appended per prompt, so an
-interrupted step continues where it stopped; the SFT and DPO stages continue from their last checkpoint);
+interrupted step continues where it stopped; the SFT and DPO stages continue from their last checkpoint, and are
+made again from the start when their data or options changed: opa_sft.inputs / opa_dpo.inputs in work/);
 --force redoes the named step, with --step all every step. Work files key each prompt by its data id and
 row (`key`: ids need not be unique, LLaVA's name the image); a report records a hash of what the expert
 reviewed and of the expert (--expert, its endpoint and model), so a rollout made anew, or a rollout under
@@ -347,6 +348,23 @@ def _stage(script: str, args: list[str], in_process: bool = False) -> None:
         raise SystemExit(status)
 
 
+def _stage_resume(out_dir: Path, record: Path, inputs: list, force: bool) -> list[str] | None:
+    """How a stage runs: None (skipped: its model is there, made from these inputs), [] (from the start: --force, or
+    its inputs changed since it started) or ["--resume"] (from its last checkpoint, if any). inputs: the files (Path)
+    and options it is made from, hashed into `record` (a model without a record, an older version's, is kept)."""
+    from training.model.builder import saved_model_files  # a finished step's model: weights or adapters
+    h = hashlib.sha256()
+    for x in inputs:
+        h.update(x.read_bytes() if isinstance(x, Path) and x.exists() else str(x).encode())
+        h.update(b"\0")
+    sha, old = h.hexdigest()[:16], record.read_text().strip() if record.exists() else None
+    changed = old is not None and old != sha
+    if saved_model_files(out_dir) and not (force or changed):
+        return None
+    write_text_atomic(record, sha)
+    return [] if force or changed else ["--resume"]
+
+
 def main(argv=None) -> None:
     a = parse(argv)
     if not Path(a.from_checkpoint).exists() and a.from_checkpoint == "output/sft":
@@ -364,17 +382,25 @@ def main(argv=None) -> None:
             (work / "reports.jsonl").unlink(missing_ok=True)
         step_correct(a, work)
     sft_dir = work / "opa_sft"
-    resume = [] if a.force else ["--resume"]  # a stage continues from its last checkpoint (none: from the start)
-    from training.model.builder import saved_model_files  # a finished step's model: weights or adapters
-    if "sft" in steps and (a.force or not saved_model_files(sft_dir)):
-        _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
-                              "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed", str(a.seed),
-                              "--figure_dir", a.figure_dir, *resume, *shlex.split(a.sft_args)], a.in_process)
-    if "dpo" in steps and (a.force or not saved_model_files(a.output_dir)):
-        _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
-                                       str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
-                                       "--output_dir", a.output_dir, "--sft_weight", "0", "--figure_dir", a.figure_dir,
-                                       *resume, *shlex.split(a.dpo_args)], a.in_process)
+    # a stage continues from its last checkpoint (none: from the start); one whose data or options changed since
+    # (the correct step made other pairs, another --sft_args) is made again, and so is the DPO step after it
+    sft_record, dpo_record = work / "opa_sft.inputs", work / "opa_dpo.inputs"
+    if "sft" in steps:
+        resume = _stage_resume(sft_dir, sft_record, [work / "opa_sft.json", a.from_checkpoint, a.image_folder, a.seed,
+                                                     a.sft_args], a.force)
+        if resume is not None:
+            _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
+                                  "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed",
+                                  str(a.seed), "--figure_dir", a.figure_dir, *resume, *shlex.split(a.sft_args)],
+                   a.in_process)
+    if "dpo" in steps:
+        resume = _stage_resume(Path(a.output_dir), dpo_record, [work / "opa_pairs.json", sft_record, a.image_folder,
+                                                                 a.dpo_args], a.force)
+        if resume is not None:
+            _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
+                                           str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
+                                           "--output_dir", a.output_dir, "--sft_weight", "0", "--figure_dir",
+                                           a.figure_dir, *resume, *shlex.split(a.dpo_args)], a.in_process)
 
 
 if __name__ == "__main__":
