@@ -1,5 +1,6 @@
 """Rows as their projects publish them: the OPA-DPO set (datasets saved to disk) read for OPA-DPO training, and
-a PPO prompt's reference answer that is not text."""
+a prompt's reference answer (a PPO prompt's, an OPA set's ground truth) that is not text."""
+import base64
 import io
 import json
 
@@ -71,6 +72,17 @@ def test_a_reference_answer_that_is_not_text_is_a_bad_row(tmp_path):
     path = tmp_path / "ppo.json"
     path.write_text(json.dumps(rows))
     with pytest.raises(BadRowError, match=r"row 0: field 'conversations\[1\].value': expected text, got int"):
+        read_prompts(str(path), str(tmp_path))
+
+
+@pytest.mark.parametrize("value", [123, ["one", "two"]])
+def test_an_opa_sets_ground_truth_that_is_not_text_is_a_bad_row(tmp_path, value):
+    """OPA's rollouts read the OPA set as prompts whose standard_response is the reference the expert corrects
+    against: one that was not text was dropped without a word (reference None)."""
+    path = tmp_path / "opa.jsonl"
+    path.write_text(json.dumps({"queries": "Describe the image.", "image_bytes": base64.b64encode(_png()).decode(),
+                                "standard_response": value}) + "\n")
+    with pytest.raises(BadRowError, match=r"row 0: field 'standard_response': expected text"):
         read_prompts(str(path), str(tmp_path))
 
 

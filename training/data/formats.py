@@ -457,6 +457,14 @@ PREFERENCE_FORMATS = [
 
 # ---------------------------------------------------------------- prompt formats
 
+def _reference(value: Any, field: str) -> str | None:
+    """A prompt's optional reference answer: text, or None when absent or blank; any other value is a bad row
+    (it was dropped without a word)."""
+    if value is not None and not isinstance(value, str):
+        raise RowProblem(field, f"expected text, got {type(value).__name__}")
+    return value if value and value.strip() else None
+
+
 def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     turns = _llava_turns(row)
     reference = None
@@ -466,9 +474,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         key = "preference_values" if "preference_values" in turn else "value"
         value = turn.get(key)
         value = value[0] if isinstance(value, list) and value else value
-        if value is not None and not isinstance(value, str):  # was dropped without a word
-            raise RowProblem(f"conversations[{last}].{key}", f"expected text, got {type(value).__name__}")
-        reference = value if value and value.strip() else None
+        reference = _reference(value, f"conversations[{last}].{key}")
     prompt = _llava_messages(turns, "conversations", end="user")
     images, field = _llava_images(row)
     _place_images(prompt, len(images), "conversations")
@@ -493,8 +499,7 @@ def _prompt_opa(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = [Message("user", _text(_need(row, "queries"), "queries"))]
     images = _opa_images(row)
     _place_images(prompt, len(images), "queries")
-    reference = row.get("standard_response")
-    reference = reference if isinstance(reference, str) and reference.strip() else None
+    reference = _reference(row.get("standard_response"), "standard_response")
     return ParsedRow(PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=_facts(row),
                                   meta=_answer_meta(row), source=ref, prompt_field="queries"), images, "image_bytes")
 
