@@ -6,7 +6,8 @@
 The VLM is the embedded tiny LLaVA with its plain CLIP-ViT tower (tower "vit"; + projector + Llama) at a
 larger image size, so each prompt holds (image_size/8)^2 image tokens and each response tens of
 tokens, as with LLaVA. Data: the embedded world's preference pairs. Each side runs in its own
-process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision):
+process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpointing, same precision,
+whole batches: pairs past an epoch's last whole batch are left out on both sides):
 
   ours  training.dpo.main: reference log-probs precomputed once (counted in its time), image and
         prompt computed once per pair (shared-prefix layout), no reference model in memory, each
@@ -154,11 +155,25 @@ def worker_ours(a) -> dict:
             "train_s": t["train_s"], "wall_incl_save_s": total, "peak_mb": mem.peak_mb(), "first_batch": fb}
 
 
+def trl_config(a, cuda: bool):
+    """TRL's settings, ours where both have them. Whole batches only (dataloader_drop_last), as our stages train
+    (training.engine.loop.StepPlan): both sides take the same optimizer steps over the same pairs, and TRL's
+    pairs are its steps x batch."""
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch,
+                     num_train_epochs=a.epochs, learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1,
+                     loss_type=["sigmoid"], logging_steps=1, save_strategy="no", report_to=[], max_length=None,
+                     gradient_checkpointing=False, bf16=a.precision == "bf16", use_cpu=not cuda,
+                     dataloader_num_workers=0, dataloader_drop_last=True, seed=1234, disable_tqdm=True,
+                     max_grad_norm=1.0)
+
+
 def worker_trl(a) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from training.data.images import load_image
 
@@ -176,13 +191,8 @@ def worker_trl(a) -> dict:
                 "rejected": [{"role": "assistant", "content": rejected}]}
 
     ds = Dataset.from_list([example(r) for r in rows])
-    cuda = torch.cuda.is_available()
-    args = DPOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.batch, num_train_epochs=a.epochs,
-                     learning_rate=1e-5, lr_scheduler_type="constant", beta=0.1, loss_type=["sigmoid"],
-                     logging_steps=1, save_strategy="no", report_to=[], max_length=None, gradient_checkpointing=False,
-                     bf16=a.precision == "bf16", use_cpu=not cuda, dataloader_num_workers=0, seed=1234,
-                     disable_tqdm=True, max_grad_norm=1.0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=proc)
+    trainer = DPOTrainer(model=model, args=trl_config(a, torch.cuda.is_available()), train_dataset=ds,
+                         processing_class=proc)
 
     # first batch: TRL's own collator and loss code on the first `batch` pairs of the file, at initialisation
     gathered = []

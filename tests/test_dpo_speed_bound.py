@@ -1,4 +1,5 @@
-"""benchmarks.dpo_speed's one-epoch multiply-add bound, against a hand count on a stand-in checkpoint."""
+"""benchmarks.dpo_speed: its one-epoch multiply-add bound, against a hand count on a stand-in checkpoint; TRL's
+optimizer steps, those of ours."""
 import json
 
 import torch
@@ -20,3 +21,19 @@ def test_bound_counts_each_part_as_each_side_runs_it(tmp_path):
     ours = image + 3 * (10 + 3) + 1 * 3  # 100
     assert abs(whole - trl / ours) < 1e-12 and abs(whole - 2.08) < 1e-12
     assert abs(lm - 23 / 13) < 1e-12
+
+
+def test_trl_takes_the_optimizer_steps_ours_takes(tmp_path):
+    """64 pairs in batches of 8 hid it: with pairs not a multiple of the batch TRL also trained on a last, partial
+    batch (12 pairs, batch 8: 2 steps, counted as 16 pairs), ours on whole batches only (1 step, 8 pairs)."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from benchmarks.dpo_speed import trl_config
+    from training.engine.loop import StepPlan
+
+    a = SimpleNamespace(work=str(tmp_path), batch=8, epochs=1, precision="fp32")
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=trl_config(a, cuda=False),
+                      train_dataset=[{"x": [float(i)]} for i in range(12)], data_collator=lambda rows: rows)
+    assert len(trainer.get_train_dataloader()) == StepPlan.make(12, 8, 1, 1, 1, 0).steps_per_epoch == 1
