@@ -95,12 +95,21 @@ def make_data(work: Path, n_pairs: int) -> tuple[Path, Path]:
     """The first n_pairs of the embedded world's preference pairs (data/world, else a small world here)."""
     from training.world.generate import WorldConfig, generate
 
+    def pairs(world: Path) -> list:
+        f = world / "preference_train.json"
+        return json.loads(f.read_text()) if f.exists() else []
+
     world = ROOT / "data" / "world"
-    if not (world / "preference_train.json").exists():
+    rows = pairs(world)
+    if not rows:
         world = work / "world"
-        if not (world / "preference_train.json").exists():
+        rows = pairs(world)
+        if len(rows) < n_pairs:  # made here for a smaller --pairs: made anew
             generate(world, WorldConfig(seed=0, n_sft=2, n_pref=n_pairs, n_ppo=1, n_heldout=1))
-    rows = json.loads((world / "preference_train.json").read_text())[:n_pairs]
+            rows = pairs(world)
+    rows = rows[:n_pairs]
+    if len(rows) < n_pairs:
+        raise SystemExit(f"{world} holds {len(rows)} preference pairs, fewer than --pairs {n_pairs}")
     path = work / "pairs.json"
     path.write_text(json.dumps(rows))
     return path, world / "images"

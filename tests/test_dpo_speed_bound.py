@@ -37,3 +37,14 @@ def test_trl_takes_the_optimizer_steps_ours_takes(tmp_path):
     trainer = Trainer(model=torch.nn.Linear(1, 1), args=trl_config(a, cuda=False),
                       train_dataset=[{"x": [float(i)]} for i in range(12)], data_collator=lambda rows: rows)
     assert len(trainer.get_train_dataloader()) == StepPlan.make(12, 8, 1, 1, 1, 0).steps_per_epoch == 1
+
+
+def test_the_pairs_asked_for_are_the_pairs_trained(tmp_path, monkeypatch):
+    """A world made in --work for a smaller --pairs was reused: --pairs 6 after --pairs 4 trained 4 pairs under a
+    heading of 6."""
+    import benchmarks.dpo_speed as bench
+
+    monkeypatch.setattr(bench, "ROOT", tmp_path / "repo")  # no data/world: the benchmark makes its own
+    for n in (4, 6):
+        data, _ = bench.make_data(tmp_path / "work", n)
+        assert len(json.loads(data.read_text())) == n
