@@ -34,19 +34,20 @@ def main(argv=None) -> dict:
                                                  for_training=False)
     model.to(device)
     recs = read_prompts([a.data], a.image_folder)[:a.n]
+    n = len(recs)  # a file of fewer prompts than --n: all of them
     imgs = [[load_image(s, a.image_folder) for s in r.images] for r in recs]
     enc = ChatEncoder(proc, arch, 512)
     dec = DecodeArgs(max_new_tokens=a.max_new_tokens, do_sample=True)
     out = {}
-    for name, chunk in (("batched", a.n), ("one_at_a_time", 1)):
+    for name, chunk in (("batched", n), ("one_at_a_time", 1)):
         torch.manual_seed(0)
         t0, tokens = time.time(), 0
-        for i in range(0, a.n, chunk):
+        for i in range(0, n, chunk):
             ro = generate_rollouts(model, proc, enc, arch.name, [r.prompt for r in recs[i:i + chunk]],
                                    imgs[i:i + chunk], dec, torch.device(device))
             tokens += int(ro.lengths.sum())
         out[name] = tokens / (time.time() - t0)
-        print(f"{name}: {tokens} tokens, {out[name]:.0f} tokens/s", flush=True)
+        print(f"{name}: {n} prompts, {tokens} tokens, {out[name]:.0f} tokens/s", flush=True)
     print(f"batched / one-at-a-time: {out['batched'] / out['one_at_a_time']:.1f}x")
     return out
 
