@@ -1,5 +1,5 @@
 """Format detection when a file's first rows are bad or are no objects: bad rows, not a refused file, read in
-linear time (split from test_data_formats.py)."""
+linear time; an image name with a comma (split from test_data_formats.py)."""
 import json
 
 import pytest
@@ -59,3 +59,21 @@ def test_first_bad_row_in_file_order_and_line_numbers(tmp_path, root):
     assert len(read_sft([str(path), str(path)], str(root), report)) == 2
     assert [(s["row"], s["field"]) for s in report.skipped] == [(1, "conversations[1].value"), (2, "image")] * 2
     assert report.counts() == {"conversations[1].value: empty response": 2, "image: file not found": 2}
+
+
+def test_an_image_name_with_a_comma_that_is_a_file_is_one_image(tmp_path):
+    """Vision-LLM-Alignment writes two images as "a.png,b.png"; a LLaVA image named "x,1.png" that is a file in the
+    image root is that one image (it was split and refused: 'file not found: x')."""
+    from PIL import Image
+
+    from training.data.formats import read_prompts
+    for name in ("x,1.png", "a.png", "b.png"):
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / name)
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."}]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "one", "image": "x,1.png", "conversations": turns},
+                                {"id": "two", "image": "a.png,b.png", "conversations": turns}]))
+    one, two = read_sft(str(data), str(tmp_path))
+    assert one.images == [str(tmp_path / "x,1.png")]
+    assert two.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert [len(r.images) for r in read_prompts(str(data), None)] == [1, 2]  # root: the data file's folder

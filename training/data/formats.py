@@ -87,17 +87,22 @@ def _answer_meta(row: dict) -> dict:
     return meta
 
 
-def _llava_images(row: dict) -> tuple[list, str]:
-    """LLaVA-style `image`: one source, a list, or Vision-LLM-Alignment's "a.jpg,b.jpg"."""
+def _llava_images(row: dict, ctx: dict) -> tuple[list, str]:
+    """LLaVA-style `image`: one source, a list, or Vision-LLM-Alignment's "a.jpg,b.jpg" (a name with a comma that
+    is a file in the image root, ctx["image_root"], is that one image)."""
     field = "image" if row.get("image") is not None else "image_path"
     src = row.get(field)
     if src is None or (isinstance(src, str) and not src.strip()):
         return [], field
     if isinstance(src, list):
         return list(src), field
-    if isinstance(src, str) and "," in src and not is_base64_text(src):
+    if isinstance(src, str) and "," in src and not is_base64_text(src) and not _is_file(ctx.get("image_root"), src):
         return [s.strip() for s in src.split(",") if s.strip()], field
     return [src], field
+
+
+def _is_file(root: str | None, name: str) -> bool:
+    return root is not None and os.path.isfile(os.path.join(root, name))
 
 
 def _trl_images(row: dict, inline: list) -> tuple[list, str]:
@@ -246,7 +251,7 @@ def _sft_llava(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     if any(isinstance(t.get("value"), list) for _, t in turns):
         raise RowProblem("conversations", "a ranked-list (preference) row: SFT needs one response per gpt turn")
     messages = _llava_messages(turns, "conversations", end="assistant")
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     _place_images(messages, len(images), "conversations")
     return ParsedRow(ConversationRecord(_row_id(row, ref, "id"), messages, source=ref), images, field)
 
@@ -342,14 +347,14 @@ def _pref_ranked(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         raise RowProblem(f"conversations[{last}].{key}", "expected a ranked list [best, ..., worst]")
     responses = _responses(turn[key], f"conversations[{last}].{key}")
     prompt = _llava_messages(turns[:last], "conversations", end="user")
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     return _pref(row, ref, prompt, responses, images, field, _facts(row))
 
 
 def _pref_rlaif_v(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     prompt = [Message("user", _text(row.get("question"), "question"))]
     responses = _responses([row.get("chosen"), row.get("rejected")], "chosen/rejected")
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     return _pref(row, ref, prompt, responses, images, field, _facts(row), ("idx", "id"), "question",
                  "chosen/rejected")
 
@@ -396,7 +401,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         raise RowProblem("preference", f"expected 1 or 2, got {row.get('preference')!r}")
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
     responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2")
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     facts = list(_facts(row) or []) + _caption_facts(images, field, ctx) + _answer_fact(row)
     return _pref(row, ref, prompt, responses, images, field, facts or None,
                  response_fields="output_1/output_2")
@@ -476,7 +481,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
         value = value[0] if isinstance(value, list) and value else value
         reference = _reference(value, f"conversations[{last}].{key}")
     prompt = _llava_messages(turns, "conversations", end="user")
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     _place_images(prompt, len(images), "conversations")
     facts = _facts(row)
     if ctx.get("captions") is not None:  # Fact-RLHF's PPO: the same factual block as its reward model's training
@@ -514,7 +519,7 @@ def _prompt_question(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     if key is None:
         raise RowProblem("|".join(_QUESTION_KEYS), "missing field")
     prompt = [Message("user", _text(row[key], key))]
-    images, field = _llava_images(row)
+    images, field = _llava_images(row, ctx)
     if not images and row.get("image_src"):
         raise RowProblem("image_src", "only an image URL; nothing is downloaded here: give 'image' or "
                                       "'image_path' relative to the image root")

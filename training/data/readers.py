@@ -313,8 +313,9 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             # With no image root, image paths resolve inside the folder that holds the data.
             root = image_root or os.path.dirname(os.path.abspath(path))
             fmt, chunk, n_rows = None, [], 0
+            ctx = {**context, "image_root": root}  # the formats' read context (_check_context: `context`'s keys)
             pending: list = []  # objects read before the file's format is known (a bad first row does not decide it)
-            for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, context)):
+            for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, ctx)):
                 n_rows += 1
                 if fmt is None and isinstance(row, dict):
                     fmt = next((f for f in kinds[kind] if f.detect(row)), None)
@@ -324,10 +325,10 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
                             _detect(path, *pending[0], kind, kinds)
                         continue
                     _check_context(path, fmt, context, kinds[kind])
-                    chunk = sorted(chunk + [_parse_row(fmt, RowRef(path, j), r, context) for j, r in pending],
+                    chunk = sorted(chunk + [_parse_row(fmt, RowRef(path, j), r, ctx) for j, r in pending],
                                    key=lambda x: x[0].row)  # in file order: the first bad row is the one named
                     pending = []
-                chunk.append(_parse_row(fmt, RowRef(path, i), row, context))  # fmt None: a row that is no object
+                chunk.append(_parse_row(fmt, RowRef(path, i), row, ctx))  # fmt None: a row that is no object
                 if len(chunk) >= _CHUNK:
                     _flush(chunk, root, report, out, pool, cache)
             if pending:  # no object of the file is of a known format: name the first
