@@ -267,3 +267,20 @@ def test_samples_past_the_last_whole_step_are_said_to_be_left_out(tmp_path, caps
     _, log = loop.open_run(main_rank, {"": "E"}, {"run": run}, plan, "sft", {})
     log.close()
     assert "4 samples are left out of each one" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("per_epoch,epochs,want", [(100, 0.29, 29), (100, 0.57, 57), (10, 0.25, 2), (7, 2.0, 14),
+                                                   (3, 0.1, 1)])
+def test_a_fraction_of_epochs_is_its_whole_steps_without_binary_rounding(per_epoch, epochs, want):
+    """0.29 epochs of 100 steps is 28.999... in binary floating point: int() trained 28 steps (0.57: 56), in SFT, the
+    reward model, DPO and PPO alike (PPO had its own copy of the rule)."""
+    from training.config import OptimArgs
+    from training.ppo.args import PPOArgs
+    from training.ppo.trainer import PPOTrainer
+    assert StepPlan.make(per_epoch * 4, 2, 2, 1, epochs, -1).total_steps == want
+    assert StepPlan.make(per_epoch * 4, 2, 2, 1, epochs, 5).total_steps == 5  # max_steps wins
+    strategy = SimpleNamespace(world_size=2, ds=SimpleNamespace(zero_stage=0))
+    cfg = {"ppo": PPOArgs(rollout_batch_size=2, reward_norm_window=0),
+           "optim": OptimArgs(num_train_epochs=epochs, per_device_train_batch_size=2)}
+    ppo = PPOTrainer(strategy, *[None] * 8, "llava", "llava", list(range(per_epoch * 4)), "", cfg)
+    assert (ppo.steps_per_epoch, ppo.total_steps) == (per_epoch, want)

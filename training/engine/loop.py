@@ -25,8 +25,15 @@ class StepPlan:
         per_epoch = n // (micro * accum * world)
         if per_epoch == 0:
             raise ValueError(f"{n} samples are fewer than one optimizer step ({micro} x {accum} x {world} ranks)")
-        total = max_steps if max_steps > 0 else max(1, int(per_epoch * epochs))
-        return StepPlan(per_epoch, total, unused_per_epoch=n - per_epoch * micro * accum * world)
+        return StepPlan(per_epoch, total_steps(per_epoch, epochs, max_steps),
+                        unused_per_epoch=n - per_epoch * micro * accum * world)
+
+
+def total_steps(per_epoch: int, epochs: float, max_steps: int) -> int:
+    """A run's optimizer steps: max_steps when given (> 0), else the whole steps of `epochs` epochs (at least one).
+    The product is rounded to 9 decimals before its whole part is taken: in binary 0.29 x 100 is 28.999..., which
+    int() made 28 steps."""
+    return max_steps if max_steps > 0 else max(1, int(round(per_epoch * epochs, 9)))
 
 
 def epoch_micro_batches(n: int, micro: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
 from training.rm.data import encode_for_rm, readable_response
-from training.engine.loop import StepPlan, open_run, planned_steps
+from training.engine.loop import StepPlan, open_run, planned_steps, total_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
 from training.model.reference import lora_reference, snapshot
@@ -67,7 +67,7 @@ class PPOTrainer:
         self.steps_per_epoch = len(records) // per_step
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(records)} prompts are fewer than one rollout batch ({per_step})")
-        self.total_steps = o.max_steps if o.max_steps > 0 else max(1, int(self.steps_per_epoch * o.num_train_epochs))
+        self.total_steps = total_steps(self.steps_per_epoch, o.num_train_epochs, o.max_steps)
         # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
         mb = math.ceil(self.p.rollout_batch_size / o.per_device_train_batch_size)
         self.updates_per_step = math.ceil(self.p.ppo_epochs * mb / o.gradient_accumulation_steps)
