@@ -284,3 +284,22 @@ def test_a_fraction_of_epochs_is_its_whole_steps_without_binary_rounding(per_epo
            "optim": OptimArgs(num_train_epochs=epochs, per_device_train_batch_size=2)}
     ppo = PPOTrainer(strategy, *[None] * 8, "llava", "llava", list(range(per_epoch * 4)), "", cfg)
     assert (ppo.steps_per_epoch, ppo.total_steps) == (per_epoch, want)
+
+
+def test_resume_refuses_data_of_another_size_with_the_same_steps_per_epoch(tmp_path):
+    """24 samples, then 25 (a row added to the data file) at micro-batch 2: 12 steps per epoch either way, so the
+    resume went on, on another permutation (the checkpoint run's step 2 was samples [2, 8], the resumed run's
+    [13, 24]). The number of samples is part of the shape."""
+    from training.engine.loop import epoch_micro_batches
+    assert epoch_micro_batches(24, 2, 1, 0, 1234, 0)[1] != epoch_micro_batches(25, 2, 1, 0, 1234, 0)[1]
+    strategy = Resumer()
+    run = RunArgs(output_dir=str(tmp_path), progress=False, logging_steps=1, save_steps=1)
+    _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan.make(24, 2, 1, 1, 1.0, -1), "sft", {})
+    log.after(1, {}, {})
+    log.close()
+    run.resume = True
+    with pytest.raises(SystemExit, match="samples 24 in the checkpoint, 25 now"):
+        loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan.make(25, 2, 1, 1, 1.0, -1), "sft", {})
+    step, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan.make(24, 2, 1, 1, 1.0, -1), "sft", {})
+    log.close()
+    assert step == 1

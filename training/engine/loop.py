@@ -13,8 +13,10 @@ import torch
 
 @dataclass
 class StepPlan:
-    """Optimizer steps per epoch and in all (the data order is fixed by the seed); `shape`: a stage's own settings
-    that fix its data order or steps too (PPO: prompts per rollout batch), checked on resume."""
+    """Optimizer steps per epoch and in all (the data order is fixed by the seed); `shape`: what else fixes the data
+    order or steps, checked on resume: the number of samples (the seeded permutation is of all of them: one row added
+    to the data kept steps_per_epoch and reordered every step) and a stage's own settings (PPO: prompts per rollout
+    batch)."""
     steps_per_epoch: int
     total_steps: int
     shape: dict = field(default_factory=dict)
@@ -25,7 +27,7 @@ class StepPlan:
         per_epoch = n // (micro * accum * world)
         if per_epoch == 0:
             raise ValueError(f"{n} samples are fewer than one optimizer step ({micro} x {accum} x {world} ranks)")
-        return StepPlan(per_epoch, total_steps(per_epoch, epochs, max_steps),
+        return StepPlan(per_epoch, total_steps(per_epoch, epochs, max_steps), shape={"samples": n},
                         unused_per_epoch=n - per_epoch * micro * accum * world)
 
 
@@ -212,8 +214,9 @@ def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
     diff = {k: (v, now.get(k)) for k, v in (saved or {}).items() if now.get(k) != v}
     if diff:
         what = ", ".join(f"{k} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
-        raise SystemExit(f"--resume: {ckpt} was written by a run of another shape ({what}; steps_per_epoch follows "
-                         "the data's size): resume with the same settings and data, or start afresh without --resume")
+        raise SystemExit(f"--resume: {ckpt} was written by a run of another shape ({what}; samples and "
+                         "steps_per_epoch follow the data's size): resume with the same settings and data, or start "
+                         "afresh without --resume")
 
 
 def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]],

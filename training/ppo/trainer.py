@@ -294,7 +294,8 @@ class PPOTrainer:
         c, o = self.cfg["run"], self.cfg["optim"]
         ckpt = Path(c.output_dir) / "checkpoints"
         plan = StepPlan(self.steps_per_epoch, self.total_steps,
-                        shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs})
+                        shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs,
+                               "samples": len(self.records)})
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, self.cfg, plan, "ppo",
