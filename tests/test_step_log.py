@@ -303,3 +303,15 @@ def test_resume_refuses_data_of_another_size_with_the_same_steps_per_epoch(tmp_p
     step, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan.make(24, 2, 1, 1, 1.0, -1), "sft", {})
     log.close()
     assert step == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--logging_steps", "0"], "--logging_steps 0: log every N >= 1"),
+    (["--save_steps", "-2", "--eval_steps", "-1"], "--eval_steps -1, --save_steps -2")])
+def test_step_counts_are_checked_as_the_options_are_read(argv, match):
+    """--logging_steps 0 passed, and the run stopped at its first step (after loading its models) on a
+    ZeroDivisionError in StepLog.due."""
+    from training.config import parse_config
+    with pytest.raises(SystemExit, match=match):
+        parse_config({"run": RunArgs}, argv)
+    assert parse_config({"run": RunArgs}, ["--logging_steps", "1", "--save_steps", "0"])["run"].logging_steps == 1

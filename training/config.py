@@ -261,7 +261,21 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
         warmup_steps(o, 1)
+    for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
+        check_step_counts(r)
     return cfg
+
+
+def check_step_counts(run: RunArgs) -> None:
+    """--logging_steps is at least 1 (0 stopped the run at its first step, on a division by zero, after the models
+    loaded); --eval_steps, --save_steps and --stop_after_steps are at least 0 (0: none)."""
+    if run.logging_steps < 1:
+        raise SystemExit(f"--logging_steps {run.logging_steps}: log every N >= 1 optimizer steps (the last step is "
+                         "logged either way)")
+    bad = [f"--{k} {getattr(run, k)}" for k in ("eval_steps", "save_steps", "stop_after_steps")
+           if (getattr(run, k) or 0) < 0]  # (None: a stage's default, filled in later: the reward model's eval_steps)
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: give N >= 0 (0: none)")
 
 
 def warmup_steps(o: OptimArgs, total: int) -> int:
