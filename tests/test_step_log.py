@@ -315,3 +315,26 @@ def test_step_counts_are_checked_as_the_options_are_read(argv, match):
     with pytest.raises(SystemExit, match=match):
         parse_config({"run": RunArgs}, argv)
     assert parse_config({"run": RunArgs}, ["--logging_steps", "1", "--save_steps", "0"])["run"].logging_steps == 1
+
+
+def test_ppo_says_how_many_prompts_each_epoch_leaves_out(monkeypatch):
+    """10 prompts in rollout batches of 4 (one rank): 2 steps an epoch and 2 prompts left out of each, which PPO's plan
+    did not count (unused_per_epoch 0), so open_run's notice ("nothing left out without a word") never came."""
+    from training.config import OptimArgs
+    from training.ppo import trainer as ppo_trainer
+    from training.ppo.args import PPOArgs
+
+    class Opened(Exception):
+        pass
+
+    def open_run(strategy, engines, cfg, plan, *args, **kw):
+        raise Opened(plan)
+    monkeypatch.setattr(ppo_trainer, "open_run", open_run)
+    strategy = SimpleNamespace(world_size=1, ds=SimpleNamespace(zero_stage=0))
+    cfg = {"ppo": PPOArgs(rollout_batch_size=4, reward_norm_window=0), "run": RunArgs(),
+           "optim": OptimArgs(per_device_train_batch_size=4)}
+    ppo = ppo_trainer.PPOTrainer(strategy, None, None, "ref", *[None] * 5, "llava", "llava", list(range(10)), "", cfg)
+    with pytest.raises(Opened) as got:
+        ppo.train()
+    plan = got.value.args[0]
+    assert (plan.steps_per_epoch, plan.unused_per_epoch, plan.shape["samples"]) == (2, 2, 10)

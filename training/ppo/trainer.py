@@ -295,7 +295,8 @@ class PPOTrainer:
         ckpt = Path(c.output_dir) / "checkpoints"
         plan = StepPlan(self.steps_per_epoch, self.total_steps,
                         shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs,
-                               "samples": len(self.records)})
+                               "samples": len(self.records)},  # the prompts past the last whole step: said
+                        unused_per_epoch=len(self.records) % (self.p.rollout_batch_size * self.s.world_size))
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, self.cfg, plan, "ppo",
