@@ -338,3 +338,12 @@ def test_ppo_says_how_many_prompts_each_epoch_leaves_out(monkeypatch):
         ppo.train()
     plan = got.value.args[0]
     assert (plan.steps_per_epoch, plan.unused_per_epoch, plan.shape["samples"]) == (2, 2, 10)
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_no_epochs_without_max_steps_is_refused(epochs):
+    """--num_train_epochs 0 (or below) without --max_steps trained one step (total_steps' floor of one)."""
+    from training.config import OptimArgs, parse_config
+    with pytest.raises(SystemExit, match=f"--num_train_epochs {epochs}.0: give a number of epochs > 0"):
+        parse_config({"optim": OptimArgs}, ["--num_train_epochs", epochs])
+    assert parse_config({"optim": OptimArgs}, ["--num_train_epochs", "0", "--max_steps", "3"])["optim"].max_steps == 3

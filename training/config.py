@@ -261,6 +261,8 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
         warmup_steps(o, 1)
+        if o.max_steps <= 0 and not o.num_train_epochs > 0:  # it trained one step
+            raise SystemExit(f"--num_train_epochs {o.num_train_epochs}: give a number of epochs > 0, or --max_steps N")
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
         check_step_counts(r)
     return cfg
