@@ -113,3 +113,17 @@ def test_a_stage_whose_data_changed_is_made_again(world, tmp_path, monkeypatch):
     assert stages() == [("run_sft.sh", False), ("run_dpo_training.sh", False)]  # made again, from the start
     assert stages() == []
     assert stages("--dpo_args", "--beta 0.2") == [("run_dpo_training.sh", False)]
+
+
+def test_a_rollout_step_rerun_with_fewer_prompts_pairs_those_alone(world, tiny, tmp_path):
+    """--n_prompts 3, then 2: the correct step paired every rollout in the file, the 3 of the first run."""
+    from training.dpo.opa.main import main
+    out = tmp_path / "opa"
+    args = ["--from_checkpoint", str(tiny), "--image_folder", str(world / "images"), "--output_dir", str(out),
+            "--data_path", str(world / "preference_train.json"), "--max_new_tokens", "4", "--no-progress"]
+    main(args + ["--step", "rollout", "--n_prompts", "3"])
+    for n in ("2", "3"):
+        main(args + ["--step", "rollout", "--n_prompts", n])
+        main(args + ["--step", "correct", "--n_prompts", n])
+        pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
+        assert len(pairs) == int(n) and len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3

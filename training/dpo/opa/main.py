@@ -186,6 +186,9 @@ def load_prompts(a, report=None):
     return out
 
 
+PROMPT_KEYS = "prompt_keys.json"  # in work/: the keys of the prompts the last rollout step was asked for
+
+
 def rollout_settings(a) -> dict:
     """What draws the rollouts: the prompts (the data file and the image root its rows' images are read from), the
     policy (and its files), the sampling and its seeds. An interrupted rollout step rerun with others appended
@@ -216,7 +219,9 @@ def step_rollout(a, work: Path) -> None:
     check_settings(out, done, rollout_settings(a), ".settings.json",
                    "give the first settings, or redo every step with --step all --force")
     report = BadRowReport(skip=a.skip_bad_rows)
-    todo = [r for r in load_prompts(a, report) if r[5] not in done]
+    prompts = load_prompts(a, report)
+    write_text_atomic(work / PROMPT_KEYS, json.dumps([r[5] for r in prompts]))  # this run's prompts: the correct step
+    todo = [r for r in prompts if r[5] not in done]                             # pairs these rollouts alone
     report.write(work)
     if not todo:
         return
@@ -271,6 +276,9 @@ def step_correct(a, work: Path) -> None:
     from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
 
     rollouts = _read_jsonl(work / "rollouts.jsonl")
+    if (work / PROMPT_KEYS).exists():  # a rollout step rerun with a smaller --n_prompts keeps the others' rollouts
+        asked = set(json.loads((work / PROMPT_KEYS).read_text()))
+        rollouts = {k: r for k, r in rollouts.items() if k in asked}
     if not rollouts:
         raise SystemExit(f"no rollouts in {work}: run the rollout step first")
     out = work / "reports.jsonl"
