@@ -127,3 +127,24 @@ def test_a_rollout_step_rerun_with_fewer_prompts_pairs_those_alone(world, tiny, 
         main(args + ["--step", "correct", "--n_prompts", n])
         pairs = json.loads((out / "work" / "opa_pairs.json").read_text())
         assert len(pairs) == int(n) and len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_image_the_chat_expert_cannot_open_names_its_rollout(world, tmp_path, monkeypatch):
+    """The chat expert's image was opened outside the step's bad-row handling: a missing one stopped the step with a
+    bare 'file not found' naming no rollout, and --skip_bad_rows did not skip it."""
+    import pytest
+
+    import training.dpo.opa.main as opa
+    from training.dpo.opa.expert import GroundTruthReviser
+
+    monkeypatch.setattr(opa, "make_expert", lambda a, work: GroundTruthReviser())
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", [GT, "A red star."])  # x.png: not in the world's images
+    path = out / "work" / "rollouts.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0].replace('"x.png"', '"pref00000.png"') + "\n" + lines[1] + "\n")
+    chat = ["--step", "correct", "--expert", "chat", "--expert_url", "http://127.0.0.1:9/v1"]
+    with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: file not found"):
+        opa.main(_opa_main_args(world, out, *chat))
+    opa.main(_opa_main_args(world, out, *chat, "--skip_bad_rows"))
+    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#0"]

@@ -292,11 +292,11 @@ def step_correct(a, work: Path) -> None:
                                    dynamic_ncols=True) as bar:
         for key in bar:
             r = rollouts[key]
-            image = load_image(r["image"], a.image_folder) if a.expert == "chat" else None
-            try:
+            try:  # an image changed on disk since the rollout step read it is this rollout's bad row too
+                image = load_image(r["image"], a.image_folder) if a.expert == "chat" else None
                 report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
                                        image=image)
-            except ValueError as err:  # an answer that is no usable report
+            except ValueError as err:  # an answer that is no usable report (or an ImageError)
                 bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
                 if not a.skip_bad_rows:
                     raise ValueError(f"{bad[-1]} (pass --skip_bad_rows to skip and count such rollouts)") from err
