@@ -40,7 +40,9 @@ node_env_file() {
     if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$file"; fi
   done
   for v in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do
-    if [ -f "$v" ]; then cat "$v" >> "$file"; echo >> "$file"; fi  # (a file without a last newline)
+    # its lines, each ended (a file without a last newline), blank ones left out: DeepSpeed's reader splits every line
+    # at "=" and stopped at an empty one (a ValueError before any node started)
+    if [ -f "$v" ]; then grep -v '^[[:space:]]*$' "$v" >> "$file" || true; fi
   done
   export DS_ENV_FILE="$file"
 }

@@ -116,3 +116,27 @@ def test_a_num_gpus_that_is_no_rank_count_is_refused_by_name(value):
     p = subprocess.run(["bash", "-c", "source scripts/env.sh; echo reached"], cwd=ROOT, env={**base, "NUM_GPUS": value},
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "reached" not in p.stdout and f"NUM_GPUS={value}: expected" in p.stderr
+
+
+@pytest.mark.parametrize("user_file", ["GLOO_SOCKET_IFNAME=ib0\n", "A=1\n\nB=2\n  \n", "GLOO_SOCKET_IFNAME=ib0"])
+def test_the_node_env_file_reads_as_deepspeed_reads_it(tmp_path, user_file):
+    """A user's .deepspeed_env ending in a newline (as editors write it) left an empty line in DS_ENV_FILE: DeepSpeed's
+    launcher splits every line at "=" and stopped there (ValueError: not enough values to unpack) before any node
+    started."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=1\nnode2 slots=1\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # DeepSpeed 0.19.8's runner.py reading the file: `key, val = var.split('=', maxsplit=1)` for every line
+    (fake / "deepspeed").write_text('#!/usr/bin/env bash\npython3 -c "import os, sys\n'
+                                    'for var in open(os.environ[\'DS_ENV_FILE\']).readlines():\n'
+                                    '    key, val = var.split(\'=\', maxsplit=1)\n    print(key, val.strip())"\n')
+    (fake / "deepspeed").chmod(0o755)
+    (tmp_path / ".deepspeed_env").write_text(user_file)
+    script = f'source scripts/env.sh; export PATH="{fake}:$PATH"; launch training.sft.main'
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS")}
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), "MASTER_PORT": "29999"})
+    assert p.returncode == 0, p.stderr
+    want = {line.replace("=", " ") for line in user_file.split("\n") if line.strip()}
+    assert want <= set(p.stdout.splitlines())
