@@ -35,8 +35,8 @@ node_env_file() {
   local file v
   file="$(mktemp "${TMPDIR:-/tmp}/vlm_align_env.XXXXXX")"
   trap 'rm -f "'"$file"'"' EXIT
-  for v in VLM_ALIGN_CACHE XDG_CACHE_HOME HF_HOME HF_HUB_CACHE HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_DATASETS_OFFLINE \
-           GLOO_SOCKET_IFNAME TOKENIZERS_PARALLELISM $(compgen -e | grep '^NCCL_' || true); do
+  for v in VLM_ALIGN_CACHE XDG_CACHE_HOME HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE HF_HUB_OFFLINE TRANSFORMERS_OFFLINE \
+           HF_DATASETS_OFFLINE GLOO_SOCKET_IFNAME TOKENIZERS_PARALLELISM $(compgen -e | grep '^NCCL_' || true); do
     if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$file"; fi
   done
   for v in "$HOME/.deepspeed_env" "$ROOT/.deepspeed_env"; do

@@ -66,14 +66,16 @@ def test_a_hostfile_run_from_a_machine_without_gpus_takes_the_hostfiles_slots(tm
     p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), "MASTER_PORT": "29999",
                             "VLM_ALIGN_CACHE": "/shared/cache", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret",
+                            "HF_DATASETS_CACHE": "/shared/datasets", "HF_DATASETS_OFFLINE": "1",
                             "NCCL_SOCKET_IFNAME": "eth1", "GLOO_SOCKET_IFNAME": "eth0"})
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[0] == f"--hostfile {hosts} --master_port 29999 --module training.sft.main"
     # the other nodes' ranks get the variables they read (pdsh passes PYTHON* only from a CPU head), never the
     # token; the user's .deepspeed_env comes last, so its value wins (DeepSpeed keeps the last of a name)
+    # (HF_DATASETS_CACHE did not: another node's ranks, offline, looked for a Hub data set in the default cache)
     assert {"VLM_ALIGN_CACHE=/shared/cache", "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false",
-            "NCCL_SOCKET_IFNAME=eth1"} <= set(lines[1:])
+            "NCCL_SOCKET_IFNAME=eth1", "HF_DATASETS_CACHE=/shared/datasets", "HF_DATASETS_OFFLINE=1"} <= set(lines[1:])
     assert [x for x in lines if x.startswith("GLOO_SOCKET_IFNAME=")][-1] == "GLOO_SOCKET_IFNAME=ib0"
     assert not any("hf_secret" in x for x in lines)
     env_file = Path(next(x for x in lines if x.startswith("FILE=")).removeprefix("FILE="))
