@@ -198,3 +198,27 @@ def test_a_rerun_with_every_question_answered_loads_no_model(world, tiny, tmp_pa
     monkeypatch.setattr(builder, "load_model_and_processor", no_load)
     assert predict(parse(_argv(world, tiny, qfile, afile))) == afile
     assert afile.read_text() == before and "is answered" in capsys.readouterr().out
+
+
+def test_cpu_processes_share_the_cores_this_job_may_use(monkeypatch):
+    """Each process got os.cpu_count() / N threads: every core of the machine, not the share a SLURM job's cpuset
+    or taskset gives (which scripts/env.sh counts, with nproc): 2 processes x 32 threads spun on 8 cores."""
+    import subprocess
+
+    import training.predict.parallel as parallel
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    threads = []
+
+    class Started:
+        def __init__(self, cmd, env):
+            threads.append(env["OMP_NUM_THREADS"])
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Started)
+    assert parallel.run_chunks([], 2) == 0 and threads == ["4", "4"]

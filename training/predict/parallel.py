@@ -32,6 +32,13 @@ def process_devices(n: int) -> list[str | None]:
     return visible[:n]
 
 
+def cpu_threads(n: int) -> str:
+    """OMP_NUM_THREADS of each of n processes sharing the CPU: the cores this process may run on (its affinity, as
+    `nproc` and scripts/env.sh count them: a SLURM job's or taskset's share, not every core of the machine), shared."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return str(max(1, usable // n))
+
+
 def _on_term(*_):
     raise SystemExit(143)  # the clean-up in run_chunks runs
 
@@ -41,14 +48,13 @@ def run_chunks(argv: list[str], n: int) -> int:
     by a signal gives 128 + its number, as a shell says it). A termination signal stops them all: the handler is
     set here, for every caller (eval.benchmark's too), and put back after."""
     procs = []
-    cpu_threads = str(max(1, (os.cpu_count() or 1) // n))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
     try:
         for i, device in enumerate(process_devices(n)):
             env = dict(os.environ)
             if device is None:
-                env["OMP_NUM_THREADS"] = cpu_threads
+                env["OMP_NUM_THREADS"] = cpu_threads(n)
             else:
                 env["CUDA_VISIBLE_DEVICES"] = device
             procs.append(subprocess.Popen([sys.executable, "-m", "training.predict.main", *argv, "--num_chunks",
