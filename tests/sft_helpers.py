@@ -101,3 +101,12 @@ def split_rows(source: Path, folder: Path, *cuts: tuple[int, int]) -> list[Path]
     for path, (start, end) in zip(out, cuts):
         path.write_text(json.dumps(rows[start:end]))
     return out
+
+
+def tb_scalars(out: Path) -> dict:
+    """{tag: [(step, value), ...]} of the scalars in out/tensorboard (an event file alone holds none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
