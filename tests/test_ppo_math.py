@@ -325,3 +325,22 @@ def test_minibatches_split_the_images_of_each_prompt_several_or_none():
         for k in want.vision:
             assert torch.equal(got.vision[k], want.vision[k]), (idx, k)
     assert vision_rows(rows, "idefics3") == {"pixel_values": [1, 1, 1, 1]}  # collated one row per sample there
+
+
+def test_length_and_correct_option_shaping_by_hand():
+    """LLaVA-RLHF's terms after clipping: + length_bonus * len / max_new_tokens + correct_bonus * option_bonus."""
+    from types import SimpleNamespace
+
+    from training.advantages import RunningMoments
+    from training.ppo.trainer import PPOTrainer
+
+    p = SimpleNamespace(missing_eos_penalty=0.0, relative_eos_penalty=False, reward_clip=10.0, normalize_reward=False,
+                        length_bonus=-10.0, max_new_tokens=40, correct_bonus=2.0, reward_bias=0.5)
+    fake = SimpleNamespace(p=p, moments=RunningMoments(), s=SimpleNamespace(gather=lambda t: t))
+    rollout = SimpleNamespace(ended=torch.tensor([True] * 3), lengths=torch.tensor([10, 20, 30]),
+                              responses=["B. A red circle.", "No, there is none.", "A. yes"])
+    records = [SimpleNamespace(meta={"correct_option": "B"}), SimpleNamespace(meta={"gt_answer": "No"}),
+               SimpleNamespace(meta={})]
+    shaped = PPOTrainer._shape(fake, torch.tensor([1.0, 12.0, -3.0]), rollout, records)
+    # 1 - 10 * 10/40 + 2 * 1 + .5 = 1;  10 (clipped) - 10 * 20/40 + 2 * .5 + .5 = 6.5;  -3 - 10 * 30/40 + 0 + .5 = -10
+    torch.testing.assert_close(shaped, t([1.0, 6.5, -10.0]))
