@@ -220,3 +220,59 @@ def test_token_level_dpo_loss_hand_value():
     lk = [L.token_level_dpo_loss(z, z, mw, ml, 0.1)] * 4
     assert L.opa_dpo_loss([torch.zeros(1)] * 4, [torch.zeros(1)] * 4, 0.1, pair_losses=lk).item() == \
         pytest.approx(6.4 * math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "cdpo", "ipo"])
+def test_the_trainers_objective_equals_trl(loss_type):
+    """What the trainer applies (training.dpo.objective: which log-probs, IPO's per-token averages, the label
+    smoothing of cdpo only) equals TRL's loss and metrics on the same per-token log-probs."""
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import objective
+
+    g = torch.Generator().manual_seed(2)
+    B, T, beta, eps = 5, 7, 0.1, 0.2
+    mask = (torch.rand(2 * B, T, generator=g) < 0.7).float()
+    mask[:, 0] = 1
+    pi_tok = -torch.rand(2 * B, T, generator=g) * 3 * mask
+    ref = -torch.rand(B, 2, generator=g) * 10
+    trl_type = "ipo" if loss_type == "ipo" else "sigmoid"
+    trl_loss, trl_m = _trl_dpo(trl_type, beta, 0.0, pi_tok, ref[:, 0], ref[:, 1], mask)
+    if loss_type == "cdpo":  # as in test_dpo_losses_equal_trl: TRL 1.16's sigmoid, swapped, weighted eps
+        swapped = torch.cat([pi_tok[B:], pi_tok[:B]]), ref[:, 1], ref[:, 0], torch.cat([mask[B:], mask[:B]])
+        trl_loss = (1 - eps) * trl_loss + eps * _trl_dpo(trl_type, beta, 0.0, *swapped)[0]
+    lp, m = torch.stack([pi_tok[:B], pi_tok[B:]], 1), torch.stack([mask[:B], mask[B:]], 1)
+    pol = ResponseLogps(lp.sum(-1), m.sum(-1), lp.sum(-1), lp, m, torch.ones_like(m))
+    a = SimpleNamespace(loss_type=loss_type, beta=beta, label_smoothing=eps, ipo_average=True, sft_weight=0.0)
+    out = objective(pol, (ref, m.sum(-1), ref), a)
+    torch.testing.assert_close(out["pair_loss_sum"] / B, trl_loss, rtol=1e-6, atol=1e-6)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected"):
+        assert float(out["metrics"][k]) / B == pytest.approx(trl_m[k], abs=1e-5), k
+
+
+def test_the_trainers_orpo_objective_equals_trl():
+    """ORPO as the trainer applies it: the odds-ratio term on MEAN token log-probs (TRL's odds_ratio_loss), times
+    lambda, and the NLL over the chosen responses' tokens; rewards/* = lambda * mean log-prob, as TRL logs them."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import objective
+
+    g = torch.Generator().manual_seed(3)
+    B, T, lam = 4, 6, 0.1
+    m = (torch.rand(B, 2, T, generator=g) < 0.7).float()
+    m[..., 0] = 1
+    lp = -torch.rand(B, 2, T, generator=g) * 2 * m
+    pol = ResponseLogps(lp.sum(-1), m.sum(-1), lp.sum(-1), lp, m, torch.ones_like(m))
+    out = objective(pol, None, SimpleNamespace(loss_type="orpo", orpo_lambda=lam, beta=0.1))
+    avg = lp.sum(-1) / m.sum(-1)
+    stub = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    trl_terms, trl_rw, trl_rl, trl_ratio, trl_log_odds = ORPOTrainer.odds_ratio_loss(stub, avg[:, 0], avg[:, 1])
+    torch.testing.assert_close(out["pair_loss_sum"] / B, -trl_terms.mean(), rtol=1e-6, atol=1e-7)
+    assert float(out["nll_sum"] / out["nll_tokens"]) == pytest.approx(float(-lp[:, 0].sum() / m[:, 0].sum()))
+    got = {k: float(v) / B for k, v in out["metrics"].items()}
+    assert got["log_odds_ratio"] == pytest.approx(float(trl_ratio), abs=1e-6)
+    assert got["log_odds_chosen"] == pytest.approx(float(trl_log_odds), abs=1e-6)
+    assert (got["rewards/chosen"], got["rewards/rejected"]) == (pytest.approx(float(trl_rw.mean()), abs=1e-6),
+                                                                pytest.approx(float(trl_rl.mean()), abs=1e-6))
+    assert got["logps/chosen"] == pytest.approx(float(avg[:, 0].mean()), abs=1e-6)
