@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_dpo_driver import dpo_args
-from sft_helpers import pref_dataset, split_rows, weights
+from sft_helpers import pref_dataset, split_rows, tb_scalars, weights
 
 from training.dpo.main import main
 
@@ -39,8 +39,10 @@ def test_end_to_end_per_loss_type(world, tiny, tmp_path, loss_type):
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     names = METRICS + (["nll_loss", "log_odds_ratio", "log_odds_chosen"] if loss_type == "orpo" else [])
+    tb = tb_scalars(out)  # the scalars themselves: an empty SummaryWriter leaves an event file in the folder too
     for k in names:
         assert all(math.isfinite(r[k]) for r in rows), k
+        assert tb[k] == [(r["step"], pytest.approx(r[k], rel=1e-5, abs=1e-6)) for r in rows], k
     if loss_type in FIRST_LOSS:
         assert rows[0]["loss"] == pytest.approx(FIRST_LOSS[loss_type], rel=1e-4)
         assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
