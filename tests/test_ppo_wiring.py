@@ -146,3 +146,18 @@ def test_ppo_metrics_reach_tensorboard(world, tiny, rm, tmp_path):
                 "response_length", "gen_tokens_per_s", "train_tokens_per_s"):
         assert [s for s, _ in tb[key]] == [1, 2], key
         assert [v for _, v in tb[key]] == pytest.approx([r[key] for r in _rows(out)], rel=1e-5), key
+
+
+def test_rollouts_are_one_kv_cached_generate_per_step(world, tiny, rm, tmp_path, monkeypatch):
+    """Every prompt of a step's rollout batch in one generate call with the KV cache, never one at a time."""
+    from transformers.generation.utils import GenerationMixin
+
+    real, calls = GenerationMixin.generate, []
+
+    def generate(self, *a, **k):
+        calls.append((int(k["input_ids"].shape[0]), k.get("use_cache")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    main(ppo_args(world, tiny, rm, tmp_path / "g", "--max_steps", "2", "--rollout_batch_size", "4"))
+    assert calls == [(4, True), (4, True)]
