@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.dpo.opa.data import mask_image, revised_with_weights, rollout_weights, token_weights
+from training.dpo.opa.data import mask_image, revised_with_weights, rollout_weights
+from training.dpo.weights import token_weights
 from training.dpo.opa.expert import ChatExpert, GroundTruthReviser, revise, split_sentences
 
 GT = "The image shows one blue circle and three crosses (red and blue) on a cyan background."

@@ -4,7 +4,7 @@ a sentence carries that sentence's weight, whatever the tokenizer writes of the 
 import pytest
 
 from test_template_sentencepiece import llama_tokenizer
-from training.dpo.opa.data import token_weights
+from training.dpo.weights import token_weights
 
 FIRST, SECOND = "A red circle and two blue squares.", "No, there is no star."
 

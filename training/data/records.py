@@ -52,6 +52,9 @@ class PreferenceRecord:
     source: RowRef | None = None
     text_field: str = "conversations"  # the row's field(s) holding the texts: named when they turn out bad
     margin: float | None = None  # TRL's `margin` column: how far the chosen reward should exceed the rejected
+    # per-token weights of the DPO family (RLAIF-V's option): per response, [[text span, weight], ...] or None
+    # (weight 1), from a row's chosen_weights / rejected_weights
+    weights: list[list | None] | None = None
 
 
 @dataclass

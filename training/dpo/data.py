@@ -95,6 +95,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return None
         if item.truncated:
             self.report.truncated(r.source, (self, i))
+        if r.weights:
+            from training.dpo.weights import answer_weights
+            item.weights = [None if sw is None else answer_weights(self.encoder, r.prompt, text, sw, ids)
+                            for text, sw, ids in zip(responses, r.weights + [None] * len(responses), item.responses)]
         return item
 
 

@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
 
     import torch
     from training.data.bad_rows import BadRowReport
-    from training.data.formats import read_preferences
+    from training.data.formats import read_preferences, weights_note
     from training.dpo.data import PreferenceDataset
     from training.dpo.trainer import DPOTrainer
     from training.model.builder import disable_dropout, load_model_and_processor, set_chat_template
@@ -66,6 +66,9 @@ def main(argv=None) -> dict:
         n_resp = 4
     else:
         records = read_preferences(paths, d.image_folder, report)
+        note = weights_note(records, "ORPO") if a.loss_type == "orpo" else None
+        if note and strategy.is_main:
+            print(note)
         n_resp = 0 if a.loss_type == "listwise" else 2
         dataset = PreferenceDataset(records, encoder, d.image_folder, report, n_responses=n_resp)
     eval_set = None

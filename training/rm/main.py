@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
 
     import torch
     from training.data.bad_rows import BadRowReport
-    from training.data.formats import read_preferences
+    from training.data.formats import read_preferences, weights_note
     from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
     from training.rm.model import RewardModel
@@ -70,6 +70,9 @@ def main(argv=None) -> dict:
 
     def dataset(path: str, train: bool) -> RMDataset:
         records = read_preferences(path, d.image_folder, report, captions)  # "a.json, b.json": spaces allowed
+        note = weights_note(records, "the reward model")
+        if note and train and strategy.is_main:
+            print(note)
         return RMDataset(records, encoder, d.image_folder, report, rmc.factual, shuffle_facts=train,
                          seed=cfg["optim"].seed)
 

@@ -29,6 +29,7 @@ from training.data.images import ImageError, decode_base64, image_source, is_bas
 from training.data.readers import DataFormatError
 from training.data.records import IMAGE_PLACEHOLDER, Message, RowRef
 from training.dpo.data import GroupItem, encode_group
+from training.dpo.weights import answer_weights
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
 from training.templates.chat import RowNotEncodable
 
@@ -106,56 +107,6 @@ def rollout_weights(report: list[dict]) -> list:
     return [[r["copied_content"], SCORE_WEIGHT[r["score"]]] for r in report if r["copied_content"].strip()]
 
 
-def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
-    """(start, n): where the text's ids lie inside the response ids, whole (n = len(ids)); else, the response
-    being cut at max_seq_len, the longest prefix ids[:n] that runs to the end of the response ids."""
-    n, size = len(ids), len(response_ids)
-    whole = next((j for j in range(size - n + 1) if response_ids[j:j + n] == ids), None)
-    if whole is not None or not n:
-        return whole, n
-    cut = next((j for j in range(max(0, size - n + 1), size) if response_ids[j:] == ids[:size - j]), None)
-    return cut, 0 if cut is None else size - cut
-
-
-def _alone(tokenizer, text: str) -> tuple[list[int], list]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], enc["offset_mapping"]
-
-
-def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: list[int],
-                  tokens: tuple[list[int], list] | None = None) -> torch.Tensor:
-    """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
-    character offsets), located inside the response ids (the template may add tokens around it, which
-    keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
-    weight). tokens: (ids, spans) of `text` as the conversation holds it (`ChatEncoder.text_tokens` after its
-    `answer_context`), else `text` is tokenised alone: alone, an answer written straight after the prompt's
-    text would start with a token its response does not hold (SentencePiece's "▁"), and one after a space with
-    one the space is not part of (byte-level "ĠThe" is "The" alone). A token stands where its first character
-    other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
-    "ĠThe") is its sentence's first token, not one between sentences. A tokenizer that merges across the template
-    boundary leaves all weights at 1."""
-    w = torch.ones(len(response_ids))
-    ids, offsets = tokens or _alone(tokenizer, text)
-    start, n = _locate(ids, response_ids)
-    if start is None or n == 0:
-        return w
-    spans, pos = [], 0
-    for sentence, weight in sentence_weights:
-        s = text.find(sentence.strip(), pos)
-        if s < 0:
-            continue
-        spans.append((s, s + len(sentence.strip()), float(weight)))
-        pos = s + len(sentence.strip())
-    for t, (a, b) in enumerate(offsets[:n]):
-        word = text[a:b].lstrip()
-        a = b - len(word) if word else a  # (a token of whitespace alone stays where it starts)
-        for s, e, weight in spans:
-            if s <= a < e:
-                w[start + t] = weight
-                break
-    return w
-
-
 def opa_prompt(r: dict) -> list[Message]:
     """The prompt a row's answers respond to: the messages its rollout was sampled from (run_opa_dpo.sh keeps
     them: earlier turns, a system message, where the image stands), else its question with the image first
@@ -197,10 +148,7 @@ class OPADataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def _weights(self, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor) -> torch.Tensor:
-        """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it."""
-        context, lead = self.encoder.answer_context(prompt + [Message("assistant", text)])
-        return token_weights(self.tokenizer, lead + text, sentence_weights, ids.tolist(),
-                             self.encoder.text_tokens(lead + text, context))
+        return answer_weights(self.encoder, prompt, text, sentence_weights, ids)
 
     def __getitem__(self, i) -> list[GroupItem] | None:
         r, where = self.rows[i], self.refs[i]

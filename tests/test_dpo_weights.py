@@ -1,0 +1,89 @@
+"""Per-token weights for the DPO family's losses (RLAIF-V's option): a preference row's chosen_weights /
+rejected_weights ([[text span, weight], ...]) weigh their spans' tokens in each response's log-prob sum."""
+import json
+
+import pytest
+import torch
+
+
+def _pair(world):
+    row = json.loads((world / "preference_train.json").read_text())[0]
+    chosen, rejected = row["conversations"][1]["value"][:2]
+    return row["image"], chosen, rejected
+
+
+def _dataset(world, tiny, rows, tmp_path, report=None):
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.builder import load_model_and_processor
+    from training.templates.chat import ChatEncoder
+
+    path = tmp_path / "weighted.json"
+    path.write_text(json.dumps(rows))
+    model, proc, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
+    report = report if report is not None else BadRowReport()
+    recs = read_preferences([str(path)], str(world / "images"), report)
+    return model, proc, arch, PreferenceDataset(recs, ChatEncoder(proc, arch, 512), str(world / "images"), report)
+
+
+def test_a_rows_span_weights_reach_its_tokens_and_the_weighted_sums(world, tiny, tmp_path):
+    from training.dpo.data import collate_plain, collate_prefix
+    from training.dpo.forward import response_logps
+
+    image, chosen, rejected = _pair(world)
+    span_w, span_l = chosen.split(" ")[2], rejected.split(" ")[-1].rstrip(".")  # a word of each
+    rows = [{"idx": 0, "image": image, "question": "Describe the image.", "chosen": chosen, "rejected": rejected,
+             "chosen_weights": [[span_w, 2.0]], "rejected_weights": [[span_l, 3.0]]},
+            {"idx": 1, "image": image, "question": "Describe the image.", "chosen": chosen, "rejected": rejected}]
+    model, proc, arch, ds = _dataset(world, tiny, rows, tmp_path)
+    weighted, plain = ds[0], ds[1]
+    tok = proc.tokenizer
+    for k, (span, weight) in enumerate([(span_w, 2.0), (span_l, 3.0)]):
+        w, ids = weighted.weights[k], weighted.responses[k]
+        assert set(w.tolist()) == {1.0, weight}
+        assert tok.decode(ids[w == weight]).strip().lower() == span.lower()  # the span's tokens, and only those
+    assert plain.weights == [None, None]
+    for collate in (collate_prefix, collate_plain):  # both layouts: sum of weight x token log-prob
+        with torch.no_grad():
+            out = response_logps(model, collate([weighted, plain], tok.pad_token_id, arch.name))
+        assert torch.allclose(out.wsum, (out.token_lp * out.weights).sum(-1))
+        assert (out.wsum[0] < out.sum[0] - 1e-4).all()  # weights above 1 on negative log-probs
+        assert torch.allclose(out.wsum[1], out.sum[1])
+        assert torch.allclose(out.sum[0], out.sum[1])  # the same texts: only the weights differ
+
+
+@pytest.mark.parametrize("weights,field,reason", [
+    ([["a purple elephant", 2.0]], "chosen_weights[0]", "is not in the response"),
+    ([["x", float("nan")]], "chosen_weights[0]", "expected [text, finite weight]"),
+    ([["x", True]], "chosen_weights[0]", "expected [text, finite weight]"),
+    ("all of it", "chosen_weights", "expected a list of [text, weight]")])
+def test_a_bad_span_weight_is_a_bad_row_naming_its_field(world, tmp_path, weights, field, reason):
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_preferences
+
+    image, chosen, rejected = _pair(world)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"idx": 0, "image": image, "question": "Describe it.", "chosen": chosen,
+                                 "rejected": rejected, "chosen_weights": weights}]))
+    report = BadRowReport(skip=True)
+    assert read_preferences([str(path)], str(world / "images"), report) == []
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, field)]
+    assert reason in report.skipped[0]["reason"]
+
+
+def test_spans_are_found_in_order_and_a_stage_without_weights_says_so(world, tmp_path):
+    from training.data.formats import read_preferences, weights_note
+
+    image, chosen, rejected = _pair(world)
+    words = chosen.rstrip(".").split(" ")
+    path = tmp_path / "w.json"
+    rows = [{"idx": 0, "image": image, "question": "Q?", "chosen": chosen, "rejected": rejected,
+             "chosen_weights": [[words[1], 2.0], [words[-1], 0.5]]},
+            {"idx": 1, "image": image, "question": "Q?", "chosen": chosen, "rejected": rejected}]
+    path.write_text(json.dumps(rows))
+    recs = read_preferences([str(path)], str(world / "images"))
+    assert recs[0].weights == [[[words[1], 2.0], [words[-1], 0.5]], None] and recs[1].weights is None
+    assert "1 row(s) carry chosen_weights / rejected_weights, which ORPO does not use" in weights_note(recs, "ORPO")
+    assert weights_note(recs[1:], "ORPO") is None
