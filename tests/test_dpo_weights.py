@@ -87,3 +87,14 @@ def test_spans_are_found_in_order_and_a_stage_without_weights_says_so(world, tmp
     assert recs[0].weights == [[[words[1], 2.0], [words[-1], 0.5]], None] and recs[1].weights is None
     assert "1 row(s) carry chosen_weights / rejected_weights, which ORPO does not use" in weights_note(recs, "ORPO")
     assert weights_note(recs[1:], "ORPO") is None
+
+
+def test_a_reference_cache_from_before_data_weights_is_not_reused(tmp_path):
+    """Before rows' chosen_weights / rejected_weights were read, the cached weighted sums were the plain sums; the
+    same data and model kept the same key (numerics 4), so such a cache was loaded and its unweighted reference
+    paired with a weighted policy. The key's numerics version moved on with that change."""
+    from training.config import DataArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs
+    from training.dpo.main import reference_settings
+
+    cfg = {"model": ModelArgs(), "data": DataArgs(), "dpo": DPOArgs(), "lora": LoraArgs(), "optim": OptimArgs()}
+    assert reference_settings(cfg, None, 2, "llava", 1)["numerics"] >= 5
