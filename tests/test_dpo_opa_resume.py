@@ -148,3 +148,29 @@ def test_an_image_the_chat_expert_cannot_open_names_its_rollout(world, tmp_path,
         opa.main(_opa_main_args(world, out, *chat))
     opa.main(_opa_main_args(world, out, *chat, "--skip_bad_rows"))
     assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#0"]
+
+
+def test_an_empty_report_is_no_review(world, tmp_path, monkeypatch):
+    """An answer whose first JSON list was "[]" (prose before the report) read as a report of no sentences: stored as
+    valid, it made no pairs and was never asked again. The report after it is read; an answer of "[]" alone for a
+    rollout with text is that rollout's bad row."""
+    import pytest
+
+    import training.dpo.opa.main as opa
+    from training.dpo.opa.expert import parse_report
+
+    ok = [{"copied_content": "A red star.", "score": 1, "error_type": "image_recognition_error",
+           "rewritten_content": "A blue circle."}]
+    assert parse_report(f"No sentences [] are dropped. Report: {json.dumps(ok)}")[0]["score"] == 1
+
+    class Expert:
+        def review(self, response, **_):
+            return parse_report("[]" if response == GT else json.dumps(ok))
+
+    monkeypatch.setattr(opa, "make_expert", lambda a, work: Expert())
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", [GT, "A red star."])
+    with pytest.raises(ValueError, match=r"rollout p#0: expert answer reviews no sentence of the rollout"):
+        opa.main(_opa_main_args(world, out, "--step", "correct"))
+    opa.main(_opa_main_args(world, out, "--step", "correct", "--skip_bad_rows"))
+    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#1"]

@@ -176,7 +176,7 @@ def _first_json_list(text: str) -> list:
             rows, _ = json.JSONDecoder().raw_decode(text, m.start())
         except json.JSONDecodeError:
             continue
-        if all(isinstance(r, dict) for r in rows):
+        if rows and all(isinstance(r, dict) for r in rows):  # ("[]" in prose before the report is not it)
             return rows
         lists.append(rows)
     if not lists:

@@ -296,6 +296,8 @@ def step_correct(a, work: Path) -> None:
                 image = load_image(r["image"], a.image_folder) if a.expert == "chat" else None
                 report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
                                        image=image)
+                if not report and r["rollout"].strip():  # stored, it made no pairs and was never asked again
+                    raise ValueError("expert answer reviews no sentence of the rollout (an empty report)")
             except ValueError as err:  # an answer that is no usable report (or an ImageError)
                 bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
                 if not a.skip_bad_rows:
