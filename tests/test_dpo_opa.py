@@ -329,6 +329,15 @@ def _opa_main_args(world, out, *extra):
             "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress", *extra]
 
 
+def _refused_then_skipped(world, out, match, kept, *args):
+    """The correct step stops on a bad rollout (an error matching `match`), and with --skip_bad_rows pairs `kept`."""
+    import training.dpo.opa.main as opa
+    with pytest.raises(ValueError, match=match):
+        opa.main(_opa_main_args(world, out, "--step", "correct", *args))
+    opa.main(_opa_main_args(world, out, "--step", "correct", *args, "--skip_bad_rows"))
+    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == kept
+
+
 def _write_rollouts(work, answers):
     work.mkdir(parents=True, exist_ok=True)
     rows = [{"key": f"p#{i}", "id": "p", "image": "x.png", "question": "Describe the image in detail.", "gt": GT,
@@ -446,10 +455,7 @@ def test_correct_step_names_or_skips_a_rollout_the_expert_answers_unusably(world
     monkeypatch.setattr(opa, "make_expert", lambda a, work: Expert())
     out = tmp_path / "opa"
     _write_rollouts(out / "work", [GT, "A red star."])
-    with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: expert answer: sentence 0: score 'N/A'"):
-        opa.main(_opa_main_args(world, out, "--step", "correct"))
-    opa.main(_opa_main_args(world, out, "--step", "correct", "--skip_bad_rows"))
-    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#0"]
+    _refused_then_skipped(world, out, r"rollouts.jsonl: rollout p#1: expert answer: sentence 0: score 'N/A'", ["p#0"])
 
 
 def test_anchor_uses_the_unweighted_chosen_rewards_as_published():

@@ -2,7 +2,7 @@
 input (another data file, another expert) that must not reuse what the first wrote."""
 import json
 
-from test_dpo_opa import GT, _opa_main_args, _write_rollouts
+from test_dpo_opa import GT, _opa_main_args, _refused_then_skipped, _write_rollouts
 
 
 def test_a_last_row_killed_before_its_newline_is_resumed_after(tmp_path):
@@ -132,8 +132,6 @@ def test_a_rollout_step_rerun_with_fewer_prompts_pairs_those_alone(world, tiny, 
 def test_an_image_the_chat_expert_cannot_open_names_its_rollout(world, tmp_path, monkeypatch):
     """The chat expert's image was opened outside the step's bad-row handling: a missing one stopped the step with a
     bare 'file not found' naming no rollout, and --skip_bad_rows did not skip it."""
-    import pytest
-
     import training.dpo.opa.main as opa
     from training.dpo.opa.expert import GroundTruthReviser
 
@@ -143,19 +141,14 @@ def test_an_image_the_chat_expert_cannot_open_names_its_rollout(world, tmp_path,
     path = out / "work" / "rollouts.jsonl"
     lines = path.read_text().splitlines()
     path.write_text(lines[0].replace('"x.png"', '"pref00000.png"') + "\n" + lines[1] + "\n")
-    chat = ["--step", "correct", "--expert", "chat", "--expert_url", "http://127.0.0.1:9/v1"]
-    with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: file not found"):
-        opa.main(_opa_main_args(world, out, *chat))
-    opa.main(_opa_main_args(world, out, *chat, "--skip_bad_rows"))
-    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#0"]
+    _refused_then_skipped(world, out, r"rollouts.jsonl: rollout p#1: file not found", ["p#0"], "--expert", "chat",
+                          "--expert_url", "http://127.0.0.1:9/v1")
 
 
 def test_an_empty_report_is_no_review(world, tmp_path, monkeypatch):
     """An answer whose first JSON list was "[]" (prose before the report) read as a report of no sentences: stored as
     valid, it made no pairs and was never asked again. The report after it is read; an answer of "[]" alone for a
     rollout with text is that rollout's bad row."""
-    import pytest
-
     import training.dpo.opa.main as opa
     from training.dpo.opa.expert import parse_report
 
@@ -170,7 +163,4 @@ def test_an_empty_report_is_no_review(world, tmp_path, monkeypatch):
     monkeypatch.setattr(opa, "make_expert", lambda a, work: Expert())
     out = tmp_path / "opa"
     _write_rollouts(out / "work", [GT, "A red star."])
-    with pytest.raises(ValueError, match=r"rollout p#0: expert answer reviews no sentence of the rollout"):
-        opa.main(_opa_main_args(world, out, "--step", "correct"))
-    opa.main(_opa_main_args(world, out, "--step", "correct", "--skip_bad_rows"))
-    assert [p["key"] for p in json.loads((out / "work" / "opa_pairs.json").read_text())] == ["p#1"]
+    _refused_then_skipped(world, out, r"rollout p#0: expert answer reviews no sentence of the rollout", ["p#1"])

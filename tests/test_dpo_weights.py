@@ -74,7 +74,8 @@ def test_a_bad_span_weight_is_a_bad_row_naming_its_field(world, tmp_path, weight
 
 
 def test_spans_are_found_in_order_and_a_stage_without_weights_says_so(world, tmp_path):
-    from training.data.formats import read_preferences, weights_note
+    from training.data.formats import read_preferences
+    from training.data.span_weights import weights_note
 
     image, chosen, rejected = _pair(world)
     words = chosen.rstrip(".").split(" ")

@@ -24,6 +24,7 @@ from typing import Any
 from training.data.bad_rows import BadRowReport
 from training.data.images import is_base64_text
 from training.data.readers import DataFormatError, Format, ParsedRow, RowProblem, read_records, read_table
+from training.data.span_weights import span_weights
 from training.data.records import (IMAGE_PLACEHOLDER as PH, ConversationRecord, Message, PreferenceRecord,
                                    PromptRecord, RowRef)
 
@@ -332,45 +333,8 @@ def _pref(row: dict, ref: RowRef, prompt: list[Message], responses: list[str], i
     _place_images(prompt, len(images), text_field)
     record = PreferenceRecord(_row_id(row, ref, *id_keys), prompt, responses, facts=facts, source=ref,
                               text_field="/".join(x for x in (text_field, response_fields) if x),
-                              weights=_span_weights(row, responses))
+                              weights=span_weights(row, responses))
     return ParsedRow(record, images, field)
-
-
-WEIGHT_KEYS = ("chosen_weights", "rejected_weights")  # of the best and the second response
-
-
-def weights_note(records, user: str) -> str | None:
-    """The note for a stage that does not use per-token weights (`user`: the reward model, ORPO) when rows carry
-    them: they are not dropped without a word."""
-    n = sum(r.weights is not None for r in records)
-    return (f"note: {n} row(s) carry {' / '.join(WEIGHT_KEYS)}, which {user} does not use (the sigmoid, cdpo, ipo "
-            "and listwise DPO losses do)") if n else None
-
-
-def _span_weights(row: dict, responses: list[str]) -> list[list | None] | None:
-    """A row's optional per-token weights: chosen_weights / rejected_weights, each [[text, weight], ...] whose texts
-    are spans of that response in order (its other tokens weigh 1); None when the row has neither."""
-    if not any(row.get(k) is not None for k in WEIGHT_KEYS):
-        return None
-    out = []
-    for key, text in zip(WEIGHT_KEYS, responses):
-        spans = row.get(key)
-        if spans is None:
-            out.append(None)
-            continue
-        if not isinstance(spans, list):
-            raise RowProblem(key, f"expected a list of [text, weight], got {type(spans).__name__}")
-        pos = 0
-        for j, x in enumerate(spans):
-            if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and x[0].strip()
-                    and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool) and math.isfinite(x[1])):
-                raise RowProblem(f"{key}[{j}]", f"expected [text, finite weight], got {x!r:.80}")
-            at = text.find(x[0].strip(), pos)
-            if at < 0:
-                raise RowProblem(f"{key}[{j}]", f"{x[0]!r:.60} is not in the response after the spans before it")
-            pos = at + len(x[0].strip())
-        out.append(spans)
-    return out
 
 
 def _pref_ranked(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:

@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
 
     import torch
     from training.data.bad_rows import BadRowReport
-    from training.data.formats import read_preferences, weights_note
+    from training.data.formats import read_preferences
+    from training.data.span_weights import weights_note
     from training.dpo.data import PreferenceDataset
     from training.dpo.trainer import DPOTrainer
     from training.model.builder import disable_dropout, load_model_and_processor, set_chat_template

@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
 
     import torch
     from training.data.bad_rows import BadRowReport
-    from training.data.formats import read_preferences, weights_note
+    from training.data.formats import read_preferences
+    from training.data.span_weights import weights_note
     from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
     from training.rm.model import RewardModel
