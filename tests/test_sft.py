@@ -53,7 +53,7 @@ def test_gradient_accumulation_invariance(world, tiny, tmp_path):
 
 def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     common = ["--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-              "--lr_scheduler_type", "cosine", "--num_warmup_steps", "1"]
+              "--lr_scheduler_type", "cosine", "--num_warmup_steps", "1", "--logging_steps", "3"]
     main(sft_args(world, tiny, tmp_path / "full", *common))
     r = main(sft_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "2", "--stop_after_steps", "2"))
     assert r["interrupted"] and not (tmp_path / "cut" / "model.safetensors").exists()
@@ -61,8 +61,10 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("full", "cut")}
+    assert [r["step"] for r in rows["cut"]] == [3, 4]
+    # step 3's row is the mean over steps 1-3 (the checkpoint at step 2 carried steps 1-2 of it)
+    assert [r["loss"] for r in rows["cut"]] == pytest.approx([r["loss"] for r in rows["full"]], rel=1e-6)
     # --resume of a finished run that left no checkpoint: it retrained from step 0, replacing the model
     before = (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(SystemExit, match="holds a finished run's model and no checkpoint to resume from"):
@@ -318,8 +320,10 @@ def test_resume_is_exact_with_dropout_and_logs_each_step_once(world, tiny, tmp_p
     a, b = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("full", "cut"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("full", "cut")}
+    assert [r["step"] for r in rows["cut"]] == [3, 4]
+    # step 3's row is the mean over steps 1-3 (the checkpoint at step 2 carried steps 1-2 of it)
+    assert [r["loss"] for r in rows["cut"]] == pytest.approx([r["loss"] for r in rows["full"]], rel=1e-6)
 
 
 def test_a_fresh_run_clears_an_earlier_runs_checkpoints(world, tiny, tmp_path, capsys):

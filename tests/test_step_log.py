@@ -143,7 +143,7 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     assert set(strategy.store) == {str(ck / "actor"), str(ck / "critic")}  # each engine in its own directory
     shape = {"world_size": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "seed": 1234,
              "steps_per_epoch": 5}
-    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape, "settings": {}}  # step 2
+    assert all(st == {"step": 2, "kl_coef": 0.1 * 2, "shape": shape, "settings": {}, "window": {"n": 0, "sums": {}}}
                for _, st in strategy.store.values())
 
     resumed = State(0.4)
@@ -155,6 +155,31 @@ def test_several_engines_and_extra_state_are_checkpointed_and_resumed(tmp_path):
     strategy.store[str(ck / "critic")] = ("C", {"step": 1, "kl_coef": 0.1})  # a run killed between the two saves
     with pytest.raises(SystemExit, match="different steps"):
         loop.open_run(strategy, engines, {"run": run}, StepPlan(5, 5), "ppo", {}, state=State(0.4))
+
+
+def test_logged_rows_hold_window_means_and_a_resumed_run_logs_the_same(tmp_path):
+    """A row logged every N steps held that step's values alone (a noisy curve: rewards/accuracies in eighths at
+    batch 8); transformers' Trainer and TRL log the mean over the steps since the last row. The learning rate is
+    the logged step's. The window's sums travel in the checkpoint, so a run cut between two rows logs the same."""
+    def run_steps(strategy, run, steps):
+        _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(7, 7), "dpo", {})
+        for s in steps:
+            log.after(s, {"loss": float(s * s), "rewards/accuracies": 0.125 * s, "lr": 0.01 * s, "kind": "x"}, {})
+        log.close()
+        return [(m["step"], {k: m[k] for k in ("loss", "rewards/accuracies", "lr", "kind")}) for m in log.history]
+
+    def args(out, resume=False, stop=0):
+        return RunArgs(output_dir=str(out), resume=resume, progress=False, logging_steps=3, save_steps=2,
+                       stop_after_steps=stop, save_total_limit=1)
+
+    full = run_steps(Resumer(), args(tmp_path / "full"), range(1, 8))
+    assert full == [(3, {"loss": (1 + 4 + 9) / 3, "rewards/accuracies": 0.125 * 2, "lr": 0.03, "kind": "x"}),
+                    (6, {"loss": (16 + 25 + 36) / 3, "rewards/accuracies": 0.125 * 5, "lr": 0.06, "kind": "x"}),
+                    (7, {"loss": 49.0, "rewards/accuracies": 0.125 * 7, "lr": 0.07, "kind": "x"})]
+    cut = Resumer()
+    first = run_steps(cut, args(tmp_path / "cut", stop=4), range(1, 5))  # checkpoint at 4: step 4 in the window
+    rest = run_steps(cut, args(tmp_path / "cut", resume=True), range(5, 8))
+    assert first[:1] + rest == full
 
 
 def test_resume_refuses_a_run_of_another_shape(tmp_path):

@@ -280,7 +280,8 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     if strategy.is_main and run.progress:
         from tqdm import tqdm
         bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True)
-    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state, run_settings(cfg), report)
+    return step, StepLog(strategy, engines, run, plan, ckpt, logger, bar, postfix, state, run_settings(cfg), report,
+                         window=saved.get("window") if saved else None)
 
 
 def loss_scaling(engine) -> dict:
@@ -297,15 +298,30 @@ class StepLog:
     become per-second rates in that step's metrics, with the epoch; metrics are logged every
     run.logging_steps and at the last step, and kept in `history`; the progress bar advances showing
     `postfix` (label -> (metric key, format), read from this step's metrics or else the last logged
-    ones); a resumable checkpoint is written when due."""
+    ones); a resumable checkpoint is written when due.
+
+    A logged row holds each numeric metric's mean over the steps since the last logged one (as transformers'
+    Trainer and TRL log them), but the learning rate, which is the logged step's. The window's sums travel in
+    the checkpoints (`window`: what a resumed run restores), so a resumed run logs what an uninterrupted one
+    does."""
 
     def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
-                 settings: dict | None = None, report=None):
+                 settings: dict | None = None, report=None, window: dict | None = None):
         self.strategy, self.engines, self.run, self.plan, self.settings = strategy, engines, run, plan, settings
         self.report = report
         self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
+        self._window = {"n": 0, "sums": {}} if window is None else {"n": window["n"], "sums": dict(window["sums"])}
+
+    def _mean_over_window(self, m: dict) -> dict:
+        """Adds this step's numeric metrics to the window; returns m with each replaced by its window mean."""
+        w = self._window
+        w["n"] += 1
+        for k, v in m.items():
+            if k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                w["sums"][k] = w["sums"].get(k, 0.0) + float(v)
+        return {k: (w["sums"][k] / w["n"] if k in w["sums"] else v) for k, v in m.items()}
 
     def due(self, step: int) -> bool:
         return step % self.run.logging_steps == 0 or step == self.plan.total_steps
@@ -317,6 +333,8 @@ class StepLog:
         on its own; its time is not in the rates."""
         for k, v in rates.items():
             self._since[k] = self._since.get(k, 0.0) + v
+        shown_now = dict(m)
+        m = self._mean_over_window(m)
         held_out = evaluate is not None and bool(self.run.eval_steps) and step % self.run.eval_steps == 0 \
             and step < self.plan.total_steps
         if held_out and not self.due(step):
@@ -332,17 +350,18 @@ class StepLog:
             m.update(evaluate() if held_out else {})
             self.logger.log(step, m)
             self.history.append({"step": step, **m})
-            self._t0, self._since = time.time(), {}
+            self._t0, self._since, self._window = time.time(), {}, {"n": 0, "sums": {}}
         if self.bar:
-            shown = {**(self.history[-1] if self.history else {}), **m}
+            shown = {**(self.history[-1] if self.history else {}), **shown_now}
             self.bar.update(1)
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
         if save_due(step, self.plan.total_steps, self.run):
             if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
                 self.strategy.write_report(self.report, self.run.output_dir)
+            window = {"n": self._window["n"], "sums": dict(self._window["sums"])}
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
-                      **(self.state.state_dict() if self.state is not None else {})}
+                      "window": window, **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
                                       client, self.run.save_total_limit)
 
