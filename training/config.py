@@ -77,7 +77,8 @@ class OptimArgs:
     optimizer: str = _f("adamw", "adamw | sgd (plain SGD: updates linear in the gradient)", choices=["adamw", "sgd"])
     learning_rate: float = _f(1e-3, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay (not of biases and norm weights, as transformers' Trainer).")
-    num_train_epochs: float = _f(1.0, "Epochs over the training data.")
+    num_train_epochs: float = _f(1.0, "Epochs over the training data (a part epoch: its steps, a part step rounded up, "
+                                          "as transformers' Trainer).")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: from epochs).")
     lr_scheduler_type: str = _f("cosine", "cosine | linear | constant | constant_with_warmup (transformers' "
                                           "get_scheduler)", choices=["cosine", "linear", "constant",

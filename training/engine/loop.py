@@ -3,6 +3,7 @@ where a resumed run picks up, when a resumable checkpoint is due and when an int
 the bookkeeping after each step (metrics, rates, progress bar, checkpoints)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,10 @@ class StepPlan:
 
 
 def total_steps(per_epoch: int, epochs: float, max_steps: int) -> int:
-    """A run's optimizer steps: max_steps when given (> 0), else the whole steps of `epochs` epochs (at least one).
-    The product is rounded to 9 decimals before its whole part is taken: in binary 0.29 x 100 is 28.999..., which
-    int() made 28 steps."""
-    return max_steps if max_steps > 0 else max(1, int(round(per_epoch * epochs, 9)))
+    """A run's optimizer steps: max_steps when given (> 0), else `epochs` epochs of steps, a part step rounded up
+    (transformers' Trainer: ceil(epochs x steps per epoch)). The product is rounded to 9 decimals first: in binary
+    0.29 x 100 is 28.999..., and 0.7 x 10 is 7.000000000000001, which ceil() would make 8."""
+    return max_steps if max_steps > 0 else max(1, math.ceil(round(per_epoch * epochs, 9)))
 
 
 def epoch_micro_batches(n: int, micro: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
