@@ -110,6 +110,18 @@ def test_an_answer_the_template_leaves_without_an_end_token_ends_with_eos(proc):
     assert _tokens(proc, g.input_ids.tolist())[-2:] == ["assistant", ":"] and eos not in g.input_ids.tolist()
 
 
+def test_an_empty_answer_is_the_eos_alone_under_a_template_without_an_end_token(proc):
+    """An empty answer (a PPO rollout that stopped at once, as the reward model reads it) under llava-hf's LLaVA-1.5
+    template had no target at all and ended on "ASSISTANT:", where the same answer under a template that writes the
+    end token, and every non-empty answer, ends with the EOS: the reward model scored it at another token."""
+    conv = [CONV[0], Message("assistant", "")]
+    eos = proc.tokenizer.eos_token_id
+    for template in (NO_EOS, None):  # None: the tiny model's own template, which writes "</s>"
+        e = ChatEncoder(proc, ARCHITECTURES["llava"], 300, template).encode(conv, [_img()], end_at_last_target=True)
+        assert e.labels[e.labels != IGNORE].tolist() == [eos], template
+        assert _tokens(proc, e.input_ids.tolist())[-3:] == ["assistant", ":", "</s>"], template
+
+
 # llava-hf's LLaVA-NeXT-Mistral template (its shape), and the same writing the real EOS
 MISSPELT_EOS = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' }}{% for c in m['content'] %}"
                 "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"

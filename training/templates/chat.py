@@ -204,10 +204,12 @@ class ChatEncoder:
             return core[:-len(MISSPELT_EOS[eos])] + eos, len(core)
         if core != rendered and any(core.endswith(t) for t in specials):
             return core, len(core)  # whitespace after the end-of-turn token: not a target (module docstring)
-        if eos and core and not any(core.endswith(t) for t in specials):
+        if eos and not any(core.endswith(t) for t in specials):
             # a template that closes an answer with no end token (llava-hf's LLaVA-1.5 template writes
             # text + " "): the model would never learn to stop. The answer ends with EOS, as LLaVA
-            # trained it; the whitespace after it stays outside the target
+            # trained it; the whitespace after it stays outside the target. An empty answer (a PPO rollout
+            # that stopped at once, scored by the reward model) is the EOS alone, as under a template that
+            # writes the end token: it had no target and ended on the generation prompt
             return core + eos, len(core)
         return rendered, len(rendered)
 
