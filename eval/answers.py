@@ -79,6 +79,14 @@ def unique_questions(qs: dict[str, list[dict]], where: str) -> None:
             seen.add(q["question_id"])
 
 
+def need(row, key: str, where: str):
+    """row[key] of a benchmark's data row; a row that is no object, or lacks the field, is an error naming the
+    file and row (`where`) and the field, before any answer is generated."""
+    if not isinstance(row, dict) or row.get(key) is None:
+        raise ValueError(f"{where}: no '{key}' field" + ("" if isinstance(row, dict) else " (the row is no object)"))
+    return row[key]
+
+
 def _json_line(path: Path, n: int, line: str) -> dict:
     try:
         return json.loads(line)

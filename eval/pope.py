@@ -89,16 +89,18 @@ def data_files(args) -> list[Path]:
 
 
 def questions(args) -> dict[str, list[dict]]:
+    from eval.answers import need
     from training.data.formats import question_id, read_table
 
     out = {}
     for split, path in split_files(args.data).items():
         rows = []
         for i, r in read_table(path):
-            if r.get("label") not in ("yes", "no"):
-                raise ValueError(f"{path}: row {i}: label must be 'yes' or 'no', got {r.get('label')!r}")
-            rows.append({"question_id": question_id(r, i), "image": r["image"],
-                         "text": r["text"] + args.pope_suffix, "label": r["label"]})
+            where = f"{path}: row {i}"
+            if need(r, "label", where) not in ("yes", "no"):
+                raise ValueError(f"{where}: label must be 'yes' or 'no', got {r.get('label')!r}")
+            rows.append({"question_id": question_id(r, i), "image": need(r, "image", where),
+                         "text": need(r, "text", where) + args.pope_suffix, "label": r["label"]})
         out[split] = rows
     return out
 
