@@ -138,7 +138,10 @@ def chair_metrics(texts: list[str], mentions: list[list[tuple[str, str]]],
 def image_id_of(row: dict) -> int:
     """`image_id`, else the number in a COCO file name (COCO_val2014_000000310196.jpg -> 310196)."""
     if row.get("image_id") is not None:
-        return int(row["image_id"])
+        try:
+            return int(row["image_id"])
+        except (TypeError, ValueError):
+            raise ValueError(f"image_id {row['image_id']!r} is not a COCO image number") from None
     name = row.get("image") if isinstance(row.get("image"), str) and len(row.get("image", "")) < 300 else ""
     m = re.search(r"(\d+)\.\w+$", name or "")
     if not m:
@@ -256,8 +259,12 @@ def questions(args) -> dict[str, list[dict]]:
         text = r.get("question", r.get("text", r.get("query")))
         if text is None:
             raise ValueError(f"{args.data}: row {i} has no question / text")
+        try:
+            image_id = image_id_of(r)
+        except ValueError as err:
+            raise ValueError(f"{args.data}: row {i}: {err}") from None
         out.append({"question_id": question_id(r, i), "image": r.get("image", r.get("image_path")),
-                    "text": text, "image_id": image_id_of(r)})
+                    "text": text, "image_id": image_id})
     return {"": out}
 
 

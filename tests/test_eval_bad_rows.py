@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import pope
+from eval import chair, pope
 
 
 def test_pope_row_without_image_or_text(tmp_path):
@@ -14,3 +14,14 @@ def test_pope_row_without_image_or_text(tmp_path):
                  + json.dumps({"question_id": 2, "text": "Is there a cat?", "label": "no"}) + "\n")
     with pytest.raises(ValueError, match=r"coco_pope_random\.json: row 1: no 'image' field"):
         pope.questions(argparse.Namespace(data=str(f), pope_suffix=""))
+
+
+def test_objhal_row_without_a_usable_image_id(tmp_path):
+    f = tmp_path / "objhal.jsonl"
+    f.write_text(json.dumps({"question": "Describe.", "image_id": 1}) + "\n"
+                 + json.dumps({"question": "Describe.", "image_id": "COCO_val2014_000000000001.jpg"}) + "\n")
+    with pytest.raises(ValueError, match=r"objhal\.jsonl: row 1: image_id 'COCO_val2014_000000000001\.jpg' is not"):
+        chair.questions(argparse.Namespace(data=str(f)))
+    f.write_text(json.dumps({"question": "Describe.", "image": "picture.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"objhal\.jsonl: row 0: .*no image_id"):
+        chair.questions(argparse.Namespace(data=str(f)))
