@@ -72,9 +72,17 @@ def data_files(args) -> list[Path]:
 
 
 def _records(args) -> list[dict]:
+    from eval.answers import need
+
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))
     if not isinstance(records, list):
         raise ValueError(f"{args.data}: expected MMHal's response_template.json (a JSON list of records)")
+    for i, r in enumerate(records):  # the fields the judge's prompt is filled with, checked before any answer
+        for key in ("question", "image_content", "gt_answer"):
+            need(r, key, f"{args.data}, record {i}")
+        if not isinstance(r["image_content"], list):  # ", ".join of a text would put a comma between its letters
+            raise ValueError(f"{args.data}, record {i}: 'image_content' must be a list of object names, got "
+                             f"{type(r['image_content']).__name__}")
     return records
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import chair, pope
+from eval import chair, mmhal, pope
 
 
 def test_pope_row_without_image_or_text(tmp_path):
@@ -25,3 +25,24 @@ def test_objhal_row_without_a_usable_image_id(tmp_path):
     f.write_text(json.dumps({"question": "Describe.", "image": "picture.png"}) + "\n")
     with pytest.raises(ValueError, match=r"objhal\.jsonl: row 0: .*no image_id"):
         chair.questions(argparse.Namespace(data=str(f)))
+
+
+def _mmhal_record(**drop):
+    r = {"question_type": "attribute", "question_topic": "t", "image_id": "i", "image_src": "http://x/a.jpg",
+         "image_content": ["Dog"], "question": "What?", "gt_answer": "A dog.", "model_answer": ""}
+    return {k: v for k, v in r.items() if k not in drop}
+
+
+@pytest.mark.parametrize("missing", ["image_content", "gt_answer", "question"])
+def test_mmhal_record_without_a_judged_field(tmp_path, missing):
+    f = tmp_path / "response_template.json"
+    f.write_text(json.dumps([_mmhal_record(), _mmhal_record(**{missing: 1})]))
+    with pytest.raises(ValueError, match=rf"response_template\.json, record 1: no '{missing}' field"):
+        mmhal.questions(argparse.Namespace(data=str(f)))
+
+
+def test_mmhal_image_content_must_be_a_list(tmp_path):
+    f = tmp_path / "response_template.json"
+    f.write_text(json.dumps([{**_mmhal_record(), "image_content": "Dog, Cat"}]))
+    with pytest.raises(ValueError, match=r"record 0: 'image_content' must be a list"):
+        mmhal.questions(argparse.Namespace(data=str(f)))
