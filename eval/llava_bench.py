@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eval.answers import need
+
 RULES = Path(__file__).parent / "prompts" / "llava_bench_rule.json"
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
@@ -55,8 +57,10 @@ def relative_scores(pairs: list[list[float]], categories: list[str]) -> dict:
     return out
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of each non-blank line."""
+    return [(n, json.loads(line)) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if line.strip()]
 
 
 # ---------------------------------------------------------------- benchmark adapter
@@ -81,23 +85,40 @@ def data_files(args) -> list[Path]:
     return [d / "questions.jsonl", d / "answers_gpt4.jsonl", d / "context.jsonl", Path(args.llava_rule_file)]
 
 
+def _judged_files(args) -> tuple[dict[str, str], dict[str, dict], dict]:
+    """(question_id -> reference answer, image -> context row, rules)."""
+    d = Path(args.data)
+    refs = {str(need(a, "question_id", f"{d / 'answers_gpt4.jsonl'}, line {n}")):
+            need(a, "text", f"{d / 'answers_gpt4.jsonl'}, line {n}") for n, a in _jsonl(d / "answers_gpt4.jsonl")}
+    context = {need(c, "image", f"{d / 'context.jsonl'}, line {n}"): c for n, c in _jsonl(d / "context.jsonl")}
+    return refs, context, json.loads(Path(args.llava_rule_file).read_text(encoding="utf-8"))
+
+
 def questions(args) -> dict[str, list[dict]]:
-    return {"": [{"question_id": str(q["question_id"]), "image": q["image"], "text": q["text"],
-                  "category": q["category"]} for q in _jsonl(Path(args.data) / "questions.jsonl")]}
+    """The questions, each checked for what its judging needs (a rule, a reference answer, its image's caption)
+    before any answer is generated."""
+    d = Path(args.data)
+    refs, context, rules = _judged_files(args)
+    out = []
+    for n, q in _jsonl(d / "questions.jsonl"):
+        where = f"{d / 'questions.jsonl'}, line {n}"
+        row = {k: need(q, k, where) for k in ("question_id", "image", "text", "category")}
+        row["question_id"] = str(row["question_id"])
+        if "llava_bench_" + row["category"] not in rules:
+            raise ValueError(f"{args.llava_rule_file}: no rule for category {'llava_bench_' + row['category']!r}")
+        if row["question_id"] not in refs:
+            raise ValueError(f"{d / 'answers_gpt4.jsonl'}: no reference answer for question {row['question_id']}")
+        if "caption" not in context.get(row["image"], {}):
+            raise ValueError(f"{where}: image {row['image']!r} is not in {d / 'context.jsonl'} (with a caption)")
+        out.append(row)
+    return {"": out}
 
 
 def score(args, qs, answers, judge=None, decoding=None):
-    d = Path(args.data)
-    refs = {str(a["question_id"]): a["text"] for a in _jsonl(d / "answers_gpt4.jsonl")}
-    context = {c["image"]: c for c in _jsonl(d / "context.jsonl")}
-    rules = json.loads(Path(args.llava_rule_file).read_text(encoding="utf-8"))
+    refs, context, rules = _judged_files(args)
     pairs, cats, per = [], [], []
     for q in qs[""]:
         qid, category = q["question_id"], "llava_bench_" + q["category"]
-        if category not in rules:
-            raise ValueError(f"{args.llava_rule_file}: no rule for category {category!r}")
-        if qid not in refs:
-            raise ValueError(f"{d / 'answers_gpt4.jsonl'}: no reference answer for question {qid}")
         caption = context[q["image"]]["caption"]
         caption = "\n".join(caption) if isinstance(caption, list) else caption
         content = review_content(caption, q["text"], refs[qid], answers[""][qid], rules[category])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import chair, mmhal, pope
+from eval import chair, llava_bench, mmhal, pope
 
 
 def test_pope_row_without_image_or_text(tmp_path):
@@ -46,3 +46,19 @@ def test_mmhal_image_content_must_be_a_list(tmp_path):
     f.write_text(json.dumps([{**_mmhal_record(), "image_content": "Dog, Cat"}]))
     with pytest.raises(ValueError, match=r"record 0: 'image_content' must be a list"):
         mmhal.questions(argparse.Namespace(data=str(f)))
+
+
+def test_llava_bench_question_without_context_or_field(tmp_path):
+    (tmp_path / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 1, "text": "ref"}) + "\n")
+    (tmp_path / "context.jsonl").write_text(json.dumps({"image": "002.jpg", "caption": "c"}) + "\n")
+    args = argparse.Namespace(data=str(tmp_path), llava_rule_file=str(llava_bench.RULES))
+    q = {"question_id": 1, "image": "001.jpg", "text": "q", "category": "conv"}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(q) + "\n")
+    with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: image '001\.jpg' is not in .*context\.jsonl"):
+        llava_bench.questions(args)
+    (tmp_path / "questions.jsonl").write_text(json.dumps({**q, "image": "002.jpg", "question_id": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"answers_gpt4\.jsonl: no reference answer for question 2"):
+        llava_bench.questions(args)
+    (tmp_path / "questions.jsonl").write_text(json.dumps({k: v for k, v in q.items() if k != "category"}) + "\n")
+    with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: no 'category' field"):
+        llava_bench.questions(args)
