@@ -39,6 +39,7 @@ import json
 import sys
 from pathlib import Path
 
+from eval.answers import need
 from eval.nouns import lemmatize, tokenize
 from eval.pope import LLAVA_SUFFIX
 
@@ -282,14 +283,21 @@ def data_files(args) -> list[Path]:
 
 
 def questions(args) -> dict[str, list[dict]]:
-    rows = json.loads(_query_file(args).read_text(encoding="utf-8"))
-    annotations = json.loads((Path(args.data) / "annotations.json").read_text(encoding="utf-8"))
-
-    def text(r):
-        generative = annotations[int(r["id"]) - 1]["type"] == "generative"
-        return r["query"] if generative else r["query"] + args.amber_disc_suffix
-    return {"": [{"question_id": str(r["id"]), "id": int(r["id"]), "image": r["image"], "text": text(r)}
-                 for r in rows]}
+    """The queries, each checked for its fields and its annotation (looked up by position id-1, as inference.py)."""
+    qfile, afile = _query_file(args), Path(args.data) / "annotations.json"
+    rows = json.loads(qfile.read_text(encoding="utf-8"))
+    annotations = json.loads(afile.read_text(encoding="utf-8"))
+    out = []
+    for i, r in enumerate(rows):
+        where = f"{qfile}, row {i}"
+        raw, image, query = (need(r, k, where) for k in ("id", "image", "query"))
+        qid = int(raw) if isinstance(raw, int) or str(raw).strip().isdigit() else 0
+        if not 1 <= qid <= len(annotations):
+            raise ValueError(f"{where}: id {raw!r} has no annotation in {afile} ({len(annotations)} items, ids from 1)")
+        generative = need(annotations[qid - 1], "type", f"{afile}, item {qid - 1}") == "generative"
+        out.append({"question_id": str(qid), "id": qid, "image": image,
+                    "text": query if generative else query + args.amber_disc_suffix})
+    return {"": out}
 
 
 def score(args, qs, answers, judge=None, decoding=None):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import chair, llava_bench, mmhal, pope
+from eval import amber, chair, llava_bench, mmhal, pope
 
 
 def test_pope_row_without_image_or_text(tmp_path):
@@ -62,3 +62,17 @@ def test_llava_bench_question_without_context_or_field(tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps({k: v for k, v in q.items() if k != "category"}) + "\n")
     with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: no 'category' field"):
         llava_bench.questions(args)
+
+
+def test_amber_query_without_an_annotation(tmp_path):
+    (tmp_path / "query").mkdir()
+    (tmp_path / "annotations.json").write_text(json.dumps([{"id": 1, "type": "generative", "truth": [], "hallu": []}]))
+    rows = [{"id": 1, "image": "AMBER_1.jpg", "query": "Describe this image."},
+            {"id": 2, "image": "AMBER_2.jpg", "query": "Is there a dog in this image?"}]
+    (tmp_path / "query" / "query_all.json").write_text(json.dumps(rows))
+    args = argparse.Namespace(data=str(tmp_path), amber_query="", amber_disc_suffix="")
+    with pytest.raises(ValueError, match=r"query_all\.json, row 1: id 2 has no annotation in .*annotations\.json"):
+        amber.questions(args)
+    (tmp_path / "query" / "query_all.json").write_text(json.dumps([{"id": 1, "query": "Describe this image."}]))
+    with pytest.raises(ValueError, match=r"query_all\.json, row 0: no 'image' field"):
+        amber.questions(args)
