@@ -220,6 +220,13 @@ def llm_objects(judge, question: str, answer: str, decoding: dict, tries: int = 
     raise ValueError(f"the judge's object list could not be parsed in {tries} tries: {reply[:200]!r}")
 
 
+def _question_objects(judge, q: dict, answer: str, decoding: dict) -> list[str]:
+    try:
+        return llm_objects(judge, q["text"], answer, decoding)
+    except ValueError as err:  # the judge's replies are cached: a rerun asks again only for what was not answered
+        raise ValueError(f"question {q['question_id']!r} (image {q['image_id']}): {err}") from None
+
+
 # ---------------------------------------------------------------- benchmark adapter
 
 NAME = "objhal"
@@ -304,7 +311,7 @@ def score(args, qs: dict[str, list[dict]], answers: dict[str, dict[str, str]], j
         print(f"warning: {msg}", file=sys.stderr)
     texts = [answers[""][q["question_id"]].replace("Assistant:", "").strip() for q in items]
     if args.objhal_extractor == "llm":
-        mentions = [coco.from_phrases(llm_objects(judge, q["text"], t, decoding)) for q, t in zip(items, texts)]
+        mentions = [coco.from_phrases(_question_objects(judge, q, t, decoding)) for q, t in zip(items, texts)]
     else:
         mentions = [coco.mentions(t) for t in texts]
     metrics, per = chair_metrics(texts, mentions, [gt[q["image_id"]] for q in items])

@@ -234,3 +234,22 @@ def test_extract_prompt_fills_question_and_answer_in_one_pass():
             return '["dog"]'
     assert llm_objects(Judge(), "Write {answer} and \\1 here", "A dog sits on a red mat.", {}) == ["dog"]
     assert "<image> Write {answer} and \\1 here\n" in sent[0] and sent[0].count("A dog sits on a red mat.") == 1
+
+
+def test_an_object_list_the_judge_never_gives_names_the_question(tmp_path):
+    """After three unparsable replies the error named neither the question nor its image."""
+    import json
+    from types import SimpleNamespace
+
+    from eval import chair
+
+    class Judge:
+        def chat(self, messages, **kw):
+            return "I cannot list objects."
+    (tmp_path / "gt.json").write_text(json.dumps({"42": ["dog"]}))
+    args = SimpleNamespace(synonyms=str(chair.SYNONYMS), objhal_extractor="llm", gt_objects=str(tmp_path / "gt.json"),
+                           coco_annotations="", coco_instances=[], coco_captions=[])
+    items = [{"question_id": "q7", "image_id": 42, "text": "Describe the image."}]
+    answers = {"": {"q7": "A dog sits on a red mat in the sun."}}
+    with pytest.raises(ValueError, match=r"question 'q7' \(image 42\): the judge's object list could not be parsed"):
+        chair.score(args, {"": items}, answers, judge=Judge(), decoding={})
