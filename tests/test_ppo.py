@@ -472,3 +472,21 @@ def test_one_rollout_per_step_logs_finite_metrics(world, tiny, rm, tmp_path):
 def test_a_negative_reward_clip_is_refused(world, tiny, rm, tmp_path):
     with pytest.raises(SystemExit, match="--reward_clip -1.0"):
         main(ppo_args(world, tiny, rm, tmp_path / "o", "--reward_clip", "-1"))
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--ppo_epochs", "0"], "--ppo_epochs 0: give N >= 1"),  # it trained nothing and saved the SFT actor
+    (["--rollout_batch_size", "0"], "--rollout_batch_size 0: give N >= 1"),  # a division by zero
+    (["--kl_target", "1", "--kl_horizon", "0"], "--kl_horizon 0: the adaptive KL controller"),  # after step 1
+    (["--ptx_coef", "1", "--ptx_batch_size", "0"], "--ptx_batch_size 0: the ptx term"),
+    (["--reward_norm_window", "-5"], "--reward_norm_window -5: give 0"),  # every score so far, silently
+])
+def test_counts_a_ppo_run_cannot_use_are_refused_before_models_load(world, tiny, rm, tmp_path, monkeypatch, flags,
+                                                                     said):
+    import training.model.builder as builder
+
+    def no_load(*a, **k):
+        raise AssertionError("a model loaded before the options were checked")
+    monkeypatch.setattr(builder, "load_model_and_processor", no_load)
+    with pytest.raises(SystemExit, match=said):
+        main(ppo_args(world, tiny, rm, tmp_path / "n", "--max_steps", "1", *flags))

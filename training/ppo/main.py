@@ -35,6 +35,23 @@ def _need(path: str, what: str, how: str) -> None:
         raise SystemExit(f"{what} not found at {path}: {how}")
 
 
+def refuse_unusable_counts(p: PPOArgs) -> None:
+    """Counts a PPO run cannot work with, refused before any model loads: --ppo_epochs 0 trained nothing and saved
+    the starting actor as the result; --rollout_batch_size 0, and --kl_horizon 0 with a KL target, stopped on a
+    division by zero (the latter after the first step); --ptx_batch_size 0 was said to be data that did not fit;
+    a negative --reward_norm_window normalised with every score so far."""
+    bad = [f"--{k} {getattr(p, k)}: give N >= 1" for k in ("rollout_batch_size", "max_new_tokens", "ppo_epochs")
+           if getattr(p, k) < 1]
+    if p.kl_target and p.kl_horizon < 1:
+        bad.append(f"--kl_horizon {p.kl_horizon}: the adaptive KL controller (--kl_target {p.kl_target}) needs N >= 1")
+    if p.ptx_coef > 0 and p.ptx_batch_size < 1:
+        bad.append(f"--ptx_batch_size {p.ptx_batch_size}: the ptx term (--ptx_coef {p.ptx_coef}) needs N >= 1")
+    if p.reward_norm_window < 0:
+        bad.append(f"--reward_norm_window {p.reward_norm_window}: give 0 (every score so far) or N >= 1")
+    if bad:
+        raise SystemExit("; ".join(bad))
+
+
 def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     """The SFT rows of the ptx term, or None when it is off."""
     if p.ptx_coef <= 0:
@@ -101,6 +118,7 @@ def main(argv=None) -> dict:
     if p.reward_clip < 0:
         raise SystemExit(f"--reward_clip {p.reward_clip}: scores are clipped to +-it; give a bound above 0, or 0 "
                          "for none")
+    refuse_unusable_counts(p)
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
     from training.defaults import resolve_defaults
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
