@@ -108,26 +108,34 @@ def test_the_k3_estimator_is_the_one_applied(world, tiny, rm, tmp_path, monkeypa
     assert _rows(tmp_path / "k3")[1]["kl"] > 0  # k3 >= 0 per token, > 0 once the actor moved
 
 
-@pytest.mark.parametrize("what", ["kl", "policy_loss", "value_loss"])
+@pytest.mark.parametrize("what", ["kl", "policy_loss", "value_loss", "critic_values"])
 def test_a_non_finite_kl_or_loss_stops_and_keeps_the_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch, what):
+    """critic_values: the critic's per-token values of the rollouts (reported as a non-finite policy_loss before)."""
     import training.ppo.trainer as trainer_mod
+    from training.rm.model import RewardModel
 
-    name = {"kl": "kl_estimate", "policy_loss": "ppo_policy_loss", "value_loss": "ppo_value_loss"}[what]
-    real, state = getattr(trainer_mod, name), {}
+    state = {}
     real_exp = PPOTrainer.experience
 
     def experience(self, records, step, ckpt):
         state["step"] = step
         return real_exp(self, records, step, ckpt)
 
-    def poisoned(*a, **k):
-        out = real(*a, **k)
-        if state["step"] < 2:
-            return out
-        return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+    def poison(real, when=lambda *a, **k: True):
+        def poisoned(*a, **k):
+            out = real(*a, **k)
+            if state["step"] < 2 or not when(*a, **k):
+                return out
+            return (out[0] * float("nan"), out[1]) if isinstance(out, tuple) else out * float("nan")
+        return poisoned
 
     monkeypatch.setattr(PPOTrainer, "experience", experience)
-    monkeypatch.setattr(trainer_mod, name, poisoned)
+    if what == "critic_values":  # the critic's forward for values (per_token), not the reward model's score
+        monkeypatch.setattr(RewardModel, "forward", poison(RewardModel.forward, lambda *a, per_token=False, **k:
+                                                           per_token))
+    else:
+        name = {"kl": "kl_estimate", "policy_loss": "ppo_policy_loss", "value_loss": "ppo_value_loss"}[what]
+        monkeypatch.setattr(trainer_mod, name, poison(getattr(trainer_mod, name)))
     out = tmp_path / what
     with pytest.raises(NonFiniteError, match=f"non-finite {what} at PPO step 2"):
         main(ppo_args(world, tiny, rm, out, "--max_steps", "3", "--save_steps", "1"))

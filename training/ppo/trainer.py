@@ -192,7 +192,9 @@ class PPOTrainer:
         values, _ = response_view(values[:, :-1], mask, R)
         raw = self._scores(records, images, ro.responses, step)
         kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
-        _check_finite(self.s, step, ckpt, reward=raw, kl=kl)
+        # the critic's values by name: a non-finite one was first seen as a "non-finite policy_loss" (value_loss in
+        # the warm-up), pointing away from the critic
+        _check_finite(self.s, step, ckpt, reward=raw, kl=kl, critic_values=values.masked_fill(~rmask.bool(), 0.0))
         score = self._shape(raw, ro, records)
         rewards = token_rewards(score, kl, rmask.float(), self.kl_ctl.value)
         adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
