@@ -25,7 +25,7 @@ from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
 from training.rm.data import encode_for_rm, readable_response
-from training.engine.loop import StepPlan, open_run, planned_steps, total_steps
+from training.engine.loop import StepPlan, open_run, planned_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
 from training.model.reference import lora_reference, snapshot
@@ -63,11 +63,16 @@ class PPOTrainer:
         self.p, o = cfg["ppo"], cfg["optim"]
         if ptx is not None:  # the rows' order, fixed by the seed: a resumed run reads the same rows
             self.ptx_order = torch.randperm(len(ptx), generator=torch.Generator().manual_seed(o.seed)).tolist()
-        per_step = self.p.rollout_batch_size * strategy.world_size
-        self.steps_per_epoch = len(records) // per_step
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch ({per_step})")
-        self.total_steps = total_steps(self.steps_per_epoch, o.num_train_epochs, o.max_steps)
+        # a PPO step is one rollout batch per rank: the shared plan's rule (its prompts past the last whole step are
+        # left out each epoch and said); what else fixes its steps, checked on resume, goes into the shape
+        try:
+            self.plan = StepPlan.make(len(records), self.p.rollout_batch_size, 1, strategy.world_size,
+                                      o.num_train_epochs, o.max_steps)
+        except ValueError:
+            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch "
+                             f"({self.p.rollout_batch_size * strategy.world_size})") from None
+        self.plan.shape.update(rollout_batch_size=self.p.rollout_batch_size, ppo_epochs=self.p.ppo_epochs)
+        self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
         mb = math.ceil(self.p.rollout_batch_size / o.per_device_train_batch_size)
         self.updates_per_step = math.ceil(self.p.ppo_epochs * mb / o.gradient_accumulation_steps)
@@ -295,10 +300,7 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         c, o = self.cfg["run"], self.cfg["optim"]
         ckpt = Path(c.output_dir) / "checkpoints"
-        plan = StepPlan(self.steps_per_epoch, self.total_steps,
-                        shape={"rollout_batch_size": self.p.rollout_batch_size, "ppo_epochs": self.p.ppo_epochs,
-                               "samples": len(self.records)},  # the prompts past the last whole step: said
-                        unused_per_epoch=len(self.records) % (self.p.rollout_batch_size * self.s.world_size))
+        plan = self.plan
         if self.ref is None:  # the starting values, before a resumed run loads its own
             self.ref_start = snapshot(self.actor)
         step, log = open_run(self.s, {"actor": self.actor, "critic": self.critic}, self.cfg, plan, "ppo",
