@@ -480,6 +480,9 @@ def test_a_negative_reward_clip_is_refused(world, tiny, rm, tmp_path):
     (["--kl_target", "1", "--kl_horizon", "0"], "--kl_horizon 0: the adaptive KL controller"),  # after step 1
     (["--ptx_coef", "1", "--ptx_batch_size", "0"], "--ptx_batch_size 0: the ptx term"),
     (["--reward_norm_window", "-5"], "--reward_norm_window -5: give 0"),  # every score so far, silently
+    (["--clip_eps", "-0.2"], "--clip_eps -0.2: give a value >= 0"),  # every ratio clamped to 0.8, silently
+    (["--kl_target", "-1"], "--kl_target -1.0: give a value >= 0"),
+    (["--lam", "1.5"], "--lam 1.5: give a value in"),
 ])
 def test_counts_a_ppo_run_cannot_use_are_refused_before_models_load(world, tiny, rm, tmp_path, monkeypatch, flags,
                                                                      said):

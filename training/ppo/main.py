@@ -48,6 +48,11 @@ def refuse_unusable_counts(p: PPOArgs) -> None:
         bad.append(f"--ptx_batch_size {p.ptx_batch_size}: the ptx term (--ptx_coef {p.ptx_coef}) needs N >= 1")
     if p.reward_norm_window < 0:
         bad.append(f"--reward_norm_window {p.reward_norm_window}: give 0 (every score so far) or N >= 1")
+    # a negative clip made clamp's lower bound its upper one (every ratio or value clipped to one number, silently);
+    # a negative KL coefficient or target paid the policy for leaving the reference
+    bad += [f"--{k} {getattr(p, k)}: give a value >= 0" for k in ("clip_eps", "value_clip_eps", "kl_coef", "kl_target")
+            if getattr(p, k) < 0]
+    bad += [f"--{k} {getattr(p, k)}: give a value in [0, 1]" for k in ("gamma", "lam") if not 0 <= getattr(p, k) <= 1]
     if bad:
         raise SystemExit("; ".join(bad))
 
