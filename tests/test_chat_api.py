@@ -231,3 +231,32 @@ def test_credentials_in_the_url_are_refused_before_any_request_and_never_shown(t
         post_chat(url, {"x": 1}, "", retries=2, backoff_s=0.0, timeout_s=1.0, who="judge", url_flag="--judge_url",
                   on_request=lambda: sent.append(1))
     assert not sent and "s3cr" not in str(err.value) and "s3cr" not in capsys.readouterr().err
+
+
+def test_an_endpoint_with_a_query_gets_the_path_before_its_query(tmp_path):
+    """A URL with a query (an API version: "…/v1?api-version=1", or Azure's full "…/chat/completions?api-version=…")
+    had "/chat/completions" appended after the query: the request went to "…/v1" with api-version "1/chat/completions"
+    (or to "…/chat/completions" with a mangled version), while messages showed the right-looking path."""
+    from eval.judge import Judge, JudgeConfig
+    from training.chat_api import chat_completions_url
+    full = "https://r.example/openai/deployments/d/chat/completions?api-version=2024-02-01"
+    assert chat_completions_url(full) == full
+    assert chat_completions_url("https://h.example/v1/?api-version=1") == \
+        "https://h.example/v1/chat/completions?api-version=1"
+    seen = []
+
+    def record(h):
+        seen.append(h.path)
+        out = json.dumps({"choices": [{"message": {"content": "yes"}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+    server = _serve(record)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1?api-version=7"
+        judge = Judge(JudgeConfig(url=url, model="m", api_key_env="", cache_dir=str(tmp_path), max_retries=0))
+        assert judge.chat([{"role": "user", "content": "x"}]) == "yes"
+    finally:
+        server.shutdown()
+    assert seen == ["/v1/chat/completions?api-version=7"]

@@ -43,9 +43,11 @@ class ChatAPIError(RuntimeError):
 
 
 def chat_completions_url(url: str) -> str:
-    """A base URL (…/v1) or the full …/chat/completions URL -> the chat-completions endpoint."""
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    """A base URL (…/v1) or the full …/chat/completions URL -> the chat-completions endpoint. The path is completed,
+    a query (an API version: "…/v1?api-version=…") kept after it."""
+    p = urllib.parse.urlsplit(url)
+    path = p.path.rstrip("/")
+    return p._replace(path=path if path.endswith("/chat/completions") else path + "/chat/completions").geturl()
 
 
 def _message(out) -> dict | None:
