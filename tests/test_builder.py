@@ -509,3 +509,25 @@ def test_a_checkpoints_own_model_code_is_in_its_fingerprint(tmp_path):
     code.write_text("A = 22\n")
     os.utime(code, ns=(1, 1))
     assert model_fingerprint(ckpt) != before
+
+
+def test_saved_weights_have_the_umask_mode_of_the_files_beside_them(tiny_ckpts, tmp_path):
+    """safetensors writes through a 0600 temporary file: a saved model's weights (full, adapters, non-LoRA
+    trainables, a reward model's head) could be read by their owner alone, beside a world-readable config."""
+    import os
+    import stat
+
+    from training.rm.model import RewardModel
+    old = os.umask(0o022)
+    try:
+        plain, processor, _ = _load(tiny_ckpts["llava"])
+        save_model(plain, processor, tmp_path / "plain")
+        RewardModel(plain).save_pretrained(tmp_path / "rm")
+        lora, processor, _ = _load(tiny_ckpts["llava"], LoraArgs(lora_r=4))
+        save_model(lora, processor, tmp_path / "lora")
+    finally:
+        os.umask(old)
+    modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in tmp_path.rglob("*.safetensors")}
+    assert set(modes) >= {"plain/model.safetensors", "rm/model.safetensors", "rm/value_head.safetensors",
+                          "lora/adapter/adapter_model.safetensors", "lora/adapter/non_lora_trainables.safetensors"}
+    assert modes == {name: "0o644" for name in modes}

@@ -28,6 +28,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def umask_mode(*paths: str | Path) -> None:
+    """Give files the mode a new file gets from open() or torch.save: 0666 less the umask. safetensors (0.8) writes
+    through a temporary file of mode 0600 that it renames into place, so a model saved with it (transformers' and
+    peft's save_pretrained, save_file) could be read by its owner alone, beside a config.json and tokenizer that
+    everyone the umask allows could read: another user on a shared file system could not load it."""
+    mask = _umask()
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """This process's umask: from /proc where there is one (setting it to read it back changes it for every thread
+    meanwhile), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
+
+
 def sync_folder(folder: str | Path) -> None:
     """fsync a folder (its entries: a rename into it), where the system allows it."""
     try:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from training.config import LoraArgs, ModelArgs
-from training.files import locked
+from training.files import locked, umask_mode
 from training.model.architectures import ArchSpec, detect_architecture
 from training.model.cache import cache_dir
 
@@ -488,4 +488,7 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
                                                                    {"state_dict": state_dict}))
     if processor is not None:
         processor.save_pretrained(out_dir)
+    written = saved_model_files(out_dir, weights=not lora, adapter=lora)
+    umask_mode(*(f for p in written for f in ([p] if p.is_file() else p.glob("*.safetensors"))
+                 if f.suffix == ".safetensors"))
     return str(out_dir)

@@ -83,6 +83,7 @@ class RewardModel(torch.nn.Module):
         description."""
         from safetensors.torch import save_file
 
+        from training.files import umask_mode
         from training.model.builder import save_model
 
         def part(prefix):
@@ -93,6 +94,7 @@ class RewardModel(torch.nn.Module):
         head = part("value_head.") or self.value_head.state_dict()
         head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()}
         save_file(head, str(out_dir / HEAD_FILE))
+        umask_mode(out_dir / HEAD_FILE)  # as the backbone's weights (save_file writes 0600)
         (out_dir / INFO_FILE).write_text(json.dumps({
             "kind": "reward_model", "hidden_size": self.value_head.in_features, "factual": self.factual,
             "head_file": HEAD_FILE, "read_at": "last non-pad token"}, indent=1))
