@@ -260,3 +260,15 @@ def test_an_endpoint_with_a_query_gets_the_path_before_its_query(tmp_path):
     finally:
         server.shutdown()
     assert seen == ["/v1/chat/completions?api-version=7"]
+
+
+def test_a_key_with_a_character_outside_ascii_is_refused_by_name_before_any_request(monkeypatch, capsys):
+    """A key pasted with a typographic dash ("sk-abc—def") passed the check, then every attempt failed inside the HTTP
+    client with "UnicodeEncodeError: ordinal not in range(256)", retried with backoff, never naming the variable."""
+    from training.chat_api import ChatAPIError, post_chat
+    sent = []
+    monkeypatch.setenv("OPA_TEST_KEY", "sk-abc\u2014def0123")
+    with pytest.raises(ChatAPIError, match=r"\$OPA_TEST_KEY") as err:
+        post_chat("http://127.0.0.1:9/v1/chat/completions", {"x": 1}, "OPA_TEST_KEY", retries=2, backoff_s=0.0,
+                  timeout_s=1.0, who="judge", url_flag="--judge_url", on_request=lambda: sent.append(1))
+    assert not sent and "abc" not in str(err.value) and "abc" not in capsys.readouterr().err

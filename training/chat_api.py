@@ -3,8 +3,8 @@
 
 * The key comes from an environment variable, read when a request is sent; it is never written to a file, a
   log line or an error message. A key holding whitespace or control characters inside (a CRLF file read with
-  `$(cat key.txt)` leaves a "\\r") is refused naming the variable: sent, Python's HTTP client raises an error
-  that quotes the whole header, key included.
+  `$(cat key.txt)` leaves a "\\r") or characters outside ASCII is refused naming the variable: sent, Python's HTTP
+  client raises an error that quotes the whole header, key included, or fails at every attempt.
 * A key is never sent over plain http to another machine (anyone on the way could read it): that needs https.
 * A redirect is an error, not followed (urllib would send the Authorization header wherever it points).
 * A plain-http (so loopback) request goes direct, never through a proxy from the environment (http_proxy),
@@ -103,6 +103,9 @@ def auth_headers(url: str, api_key_env: str) -> dict[str, str]:
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
         raise KeyRefused(f"${api_key_env} holds whitespace or a control character inside the key: set it to the "
                          "key alone")
+    if not key.isascii():  # a pasted typographic dash or quote: the HTTP client fails on it at every attempt
+        raise KeyRefused(f"${api_key_env} holds a character outside ASCII (a typographic dash or quote pasted with "
+                         "the key?): set it to the key alone")
     u = urllib.parse.urlsplit(url)
     if u.scheme != "https" and not loopback(u.hostname):
         raise KeyRefused(f"refusing to send the API key in ${api_key_env} over plain {u.scheme} to another "
