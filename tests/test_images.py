@@ -173,3 +173,17 @@ def test_an_image_past_pillows_pixel_limit_is_refused_not_decoded(root, monkeypa
     with pytest.raises(ImageError, match="cannot decode image"):
         load_image("big.png", str(root))
     _check(load_image("red.png", str(root)))  # under the limit: as before
+
+
+def test_an_eps_image_is_refused_before_ghostscript_runs(root, monkeypatch):
+    """Pillow renders EPS (PostScript, a program) by running Ghostscript on it as it decodes: an .eps file, or EPS
+    bytes under any name, in a data set ran that interpreter (whose -dSAFER has had many escapes) on the machine."""
+    from PIL import EpsImagePlugin
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(1))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+    (root / "drawing.png").write_bytes(eps)
+    for source in ("drawing.png", eps, {"bytes": eps, "path": "x.eps"}):
+        with pytest.raises(ImageError, match="EPS"):
+            load_image(source, str(root))
+    assert not ran

@@ -25,6 +25,10 @@ _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{32,}")
 _BASE64_BYTES = re.compile(rb"[A-Za-z0-9+/=\s]{32,}")
 # Netpbm's plain formats (P1 bitmap, P2 greymap, P3 pixmap) are images written in ASCII digits: "P3", whitespace
 _PLAIN_PNM = re.compile(rb"P[1-3]\s")
+# Formats Pillow decodes by running another program on the file, whatever its name: refused (Pillow's security
+# handbook: block EPS input unless strictly required)
+RUNS_PROGRAMS = {"EPS": "Pillow renders PostScript (a program) with Ghostscript, which would run the file's code; "
+                        "convert it to PNG or JPEG first"}
 
 
 class ImageError(ValueError):
@@ -131,7 +135,11 @@ def load_image(source: Any, image_root: str | os.PathLike | None) -> Image.Image
         with warnings.catch_warnings():  # past Pillow's pixel limit (MAX_IMAGE_PIXELS) it only warns up to 2x:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, never decoded
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+                if img.format in RUNS_PROGRAMS:  # opening read the header only; decoding would run the program
+                    raise ImageError(f"{img.format} images are not read: {RUNS_PROGRAMS[img.format]}")
                 img.load()  # decode every pixel now: truncated files raise here
                 return img.convert("RGB")
+    except ImageError:
+        raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for bad files
         raise ImageError(f"cannot decode image: {err}") from None
