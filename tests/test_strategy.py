@@ -283,3 +283,13 @@ def test_schedules_are_transformers_get_scheduler_at_every_step(kind, warmup, to
         for o, sc in ((ours_opt, ours), (hf_opt, hf)):
             o.step()
             sc.step()
+
+
+@pytest.mark.parametrize("text, match", [('{"zero_optimization": {"stage": 2},}', "line 1 column 36"),
+                                         ("[1]", "not a JSON object")])
+def test_a_user_config_that_is_not_a_json_object_stops_naming_the_file(tmp_path, text, match):
+    """A trailing comma stopped the run with a bare JSONDecodeError, a list with AttributeError: 'list' object has
+    no attribute 'items'; neither named the file."""
+    (tmp_path / "ds.json").write_text(text)
+    with pytest.raises(SystemExit, match=rf"--deepspeed_config {tmp_path / 'ds.json'}: .*{match}"):
+        Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs())

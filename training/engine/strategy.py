@@ -253,7 +253,13 @@ class Strategy:
         d = self.ds
         if not d.deepspeed_config:
             return {}
-        cfg = drop_auto(json.loads(Path(d.deepspeed_config).read_text()))
+        try:
+            cfg = json.loads(Path(d.deepspeed_config).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--deepspeed_config {d.deepspeed_config}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise SystemExit(f"--deepspeed_config {d.deepspeed_config}: not a JSON object of DeepSpeed settings")
+        cfg = drop_auto(cfg)
         stage = cfg.get("zero_optimization", {}).get("stage")
         if stage is not None and int(stage) != d.zero_stage:
             if d.zero_stage:
