@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.chat_api import ChatAPIError, chat_completions_url, endpoint_key, post_chat, public_url, reply_text
+from training.chat_api import (ChatAPIError, chat_completions_url, check_key_env, endpoint_key, post_chat, public_url,
+                               reply_text)
 from training.files import write_text_atomic
 
 JudgeError = ChatAPIError  # the judge endpoint could not give a reply
@@ -49,6 +50,7 @@ class JudgeConfig:
 
 class Judge:
     def __init__(self, cfg: JudgeConfig, progress: bool = False):
+        check_key_env(cfg.api_key_env, "--judge_api_key_env")
         self.cfg = cfg
         self.requests = 0  # HTTP requests sent (failed ones included)
         self.cache_hits = 0

@@ -272,3 +272,16 @@ def test_a_key_with_a_character_outside_ascii_is_refused_by_name_before_any_requ
         post_chat("http://127.0.0.1:9/v1/chat/completions", {"x": 1}, "OPA_TEST_KEY", retries=2, backoff_s=0.0,
                   timeout_s=1.0, who="judge", url_flag="--judge_url", on_request=lambda: sent.append(1))
     assert not sent and "abc" not in str(err.value) and "abc" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", ["judge", "expert"])
+def test_a_key_given_where_the_variables_name_goes_is_refused_and_never_written(tmp_path, make, capsys):
+    """--judge_api_key_env sk-... (the key, not its variable's name) sent no key, and the results file recorded
+    judge.api_key_env: the key itself, in a file meant to be shared."""
+    from eval.judge import Judge, JudgeConfig
+    with pytest.raises(SystemExit, match="NAME of the environment variable") as err:
+        if make == "judge":
+            Judge(JudgeConfig(api_key_env="sk-proj-Abc123", cache_dir=str(tmp_path))).record()
+        else:
+            ChatExpert("https://h.example/v1", "m", "sk-proj-Abc123", tmp_path)
+    assert "Abc123" not in str(err.value) and "Abc123" not in capsys.readouterr().err

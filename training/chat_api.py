@@ -16,6 +16,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -91,6 +92,14 @@ def loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
+
+
+def check_key_env(api_key_env: str, flag: str) -> None:
+    """The API-key option names a variable: what is not a variable's name (an "sk-..." key given in its place) is
+    refused, never quoted; results files record the name."""
+    if api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+        raise SystemExit(f"{flag} takes the NAME of the environment variable that holds the API key (letters, digits "
+                         "and _), not the key itself: export the key in a variable and give its name")
 
 
 def auth_headers(url: str, api_key_env: str) -> dict[str, str]:

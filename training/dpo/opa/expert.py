@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from training.chat_api import chat_completions_url, endpoint_key, post_chat, reply_text
+from training.chat_api import chat_completions_url, check_key_env, endpoint_key, post_chat, reply_text
 from training.files import write_text_atomic
 
 SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
@@ -128,6 +128,7 @@ Response: {response}"""
 class ChatExpert:
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache_dir: str | Path = ".",
                  retries: int = 4, timeout: float = 120.0, backoff: float = 2.0):
+        check_key_env(api_key_env, "--expert_api_key_env")
         self.url = chat_completions_url(url)
         self.model, self.api_key_env = model, api_key_env
         self.cache = Path(cache_dir)
