@@ -500,3 +500,19 @@ def test_held_out_rows_that_all_fail_to_encode_give_no_figures(world, tiny, tmp_
                      "--eval_data_path", str(held), "--skip_bad_rows", "--max_seq_len", "256"))
     ev = r["eval"]
     assert ev["eval/n"] == 0 and all(math.isnan(v) for k, v in ev.items() if k != "eval/n"), ev
+
+
+def test_a_head_file_outside_the_checkpoint_folder_is_refused(tiny, tmp_path):
+    """reward_model.json's head_file was joined to the folder as written: "../x.safetensors" loaded a file from
+    outside the checkpoint, and merge_lora copied it to the same relative place outside its output folder."""
+    from training.model.builder import load_model_and_processor
+    backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                      for_training=False)
+    ckpt = tmp_path / "rm"
+    RewardModel(backbone).save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    (ckpt / "value_head.safetensors").rename(tmp_path / "head.safetensors")
+    info = json.loads((ckpt / "reward_model.json").read_text())
+    (ckpt / "reward_model.json").write_text(json.dumps({**info, "head_file": "../head.safetensors"}))
+    with pytest.raises(ValueError, match=r"reward_model.json: head_file '../head.safetensors' is not a file name"):
+        load_reward_model(ckpt)

@@ -104,6 +104,16 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / INFO_FILE).is_file()
 
 
+def head_file(path: str | Path, info: dict) -> str:
+    """The head's file name that a reward model's record (`info`, read from path/INFO_FILE) gives: a name in its
+    folder, not a path out of it (a checkpoint from elsewhere would load a file from outside, and merge_lora copy it
+    to the same place outside its output folder)."""
+    name = info.get("head_file", HEAD_FILE)
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"{Path(path) / INFO_FILE}: head_file {name!r} is not a file name in the checkpoint's folder")
+    return name
+
+
 def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lora_args: LoraArgs | None = None,
                       *, for_training: bool = False, zero3: dict | None = None):
     """-> (RewardModel, processor, arch_spec) from a checkpoint written by `RewardModel.save_pretrained`.
@@ -121,11 +131,12 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
         raise FileNotFoundError(f"{path}: not a reward model checkpoint (no {INFO_FILE}); train one with "
                                 "`bash run_rm_training.sh`")
     info = json.loads((path / INFO_FILE).read_text())
+    head_file(path, info)  # before the backbone loads
     margs = dataclasses.replace(model_args or ModelArgs(), from_checkpoint=str(path))
     backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training,
                                                           zero3=zero3)
     rm = RewardModel(backbone, factual=bool(info.get("factual", False)))
-    rm.value_head.load_state_dict(load_file(str(path / info.get("head_file", HEAD_FILE))))
+    rm.value_head.load_state_dict(load_file(str(path / head_file(path, info))))
     if not for_training:
         rm.requires_grad_(False)
         eval_mode(rm)
