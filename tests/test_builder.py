@@ -450,6 +450,21 @@ def test_model_cache_is_private_to_the_user(tmp_path, monkeypatch):
     assert cache_dir("tiny_vlm").is_dir()
 
 
+def test_the_model_cache_is_used_where_it_was_checked(tmp_path, monkeypatch):
+    """A cache root reached through a symbolic link was checked through the link and returned through it: a link in
+    a shared /tmp, another user's, could point at a folder of ours for the check and at theirs (a planted model)
+    when the model loaded."""
+    from training.model.cache import cache_dir
+    (tmp_path / "mine").mkdir(mode=0o700)
+    (tmp_path / "theirs" / "merged").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "link"))
+    merged = cache_dir("merged")
+    (tmp_path / "link").unlink()
+    (tmp_path / "link").symlink_to(tmp_path / "theirs")  # re-pointed after the check
+    assert merged.resolve() == tmp_path / "mine" / "merged"
+
+
 def test_lora_saved_beside_its_own_base_keeps_it_and_merge_refuses_its_own_folder(tiny_ckpts, tmp_path, monkeypatch):
     """save_model removes a model of the other kind from its folder, but not the full weights a LoRA run trained
     from that same folder needs as its base; merge_lora into the adapters' own folder would replace them."""

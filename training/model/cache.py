@@ -25,6 +25,7 @@ def cache_dir(*parts: str) -> Path:
     """<cache root>/<parts...>, created if missing, after checking the root is private to this user."""
     root = cache_root()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root = root.resolve()  # checked and used as one folder: a link to it re-pointed after the check leads nowhere
     st = root.stat()
     if st.st_uid != os.getuid():
         raise PermissionError(f"{root}: the model cache belongs to another user (uid {st.st_uid}); set {ENV} to "
