@@ -148,3 +148,26 @@ def test_bad_row_reports_of_ranks_merge_each_row_once(tmp_path):
     saved = json.loads(report.write(tmp_path).read_text())
     assert [r["row"] for r in saved["rows"]] == [0, 4, 5] and saved["n_skipped"] == 3
     assert [r["row"] for r in saved["truncated_rows"]] == [2, 3]
+
+
+def test_a_reference_cache_file_gets_the_umask_mode(tmp_path, monkeypatch):
+    """The cache is written with safetensors (a 0600 file) beside the data when that folder is writable: another user
+    of a shared data folder then found the file under their run's key and stopped on PermissionError reading it."""
+    import os
+    import stat
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from training.dpo import refcache
+    monkeypatch.setattr(refcache, "adapters_disabled", lambda engine: nullcontext())
+    monkeypatch.setattr(refcache, "response_logps", lambda engine, batch: SimpleNamespace(
+        sum=torch.ones(len(batch.indices), 2), count=torch.ones(len(batch.indices), 2),
+        wsum=torch.ones(len(batch.indices), 2)))
+    strategy = SimpleNamespace(is_main=True, world_size=1, rank=0, barrier=lambda: None)
+    old = os.umask(0o022)
+    try:
+        refcache.RefCache.load_or_build(tmp_path / "ref.safetensors", strategy, torch.nn.Linear(1, 1),
+                                        lambda idx: SimpleNamespace(indices=idx), 4, 2, 2)
+    finally:
+        os.umask(old)
+    assert oct(stat.S_IMODE((tmp_path / "ref.safetensors").stat().st_mode)) == "0o644"
