@@ -39,7 +39,7 @@ import json
 import sys
 from pathlib import Path
 
-from eval.answers import need
+from eval.answers import need, read_json
 from eval.nouns import lemmatize, tokenize
 from eval.pope import LLAVA_SUFFIX
 
@@ -244,8 +244,8 @@ def amber_metrics(items: list[dict], responses: list[str], annotations: list[dic
 
 def load_amber(data: str | Path) -> tuple[list[dict], dict, set[str]]:
     data = Path(data)
-    annotations = json.loads((data / "annotations.json").read_text(encoding="utf-8"))
-    association = json.loads((data / "relation.json").read_text(encoding="utf-8"))
+    annotations = read_json(data / "annotations.json")
+    association = read_json(data / "relation.json")
     safe = {line.split("\n")[0] for line in (data / "safe_words.txt").read_text(encoding="utf-8").splitlines()}
     return annotations, association, safe
 

@@ -87,6 +87,17 @@ def need(row, key: str, where: str):
     return row[key]
 
 
+def read_json(path: str | Path):
+    """A benchmark's JSON file (annotations, records, rules): invalid JSON is an error naming the file, line and
+    column (it was a bare JSONDecodeError naming no file)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
 def _json_line(path: Path, n: int, line: str) -> dict:
     try:
         return json.loads(line)

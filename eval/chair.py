@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from eval.answers import read_json
 from eval.nouns import lemmatize, tokenize
 
 SYNONYMS = Path(__file__).parent / "data" / "coco_synonyms.txt"
@@ -156,17 +157,17 @@ def load_gt_objects(coco: CocoObjects, image_ids, instances=(), captions=(), gt_
     wanted = {int(i) for i in image_ids}
     gt: dict[int, set[str]] = {i: set() for i in wanted}
     for path in instances:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path)
         names = {c["id"]: c["name"] for c in data["categories"]}
         for a in data["annotations"]:
             if a["image_id"] in gt:
                 gt[a["image_id"]].add(coco.canonical[names[a["category_id"]]])
     for path in captions:
-        for a in json.loads(Path(path).read_text())["annotations"]:
+        for a in read_json(path)["annotations"]:
             if a["image_id"] in gt:
                 gt[a["image_id"]].update(c for _, c in coco.mentions(a["caption"]))
     if gt_file:
-        for k, objs in json.loads(Path(gt_file).read_text()).items():
+        for k, objs in read_json(gt_file).items():
             if int(k) in gt:
                 for o in objs:
                     o = o.lower().strip()

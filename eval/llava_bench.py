@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.answers import need
+from eval.answers import need, read_json
 
 RULES = Path(__file__).parent / "prompts" / "llava_bench_rule.json"
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -91,7 +91,7 @@ def _judged_files(args) -> tuple[dict[str, str], dict[str, dict], dict]:
     refs = {str(need(a, "question_id", f"{d / 'answers_gpt4.jsonl'}, line {n}")):
             need(a, "text", f"{d / 'answers_gpt4.jsonl'}, line {n}") for n, a in _jsonl(d / "answers_gpt4.jsonl")}
     context = {need(c, "image", f"{d / 'context.jsonl'}, line {n}"): c for n, c in _jsonl(d / "context.jsonl")}
-    return refs, context, json.loads(Path(args.llava_rule_file).read_text(encoding="utf-8"))
+    return refs, context, read_json(args.llava_rule_file)
 
 
 def questions(args) -> dict[str, list[dict]]:

@@ -72,9 +72,9 @@ def data_files(args) -> list[Path]:
 
 
 def _records(args) -> list[dict]:
-    from eval.answers import need
+    from eval.answers import need, read_json
 
-    records = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    records = read_json(args.data)
     if not isinstance(records, list):
         raise ValueError(f"{args.data}: expected MMHal's response_template.json (a JSON list of records)")
     for i, r in enumerate(records):  # the fields the judge's prompt is filled with, checked before any answer

@@ -76,3 +76,21 @@ def test_amber_query_without_an_annotation(tmp_path):
     (tmp_path / "query" / "query_all.json").write_text(json.dumps([{"id": 1, "query": "Describe this image."}]))
     with pytest.raises(ValueError, match=r"query_all\.json, row 0: no 'image' field"):
         amber.questions(args)
+
+
+def test_a_benchmark_json_file_that_is_not_json_names_the_file(tmp_path):
+    """COCO annotations, a ground-truth objects file, MMHal's records, LLaVA-Bench's rules and AMBER's annotations
+    that were not valid JSON stopped with a bare JSONDecodeError naming no file."""
+    from eval.chair import CocoObjects, SYNONYMS, load_gt_objects
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"annotations": [1, 2,]}')
+    where = r"broken\.json: invalid JSON at line 1, column 23"
+    for call in (lambda: load_gt_objects(CocoObjects(SYNONYMS), [1], instances=[bad]),
+                 lambda: load_gt_objects(CocoObjects(SYNONYMS), [1], captions=[bad]),
+                 lambda: load_gt_objects(CocoObjects(SYNONYMS), [1], gt_file=bad),
+                 lambda: mmhal._records(argparse.Namespace(data=str(bad)))):
+        with pytest.raises(ValueError, match=where):
+            call()
+    (tmp_path / "annotations.json").write_text("[{]")
+    with pytest.raises(ValueError, match=r"annotations\.json: invalid JSON at line 1"):
+        amber.load_amber(tmp_path)
