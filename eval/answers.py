@@ -4,8 +4,9 @@ For each split `generate` writes the questions as a JSONL question file (`questi
 text`) beside the answers, then calls `training.predict.main.predict`, which skips question_ids
 already answered: an interrupted run resumes, and a finished one loads no model at all. A
 `<answers>.settings.json` records the model (path and a fingerprint of its weight files: name,
-size, mtime), the decoding, the questions, the image folder and predict's other flags (maximum
-length, architecture, precision; not the batch size) that produced the answers. Asking for other settings
+size, mtime), the decoding, the questions, the image folder and the contents of the image files they
+name, and predict's other flags (maximum length, architecture, precision; not the batch size) that produced
+the answers. Asking for other settings
 on the same answer file is an error (use --run_name), or with `restart=True` the stale answers
 are deleted and generated again: answers from two models or decodings are never mixed.
 """
@@ -111,6 +112,24 @@ def question_lines(items: list[dict]) -> str:
                                "text": q["text"]}, ensure_ascii=False) + "\n" for q in items)
 
 
+def images_digest(items: list[dict], image_folder: str) -> str:
+    """SHA-256 over the contents of the image files the questions name (as predict resolves them in image_folder):
+    a file rewritten under its old name (a world generated anew) is another question. Images given inline are in
+    the question lines already; one that does not resolve is predict's bad row."""
+    from training.data.images import ImageError, image_source
+    h, done = hashlib.sha256(), {}
+    for q in items:
+        try:
+            src = image_source(_image_field(q.get("image")), image_folder)
+            if isinstance(src, Path):
+                if src not in done:
+                    done[src] = hashlib.sha256(src.read_bytes()).hexdigest()
+                h.update(f"{q['question_id']}\0{done[src]}\n".encode())
+        except (ImageError, OSError):
+            continue
+    return h.hexdigest()
+
+
 def check_same_questions(items: list[dict], answer_file: str | Path) -> None:
     """Answers given to score (--answers) were made for these questions: the `<answers>.settings.json` beside them
     (`generate` writes it) records the sha256 of the questions they answer; other questions (another prompt suffix,
@@ -143,6 +162,7 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
         settings = {"model_path": str(model_path), "model_fingerprint": model_fingerprint(model_path),
                     "decoding": {k: v for k, v in decoding.items() if k != "batch_size"},
                     "questions_sha256": hashlib.sha256(lines.encode()).hexdigest(), "image_folder": str(image_folder),
+                    "images_sha256": images_digest(items, image_folder),
                     "predict_flags": _answer_flags(predict_flags)}
         sfile = out_dir / f"{name}.settings.json"
         if afile.exists() and afile.stat().st_size:

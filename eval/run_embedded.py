@@ -6,7 +6,7 @@ Each model's results go to <model>/eval_embedded.json (the same file `python -m 
 --benchmark embedded` writes, which `python -m eval.report` reads); with some of the benchmarks (--benches)
 or other decoding (--num_beams) to eval_embedded_<run name>.json (--run_name, default from those settings),
 so the all-benchmark greedy results stay. Answers made by an older version of a model (same folder, rewritten
-weights) are generated again.
+weights) or for images since rewritten (a world generated anew) are generated again.
 """
 from __future__ import annotations
 
