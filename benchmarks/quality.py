@@ -3,7 +3,7 @@
     python -m benchmarks.quality                 # DPO, ORPO and PPO from output/sft (made by run_sft.sh)
     python -m benchmarks.quality --with_opa      # + OPA-DPO (run_opa_dpo.sh) on a third of DPO's pairs
     python -m benchmarks.quality --reuse         # score existing output/dpo, ... without training
-    python -m benchmarks.quality --methods dpo   # only some methods
+    python -m benchmarks.quality --methods dpo   # only some methods (OPA-DPO: DPO too, its target's measure)
     python -m benchmarks.quality --seeds 3       # each method with 3 training seeds; verdicts on the means
 
 PPO uses the reward model in output/rm (trained by run_rm_training.sh first when missing or older than the
@@ -103,6 +103,8 @@ def main(argv=None) -> dict:
             "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft]),
             "ppo": ("run_ppo_training.sh", "output/ppo", ["--from_checkpoint", a.sft])}
     methods = list(a.methods) + (["opa_dpo"] if a.with_opa and "opa_dpo" not in a.methods else [])
+    if "opa_dpo" in methods and "dpo" not in methods:  # OPA-DPO's target is DPO's CHAIR_i with a third of its pairs
+        methods.insert(methods.index("opa_dpo"), "dpo")
     if "ppo" in methods and not trained_after("output/rm", a.sft):  # PPO's reward and critic come from it
         train("run_rm_training.sh", "output/rm", "--from_checkpoint", a.sft)
     # the training seed: OptimArgs.seed (default 1234) for the stages; OPA's own --seed (rollouts, default 0)

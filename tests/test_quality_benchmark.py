@@ -1,4 +1,6 @@
 """benchmarks.quality's seed handling (the training runs themselves are the benchmark, not a test)."""
+from pathlib import Path
+
 import pytest
 
 from benchmarks.quality import mean_sd, seed_runs
@@ -50,3 +52,32 @@ def test_the_target_reads_as_written_at_its_edges():
     assert meets_target({"CHAIRi": 0.03, "recall": 0.95}, sft, dpo, 600 / 2000)
     assert not meets_target({"CHAIRi": 0.03, "recall": 0.95}, sft, dpo, 700 / 2000)
     assert not meets_target({"CHAIRi": 0.031, "recall": 0.95}, sft, dpo, 0.3)
+
+
+def _stand_ins(monkeypatch, tmp_path, scores):
+    """benchmarks.quality with its training, scoring and data counts stood in for; returns the SFT folder."""
+    from benchmarks import quality
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    monkeypatch.setattr(quality, "train", lambda script, out, *args: None)
+    monkeypatch.setattr(quality, "trained_after", lambda out, *inputs: True)
+    monkeypatch.setattr(quality, "score", lambda model, world: dict(scores[Path(model).name]))
+    monkeypatch.setattr(quality, "pairs_used", lambda out: {"dpo": 2000, "opa_dpo": 600}.get(Path(out).name, 2000))
+    return sft
+
+
+def test_opa_dpo_is_judged_against_dpo_even_when_dpo_is_not_asked_for(tmp_path, monkeypatch):
+    """`--methods ppo --with_opa` (or `--methods opa_dpo`) left DPO out, and OPA-DPO was then judged by DPO's own
+    target (CHAIR_i at most half of SFT's): a PASS printed under the line saying OPA-DPO must reach DPO's CHAIR_i."""
+    from benchmarks import quality
+    scores = {"sft": {"CHAIRi": 0.1, "CHAIRs": 0.2, "recall": 0.96},
+              "dpo": {"CHAIRi": 0.02, "CHAIRs": 0.04, "recall": 0.95},
+              "opa_dpo": {"CHAIRi": 0.04, "CHAIRs": 0.08, "recall": 0.95}}
+    sft = _stand_ins(monkeypatch, tmp_path, scores)
+    for methods in (["opa_dpo"], ["dpo", "--with_opa"]):
+        out = quality.main(["--sft", str(sft), "--reuse", "--methods", *methods])
+        assert out["verdicts"] == {"sft": "baseline", "dpo": "PASS", "opa_dpo": "FAIL"}, methods
+
