@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     p.add_argument("--world", default="data/world")
     p.add_argument("--reuse", action="store_true", help="score existing outputs; train only what is missing")
     p.add_argument("--with_opa", action="store_true", help="also run OPA-DPO (run_opa_dpo.sh)")
-    p.add_argument("--methods", nargs="*", default=["dpo", "orpo", "ppo"])
+    p.add_argument("--methods", nargs="*", default=["dpo", "orpo", "ppo"], choices=["dpo", "orpo", "ppo", "opa_dpo"])
     p.add_argument("--seeds", type=int, default=1, help="train each method with this many training seeds (the "
                    "stage's default, then +1, +2, ...) and judge the means: a PPO setting's recall moves by about "
                    "0.01 between seeds on this world")

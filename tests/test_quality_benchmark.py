@@ -81,3 +81,11 @@ def test_opa_dpo_is_judged_against_dpo_even_when_dpo_is_not_asked_for(tmp_path, 
         out = quality.main(["--sft", str(sft), "--reuse", "--methods", *methods])
         assert out["verdicts"] == {"sft": "baseline", "dpo": "PASS", "opa_dpo": "FAIL"}, methods
 
+
+def test_an_unknown_method_is_refused_before_anything_is_scored(tmp_path, monkeypatch, capsys):
+    """`--methods opa` (for opa_dpo) scored the SFT model first (minutes), then stopped with KeyError: 'opa'."""
+    from benchmarks import quality
+    sft = _stand_ins(monkeypatch, tmp_path, {"sft": {"CHAIRi": 0.1, "CHAIRs": 0.2, "recall": 0.96}})
+    with pytest.raises(SystemExit):
+        quality.main(["--sft", str(sft), "--methods", "opa"])
+    assert "invalid choice: 'opa'" in capsys.readouterr().err
