@@ -5,10 +5,10 @@ text`) beside the answers, then calls `training.predict.main.predict`, which ski
 already answered: an interrupted run resumes, and a finished one loads no model at all. A
 `<answers>.settings.json` records the model (path and a fingerprint of its weight files: name,
 size, mtime), the decoding, the questions, the image folder and the contents of the image files they
-name, and predict's other flags (maximum length, architecture, precision; not the batch size) that produced
-the answers. Asking for other settings
-on the same answer file is an error (use --run_name), or with `restart=True` the stale answers
-are deleted and generated again: answers from two models or decodings are never mixed.
+name, predict's other flags (maximum length, architecture, precision; not the batch size) and its code
+(training.predict.main and the project modules it imports: generation_code) that produced the answers.
+Asking for other settings on the same answer file is an error (use --run_name), or with `restart=True` the
+stale answers are deleted and generated again: answers from two models or decodings are never mixed.
 """
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ import json
 from pathlib import Path
 
 from training.model.fingerprint import model_fingerprint
+
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+GENERATION = ("training.predict.main",)  # the module that answers; with those it imports, the code of the answers
+
+
+def generation_code() -> str:
+    """SHA-256 over the files of the code that generates answers (GENERATION and every project module it reaches,
+    as the pipeline follows a stage's imports): answers of an unchanged model made by other code are stale."""
+    from training.pipeline import imported_files, tree_digest
+    return tree_digest(sorted(f.relative_to(CODE_ROOT) for f in imported_files(list(GENERATION), CODE_ROOT)),
+                       CODE_ROOT)
 
 
 class AnswersMismatch(ValueError):
@@ -154,7 +166,7 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
     """Answers per split, generating what is missing (in num_processes processes, one per GPU:
     training.predict.parallel). Returns (answers, answer file per split)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    answers, files = {}, {}
+    answers, files, code = {}, {}, generation_code()
     for split, items in qs.items():
         name = f"{tag}_{split}" if split else tag
         qfile, afile = out_dir / f"{name}.questions.jsonl", out_dir / f"{name}.jsonl"
@@ -163,7 +175,7 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
                     "decoding": {k: v for k, v in decoding.items() if k != "batch_size"},
                     "questions_sha256": hashlib.sha256(lines.encode()).hexdigest(), "image_folder": str(image_folder),
                     "images_sha256": images_digest(items, image_folder),
-                    "predict_flags": _answer_flags(predict_flags)}
+                    "predict_flags": _answer_flags(predict_flags), "generation_code": code}
         sfile = out_dir / f"{name}.settings.json"
         if afile.exists() and afile.stat().st_size:
             old = json.loads(sfile.read_text()) if sfile.exists() else None

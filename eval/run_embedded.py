@@ -6,7 +6,8 @@ Each model's results go to <model>/eval_embedded.json (the same file `python -m 
 --benchmark embedded` writes, which `python -m eval.report` reads); with some of the benchmarks (--benches)
 or other decoding (--num_beams) to eval_embedded_<run name>.json (--run_name, default from those settings),
 so the all-benchmark greedy results stay. Answers made by an older version of a model (same folder, rewritten
-weights) or for images since rewritten (a world generated anew) are generated again.
+weights), for images since rewritten (a world generated anew) or by other generation code (training.predict and
+the modules it imports: eval.answers.generation_code) are generated again.
 """
 from __future__ import annotations
 

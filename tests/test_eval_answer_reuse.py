@@ -44,3 +44,32 @@ def test_answers_to_an_image_since_rewritten_are_generated_again(tmp_path, monke
     assert run() == "a cat" and calls == [1]  # unchanged: reused, no model loaded
     (images / "s0.png").write_text("a dog")
     assert run() == "a dog" and calls == [1, 1]
+
+
+def test_answers_made_by_other_generation_code_are_generated_again(tmp_path, monkeypatch):
+    """The settings held the model, decoding, questions and images but not the code that generates: after a change
+    to training/predict (or a module it imports) run_pipeline.sh kept its unchanged stages and their answers made by
+    the old code, beside a retrained stage's made by the new one, in one results table."""
+    import shutil
+    calls = _fake_predict(monkeypatch)
+    code = tmp_path / "code"
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "training", code / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(answers, "CODE_ROOT", code, raising=False)  # the project whose code generates
+    model, images = tmp_path / "model", tmp_path / "images"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"w")
+    images.mkdir()
+    (images / "s0.png").write_text("a cat")
+    qs = {"objhal": [{"question_id": "s0", "image": "s0.png", "text": "Describe the image."}]}
+
+    def run():
+        answers.generate(qs, tmp_path / "predictions", "embedded", str(model), str(images),
+                         {"num_beams": 1, "batch_size": 4}, [], restart=True)
+        return len(calls)
+    assert run() == 1 and run() == 1
+    for name in ("training/predict/generate.py", "training/templates/chat.py"):  # imported by predict's main
+        (code / name).write_text((code / name).read_text() + "\n# changed\n")
+        assert run() == 2 + (name != "training/predict/generate.py"), name
+    (code / "training" / "ppo" / "trainer.py").write_text("# not reached by predict\n")
+    assert run() == 3
