@@ -393,3 +393,26 @@ def test_the_pipeline_runs_from_another_directory(tmp_path):
     proc = subprocess.run(["bash", f"{ROOT.name}/run_pipeline.sh", "--world_seed", "1"], capture_output=True,
                           text=True, timeout=60, cwd=ROOT.parent)
     assert proc.returncode == 2 and "is not a pipeline option" in proc.stderr, proc.stderr
+
+
+def test_the_default_rank_count_spelled_out_keeps_the_stages(tmp_path, monkeypatch):
+    """NUM_GPUS=1 on a CPU machine (or NUM_GPUS=N with N GPUs) runs the ranks that leaving it unset runs: the
+    value alone changed the fingerprint, so every stage trained anew."""
+    root = fake_project(tmp_path / "proj")
+    for name in ("NUM_GPUS", "HOSTFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cmd = ["run_sft.sh"]
+    unset = pipeline.fingerprint(cmd, [], root)
+    monkeypatch.setenv("NUM_GPUS", "1")
+    assert pipeline.fingerprint(cmd, [], root) == unset
+    monkeypatch.setenv("NUM_GPUS", "2")
+    assert pipeline.fingerprint(cmd, [], root) != unset
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("NUM_GPUS")
+    every = pipeline.fingerprint(cmd, [], root)
+    monkeypatch.setenv("NUM_GPUS", "2")
+    assert pipeline.fingerprint(cmd, [], root) == every
+    monkeypatch.setenv("NUM_GPUS", "1")
+    assert pipeline.fingerprint(cmd, [], root) != every

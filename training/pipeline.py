@@ -270,6 +270,8 @@ def environment() -> dict:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # how many, not which: a SLURM job gets other ids each time
     env["gpus"] = (len([x for x in visible.split(",") if x.strip()]) if visible is not None
                    else len(list(Path("/dev").glob("nvidia[0-9]*"))))
+    if not hostfile and env["NUM_GPUS"] == str(1 if env["DS_ACCELERATOR"] == "cpu" else env["gpus"]):
+        env["NUM_GPUS"] = ""  # the count scripts/env.sh's launch runs without it (one CPU rank, every GPU): as unset
     return env
 
 
