@@ -155,7 +155,8 @@ def figures(results: list[dict], figure_dir: str | Path, order=None) -> list[Pat
         width = 0.8 / max(len(models), 1)
         for i, m in enumerate(models):
             r = cells.get((m, b))
-            vals = [(r["metrics"].get(k) or 0.0) * scale if r else 0.0 for k, _, scale, _ in heads]
+            vals = [r["metrics"][k] * scale if r and r["metrics"].get(k) is not None else float("nan")
+                    for k, _, scale, _ in heads]  # (nan: no bar, where the table shows '-')
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(heads))]
             ax.bar(xs, vals, width, label=m)
         ax.set_xticks(range(len(heads)))

@@ -78,3 +78,34 @@ def test_report_says_when_amber_nouns_came_from_the_rule_finder(tmp_path):
     rec["details"] = {"nlp": "rule"}
     f.write_text(json.dumps(rec))
     assert "nouns by rule (not comparable with published AMBER figures)" in report.table(report.load([f]))
+
+
+def test_figures_draw_no_bar_for_a_missing_value(tmp_path, monkeypatch):
+    """A model without a benchmark's result (or a metric) was drawn as a bar of 0 where the table shows '-': for a
+    lower-is-better rate such as CHAIR_i, the best bar of the chart."""
+    import math
+
+    import matplotlib.axes
+    drawn = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, xs, heights, *args, label=None, **kw):
+        drawn[(len(drawn), label)] = list(heights)
+        return real_bar(self, xs, heights, *args, label=label, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    sft = _result(tmp_path / "sft", "output/sft", "objhal", 0.5, "2026-01-01T00:00:01")
+    dpo = _result(tmp_path / "dpo", "output/dpo", "objhal", 0.2, "2026-01-01T00:00:02")
+    rec = json.loads(dpo.read_text())
+    del rec["metrics"]["obj_rec"]
+    dpo.write_text(json.dumps(rec))
+    pope = _result(tmp_path / "sft", "output/sft", "pope", 0.0, "2026-01-01T00:00:03")
+    rec = json.loads(pope.read_text())
+    rec["metrics"] = {"f1_mean": 0.8, "accuracy_mean": 0.7, "yes_ratio_mean": 0.5}
+    pope.write_text(json.dumps(rec))
+    report.figures(report.load([sft, dpo, pope]), tmp_path / "figs")
+    heights = {label: h for (_, label), h in drawn.items() if len(h) == 4}  # Object HalBench's four metrics
+    assert heights["sft"] == [50.0, 50.0, 50.0, 50.0] and heights["dpo"][:3] == [20.0, 20.0, 20.0]
+    assert math.isnan(heights["dpo"][3])  # no object recall: no bar (the table's '-')
+    pope_bars = {label: h for (_, label), h in drawn.items() if len(h) == 3}
+    assert pope_bars["sft"] == [80.0, 70.0, 50.0] and all(math.isnan(v) for v in pope_bars["dpo"])
+    assert "| dpo | 20.0 | 20.0 | 20.0 | - | - | - | - |" in report.table(report.load([sft, dpo, pope]))
