@@ -26,5 +26,7 @@ stage output/rm output/sft -- run_rm_training.sh
 stage output/dpo output/sft -- run_dpo_training.sh
 stage output/orpo output/sft -- run_dpo_training.sh --loss_type orpo --output_dir output/orpo
 stage output/ppo output/sft output/rm -- run_ppo_training.sh
-python -m eval.run_embedded --models output/sft output/dpo output/orpo output/ppo --world data/world --no-progress
-python -m eval.report --results output/*/eval_embedded.json --table_file output/results.md --figure_dir figure
+models=(output/sft output/dpo output/orpo output/ppo)
+python -m eval.run_embedded --models "${models[@]}" --world data/world --no-progress
+# the results of these models alone (not another command's output/*/eval_embedded.json, such as an OPA-DPO's)
+python -m eval.report --results "${models[@]/%//eval_embedded.json}" --table_file output/results.md --figure_dir figure

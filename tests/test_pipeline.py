@@ -416,3 +416,20 @@ def test_the_default_rank_count_spelled_out_keeps_the_stages(tmp_path, monkeypat
     assert pipeline.fingerprint(cmd, [], root) == every
     monkeypatch.setenv("NUM_GPUS", "1")
     assert pipeline.fingerprint(cmd, [], root) != every
+
+
+def test_the_results_table_holds_the_models_the_job_evaluated(tmp_path):
+    """The table read output/*/eval_embedded.json: a results file another command left in output/ (say
+    output/opa_dpo's, of a model trained from an earlier SFT model) was a row of the main job's table."""
+    lines = (ROOT / "run_pipeline.sh").read_text().splitlines()
+    last_stage = max(i for i, line in enumerate(lines) if line.startswith("stage "))
+    for name in ("sft", "dpo", "orpo", "ppo", "opa_dpo"):
+        (tmp_path / "output" / name).mkdir(parents=True)
+        (tmp_path / "output" / name / "eval_embedded.json").write_text("{}")
+    script = 'python() { echo "python $*"; }\n' + "\n".join(lines[last_stage + 1:])  # the evaluation and the table
+    p = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    evaluated, table = [line.split() for line in p.stdout.splitlines()]
+    models = evaluated[evaluated.index("--models") + 1:evaluated.index("--world")]
+    results = table[table.index("--results") + 1:table.index("--table_file")]
+    assert p.returncode == 0 and models == ["output/sft", "output/dpo", "output/orpo", "output/ppo"]
+    assert results == [f"{m}/eval_embedded.json" for m in models]
