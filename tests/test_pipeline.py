@@ -433,3 +433,30 @@ def test_the_results_table_holds_the_models_the_job_evaluated(tmp_path):
     results = table[table.index("--results") + 1:table.index("--table_file")]
     assert p.returncode == 0 and models == ["output/sft", "output/dpo", "output/orpo", "output/ppo"]
     assert results == [f"{m}/eval_embedded.json" for m in models]
+
+
+def test_a_failed_run_of_other_arguments_leaves_the_finished_model_kept(tmp_path, monkeypatch):
+    """`run_pipeline.sh --data_path typo.json` stopped in SFT before it wrote anything; the rerun without it (the
+    command, code and inputs of the model still there) trained SFT, and every stage after it, anew."""
+    root = fake_project(tmp_path / "proj")
+    monkeypatch.delenv("PIPELINE_FRESH", raising=False)
+    out = tmp_path / "out"
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"
+    _finish(out, ["s"])
+    finished = json.loads((out / pipeline.RECORD).read_text())
+    downstream = pipeline.fingerprint(["t"], [str(out)], root)
+    assert pipeline.begin(out, ["s", "--data_path", "typo.json"], [], root) == "fresh"  # (it fails: no `end`)
+    assert pipeline.begin(out, ["s"], [], root) == "skip"
+    rec = json.loads((out / pipeline.RECORD).read_text())  # the finished run's record is back: what follows reads it
+    assert {k: v for k, v in rec.items() if k != "time"} == {k: v for k, v in finished.items() if k != "time"}
+    assert pipeline.fingerprint(["t"], [str(out)], root) == downstream
+    # one that wrote into the output before it failed (its run_config.json, metrics, the model): trained anew; so is
+    # one asked for with PIPELINE_FRESH
+    for written in ("run_config.json", "model.safetensors"):
+        assert pipeline.begin(out, ["s", "--lr", "2"], [], root) == "fresh"
+        (out / written).write_text("of the failed run")
+        assert pipeline.begin(out, ["s"], [], root) == "fresh", written
+        _finish(out, ["s"])
+    assert pipeline.begin(out, ["s", "--lr", "2"], [], root) == "fresh"
+    monkeypatch.setenv("PIPELINE_FRESH", "1")
+    assert pipeline.begin(out, ["s"], [], root) == "fresh"

@@ -16,7 +16,7 @@ the repository's output/ or figure/ less those), the ranks
 starts from (--after), that
 stage's fingerprint and the names, sizes and times of its weight files. `begin` compares it with OUT/pipeline_stage.json:
   skip    the stage finished with this fingerprint and its weight files are those it wrote: its output
-          is kept;
+          is kept (also after a run of other arguments or code that failed before it wrote anything there);
   resume  it started with this fingerprint and did not finish: it continues from its last resumable
           checkpoint (a stage with none of its own starts over: one an earlier run left there is not its);
   fresh   anything else (no record, other arguments, code, data or inputs): it trains anew.
@@ -86,7 +86,18 @@ def weight_files(out: Path) -> list[Path]:
 
 def weights_digest(out: Path) -> str:
     """Names, sizes and modification times of the weight files a stage wrote (its model or adapters)."""
-    files = weight_files(out)
+    return _stats_digest(weight_files(out), out)
+
+
+def outputs_digest(out: Path) -> str | None:
+    """Names, sizes and modification times of every file in a stage's output folder but its record (None: no
+    folder): whether a run that failed changed anything there."""
+    if not Path(out).is_dir():
+        return None
+    return _stats_digest(sorted(f for f in Path(out).rglob("*") if f.is_file() and f.name != RECORD), out)
+
+
+def _stats_digest(files: list[Path], out: Path) -> str:
     stats = [(str(f.relative_to(out)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
@@ -297,9 +308,18 @@ def begin(out: Path, command: list[str], after: list[str], root: Path = ROOT) ->
             state = "resume" if marks and marks != rec.get("checkpoints_at_start") else "fresh"
         elif rec["weights"] == weights_digest(out):  # not rewritten since (by a stage run outside the pipeline)
             state = "skip"
+    elif rec and rec["status"] != "done" and not fresh_requested():
+        # another command (or code) began and failed before it wrote anything into `out` (its data, say, unreadable),
+        # where the model of a finished run with this fingerprint lies as that run left it
+        before = rec.get("finished_before")
+        if (before and before["fingerprint"] == fp and before["weights"] == weights_digest(out)
+                and rec.get("outputs_at_start") == outputs_digest(out)):
+            _write(out, before)  # (what follows reads this record)
+            state = "skip"
     if state != "skip":  # (the weights there now: `end` refuses a stage that leaves them as they were)
         _write(out, {"status": "started", "fingerprint": fp, "command": command, "after": after,
                      "weights_at_start": weights_digest(out) if Path(out).is_dir() else None,
+                     "outputs_at_start": outputs_digest(out),
                      "checkpoints_at_start": rec.get("checkpoints_at_start") if state == "resume" else marks,
                      # the finished run whose model is there: `end` puts its record back if this one writes none
                      "finished_before": rec if rec and rec["status"] == "done" else (rec or {}).get("finished_before")})
