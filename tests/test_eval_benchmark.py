@@ -239,3 +239,30 @@ def test_predict_resumes_past_a_cut_last_line_and_names_bad_rows(tmp_path, world
     afile.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[0] + "\n")
     with pytest.raises(ValueError, match="answered twice"):
         read_answers(afile)
+
+
+def test_a_resumed_or_chunked_sampling_run_draws_what_one_uninterrupted_run_draws(tmp_path, world, tiny):
+    """Sampling was seeded once, as a run started: a run resumed after its first batch drew the next questions'
+    answers from the first batch's random numbers (the same image's questions got the first ones' very answers),
+    and each chunk's process drew from the same numbers as the others. Each batch is now seeded by the seed and
+    where its first question stands in the question file."""
+    from training.predict.main import parse, predict
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(x + "\n" for x in (world / "bench_pope_random.jsonl").read_text().splitlines()[:4]))
+
+    def run(afile, *extra):
+        predict(parse(["--model_path", str(tiny), "--data_path", str(qfile), "--image_folder", str(world / "images"),
+                       "--output_file", str(afile), "--max_new_tokens", "8", "--no-progress", "--do_sample",
+                       *extra]))
+        return {r["question_id"]: r["text"] for r in map(json.loads, afile.read_text().splitlines())}
+
+    full = run(tmp_path / "full.jsonl", "--batch_size", "2")
+    assert len(set(full.values())) == 4  # four questions of one image, four samples
+    cut = tmp_path / "cut.jsonl"
+    run(cut, "--batch_size", "2")
+    cut.write_text("".join(cut.read_text().splitlines(True)[:2]))  # stopped after its first batch
+    assert run(cut, "--batch_size", "2") == full
+    one = run(tmp_path / "one.jsonl", "--batch_size", "1")
+    for i in range(2):
+        run(tmp_path / "chunks.jsonl", "--batch_size", "1", "--num_chunks", "2", "--chunk_idx", str(i))
+    assert run(tmp_path / "chunks.jsonl", "--batch_size", "1") == one

@@ -200,7 +200,7 @@ def predict(args: argparse.Namespace) -> Path:
 
     if args.best_of_n > 1 and not args.reward_model:
         raise SystemExit("--best_of_n needs --reward_model PATH (a checkpoint from run_rm_training.sh)")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # (what loading may draw; each batch's samples are seeded below)
     image_root = args.image_folder or default_image_folder(args.data_path)
     out = Path(args.output_file or Path(args.model_path) / "predictions" / (Path(args.data_path).stem + ".jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,8 +238,13 @@ def predict(args: argparse.Namespace) -> Path:
     bar = tqdm(total=len(mine), initial=len(mine) - len(records), desc=what, disable=not args.progress)
     unscored = 0
     with out.open("a") as f:
-        for i in range(0, len(records), args.batch_size):
-            chunk = records[i:i + args.batch_size]
+        for i in range(0, len(mine), args.batch_size):  # the batches of an uninterrupted run, less what is answered
+            chunk = [r for r in mine[i:i + args.batch_size] if _qid(r) not in done]
+            if not chunk:
+                continue
+            # seeded by where the batch's first question stands in the file: a resumed run, or another chunk's
+            # process, draws each batch's samples as one uninterrupted run does
+            torch.manual_seed(args.seed * 1_000_003 + args.chunk_idx + i * args.num_chunks)
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
             n = len(chunk)
             chunk, images, encoded = fitting(chunk, images, encoder, report)
