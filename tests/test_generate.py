@@ -141,6 +141,28 @@ def test_best_of_n_answers_too_long_for_the_reward_model_are_a_bad_row(tmp_path,
     assert (bad["n_skipped"], bad["rows"][0]["row"], bad["rows"][0]["field"]) == (1, 1, "text")
 
 
+def test_whether_the_reward_model_reads_facts_is_decided_for_the_whole_file(tmp_path, world, tiny, factual_rm):
+    """A factual reward model reads the factual block only when every question has facts. That was decided over the
+    questions left to answer: a run resumed (or a chunk) where only questions with facts were left scored them with
+    the block, the uninterrupted run without it, so one answer file held rewards of two kinds."""
+    from training.predict.main import parse, predict
+
+    qfile = _questions(world, tmp_path / "q.jsonl", [{"question_id": "a", "text": "Is there a circle?"},
+                                                     {"question_id": "b", "text": "Is there a cross?",
+                                                      "facts": ["The image contains one green diamond."]}])
+
+    def rewards(afile, *extra):
+        predict(parse(_predict_argv(world, tiny, qfile, afile, "--batch_size", "1", "--reward_model",
+                                    str(factual_rm), *extra)))
+        return {r["question_id"]: r["reward"] for r in map(json.loads, afile.read_text().splitlines())}
+
+    full = rewards(tmp_path / "full.jsonl")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text((tmp_path / "full.jsonl").read_text().splitlines(True)[0])  # stopped after question a
+    assert rewards(cut) == full
+    assert rewards(tmp_path / "chunk.jsonl", "--num_chunks", "2", "--chunk_idx", "1") == {"b": full["b"]}
+
+
 def test_reward_scorer_does_not_score_a_cut_response(world, tiny, factual_rm):
     """A response the reward model cannot read whole is an error, or with skip_unfit has reward NaN (it was cut
     and scored silently)."""

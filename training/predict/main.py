@@ -220,8 +220,8 @@ def predict(args: argparse.Namespace) -> Path:
                          "file to answer again")
     # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
     mine = records[args.chunk_idx::args.num_chunks]
-    records = [r for r in mine if _qid(r) not in done]
-    if not records:  # a rerun after every question was answered: no model to load (minutes for a 7B one)
+    todo = [r for r in mine if _qid(r) not in done]
+    if not todo:  # a rerun after every question was answered: no model to load (minutes for a 7B one)
         print(f"{out}: every question of this share of {args.data_path} is answered")
         if report.skipped:
             report.write(out.parent, f"{out.stem}.bad_rows{_chunk_tag(args)}.json")
@@ -232,10 +232,10 @@ def predict(args: argparse.Namespace) -> Path:
     model.to(device).eval()
     encoder = ChatEncoder(processor, arch, args.max_seq_len)
     decode = DecodeArgs(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
-    scorer = _scorer(args, records, device, precision) if args.reward_model else None
+    scorer = _scorer(args, records, device, precision) if args.reward_model else None  # the whole file's questions
     model_id = args.model_id or args.model_path
     what = f"predict {args.chunk_idx + 1}/{args.num_chunks}" if args.num_chunks > 1 else "predict"
-    bar = tqdm(total=len(mine), initial=len(mine) - len(records), desc=what, disable=not args.progress)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=what, disable=not args.progress)
     unscored = 0
     with out.open("a") as f:
         for i in range(0, len(mine), args.batch_size):  # the batches of an uninterrupted run, less what is answered
@@ -286,7 +286,8 @@ def _chunk_tag(args) -> str:
 
 
 def _scorer(args, records, device: str, precision: str):
-    """The reward model as a scorer; factual models get facts only when every question has them."""
+    """The reward model as a scorer; factual models get facts only when every question of the file has them (not
+    only those left to answer: a resumed run, or each chunk's process, scores as one uninterrupted run)."""
     from training.config import ModelArgs
     from training.rm.data import RewardScorer, missing_facts_note
     from training.rm.model import load_reward_model
