@@ -186,6 +186,11 @@ def generate(qs: dict[str, list[dict]], out_dir: Path, tag: str, model_path: str
                                       "--run_name or delete the file to generate again")
         sfile.write_text(json.dumps(settings, indent=1))
         qfile.write_text(lines, encoding="utf-8")
+        if afile.exists():  # a run killed while writing a batch left half a row: predict answers its question again
+            from training.files import locked
+            from training.predict.main import drop_unfinished_line
+            with locked(afile):
+                drop_unfinished_line(afile)
         got = read_answers(afile)
         if any(q["question_id"] not in got for q in items):
             argv = ["--model_path", str(model_path), "--data_path", str(qfile), "--output_file", str(afile),

@@ -59,6 +59,19 @@ def test_pope_generate_score_resume(tmp_path, world, tiny, monkeypatch):
     assert beams["decoding"]["mode"] == "beam" and (out / "eval_pope_beam2.json").exists()
 
 
+def test_a_benchmark_resumes_past_a_row_cut_by_a_killed_run(tmp_path, world, tiny):
+    """A run killed while writing a batch leaves half a row at the end of an answer file; predict removes it and
+    answers that question again, but the benchmark read the file first and stopped on the cut row ("not JSON"),
+    so the run could not resume."""
+    out = tmp_path / "sft"
+    rec = bench_main(_pope_argv(world, tiny, out))
+    afile = Path(rec["answers"]["random"])
+    full = afile.read_text()
+    afile.write_text(full[:-30])  # killed inside its last row
+    assert bench_main(_pope_argv(world, tiny, out))["metrics"] == rec["metrics"]
+    assert afile.read_text() == full  # the cut row answered again (greedy: the same), nothing glued or doubled
+
+
 def test_run_embedded_table(tmp_path, world, tiny, capsys):
     from eval.run_embedded import main as run_embedded
     model = tmp_path / "sft"
