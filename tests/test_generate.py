@@ -99,6 +99,22 @@ def test_predict_question_ids_are_unique(tmp_path, world, tiny):
         predict(parse(_predict_argv(world, tiny, dup, tmp_path / "b.jsonl")))
 
 
+def test_a_question_id_left_empty_is_the_rows_id_as_the_benchmarks_number_it(tmp_path, world, tiny):
+    """A question file whose question_id column is empty (null) on some rows: those rows are keyed as the benchmarks'
+    scoring keys them (their id, else their row index). Predict keyed them "None": two such rows were refused as one
+    question asked twice, and one row's answer joined no question."""
+    from eval.answers import read_answers
+    from training.data.formats import question_id
+    from training.predict.main import parse, predict
+
+    rows = [{"question_id": None, "text": "Is there a circle?"}, {"question_id": None, "text": "Is there a cross?"},
+            {"question_id": "q2", "text": "Is there a star?"}]
+    qfile = _questions(world, tmp_path / "q.jsonl", rows)
+    afile = tmp_path / "a.jsonl"
+    predict(parse(_predict_argv(world, tiny, qfile, afile)))
+    assert sorted(read_answers(afile)) == sorted(question_id(r, i) for i, r in enumerate(rows)) == ["0", "1", "q2"]
+
+
 def test_prompt_too_long_names_the_field_its_row_holds_the_text_in(tmp_path, world, tiny):
     """A question file's rows may hold their text in different fields: the bad row names its own (the field was
     once guessed from the file's first row)."""
