@@ -115,6 +115,23 @@ def test_a_question_id_left_empty_is_the_rows_id_as_the_benchmarks_number_it(tmp
     assert sorted(read_answers(afile)) == sorted(question_id(r, i) for i, r in enumerate(rows)) == ["0", "1", "q2"]
 
 
+@pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--rm_batch_size", "0"], ["--max_new_tokens", "0"],
+                                 ["--num_beams", "0"], ["--max_seq_len", "0"], ["--best_of_n", "0"],
+                                 ["--do_sample", "--temperature", "0"], ["--best_of_n", "2", "--top_p", "0"],
+                                 ["--do_sample", "--top_p", "1.5"]])
+def test_predict_refuses_counts_below_one_and_sampling_it_cannot_do_as_it_reads_its_options(bad, capsys):
+    """--batch_size 0 stopped the run after the model had loaded, on "range() arg 3 must not be zero"; --best_of_n 0
+    answered greedily and printed "-4 sampled answers did not fit the reward model", writing best_of_n 0 in every
+    row; a temperature of 0 or a top_p outside (0, 1] stopped generation on transformers' error. Each is refused as
+    the options are read, naming the option."""
+    from training.predict.main import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--model_path", "m", "--data_path", "q.jsonl", *bad])
+    assert bad[-2] in capsys.readouterr().err
+    parse(["--model_path", "m", "--data_path", "q.jsonl", "--temperature", "0"])  # not sampling: never read
+
+
 def test_prompt_too_long_names_the_field_its_row_holds_the_text_in(tmp_path, world, tiny):
     """A question file's rows may hold their text in different fields: the bad row names its own (the field was
     once guessed from the file's first row)."""

@@ -51,6 +51,14 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
         p.error(f"--chunk_idx {args.chunk_idx} of --num_chunks {args.num_chunks}: need 0 <= chunk_idx < num_chunks")
+    for name in ("batch_size", "rm_batch_size", "max_new_tokens", "num_beams", "max_seq_len", "best_of_n"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: need 1 or more")
+    if args.do_sample or args.best_of_n > 1:  # what sampling reads
+        if not args.temperature > 0:
+            p.error(f"--temperature {args.temperature}: sampling needs a temperature above 0 (greedy: no --do_sample)")
+        if not 0 < args.top_p <= 1:
+            p.error(f"--top_p {args.top_p}: need 0 < top_p <= 1")
     return args
 
 
