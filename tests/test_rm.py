@@ -516,3 +516,22 @@ def test_a_head_file_outside_the_checkpoint_folder_is_refused(tiny, tmp_path):
     (ckpt / "reward_model.json").write_text(json.dumps({**info, "head_file": "../head.safetensors"}))
     with pytest.raises(ValueError, match=r"reward_model.json: head_file '../head.safetensors' is not a file name"):
         load_reward_model(ckpt)
+
+
+def test_a_value_head_that_does_not_fit_the_backbone_names_its_file(tiny, tmp_path):
+    """A head of another width (a LoRA reward model whose base was retrained at another size, or another model's
+    head file) stopped in torch's "Error(s) in loading state_dict for Linear", naming neither the file nor the
+    sizes. The error names the head file, what the backbone needs and what the file holds."""
+    from safetensors.torch import save_file
+
+    from training.model.builder import load_model_and_processor, save_model
+    backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs())
+    rm = RewardModel(backbone)
+    save_model(rm, processor, tmp_path / "rm")
+    head = tmp_path / "rm" / "value_head.safetensors"
+    hidden = rm.value_head.in_features
+    for bad in ({"weight": torch.zeros(1, hidden + 3), "bias": torch.zeros(1)}, {"w": torch.zeros(1, hidden)}):
+        save_file(bad, str(head))
+        with pytest.raises(ValueError) as e:
+            load_reward_model(tmp_path / "rm")
+        assert str(head) in str(e.value) and f"[1, {hidden}]" in str(e.value) and next(iter(bad)) in str(e.value)

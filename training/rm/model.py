@@ -136,7 +136,14 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
     backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training,
                                                           zero3=zero3)
     rm = RewardModel(backbone, factual=bool(info.get("factual", False)))
-    rm.value_head.load_state_dict(load_file(str(path / head_file(path, info))))
+    head_path = path / head_file(path, info)
+    head = load_file(str(head_path))
+    want = {k: list(v.shape) for k, v in rm.value_head.state_dict().items()}
+    got = {k: list(v.shape) for k, v in head.items()}
+    if got != want:  # (torch's own error names neither the file nor why)
+        raise ValueError(f"{head_path}: not a value head of this backbone (hidden size {rm.value_head.in_features}; "
+                         f"the head was saved for {info.get('hidden_size')}): it needs {want}, the file holds {got}")
+    rm.value_head.load_state_dict(head)
     if not for_training:
         rm.requires_grad_(False)
         eval_mode(rm)
