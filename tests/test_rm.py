@@ -502,22 +502,6 @@ def test_held_out_rows_that_all_fail_to_encode_give_no_figures(world, tiny, tmp_
     assert ev["eval/n"] == 0 and all(math.isnan(v) for k, v in ev.items() if k != "eval/n"), ev
 
 
-def test_a_head_file_outside_the_checkpoint_folder_is_refused(tiny, tmp_path):
-    """reward_model.json's head_file was joined to the folder as written: "../x.safetensors" loaded a file from
-    outside the checkpoint, and merge_lora copied it to the same relative place outside its output folder."""
-    from training.model.builder import load_model_and_processor
-    backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
-                                                      for_training=False)
-    ckpt = tmp_path / "rm"
-    RewardModel(backbone).save_pretrained(ckpt)
-    processor.save_pretrained(ckpt)
-    (ckpt / "value_head.safetensors").rename(tmp_path / "head.safetensors")
-    info = json.loads((ckpt / "reward_model.json").read_text())
-    (ckpt / "reward_model.json").write_text(json.dumps({**info, "head_file": "../head.safetensors"}))
-    with pytest.raises(ValueError, match=r"reward_model.json: head_file '../head.safetensors' is not a file name"):
-        load_reward_model(ckpt)
-
-
 def test_a_value_head_that_does_not_fit_the_backbone_names_its_file(tiny, tmp_path):
     """A head of another width (a LoRA reward model whose base was retrained at another size, or another model's
     head file) stopped in torch's "Error(s) in loading state_dict for Linear", naming neither the file nor the
@@ -535,3 +519,44 @@ def test_a_value_head_that_does_not_fit_the_backbone_names_its_file(tiny, tmp_pa
         with pytest.raises(ValueError) as e:
             load_reward_model(tmp_path / "rm")
         assert str(head) in str(e.value) and f"[1, {hidden}]" in str(e.value) and next(iter(bad)) in str(e.value)
+
+
+def test_a_head_file_named_outside_the_checkpoint_is_refused(tiny, tmp_path):
+    """reward_model.json names the head file; a name with a folder part ("../x") was read from outside the
+    checkpoint, and merge_lora copied it there to the same place beside the merged folder (a write outside it).
+    The name must be a file of the checkpoint itself."""
+    from training.model.builder import load_model_and_processor, save_model
+    from training.model.merge_lora import merge_lora
+    backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(lora_r=4))
+    save_model(RewardModel(backbone), processor, tmp_path / "runs" / "rm")
+    info_file = tmp_path / "runs" / "rm" / "reward_model.json"
+    info = json.loads(info_file.read_text())
+    (tmp_path / "runs" / "outside.safetensors").write_bytes((tmp_path / "runs" / "rm" / info["head_file"]).read_bytes())
+    info_file.write_text(json.dumps({**info, "head_file": "../outside.safetensors"}))
+    with pytest.raises(ValueError, match="reward_model.json: head_file '../outside.safetensors'"):
+        load_reward_model(tmp_path / "runs" / "rm")
+    with pytest.raises(ValueError, match="head_file"):
+        merge_lora(tmp_path / "runs" / "rm", tmp_path / "merged" / "rm")
+    assert not (tmp_path / "merged" / "outside.safetensors").exists()
+
+
+def test_accumulation_over_lists_of_unequal_size_equals_one_batch(world, tiny, tmp_path):
+    """Batch 4 x accumulation 1 and 1 x 4 give the same update when the micro-batches hold unequal numbers of pairs
+    (lists of 3 and pairs, Bradley-Terry over every pair): the loss is a mean over the step's pairs, not a mean of
+    the micro-batches' means. With pairs only, both means are equal, so the distributed test cannot tell them."""
+    from safetensors.torch import load_file
+    pairs = json.loads((world / "preference_train.json").read_text())
+    ranked = json.loads((world / "ranked_train.json").read_text())
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([ranked[i] if i % 3 == 0 else pairs[i] for i in range(8)]))
+    got = []
+    for bs, accum in ((4, 1), (1, 4)):
+        out = tmp_path / f"b{bs}"
+        main(rm_args(world, tiny, out, *DIST_ARGS, "--data_path", str(mixed), "--eval_data_path", "", "--rank_loss",
+                     "bradley_terry", "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps",
+                     str(accum)))
+        got.append({**load_file(str(out / "model.safetensors")), **load_file(str(out / "value_head.safetensors"))})
+    init = load_file(str(tiny / "model.safetensors"))
+    assert max(float((got[0][k] - init[k]).abs().max()) for k in init) > 1e-2  # the steps did something
+    for k in got[0]:
+        torch.testing.assert_close(got[1][k], got[0][k], rtol=0, atol=1e-5, msg=k)
