@@ -560,3 +560,20 @@ def test_accumulation_over_lists_of_unequal_size_equals_one_batch(world, tiny, t
     assert max(float((got[0][k] - init[k]).abs().max()) for k in init) > 1e-2  # the steps did something
     for k in got[0]:
         torch.testing.assert_close(got[1][k], got[0][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_model_saved_over_a_reward_model_is_no_reward_model(tiny, tmp_path):
+    """A policy (SFT, DPO, a merge) saved into a folder that held a reward model left its value head and
+    reward_model.json there: the folder still read as a reward model, the new backbone under the old head, with no
+    word. A save of a model that is not a reward model removes them; a reward model's save writes them anew."""
+    from training.model.builder import load_model_and_processor, save_model
+    from training.rm.model import is_reward_model
+    backbone, processor, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs())
+    save_model(RewardModel(backbone), processor, tmp_path / "out")
+    assert is_reward_model(tmp_path / "out")
+    save_model(RewardModel(backbone), processor, tmp_path / "out")  # saved again: still one
+    assert is_reward_model(tmp_path / "out") and (tmp_path / "out" / "value_head.safetensors").is_file()
+    save_model(backbone, processor, tmp_path / "out")
+    assert not is_reward_model(tmp_path / "out") and not (tmp_path / "out" / "value_head.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
+        load_reward_model(tmp_path / "out")

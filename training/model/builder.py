@@ -463,13 +463,19 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
     out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them.
     A model of the other kind saved there before is removed (an adapter folder left beside new full weights
-    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base.
+    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base, and so
+    is a reward model's value head and record.
     state_dict: a plain model's weights gathered elsewhere (ZeRO-3: Strategy.save_hf), written instead of its
     parameters."""
     from safetensors.torch import save_file
 
+    from training.rm.model import HEAD_FILE, INFO_FILE
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a reward model saved here before: its head and record would make this model read as one (a reward model's
+    # save_pretrained writes them anew after its backbone)
+    remove_paths([out_dir / INFO_FILE, out_dir / HEAD_FILE])
     lora = hasattr(model, "peft_config")
     base = (getattr(model, "_vlm_build_info", None) or {}).get("base")
     if not (lora and base and Path(base).resolve() == out_dir.resolve()):  # adapters beside their own base keep it
