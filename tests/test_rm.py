@@ -577,3 +577,17 @@ def test_a_model_saved_over_a_reward_model_is_no_reward_model(tiny, tmp_path):
     assert not is_reward_model(tmp_path / "out") and not (tmp_path / "out" / "value_head.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
         load_reward_model(tmp_path / "out")
+
+
+def test_training_from_a_reward_model_starts_from_its_head(world, tiny, tmp_path):
+    """--from_checkpoint naming a reward model (more training, on other pairs) kept its backbone and drew a new random
+    head, dropping the trained one without a word. The run starts from the checkpoint's head: with a learning rate
+    of 0 the saved head is the checkpoint's."""
+    from safetensors.torch import load_file
+    from sft_helpers import make_reward_model
+    start = make_reward_model(tiny, tmp_path / "start", seed=5)
+    main(rm_args(world, tiny, tmp_path / "more", "--from_checkpoint", str(start), "--max_steps", "1", "--optimizer",
+                 "sgd", "--learning_rate", "0", "--per_device_train_batch_size", "4", "--eval_data_path", ""))
+    before, after = (load_file(str(p / "value_head.safetensors")) for p in (start, tmp_path / "more"))
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)

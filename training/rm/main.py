@@ -57,13 +57,19 @@ def main(argv=None) -> dict:
     from training.data.span_weights import weights_note
     from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
-    from training.rm.model import RewardModel
+    from training.rm.model import RewardModel, is_reward_model, load_reward_model
     from training.rm.trainer import RMTrainer
     from training.templates.chat import ChatEncoder
 
     torch.manual_seed(cfg["optim"].seed)
-    backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"], zero3=strategy.build_config())
-    model = RewardModel(backbone, factual=rmc.factual)
+    start = cfg["model"].from_checkpoint
+    if start and is_reward_model(start):  # more training of a reward model: its head too, not a new one
+        model, processor, arch = load_reward_model(start, cfg["model"], cfg["lora"], for_training=True,
+                                                   zero3=strategy.build_config())
+        model.factual = rmc.factual
+    else:
+        backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"], zero3=strategy.build_config())
+        model = RewardModel(backbone, factual=rmc.factual)
     template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     report = BadRowReport(skip=d.skip_bad_rows)
