@@ -29,6 +29,22 @@ def rm_args(world: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
 DIST_ARGS = ("--max_steps", "2", "--optimizer", "sgd", "--learning_rate", "0.5", "--center_coef", "0")
 
 
+def mixed_lists(world: Path, path: Path) -> tuple[str, ...]:
+    """Writes the world's first 8 training rows to `path`, every third one its scene's ranked list of 3 (3 pairs)
+    instead of its pair; -> the arguments that train on them with Bradley-Terry over every pair. Micro-batches and
+    ranks then hold unequal numbers of pairs: a mean of their means is not the step's mean over its pairs (with
+    pairs only, both are equal, and no test could tell them)."""
+    pairs = json.loads((world / "preference_train.json").read_text())
+    ranked = json.loads((world / "ranked_train.json").read_text())
+    path.write_text(json.dumps([ranked[i] if i % 3 == 0 else pairs[i] for i in range(8)]))
+    return mixed_args(path)
+
+
+def mixed_args(path: Path) -> tuple[str, ...]:
+    """The arguments that train on mixed_lists' file `path` (written already), Bradley-Terry over every pair."""
+    return "--data_path", str(path), "--rank_loss", "bradley_terry"
+
+
 def _scores(rm, processor, arch, world, factual=True, batch_size=16):
     recs = read_preferences([str(world / "preference_heldout.json")], str(world / "images"))
     scorer = RewardScorer(rm, processor, arch, 256, batch_size, factual=factual)
@@ -542,19 +558,14 @@ def test_a_head_file_named_outside_the_checkpoint_is_refused(tiny, tmp_path):
 
 def test_accumulation_over_lists_of_unequal_size_equals_one_batch(world, tiny, tmp_path):
     """Batch 4 x accumulation 1 and 1 x 4 give the same update when the micro-batches hold unequal numbers of pairs
-    (lists of 3 and pairs, Bradley-Terry over every pair): the loss is a mean over the step's pairs, not a mean of
-    the micro-batches' means. With pairs only, both means are equal, so the distributed test cannot tell them."""
+    (mixed_lists): the loss is a mean over the step's pairs, not a mean of the micro-batches' means."""
     from safetensors.torch import load_file
-    pairs = json.loads((world / "preference_train.json").read_text())
-    ranked = json.loads((world / "ranked_train.json").read_text())
-    mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps([ranked[i] if i % 3 == 0 else pairs[i] for i in range(8)]))
+    mixed = mixed_lists(world, tmp_path / "mixed.json")
     got = []
     for bs, accum in ((4, 1), (1, 4)):
         out = tmp_path / f"b{bs}"
-        main(rm_args(world, tiny, out, *DIST_ARGS, "--data_path", str(mixed), "--eval_data_path", "", "--rank_loss",
-                     "bradley_terry", "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps",
-                     str(accum)))
+        main(rm_args(world, tiny, out, *DIST_ARGS, *mixed, "--eval_data_path", "", "--per_device_train_batch_size",
+                     str(bs), "--gradient_accumulation_steps", str(accum)))
         got.append({**load_file(str(out / "model.safetensors")), **load_file(str(out / "value_head.safetensors"))})
     init = load_file(str(tiny / "model.safetensors"))
     assert max(float((got[0][k] - init[k]).abs().max()) for k in init) > 1e-2  # the steps did something
