@@ -339,7 +339,8 @@ def test_changed_scene_makes_exactly_one_error_of_each_type():
     from training.rm.quality import ERRORS, changed_scene
     from training.world.scenes import KINDS, Obj, Scene
 
-    scene = Scene("s", "cyan", (Obj("circle", "blue", 7, 1, 1), Obj("cross", "red", 7, 5, 5), Obj("cross", "blue", 7, 9, 9)))
+    scene = Scene("s", "cyan", (Obj("circle", "blue", 7, 1, 1), Obj("cross", "red", 7, 5, 5),
+                                Obj("cross", "blue", 7, 9, 9)))
     counts = lambda s: {k: s.count(k) for k in KINDS if s.count(k)}  # noqa: E731
     for seed in range(20):
         rng = random.Random(seed)

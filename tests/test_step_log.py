@@ -228,7 +228,9 @@ class _Engine:
         self.module, self.fail_at, self.seen = torch.nn.Linear(2, 2), fail_at, seen
 
     def save_checkpoint(self, root, tag, client_state, save_latest=True, exclude_frozen_parameters=False):
-        assert not save_latest and not exclude_frozen_parameters  # a plain model: its checkpoint holds it all  # `latest` is the strategy's to write, once every engine and rank is done
+        # a plain model: its checkpoint holds it all; `latest` is the strategy's to write, once every engine and rank
+        # is done
+        assert not save_latest and not exclude_frozen_parameters
         if self.seen is not None:  # what the other engines' `latest` say while this one is written
             self.seen.append({p.parent.name: p.read_text() for p in Path(root).parent.glob("*/latest")})
         if tag == self.fail_at:

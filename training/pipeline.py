@@ -261,7 +261,8 @@ def fingerprint(command: list[str], after: list[str], root: Path = ROOT, out: Pa
     for d in after:
         rec = read_record(Path(d))
         if not rec or rec.get("status") != "done":
-            raise SystemExit(f"pipeline: {d} has no finished run ({Path(d) / RECORD}); run the stage that writes it first")
+            raise SystemExit(f"pipeline: {d} has no finished run ({Path(d) / RECORD}); run the stage that writes it "
+                             "first")
         deps[d] = [rec["fingerprint"], rec["weights"]]
     inputs = [p for p in INPUTS if (root / p).exists()]
     parts = {"command": command, "code": tree_digest(code_files(command, root), root),
