@@ -99,3 +99,40 @@ def test_a_reference_cache_from_before_data_weights_is_not_reused(tmp_path):
 
     cfg = {"model": ModelArgs(), "data": DataArgs(), "dpo": DPOArgs(), "lora": LoraArgs(), "optim": OptimArgs()}
     assert reference_settings(cfg, None, 2, "llava", 1)["numerics"] >= 5
+
+
+def _answer_weights(template: str, answer: str, spans: list):
+    """(tokens, weights) of `answer`'s encoded response under `template` (the tiny LLaVA's byte-level tokenizer)."""
+    from training.data.records import Message
+    from training.dpo.weights import answer_weights
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny_archs import _BUILDERS
+    from training.templates.chat import ChatEncoder
+
+    proc = _BUILDERS["llava"]()[1]
+    encoder = ChatEncoder(proc, ARCHITECTURES["llava"], 512, template)
+    prompt = [Message("user", "Describe the image in detail.")]
+    e = encoder.encode(prompt + [Message("assistant", answer)], [])
+    ids = e.input_ids[e.prompt_len:]
+    return proc.tokenizer.convert_ids_to_tokens(ids.tolist()), answer_weights(encoder, prompt, answer, spans, ids)
+
+
+def _template(answer_filter: str = "", generation_prompt: bool = True) -> str:
+    from training.model.tiny_archs import _content_macro
+    return _content_macro("<image>\n") + (
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{{ 'USER: ' + render(m['content']) + ' ' }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + render(m['content'])" + answer_filter
+        + " + eos_token }}"
+        "{%- endif -%}{%- endfor -%}"
+        + ("{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}" if generation_prompt else ""))
+
+
+def test_a_span_is_found_in_the_answer_not_in_the_template_text_before_it():
+    """A template without a generation prompt writes "ASSISTANT: " in the answer's own segment: a span "A" was
+    found in that text, so its weight went to the first letter of "ASSISTANT" and the answer's "A" weighed 1."""
+    tokens, w = _answer_weights(_template(generation_prompt=False), "A red circle.", [["A", 2.0]])
+    assert "".join(tokens[:4]).startswith("ASSI")  # the premise: the template's text is in the response
+    at = tokens.index("Ġ", tokens.index(":")) + 1  # the answer's first token, after "ASSISTANT:" and its space
+    assert tokens[at] == "A"
+    assert [i for i, x in enumerate(w.tolist()) if x != 1.0] == [at]

@@ -12,7 +12,7 @@ def answer_weights(encoder, prompt: list[Message], text: str, sentence_weights: 
     """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it."""
     context, lead = encoder.answer_context(prompt + [Message("assistant", text)])
     return token_weights(encoder.tokenizer, lead + text, sentence_weights, ids.tolist(),
-                         encoder.text_tokens(lead + text, context))
+                         encoder.text_tokens(lead + text, context), answer_at=len(lead))
 
 
 def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
@@ -32,7 +32,7 @@ def _alone(tokenizer, text: str) -> tuple[list[int], list]:
 
 
 def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: list[int],
-                  tokens: tuple[list[int], list] | None = None) -> torch.Tensor:
+                  tokens: tuple[list[int], list] | None = None, answer_at: int = 0) -> torch.Tensor:
     """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
     character offsets), located inside the response ids (the template may add tokens around it, which
     keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
@@ -42,13 +42,14 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     one the space is not part of (byte-level "ĠThe" is "The" alone). A token stands where its first character
     other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
     "ĠThe") is its sentence's first token, not one between sentences. A tokenizer that merges across the template
-    boundary leaves all weights at 1."""
+    boundary leaves all weights at 1. answer_at: where the answer begins in `text` (after the template's text before
+    it, `lead`, which may hold a span's letters: "ASSISTANT: " and a span "A"); spans are found from there."""
     w = torch.ones(len(response_ids))
     ids, offsets = tokens or _alone(tokenizer, text)
     start, n = _locate(ids, response_ids)
     if start is None or n == 0:
         return w
-    spans, pos = [], 0
+    spans, pos = [], answer_at
     for sentence, weight in sentence_weights:
         s = text.find(sentence.strip(), pos)
         if s < 0:
