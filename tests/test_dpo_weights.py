@@ -128,6 +128,17 @@ def _template(answer_filter: str = "", generation_prompt: bool = True) -> str:
         + ("{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}" if generation_prompt else ""))
 
 
+def test_a_template_that_trims_the_answer_keeps_the_span_weights_of_an_answer_ending_in_a_newline():
+    """Llama 3.2 Vision's template writes the answer `| trim`: an answer ending in a newline was then not found in
+    its segment, was tokenised alone (with a trailing newline token its response does not hold) and every weight
+    was 1, without a word."""
+    answer = "A red circle and two blue squares.\n"
+    tokens, w = _answer_weights(_template("|trim"), answer, [["two blue squares.", 2.0]])
+    assert "Ċ" not in tokens  # the premise: the template wrote the answer without its newline
+    weighted = [t for t, x in zip(tokens, w.tolist()) if x == 2.0]
+    assert "".join(weighted).replace("Ġ", " ").strip() == "two blue squares."
+
+
 def test_a_span_is_found_in_the_answer_not_in_the_template_text_before_it():
     """A template without a generation prompt writes "ASSISTANT: " in the answer's own segment: a span "A" was
     found in that text, so its weight went to the first letter of "ASSISTANT" and the answer's "A" weighed 1."""

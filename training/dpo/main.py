@@ -119,9 +119,9 @@ def main(argv=None) -> dict:
 # conversation; 4: OPA's per-token weights, in the cached weighted sums, are those of each answer's tokens as its
 # conversation holds them; 5: a preference row's chosen_weights / rejected_weights weigh the cached weighted sums,
 # which held the plain sums before, and a text config's final_logit_softcapping caps a LLaVA's logits; 6: a span is
-# found in the answer, not in the template's text before it in the answer's segment), so a cache computed before is
-# computed anew.
-REF_NUMERICS = 6
+# found in the answer, not in the template's text before it in the answer's segment; 7: an answer a template trims
+# keeps its weights), so a cache computed before is computed anew.
+REF_NUMERICS = 7
 
 
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:

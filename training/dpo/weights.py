@@ -9,8 +9,13 @@ from training.data.records import Message
 
 def answer_weights(encoder, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor
                    ) -> torch.Tensor:
-    """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it."""
+    """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it. A template
+    that trims the answer (Llama 3.2 Vision's `| trim`) holds it without the whitespace around it."""
     context, lead = encoder.answer_context(prompt + [Message("assistant", text)])
+    if not (context or lead) and text.strip() != text:
+        trimmed = encoder.answer_context(prompt + [Message("assistant", text.strip())])
+        if any(trimmed):
+            (context, lead), text = trimmed, text.strip()
     return token_weights(encoder.tokenizer, lead + text, sentence_weights, ids.tolist(),
                          encoder.text_tokens(lead + text, context), answer_at=len(lead))
 
