@@ -342,6 +342,22 @@ def test_missing_sft_model_stops_with_a_clear_message(tmp_path, monkeypatch):
         main([])
 
 
+@pytest.mark.parametrize("args,named", [(["--loss_type", "ipo", "--beta", "0"], "--beta 0.0"),
+                                        (["--beta", "-0.1"], "--beta -0.1"),
+                                        (["--loss_type", "cdpo", "--label_smoothing", "0.6"], "--label_smoothing 0.6"),
+                                        (["--loss_type", "cdpo", "--label_smoothing", "-0.1"],
+                                         "--label_smoothing -0.1"),
+                                        (["--sft_weight", "-1"], "--sft_weight -1.0"),
+                                        (["--loss_type", "orpo", "--orpo_lambda", "-1"], "--orpo_lambda -1.0")])
+def test_loss_settings_that_cannot_train_are_refused_as_the_options_are_read(tmp_path, monkeypatch, args, named):
+    """IPO with --beta 0 stopped on 'float division by zero' after the model had loaded; a negative beta, a cDPO
+    label smoothing of 0.5 or more (rejected responses preferred) or a negative SFT or ORPO weight trained the
+    model away from the preferences without a word."""
+    monkeypatch.chdir(tmp_path)  # no SFT model here: a run that got past the options would stop on that
+    with pytest.raises(SystemExit, match=named.replace(".", r"\.")):
+        main(args)
+
+
 def test_qlora_policy_learns(world, tiny, tmp_path):
     """4-bit base + LoRA adapters (bitsandbytes on CPU); the reference is the 4-bit base, adapters off."""
     out = tmp_path / "q"

@@ -267,7 +267,20 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
             raise SystemExit(f"--num_train_epochs {o.num_train_epochs}: give a number of epochs > 0, or --max_steps N")
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
         check_step_counts(r)
+    for a in (v for v in cfg.values() if isinstance(v, DPOArgs)):
+        check_loss_settings(a)
     return cfg
+
+
+def check_loss_settings(a: DPOArgs) -> None:
+    """The DPO family's settings that train at all: beta > 0 (IPO divides by it; a negative one prefers the rejected
+    responses), cDPO's flip probability in [0, 0.5), SFT and ORPO weights >= 0."""
+    bad = [f"--beta {a.beta}: give beta > 0"] if not a.beta > 0 else []
+    if a.loss_type == "cdpo" and not 0 <= a.label_smoothing < 0.5:
+        bad.append(f"--label_smoothing {a.label_smoothing}: cDPO's probability that a label is flipped is in [0, 0.5)")
+    bad += [f"--{k} {getattr(a, k)}: give a weight >= 0" for k in ("sft_weight", "orpo_lambda") if getattr(a, k) < 0]
+    if bad:
+        raise SystemExit("; ".join(bad))
 
 
 def check_step_counts(run: RunArgs) -> None:
