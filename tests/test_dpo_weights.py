@@ -56,8 +56,9 @@ def test_a_rows_span_weights_reach_its_tokens_and_the_weighted_sums(world, tiny,
 
 @pytest.mark.parametrize("weights,field,reason", [
     ([["a purple elephant", 2.0]], "chosen_weights[0]", "is not in the response"),
-    ([["x", float("nan")]], "chosen_weights[0]", "expected [text, finite weight]"),
-    ([["x", True]], "chosen_weights[0]", "expected [text, finite weight]"),
+    ([["x", float("nan")]], "chosen_weights[0]", "expected [text, finite weight >= 0]"),
+    ([["x", True]], "chosen_weights[0]", "expected [text, finite weight >= 0]"),
+    ([["x", -1.5]], "chosen_weights[0]", "expected [text, finite weight >= 0]"),  # RLAIF-V's weights are >= 0
     ("all of it", "chosen_weights", "expected a list of [text, weight]")])
 def test_a_bad_span_weight_is_a_bad_row_naming_its_field(world, tmp_path, weights, field, reason):
     from training.data.bad_rows import BadRowReport

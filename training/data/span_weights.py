@@ -35,8 +35,9 @@ def span_weights(row: dict, responses: list[str]) -> list[list | None] | None:
         pos = 0
         for j, x in enumerate(spans):
             if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and x[0].strip()
-                    and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool) and math.isfinite(x[1])):
-                raise RowProblem(f"{key}[{j}]", f"expected [text, finite weight], got {x!r:.80}")
+                    and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool) and math.isfinite(x[1])
+                    and x[1] >= 0):  # a negative weight would turn the span's log-probs against its response
+                raise RowProblem(f"{key}[{j}]", f"expected [text, finite weight >= 0], got {x!r:.80}")
             at = text.find(x[0].strip(), pos)
             if at < 0:
                 raise RowProblem(f"{key}[{j}]", f"{x[0]!r:.60} is not in the response after the spans before it")
