@@ -462,9 +462,9 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
     """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
     out_dir; `merge_lora(out_dir, dest)` or `load_model_and_processor` on out_dir merges them.
-    A model of the other kind saved there before is removed (an adapter folder left beside new full weights
-    was loaded instead of them), except the full weights adapters trained from out_dir itself need as base, and so
-    is a reward model's value head and record.
+    A model saved there before is removed (an adapter folder left beside new full weights was loaded instead of
+    them), except the full weights adapters trained from out_dir itself need as base, and so is a reward model's
+    value head and record.
     state_dict: a plain model's weights gathered elsewhere (ZeRO-3: Strategy.save_hf), written instead of its
     parameters."""
     from safetensors.torch import save_file
@@ -478,8 +478,10 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
     remove_paths([out_dir / INFO_FILE, out_dir / HEAD_FILE])
     lora = hasattr(model, "peft_config")
     base = (getattr(model, "_vlm_build_info", None) or {}).get("base")
-    if not (lora and base and Path(base).resolve() == out_dir.resolve()):  # adapters beside their own base keep it
-        remove_paths(saved_model_files(out_dir, weights=lora, adapter=not lora))
+    own = lora and base and Path(base).resolve() == out_dir.resolve()  # adapters beside their own base keep it
+    # an earlier adapter folder goes whole: peft writes over its adapters, but another run's non-LoRA trainables
+    # left there were merged into this model on every load
+    remove_paths(saved_model_files(out_dir, weights=lora and not own, adapter=True))
     if lora:
         adapter = out_dir / ADAPTER_SUBDIR
         model.save_pretrained(adapter, safe_serialization=True)

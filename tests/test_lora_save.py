@@ -1,0 +1,46 @@
+"""Saving LoRA models into a folder that holds an earlier LoRA model: what loads from it is the model saved last."""
+
+import pytest
+import torch
+
+from test_builder import _batch, _load
+from training.config import LoraArgs
+from training.model.builder import save_model
+from training.model.tiny_archs import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return make_tiny_checkpoint("llava", tmp_path_factory.mktemp("tiny") / "llava")
+
+
+def _trained(path, **freeze):
+    """A LoRA model on path whose trainables moved (a stand-in for training), in eval mode, and its processor."""
+    model, processor, _ = _load(str(path), LoraArgs(lora_r=4, lora_dropout=0.0), freeze_vision_tower=True, **freeze)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), processor
+
+
+def _logits(model, processor):
+    with torch.no_grad():
+        return model(**_batch(processor)).logits
+
+
+def _loaded_logits(path):
+    model, processor, _ = _load(str(path))
+    return _logits(model.eval(), processor)
+
+
+def test_a_lora_model_saved_over_another_leaves_none_of_its_trained_weights(llava, tmp_path, monkeypatch):
+    """The earlier model's projector, trained in full beside its adapters (non_lora_trainables.safetensors), stayed
+    in the folder when the model saved over it trained its adapters only, and was merged into it on every load."""
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    first, processor = _trained(llava)
+    save_model(first, processor, tmp_path / "run")
+    second, processor = _trained(llava, freeze_projector=True)
+    save_model(second, processor, tmp_path / "run")
+    torch.testing.assert_close(_loaded_logits(tmp_path / "run"), _logits(second, processor), rtol=1e-4, atol=1e-5)
+
