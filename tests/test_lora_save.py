@@ -1,4 +1,5 @@
 """Saving LoRA models into a folder that holds an earlier LoRA model: what loads from it is the model saved last."""
+import shutil
 
 import pytest
 import torch
@@ -44,3 +45,18 @@ def test_a_lora_model_saved_over_another_leaves_none_of_its_trained_weights(llav
     save_model(second, processor, tmp_path / "run")
     torch.testing.assert_close(_loaded_logits(tmp_path / "run"), _logits(second, processor), rtol=1e-4, atol=1e-5)
 
+
+@pytest.mark.parametrize("own_base", [False, True])
+def test_lora_trained_from_a_lora_checkpoint_saves_into_that_folder(llava, tmp_path, monkeypatch, own_base):
+    """A LoRA run from a LoRA checkpoint, saved into that checkpoint's folder, wrote its adapters over the ones its
+    base was made of: the folder then failed to load (no base model in it), or, where the first adapters had been
+    saved beside their own base's full weights, loaded as that base with the new adapters, the first ones lost."""
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    if own_base:
+        shutil.copytree(llava, run)
+    first, processor = _trained(run if own_base else llava)
+    save_model(first, processor, run)
+    second, processor = _trained(run, freeze_projector=True)
+    save_model(second, processor, run)
+    torch.testing.assert_close(_loaded_logits(run), _logits(second, processor), rtol=1e-4, atol=1e-5)

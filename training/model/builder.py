@@ -304,6 +304,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     model._vlm_build_info = {"base": str(base), "model_architecture": spec.name,
                              "trust_remote_code": trust, "precision": model_args.precision,
                              **({"qlora": {"double_quant": lora_args.bnb_double_quant}} if lora_args.qlora else {})}
+    model._vlm_merged_base = str(path) if str(base) != str(path) else None  # the merge of `base` trained on
     model.train()
     return model, processor, spec
 
@@ -458,6 +459,17 @@ def remove_paths(paths) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def keep_merged_base(merged: Path, out_dir: Path) -> None:
+    """LoRA trained from the LoRA checkpoint in out_dir and saved there: its base is that checkpoint merged (in the
+    model cache), and its adapters are about to replace the ones that made it. The merge's config and weights are
+    written into out_dir first, so the new adapters sit beside their own base's full weights."""
+    import shutil
+    remove_paths(saved_model_files(out_dir, adapter=False))
+    for f in saved_model_files(merged, adapter=False) + [merged / "config.json", merged / "generation_config.json"]:
+        if f.is_file():
+            shutil.copyfile(f, out_dir / f.name)
+
+
 def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = None) -> str:
     """Save with safetensors. A plain model: config + weights + processor in out_dir. A peft model:
     adapters (+ non-LoRA trainables + how the base was loaded) in out_dir/adapter, processor in
@@ -479,6 +491,8 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
     lora = hasattr(model, "peft_config")
     base = (getattr(model, "_vlm_build_info", None) or {}).get("base")
     own = lora and base and Path(base).resolve() == out_dir.resolve()  # adapters beside their own base keep it
+    if own and getattr(model, "_vlm_merged_base", None):
+        keep_merged_base(Path(model._vlm_merged_base), out_dir)
     # an earlier adapter folder goes whole: peft writes over its adapters, but another run's non-LoRA trainables
     # left there were merged into this model on every load
     remove_paths(saved_model_files(out_dir, weights=lora and not own, adapter=True))
