@@ -60,3 +60,24 @@ def test_lora_trained_from_a_lora_checkpoint_saves_into_that_folder(llava, tmp_p
     second, processor = _trained(run, freeze_projector=True)
     save_model(second, processor, run)
     torch.testing.assert_close(_loaded_logits(run), _logits(second, processor), rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_on_an_output_layer_tied_to_the_input_embeddings_merge_into_it_alone(tmp_path, monkeypatch):
+    """LoRA on lm_head (--lora_target_modules ...,lm_head) of a language model whose output layer shares the input
+    embeddings' weight (Qwen2's small models): the merge wrote the adapters into that shared weight, so the input
+    embeddings changed too and the merged model (what every later stage loads) was not the trained one."""
+    from test_builder import _tiny_lm, _tiny_vision
+    from training.model.parts import build_from_parts
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    _tiny_vision("siglip", tmp_path / "vision")
+    _tiny_lm("qwen2", tmp_path / "lm")
+    vlm = build_from_parts(str(tmp_path / "vision"), str(tmp_path / "lm"), tmp_path / "vlm")
+    model, processor, _ = _load(vlm, LoraArgs(lora_r=4, lora_dropout=0.0, lora_target_modules="q_proj,lm_head"),
+                                freeze_vision_tower=True, freeze_projector=True)
+    assert model.get_base_model().lm_head.base_layer.weight is model.get_base_model().get_input_embeddings().weight
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_model(model.eval(), processor, tmp_path / "run")
+    torch.testing.assert_close(_loaded_logits(tmp_path / "run"), _logits(model, processor), rtol=1e-4, atol=1e-5)

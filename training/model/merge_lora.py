@@ -79,11 +79,27 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
         model.load_state_dict(extra, strict=False)
     if not (adapter / "adapter_model.safetensors").is_file():  # peft would fall back to a pickled .bin
         raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors (adapters load from safetensors only)")
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model = PeftModel.from_pretrained(model, str(adapter))
+    untie_adapted_output_layer(model.get_base_model())
+    model = model.merge_and_unload()
     processor_dir = adapter.parent if (adapter.parent / "processor_config.json").is_file() or \
         (adapter.parent / "tokenizer_config.json").is_file() else base
     processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust)
     return model, processor, base
+
+
+def untie_adapted_output_layer(model) -> None:
+    """An output layer with adapters (--lora_target_modules ...,lm_head) whose weight is the input embeddings' (tied,
+    as in Qwen2-VL 2B) gets a copy of its own, and the config says so: merged into the shared weight, the adapters
+    changed the input embeddings too, and the merged model was another than the trained one."""
+    import torch
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    layer = getattr(out, "base_layer", None)
+    if layer is None or emb is None or layer.weight is not emb.weight:
+        return
+    layer.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
 
 
 def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, precision: str | None = None,
