@@ -21,6 +21,22 @@ def test_a_sentences_first_word_holding_the_space_before_it_has_the_sentences_we
     assert w == [2.0] * n1 + [3.0] * (len(ids) - n1)  # "▁No," had weight 1
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["first", "always"])
+def test_a_span_inside_one_token_weighs_that_token(legacy):
+    """A token stands where its first letter does: a span that starts inside a token ("uares." of "▁squares.") had
+    no token standing in it, and its weight was lost without a word. The token it lies in carries it; a token that
+    stands in another span keeps that span's weight."""
+    tok = llama_tokenizer(legacy)
+    ids = tok(FIRST, add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    inside = next(i for i, p in enumerate(pieces) if "uares" in p and not p.lstrip("▁").startswith("uares"))
+    w = token_weights(tok, FIRST, [["A red", 2.0], ["uares", 3.0]], ids).tolist()
+    assert w[inside] == 3.0 and w.count(3.0) == 1, (pieces, w)
+    assert w[:2] == [2.0, 2.0] and w.count(2.0) == 2
+    w = token_weights(tok, FIRST, [["A re", 2.0], ["d", 5.0]], ids).tolist()  # "d" lies in "▁red", which "A re" owns
+    assert w[:2] == [2.0, 2.0] and 5.0 not in w, (pieces, w)
+
+
 def _tiny_llava_processor():
     from training.model.tiny_archs import _BUILDERS
     return _BUILDERS["llava"]()[1]

@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
 # which held the plain sums before, and a text config's final_logit_softcapping caps a LLaVA's logits; 6: a span is
 # found in the answer, not in the template's text before it in the answer's segment; 7: an answer a template trims
 # keeps its weights), so a cache computed before is computed anew.
-REF_NUMERICS = 7
+REF_NUMERICS = 8
 
 
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:

@@ -61,11 +61,17 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
             continue
         spans.append((s, s + len(sentence.strip()), float(weight)))
         pos = s + len(sentence.strip())
+    owner = {}  # token -> the span it stands in
     for t, (a, b) in enumerate(offsets[:n]):
         word = text[a:b].lstrip()
         a = b - len(word) if word else a  # (a token of whitespace alone stays where it starts)
-        for s, e, weight in spans:
+        for k, (s, e, weight) in enumerate(spans):
             if s <= a < e:
-                w[start + t] = weight
+                w[start + t], owner[t] = weight, k
                 break
+    for k, (s, e, weight) in enumerate(spans):  # a span no token stands in lies inside one ("uares." of SentencePiece's
+        if k not in owner.values():             # "▁squares."): the tokens it overlaps carry it (its weight was lost)
+            for t, (a, b) in enumerate(offsets[:n]):
+                if a < e and s < b and t not in owner:
+                    w[start + t], owner[t] = weight, k
     return w
