@@ -150,10 +150,8 @@ def run(args) -> dict:
         from training.model.builder import inference_device
         if args.num_processes < 1:
             raise SystemExit(f"--num_processes {args.num_processes}: need 1 or more")
-        if args.num_processes > 1 and ":" in args.device:
-            raise SystemExit(f"--device {args.device} with --num_processes {args.num_processes}: each process answers "
-                             "on a GPU of its own; pass the device kind (cuda) or choose the GPUs with "
-                             "CUDA_VISIBLE_DEVICES")
+        from training.predict.parallel import check_device
+        check_device(args.device, args.num_processes)
         device, precision = inference_device(args.device, args.precision)
         # the numerics belong to the answers' settings: a rerun at another precision or on another kind of
         # device does not append to these answers

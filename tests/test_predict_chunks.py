@@ -222,3 +222,18 @@ def test_cpu_processes_share_the_cores_this_job_may_use(monkeypatch):
             return 0
     monkeypatch.setattr(subprocess, "Popen", Started)
     assert parallel.run_chunks([], 2) == 0 and threads == ["4", "4"]
+
+
+@pytest.mark.parametrize("device", [["--device", "cuda:1"], ["--device=cuda:0"]])
+def test_processes_given_one_gpu_index_are_refused_before_any_starts(monkeypatch, device):
+    """NUM_GPUS=N bash run_predict.sh --device cuda:1 (without --benchmark, which refused it) started N processes, each
+    seeing one GPU (CUDA_VISIBLE_DEVICES) and failing alone on a device it could not see."""
+    import subprocess
+
+    from training.predict import parallel
+
+    def no_start(*a, **k):
+        raise AssertionError("a process started")
+    monkeypatch.setattr(subprocess, "Popen", no_start)
+    with pytest.raises(SystemExit, match="with 2 processes: each process answers on a GPU of its own"):
+        parallel.run_chunks(["--model_path", "m", "--data_path", "q.jsonl", *device], 2)

@@ -39,6 +39,23 @@ def cpu_threads(n: int) -> str:
     return str(max(1, usable // n))
 
 
+def check_device(device: str, n: int) -> None:
+    """n processes each answer on a GPU of their own (CUDA_VISIBLE_DEVICES one each): a device with an index would
+    name a GPU the process cannot see."""
+    if n > 1 and ":" in (device or ""):
+        raise SystemExit(f"--device {device} with {n} processes: each process answers on a GPU of its own; pass the "
+                         "device kind (cuda) or choose the GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def _device_arg(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return ""
+
+
 def _on_term(*_):
     raise SystemExit(143)  # the clean-up in run_chunks runs
 
@@ -47,6 +64,7 @@ def run_chunks(argv: list[str], n: int) -> int:
     """training.predict.main with argv in n processes (chunk i of n each); returns the exit status (a process killed
     by a signal gives 128 + its number, as a shell says it). A termination signal stops them all: the handler is
     set here, for every caller (eval.benchmark's too), and put back after."""
+    check_device(_device_arg(argv), n)  # before any process starts (each failed alone on a device it cannot see)
     procs = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_term) if main_thread else None
