@@ -519,6 +519,24 @@ def test_held_out_rows_that_all_fail_to_encode_give_no_figures(world, tiny, tmp_
     assert ev["eval/n"] == 0 and all(math.isnan(v) for k, v in ev.items() if k != "eval/n"), ev
 
 
+def test_a_non_finite_held_out_reward_stops_rather_than_passing_for_a_skipped_row(world, tiny, tmp_path, monkeypatch):
+    """A NaN reward of a held-out response (an fp16 overflow) was taken for a skipped bad row: the row silently left
+    the metrics, and with every row so the message said they were all bad rows."""
+    from training.engine.strategy import NonFiniteError
+    from training.rm.trainer import RMTrainer
+    real, real_eval, evaluating = RMTrainer._rewards, RMTrainer.evaluate, []
+
+    def evaluate(self):
+        evaluating.append(True)
+        return real_eval(self)
+
+    def rewards(self, b):
+        R, mask = real(self, b)
+        return (R.index_fill(0, torch.tensor([0], device=R.device), float("nan")) if evaluating else R), mask
+    monkeypatch.setattr(RMTrainer, "_rewards", rewards)
+    monkeypatch.setattr(RMTrainer, "evaluate", evaluate)
+    with pytest.raises(NonFiniteError, match="held-out evaluation: the reward model gave non-finite rewards"):
+        main(rm_args(world, tiny, tmp_path / "o", "--max_steps", "1", "--per_device_train_batch_size", "4"))
 
 
 def test_accumulation_over_lists_of_unequal_size_equals_one_batch(world, tiny, tmp_path):

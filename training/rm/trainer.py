@@ -134,6 +134,7 @@ class RMTrainer:
         n = len(ds)
         N = max(len(r.responses) for r in ds.records)
         out = torch.zeros((n, N), dtype=torch.float64)
+        nonfinite = 0.0  # rewards of real responses that are NaN or inf (a NaN here marks skipped rows and padding)
         was_training = self.engine.training
         eval_mode(self.engine)
         for idx in rank_batches(n, self.s.world_size, self.s.rank, bs):
@@ -145,12 +146,19 @@ class RMTrainer:
                                              fallback=(lambda i: self._batch(self.train_set, i), len(self.train_set))))
                 continue
             R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
-            R = R.double().cpu().masked_fill(~mask.cpu(), float("nan"))
+            R, mask = R.double().cpu(), mask.cpu()
+            nonfinite += float((~torch.isfinite(R) & mask).sum())
+            R = R.masked_fill(~mask, float("nan"))
             for (i, _), row in zip(got, R):
                 out[i, :row.shape[0]] = row
                 out[i, row.shape[0]:] = float("nan")
         if was_training:
             self.engine.train()
+        if float(self.s.all_reduce(torch.tensor(nonfinite, dtype=torch.float64))) > 0:  # every rank stops together
+            from training.engine.strategy import NonFiniteError
+            raise NonFiniteError("held-out evaluation: the reward model gave non-finite rewards (they were taken for "
+                                 "skipped bad rows and left out of the metrics); its numerics overflowed (fp16?) or "
+                                 "its weights are broken")
         every = self.s.all_reduce(out)
         kept = ~torch.isnan(every[:, 0])
         R, mask = every[kept], ~torch.isnan(every[kept])
