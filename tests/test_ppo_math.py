@@ -344,3 +344,11 @@ def test_length_and_correct_option_shaping_by_hand():
     shaped = PPOTrainer._shape(fake, torch.tensor([1.0, 12.0, -3.0]), rollout, records)
     # 1 - 10 * 10/40 + 2 * 1 + .5 = 1;  10 (clipped) - 10 * 20/40 + 2 * .5 + .5 = 6.5;  -3 - 10 * 30/40 + 0 + .5 = -10
     torch.testing.assert_close(shaped, t([1.0, 6.5, -10.0]))
+
+
+def test_policy_loss_is_a_mean_over_response_tokens_and_clips_nothing_at_ratio_one():
+    """A padded position (huge advantage) stays out of the loss and its divisor: (-1 - 2) / 2 with ratio 1 (the
+    first update of a step, logp = old_logp), where no token is clipped (clipfrac 0, not 1)."""
+    logp = torch.zeros(1, 3)
+    loss, clipfrac = ppo_policy_loss(logp, logp.clone(), t([[1.0, 2.0, 50.0]]), t([[1., 1., 0.]]), clip_eps=0.2)
+    assert float(loss) == pytest.approx(-1.5) and float(clipfrac) == 0.0
