@@ -352,3 +352,10 @@ def test_policy_loss_is_a_mean_over_response_tokens_and_clips_nothing_at_ratio_o
     logp = torch.zeros(1, 3)
     loss, clipfrac = ppo_policy_loss(logp, logp.clone(), t([[1.0, 2.0, 50.0]]), t([[1., 1., 0.]]), clip_eps=0.2)
     assert float(loss) == pytest.approx(-1.5) and float(clipfrac) == 0.0
+
+
+def test_value_loss_takes_the_clipped_error_when_it_is_larger():
+    """V 1, old V 0, R 1: unclipped error 0, V_clip = 0 + .2: (.2 - 1)^2 = .64 -> 0.5 * .64; a padded position
+    (error 100) stays out of the mean."""
+    v = ppo_value_loss(t([[1.0, 10.0]]), t([[0.0, 0.0]]), t([[1.0, 0.0]]), t([[1., 0.]]), clip_eps=0.2)
+    assert float(v) == pytest.approx(0.5 * 0.64)
