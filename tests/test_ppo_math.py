@@ -359,3 +359,11 @@ def test_value_loss_takes_the_clipped_error_when_it_is_larger():
     (error 100) stays out of the mean."""
     v = ppo_value_loss(t([[1.0, 10.0]]), t([[0.0, 0.0]]), t([[1.0, 0.0]]), t([[1., 0.]]), clip_eps=0.2)
     assert float(v) == pytest.approx(0.5 * 0.64)
+
+
+def test_masked_mean_by_hand():
+    """The entropy bonus is a masked mean over response tokens: padding neither adds nor counts."""
+    from training.logprobs import masked_mean
+    x, mask = t([[1., 2., 9.], [3., 9., 9.]]), t([[1., 1., 0.], [1., 0., 0.]])
+    assert float(masked_mean(x, mask)) == pytest.approx(2.0)
+    torch.testing.assert_close(masked_mean(x, mask, dim=-1), t([1.5, 3.0]))
