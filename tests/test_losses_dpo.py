@@ -276,3 +276,11 @@ def test_the_trainers_orpo_objective_equals_trl():
     assert (got["rewards/chosen"], got["rewards/rejected"]) == (pytest.approx(float(trl_rw.mean()), abs=1e-6),
                                                                 pytest.approx(float(trl_rl.mean()), abs=1e-6))
     assert got["logps/chosen"] == pytest.approx(float(avg[:, 0].mean()), abs=1e-6)
+
+
+def test_token_level_dpo_loss_counts_a_position_only_one_response_reaches():
+    """w = (1, 3), l = (0, -) (beta 1): position 1 has the chosen token alone, l's ratio counts as 0 there:
+    (-log s(1) - log s(3)) / 2 = (log(1 + e^-1) + log(1 + e^-3)) / 2."""
+    got = L.token_level_dpo_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 9.0]]), torch.ones(1, 2),
+                                 torch.tensor([[1.0, 0.0]]), beta=1.0)
+    assert got.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-3.0))) / 2, abs=1e-6)
