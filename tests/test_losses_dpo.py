@@ -284,3 +284,12 @@ def test_token_level_dpo_loss_counts_a_position_only_one_response_reaches():
     got = L.token_level_dpo_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 9.0]]), torch.ones(1, 2),
                                  torch.tensor([[1.0, 0.0]]), beta=1.0)
     assert got.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-3.0))) / 2, abs=1e-6)
+
+
+def test_opa_dpo_weights_the_masked_image_pairs_by_their_own_coefficient():
+    """c_std = 2 weighs pairs 1 and 3 (ground truth), c_AI = 1 pairs 2 and 4 (revised): h3 = 2 at beta .5 gives
+    L3 = log(1 + e^-1), the others log 2: 2 log 2 + log 2 + .2 (2 L3 + log 2) + 4 log 2 (the anchor at 0)."""
+    z = torch.zeros(1)
+    got = L.opa_dpo_loss([z, z, torch.tensor([2.0]), z], [z] * 4, beta=0.5, c_std=2.0, c_ai=1.0)
+    want = 3 * math.log(2) + 0.2 * (2 * math.log1p(math.exp(-1)) + math.log(2)) + 4 * math.log(2)
+    assert got.item() == pytest.approx(want, abs=1e-6)
