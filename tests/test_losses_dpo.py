@@ -293,3 +293,17 @@ def test_opa_dpo_weights_the_masked_image_pairs_by_their_own_coefficient():
     got = L.opa_dpo_loss([z, z, torch.tensor([2.0]), z], [z] * 4, beta=0.5, c_std=2.0, c_ai=1.0)
     want = 3 * math.log(2) + 0.2 * (2 * math.log1p(math.exp(-1)) + math.log(2)) + 4 * math.log(2)
     assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_published_per_token_anchor_keeps_each_reward_with_its_pairs_mask():
+    """Per-token rewards (0, 2) for all four pairs; pairs 1 and 2 span both positions, 3 and 4 the first only.
+    Published anchor: up r1 -> (log 2 + log(1 + e^-2)) / 2, up r3 -> log 2, down r2 -> (log 2 + log(1 + e^2)) / 2,
+    down r4 -> log 2."""
+    r, both, first = torch.tensor([[0.0, 2.0]]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]])
+    z = torch.zeros(1)
+    lk = [z] * 4  # pair losses 0: the anchor alone
+    got = L.opa_dpo_loss([z] * 4, [r] * 4, 0.1, anchor="published", pair_losses=lk,
+                         anchor_masks=[both, both, first, first])
+    want = (math.log(2) + math.log1p(math.exp(-2))) / 2 + math.log(2) + (math.log(2) + math.log1p(math.exp(2))) / 2 \
+        + math.log(2)
+    assert got.item() == pytest.approx(want, abs=1e-6)
