@@ -127,3 +127,13 @@ def test_per_row_margins_apply_to_each_of_the_rows_pairs():
     loss, units, _ = rank_loss(torch.stack([w, lo], 1), torch.ones(8, 2, dtype=torch.bool), "bradley_terry",
                                m.tolist(), 0.0)
     torch.testing.assert_close(loss / units, _trl_reward_loss(w, lo, m), rtol=0, atol=1e-6)
+
+
+def test_bradley_terry_gradient_matches_closed_form():
+    """d/dr_w mean_p -log s(r_w - r_l) = -s(r_l - r_w) / P, and the opposite for r_l (with and without centering
+    at coefficient 0: the loss must stay attached to the rewards)."""
+    w, lo = torch.tensor([2.0, -1.0, 0.5], requires_grad=True), torch.tensor([0.0, 1.0, 0.5], requires_grad=True)
+    bradley_terry_loss(w, lo).backward()
+    want = -torch.sigmoid(lo.detach() - w.detach()) / 3
+    torch.testing.assert_close(w.grad, want)
+    torch.testing.assert_close(lo.grad, -want)
