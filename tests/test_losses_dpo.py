@@ -307,3 +307,26 @@ def test_published_per_token_anchor_keeps_each_reward_with_its_pairs_mask():
     want = (math.log(2) + math.log1p(math.exp(-2))) / 2 + math.log(2) + (math.log(2) + math.log1p(math.exp(2))) / 2 \
         + math.log(2)
     assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def _logps(sums, counts):
+    """ResponseLogps of given per-response sums and token counts (N, K), unweighted; per-token views unused."""
+    from training.dpo.forward import ResponseLogps
+    s, c = torch.tensor(sums), torch.tensor(counts, dtype=torch.float32)
+    z = torch.zeros(*s.shape, 1)
+    return ResponseLogps(s, c, s.clone(), z, z, torch.ones_like(z))
+
+
+def test_listwise_metrics_by_hand_with_a_ragged_list():
+    """beta 1. Item 0: r = (1, -1, 0): rewards/rejected is the mean of the others, -0.5, and it is accurate.
+    Item 1, a list of two padded to three: r = (-1, -3, pad): rejected -3, accurate (the padding, at 0, counts
+    for nothing). Sums over items: chosen 0, rejected -3.5, margins 3.5, accuracies 2, logps/rejected -8.5."""
+    from training.dpo.objective import objective
+
+    pol = _logps([[-1.0, -3.0, -2.0], [-4.0, -6.0, 0.0]], [[2, 2, 2], [2, 2, 0]])
+    ref = _logps([[-2.0, -2.0, -2.0], [-3.0, -3.0, 0.0]], [[2, 2, 2], [2, 2, 0]])
+    out = objective(pol, (ref.sum, ref.count, ref.wsum), SimpleNamespace(loss_type="listwise", beta=1.0,
+                                                                          sft_weight=0.0))
+    got = {k: float(v) for k, v in out["metrics"].items()}
+    assert got == {"rewards/chosen": 0.0, "rewards/rejected": -3.5, "rewards/margins": 3.5,
+                   "rewards/accuracies": 2.0, "logps/chosen": -5.0, "logps/rejected": -8.5}
