@@ -330,3 +330,18 @@ def test_listwise_metrics_by_hand_with_a_ragged_list():
     got = {k: float(v) for k, v in out["metrics"].items()}
     assert got == {"rewards/chosen": 0.0, "rewards/rejected": -3.5, "rewards/margins": 3.5,
                    "rewards/accuracies": 2.0, "logps/chosen": -5.0, "logps/rejected": -8.5}
+
+
+def test_opa_metrics_compare_the_ground_truth_with_the_rollout():
+    """OPA-DPO logs rewards/chosen of the ground truth and rewards/rejected of the original rollout (pair 1):
+    real-image log-ratios (2, 1, -2, 1) at beta 1 give chosen 2, rejected -2, margin 4, logps -1 and -5."""
+    from training.dpo.objective import objective
+
+    pol = _logps([[-1.0, -2.0, -5.0, -2.0], [-3.0, -4.0, 0.0, 0.0]], [[2, 2, 2, 2], [2, 2, 0, 0]])
+    ref = _logps([[-3.0] * 4, [-3.0, -3.0, 0.0, 0.0]], [[2, 2, 2, 2], [2, 2, 0, 0]])
+    a = SimpleNamespace(loss_type="opa", beta=1.0, opa_c_std=1.0, opa_c_ai=1.0, opa_anchor="paper",
+                        opa_token_level=False, sft_weight=0.0)
+    m = {k: float(v) for k, v in objective(pol, (ref.sum, ref.count, ref.wsum), a)["metrics"].items()}
+    assert (m["rewards/chosen"], m["rewards/rejected"], m["rewards/margins"], m["rewards/accuracies"]) == \
+        (2.0, -2.0, 4.0, 1.0)
+    assert (m["logps/chosen"], m["logps/rejected"], m["opa/margin1"]) == (-1.0, -5.0, 4.0)
