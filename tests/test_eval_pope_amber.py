@@ -17,6 +17,16 @@ def test_pope_parsing_rule_edge_cases():
     assert parse_yes_no("no\nthere is none") == "yes"           # split on spaces only: "no\nthere"
 
 
+def test_pope_metrics_hand_worked_with_more_false_positives_than_false_negatives():
+    """preds yes yes yes no, labels yes no no yes: tp 1, fp 2, tn 0, fn 1. POPE: precision tp / (tp + fp) = 1/3,
+    recall tp / (tp + fn) = 1/2, F1 2 P R / (P + R) = 0.4, accuracy 1/4, yes ratio (predicted yes) 3/4. (The
+    split files above have fp = fn in every split, where precision and recall cannot be told apart.)"""
+    from eval.pope import pope_metrics
+    m = pope_metrics(["yes", "yes", "yes", "no"], ["yes", "no", "no", "yes"])
+    assert m == {"accuracy": 0.25, "precision": pytest.approx(1 / 3), "recall": 0.5, "f1": pytest.approx(0.4),
+                 "yes_ratio": 0.75, "n": 4}
+
+
 def _pope(tmp_path):
     d = tmp_path / "pope"
     d.mkdir()
