@@ -137,3 +137,18 @@ def test_bradley_terry_gradient_matches_closed_form():
     want = -torch.sigmoid(lo.detach() - w.detach()) / 3
     torch.testing.assert_close(w.grad, want)
     torch.testing.assert_close(lo.grad, -want)
+
+
+def test_the_trainers_loss_and_figures_of_a_ragged_batch_by_hand():
+    """A list of three (4, 2, 0) and a list of two (2, 0) padded with a reward of 9: the pairs are (4, 2), (4, 0),
+    (2, 0) and (2, 0), never one with the padding: 3 log(1 + e^-2) + log(1 + e^-4) over 4 units; centering is over
+    those pairs, 0.1 |mean(6, 4, 2, 2)| = 0.35; the rejected reward is the mean of the 3 real others, 2/3."""
+    from training.rm.trainer import pair_stats, rank_loss, summarize
+
+    R, mask = torch.tensor([[4.0, 2.0, 0.0], [2.0, 0.0, 9.0]]), torch.tensor([[True, True, True], [True, True, False]])
+    loss, units, center = rank_loss(R, mask, "bradley_terry", 0.0, 0.1)
+    assert units == 4 and loss.item() == pytest.approx(3 * math.log1p(math.exp(-2)) + math.log1p(math.exp(-4)))
+    assert center.item() == pytest.approx(0.35)
+    assert summarize(pair_stats(R, mask)) == {"accuracy": 1.0, "reward_chosen": 3.0,
+                                              "reward_rejected": pytest.approx(2 / 3),
+                                              "reward_margin": pytest.approx(3 - 2 / 3)}
