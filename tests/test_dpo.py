@@ -156,6 +156,21 @@ def test_accumulation_fast_plain_and_live_reference_all_agree(world, tiny, tmp_p
     assert la == pytest.approx(lb, rel=1e-4)
 
 
+def test_orpo_accumulation_takes_the_token_mean_of_the_whole_step(world, tiny, tmp_path):
+    """ORPO's NLL is a mean over the chosen tokens of the whole step: batch 4 x accum 1 == batch 1 x accum 4 (chosen
+    answers of unequal lengths, so a mean of each micro-batch's own token mean would differ)."""
+    orpo = (*SGD, "--loss_type", "orpo")
+    main(dpo_args(world, tiny, tmp_path / "a", *orpo, "--per_device_train_batch_size", "4"))
+    main(dpo_args(world, tiny, tmp_path / "b", *orpo, "--per_device_train_batch_size", "1",
+                  "--gradient_accumulation_steps", "4"))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert _changed(a, weights(tiny)) > 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    nll_a, nll_b = ([r["nll_loss"] for r in _rows(tmp_path / x)] for x in ("a", "b"))
+    assert nll_a == pytest.approx(nll_b, rel=1e-4)
+
+
 def test_reference_cache_is_reused_and_keyed_on_the_model(world, tiny, tmp_path, capsys):
     main(dpo_args(world, tiny, tmp_path / "a", "--max_steps", "1", "--per_device_train_batch_size", "4"))
     assert "computed for 16 items" in capsys.readouterr().out
