@@ -376,3 +376,25 @@ def test_no_epochs_without_max_steps_is_refused(epochs):
     with pytest.raises(SystemExit, match=f"--num_train_epochs {epochs}.0: give a number of epochs > 0"):
         parse_config({"optim": OptimArgs}, ["--num_train_epochs", epochs])
     assert parse_config({"optim": OptimArgs}, ["--num_train_epochs", "0", "--max_steps", "3"])["optim"].max_steps == 3
+
+
+def test_planned_steps_cover_each_epoch_draw_new_numbers_each_step_and_resume_mid_epoch():
+    """8 samples, micro-batch 2, 2 epochs: each epoch's steps hold every sample once, in another order each epoch;
+    every step draws other random numbers (dropout: the same masks at every step passed every resume test, which
+    compare two runs sharing the mistake); a run resumed after step 5 (in epoch 2) makes the uninterrupted run's
+    steps 6-8, batches and random numbers alike; two ranks split each step's samples."""
+    from training.engine.loop import planned_steps
+
+    def run(plan, start, world=1, rank=0):
+        return [(step, epoch, mbs, torch.rand(1).item())
+                for step, epoch, mbs in planned_steps(plan, start, 8, 2, 1, world, rank, seed=3)]
+
+    full = run(StepPlan.make(8, 2, 1, 1, 2.0, -1), 0)
+    assert [s for s, *_ in full] == list(range(1, 9)) and [e for _, e, *_ in full] == [0] * 4 + [1] * 4
+    epochs = [[i for _, e, mbs, _ in full if e == k for i in mbs[0]] for k in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(8)) and epochs[0] != epochs[1]
+    assert len({r for *_, r in full}) == 8
+    assert run(StepPlan.make(8, 2, 1, 1, 2.0, -1), 5) == full[5:]
+    ranks = [run(StepPlan.make(8, 2, 1, 2, 1.0, -1), 0, 2, r) for r in (0, 1)]
+    assert all(not set(a[2][0]) & set(b[2][0]) for a, b in zip(*ranks))
+    assert sorted(i for rows in ranks for _, _, mbs, _ in rows for i in mbs[0]) == list(range(8))
