@@ -108,6 +108,32 @@ def test_the_k3_estimator_is_the_one_applied(world, tiny, rm, tmp_path, monkeypa
     assert _rows(tmp_path / "k3")[1]["kl"] > 0  # k3 >= 0 per token, > 0 once the actor moved
 
 
+def test_the_kl_is_the_actors_log_prob_minus_the_references(world, tiny, rm, tmp_path, monkeypatch):
+    """A reference whose log-prob is the actor's minus 1 at every response token: the k1 estimate log pi - log ref
+    is +1 per token, so the logged KL (per rollout, summed over its tokens) is the mean response length. With the
+    arguments swapped it was minus that, and every test passed (the first step's KL is 0 either way)."""
+    import contextlib
+
+    real_ctx, real_lp = PPOTrainer._ref_context, PPOTrainer._logprobs
+
+    @contextlib.contextmanager
+    def ctx(self):
+        with real_ctx(self):
+            self.in_ref = True
+            yield
+        self.in_ref = False
+
+    def logprobs(self, model, batch, suppressed, with_entropy=False):
+        lp, mask, ent = real_lp(self, model, batch, suppressed, with_entropy)
+        return (lp - mask.to(lp.dtype) if getattr(self, "in_ref", False) else lp), mask, ent
+
+    monkeypatch.setattr(PPOTrainer, "_ref_context", ctx)
+    monkeypatch.setattr(PPOTrainer, "_logprobs", logprobs)
+    main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--kl_estimator", "k1"))
+    row = _rows(tmp_path / "out")[0]
+    assert row["kl"] == pytest.approx(row["response_length"]) and row["kl"] >= 1
+
+
 @pytest.mark.parametrize("what", ["kl", "policy_loss", "value_loss", "critic_values"])
 def test_a_non_finite_kl_or_loss_stops_and_keeps_the_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch, what):
     """critic_values: the critic's per-token values of the rollouts (reported as a non-finite policy_loss before)."""
