@@ -134,6 +134,36 @@ def test_the_kl_is_the_actors_log_prob_minus_the_references(world, tiny, rm, tmp
     assert row["kl"] == pytest.approx(row["response_length"]) and row["kl"] >= 1
 
 
+def test_the_first_update_sees_whitened_advantages_and_the_rollouts_own_values(world, tiny, rm, tmp_path,
+                                                                                monkeypatch):
+    """One minibatch of all 4 rollouts: the policy loss gets advantages of mean 0 and variance 1 over the response
+    tokens (skipping the whitening passed every test), and the value loss's first call, before any critic update,
+    gets the critic's values at the positions the rollout's old values were read at (reading them one position
+    later in the update passed every test)."""
+    import training.ppo.trainer as trainer_mod
+    from training.advantages import masked_moments
+
+    calls = {"policy": [], "value": []}
+    real_pl, real_vl = trainer_mod.ppo_policy_loss, trainer_mod.ppo_value_loss
+
+    def pl(logp, old_logp, adv, mask, clip_eps=0.2):
+        calls["policy"].append((adv.detach().clone(), mask.clone()))
+        return real_pl(logp, old_logp, adv, mask, clip_eps)
+
+    def vl(values, old_values, returns, mask, clip_eps=0.2):
+        calls["value"].append((values.detach().clone(), old_values.clone(), mask.clone()))
+        return real_vl(values, old_values, returns, mask, clip_eps)
+
+    monkeypatch.setattr(trainer_mod, "ppo_policy_loss", pl)
+    monkeypatch.setattr(trainer_mod, "ppo_value_loss", vl)
+    main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "4"))
+    adv, mask = calls["policy"][0]
+    mean, var = masked_moments(adv, mask.float())
+    assert mask.sum() > 4 and float(mean) == pytest.approx(0.0, abs=1e-5) and float(var) == pytest.approx(1.0, rel=1e-4)
+    values, old, mask = calls["value"][0]
+    torch.testing.assert_close(values * mask, old * mask, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("what", ["kl", "policy_loss", "value_loss", "critic_values"])
 def test_a_non_finite_kl_or_loss_stops_and_keeps_the_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch, what):
     """critic_values: the critic's per-token values of the rollouts (reported as a non-finite policy_loss before)."""
