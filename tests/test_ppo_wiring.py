@@ -164,6 +164,24 @@ def test_the_first_update_sees_whitened_advantages_and_the_rollouts_own_values(w
     torch.testing.assert_close(values * mask, old * mask, rtol=0, atol=1e-5)
 
 
+def test_gamma_and_lambda_reach_gae_each_as_itself(world, tiny, rm, tmp_path, monkeypatch):
+    """--gamma 0.9 --lam 0.5 reach GAE as the discount and lambda (passed the other way round, every test passed: the
+    defaults 1 and .95 differ, but no test looked)."""
+    import inspect
+
+    import training.ppo.trainer as trainer_mod
+
+    seen, real = [], trainer_mod.gae
+
+    def spy(*args, **kw):
+        seen.append(inspect.signature(real).bind(*args, **kw).arguments)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer_mod, "gae", spy)
+    main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--gamma", "0.9", "--lam", "0.5"))
+    assert [(a["gamma"], a["lam"]) for a in seen] == [(0.9, 0.5)]
+
+
 @pytest.mark.parametrize("what", ["kl", "policy_loss", "value_loss", "critic_values"])
 def test_a_non_finite_kl_or_loss_stops_and_keeps_the_last_checkpoint(world, tiny, rm, tmp_path, monkeypatch, what):
     """critic_values: the critic's per-token values of the rollouts (reported as a non-finite policy_loss before)."""
