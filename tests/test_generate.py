@@ -174,6 +174,23 @@ def test_best_of_n_answers_too_long_for_the_reward_model_are_a_bad_row(tmp_path,
     assert (bad["n_skipped"], bad["rows"][0]["row"], bad["rows"][0]["field"]) == (1, 1, "text")
 
 
+def test_an_answer_too_long_for_the_reward_model_is_kept_without_a_reward_when_only_recording_it(tmp_path, world,
+                                                                                                   tiny, factual_rm):
+    """--reward_model without --best_of_n records each (greedy) answer's reward: an answer the reward model could not
+    read whole was a bad row, so the answer was lost; it is kept with reward null and n_scored 0."""
+    from training.predict.main import parse, predict
+
+    fact = "The image contains one green diamond."
+    qfile = _questions(world, tmp_path / "q.jsonl", [{"question_id": q, "text": f"Is there a {x}?", "facts": [fact] * k}
+                                                     for q, x, k in (("a", "circle", 1), ("b", "cross", 20))])
+    afile = tmp_path / "a.jsonl"
+    predict(parse(_predict_argv(world, tiny, qfile, afile, "--reward_model", str(factual_rm))))
+    rows = {r["question_id"]: r for r in map(json.loads, afile.read_text().splitlines())}
+    assert set(rows) == {"a", "b"} and not (tmp_path / "a.bad_rows.json").exists()
+    assert isinstance(rows["a"]["reward"], float) and rows["a"]["n_scored"] == 1
+    assert rows["b"]["reward"] is None and rows["b"]["n_scored"] == 0 and rows["b"]["text"]
+
+
 def test_whether_the_reward_model_reads_facts_is_decided_for_the_whole_file(tmp_path, world, tiny, factual_rm):
     """A factual reward model reads the factual block only when every question has facts. That was decided over the
     questions left to answer: a run resumed (or a chunk) where only questions with facts were left scored them with

@@ -179,11 +179,15 @@ def rewarded(chunk: list, rows: list[dict], rewards, n: int, report, scorer) -> 
     """(the answer rows with reward, best_of_n and n_scored, the number of sampled answers not scored).
     rewards: (B, n), NaN where the reward model could not read an answer whole within its max_seq_len (see
     `RewardScorer.score`): the best is chosen among the others, and n_scored says how many there were. A
-    question none of whose answers fits is a bad row of `report` naming its file, row and text field."""
+    question none of whose answers fits is a bad row of `report` naming its file, row and text field; but with one
+    answer (n 1: the reward only recorded) the answer is kept, with reward null and n_scored 0."""
     out, unscored = [], 0
     for r, row, rs in zip(chunk, rows, rewards):
         m = int((~rs.isnan()).sum())
         unscored += n - m
+        if m == 0 and n == 1:  # a greedy answer to record a reward of: the answer stands without it
+            out.append({**row, "reward": None, "best_of_n": n, "n_scored": 0})
+            continue
         if m == 0:
             what = "image, prompt, answer" + (" and factual block" if scorer.factual else "")
             report.bad(r.source, r.prompt_field, f"none of its {n} sampled answer(s) fits the reward model whole "
@@ -282,8 +286,9 @@ def predict(args: argparse.Namespace) -> Path:
             bar.update(len(chunk))
     bar.close()
     if unscored:
-        print(f"{unscored} sampled answers did not fit the reward model's max_seq_len={args.max_seq_len} whole and "
-              f"were not scored; each question's answer was chosen among the rest ('n_scored' in {out})")
+        print(f"{unscored} answers did not fit the reward model's max_seq_len={args.max_seq_len} whole and were not "
+              "scored; " + ("each kept with reward null" if args.best_of_n == 1 else
+                            "each question's answer was chosen among the rest") + f" ('n_scored' in {out})")
     if report.skipped:
         report.write(out.parent, f"{out.stem}.bad_rows{_chunk_tag(args)}.json")
     return out
