@@ -398,7 +398,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     if turns[-1][0] == "assistant":  # the slot that output_1 / output_2 fill
         turns = turns[:-1]
     prompt = _llava_messages(turns, "conversations", end="user")
-    pref = str(row.get("preference")).strip()
+    pref = str(row.get("preference")).strip().removesuffix(".0")  # 1.0: a parquet or pandas column of floats
     if pref not in ("1", "2"):
         raise RowProblem("preference", f"expected 1 or 2, got {row.get('preference')!r}")
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
