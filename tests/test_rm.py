@@ -439,6 +439,9 @@ def test_trl_margin_column_is_each_rows_bradley_terry_margin(world, tiny, tmp_pa
     assert with_column == pytest.approx(with_flag, abs=1e-5) and with_column > first_loss(plain, "p") + 0.5
     with pytest.raises(SystemExit, match="margin column"):
         first_loss(column, "pl", "--rank_loss", "plackett_luce")
+    with pytest.raises(SystemExit, match="column.json.*margin column"):  # the held-out file's column was dropped
+        main(rm_args(world, tiny, tmp_path / "pl2", "--max_steps", "1", "--data_path", str(plain), "--eval_data_path",
+                     str(column), "--per_device_train_batch_size", "4", "--rank_loss", "plackett_luce"))
     bad = _as_trl(world, tmp_path / "bad.json", [0.0, 0.0, "big"] + [0.0] * 5)
     with pytest.raises(BadRowError) as e:
         first_loss(bad, "b")

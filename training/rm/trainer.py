@@ -79,7 +79,8 @@ class RMTrainer:
             raise SystemExit(f"--margin {rm.margin} is a Bradley-Terry margin; the Plackett-Luce loss (ranked lists "
                              "longer than two, or --rank_loss plackett_luce) has none: drop --margin or use "
                              "--rank_loss bradley_terry")
-        with_margin = next((r for r in train_set.records if r.margin is not None), None)
+        with_margin = next((r for ds in (train_set, eval_set) if ds is not None for r in ds.records
+                            if r.margin is not None), None)  # the held-out file's too: its loss would drop it
         if with_margin is not None and self.loss_kind == "plackett_luce":
             raise SystemExit(f"{with_margin.source}: a margin column is a Bradley-Terry margin; the Plackett-Luce "
                              "loss (ranked lists longer than two, or --rank_loss plackett_luce) has none: drop the "
