@@ -125,3 +125,18 @@ def test_stated_counts_split_words_as_the_scorer_does():
     from training.dpo.opa.expert import _stated_counts
     assert _stated_counts("There are two star-shaped crosses.") == {"cross": 2}
     assert _stated_counts("The image shows two red circles and one blue star.") == {"circle": 2, "star": 1}
+
+
+def test_sentences_keep_a_point_inside_a_sentence():
+    """A point not followed by a space (a decimal) ends no sentence: splitting the rewrite "The sign reads 3.5 km."
+    dropped "The sign reads 3" from the revised answer and its weights."""
+    from training.dpo.opa.data import revised_with_weights
+    from training.dpo.opa.expert import split_sentences
+    text = "The sign reads 3.5 km. A cross.The star is red!  End"
+    assert split_sentences(text) == ["The sign reads 3.5 km. ", "A cross.The star is red!  ", "End"]
+    assert "".join(split_sentences(text)) == text
+    report = [{"copied_content": "The sign reads 3 km.", "score": 2, "error_type": "image_recognition_error",
+               "rewritten_content": "The sign reads 3.5 km. It is blue."}]
+    revised, score_w, _ = revised_with_weights(report)
+    assert revised == "The sign reads 3.5 km. It is blue."
+    assert score_w == [["The sign reads 3.5 km.", 2.0], ["It is blue.", 2.0]]

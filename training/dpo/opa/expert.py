@@ -28,8 +28,9 @@ TYPE_WEIGHT = {"image_recognition_error": 3.0, "correct": 1.0, "language_compreh
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences with their trailing punctuation; the pieces concatenate back to the text."""
-    parts = re.findall(r"[^.!?]*[.!?]+(?:\s+|$)|[^.!?]+$", text)
+    """Sentences with their trailing punctuation; the pieces concatenate back to the text. A sentence ends at
+    punctuation followed by whitespace or the end: a point inside one ("3.5 km") is kept in it."""
+    parts = re.findall(r".*?[.!?]+(?:\s+|\Z)|.+", text, flags=re.S)
     return [p for p in parts if p.strip()] or [text]
 
 
