@@ -164,3 +164,27 @@ def test_an_empty_report_is_no_review(world, tmp_path, monkeypatch):
     out = tmp_path / "opa"
     _write_rollouts(out / "work", [GT, "A red star."])
     _refused_then_skipped(world, out, r"rollout p#0: expert answer reviews no sentence of the rollout", ["p#1"])
+
+
+def test_a_rollout_step_resumed_after_a_skipped_row_samples_as_an_uninterrupted_one(world, tiny, tmp_path):
+    """The rollout step seeded each batch by the rollouts already written: a run stopped after a batch holding a
+    skipped bad row (too long a prompt) resumed with that row again at the head of its batches, so every later
+    prompt was sampled in another batch under another seed than an uninterrupted run samples it."""
+    from training.dpo.opa.main import main
+    rows = json.loads((world / "preference_train.json").read_text())[:6]
+    rows[1]["conversations"][0]["value"] = "<image>\n" + "Describe the image in great detail. " * 20
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    args = ["--step", "rollout", "--from_checkpoint", str(tiny), "--data_path", str(data), "--image_folder",
+            str(world / "images"), "--max_new_tokens", "8", "--rollout_batch_size", "2", "--max_seq_len", "120",
+            "--skip_bad_rows", "--no-progress"]
+    main(args + ["--output_dir", str(tmp_path / "whole"), "--n_prompts", "6"])
+    main(args + ["--output_dir", str(tmp_path / "resumed"), "--n_prompts", "2"])  # as if stopped after a batch
+    main(args + ["--output_dir", str(tmp_path / "resumed"), "--n_prompts", "6"])
+
+    def rollouts(name):
+        lines = (tmp_path / name / "work" / "rollouts.jsonl").read_text().splitlines()
+        return {r["key"]: r["rollout"] for r in map(json.loads, lines)}
+    whole = rollouts("whole")
+    assert len(whole) == 5 and "pref00001#1" not in whole
+    assert rollouts("resumed") == whole

@@ -235,23 +235,28 @@ def step_rollout(a, work: Path) -> None:
     bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", disable=not a.progress, dynamic_ncols=True)
     written = 0
     with out.open("a") as f:
-        for i in range(0, len(todo), a.rollout_batch_size):
-            chunk = todo[i:i + a.rollout_batch_size]
-            torch.manual_seed(a.seed + len(done) + i)  # resumed chunks draw fresh, reproducible samples
-            asked = len(chunk)
+        # batches of the prompts, each seeded by its place among them: a resumed run samples each prompt in the same
+        # batch under the same seed as an uninterrupted run (a batch partly written is sampled whole again)
+        for i in range(0, len(prompts), a.rollout_batch_size):
+            chunk = prompts[i:i + a.rollout_batch_size]
+            asked = sum(r[5] not in done for r in chunk)
+            if not asked:
+                continue
+            torch.manual_seed(a.seed + i)
             images = [[load_image(r[2], a.image_folder)] for r in chunk]
             chunk, images, encoded = fitting(chunk, images, enc, report, prompt=lambda r: r[1], where=lambda r: r[6])
             report.write(work)
             texts = generate_batch(model, proc, enc, arch.name, [r[1] for r in chunk], images, decode, device,
-                                   encoded) if chunk else []
-            for (rid, prompt, image, ref, facts, key, _), t in zip(chunk, texts):
+                                   encoded) if any(r[5] not in done for r in chunk) else []
+            new = [(r, t) for r, t in zip(chunk, texts) if r[5] not in done]
+            for (rid, prompt, image, ref, facts, key, _), t in new:
                 question = prompt[-1].content.replace("<image>", "").strip()  # what the expert reads
                 messages = [{"role": m.role, "content": m.content} for m in prompt]  # what the policy answered
                 f.write(json.dumps({"key": key, "id": rid, "image": image, "question": question, "prompt": messages,
                                     "gt": ref, "facts": facts, "rollout": t[0]}) + "\n")
             f.flush()
             bar.update(asked)
-            written += len(chunk)
+            written += len(new)
     bar.close()
     print(f"rollouts: {written} new -> {out}" + (f" ({len(todo) - written} prompts bad rows)" if written < len(todo)
                                                   else ""))
