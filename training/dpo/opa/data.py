@@ -138,6 +138,10 @@ class OPADataset(torch.utils.data.Dataset):
                 report.bad(where, "image", f"{err}: {src}" if isinstance(src, str) and not is_base64_text(src)
                            else str(err))
                 continue
+            empty = next((k for k in ("gt", "revised") if not r[k].strip()), None)
+            if empty:  # the correct step makes no pairs of these: the policy would learn to answer nothing
+                report.bad(where, empty, "empty answer: OPA-DPO's pairs need a ground truth and a revised answer")
+                continue
             self.rows.append(r)
             self.refs.append(where)
 
