@@ -140,3 +140,28 @@ def test_sentences_keep_a_point_inside_a_sentence():
     revised, score_w, _ = revised_with_weights(report)
     assert revised == "The sign reads 3.5 km. It is blue."
     assert score_w == [["The sign reads 3.5 km.", 2.0], ["It is blue.", 2.0]]
+
+
+def test_an_answer_reviewing_no_sentence_is_not_cached(tmp_path):
+    """An answer of "[]" for a rollout with text was cached as a valid report: the correct step refused it as a bad
+    rollout "asked again on the next run", but every rerun read the same empty report from the cache."""
+    calls = []
+
+    def answer(h):
+        calls.append(1)
+        out = json.dumps({"choices": [{"message": {"content": "[]" if len(calls) == 1 else json.dumps(
+            [{"copied_content": "A red star.", "score": 1}])}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    server = _serve(answer)
+    try:
+        e = ChatExpert(f"http://127.0.0.1:{server.server_port}/v1", "judge", "NO_SUCH_KEY", tmp_path)
+        with pytest.raises(ValueError, match="reviews no sentence"):
+            e.review("A red star.")
+        assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2  # asked again, then cached
+        assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2
+    finally:
+        server.shutdown()

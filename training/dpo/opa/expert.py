@@ -25,6 +25,7 @@ from training.files import write_text_atomic
 
 SCORE_WEIGHT = {1: 2.5, 2: 2.0, 3: 1.5, 4: 1.0}  # sentence score -> token weight (pair 2)
 TYPE_WEIGHT = {"image_recognition_error": 3.0, "correct": 1.0, "language_comprehension_error": 1.0}  # pair 4
+NO_SENTENCE = "expert answer reviews no sentence of the rollout (an empty report)"
 
 
 def split_sentences(text: str) -> list[str]:
@@ -159,11 +160,15 @@ class ChatExpert:
                              ).hexdigest()
         path = self.cache / f"{key}.json"
         try:
-            return parse_report(json.loads(path.read_text())["content"])
+            report = parse_report(json.loads(path.read_text())["content"])
+            if report or not response.strip():  # (an older version cached answers that review nothing)
+                return report
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             pass  # not cached, or an entry an older version left half-written: asked again
         text = self._post(body)
-        report = parse_report(text)  # a malformed answer is not cached
+        report = parse_report(text)  # a malformed answer is not cached, nor one that reviews nothing
+        if not report and response.strip():
+            raise ValueError(NO_SENTENCE)
         self.cache.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps({"content": text}))  # a killed write leaves no half-written entry
         return report

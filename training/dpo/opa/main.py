@@ -279,6 +279,7 @@ def make_expert(a, work: Path):
 def step_correct(a, work: Path) -> None:
     from training.data.images import load_image
     from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
+    from training.dpo.opa.expert import NO_SENTENCE
 
     rollouts = _read_jsonl(work / "rollouts.jsonl")
     if (work / PROMPT_KEYS).exists():  # a rollout step rerun with a smaller --n_prompts keeps the others' rollouts
@@ -302,7 +303,7 @@ def step_correct(a, work: Path) -> None:
                 report = expert.review(r["rollout"], reference=r["gt"], facts=r.get("facts"), question=r["question"],
                                        image=image)
                 if not report and r["rollout"].strip():  # stored, it made no pairs and was never asked again
-                    raise ValueError("expert answer reviews no sentence of the rollout (an empty report)")
+                    raise ValueError(NO_SENTENCE)
             except ValueError as err:  # an answer that is no usable report (or an ImageError)
                 bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
                 if not a.skip_bad_rows:
