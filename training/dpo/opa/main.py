@@ -334,8 +334,9 @@ def step_correct(a, work: Path) -> None:
         for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal); TRL's
             sft.append({"id": f"{rid}-{len(sft)}", "images": [r["image"]], "prompt": prompt,  # prompt-completion
                         "completion": [{"role": "assistant", "content": answer}]})  # rows: the answer alone trains
-    (work / "opa_pairs.json").write_text(json.dumps(pairs, indent=0))
-    (work / "opa_sft.json").write_text(json.dumps(sft, indent=0))
+    # whole or not at all: a write cut short left half a file that a later --step sft or dpo alone read
+    write_text_atomic(work / "opa_pairs.json", json.dumps(pairs, indent=0))
+    write_text_atomic(work / "opa_sft.json", json.dumps(sft, indent=0))
     n_bad = sum(corrected(report) for report in reports.values())
     print(f"expert: {n_bad} of {len(rollouts)} rollouts corrected; {len(pairs)} prompts' pairs -> "
           f"{work / 'opa_pairs.json'}")
