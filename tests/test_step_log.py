@@ -398,3 +398,30 @@ def test_planned_steps_cover_each_epoch_draw_new_numbers_each_step_and_resume_mi
     ranks = [run(StepPlan.make(8, 2, 1, 2, 1.0, -1), 0, 2, r) for r in (0, 1)]
     assert all(not set(a[2][0]) & set(b[2][0]) for a, b in zip(*ranks))
     assert sorted(i for rows in ranks for _, _, mbs, _ in rows for i in mbs[0]) == list(range(8))
+
+
+def test_a_metric_missing_from_some_steps_is_averaged_over_the_steps_that_have_it(tmp_path):
+    """PPO's critic warm-up steps train no actor and report no policy_loss, clipfrac or entropy: a row spanning warm-up
+    steps and actor steps divided the actor steps' sum by every step of the window (policy loss 1.0 logged as 0.5).
+    Each metric is its mean over the steps that report it (as TRL averages its stored metrics), also after a resume."""
+    def args(out, resume=False, stop=0):
+        return RunArgs(output_dir=str(out), resume=resume, progress=False, logging_steps=4, save_steps=0,
+                       stop_after_steps=stop, save_total_limit=1)
+
+    def run_steps(strategy, run, steps):
+        _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(8, 8), "ppo", {})
+        for s in steps:
+            log.after(s, {"value_loss": float(s), **({"policy_loss": 1.0 + s} if s > 2 else {})}, {})
+        log.close()
+        return [(m["step"], m.get("policy_loss"), m["value_loss"]) for m in log.history]
+
+    full = run_steps(Resumer(), args(tmp_path / "full"), range(1, 9))
+    assert full == [(4, (4.0 + 5.0) / 2, 2.5), (8, 7.5, 6.5)]
+    cut = Resumer()
+    run_steps(cut, args(tmp_path / "cut", stop=3), range(1, 4))  # checkpoint at 3: one actor step in the window
+    assert run_steps(cut, args(tmp_path / "cut", resume=True), range(4, 9)) == full
+    rec = Recorder()  # a checkpoint's window of bare sums (written before the counts): every step counted
+    run = SimpleNamespace(logging_steps=3, save_steps=0, stop_after_steps=0, save_total_limit=1, eval_steps=0)
+    StepLog(rec, {"": None}, run, StepPlan(4, 4), Path("ck"), rec, None, {},
+            window={"n": 2, "sums": {"loss": 6.0}}).after(3, {"loss": 3.0}, {})
+    assert rec.logged[0][1]["loss"] == 3.0

@@ -301,10 +301,10 @@ class StepLog:
     `postfix` (label -> (metric key, format), read from this step's metrics or else the last logged
     ones); a resumable checkpoint is written when due.
 
-    A logged row holds each numeric metric's mean over the steps since the last logged one (as transformers'
-    Trainer and TRL log them), but the learning rate, which is the logged step's. The window's sums travel in
-    the checkpoints (`window`: what a resumed run restores), so a resumed run logs what an uninterrupted one
-    does."""
+    A logged row holds each numeric metric's mean over the steps since the last logged one that report it (as
+    transformers' Trainer and TRL log them; PPO's critic warm-up steps report no policy loss), but the learning
+    rate, which is the logged step's. The window's sums and counts travel in the checkpoints (`window`: what a
+    resumed run restores), so a resumed run logs what an uninterrupted one does."""
 
     def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
                  settings: dict | None = None, report=None, window: dict | None = None):
@@ -313,16 +313,18 @@ class StepLog:
         self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
-        self._window = {"n": 0, "sums": {}} if window is None else {"n": window["n"], "sums": dict(window["sums"])}
+        self._window = {"n": 0, "sums": {}} if window is None else _window_copy(window)
 
     def _mean_over_window(self, m: dict) -> dict:
-        """Adds this step's numeric metrics to the window; returns m with each replaced by its window mean."""
+        """Adds this step's numeric metrics to the window (sums: metric -> [sum, steps reporting it]); returns m
+        with each replaced by its mean over the window's steps that report it."""
         w = self._window
         w["n"] += 1
         for k, v in m.items():
             if k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                w["sums"][k] = w["sums"].get(k, 0.0) + float(v)
-        return {k: (w["sums"][k] / w["n"] if k in w["sums"] else v) for k, v in m.items()}
+                total, count = w["sums"].get(k, (0.0, 0))
+                w["sums"][k] = [total + float(v), count + 1]
+        return {k: (w["sums"][k][0] / w["sums"][k][1] if k in w["sums"] else v) for k, v in m.items()}
 
     def due(self, step: int) -> bool:
         return step % self.run.logging_steps == 0 or step == self.plan.total_steps
@@ -360,7 +362,7 @@ class StepLog:
         if save_due(step, self.plan.total_steps, self.run):
             if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
                 self.strategy.write_report(self.report, self.run.output_dir)
-            window = {"n": self._window["n"], "sums": dict(self._window["sums"])}
+            window = _window_copy(self._window)
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
                       "window": window, **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
@@ -372,3 +374,11 @@ class StepLog:
             self.bar.close()
         if not keep_logger:
             self.logger.close()
+
+
+def _window_copy(window: dict) -> dict:
+    """A copy of a StepLog window; one saved as a bare sum per metric (every step of the window counted) is read as
+    [sum, steps]."""
+    n = window["n"]
+    return {"n": n, "sums": {k: list(v) if isinstance(v, (list, tuple)) else [float(v), n]
+                             for k, v in window["sums"].items()}}
