@@ -32,6 +32,16 @@ def test_a_user_config_wins_where_it_sets_values_and_ours_fill_the_rest(tmp_path
     assert plain["zero_optimization"] == {"stage": 0} and plain["gradient_clipping"] == 1.0
 
 
+
+def test_a_user_configs_bf16_section_under_its_old_name_is_followed(tmp_path):
+    """DeepSpeed reads "bfloat16" (its old name) only when there is no "bf16": --precision bf16 added "bf16", so the
+    file's bfloat16 settings (here immediate_grad_update) were dropped without a word."""
+    user = {"bfloat16": {"enabled": True, "immediate_grad_update": True}}
+    cfg = _strategy(tmp_path, user, "bf16").config()
+    assert cfg["bf16"] == {"enabled": True, "immediate_grad_update": True} and "bfloat16" not in cfg
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+    assert get_bfloat16_config(cfg).immediate_grad_update
+
 @pytest.mark.parametrize("user, kw, match", [
     ({"zero_optimization": {"stage": 2}}, {"zero_stage": 3}, "ZeRO stage 2, but --zero_stage 3"),
     ({"fp16": {"enabled": True}}, {}, "enables fp16, but --precision is fp32"),

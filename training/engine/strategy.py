@@ -322,8 +322,8 @@ class Strategy:
             "wall_clock_breakdown": False,
         }
         cfg = {**user, **cfg}  # the user's other settings (communication, activation checkpointing, ...)
-        if self.precision == "bf16":
-            cfg["bf16"] = {"enabled": True, **user.get("bf16", {})}
+        if self.precision == "bf16":  # DeepSpeed reads "bfloat16" (the old name) only without a "bf16" section
+            cfg["bf16"] = {"enabled": True, **cfg.pop("bfloat16", {}), **user.get("bf16", {})}
         elif self.precision == "fp16":
             cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, **user.get("fp16", {})}
         return cfg
