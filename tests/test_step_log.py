@@ -1,4 +1,5 @@
 """StepLog: the bookkeeping after each optimizer step that the SFT, RM and DPO loops share."""
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -258,6 +259,50 @@ def test_checkpoints_of_several_engines_are_committed_together(tmp_path):
     assert all((r / "step1" / "shard").exists() for r in roots)
     assert seen[-1] == {"actor": "step1", "critic": "step1"}  # the actor's step 2 was written, not yet named
 
+
+
+def test_a_kill_between_the_engines_latest_files_resumes_from_the_step_written(tmp_path, monkeypatch):
+    """save_resume names the new step in the actor's `latest`, then in the critic's, once both engines' checkpoints
+    are written on every rank: a kill between the two left them naming steps 4 and 2, and --resume stopped ("the
+    checkpoints are of different steps"), although step 4 was complete for both. It resumes from step 4."""
+    import json
+
+    from training.config import OptimArgs
+    from training.engine import strategy as strategy_module
+
+    class Loadable(_Engine):
+        def save_checkpoint(self, root, tag, client_state, **kw):
+            super().save_checkpoint(root, tag, client_state, **kw)
+            (Path(root) / tag / "state.json").write_text(json.dumps(client_state))
+
+        def load_checkpoint(self, root, **kw):
+            tag = (Path(root) / "latest").read_text()
+            return str(Path(root) / tag), json.loads((Path(root) / tag / "state.json").read_text())
+
+    s, plan = _strategy(), StepPlan(5, 5)
+    s.optim = OptimArgs()
+    ck = tmp_path / "checkpoints"
+    engines = {"actor": Loadable(), "critic": Loadable()}
+    real = strategy_module.write_text_atomic
+
+    def killed_at_the_critics_step4(path, text):
+        if Path(path) == ck / "critic" / "latest" and text == "step4":
+            raise KeyboardInterrupt("killed between the two latest files")
+        real(path, text)
+    monkeypatch.setattr(strategy_module, "write_text_atomic", killed_at_the_critics_step4)
+    for step in (2, 4):
+        state = {"step": step, "shape": loop.run_shape(s, plan), "settings": {}}
+        with pytest.raises(KeyboardInterrupt) if step == 4 else contextlib.nullcontext():
+            s.save_resume({ck / name: e for name, e in engines.items()}, step, state, keep=1)
+    monkeypatch.setattr(strategy_module, "write_text_atomic", real)
+    assert [(ck / n / "latest").read_text() for n in engines] == ["step4", "step2"]
+    run = RunArgs(output_dir=str(tmp_path), resume=True, progress=False)
+    step, log = loop.open_run(s, engines, {"run": run}, plan, "ppo", {})
+    log.close()
+    assert step == 4 and [(ck / n / "latest").read_text() for n in engines] == ["step4", "step4"]
+    (ck / "critic" / "latest").unlink()  # killed before the critic's first `latest`: it is written
+    loop.finish_interrupted_commit(s, ck, list(engines))
+    assert (ck / "critic" / "latest").read_text() == "step4"
 
 def test_rotation_keeps_the_checkpoint_just_written_and_drops_later_ones(tmp_path):
     """Resumed from step 2 after a kill while step 4 was written: saving step 3 with save_total_limit 1 kept the

@@ -220,6 +220,26 @@ def check_run_shape(saved: dict | None, now: dict, ckpt: Path) -> None:
                          "afresh without --resume")
 
 
+def finish_interrupted_commit(strategy, ckpt: Path, names: list[str]) -> None:
+    """Strategy.save_resume names a new step in each engine's `latest`, one after another, once every engine's
+    checkpoint of it is written on every rank (its run.json the last file): a run killed between two `latest` files
+    left them naming different steps. The newest step named is then complete for every engine: the other `latest`
+    files are pointed at it, as the kill kept them from being. Anything else is left for the checks that follow."""
+    if len(names) < 2:
+        return
+    from training.engine.strategy import RUN_RECORD
+    from training.files import write_text_atomic
+    latest = {name: ckpt / name / "latest" for name in names}
+    tags = {latest[n].read_text().strip() for n in names if latest[n].is_file()}
+    newest = max(tags, key=lambda t: int(t[4:]) if t.startswith("step") and t[4:].isdigit() else -1, default="")
+    complete = newest and all((ckpt / n / newest / RUN_RECORD).is_file() for n in names)
+    if strategy.is_main and complete and len(tags) + sum(not p.is_file() for p in latest.values()) > 1:
+        print(f"--resume: the run stopped as it named checkpoint {newest} (written for every engine): finishing that")
+        for p in latest.values():
+            write_text_atomic(p, newest)
+    strategy.barrier()  # every rank reads `latest` after it
+
+
 def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: dict[str, tuple[str, str]],
              state=None, report=None):
     """What every stage's loop opens with: -> (first step, its StepLog). With --resume the engines are
@@ -242,6 +262,7 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     saved = None
     if run.resume:
         from training.engine.strategy import saved_run_record
+        finish_interrupted_commit(strategy, ckpt, list(engines))
         for name in engines:  # before DeepSpeed loads: another ZeRO stage or world size fails inside it obscurely
             record = saved_run_record(ckpt / name)
             latest = ckpt / name / "latest"  # (naming a checkpoint that is not there: load_resume says so)
