@@ -165,8 +165,10 @@ def test_logged_rows_hold_window_means_and_a_resumed_run_logs_the_same(tmp_path)
     def run_steps(strategy, run, steps):
         _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(7, 7), "dpo", {})
         for s in steps:
-            log.after(s, {"loss": float(s * s), "rewards/accuracies": 0.125 * s, "lr": 0.01 * s, "kind": "x"}, {})
+            log.after(s, {"loss": float(s * s), "rewards/accuracies": 0.125 * s, "lr": 0.01 * s, "kind": "x",
+                          "kl_coef": 0.1 * s}, {})
         log.close()
+        assert all(m["kl_coef"] == pytest.approx(0.1 * m["step"]) for m in log.history)  # the step's, as lr
         return [(m["step"], {k: m[k] for k in ("loss", "rewards/accuracies", "lr", "kind")}) for m in log.history]
 
     def args(out, resume=False, stop=0):

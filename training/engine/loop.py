@@ -315,6 +315,9 @@ def loss_scaling(engine) -> dict:
     return out if scale is None else {"loss_scale": float(scale), **out}
 
 
+CURRENT_VALUES = ("lr", "kl_coef")  # settings a step runs with, logged as the logged step's, never averaged
+
+
 class StepLog:
     """What every stage's loop does after an optimizer step. Amounts counted since the last logged step
     become per-second rates in that step's metrics, with the epoch; metrics are logged every
@@ -323,8 +326,8 @@ class StepLog:
     ones); a resumable checkpoint is written when due.
 
     A logged row holds each numeric metric's mean over the steps since the last logged one that report it (as
-    transformers' Trainer and TRL log them; PPO's critic warm-up steps report no policy loss), but the learning
-    rate, which is the logged step's. The window's sums and counts travel in the checkpoints (`window`: what a
+    transformers' Trainer and TRL log them; PPO's critic warm-up steps report no policy loss), but the settings in
+    CURRENT_VALUES (the learning rate, PPO's KL coefficient), which are the logged step's. The window's sums and counts travel in the checkpoints (`window`: what a
     resumed run restores), so a resumed run logs what an uninterrupted one does."""
 
     def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
@@ -342,7 +345,7 @@ class StepLog:
         w = self._window
         w["n"] += 1
         for k, v in m.items():
-            if k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k not in CURRENT_VALUES and isinstance(v, (int, float)) and not isinstance(v, bool):
                 total, count = w["sums"].get(k, (0.0, 0))
                 w["sums"][k] = [total + float(v), count + 1]
         return {k: (w["sums"][k][0] / w["sums"][k][1] if k in w["sums"] else v) for k, v in m.items()}
