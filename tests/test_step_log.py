@@ -393,6 +393,15 @@ def test_step_counts_are_checked_as_the_options_are_read(argv, match):
     assert parse_config({"run": RunArgs}, ["--logging_steps", "1", "--save_steps", "0"])["run"].logging_steps == 1
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_float_option_that_is_no_finite_number_is_refused(value):
+    """float() reads "nan" and "inf": --learning_rate nan trained NaN weights, found only at the first checkpoint's
+    finite-weight check."""
+    from training.config import OptimArgs, parse_config
+    with pytest.raises(SystemExit, match=f"--learning_rate {float(value)}: give a finite number"):
+        parse_config({"optim": OptimArgs}, ["--learning_rate", value])
+
+
 def test_ppo_says_how_many_prompts_each_epoch_leaves_out(monkeypatch):
     """10 prompts in rollout batches of 4 (one rank): 2 steps an epoch and 2 prompts left out of each, which PPO's plan
     did not count (unused_per_epoch 0), so open_run's notice ("nothing left out without a word") never came."""

@@ -260,6 +260,9 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
                 raise SystemExit(f"{pre.config}: {key}: {value!r} {problem}")
         parser.set_defaults(**profile)
     ns = vars(parser.parse_args(argv))
+    odd = [f"--{k} {v}" for k, v in ns.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:  # float() reads "nan" and "inf": a NaN learning rate trained NaN weights, found at the first checkpoint
+        raise SystemExit(f"{', '.join(odd)}: give a finite number")
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
         warmup_steps(o, 1)
