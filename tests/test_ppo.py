@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from sft_helpers import make_reward_model, ppo_args, split_rows, weights
+from sft_helpers import SMALL_WORLD, make_reward_model, ppo_args, split_rows, weights
 
 from training.data.records import Message
 from training.ppo.main import main
@@ -493,3 +493,18 @@ def test_counts_a_ppo_run_cannot_use_are_refused_before_models_load(world, tiny,
     monkeypatch.setattr(builder, "load_model_and_processor", no_load)
     with pytest.raises(SystemExit, match=said):
         main(ppo_args(world, tiny, rm, tmp_path / "n", "--max_steps", "1", *flags))
+
+
+def test_ptx_default_data_reads_the_worlds_images_beside_user_prompts(world, tmp_path):
+    """--ptx_coef without --ptx_data_path takes the embedded world's SFT rows; with the user's own prompts and
+    --image_folder, those rows' images (sft00000.png, ...) were looked up in the user's folder: file not found."""
+    from types import SimpleNamespace
+
+    from training.data.bad_rows import BadRowReport
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny import build_processor
+    from training.ppo.main import ptx_data
+    p = SimpleNamespace(ptx_coef=0.1, ptx_data_path="", ptx_image_folder="", max_new_tokens=8)
+    d = SimpleNamespace(world_dir=str(world), image_folder=str(tmp_path), max_seq_len=160)
+    ds = ptx_data(p, d, build_processor(), ARCHITECTURES["llava"], BadRowReport(), None)
+    assert len(ds) == 2 * SMALL_WORLD.n_sft and ds[0] is not None

@@ -56,7 +56,8 @@ class PPOArgs:
     ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): + ptx_coef * the token-mean NLL of a batch of SFT data in "
                             "every actor update, against the alignment tax (0: off).")
     ptx_data_path: str = _f("", "SFT data of the ptx term (default: the embedded world's sft_train.json).")
-    ptx_image_folder: str = _f("", "Image root of --ptx_data_path (default: --image_folder).")
+    ptx_image_folder: str = _f("", "Image root of --ptx_data_path (default: --image_folder; with no --ptx_data_path, "
+                                   "the embedded world's images).")
     ptx_batch_size: int = _f(8, "SFT rows per actor update in the ptx term.")
     factual: bool = _f(True, "Give the reward model the factual block (when it was trained factual).")
     captions_file: str = _f("", "LLaVA-RLHF image_to_caption.json (image -> captions): each prompt's captions, and a "

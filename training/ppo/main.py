@@ -64,8 +64,9 @@ def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     from training.data.formats import read_sft
     from training.sft.trainer import SFTDataset
     from training.templates.chat import ChatEncoder
-    path = p.ptx_data_path or str(Path(d.world_dir) / "sft_train.json")
-    root = p.ptx_image_folder or d.image_folder
+    world = Path(d.world_dir)  # the default rows are the world's, and so are their images
+    path = p.ptx_data_path or str(world / "sft_train.json")
+    root = p.ptx_image_folder or (d.image_folder if p.ptx_data_path else str(world / "images"))
     encoder = ChatEncoder(processor, arch, d.max_seq_len + p.max_new_tokens, template)
     return SFTDataset(read_sft(path, root, report), encoder, root, report)
 
