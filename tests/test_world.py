@@ -37,6 +37,24 @@ def test_a_world_regenerated_in_place_has_its_own_images(tmp_path):
     assert _digest(tmp_path / "w") == _digest(tmp_path / "fresh")
 
 
+def test_a_generation_stopped_part_way_leaves_no_world_record(tmp_path, monkeypatch):
+    """world.json, which ensure_world reads to reuse a world, stayed the old world's while a regeneration with another
+    seed (stopped after its images) had rewritten the images: the mixed folder was reused without a word."""
+    import training.world.generate as gen
+    small = dict(n_sft=4, n_pref=2, n_ppo=2, n_heldout=2)
+    generate(tmp_path, WorldConfig(seed=0, **small))
+    assert (tmp_path / "world.json").exists()
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gen, "_sft_rows", stopped)  # the images written, nothing else
+    try:
+        generate(tmp_path, WorldConfig(seed=1, **small))
+    except KeyboardInterrupt:
+        pass
+    assert not (tmp_path / "world.json").exists()  # so ensure_world generates the world it asks for anew
+
+
 def test_files_read_back_with_ground_truth(tmp_path):
     meta = generate(tmp_path, WorldConfig(seed=1, **SMALL))
     img = str(tmp_path / "images")

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from training.files import write_text_atomic
 from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene, describe, facts, render, sample_scene
 
 DESCRIBE = "Describe the image in detail."
@@ -149,7 +150,11 @@ def _pope(scenes: list[Scene], split: str, rng: random.Random, freq: Counter, co
 
 
 def generate(out: str | Path, cfg: WorldConfig) -> dict:
+    """Write the world into `out`. world.json, which ensure_world reads to reuse a world, goes first and is written
+    last, whole: a generation stopped part way (another seed's images already written) left the old world.json over
+    a mixed folder, reused without a word (its images no longer those of its ground truth)."""
     out = Path(out)
+    (out / "world.json").unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     names = {"sft": cfg.n_sft, "pref": cfg.n_pref, "ppo": cfg.n_ppo, "heldout": cfg.n_heldout}
@@ -182,7 +187,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     meta = {"version": VERSION, "config": asdict(cfg), "n_sft_descriptions_hallucinated": n_hal,
             "scenes": {n: [{"id": s.id, "background": s.background, "objects": [asdict(o) for o in s.objects]}
                            for s in sc] for n, sc in splits.items()}}
-    (out / "world.json").write_text(json.dumps(meta))
+    write_text_atomic(out / "world.json", json.dumps(meta))
     return meta
 
 
