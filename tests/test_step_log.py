@@ -185,6 +185,27 @@ def test_logged_rows_hold_window_means_and_a_resumed_run_logs_the_same(tmp_path)
     assert first[:1] + rest == full
 
 
+def test_a_resume_told_to_stop_at_or_before_its_step_is_refused(tmp_path):
+    """Resumed at step 2 with --stop_after_steps 2 (or 1), the run trained nothing and exited as "interrupted",
+    without saying why."""
+    strategy = Resumer()
+    run = RunArgs(output_dir=str(tmp_path), resume=False, progress=False, logging_steps=1, save_steps=2,
+                  stop_after_steps=0, save_total_limit=1)
+    _, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})
+    for s in (1, 2):
+        log.after(s, {}, {})
+    log.close()
+    run.resume = True
+    for stop in (1, 2):
+        run.stop_after_steps = stop
+        with pytest.raises(SystemExit, match=f"--stop_after_steps {stop}: the checkpoint resumed is at step 2"):
+            loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})
+    run.stop_after_steps = 3
+    step, log = loop.open_run(strategy, {"": "E"}, {"run": run}, StepPlan(5, 5), "sft", {})
+    log.close()
+    assert step == 2
+
+
 def test_resume_refuses_a_run_of_another_shape(tmp_path):
     """A resumed run with another world size, batch, accumulation, seed or data size would not continue the
     checkpoint's run (another data order): refused, naming what differs."""

@@ -285,6 +285,9 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     if saved and state is not None:
         state.load_state_dict(saved)
     step = saved["step"] if saved else 0
+    if saved and run.stop_after_steps and run.stop_after_steps <= step:  # it trained nothing and said "interrupted"
+        raise SystemExit(f"--stop_after_steps {run.stop_after_steps}: the checkpoint resumed is at step {step} "
+                         "already; give a later step to stop after, or none")
     if run.resume and not saved:
         from training.model.builder import saved_model_files
         if saved_model_files(out):  # a finished run: retraining would replace its model
