@@ -330,8 +330,8 @@ class StepLog:
 
     A logged row holds each numeric metric's mean over the steps since the last logged one that report it (as
     transformers' Trainer and TRL log them; PPO's critic warm-up steps report no policy loss), but the settings in
-    CURRENT_VALUES (the learning rate, PPO's KL coefficient), which are the logged step's. The window's sums and counts travel in the checkpoints (`window`: what a
-    resumed run restores), so a resumed run logs what an uninterrupted one does."""
+    CURRENT_VALUES (the learning rate, PPO's KL coefficient), which are the logged step's. The window (metric ->
+    [sum, steps reporting it]) travels in the checkpoints, so a resumed run logs what an uninterrupted one does."""
 
     def __init__(self, strategy, engines: dict, run, plan: StepPlan, ckpt: Path, logger, bar, postfix, state=None,
                  settings: dict | None = None, report=None, window: dict | None = None):
@@ -340,18 +340,17 @@ class StepLog:
         self.ckpt, self.logger, self.bar, self.postfix, self.state = ckpt, logger, bar, postfix, state
         self.history: list[dict] = []
         self._t0, self._since = time.time(), {}
-        self._window = {"n": 0, "sums": {}} if window is None else _window_copy(window)
+        self._window = _window_copy(window or {})
 
     def _mean_over_window(self, m: dict) -> dict:
-        """Adds this step's numeric metrics to the window (sums: metric -> [sum, steps reporting it]); returns m
-        with each replaced by its mean over the window's steps that report it."""
+        """Adds this step's numeric metrics to the window (metric -> [sum, steps reporting it]); returns m with each
+        replaced by its mean over the window's steps that report it."""
         w = self._window
-        w["n"] += 1
         for k, v in m.items():
             if k not in CURRENT_VALUES and isinstance(v, (int, float)) and not isinstance(v, bool):
-                total, count = w["sums"].get(k, (0.0, 0))
-                w["sums"][k] = [total + float(v), count + 1]
-        return {k: (w["sums"][k][0] / w["sums"][k][1] if k in w["sums"] else v) for k, v in m.items()}
+                total, count = w.get(k, (0.0, 0))
+                w[k] = [total + float(v), count + 1]
+        return {k: (w[k][0] / w[k][1] if k in w else v) for k, v in m.items()}
 
     def due(self, step: int) -> bool:
         return step % self.run.logging_steps == 0 or step == self.plan.total_steps
@@ -380,7 +379,7 @@ class StepLog:
             m.update(evaluate() if held_out else {})
             self.logger.log(step, m)
             self.history.append({"step": step, **m})
-            self._t0, self._since, self._window = time.time(), {}, {"n": 0, "sums": {}}
+            self._t0, self._since, self._window = time.time(), {}, {}
         if self.bar:
             shown = {**(self.history[-1] if self.history else {}), **shown_now}
             self.bar.update(1)
@@ -389,9 +388,8 @@ class StepLog:
         if save_due(step, self.plan.total_steps, self.run):
             if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
                 self.strategy.write_report(self.report, self.run.output_dir)
-            window = _window_copy(self._window)
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
-                      "window": window, **(self.state.state_dict() if self.state is not None else {})}
+                      "window": _window_copy(self._window), **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
                                       client, self.run.save_total_limit)
 
@@ -404,8 +402,4 @@ class StepLog:
 
 
 def _window_copy(window: dict) -> dict:
-    """A copy of a StepLog window; one saved as a bare sum per metric (every step of the window counted) is read as
-    [sum, steps]."""
-    n = window["n"]
-    return {"n": n, "sums": {k: list(v) if isinstance(v, (list, tuple)) else [float(v), n]
-                             for k, v in window["sums"].items()}}
+    return {k: list(v) for k, v in window.items()}
