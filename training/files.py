@@ -38,6 +38,13 @@ def umask_mode(*paths: str | Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def save_tensors(tensors: dict, path: str | Path) -> None:
+    """safetensors' save_file, the file then given the umask's mode (umask_mode: save_file writes 0600)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))
+    umask_mode(path)
+
+
 def _umask() -> int:
     """This process's umask: from /proc where there is one (setting it to read it back changes it for every thread
     meanwhile), else set and restored."""

@@ -22,7 +22,7 @@ import torch
 from training.config import REF_CACHE_FOLDER
 from training.dpo.forward import adapters_disabled, response_logps
 from training.engine.loop import rank_batches, stand_in_batch
-from training.files import umask_mode
+from training.files import save_tensors
 from training.model.builder import eval_mode
 from training.model.fingerprint import model_fingerprint
 
@@ -129,9 +129,7 @@ class RefCache:
         if strategy.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            from safetensors.torch import save_file
-            save_file({"sum": acc[0].contiguous(), "count": acc[1].contiguous(), "wsum": acc[2].contiguous()}, str(tmp))
-            umask_mode(tmp)  # readable as the data beside it (save_file writes 0600)
+            save_tensors({"sum": acc[0].contiguous(), "count": acc[1].contiguous(), "wsum": acc[2].contiguous()}, tmp)
             os.replace(tmp, path)
             print(f"reference log-probs: computed for {n_items} items -> {path}")
         strategy.barrier()

@@ -81,9 +81,7 @@ class RewardModel(torch.nn.Module):
         """Called by `builder.save_model` (hence by `Strategy.save_hf`, which under ZeRO-3 gathers the parameters
         or passes them gathered as `state_dict`): backbone as a normal checkpoint, then the head and its
         description."""
-        from safetensors.torch import save_file
-
-        from training.files import umask_mode
+        from training.files import save_tensors
         from training.model.builder import save_model
 
         def part(prefix):
@@ -93,8 +91,7 @@ class RewardModel(torch.nn.Module):
         save_model(self.backbone, None, out_dir, state_dict=part("backbone."))
         head = part("value_head.") or self.value_head.state_dict()
         head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()}
-        save_file(head, str(out_dir / HEAD_FILE))
-        umask_mode(out_dir / HEAD_FILE)  # as the backbone's weights (save_file writes 0600)
+        save_tensors(head, out_dir / HEAD_FILE)
         (out_dir / INFO_FILE).write_text(json.dumps({
             "kind": "reward_model", "hidden_size": self.value_head.in_features, "factual": self.factual,
             "head_file": HEAD_FILE, "read_at": "last non-pad token"}, indent=1))
