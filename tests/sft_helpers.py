@@ -55,6 +55,29 @@ def ppo_args(world: Path, tiny: Path, rm: Path, out: Path, *extra: str) -> list[
             "--logging_steps", "1", "--figure_dir", str(out / "figure"), *extra]
 
 
+def on_reference_logprobs(monkeypatch, change) -> None:
+    """Routes the log-probs a PPOTrainer computes for its reference (inside its _ref_context) through
+    change(trainer, (log-probs, mask, entropy), batch, suppressed) -> what the trainer gets instead."""
+    import contextlib
+
+    from training.ppo.trainer import PPOTrainer
+    real_ctx, real_lp = PPOTrainer._ref_context, PPOTrainer._logprobs
+
+    @contextlib.contextmanager
+    def ctx(self):
+        with real_ctx(self):
+            self._in_ref = True
+            yield
+        self._in_ref = False
+
+    def logprobs(self, model, batch, suppressed, with_entropy=False):
+        out = real_lp(self, model, batch, suppressed, with_entropy)
+        return change(self, out, batch, suppressed) if getattr(self, "_in_ref", False) else out
+
+    monkeypatch.setattr(PPOTrainer, "_ref_context", ctx)
+    monkeypatch.setattr(PPOTrainer, "_logprobs", logprobs)
+
+
 class FakeRank:
     """A stand-in strategy: one rank of `world`, all_reduce recording what it is given."""
 

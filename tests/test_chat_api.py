@@ -30,13 +30,17 @@ def _serve(on_request):
     return server
 
 
-def _answer(h):
-    content = json.dumps([{"copied_content": "A red star.", "score": 4, "error_type": "correct"}])
+def _send(h, content: str, declared_extra: int = 0):
+    """A chat-completions reply of `content` (declared_extra: bytes announced beyond those sent)."""
     out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
     h.send_response(200)
-    h.send_header("Content-Length", str(len(out)))
+    h.send_header("Content-Length", str(len(out) + declared_extra))
     h.end_headers()
     h.wfile.write(out)
+
+
+def _answer(h):
+    _send(h, json.dumps([{"copied_content": "A red star.", "score": 4, "error_type": "correct"}]))
 
 
 def _expert(url, tmp_path, env="OPA_TEST_KEY"):
@@ -247,11 +251,7 @@ def test_an_endpoint_with_a_query_gets_the_path_before_its_query(tmp_path):
 
     def record(h):
         seen.append(h.path)
-        out = json.dumps({"choices": [{"message": {"content": "yes"}}]}).encode()
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(out)))
-        h.end_headers()
-        h.wfile.write(out)
+        _send(h, "yes")
     server = _serve(record)
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1?api-version=7"

@@ -1,10 +1,9 @@
 """OPA-DPO's expert for real data: parsing its per-sentence answers, and the OpenAI-compatible client
 (retries, cut-short replies, its on-disk cache per endpoint)."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from test_chat_api import _send, _serve
 
 from training.dpo.opa.expert import ChatExpert
 
@@ -34,28 +33,8 @@ def test_parse_report_refuses_unusable_answers():
             parse_report(bad)
 
 
-def _serve(answer):
-    """A fake OpenAI-compatible endpoint: answer(handler) writes each reply."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            answer(self)
-
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def _reply(h, score, declared_extra=0):
-    content = json.dumps([{"copied_content": "A red star.", "score": score, "error_type": "correct"}])
-    out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
-    h.send_response(200)
-    h.send_header("Content-Length", str(len(out) + declared_extra))
-    h.end_headers()
-    h.wfile.write(out)
+    _send(h, json.dumps([{"copied_content": "A red star.", "score": score, "error_type": "correct"}]), declared_extra)
 
 
 def test_chat_expert_retries_a_reply_cut_short(tmp_path):
@@ -149,12 +128,7 @@ def test_an_answer_reviewing_no_sentence_is_not_cached(tmp_path):
 
     def answer(h):
         calls.append(1)
-        out = json.dumps({"choices": [{"message": {"content": "[]" if len(calls) == 1 else json.dumps(
-            [{"copied_content": "A red star.", "score": 1}])}}]}).encode()
-        h.send_response(200)
-        h.send_header("Content-Length", str(len(out)))
-        h.end_headers()
-        h.wfile.write(out)
+        _send(h, "[]" if len(calls) == 1 else json.dumps([{"copied_content": "A red star.", "score": 1}]))
 
     server = _serve(answer)
     try:

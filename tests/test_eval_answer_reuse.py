@@ -24,11 +24,8 @@ def _fake_predict(monkeypatch):
     return calls
 
 
-def test_answers_to_an_image_since_rewritten_are_generated_again(tmp_path, monkeypatch):
-    """The settings held the image folder's name, not its pictures: a world generated anew (another seed or
-    version: the same question ids, texts and file names, other scenes) kept the old answers, scored against
-    the new scenes' objects."""
-    calls = _fake_predict(monkeypatch)
+def _one_question(tmp_path):
+    """(a model folder, an image folder holding s0.png, its answer "a cat", and a run() generating its answers)."""
     model, images = tmp_path / "model", tmp_path / "images"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"w")
@@ -40,6 +37,15 @@ def test_answers_to_an_image_since_rewritten_are_generated_again(tmp_path, monke
         got, _ = answers.generate(qs, tmp_path / "predictions", "embedded", str(model), str(images),
                                   {"num_beams": 1, "batch_size": 4}, [], restart=True)
         return got["objhal"]["s0"]
+    return images, run
+
+
+def test_answers_to_an_image_since_rewritten_are_generated_again(tmp_path, monkeypatch):
+    """The settings held the image folder's name, not its pictures: a world generated anew (another seed or
+    version: the same question ids, texts and file names, other scenes) kept the old answers, scored against
+    the new scenes' objects."""
+    calls = _fake_predict(monkeypatch)
+    images, run = _one_question(tmp_path)
     assert run() == "a cat" and calls == [1]
     assert run() == "a cat" and calls == [1]  # unchanged: reused, no model loaded
     (images / "s0.png").write_text("a dog")
@@ -56,20 +62,12 @@ def test_answers_made_by_other_generation_code_are_generated_again(tmp_path, mon
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "training", code / "training", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(answers, "CODE_ROOT", code, raising=False)  # the project whose code generates
-    model, images = tmp_path / "model", tmp_path / "images"
-    model.mkdir()
-    (model / "model.safetensors").write_bytes(b"w")
-    images.mkdir()
-    (images / "s0.png").write_text("a cat")
-    qs = {"objhal": [{"question_id": "s0", "image": "s0.png", "text": "Describe the image."}]}
-
-    def run():
-        answers.generate(qs, tmp_path / "predictions", "embedded", str(model), str(images),
-                         {"num_beams": 1, "batch_size": 4}, [], restart=True)
-        return len(calls)
-    assert run() == 1 and run() == 1
+    _, run = _one_question(tmp_path)
+    assert run() == "a cat" and run() == "a cat" and calls == [1]
     for name in ("training/predict/generate.py", "training/templates/chat.py"):  # imported by predict's main
         (code / name).write_text((code / name).read_text() + "\n# changed\n")
-        assert run() == 2 + (name != "training/predict/generate.py"), name
+        run()
+        assert len(calls) == 2 + (name != "training/predict/generate.py"), name
     (code / "training" / "ppo" / "trainer.py").write_text("# not reached by predict\n")
-    assert run() == 3
+    run()
+    assert len(calls) == 3

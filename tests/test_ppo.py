@@ -48,30 +48,17 @@ def test_ppo_lora_actor_uses_disabled_adapters_as_reference(world, tiny, rm, tmp
 def test_ppo_lora_reference_stays_the_sft_model_while_the_projector_trains(world, tiny, rm, tmp_path, monkeypatch):
     """With LoRA the projector and vision tower still train (no freeze flags): the reference (adapters off) must
     put them back at their start, or it moves with every update (measured 0.11 in log-prob by step 2)."""
-    import contextlib
-
+    from sft_helpers import on_reference_logprobs
     from training.config import LoraArgs, ModelArgs
     from training.model.builder import load_model_and_processor
 
     frozen, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(), for_training=False)
-    real_ctx, real_lp = PPOTrainer._ref_context, PPOTrainer._logprobs
-    diffs = []
+    real_lp, diffs = PPOTrainer._logprobs, []
 
-    @contextlib.contextmanager
-    def ctx(self):
-        with real_ctx(self):
-            self.in_ref = True
-            yield
-        self.in_ref = False
-
-    def logprobs(self, model, batch, suppressed, with_entropy=False):
-        out = real_lp(self, model, batch, suppressed, with_entropy)
-        if getattr(self, "in_ref", False):  # the reference's log-probs vs the frozen SFT model's, same rollouts
-            diffs.append(float((out[0] - real_lp(self, frozen, batch, suppressed)[0]).abs().max()))
+    def compare(trainer, out, batch, suppressed):  # the reference's log-probs vs the frozen SFT model's, same rollouts
+        diffs.append(float((out[0] - real_lp(trainer, frozen, batch, suppressed)[0]).abs().max()))
         return out
-
-    monkeypatch.setattr(PPOTrainer, "_ref_context", ctx)
-    monkeypatch.setattr(PPOTrainer, "_logprobs", logprobs)
+    on_reference_logprobs(monkeypatch, compare)
     main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "3", "--lora_r", "4", "--lora_target_modules",
                   "q_proj,v_proj", "--learning_rate", "1e-3"))
     assert len(diffs) == 3 and max(diffs) < 1e-5, diffs

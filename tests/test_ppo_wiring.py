@@ -112,23 +112,12 @@ def test_the_kl_is_the_actors_log_prob_minus_the_references(world, tiny, rm, tmp
     """A reference whose log-prob is the actor's minus 1 at every response token: the k1 estimate log pi - log ref
     is +1 per token, so the logged KL (per rollout, summed over its tokens) is the mean response length. With the
     arguments swapped it was minus that, and every test passed (the first step's KL is 0 either way)."""
-    import contextlib
+    from sft_helpers import on_reference_logprobs
 
-    real_ctx, real_lp = PPOTrainer._ref_context, PPOTrainer._logprobs
-
-    @contextlib.contextmanager
-    def ctx(self):
-        with real_ctx(self):
-            self.in_ref = True
-            yield
-        self.in_ref = False
-
-    def logprobs(self, model, batch, suppressed, with_entropy=False):
-        lp, mask, ent = real_lp(self, model, batch, suppressed, with_entropy)
-        return (lp - mask.to(lp.dtype) if getattr(self, "in_ref", False) else lp), mask, ent
-
-    monkeypatch.setattr(PPOTrainer, "_ref_context", ctx)
-    monkeypatch.setattr(PPOTrainer, "_logprobs", logprobs)
+    def minus_one(trainer, out, batch, suppressed):
+        lp, mask, ent = out
+        return lp - mask.to(lp.dtype), mask, ent
+    on_reference_logprobs(monkeypatch, minus_one)
     main(ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1", "--kl_estimator", "k1"))
     row = _rows(tmp_path / "out")[0]
     assert row["kl"] == pytest.approx(row["response_length"]) and row["kl"] >= 1
