@@ -596,9 +596,3 @@ def test_unusual_bad_inputs_are_bad_rows_or_errors_naming_the_file(root, tmp_pat
     with pytest.raises(DataFormatError, match="caps.json: not a JSON file of captions"):
         read_preferences([str(pairs)], str(root), captions_file=str(caps))
 
-
-def test_a_llava_rlhf_preference_read_as_a_float_is_its_number(tmp_path, root):
-    """A preference column of floats (parquet or pandas: 1.0, 2.0) was refused as a bad row ("expected 1 or 2")."""
-    f = _json(tmp_path / "rlhf.json", [dict(GOOD_RLHF, preference=2.0), dict(GOOD_RLHF, preference=1.0)])
-    recs = read_preferences([f], str(root))
-    assert [r.responses for r in recs] == [["b", "a"], ["a", "b"]]

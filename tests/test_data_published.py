@@ -153,3 +153,15 @@ def test_llava_rlhf_ppo_prompts_get_the_factual_block_of_the_reward_models_train
     assert rm_messages(r.prompt, "B", r.facts, True, "s") == rm_messages(p.prompt, "B", p.facts, True, "s")
     assert r.meta == {"correct_option": "B"}  # --correct_bonus reads the letter
     assert read_prompts(str(prompts), str(tmp_path))[0].facts is None  # no captions file: as before
+
+
+def test_a_llava_rlhf_preference_read_as_a_float_is_its_number(tmp_path):
+    """A preference column of floats (parquet or pandas: 1.0, 2.0) was refused as a bad row ("expected 1 or 2")."""
+    from training.data.formats import read_preferences
+    (tmp_path / "a.png").write_bytes(_png())
+    turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "x"}]
+    rows = [{"image": "a.png", "conversations": turns, "output_1": "a", "output_2": "b", "preference": pref}
+            for pref in (2.0, 1.0)]
+    (tmp_path / "rlhf.json").write_text(json.dumps(rows))
+    assert [r.responses for r in read_preferences([str(tmp_path / "rlhf.json")], str(tmp_path))] == \
+        [["b", "a"], ["a", "b"]]

@@ -188,3 +188,26 @@ def test_a_rollout_step_resumed_after_a_skipped_row_samples_as_an_uninterrupted_
     whole = rollouts("whole")
     assert len(whole) == 5 and "pref00001#1" not in whole
     assert rollouts("resumed") == whole
+
+
+def test_a_correct_step_killed_as_it_writes_the_pairs_leaves_the_last_ones_whole(world, tmp_path, monkeypatch):
+    """opa_pairs.json and opa_sft.json were written in place: a kill part-way left half a file that a later --step sft
+    or dpo alone read. Killed here before a whole new file is renamed into place, the last pairs stay as they were."""
+    import os
+
+    from training.dpo.opa.main import main
+    out = tmp_path / "opa"
+    _write_rollouts(out / "work", ["A red star.", GT])
+    main(_opa_main_args(world, out, "--step", "correct", "--only_corrected"))
+    pairs = out / "work" / "opa_pairs.json"
+    before = pairs.read_text()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", killed)
+    try:
+        main(_opa_main_args(world, out, "--step", "correct"))  # would pair both rollouts
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert pairs.read_text() == before and len(json.loads(before)) == 1
