@@ -103,8 +103,8 @@ class DeepSpeedArgs:
 @dataclass
 class RunArgs:
     output_dir: str = _f("output/run", "Where the checkpoint, metrics and logs go.")
-    logging_steps: int = _f(10, "Log every N optimizer steps: each row holds the means over those steps (the "
-                                "learning rate: the logged step's).")
+    logging_steps: int = _f(10, "Log every N optimizer steps: each row holds each metric's mean over those of the "
+                                "steps that report it (the learning rate, PPO's KL coefficient: the logged step's).")
     eval_steps: int = _f(0, "Evaluate --eval_data_path every N steps (0: at the end only).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: none; the finished model "
                             "is saved either way).")

@@ -389,7 +389,8 @@ class StepLog:
             if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
                 self.strategy.write_report(self.report, self.run.output_dir)
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
-                      "window": _window_copy(self._window), **(self.state.state_dict() if self.state is not None else {})}
+                      "window": _window_copy(self._window),
+                      **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
                                       client, self.run.save_total_limit)
 
