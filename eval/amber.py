@@ -35,7 +35,6 @@ nltk + spaCy en_core_web_lg exactly as inference.py does, when they and their da
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -285,8 +284,7 @@ def data_files(args) -> list[Path]:
 def questions(args) -> dict[str, list[dict]]:
     """The queries, each checked for its fields and its annotation (looked up by position id-1, as inference.py)."""
     qfile, afile = _query_file(args), Path(args.data) / "annotations.json"
-    rows = json.loads(qfile.read_text(encoding="utf-8"))
-    annotations = json.loads(afile.read_text(encoding="utf-8"))
+    rows, annotations = read_json(qfile), read_json(afile)
     out = []
     for i, r in enumerate(rows):
         where = f"{qfile}, row {i}"

@@ -94,3 +94,7 @@ def test_a_benchmark_json_file_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / "annotations.json").write_text("[{]")
     with pytest.raises(ValueError, match=r"annotations\.json: invalid JSON at line 1"):
         amber.load_amber(tmp_path)
+    (tmp_path / "query_all.json").write_text('[{"id": 1,]')  # the queries, read with their annotations
+    with pytest.raises(ValueError, match=r"query_all\.json: invalid JSON at line 1"):
+        amber.questions(argparse.Namespace(data=str(tmp_path), amber_query=str(tmp_path / "query_all.json"),
+                                           amber_disc_suffix=""))
