@@ -110,7 +110,13 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
         return embedded_tiny_vlm()
     if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
         return made_once(lambda: merged_checkpoint(model_args.from_checkpoint, model_args.trust_remote_code))
-    return model_args.from_checkpoint
+    return absolute_if_local(model_args.from_checkpoint)
+
+
+def absolute_if_local(path: str) -> str:
+    """A local checkpoint's absolute path (what transformers records as the model's name_or_path, and a LoRA run as
+    its adapters' base: a relative one named nothing from another working folder); a Hub id as it is."""
+    return os.path.abspath(path) if Path(path).exists() else path
 
 
 def made_once(make) -> str:
@@ -299,8 +305,9 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if model_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # an adapter checkpoint stays the base (merged again when needed), not its merged copy in a temp folder
-    base = model_args.from_checkpoint if str(path) != str(model_args.from_checkpoint) and \
-        Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint) else path
+    base = absolute_if_local(model_args.from_checkpoint) if Path(model_args.from_checkpoint).is_dir() and \
+        is_adapter_checkpoint(model_args.from_checkpoint) and Path(path).resolve() != \
+        Path(model_args.from_checkpoint).resolve() else path
     model._vlm_build_info = {"base": str(base), "model_architecture": spec.name,
                              "trust_remote_code": trust, "precision": model_args.precision,
                              **({"qlora": {"double_quant": lora_args.bnb_double_quant}} if lora_args.qlora else {})}
