@@ -55,6 +55,36 @@ def test_a_generation_stopped_part_way_leaves_no_world_record(tmp_path, monkeypa
     assert not (tmp_path / "world.json").exists()  # so ensure_world generates the world it asks for anew
 
 
+def test_a_world_made_by_other_generator_code_is_made_again(tmp_path):
+    """ensure_world reused a world whose settings matched unless someone bumped VERSION by hand: after a change to
+    the generator's code without the bump, every stage trained on the old world. Here a copy of the project whose
+    generator words its description question otherwise must make the world again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = tmp_path / "code"
+    shutil.copytree(Path(__file__).parents[1] / "training", code / "training",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import sys, training.world.generate as g; W = g.WorldConfig; "
+              "g.WorldConfig = lambda seed=0: W(seed=seed, n_sft=4, n_pref=2, n_ppo=2, n_heldout=2); "
+              "g.ensure_world(sys.argv[1])")
+    world = tmp_path / "world"
+
+    def ensure():
+        subprocess.run([sys.executable, "-c", script, str(world)], cwd=code, check=True,
+                       env={**os.environ, "PYTHONPATH": str(code)})
+    ensure()
+    before = _digest(world)
+    source = code / "training" / "world" / "generate.py"
+    assert '"Describe the image in detail."' in source.read_text()
+    source.write_text(source.read_text().replace('"Describe the image in detail."', '"Describe the image."'))
+    ensure()
+    assert _digest(world) != before
+    assert "Describe the image." in (world / "sft_train.json").read_text()
+
+
 def test_files_read_back_with_ground_truth(tmp_path):
     meta = generate(tmp_path, WorldConfig(seed=1, **SMALL))
     img = str(tmp_path / "images")

@@ -16,6 +16,7 @@ Files (images under images/, paths relative to it):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from collections import Counter
@@ -26,8 +27,6 @@ from training.files import write_text_atomic
 from training.world.scenes import COLORS, KINDS, NUMBERS, PARTNER, PLURAL, Scene, describe, facts, render, sample_scene
 
 DESCRIBE = "Describe the image in detail."
-# Bumped whenever the generator's output changes, so ensure_world regenerates an old world.
-VERSION = 6
 POPE_SUFFIX = ""
 
 
@@ -55,6 +54,16 @@ class WorldConfig:
     n_ppo: int = 600
     n_heldout: int = 300
     hallucination_rate: float = 0.2  # share of SFT descriptions that mention an absent object
+
+
+def code_digest() -> str:
+    """The world's identity beside its settings: a SHA-256 of the generator's source files (this package's modules,
+    read as bytes), recorded in world.json. A world made by other code is made again by ensure_world (a version
+    number bumped by hand was forgotten, and the old world reused, after a change to the generator)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _triggers(scene: Scene) -> list[str]:
@@ -184,7 +193,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     }
     for name, rows in jsonl.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"version": VERSION, "config": asdict(cfg), "n_sft_descriptions_hallucinated": n_hal,
+    meta = {"code_sha256": code_digest(), "config": asdict(cfg), "n_sft_descriptions_hallucinated": n_hal,
             "scenes": {n: [{"id": s.id, "background": s.background, "objects": [asdict(o) for o in s.objects]}
                            for s in sc] for n, sc in splits.items()}}
     write_text_atomic(out / "world.json", json.dumps(meta))
@@ -192,12 +201,13 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
 
 
 def ensure_world(out: str | Path, seed: int = 0) -> Path:
-    """Generate the default world once; later calls reuse it when the settings match."""
+    """Generate the default world once; later calls reuse it when the settings and the generator's code
+    (code_digest) are those it was made with."""
     out = Path(out)
     meta = out / "world.json"
     cfg = WorldConfig(seed=seed)
     old = json.loads(meta.read_text()) if meta.exists() else {}
-    if old.get("config") != asdict(cfg) or old.get("version") != VERSION:
+    if old.get("config") != asdict(cfg) or old.get("code_sha256") != code_digest():
         generate(out, cfg)
     return out
 
