@@ -21,6 +21,7 @@ another expert, is reviewed anew.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from training.config import DataArgs
 from training.files import write_text_atomic
 from training.model.builder import add_inference_args
 
@@ -42,9 +44,13 @@ def parse(argv=None) -> argparse.Namespace:
                                                          "exists")
     p.add_argument("--from_checkpoint", default="output/sft", help="the original policy")
     p.add_argument("--data_path", default="", help="preference or prompt file with reference answers "
-                                                   "(default: the embedded world's preference_train.json)")
+                                                   "(default: the embedded world's preference_train.json, in "
+                                                   "--world_dir)")
     p.add_argument("--image_folder", default="", help="image root (default: the data file's folder); the work "
                                                        "files name images relative to it")
+    for f in dataclasses.fields(DataArgs):  # the other stages' options of the embedded world, and their defaults
+        if f.name in ("world_dir", "world_seed"):
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json, and rollouts "
                         "the expert answers unusably (retried on the next run), instead of stopping")
@@ -137,7 +143,7 @@ def resolve_paths(a) -> None:
     the data file's folder, the root the readers confine its image paths to."""
     if not a.data_path:
         from training.world.generate import ensure_world
-        world = ensure_world("data/world")
+        world = ensure_world(a.world_dir, a.world_seed)
         a.data_path, a.image_folder = str(world / "preference_train.json"), a.image_folder or str(world / "images")
     a.image_folder = a.image_folder or os.path.dirname(os.path.abspath(a.data_path))
 
