@@ -19,3 +19,29 @@ def test_the_default_data_is_the_world_of_world_dir_and_world_seed(tmp_path, mon
     assert not (tmp_path / "data").exists()
     a = parse([])  # the other stages' defaults
     assert (a.world_dir, a.world_seed) == ("data/world", 0)
+
+
+def test_the_sft_and_dpo_steps_get_paths_that_resolve_where_they_run(world, tmp_path, monkeypatch):
+    """The SFT and DPO steps run through run_sft.sh / run_dpo_training.sh in the repository's folder, but were given
+    the paths as written: `python -m training.dpo.opa.main --output_dir out ...` started from another folder had
+    them read the work files from, and write their models into, the repository's out/ (or fail to find them)."""
+    import os
+    from pathlib import Path
+
+    import training.dpo.opa.main as opa
+    calls = []
+    monkeypatch.setattr(opa.subprocess, "run", lambda cmd, cwd: calls.append((cmd, cwd)) or
+                        type("Done", (), {"returncode": 0})())
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for step in ("sft", "dpo"):
+        opa.main(["--step", step, "--from_checkpoint", "ckpt", "--data_path", str(world / "preference_train.json"),
+                  "--image_folder", "imgs", "--output_dir", "out", "--figure_dir", "figs"])
+    assert len(calls) == 2
+    for cmd, cwd in calls:
+        values = {k: v for k, v in zip(cmd, cmd[1:]) if k in ("--from_checkpoint", "--data_path", "--image_folder",
+                                                               "--output_dir", "--figure_dir")}
+        assert len(values) == 5
+        for flag, value in values.items():
+            assert str(Path(os.path.join(cwd, value))).startswith(str(tmp_path)), (flag, value, cwd)

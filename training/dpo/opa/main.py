@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -371,6 +372,17 @@ def _stage(script: str, args: list[str], in_process: bool = False) -> None:
         raise SystemExit(status)
 
 
+def _stage_path(path, in_process: bool) -> str:
+    """A path of this command (relative ones to its working folder) as a stage reads it: its run_*.sh runs in the
+    repository's folder, so relative to that (as run_opa_dpo.sh, run there, gives it), or absolute outside it (the
+    stage read and wrote the repository's out/ for `python -m training.dpo.opa.main --output_dir out` started
+    elsewhere); in process, as it is."""
+    if in_process:
+        return str(path)
+    p = Path(os.path.abspath(path))
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def _stage_resume(out_dir: Path, record: Path, inputs: list, force: bool) -> list[str] | None:
     """How a stage runs: None (skipped: its model is there, made from these inputs), [] (from the start: --force, or
     its inputs changed since it started) or ["--resume"] (from its last checkpoint, if any). inputs: the files (Path)
@@ -408,22 +420,24 @@ def main(argv=None) -> None:
     # a stage continues from its last checkpoint (none: from the start); one whose data or options changed since
     # (the correct step made other pairs, another --sft_args) is made again, and so is the DPO step after it
     sft_record, dpo_record = work / "opa_sft.inputs", work / "opa_dpo.inputs"
+    here = functools.partial(_stage_path, in_process=a.in_process)
+    start = here(a.from_checkpoint) if Path(a.from_checkpoint).exists() else a.from_checkpoint  # a Hub id as it is
     if "sft" in steps:
         resume = _stage_resume(sft_dir, sft_record, [work / "opa_sft.json", a.from_checkpoint, a.image_folder, a.seed,
                                                      a.sft_args], a.force)
         if resume is not None:
-            _stage("run_sft.sh", ["--from_checkpoint", a.from_checkpoint, "--data_path", str(work / "opa_sft.json"),
-                                  "--image_folder", a.image_folder, "--output_dir", str(sft_dir), "--seed",
-                                  str(a.seed), "--figure_dir", a.figure_dir, *resume, *shlex.split(a.sft_args)],
-                   a.in_process)
+            _stage("run_sft.sh", ["--from_checkpoint", start, "--data_path",
+                                  here(work / "opa_sft.json"), "--image_folder", here(a.image_folder), "--output_dir",
+                                  here(sft_dir), "--seed", str(a.seed), "--figure_dir", here(a.figure_dir), *resume,
+                                  *shlex.split(a.sft_args)], a.in_process)
     if "dpo" in steps:
         resume = _stage_resume(Path(a.output_dir), dpo_record, [work / "opa_pairs.json", sft_record, a.image_folder,
                                                                  a.dpo_args], a.force)
         if resume is not None:
-            _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", str(sft_dir), "--data_path",
-                                           str(work / "opa_pairs.json"), "--image_folder", a.image_folder,
-                                           "--output_dir", a.output_dir, "--sft_weight", "0", "--figure_dir",
-                                           a.figure_dir, *resume, *shlex.split(a.dpo_args)], a.in_process)
+            _stage("run_dpo_training.sh", ["--loss_type", "opa", "--from_checkpoint", here(sft_dir), "--data_path",
+                                           here(work / "opa_pairs.json"), "--image_folder", here(a.image_folder),
+                                           "--output_dir", here(a.output_dir), "--sft_weight", "0", "--figure_dir",
+                                           here(a.figure_dir), *resume, *shlex.split(a.dpo_args)], a.in_process)
 
 
 if __name__ == "__main__":
