@@ -45,3 +45,26 @@ def test_the_sft_and_dpo_steps_get_paths_that_resolve_where_they_run(world, tmp_
         assert len(values) == 5
         for flag, value in values.items():
             assert str(Path(os.path.join(cwd, value))).startswith(str(tmp_path)), (flag, value, cwd)
+
+
+def test_rollouts_of_another_world_in_the_same_folder_are_refused(tmp_path, monkeypatch):
+    """The rollouts' settings held the data file's path, not what it holds: a world made again in the same folder
+    with another --world_seed has rows of the same keys ("pref00000#0") over other scenes, and the first world's
+    rollouts were paired with them."""
+    import pytest
+
+    from training.dpo.opa.main import rollout_settings
+    from training.files import check_settings
+
+    small = gen.WorldConfig
+    monkeypatch.setattr(gen, "WorldConfig", lambda seed=0: small(seed=seed, n_sft=4, n_pref=2, n_ppo=2, n_heldout=2))
+    monkeypatch.setattr("training.model.fingerprint.model_fingerprint", lambda path: "the same policy")
+    out = tmp_path / "rollouts.jsonl"
+    settings = rollout_settings(parse(["--world_dir", str(tmp_path / "w")]))
+    check_settings(out, {}, settings, ".settings.json")
+    check_settings(out, {"pref00000#0": "a rollout"}, rollout_settings(parse(["--world_dir", str(tmp_path / "w")])),
+                   ".settings.json")  # the same world: resumed
+    with pytest.raises(SystemExit, match="data_sha256"):
+        check_settings(out, {"pref00000#0": "a rollout"},
+                       rollout_settings(parse(["--world_dir", str(tmp_path / "w"), "--world_seed", "1"])),
+                       ".settings.json")

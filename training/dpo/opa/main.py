@@ -200,10 +200,13 @@ def rollout_settings(a) -> dict:
     """What draws the rollouts: the prompts (the data file and the image root its rows' images are read from), the
     policy (and its files), the sampling and its seeds. An interrupted rollout step rerun with others appended
     another policy's or temperature's rollouts to the first ones; rerun on another data file, both files' rollouts
-    went into the pairs."""
+    went into the pairs. The data file's SHA-256 too: a world made again in the same folder with another
+    --world_seed (or a data file edited in place) has rows of the same keys over other images, and the first
+    world's rollouts were reused against them."""
     from training.model.fingerprint import model_fingerprint
     resolve_paths(a)
     return {"data_path": os.path.abspath(a.data_path), "image_folder": os.path.abspath(a.image_folder),
+            "data_sha256": hashlib.sha256(Path(a.data_path).read_bytes()).hexdigest(),
             "from_checkpoint": a.from_checkpoint, "model": model_fingerprint(a.from_checkpoint),
             "temperature": a.temperature, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
             "rollout_batch_size": a.rollout_batch_size}
