@@ -100,7 +100,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{a.sft} holds no SFT model: run `bash run_sft.sh` first")
     runs = {"dpo": ("run_dpo_training.sh", "output/dpo", ["--from_checkpoint", a.sft]),
             "orpo": ("run_dpo_training.sh", "output/orpo", ["--from_checkpoint", a.sft, "--loss_type", "orpo"]),
-            "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft]),
+            # every step anew (--force), as the other stages train anew: OPA's rollouts of an earlier SFT model in
+            # its work folder stopped the run ("written with other settings")
+            "opa_dpo": ("run_opa_dpo.sh", "output/opa_dpo", ["--from_checkpoint", a.sft, "--force"]),
             "ppo": ("run_ppo_training.sh", "output/ppo", ["--from_checkpoint", a.sft])}
     methods = list(a.methods) + (["opa_dpo"] if a.with_opa and "opa_dpo" not in a.methods else [])
     if "opa_dpo" in methods and "dpo" not in methods:  # OPA-DPO's target is DPO's CHAIR_i with a third of its pairs

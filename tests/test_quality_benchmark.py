@@ -89,3 +89,18 @@ def test_an_unknown_method_is_refused_before_anything_is_scored(tmp_path, monkey
     with pytest.raises(SystemExit):
         quality.main(["--sft", str(sft), "--methods", "opa"])
     assert "invalid choice: 'opa'" in capsys.readouterr().err
+
+
+def test_opa_dpo_is_trained_anew_like_the_other_methods(tmp_path, monkeypatch):
+    """The other stages train afresh when the benchmark trains them; OPA-DPO's steps resumed from its work folder,
+    whose rollouts came from an earlier SFT model after the main job ran again: refused, the benchmark stopped."""
+    from benchmarks import quality
+    scores = {"sft": {"CHAIRi": 0.1, "CHAIRs": 0.2, "recall": 0.96},
+              "dpo": {"CHAIRi": 0.02, "CHAIRs": 0.04, "recall": 0.95},
+              "opa_dpo": {"CHAIRi": 0.04, "CHAIRs": 0.08, "recall": 0.95}}
+    sft = _stand_ins(monkeypatch, tmp_path, scores)
+    calls = []
+    monkeypatch.setattr(quality, "train", lambda script, out, *args: calls.append((script, args)))
+    quality.main(["--sft", str(sft), "--methods", "dpo", "--with_opa"])
+    assert [s for s, _ in calls] == ["run_dpo_training.sh", "run_opa_dpo.sh"]
+    assert "--force" in calls[1][1] and "--force" not in calls[0][1]
