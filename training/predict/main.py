@@ -2,6 +2,7 @@
 
     bash run_predict.sh --model_path output/sft --data_path data/world/bench_objhal.jsonl
     bash run_predict.sh ... --best_of_n 8 --reward_model output/rm   # sample 8, keep the RM's best
+    bash run_predict.sh ... --best_of_n 8 --reward_model R --captions_file image_to_caption.json  # LLaVA-RLHF's
 
 Batched; an interrupted run resumes: question_ids already in --output_file are not generated again.
 """
@@ -41,6 +42,11 @@ def parse(argv=None) -> argparse.Namespace:
                         "scores highest; a factual reward model gets the questions' facts when they have them")
     p.add_argument("--reward_model", default="", help="reward model checkpoint (run_rm_training.sh); without "
                                                      "--best_of_n it only records each answer's reward")
+    p.add_argument("--captions_file", default="",
+                   help="LLaVA-RLHF image_to_caption.json (image -> captions) for a factual --reward_model trained "
+                        "with it: each question's captions, and a multiple-choice question's correct answer, are its "
+                        "facts, as PPO's --captions_file gives them (conversations rows; a question whose image has "
+                        "none is a bad row)")
     p.add_argument("--rm_batch_size", type=int, default=32, help="sequences per reward-model forward pass")
     p.add_argument("--num_chunks", type=int, default=1,
                    help="answer every num_chunks-th question (from --chunk_idx) only: processes answering the "
@@ -51,6 +57,10 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
         p.error(f"--chunk_idx {args.chunk_idx} of --num_chunks {args.num_chunks}: need 0 <= chunk_idx < num_chunks")
+    if args.captions_file and not args.reward_model:
+        p.error("--captions_file gives a reward model its factual block: it needs --reward_model PATH")
+    if args.captions_file and not Path(args.captions_file).is_file():
+        p.error(f"--captions_file {args.captions_file}: no such file")
     for name in ("batch_size", "rm_batch_size", "max_new_tokens", "num_beams", "max_seq_len", "best_of_n"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: need 1 or more")
@@ -115,6 +125,8 @@ def run_settings(args, device: str, precision: str, image_root: str) -> dict:
                          "temperature": args.temperature, "top_p": args.top_p, "num_beams": args.num_beams,
                          "seed": args.seed},
             "best_of_n": args.best_of_n, "reward_model": str(args.reward_model),
+            "captions_file": str(Path(args.captions_file).resolve()) if args.captions_file else None,
+            "captions_fingerprint": _file_digest(args.captions_file) if args.captions_file else None,
             "reward_model_fingerprint": model_fingerprint(args.reward_model) if args.reward_model else None,
             "max_seq_len": args.max_seq_len, "model_architecture": args.model_architecture,
             "device": device.split(":")[0], "precision": precision, "model_id": args.model_id}
@@ -221,7 +233,9 @@ def predict(args: argparse.Namespace) -> Path:
         done = answered(out)
         check_settings(out, done, run_settings(args, device, precision, image_root))
     report = BadRowReport(skip=args.skip_bad_rows)
-    records = read_prompts([args.data_path], image_root, report)
+    records = read_prompts([args.data_path], image_root, report, args.captions_file or None)
+    if args.captions_file:
+        records = _with_captions(records, args.reward_model, report)
     if args.chunk_idx > 0:  # rows unreadable in the file are every chunk's finding: chunk 0 reports them
         report.skipped.clear()
     unique_ids(records)
@@ -296,6 +310,24 @@ def predict(args: argparse.Namespace) -> Path:
 
 def _chunk_tag(args) -> str:
     return f".chunk{args.chunk_idx}of{args.num_chunks}" if args.num_chunks > 1 else ""
+
+
+def _with_captions(records, reward_model: str, report) -> list:
+    """Questions read with a captions file: for a factual reward model, each one without facts (no image, so no
+    caption, and no correct answer) is a bad row of `report`, as in PPO, rather than every question being scored
+    without the factual block; a reward model that is not factual reads no facts, and a note says so."""
+    from training.rm.factual import with_facts
+    from training.rm.model import reward_model_info
+
+    if reward_model_info(reward_model).get("factual", False):
+        return with_facts(records, report)
+    print(f"note: {reward_model} is not a factual reward model: it reads no captions (--captions_file unused)")
+    return records
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _scorer(args, records, device: str, precision: str):

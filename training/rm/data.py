@@ -169,5 +169,5 @@ def missing_facts_note(records, factual: bool) -> str:
     """Empty, or a one-line note when a factual reward model scores rows without facts."""
     if factual and not all(has_facts(r.facts) for r in records):
         return ("note: the reward model is factual but these questions carry no 'facts': scoring without "
-                "the factual block")
+                "the factual block (--captions_file gives LLaVA-RLHF questions their captions)")
     return ""

@@ -101,6 +101,15 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / INFO_FILE).is_file()
 
 
+def reward_model_info(path: str | Path) -> dict:
+    """A reward model checkpoint's record (INFO_FILE: whether it is factual, its head's file, ...)."""
+    path = Path(path)
+    if not is_reward_model(path):
+        raise FileNotFoundError(f"{path}: not a reward model checkpoint (no {INFO_FILE}); train one with "
+                                "`bash run_rm_training.sh`")
+    return json.loads((path / INFO_FILE).read_text())
+
+
 def head_file(path: str | Path, info: dict) -> str:
     """The head's file name that a reward model's record (`info`, read from path/INFO_FILE) gives: a name in its
     folder, not a path out of it (a checkpoint from elsewhere would load a file from outside, and merge_lora copy it
@@ -124,10 +133,7 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
     from training.model.builder import eval_mode, load_model_and_processor
 
     path = Path(path)
-    if not is_reward_model(path):
-        raise FileNotFoundError(f"{path}: not a reward model checkpoint (no {INFO_FILE}); train one with "
-                                "`bash run_rm_training.sh`")
-    info = json.loads((path / INFO_FILE).read_text())
+    info = reward_model_info(path)
     head_file(path, info)  # before the backbone loads
     margs = dataclasses.replace(model_args or ModelArgs(), from_checkpoint=str(path))
     backbone, processor, spec = load_model_and_processor(margs, lora_args or LoraArgs(), for_training=for_training,
