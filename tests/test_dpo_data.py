@@ -171,3 +171,41 @@ def test_a_reference_cache_file_gets_the_umask_mode(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert oct(stat.S_IMODE((tmp_path / "ref.safetensors").stat().st_mode)) == "0o644"
+
+
+def test_a_stale_reference_cache_is_refused_before_any_update(world, tiny, tmp_path, monkeypatch):
+    """A stale cache is refused as it is loaded, every item's counts checked: before an optimizer step changes the
+    weights or a checkpoint is written (it was refused after the first step, and an item outside the steps run was
+    never checked)."""
+    from dist_dpo_driver import dpo_args
+    from safetensors.torch import load_file, save_file
+
+    from training.dpo.main import main
+    from training.engine.strategy import Strategy
+
+    args = dpo_args(world, tiny, tmp_path / "a", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                    "--save_steps", "1", "--ref_cache_dir", str(tmp_path / "cache"))
+    main(args)
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    good = load_file(str(path))
+    engines, prepare = [], Strategy.prepare
+
+    def prepared(self, *a, **k):  # the engine, and its weights as training starts
+        engine = prepare(self, *a, **k)
+        engines.append((engine, {n: w.detach().clone() for n, w in engine.module.named_parameters()}))
+        return engine
+
+    monkeypatch.setattr(Strategy, "prepare", prepared)
+    for item in (None, 11):  # every item's counts, or one item's (a 1-step run reads 4 of the 16)
+        d = dict(good)
+        d["count"] = good["count"].clone()
+        d["count"][slice(None) if item is None else item, 0] += 1
+        save_file(d, str(path))
+        out = tmp_path / f"b{item}"
+        with pytest.raises(ValueError, match=rf"cache {path} does not belong to this data and model: item "
+                                             rf"{item or 0}'s response token counts"):
+            main([*args[:args.index("--output_dir") + 1], str(out), *args[args.index("--output_dir") + 2:]])
+        assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+        engine, start = engines[-1]
+        for k, w in engine.module.named_parameters():
+            torch.testing.assert_close(w.detach(), start[k], rtol=0, atol=0, msg=k)

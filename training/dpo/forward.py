@@ -8,7 +8,7 @@ import torch
 
 from training.dpo.data import PlainBatch, PrefixBatch
 from training.dpo.packed import use_prefix_attention
-from training.logprobs import token_logprobs
+from training.logprobs import IGNORE, token_logprobs
 
 
 @dataclass
@@ -38,6 +38,11 @@ def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     mask = mask.to(lp.dtype)
     lp, mask, w = (x.view(N, K, -1) for x in (lp, mask, w))
     return ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask, w)
+
+
+def target_counts(batch: PrefixBatch | PlainBatch) -> torch.Tensor:
+    """(N, K) target tokens of each response, as response_logps counts them, read from the labels (no forward)."""
+    return (batch.labels[:, 1:] != IGNORE).sum(-1).view(batch.n_items, batch.n_responses)
 
 
 def adapters_disabled(module):

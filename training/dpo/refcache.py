@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from training.config import REF_CACHE_FOLDER
-from training.dpo.forward import adapters_disabled, response_logps
+from training.dpo.forward import adapters_disabled, response_logps, target_counts
 from training.engine.loop import rank_batches, stand_in_batch
 from training.files import save_tensors
 from training.model.builder import eval_mode
@@ -83,10 +83,32 @@ class RefCache:
         used, where it changes a response's token count (the one check left: the log-probs themselves are not)."""
         cached, now = self.count[torch.tensor(indices), :count.shape[1]], count.detach().double().cpu()
         if not torch.equal(cached, now):
-            bad = indices[int((cached != now).any(-1).nonzero()[0, 0])]
-            raise ValueError(f"reference log-prob cache {self.path} does not belong to this data and model: item "
-                             f"{bad}'s response token counts differ from the cached ones; delete the file (it is "
-                             "computed anew) or pass another --ref_cache_dir")
+            k = int((cached != now).any(-1).nonzero()[0, 0])
+            self._refuse(indices[k], cached[k], now[k])
+
+    def check_all(self, strategy, make_batch, n: int, batch_size: int) -> None:
+        """`check` of every item as the cache is loaded, the counts read from the batches' labels (no forward):
+        a stale cache is refused before an optimizer step changes the weights or a checkpoint is written, and an
+        item the run's steps would reach late (or never) is checked too. Ranks split the n dataset items and sum
+        their counts, so every rank sees the same result."""
+        now = torch.zeros_like(self.count)
+        for idx in rank_batches(n, strategy.world_size, strategy.rank, batch_size):
+            batch = make_batch(idx) if idx else None
+            if batch is not None:  # every item a bad row: none counted, as none was when the cache was computed
+                c = target_counts(batch).double().cpu()
+                now[torch.tensor(batch.indices), :c.shape[1]] = c
+        now = strategy.all_reduce(now)
+        bad = (self.count != now).any(-1).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            self._refuse(i, self.count[i], now[i], len(bad))
+
+    def _refuse(self, item: int, cached: torch.Tensor, now: torch.Tensor, n_bad: int = 1) -> None:
+        others = f" (and {n_bad - 1} other items')" if n_bad > 1 else ""
+        raise ValueError(f"reference log-prob cache {self.path} does not belong to this data and model: item "
+                         f"{item}'s response token counts{others} differ from the cached ones ({now.int().tolist()}, "
+                         f"cached {cached.int().tolist()}); delete the file (it is computed anew) or pass another "
+                         "--ref_cache_dir")
 
     @staticmethod
     def load_or_build(path: Path, strategy, engine, make_batch, n_items: int, K: int, batch_size: int,
@@ -97,9 +119,11 @@ class RefCache:
             from safetensors.torch import load_file
             d = load_file(str(path))
             if tuple(d["sum"].shape) == (n_items, K):
+                cache = RefCache(d["sum"], d["count"], d["wsum"], path)
+                cache.check_all(strategy, make_batch, n_items // rows_per_item, batch_size)
                 if strategy.is_main:
                     print(f"reference log-probs: loaded {path}")
-                return RefCache(d["sum"], d["count"], d["wsum"], path)
+                return cache
             if strategy.is_main:  # cannot belong to this data: computed anew and replaced
                 print(f"reference log-probs: {path} holds {tuple(d['sum'].shape)}, not ({n_items}, {K}): computing")
         acc = torch.zeros(3, n_items, K, dtype=torch.float64)
