@@ -16,8 +16,8 @@ def _serve(on_request):
     """A local HTTP server calling on_request(handler) for every request (GET, POST, or a proxied request)."""
     class Handler(BaseHTTPRequestHandler):
         def _any(self):
-            if self.headers.get("Content-Length"):
-                self.rfile.read(int(self.headers["Content-Length"]))
+            n = int(self.headers.get("Content-Length") or 0)
+            self.body = self.rfile.read(n) if n else b""
             on_request(self)
 
         do_GET = do_POST = _any  # noqa: N815

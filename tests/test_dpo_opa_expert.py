@@ -5,6 +5,7 @@ import json
 import pytest
 from test_chat_api import _send, _serve
 
+from training.chat_api import ChatAPIError
 from training.dpo.opa.expert import ChatExpert
 
 _NULLS = {"copied_content": "A red star.", "score": 1, "error_type": "image_recognition_error", "object": None,
@@ -137,5 +138,55 @@ def test_an_answer_reviewing_no_sentence_is_not_cached(tmp_path):
             e.review("A red star.")
         assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2  # asked again, then cached
         assert e.review("A red star.")[0]["score"] == 1 and len(calls) == 2
+    finally:
+        server.shutdown()
+
+
+def test_a_rollout_the_endpoint_never_answers_is_a_bad_row_with_skip_bad_rows(world, tmp_path, monkeypatch):
+    """A request that failed after its retries (here HTTP 500 for one rollout) stopped the correct step with a bare
+    ChatAPIError, --skip_bad_rows or not. It is now that rollout's bad row: named without the option, skipped and
+    counted with it, and asked again on the next run, which reuses the answers of the rollouts that succeeded."""
+    import training.dpo.opa.main as opa
+    monkeypatch.setattr("training.chat_api.time.sleep", lambda s: None)
+    image = json.loads((world / "preference_train.json").read_text())[0]["image"]
+    out, failing, asked = tmp_path / "opa", [True], []
+
+    def answer(h):
+        asked.append(h.body)
+        if failing[0] and b"Broken rollout." in h.body:
+            h.send_response(500)
+            h.end_headers()
+        else:
+            _send(h, json.dumps([{"copied_content": "x", "score": 4, "error_type": "correct"}]))
+
+    server = _serve(answer)
+    work = out / "work"
+    work.mkdir(parents=True)
+    rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": "A red star.",
+             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "Broken rollout."])]
+    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
+            str(world / "images"), "--output_dir", str(out), "--no-progress", "--step", "correct", "--expert", "chat",
+            "--expert_url", f"http://127.0.0.1:{server.server_port}/v1", "--expert_api_key_env", "NO_SUCH_KEY"]
+    try:
+        with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: expert .* no reply after 5 attempts "
+                                             r"\(HTTP 500\) \(pass --skip_bad_rows"):
+            opa.main(args)
+        asked.clear()
+        opa.main(args + ["--skip_bad_rows"])
+        assert [p["key"] for p in json.loads((work / "opa_pairs.json").read_text())] == ["p#0"]
+        assert len(asked) == 5  # the failing rollout's five attempts; the first's answer was cached
+        failing[0] = False
+        asked.clear()
+        opa.main(args + ["--skip_bad_rows"])
+        assert [p["key"] for p in json.loads((work / "opa_pairs.json").read_text())] == ["p#0", "p#1"]
+        assert len(asked) == 1
+        (work / "reports.jsonl").unlink()
+        # an error of the endpoint itself (here its key) is no rollout's: it stops the step
+        server.shutdown()
+        server = _serve(lambda h: (h.send_response(401), h.end_headers()))
+        args[args.index("--expert_url") + 1] = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(ChatAPIError, match="HTTP 401"):
+            opa.main(args + ["--skip_bad_rows"])
     finally:
         server.shutdown()

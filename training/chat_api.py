@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -24,6 +25,7 @@ import urllib.parse
 import urllib.request
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # and every 5xx: the server may answer the same request later
+ENDPOINT_STATUS = frozenset({401, 403, 404, 405, 407})  # no request to this URL with this key is answered
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -40,7 +42,14 @@ class KeyRefused(ValueError):
 
 
 class ChatAPIError(RuntimeError):
-    """The endpoint gave no usable reply (or the key cannot go to it); the message never holds the key."""
+    """The endpoint gave no usable reply (or the key cannot go to it); the message never holds the key.
+    row: whether another request may still be answered (no reply after the retries, an HTTP 4xx refusing this
+    request: a bad row of the caller's), or none can (the URL, the key, a redirect, HTTP 401, 403, 404, 405 or 407,
+    no server listening)."""
+
+    def __init__(self, message: str, row: bool = False):
+        super().__init__(message)
+        self.row = row
 
 
 def chat_completions_url(url: str) -> str:
@@ -154,6 +163,7 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
         if on_request is not None:
             on_request()
         req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        unreachable = False  # no server listening there (or no such host): no other request is answered either
         try:
             with send(req, timeout=timeout_s) as resp:
                 out = json.loads(resp.read().decode("utf-8"))
@@ -166,12 +176,14 @@ def post_chat(url: str, body: dict, api_key_env: str, *, retries: int, backoff_s
                 raise ChatAPIError(f"{where}: {last} redirect, not followed (the API key would go with it): give "
                                    f"{url_flag} the address it redirects to") from None
             if err.code not in RETRY_STATUS and err.code < 500:
-                raise ChatAPIError(f"{where}: {last} (not retried): {_error_body(err, key)!r}") from None
+                raise ChatAPIError(f"{where}: {last} (not retried): {_error_body(err, key)!r}",
+                                   row=err.code not in ENDPOINT_STATUS) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, ValueError,
                 http.client.HTTPException) as err:  # HTTPException: e.g. IncompleteRead, a body cut short
             last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            unreachable = isinstance(getattr(err, "reason", err), (ConnectionRefusedError, socket.gaierror))
         print(f"{where}: request failed ({last}); attempt {k + 1} of {retries + 1}", file=sys.stderr)
-    raise ChatAPIError(f"{where}: no reply after {retries + 1} attempts ({last})")
+    raise ChatAPIError(f"{where}: no reply after {retries + 1} attempts ({last})", row=not unreachable)
 
 
 def _error_body(err: urllib.error.HTTPError, key: str) -> str:

@@ -54,7 +54,8 @@ def parse(argv=None) -> argparse.Namespace:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json, and rollouts "
-                        "the expert answers unusably (retried on the next run), instead of stopping")
+                        "the expert answers unusably or not at all after its retries (asked again on the next run), "
+                        "instead of stopping")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
     p.add_argument("--figure_dir", default="figure", help="the SFT and DPO steps' plots (named after their folders)")
@@ -287,6 +288,7 @@ def make_expert(a, work: Path):
 
 
 def step_correct(a, work: Path) -> None:
+    from training.chat_api import ChatAPIError
     from training.data.images import load_image
     from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
     from training.dpo.opa.expert import NO_SENTENCE
@@ -314,7 +316,9 @@ def step_correct(a, work: Path) -> None:
                                        image=image)
                 if not report and r["rollout"].strip():  # stored, it made no pairs and was never asked again
                     raise ValueError(NO_SENTENCE)
-            except ValueError as err:  # an answer that is no usable report (or an ImageError)
+            except (ValueError, ChatAPIError) as err:  # an answer that is no usable report (or an ImageError), or
+                if not getattr(err, "row", True):     # none after the retries; an error of the endpoint itself stops
+                    raise
                 bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
                 if not a.skip_bad_rows:
                     raise ValueError(f"{bad[-1]} (pass --skip_bad_rows to skip and count such rollouts)") from err
