@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from training.files import file_sha256
 from training.model.fingerprint import model_fingerprint
 
 
@@ -135,7 +136,7 @@ def images_digest(items: list[dict], image_folder: str) -> str:
             src = image_source(_image_field(q.get("image")), image_folder)
             if isinstance(src, Path):
                 if src not in done:
-                    done[src] = hashlib.sha256(src.read_bytes()).hexdigest()
+                    done[src] = file_sha256(src)
                 h.update(f"{q['question_id']}\0{done[src]}\n".encode())
         except (ImageError, OSError):
             continue

@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (what a settings record holds of a file it depends on)."""
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to a temporary file beside `path`, named for this process, then rename it onto `path`
     (atomic on one file system); concurrent writers never share a temporary file. The text reaches the disk before

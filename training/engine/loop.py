@@ -190,12 +190,13 @@ def run_settings(cfg: dict) -> dict:
     and FREE_ON_RESUME, and what a --deepspeed_config file holds (by its path alone, the file edited between the
     interrupt and the resume went unnoticed)."""
     import dataclasses
-    import hashlib
+
+    from training.files import file_sha256
     out = {f"{concept}.{k}": v for concept, args in cfg.items() if concept != "run"
            for k, v in dataclasses.asdict(args).items() if (concept, k) not in FREE_ON_RESUME}
     ds_file = getattr(cfg.get("ds"), "deepspeed_config", "")
     if ds_file and Path(ds_file).is_file():
-        out["ds.deepspeed_config (its text's sha256)"] = hashlib.sha256(Path(ds_file).read_bytes()).hexdigest()[:16]
+        out["ds.deepspeed_config (its text's sha256)"] = file_sha256(ds_file)[:16]
     return out
 
 

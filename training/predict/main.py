@@ -15,7 +15,7 @@ from pathlib import Path
 
 from training.data.images import is_base64_text
 from training.data.records import IMAGE_PLACEHOLDER
-from training.files import check_settings, locked
+from training.files import check_settings, file_sha256, locked
 from training.model.builder import add_inference_args
 
 
@@ -126,7 +126,7 @@ def run_settings(args, device: str, precision: str, image_root: str) -> dict:
                          "seed": args.seed},
             "best_of_n": args.best_of_n, "reward_model": str(args.reward_model),
             "captions_file": str(Path(args.captions_file).resolve()) if args.captions_file else None,
-            "captions_fingerprint": _file_digest(args.captions_file) if args.captions_file else None,
+            "captions_fingerprint": file_sha256(args.captions_file)[:16] if args.captions_file else None,
             "reward_model_fingerprint": model_fingerprint(args.reward_model) if args.reward_model else None,
             "max_seq_len": args.max_seq_len, "model_architecture": args.model_architecture,
             "device": device.split(":")[0], "precision": precision, "model_id": args.model_id}
@@ -323,11 +323,6 @@ def _with_captions(records, reward_model: str, report) -> list:
         return with_facts(records, report)
     print(f"note: {reward_model} is not a factual reward model: it reads no captions (--captions_file unused)")
     return records
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _scorer(args, records, device: str, precision: str):

@@ -31,7 +31,7 @@ import subprocess
 from pathlib import Path
 
 from training.config import DataArgs
-from training.files import write_text_atomic
+from training.files import file_sha256, write_text_atomic
 from training.model.builder import add_inference_args
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -207,7 +207,7 @@ def rollout_settings(a) -> dict:
     from training.model.fingerprint import model_fingerprint
     resolve_paths(a)
     return {"data_path": os.path.abspath(a.data_path), "image_folder": os.path.abspath(a.image_folder),
-            "data_sha256": hashlib.sha256(Path(a.data_path).read_bytes()).hexdigest(),
+            "data_sha256": file_sha256(a.data_path),
             "from_checkpoint": a.from_checkpoint, "model": model_fingerprint(a.from_checkpoint),
             "temperature": a.temperature, "max_new_tokens": a.max_new_tokens, "seed": a.seed,
             "rollout_batch_size": a.rollout_batch_size}
