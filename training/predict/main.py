@@ -268,8 +268,9 @@ def predict(args: argparse.Namespace) -> Path:
             chunk = [r for r in mine[i:i + args.batch_size] if _qid(r) not in done]
             if not chunk:
                 continue
-            # seeded by where the batch's first question stands in the file: a resumed run, or another chunk's
-            # process, draws each batch's samples as one uninterrupted run does
+            # seeded by where the batch's first question stands in the file: a resumed run draws each batch's samples
+            # as one uninterrupted run of the same --batch_size and --num_chunks does (other batch sizes or chunks
+            # batch other questions together, so they sample them otherwise: one draw serves a whole batch)
             torch.manual_seed(args.seed * 1_000_003 + args.chunk_idx + i * args.num_chunks)
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
             n = len(chunk)
