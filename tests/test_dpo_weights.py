@@ -102,15 +102,16 @@ def test_a_reference_cache_from_before_data_weights_is_not_reused(tmp_path):
     assert reference_settings(cfg, None, 2, "llava", 1)["numerics"] >= 5
 
 
-def _answer_weights(template: str, answer: str, spans: list):
-    """(tokens, weights) of `answer`'s encoded response under `template` (the tiny LLaVA's byte-level tokenizer)."""
+def _answer_weights(template: str, answer: str, spans: list, change=lambda proc: proc):
+    """(tokens, weights) of `answer`'s encoded response under `template` (the tiny LLaVA's byte-level tokenizer, as
+    `change` makes it)."""
     from training.data.records import Message
     from training.dpo.weights import answer_weights
     from training.model.architectures import ARCHITECTURES
     from training.model.tiny_archs import _BUILDERS
     from training.templates.chat import ChatEncoder
 
-    proc = _BUILDERS["llava"]()[1]
+    proc = change(_BUILDERS["llava"]()[1])
     encoder = ChatEncoder(proc, ARCHITECTURES["llava"], 512, template)
     prompt = [Message("user", "Describe the image in detail.")]
     e = encoder.encode(prompt + [Message("assistant", answer)], [])
@@ -148,3 +149,34 @@ def test_a_span_is_found_in_the_answer_not_in_the_template_text_before_it():
     at = tokens.index("Ġ", tokens.index(":")) + 1  # the answer's first token, after "ASSISTANT:" and its space
     assert tokens[at] == "A"
     assert [i for i, x in enumerate(w.tolist()) if x != 1.0] == [at]
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _merging_tokenizer(proc):
+    """The tiny LLaVA's tokenizer split as Llama 3's is (a point and the newlines after it are one piece) and given a
+    token ".Ċ": a point that ends an answer merges with the newline a template writes after it."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(proc.tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    vocab[".Ċ"] = max(vocab.values()) + 1
+    merges.append([".", "Ċ"] if isinstance(merges[0], list) else ". Ċ")
+    proc.tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return proc
+
+
+def test_an_answers_last_token_merged_with_the_template_text_after_it_keeps_the_span_weights():
+    """A template that writes a newline after the answer, under a tokenizer that makes ".\\n" one token: the answer's
+    tokens alone end in "." where its response holds ".Ċ", so the answer was not found in its response and every
+    weight stayed 1, without a word. The merged token starts in the span: it carries the span's weight."""
+    answer, spans = "A red circle and two blue squares.", [["two blue squares.", 2.0]]
+    tokens, w = _answer_weights(_template(" + '\\n'"), answer, spans, _merging_tokenizer)
+    assert ".Ċ" in tokens  # the premise: the answer's last token holds the template's newline
+    weighted = [t for t, x in zip(tokens, w.tolist()) if x == 2.0]
+    assert "".join(weighted).replace("Ġ", " ").strip() == "two blue squares.Ċ"

@@ -120,8 +120,9 @@ def main(argv=None) -> dict:
 # conversation holds them; 5: a preference row's chosen_weights / rejected_weights weigh the cached weighted sums,
 # which held the plain sums before, and a text config's final_logit_softcapping caps a LLaVA's logits; 6: a span is
 # found in the answer, not in the template's text before it in the answer's segment; 7: an answer a template trims
-# keeps its weights; 8: a span inside one token weighs that token), so a cache computed before is computed anew.
-REF_NUMERICS = 8
+# keeps its weights; 8: a span inside one token weighs that token; 9: an answer whose last token merges with the
+# template's text after it keeps its weights), so a cache computed before is computed anew.
+REF_NUMERICS = 9
 
 
 def reference_settings(cfg, template: str | None, K: int, arch_name: str, rows: int) -> dict:

@@ -9,15 +9,18 @@ from training.data.records import Message
 
 def answer_weights(encoder, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor
                    ) -> torch.Tensor:
-    """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it. A template
-    that trims the answer (Llama 3.2 Vision's `| trim`) holds it without the whitespace around it."""
-    context, lead = encoder.answer_context(prompt + [Message("assistant", text)])
-    if not (context or lead) and text.strip() != text:
-        trimmed = encoder.answer_context(prompt + [Message("assistant", text.strip())])
-        if any(trimmed):
-            (context, lead), text = trimmed, text.strip()
-    return token_weights(encoder.tokenizer, lead + text, sentence_weights, ids.tolist(),
-                         encoder.text_tokens(lead + text, context), answer_at=len(lead))
+    """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it: with the
+    template's text around it in its segment (a token may merge the answer's last letters with the text after it:
+    ".\\n" of Llama 3's tokenizer under a template that writes a newline after the answer). A template that trims
+    the answer (Llama 3.2 Vision's `| trim`) holds it without the whitespace around it."""
+    found = encoder.answer_context(prompt + [Message("assistant", text)])
+    if found is None and text.strip() != text:
+        found = encoder.answer_context(prompt + [Message("assistant", text.strip())])
+        text = text if found is None else text.strip()
+    context, lead, tail = found or ("", "", "")
+    segment = lead + text + tail
+    return token_weights(encoder.tokenizer, segment, sentence_weights, ids.tolist(),
+                         encoder.text_tokens(segment, context), answer=(len(lead), len(lead) + len(text)))
 
 
 def _locate(ids: list[int], response_ids: list[int]) -> tuple[int | None, int]:
@@ -37,26 +40,27 @@ def _alone(tokenizer, text: str) -> tuple[list[int], list]:
 
 
 def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: list[int],
-                  tokens: tuple[list[int], list] | None = None, answer_at: int = 0) -> torch.Tensor:
+                  tokens: tuple[list[int], list] | None = None, answer: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-token weights of one encoded response: each token of `text` gets its sentence's weight (found by
     character offsets), located inside the response ids (the template may add tokens around it, which
     keep weight 1; a response cut at max_seq_len keeps a prefix of the text's tokens, each with its
-    weight). tokens: (ids, spans) of `text` as the conversation holds it (`ChatEncoder.text_tokens` after its
-    `answer_context`), else `text` is tokenised alone: alone, an answer written straight after the prompt's
-    text would start with a token its response does not hold (SentencePiece's "▁"), and one after a space with
-    one the space is not part of (byte-level "ĠThe" is "The" alone). A token stands where its first character
+    weight). tokens: (ids, spans) of `text` as the conversation holds it (`ChatEncoder.text_tokens` of the answer's
+    segment after its `answer_context`), else `text` is tokenised alone: alone, an answer written straight after
+    the prompt's text would start with a token its response does not hold (SentencePiece's "▁"), and one after a
+    space with one the space is not part of (byte-level "ĠThe" is "The" alone); and its last token could be one
+    the response merges with the template's text after it (".\\n"). A token stands where its first character
     other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
-    "ĠThe") is its sentence's first token, not one between sentences. A tokenizer that merges across the template
-    boundary leaves all weights at 1. answer_at: where the answer begins in `text` (after the template's text before
-    it, `lead`, which may hold a span's letters: "ASSISTANT: " and a span "A"); spans are found from there."""
+    "ĠThe") is its sentence's first token, not one between sentences. answer: (start, end) of the answer in `text`
+    (the template's text around it, which may hold a span's letters: "ASSISTANT: " and a span "A"); spans are
+    found there. A tokenizer that merges across the template boundary in another way leaves all weights at 1."""
     w = torch.ones(len(response_ids))
     ids, offsets = tokens or _alone(tokenizer, text)
     start, n = _locate(ids, response_ids)
     if start is None or n == 0:
         return w
-    spans, pos = [], answer_at
+    spans, (pos, end) = [], answer or (0, len(text))
     for sentence, weight in sentence_weights:
-        s = text.find(sentence.strip(), pos)
+        s = text.find(sentence.strip(), pos, end)
         if s < 0:
             continue
         spans.append((s, s + len(sentence.strip()), float(weight)))

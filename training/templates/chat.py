@@ -291,17 +291,19 @@ class ChatEncoder:
             return before
         return anchor + before[last.end():]
 
-    def answer_context(self, messages: list[Message]) -> tuple[str, str]:
-        """(context, lead) of the last answer of `messages` as `encode` tokenises it: its segment is tokenised after
-        `context` (whose tokens are dropped; see `_context`) and starts with `lead`, the template's text before the
-        message's content (the space after "ASSISTANT:"). ("", "") where the segment does not hold the content (a
-        template that rewrites it): the content is then tokenised alone."""
+    def answer_context(self, messages: list[Message]) -> tuple[str, str, str] | None:
+        """(context, lead, tail) of the last answer of `messages` as `encode` tokenises it: its segment, lead +
+        content + tail, is tokenised after `context` (whose tokens are dropped; see `_context`); lead is the
+        template's text before the message's content (the space after "ASSISTANT:"), tail its text after it (the end
+        token). None where the segment does not hold the content (a template that rewrites it)."""
         segs = self.segments(messages)
         k = max((i for i, (_, target) in enumerate(segs) if target), default=None)
         at = -1 if k is None else segs[k][0].find(messages[-1].content)
         if at < 0:
-            return "", ""
-        return (self._context("".join(text for text, _ in segs[:k])) if k else ""), segs[k][0][:at]
+            return None
+        segment = segs[k][0]
+        return ((self._context("".join(text for text, _ in segs[:k])) if k else ""), segment[:at],
+                segment[at + len(messages[-1].content):])
 
     def text_tokens(self, text: str, context: str = "") -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character spans in `text`) of a text without images as `encode` tokenises it after `context` (see
