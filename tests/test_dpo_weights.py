@@ -180,3 +180,30 @@ def test_an_answers_last_token_merged_with_the_template_text_after_it_keeps_the_
     assert ".Ċ" in tokens  # the premise: the answer's last token holds the template's newline
     weighted = [t for t, x in zip(tokens, w.tolist()) if x == 2.0]
     assert "".join(weighted).replace("Ġ", " ").strip() == "two blue squares.Ċ"
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_weights_that_cannot_be_placed_on_their_answer_are_a_bad_row(world, tmp_path, skip):
+    """A template that rewrites the answer (here upper-cased): its tokens are not in the encoded response, and every
+    weight stayed 1, without a word. The row is bad, naming its weights' field; --skip_bad_rows skips and counts it."""
+    from training.data.bad_rows import BadRowError, BadRowReport
+    from training.data.formats import read_preferences
+    from training.dpo.data import PreferenceDataset
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny_archs import _BUILDERS
+    from training.templates.chat import ChatEncoder
+
+    image, chosen, rejected = _pair(world)
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps([{"idx": 0, "image": image, "question": "Q?", "chosen": chosen, "rejected": rejected,
+                                 "rejected_weights": [[rejected.split(" ")[1], 2.0]]}]))
+    report = BadRowReport(skip=skip)
+    recs = read_preferences([str(path)], str(world / "images"), report)
+    encoder = ChatEncoder(_BUILDERS["llava"]()[1], ARCHITECTURES["llava"], 512, _template("|upper"))
+    ds = PreferenceDataset(recs, encoder, str(world / "images"), report)
+    if not skip:
+        with pytest.raises(BadRowError, match=r"w\.json: row 0: field 'rejected_weights': .*not found"):
+            ds[0]
+        return
+    assert ds[0] is None and ds[0] is None
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "rejected_weights")]

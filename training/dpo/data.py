@@ -93,12 +93,18 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.report.bad(r.source, r.text_field, alike_reason(item.truncated, self.encoder.max_seq_len),
                             item=(self, i))
             return None
+        if r.weights:
+            from training.data.span_weights import WEIGHT_KEYS
+            from training.dpo.weights import WeightsNotPlaced, weighted_responses
+            none = [None] * len(responses)  # (listwise: the weights are of the best and the second response)
+            try:
+                item.weights = weighted_responses(self.encoder, r.prompt, responses, r.weights + none, item.responses,
+                                                  WEIGHT_KEYS + ("",) * len(responses))
+            except WeightsNotPlaced as err:
+                self.report.bad(r.source, err.field, str(err), item=(self, i))
+                return None
         if item.truncated:
             self.report.truncated(r.source, (self, i))
-        if r.weights:
-            from training.dpo.weights import answer_weights
-            item.weights = [None if sw is None else answer_weights(self.encoder, r.prompt, text, sw, ids)
-                            for text, sw, ids in zip(responses, r.weights + [None] * len(responses), item.responses)]
         return item
 
 

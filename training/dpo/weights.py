@@ -7,6 +7,29 @@ import torch
 from training.data.records import Message
 
 
+class WeightsNotPlaced(ValueError):
+    """A response's [sentence, weight] list that cannot be placed on its tokens: a bad row. field: the row's field
+    that holds the list, as `weighted_responses` names it."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.field = ""
+
+
+def weighted_responses(encoder, prompt: list[Message], texts: list[str], sentence_weights: list, responses: list,
+                       fields) -> list[torch.Tensor | None]:
+    """answer_weights of each response that has a [sentence, weight] list (None: every token weighs 1); a list that
+    cannot be placed raises WeightsNotPlaced naming its field (fields[k])."""
+    out = []
+    for text, sw, ids, name in zip(texts, sentence_weights, responses, fields):
+        try:
+            out.append(None if sw is None else answer_weights(encoder, prompt, text, sw, ids))
+        except WeightsNotPlaced as err:
+            err.field = name
+            raise
+    return out
+
+
 def answer_weights(encoder, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor
                    ) -> torch.Tensor:
     """token_weights of the answer `text` to `prompt`, tokenised as its encoded response `ids` holds it: with the
@@ -52,10 +75,14 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
     "ĠThe") is its sentence's first token, not one between sentences. answer: (start, end) of the answer in `text`
     (the template's text around it, which may hold a span's letters: "ASSISTANT: " and a span "A"); spans are
-    found there. A tokenizer that merges across the template boundary in another way leaves all weights at 1."""
+    found there. Raises WeightsNotPlaced where the text's tokens are not in the response (a template that rewrites
+    the answer)."""
     w = torch.ones(len(response_ids))
     ids, offsets = tokens or _alone(tokenizer, text)
     start, n = _locate(ids, response_ids)
+    if start is None and ids and response_ids:
+        raise WeightsNotPlaced("the answer's tokens are not found in its encoded response (does the chat template "
+                               "rewrite the answer?), so its weights cannot be placed on them")
     if start is None or n == 0:
         return w
     spans, (pos, end) = [], answer or (0, len(text))

@@ -29,13 +29,14 @@ from training.data.images import ImageError, decode_base64, image_source, is_bas
 from training.data.readers import DataFormatError
 from training.data.records import IMAGE_PLACEHOLDER, Message, RowRef
 from training.dpo.data import GroupItem, encode_group
-from training.dpo.weights import answer_weights
+from training.dpo.weights import WeightsNotPlaced, weighted_responses
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
 from training.templates.chat import RowNotEncodable
 
 ROWS_PER_ITEM = 2
 TEXT_FIELDS = ("question", "gt", "rollout", "revised")
 WEIGHT_FIELDS = ("rollout_weights", "revised_score_weights", "revised_type_weights")
+WEIGHTED = ("", "revised_score_weights", "rollout_weights", "revised_type_weights")  # the real row's responses' weights
 
 
 def image_field(source, image_root: str) -> str:
@@ -151,9 +152,6 @@ class OPADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _weights(self, prompt: list[Message], text: str, sentence_weights: list, ids: torch.Tensor) -> torch.Tensor:
-        return answer_weights(self.encoder, prompt, text, sentence_weights, ids)
-
     def __getitem__(self, i) -> list[GroupItem] | None:
         r, where = self.rows[i], self.refs[i]
         try:
@@ -179,11 +177,15 @@ class OPADataset(torch.utils.data.Dataset):
             self.report.bad(where, "rollout", "responses (gt, revised, rollout) identical once cut at max_seq_len="
                                               f"{self.encoder.max_seq_len}", item=(self, i))
             return None
+        try:
+            real.weights = weighted_responses(self.encoder, prompt, texts, sw, real.responses, WEIGHTED)
+            mask.weights = weighted_responses(self.encoder, prompt, [r["gt"], r["revised"]], [None, sw[3]],
+                                              mask.responses, ("", WEIGHTED[3]))
+        except WeightsNotPlaced as err:
+            self.report.bad(where, err.field, str(err), item=(self, i))
+            return None
         if real.truncated or mask.truncated:  # kept: the loss covers the kept tokens, each with its weight
             self.report.truncated(where, (self, i))
-        real.weights = [None if w is None else self._weights(prompt, t, w, ids) for t, w, ids in
-                        zip(texts, sw, real.responses)]
-        mask.weights = [None, self._weights(prompt, r["revised"], r["revised_type_weights"], mask.responses[1])]
         return [real, mask]
 
 
