@@ -565,7 +565,7 @@ def test_a_cut_response_keeps_its_token_weights_and_is_reported(tiny, tmp_path):
     assert n < len(kept) and real.weights[1].tolist() == [1.0] * n + [2.0] * (len(kept) - n)
     assert real.truncated and report.cut == [{"file": str(tmp_path / "pairs.json"), "row": 0}]
     # cut so far that ground truth and rollout read the same: a bad row, as in PreferenceDataset
-    same = _opa_row("red.png", rollout=GT + " And one red star.")
+    same = _opa_row("red.png", rollout=GT + " And one red star.", rollout_weights=[[GT + " And one red star.", 2.5]])
     ds, _ = _opa_dataset(tiny, [same], tmp_path, 80, report)
     assert ds[0] is None and report.skipped[-1]["field"] == "rollout"
 

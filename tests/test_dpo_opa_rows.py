@@ -27,3 +27,34 @@ def test_an_empty_answer_is_a_bad_row_not_a_pair(world, tmp_path):
     report = BadRowReport(skip=True)
     ds = OPADataset(read_opa(str(tmp_path / "pairs.json")), fake, "", report)
     assert len(ds) == 1 and [(s["row"], s["field"]) for s in report.skipped] == [(1, "gt")]
+
+
+def test_a_weighted_sentence_not_in_its_answer_is_a_bad_row(world, tmp_path):
+    """A sentence of rollout_weights not in the rollout (an expert that did not copy it verbatim), or one of the
+    revised answer's weights out of order, was passed over: its tokens weighed 1, without a word. Sentences are
+    looked for stripped, in order, as a preference row's spans are; such a row is bad, naming the weight's field."""
+    from training.data.bad_rows import BadRowError, BadRowReport
+    from training.dpo.opa.data import OPADataset, read_opa
+    from training.dpo.weights import WeightsNotPlaced, token_weights
+    from training.model.tiny_archs import _BUILDERS
+
+    (tmp_path / "ok.png").write_bytes((world / "images" / "pref00000.png").read_bytes())
+    rows = [_opa_row("ok.png", rollout_weights=[["A red star.", 1.0], ["A purple elephant.", 2.5]]),
+            _opa_row("ok.png", revised="One red. Two blue.", revised_score_weights=[["One red. Two blue.", 1.0]],
+                     revised_type_weights=[["Two blue.", 3.0], ["One red.", 1.0]]),
+            _opa_row("ok.png", rollout_weights=[[" A red star.\n", 2.5]], revised_score_weights=[["", 1.0]])]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    fake = type("Enc", (), {"tokenizer": None})()
+    with pytest.raises(BadRowError, match=r"pairs.json: row 0: field 'rollout_weights\[1\]': 'A purple elephant.' "
+                                          "is not in the rollout"):
+        OPADataset(read_opa(str(tmp_path / "pairs.json")), fake, "", BadRowReport())
+    report = BadRowReport(skip=True)
+    ds = OPADataset(read_opa(str(tmp_path / "pairs.json")), fake, "", report)
+    assert len(ds) == 1 and ds.rows[0]["id"] == rows[2]["id"]
+    assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "rollout_weights[1]"),
+                                                                (1, "revised_type_weights[1]")]
+    tok = _BUILDERS["llava"]()[1].tokenizer
+    ids = tok("A red star.", add_special_tokens=False)["input_ids"]
+    with pytest.raises(WeightsNotPlaced) as err:  # the same rule where the answer's tokens are weighed
+        token_weights(tok, "A red star.", [["red", 2.0], ["A", 1.0]], ids)
+    assert err.value.sentence == 1

@@ -32,15 +32,25 @@ def span_weights(row: dict, responses: list[str]) -> list[list | None] | None:
             continue
         if not isinstance(spans, list):
             raise RowProblem(key, f"expected a list of [text, weight], got {type(spans).__name__}")
-        pos = 0
         for j, x in enumerate(spans):
             if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and x[0].strip()
                     and isinstance(x[1], numbers.Real) and not isinstance(x[1], bool) and math.isfinite(x[1])
                     and x[1] >= 0):  # a negative weight would turn the span's log-probs against its response
                 raise RowProblem(f"{key}[{j}]", f"expected [text, finite weight >= 0], got {x!r:.80}")
-            at = text.find(x[0].strip(), pos)
-            if at < 0:
-                raise RowProblem(f"{key}[{j}]", f"{x[0]!r:.60} is not in the response after the spans before it")
-            pos = at + len(x[0].strip())
+        j = missing_span(text, spans)
+        if j is not None:
+            raise RowProblem(f"{key}[{j}]", f"{spans[j][0]!r:.60} is not in the response after the spans before it")
         out.append(spans)
     return out
+
+
+def missing_span(text: str, spans: list) -> int | None:
+    """The index of the first [span, weight] of `spans` whose span, stripped, is not in `text` after the spans before
+    it (the rule training.dpo.weights places them by); None when every one is."""
+    pos = 0
+    for j, (span, _) in enumerate(spans):
+        at = text.find(span.strip(), pos)
+        if at < 0:
+            return j
+        pos = at + len(span.strip())
+    return None

@@ -8,24 +8,25 @@ from training.data.records import Message
 
 
 class WeightsNotPlaced(ValueError):
-    """A response's [sentence, weight] list that cannot be placed on its tokens: a bad row. field: the row's field
-    that holds the list, as `weighted_responses` names it."""
+    """A response's [sentence, weight] list that cannot be placed on its tokens: a bad row. sentence: the index of
+    the sentence not found in the answer (None: the answer is not found in its encoded response); field: the row's
+    field that holds the list, as `weighted_responses` names it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, sentence: int | None = None):
         super().__init__(reason)
-        self.field = ""
+        self.sentence, self.field = sentence, ""
 
 
 def weighted_responses(encoder, prompt: list[Message], texts: list[str], sentence_weights: list, responses: list,
                        fields) -> list[torch.Tensor | None]:
     """answer_weights of each response that has a [sentence, weight] list (None: every token weighs 1); a list that
-    cannot be placed raises WeightsNotPlaced naming its field (fields[k])."""
+    cannot be placed raises WeightsNotPlaced naming its field (fields[k], with the sentence's index)."""
     out = []
     for text, sw, ids, name in zip(texts, sentence_weights, responses, fields):
         try:
             out.append(None if sw is None else answer_weights(encoder, prompt, text, sw, ids))
         except WeightsNotPlaced as err:
-            err.field = name
+            err.field = name if err.sentence is None else f"{name}[{err.sentence}]"
             raise
     return out
 
@@ -75,8 +76,8 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     other than whitespace does: a word token that holds the space before it (SentencePiece's "▁No", byte-level
     "ĠThe") is its sentence's first token, not one between sentences. answer: (start, end) of the answer in `text`
     (the template's text around it, which may hold a span's letters: "ASSISTANT: " and a span "A"); spans are
-    found there. Raises WeightsNotPlaced where the text's tokens are not in the response (a template that rewrites
-    the answer)."""
+    found there, stripped, each after the one before it. Raises WeightsNotPlaced where one is not, or where the
+    text's tokens are not in the response (a template that rewrites the answer)."""
     w = torch.ones(len(response_ids))
     ids, offsets = tokens or _alone(tokenizer, text)
     start, n = _locate(ids, response_ids)
@@ -86,10 +87,10 @@ def token_weights(tokenizer, text: str, sentence_weights: list, response_ids: li
     if start is None or n == 0:
         return w
     spans, (pos, end) = [], answer or (0, len(text))
-    for sentence, weight in sentence_weights:
+    for j, (sentence, weight) in enumerate(sentence_weights):
         s = text.find(sentence.strip(), pos, end)
-        if s < 0:
-            continue
+        if s < 0:  # (rows are read so that none is: span_weights, OPADataset)
+            raise WeightsNotPlaced(f"{sentence!r:.60} is not in the answer after the sentences before it", j)
         spans.append((s, s + len(sentence.strip()), float(weight)))
         pos = s + len(sentence.strip())
     owner = {}  # token -> the span it stands in

@@ -28,6 +28,7 @@ from training.data.bad_rows import cut_alike
 from training.data.images import ImageError, decode_base64, image_source, is_base64_text, load_image
 from training.data.readers import DataFormatError
 from training.data.records import IMAGE_PLACEHOLDER, Message, RowRef
+from training.data.span_weights import missing_span
 from training.dpo.data import GroupItem, encode_group
 from training.dpo.weights import WeightsNotPlaced, weighted_responses
 from training.dpo.opa.expert import SCORE_WEIGHT, TYPE_WEIGHT, split_sentences
@@ -36,6 +37,7 @@ from training.templates.chat import RowNotEncodable
 ROWS_PER_ITEM = 2
 TEXT_FIELDS = ("question", "gt", "rollout", "revised")
 WEIGHT_FIELDS = ("rollout_weights", "revised_score_weights", "revised_type_weights")
+WEIGHT_TEXT = {"rollout_weights": "rollout", "revised_score_weights": "revised", "revised_type_weights": "revised"}
 WEIGHTED = ("", "revised_score_weights", "rollout_weights", "revised_type_weights")  # the real row's responses' weights
 
 
@@ -142,6 +144,13 @@ class OPADataset(torch.utils.data.Dataset):
             empty = next((k for k in ("gt", "revised") if not r[k].strip()), None)
             if empty:  # the correct step makes no pairs of these: the policy would learn to answer nothing
                 report.bad(where, empty, "empty answer: OPA-DPO's pairs need a ground truth and a revised answer")
+                continue
+            missing = next(((k, j) for k in WEIGHT_FIELDS for j in [missing_span(r[WEIGHT_TEXT[k]], r[k])]
+                            if j is not None), None)
+            if missing:  # its weight would be lost: a sentence is weighed where it stands in its answer
+                k, j = missing
+                report.bad(where, f"{k}[{j}]", f"{r[k][j][0]!r:.60} is not in the {WEIGHT_TEXT[k]} after the "
+                                               "sentences before it")
                 continue
             self.rows.append(r)
             self.refs.append(where)
