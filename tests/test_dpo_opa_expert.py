@@ -156,8 +156,9 @@ def test_a_rollout_the_endpoint_never_answers_is_a_bad_row_with_skip_bad_rows(wo
         if failing[0] and b"Broken rollout." in h.body:
             h.send_response(500)
             h.end_headers()
-        else:
-            _send(h, json.dumps([{"copied_content": "x", "score": 4, "error_type": "correct"}]))
+        else:  # the rollout's sentence, copied verbatim
+            copied = "Broken rollout." if b"Broken rollout." in h.body else "A red star."
+            _send(h, json.dumps([{"copied_content": copied, "score": 4, "error_type": "correct"}]))
 
     server = _serve(answer)
     work = out / "work"
@@ -188,5 +189,32 @@ def test_a_rollout_the_endpoint_never_answers_is_a_bad_row_with_skip_bad_rows(wo
         args[args.index("--expert_url") + 1] = f"http://127.0.0.1:{server.server_port}/v1"
         with pytest.raises(ChatAPIError, match="HTTP 401"):
             opa.main(args + ["--skip_bad_rows"])
+    finally:
+        server.shutdown()
+
+
+def test_a_report_whose_copied_content_is_not_in_the_rollout_is_a_bad_rollout(world, tmp_path, monkeypatch):
+    """An expert that paraphrased a sentence instead of copying it gave a report whose rollout weight had no tokens
+    to go to: the correct step stored it and wrote its pairs, and the DPO step (after the SFT step's minutes) refused
+    the row. The correct step now names the rollout, or with --skip_bad_rows skips and counts it."""
+    import training.dpo.opa.main as opa
+    image = json.loads((world / "preference_train.json").read_text())[0]["image"]
+    out = tmp_path / "opa"
+    server = _serve(lambda h: _send(h, json.dumps([
+        {"copied_content": "There is a red star." if b"A red star." in h.body else "A blue square.", "score": 4}])))
+    work = out / "work"
+    work.mkdir(parents=True)
+    rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": "A red star.",
+             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "A blue square."])]
+    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
+            str(world / "images"), "--output_dir", str(out), "--no-progress", "--step", "correct", "--expert", "chat",
+            "--expert_url", f"http://127.0.0.1:{server.server_port}/v1", "--expert_api_key_env", "NO_SUCH_KEY"]
+    try:
+        with pytest.raises(ValueError, match=r"rollout p#0: expert answer: copied_content 'There is a red star.' is "
+                                             r"not in the rollout .* \(pass --skip_bad_rows"):
+            opa.main(args)
+        opa.main(args + ["--skip_bad_rows"])
+        assert [p["key"] for p in json.loads((work / "opa_pairs.json").read_text())] == ["p#1"]
     finally:
         server.shutdown()

@@ -29,7 +29,7 @@ def test_a_rollout_step_rerun_on_another_data_file_is_refused(world, tiny, tmp_p
     args = ["--step", "rollout", "--from_checkpoint", str(tiny), "--image_folder", str(world / "images"),
             "--output_dir", str(out), "--max_new_tokens", "4", "--n_prompts", "2", "--no-progress"]
     main(args + ["--data_path", str(world / "preference_train.json")])
-    with pytest.raises(SystemExit, match=r"other settings \(data_path differ"):
+    with pytest.raises(SystemExit, match=r"other settings \(data_path, data_sha256 differ"):
         main(args + ["--data_path", str(world / "preference_heldout.json")])
     main(args + ["--data_path", str(world / "preference_train.json"), "--n_prompts", "3"])  # the same: resumed
     assert len((out / "work" / "rollouts.jsonl").read_text().splitlines()) == 3

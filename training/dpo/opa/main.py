@@ -290,6 +290,7 @@ def make_expert(a, work: Path):
 def step_correct(a, work: Path) -> None:
     from training.chat_api import ChatAPIError
     from training.data.images import load_image
+    from training.data.span_weights import missing_span
     from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
     from training.dpo.opa.expert import NO_SENTENCE
 
@@ -316,6 +317,10 @@ def step_correct(a, work: Path) -> None:
                                        image=image)
                 if not report and r["rollout"].strip():  # stored, it made no pairs and was never asked again
                     raise ValueError(NO_SENTENCE)
+                j = missing_span(r["rollout"], rollout_weights(report))
+                if j is not None:  # its weight has no tokens to go to: the DPO step refused the pair, after the SFT
+                    raise ValueError(f"expert answer: copied_content {rollout_weights(report)[j][0]!r:.60} is not in "
+                                     "the rollout (verbatim, after the sentences before it)")
             except (ValueError, ChatAPIError) as err:  # an answer that is no usable report (or an ImageError), or
                 if not getattr(err, "row", True):     # none after the retries; an error of the endpoint itself stops
                     raise
