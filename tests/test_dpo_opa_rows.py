@@ -58,3 +58,19 @@ def test_a_weighted_sentence_not_in_its_answer_is_a_bad_row(world, tmp_path):
     with pytest.raises(WeightsNotPlaced) as err:  # the same rule where the answer's tokens are weighed
         token_weights(tok, "A red star.", [["red", 2.0], ["A", 1.0]], ids)
     assert err.value.sentence == 1
+
+
+def test_a_negative_sentence_weight_is_refused_as_in_preference_rows(tmp_path):
+    """A preference row's negative span weight is refused (it would push the span's log-probs against its own
+    answer); an opa_pairs.json row's was read and trained on."""
+    from training.data.readers import DataFormatError
+    from training.dpo.opa.data import read_opa
+
+    rows = [_opa_row("ok.png"), _opa_row("ok.png", revised_score_weights=[["A red cross.", -2.0]])]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    with pytest.raises(DataFormatError, match=r"pairs.json: row 1: field 'revised_score_weights\[0\]': expected "
+                                              r"\[sentence, finite weight >= 0\], got \['A red cross.', -2.0\]"):
+        read_opa(str(tmp_path / "pairs.json"))
+    rows[1]["revised_score_weights"][0][1] = 0.0  # zero: the sentence weighs nothing, as a preference row allows
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    assert len(read_opa(str(tmp_path / "pairs.json"))) == 2

@@ -223,8 +223,9 @@ def _field_problem(r) -> tuple[str, str] | None:
             return k, f"expected a list of [sentence, weight], got {type(r[k]).__name__}"
         for j, x in enumerate(r[k]):
             if not (isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
-                    and isinstance(x[1], (int, float)) and not isinstance(x[1], bool) and math.isfinite(x[1])):
-                return f"{k}[{j}]", f"expected [sentence, finite weight], got {x!r:.80}"
+                    and isinstance(x[1], (int, float)) and not isinstance(x[1], bool) and math.isfinite(x[1])
+                    and x[1] >= 0):  # as a preference row's: a negative weight turns its tokens' log-probs around
+                return f"{k}[{j}]", f"expected [sentence, finite weight >= 0], got {x!r:.80}"
     return None
 
 
