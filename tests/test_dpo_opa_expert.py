@@ -205,7 +205,8 @@ def test_a_report_whose_copied_content_is_not_in_the_rollout_is_a_bad_rollout(wo
     work = out / "work"
     work.mkdir(parents=True)
     rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": "A red star.",
-             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "A blue square."])]
+             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "A blue square.", "A blue square."])]
+    rows[2]["gt"] = " "  # no ground-truth answer: no pairs (printed alone, it was counted nowhere)
     (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
             str(world / "images"), "--output_dir", str(out), "--no-progress", "--step", "correct", "--expert", "chat",
@@ -216,5 +217,10 @@ def test_a_report_whose_copied_content_is_not_in_the_rollout_is_a_bad_rollout(wo
             opa.main(args)
         opa.main(args + ["--skip_bad_rows"])
         assert [p["key"] for p in json.loads((work / "opa_pairs.json").read_text())] == ["p#1"]
+        # counted where a bad row is (it was printed alone): the rollout by its key, and why
+        bad = json.loads((work / "bad_rollouts.json").read_text())
+        assert bad["n_skipped"] == 2 and [(r["file"], r["row"], r["field"]) for r in bad["rows"]] == [
+            (str(work / "rollouts.jsonl"), "p#0", "rollout"), (str(work / "rollouts.jsonl"), "p#2", "gt")]
+        assert "copied_content 'There is a red star.' is not in the rollout" in bad["rows"][0]["reason"]
     finally:
         server.shutdown()

@@ -54,8 +54,8 @@ def parse(argv=None) -> argparse.Namespace:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="skip and count bad prompt rows (e.g. without an image) in work/bad_rows.json, and rollouts "
-                        "the expert answers unusably or not at all after its retries (asked again on the next run), "
-                        "instead of stopping")
+                        "the expert answers unusably or not at all after its retries (asked again on the next run; "
+                        "in work/bad_rollouts.json, with those that make no pairs), instead of stopping")
     p.add_argument("--n_prompts", type=int, default=600, help="prompts used (the first N of the data file)")
     p.add_argument("--output_dir", default="output/opa_dpo")
     p.add_argument("--figure_dir", default="figure", help="the SFT and DPO steps' plots (named after their folders)")
@@ -287,8 +287,13 @@ def make_expert(a, work: Path):
     return ChatExpert(a.expert_url, a.expert_model, a.expert_api_key_env, a.expert_cache or work / "expert_cache")
 
 
+BAD_ROLLOUTS = "bad_rollouts.json"  # in work/: the correct step's rollouts without pairs (BadRowReport's layout)
+
+
 def step_correct(a, work: Path) -> None:
     from training.chat_api import ChatAPIError
+    from training.data.bad_rows import BadRowReport
+    from training.data.records import RowRef
     from training.data.images import load_image
     from training.data.span_weights import missing_span
     from training.dpo.opa.data import corrected, opa_prompt, revised_with_weights, rollout_weights
@@ -307,6 +312,7 @@ def step_correct(a, work: Path) -> None:
     who = expert_identity(a)
     todo = [key for key, r in rollouts.items() if done.get(key, {}).get("input_sha") != _input_sha(r, who)]
     bad = []
+    skipped = BadRowReport(skip=True)  # the rollouts this run made no pairs of, by key: work/BAD_ROLLOUTS
     with out.open("a") as f, tqdm(todo, desc="expert review", unit="answer", disable=not a.progress,
                                    dynamic_ncols=True) as bar:
         for key in bar:
@@ -327,6 +333,7 @@ def step_correct(a, work: Path) -> None:
                 bad.append(f"{work / 'rollouts.jsonl'}: rollout {key}: {err}")
                 if not a.skip_bad_rows:
                     raise ValueError(f"{bad[-1]} (pass --skip_bad_rows to skip and count such rollouts)") from err
+                skipped.bad(RowRef(str(work / "rollouts.jsonl"), key), "rollout", f"expert: {err}")
                 continue
             done[key] = {"key": key, "id": r["id"], "input_sha": _input_sha(r, who), "report": report}
             f.write(json.dumps(done[key]) + "\n")
@@ -339,6 +346,8 @@ def step_correct(a, work: Path) -> None:
         revised, score_w, type_w = revised_with_weights(report)
         if not revised.strip() or not r["gt"].strip():  # no ground-truth answer (a prompt file without
             empty.append(key)                            # references) or an empty revision: no pairs
+            skipped.bad(RowRef(str(work / "rollouts.jsonl"), key), "gt" if not r["gt"].strip() else "revised",
+                        "empty: OPA-DPO's pairs need a ground-truth answer and a revised one")
             continue
         if a.only_corrected and not corrected(report) or a.max_pairs and len(pairs) >= a.max_pairs:
             continue
@@ -353,6 +362,7 @@ def step_correct(a, work: Path) -> None:
         for answer in dict.fromkeys([r["gt"], revised]):  # both become on-policy (once if equal); TRL's
             sft.append({"id": f"{rid}-{len(sft)}", "images": [r["image"]], "prompt": prompt,  # prompt-completion
                         "completion": [{"role": "assistant", "content": answer}]})  # rows: the answer alone trains
+    skipped.write(work, BAD_ROLLOUTS)  # (its rows' "row" is the rollout's key)
     # whole or not at all: a write cut short left half a file that a later --step sft or dpo alone read
     write_text_atomic(work / "opa_pairs.json", json.dumps(pairs, indent=0))
     write_text_atomic(work / "opa_sft.json", json.dumps(sft, indent=0))
