@@ -2,7 +2,8 @@
 
     rollout  the ORIGINAL policy answers each prompt (sampling, temperature 1)    -> work/rollouts.jsonl
     correct  the expert reviews every sentence; revised answer, token weights    -> work/reports.jsonl,
-             (ground truth where the data has it, or an OpenAI-compatible endpoint)  work/opa_pairs.json
+             (ground truth where the data has it, or an OpenAI-compatible endpoint)  work/opa_pairs.json (the
+             rollouts that make no pairs: work/bad_rollouts.json)
     sft      OPA step: LoRA-SFT of the policy on ground-truth AND revised answers -> work/opa_sft
     dpo      OPA-DPO from that policy: four pairs + anchor (--loss_type opa)       -> output_dir
 
