@@ -102,3 +102,26 @@ def test_lora_trained_from_a_relative_path_loads_from_another_working_folder(lla
     monkeypatch.chdir(tmp_path / "elsewhere")
     torch.testing.assert_close(_loaded_logits(tmp_path / "repo" / "output" / "run"), _logits(model, processor),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_saved_with_a_relative_base_loads_from_another_working_folder(llava, tmp_path, monkeypatch):
+    """Adapters saved before bases were recorded absolute hold the base relative to the repository, where the
+    run_*.sh scripts run (output/sft): loaded from another working folder, merging them looked for the base there."""
+    import json
+
+    import training.model.builder as builder
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(llava, tmp_path / "repo" / "output" / "sft")
+    monkeypatch.chdir(tmp_path / "repo")
+    model, processor = _trained("output/sft")
+    save_model(model, processor, "output/run")
+    adapter = tmp_path / "repo" / "output" / "run" / ADAPTER_SUBDIR
+    for name, key in ((BUILD_INFO_FILE, "base"), ("adapter_config.json", "base_model_name_or_path")):  # as before
+        record = json.loads((adapter / name).read_text())
+        (adapter / name).write_text(json.dumps({**record, key: "output/sft"}))
+    monkeypatch.setattr(builder, "REPOSITORY", tmp_path / "repo")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    torch.testing.assert_close(_loaded_logits(tmp_path / "repo" / "output" / "run"), _logits(model, processor),
+                               rtol=1e-4, atol=1e-5)

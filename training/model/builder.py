@@ -119,6 +119,19 @@ def absolute_if_local(path: str) -> str:
     return os.path.abspath(path) if Path(path).exists() else path
 
 
+REPOSITORY = Path(__file__).resolve().parents[2]  # where the run_*.sh scripts run
+
+
+def recorded_base(base: str) -> str:
+    """An adapter's recorded base as a path that loads: adapters saved before bases were recorded absolute hold the
+    path relative to the folder their run_*.sh ran in, the repository's; from another working folder it is looked
+    for there. Absolute paths and Hub ids are as recorded."""
+    if Path(base).is_absolute() or Path(base).exists():
+        return base
+    in_repo = REPOSITORY / base
+    return str(in_repo) if in_repo.exists() else base
+
+
 def made_once(make) -> str:
     """make() -> a folder, on rank 0 only when several ranks run (torch.distributed), every rank getting its path:
     transformers' save_pretrained writes a model's weights on global rank 0 only, so another rank's own copy held

@@ -38,7 +38,7 @@ def hub_snapshot(repo_id: str) -> Path | None:
 
 
 def _stats(checkpoint: str) -> list:
-    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE, embedded_tiny_vlm
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE, embedded_tiny_vlm, recorded_base
     if not checkpoint:
         checkpoint = embedded_tiny_vlm()  # rebuilt first if its definition changed
     p = Path(checkpoint)
@@ -48,6 +48,7 @@ def _stats(checkpoint: str) -> list:
     out = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in loaded_files(p)]
     info = p / ADAPTER_SUBDIR / BUILD_INFO_FILE
     base = json.loads(info.read_text()).get("base") if info.is_file() else None
+    base = recorded_base(base) if base else None
     if base and Path(base).resolve() != p.resolve():
         out.append(_stats(base))
     return out

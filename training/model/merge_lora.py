@@ -35,14 +35,15 @@ def load_merged(adapter_dir_or_checkpoint: str | Path, precision: str | None = N
     from transformers import AutoConfig, AutoProcessor
 
     from training.model.architectures import detect_architecture
-    from training.model.builder import BUILD_INFO_FILE, NON_LORA_FILE, torch_dtype
+    from training.model.builder import BUILD_INFO_FILE, NON_LORA_FILE, recorded_base, torch_dtype
 
     adapter = _adapter_dir(adapter_dir_or_checkpoint)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No LoRA adapter (adapter_config.json) in {adapter_dir_or_checkpoint}")
     info_file = adapter / BUILD_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    base = info.get("base") or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = recorded_base(info.get("base") or
+                         json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     trust = trust_remote_code
     if info.get("trust_remote_code") and not trust:
         raise SystemExit(f"{info_file}: this adapter was trained with --trust_remote_code (its base {base} runs "
