@@ -94,9 +94,9 @@ class DeepSpeedArgs:
     zero_stage: int = _f(0, "ZeRO stage 0-3.", choices=[0, 1, 2, 3])
     offload: bool = _f(False, "Offload optimizer states (and ZeRO-3 parameters) to CPU.")
     deepspeed_config: str = _f("", "A DeepSpeed JSON: its settings win where it sets them (ZeRO, clipping, "
-                                   "fp16/bf16 details, ...), ours fill the rest and its \"auto\" values; batch sizes "
-                                   "come from the flags, and a ZeRO stage or precision that contradicts a flag stops "
-                                   "the run.")
+                                   "fp16/bf16 details, ...), ours fill the rest and its \"auto\" values; batch sizes, "
+                                   "the optimizer and its schedule come from the flags: a file that sets them "
+                                   "otherwise, or a ZeRO stage or precision that contradicts a flag, stops the run.")
     local_rank: int = _f(-1, "Set by the deepspeed launcher.")
 
 
