@@ -74,3 +74,18 @@ def test_a_negative_sentence_weight_is_refused_as_in_preference_rows(tmp_path):
     rows[1]["revised_score_weights"][0][1] = 0.0  # zero: the sentence weighs nothing, as a preference row allows
     (tmp_path / "pairs.json").write_text(json.dumps(rows))
     assert len(read_opa(str(tmp_path / "pairs.json"))) == 2
+
+
+def test_a_jsonl_pairs_row_is_named_by_its_line_past_blank_lines(tmp_path):
+    """Rows of a JSON Lines file are numbered by line (the line number minus one), as every other reader numbers
+    them; opa_pairs rows were numbered by their count, so a row after a blank line was named one row early, in the
+    error and in every bad-row report."""
+    from training.data.readers import DataFormatError
+    from training.dpo.opa.data import read_opa
+
+    good, bad = json.dumps(_opa_row("ok.png")), json.dumps(_opa_row("ok.png", gt=None))
+    (tmp_path / "pairs.jsonl").write_text(f"{good}\n\n{bad}\n")
+    with pytest.raises(DataFormatError, match=r"pairs.jsonl: row 2: field 'gt'"):
+        read_opa(str(tmp_path / "pairs.jsonl"))
+    (tmp_path / "pairs.jsonl").write_text(f"{good}\n\n{good}\n")
+    assert [r["_where"].row for r in read_opa(str(tmp_path / "pairs.jsonl"))] == [0, 2]

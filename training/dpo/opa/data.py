@@ -270,13 +270,13 @@ def read_opa(path: str) -> list[dict]:
     "_where" (its RowRef); a row with a field missing or of the wrong type is an error naming file, row and field."""
     from training.data.readers import read_table
     rows = []
-    for k, r in read_table(path):  # a row with the expert's report is the published set's; others opa_pairs'
-        published = isinstance(r, dict) and "AI_json_report" in r
-        rows.append(_from_published(r, RowRef(str(path), k)) if published else r)
-    for k, r in enumerate(rows):
+    for k, r in read_table(path):  # k: the row's index as every reader numbers it (JSON Lines: its line, minus one)
+        published = isinstance(r, dict) and "AI_json_report" in r  # the published set's; others opa_pairs'
+        rows.append((k, _from_published(r, RowRef(str(path), k)) if published else r))
+    for k, r in rows:
         problem = _field_problem(r)
         if problem:
             raise DataFormatError(f"{path}: row {k}: field '{problem[0]}': {problem[1]} (not an OPA-DPO pairs "
                                   "file? make it with run_opa_dpo.sh)")
         r["_where"] = RowRef(str(path), k)
-    return rows
+    return [r for _, r in rows]
