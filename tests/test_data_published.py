@@ -165,3 +165,11 @@ def test_a_llava_rlhf_preference_read_as_a_float_is_its_number(tmp_path):
     (tmp_path / "rlhf.json").write_text(json.dumps(rows))
     assert [r.responses for r in read_preferences([str(tmp_path / "rlhf.json")], str(tmp_path))] == \
         [["b", "a"], ["a", "b"]]
+
+
+@pytest.mark.parametrize("field", ["queries", "standard_response", "original_generate_response"])
+def test_a_published_text_field_that_is_not_text_is_named_as_published(tmp_path, field):
+    """The error named the pairs file's field it becomes ('question', 'gt', 'rollout'), which the published set
+    does not have, and called a number in 'queries' a NoneType."""
+    with pytest.raises(DataFormatError, match=f"row 0: field '{field}': expected text, got int"):
+        read_opa(_opa_set(tmp_path / field, [_row(**{field: 3})]))

@@ -231,6 +231,7 @@ def _field_problem(r) -> tuple[str, str] | None:
 
 # the published OPA-DPO set (datasets saved to disk): the OPA set's fields + the rollout and the expert's report
 PUBLISHED_FIELDS = ("queries", "image_bytes", "standard_response", "original_generate_response", "AI_json_report")
+PUBLISHED_TEXT = ("queries", "standard_response", "original_generate_response")  # question, gt, rollout
 
 
 def _from_published(row: dict, ref: RowRef) -> dict:
@@ -243,6 +244,9 @@ def _from_published(row: dict, ref: RowRef) -> dict:
         if k not in row:
             raise DataFormatError(f"{ref.file}: row {ref.row}: field '{k}': missing (the OPA-DPO set has "
                                   f"{', '.join(PUBLISHED_FIELDS)})")
+    for k in PUBLISHED_TEXT:  # named as the set names them: the pairs' fields they become are not in its rows
+        if not isinstance(row[k], str):
+            raise DataFormatError(f"{ref.file}: row {ref.row}: field '{k}': expected text, got {type(row[k]).__name__}")
     image = row["image_bytes"]
     image = image.get("bytes") if isinstance(image, dict) else image  # a datasets Image column: {bytes, path}
     if not isinstance(image, (bytes, bytearray, memoryview, str)):
@@ -257,7 +261,7 @@ def _from_published(row: dict, ref: RowRef) -> dict:
         field = "image_bytes" if isinstance(err, ImageError) else "AI_json_report"
         raise DataFormatError(f"{ref.file}: row {ref.row}: field '{field}': {err}") from None
     revised, score_w, type_w = revised_with_weights(report)
-    question = row["queries"].replace(IMAGE_PLACEHOLDER, "").strip() if isinstance(row["queries"], str) else None
+    question = row["queries"].replace(IMAGE_PLACEHOLDER, "").strip()
     return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": question,
             "gt": row["standard_response"], "rollout": row["original_generate_response"], "revised": revised,
             "rollout_weights": rollout_weights(report), "revised_score_weights": score_w,
