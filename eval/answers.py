@@ -60,11 +60,17 @@ def read_answers(path: str | Path) -> dict[str, str]:
         rows = ((n, _json_line(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip())
     out, where = {}, {}
     for n, r in rows:
-        try:
-            qid, answer = ((str(r["id"]), r["response"]) if "response" in r else (str(n), r["model_answer"])
-                           if "model_answer" in r else (str(r["question_id"]), r["text"]))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{path}, row {n}: no {err} field (answer rows have question_id and text)") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}, row {n}: a {type(r).__name__}, not an object (answer rows have question_id "
+                             "and text)")
+        key, field = (("id", "response") if "response" in r else (None, "model_answer") if "model_answer" in r
+                      else ("question_id", "text"))
+        for k in (key, field):
+            if k is not None and k not in r:
+                raise ValueError(f"{path}, row {n}: no '{k}' field (answer rows have question_id and text)")
+        qid, answer = str(n) if key is None else str(r[key]), r[field]
+        if not isinstance(answer, str):  # scoring reads it as text: a bare AttributeError there, naming no row
+            raise ValueError(f"{path}, row {n}: field '{field}': expected text, got {type(answer).__name__}")
         if qid in out:
             raise ValueError(f"{path}: question {qid} answered twice (rows {where[qid]} and {n})")
         out[qid], where[qid] = answer, n

@@ -98,3 +98,15 @@ def test_a_benchmark_json_file_that_is_not_json_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"query_all\.json: invalid JSON at line 1"):
         amber.questions(argparse.Namespace(data=str(tmp_path), amber_query=str(tmp_path / "query_all.json"),
                                            amber_disc_suffix=""))
+
+
+@pytest.mark.parametrize("text, where", [('{"question_id": 1, "text": null}\n', r"row 1: field 'text'"),
+                                         ('[{"id": 1, "response": 5}]', r"row 0: field 'response'"),
+                                         ('[{"model_answer": ["yes"]}]', r"row 0: field 'model_answer'")])
+def test_an_answer_that_is_not_text_names_its_row(tmp_path, text, where):
+    """A null, a number or a list as an answer was read, and scoring it stopped on a bare AttributeError
+    ('NoneType' object has no attribute 'split') naming no file, row or field."""
+    from eval.answers import read_answers
+    (tmp_path / "answers.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=rf"answers\.jsonl, {where}: expected text, got"):
+        read_answers(tmp_path / "answers.jsonl")
