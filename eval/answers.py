@@ -53,9 +53,12 @@ def read_answers(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     if text.lstrip().startswith("["):
-        rows = enumerate(json.loads(text))
+        rows = enumerate(read_json(path))  # invalid JSON: an error naming the file, line and column
     else:
         rows = ((n, _json_line(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip())
     out, where = {}, {}

@@ -110,3 +110,13 @@ def test_an_answer_that_is_not_text_names_its_row(tmp_path, text, where):
     (tmp_path / "answers.jsonl").write_text(text)
     with pytest.raises(ValueError, match=rf"answers\.jsonl, {where}: expected text, got"):
         read_answers(tmp_path / "answers.jsonl")
+
+
+@pytest.mark.parametrize("data", [b'[{"id": 1, "response": "x"},', b'{"question_id": 1, "text": "\xff"}\n'])
+def test_an_answers_file_that_is_not_json_or_utf8_names_the_file(tmp_path, data):
+    """A JSON list cut short stopped on a bare JSONDecodeError, a byte that is not UTF-8 on a bare UnicodeDecodeError:
+    neither named the file."""
+    from eval.answers import read_answers
+    (tmp_path / "answers.json").write_bytes(data)
+    with pytest.raises(ValueError, match=r"answers\.json: (invalid JSON|not UTF-8)"):
+        read_answers(tmp_path / "answers.json")
