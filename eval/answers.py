@@ -54,7 +54,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte order mark some editors write is not JSON
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     if text.lstrip().startswith("["):
@@ -83,7 +83,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
 def answers_model_ids(path: str | Path) -> list[str]:
     """The distinct model_id values the rows of a predict answer file carry (none for other formats)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
     if not text.strip() or text.lstrip().startswith("["):
         return []
     rows = (_json_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip())

@@ -120,3 +120,14 @@ def test_an_answers_file_that_is_not_json_or_utf8_names_the_file(tmp_path, data)
     (tmp_path / "answers.json").write_bytes(data)
     with pytest.raises(ValueError, match=r"answers\.json: (invalid JSON|not UTF-8)"):
         read_answers(tmp_path / "answers.json")
+
+
+@pytest.mark.parametrize("text", ['[{"id": 1, "response": "x", "model_id": "m"}]',
+                                  '{"question_id": 1, "text": "x", "model_id": "m"}\n'])
+def test_an_answers_file_with_a_byte_order_mark_reads(tmp_path, text):
+    """Data files and benchmark files with the byte order mark some editors write are read; an answers file with
+    one was refused ("Unexpected UTF-8 BOM"), and its model_id was not seen."""
+    from eval.answers import answers_model_ids, read_answers
+    (tmp_path / "answers.json").write_text("\ufeff" + text, encoding="utf-8")
+    assert read_answers(tmp_path / "answers.json") == {"1": "x"}
+    assert answers_model_ids(tmp_path / "answers.json") == ([] if text.startswith("[") else ["m"])
