@@ -567,7 +567,7 @@ def read_captions(captions_file: str | None) -> dict:
     try:
         with open(captions_file, encoding="utf-8-sig") as f:
             captions = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:  # OSError: missing, a folder, unreadable
         raise DataFormatError(f"{captions_file}: not a JSON file of captions ({err})") from None
     if not isinstance(captions, dict):
         raise DataFormatError(f"{captions_file}: expected a JSON object image id -> list of captions")
