@@ -303,3 +303,12 @@ def test_a_user_config_that_is_not_a_json_object_stops_naming_the_file(tmp_path,
     (tmp_path / "ds.json").write_text(text)
     with pytest.raises(SystemExit, match=rf"--deepspeed_config {tmp_path / 'ds.json'}: .*{match}"):
         Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs())
+
+
+@pytest.mark.parametrize("zero", [None, [2], {"stage": "three"}, {"stage": 2.5}, {"stage": True}, {"stage": 7}])
+def test_a_user_config_whose_zero_section_is_malformed_stops_naming_it(tmp_path, zero):
+    """A zero_optimization that was no object stopped on a bare AttributeError, a stage "three" on a bare ValueError;
+    a stage 2.5 ran as 2, true as 1, and 7 was taken for the run's stage."""
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": zero}))
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'ds.json'}: zero_optimization"):
+        Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs())

@@ -182,6 +182,9 @@ def drop_auto(cfg: dict) -> dict:
 OPTIMIZER_TYPES = {"adamw": ("adam", "adamw"), "sgd": ("sgd",)}  # --optimizer -> DeepSpeed's names that agree
 
 
+ZERO_STAGES = ("0", "1", "2", "3")  # a --deepspeed_config's zero_optimization.stage, as an integer or its text
+
+
 def unfollowed_settings(cfg: dict, optimizer: str) -> list[str]:
     """What a DeepSpeed config's "optimizer" and "scheduler" sections set ("auto" values dropped before) that a run
     would not do: the optimizer and the learning-rate schedule are the flags', and DeepSpeed uses the ones it is
@@ -260,7 +263,10 @@ class Strategy:
         if not isinstance(cfg, dict):
             raise SystemExit(f"--deepspeed_config {d.deepspeed_config}: not a JSON object of DeepSpeed settings")
         cfg = drop_auto(cfg)
-        stage = cfg.get("zero_optimization", {}).get("stage")
+        zero = cfg.get("zero_optimization", {})
+        stage = zero.get("stage") if isinstance(zero, dict) else None
+        if not isinstance(zero, dict) or not (stage is None or type(stage) in (int, str) and str(stage) in ZERO_STAGES):
+            raise SystemExit(f"{d.deepspeed_config}: zero_optimization {zero!r:.60}: give an object, its stage 0-3")
         if stage is not None and int(stage) != d.zero_stage:
             if d.zero_stage:
                 raise SystemExit(f"{d.deepspeed_config}: ZeRO stage {stage}, but --zero_stage {d.zero_stage}: "
