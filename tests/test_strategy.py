@@ -312,3 +312,12 @@ def test_a_user_config_whose_zero_section_is_malformed_stops_naming_it(tmp_path,
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": zero}))
     with pytest.raises(SystemExit, match=rf"{tmp_path / 'ds.json'}: zero_optimization"):
         Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs())
+
+
+@pytest.mark.parametrize("section, value", [("scheduler", [1]), ("optimizer", "adam"), ("optimizer", {"params": 3})])
+def test_a_user_config_whose_optimizer_or_scheduler_is_no_object_stops_naming_it(tmp_path, section, value):
+    """A list or text where the optimizer or scheduler section goes stopped on a bare AttributeError ('list' object
+    has no attribute 'get'), naming no file."""
+    (tmp_path / "ds.json").write_text(json.dumps({section: value}))
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'ds.json'}: {section}"):
+        Strategy(DeepSpeedArgs(deepspeed_config=str(tmp_path / "ds.json")), OptimArgs())

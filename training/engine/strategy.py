@@ -277,6 +277,9 @@ class Strategy:
             if any(enabled) and self.precision != kind or enabled and not any(enabled) and self.precision == kind:
                 raise SystemExit(f"{d.deepspeed_config} {'enables' if any(enabled) else 'disables'} {kind}, but "
                                  f"--precision is {self.precision}: make them agree")
+        for k, v in ((k, cfg.get(k) or {}) for k in ("optimizer", "scheduler")):  # (else an AttributeError below)
+            if not isinstance(v, dict) or not isinstance(v.get("params") or {}, dict):
+                raise SystemExit(f"{d.deepspeed_config}: {k} {v!r:.60}: give an object, its params an object")
         o = self.optim
         unfollowed = unfollowed_settings(cfg, o.optimizer)
         if unfollowed:
