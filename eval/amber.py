@@ -288,7 +288,7 @@ def questions(args) -> dict[str, list[dict]]:
     out = []
     for i, r in enumerate(rows):
         where = f"{qfile}, row {i}"
-        raw, image, query = (need(r, k, where) for k in ("id", "image", "query"))
+        raw, image, query = (need(r, k, where, text=k == "query") for k in ("id", "image", "query"))
         qid = int(raw) if isinstance(raw, int) or str(raw).strip().isdigit() else 0
         if not 1 <= qid <= len(annotations):
             raise ValueError(f"{where}: id {raw!r} has no annotation in {afile} ({len(annotations)} items, ids from 1)")

@@ -102,11 +102,14 @@ def unique_questions(qs: dict[str, list[dict]], where: str) -> None:
             seen.add(q["question_id"])
 
 
-def need(row, key: str, where: str):
+def need(row, key: str, where: str, text: bool = False):
     """row[key] of a benchmark's data row; a row that is no object, or lacks the field, is an error naming the
-    file and row (`where`) and the field, before any answer is generated."""
+    file and row (`where`) and the field, before any answer is generated. text: the field must be text (a number
+    there stopped the benchmark on a bare TypeError, or made a question predict refused)."""
     if not isinstance(row, dict) or row.get(key) is None:
         raise ValueError(f"{where}: no '{key}' field" + ("" if isinstance(row, dict) else " (the row is no object)"))
+    if text and not isinstance(row[key], str):
+        raise ValueError(f"{where}: field '{key}': expected text, got {type(row[key]).__name__}")
     return row[key]
 
 

@@ -102,7 +102,8 @@ def questions(args) -> dict[str, list[dict]]:
     out = []
     for n, q in _jsonl(d / "questions.jsonl"):
         where = f"{d / 'questions.jsonl'}, line {n}"
-        row = {k: need(q, k, where) for k in ("question_id", "image", "text", "category")}
+        row = {k: need(q, k, where, text=k in ("text", "category"))
+               for k in ("question_id", "image", "text", "category")}
         row["question_id"] = str(row["question_id"])
         if "llava_bench_" + row["category"] not in rules:
             raise ValueError(f"{args.llava_rule_file}: no rule for category {'llava_bench_' + row['category']!r}")

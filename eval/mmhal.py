@@ -79,7 +79,7 @@ def _records(args) -> list[dict]:
         raise ValueError(f"{args.data}: expected MMHal's response_template.json (a JSON list of records)")
     for i, r in enumerate(records):  # the fields the judge's prompt is filled with, checked before any answer
         for key in ("question", "image_content", "gt_answer"):
-            need(r, key, f"{args.data}, record {i}")
+            need(r, key, f"{args.data}, record {i}", text=key != "image_content")
         if not isinstance(r["image_content"], list):  # ", ".join of a text would put a comma between its letters
             raise ValueError(f"{args.data}, record {i}: 'image_content' must be a list of object names, got "
                              f"{type(r['image_content']).__name__}")

@@ -100,7 +100,7 @@ def questions(args) -> dict[str, list[dict]]:
             if need(r, "label", where) not in ("yes", "no"):
                 raise ValueError(f"{where}: label must be 'yes' or 'no', got {r.get('label')!r}")
             rows.append({"question_id": question_id(r, i), "image": need(r, "image", where),
-                         "text": need(r, "text", where) + args.pope_suffix, "label": r["label"]})
+                         "text": need(r, "text", where, text=True) + args.pope_suffix, "label": r["label"]})
         out[split] = rows
     return out
 

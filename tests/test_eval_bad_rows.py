@@ -131,3 +131,23 @@ def test_an_answers_file_with_a_byte_order_mark_reads(tmp_path, text):
     (tmp_path / "answers.json").write_text("\ufeff" + text, encoding="utf-8")
     assert read_answers(tmp_path / "answers.json") == {"1": "x"}
     assert answers_model_ids(tmp_path / "answers.json") == ([] if text.startswith("[") else ["m"])
+
+
+def test_a_question_text_that_is_not_text_names_its_row(tmp_path):
+    """A number as a POPE question's text, an AMBER query or a LLaVA-Bench category stopped on a bare TypeError
+    (unsupported operand type(s) for +: 'int' and 'str') naming no file, row or field."""
+    f = tmp_path / "coco_pope_random.json"
+    f.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": 5, "label": "yes"}) + "\n")
+    with pytest.raises(ValueError, match=r"coco_pope_random\.json: row 0: field 'text': expected text, got int"):
+        pope.questions(argparse.Namespace(data=str(f), pope_suffix=" Answer yes or no."))
+    (tmp_path / "annotations.json").write_text(json.dumps([{"id": 1, "type": "discriminative", "truth": []}]))
+    (tmp_path / "query.json").write_text(json.dumps([{"id": 1, "image": "AMBER_1.jpg", "query": 3}]))
+    with pytest.raises(ValueError, match=r"query\.json, row 0: field 'query': expected text, got int"):
+        amber.questions(argparse.Namespace(data=str(tmp_path), amber_query=str(tmp_path / "query.json"),
+                                           amber_disc_suffix=" Answer yes or no."))
+    (tmp_path / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 1, "text": "ref"}) + "\n")
+    (tmp_path / "context.jsonl").write_text(json.dumps({"image": "001.jpg", "caption": "c"}) + "\n")
+    q = {"question_id": 1, "image": "001.jpg", "text": "q", "category": 2}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(q) + "\n")
+    with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: field 'category': expected text, got int"):
+        llava_bench.questions(argparse.Namespace(data=str(tmp_path), llava_rule_file=str(llava_bench.RULES)))
