@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 _BATCH = 256
 _CHUNK = 256
 _WORKERS = min(8, os.cpu_count() or 1)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON spells half of a UTF-16 pair (alone: no character)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a parsed text: a half left alone (a pair is one character)
 
 
 class DataFormatError(ValueError):
@@ -138,7 +141,33 @@ def _read_json(path: str, bad_lines: bool, one_row: Callable[[dict], bool] | Non
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON list of rows or a dict of columns, "
                               f"got {type(data).__name__}")
-    yield from enumerate(data)
+    escaped = _SURROGATE_ESCAPE.search(text) is not None
+    yield from ((i, _checked_text(path, f"row {i}", text, r, bad_lines) if escaped else r) for i, r in enumerate(data))
+
+
+def _lone_surrogate(obj: Any, field: str = "") -> str | None:
+    """The field (as conversations[1].value) of the first text in a parsed JSON row holding a lone surrogate: JSON
+    may spell half of a UTF-16 pair alone ("\\ud83d" of an emoji cut in two), which is no character, and tokenizers
+    refuse such text with a bare TypeError."""
+    if isinstance(obj, str):
+        return field or "<row>" if _LONE_SURROGATE.search(obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(v, f"{field}[{k}]" if isinstance(k, int) else f"{field}.{k}" if field else str(k))
+        if found:
+            return found
+    return None
+
+
+def _checked_text(path: str, where: str, raw: str, row: Any, bad_lines: bool) -> Any:
+    """`row`, or where a text in it holds a lone surrogate, its RowProblem (bad_lines) or an error."""
+    field = _lone_surrogate(row) if _SURROGATE_ESCAPE.search(raw) else None
+    if field is None:
+        return row
+    reason = "text with a lone surrogate (a \\ud800-\\udfff escape without its pair): no Unicode character"
+    if not bad_lines:
+        raise DataFormatError(f"{path}: {where}: field '{field}': {reason}")
+    return RowProblem(field, reason)
 
 
 def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
@@ -160,7 +189,7 @@ def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
                     raise DataFormatError(f"{path}: line {i + 1}: invalid JSON: {err.msg} "
                                           f"(column {err.colno})") from None
                 row = RowProblem("<row>", f"invalid JSON: {err.msg} (line {i + 1}, column {err.colno})")
-            yield i, row
+            yield i, _checked_text(path, f"line {i + 1}", line, row, bad_lines)
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
