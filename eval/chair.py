@@ -260,13 +260,15 @@ def data_files(args) -> list[Path]:
 
 
 def questions(args) -> dict[str, list[dict]]:
+    from eval.answers import need
     from training.data.formats import question_id, read_table
 
     out = []
     for i, r in read_table(args.data):
-        text = r.get("question", r.get("text", r.get("query")))
-        if text is None:
+        key = next((k for k in ("question", "text", "query") if isinstance(r, dict) and k in r), "question")
+        if isinstance(r, dict) and r.get(key) is None:
             raise ValueError(f"{args.data}: row {i} has no question / text")
+        text = need(r, key, f"{args.data}: row {i}", text=True)
         try:
             image_id = image_id_of(r)
         except ValueError as err:

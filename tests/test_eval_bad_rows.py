@@ -151,3 +151,14 @@ def test_a_question_text_that_is_not_text_names_its_row(tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps(q) + "\n")
     with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: field 'category': expected text, got int"):
         llava_bench.questions(argparse.Namespace(data=str(tmp_path), llava_rule_file=str(llava_bench.RULES)))
+
+
+@pytest.mark.parametrize("row, match", [(5, r"row 0: no 'question' field \(the row is no object\)"),
+                                        ({"image_id": 1, "text": 5}, r"row 0: field 'text': expected text, got int")])
+def test_an_objhal_question_row_that_is_no_object_or_no_text_names_its_row(tmp_path, row, match):
+    """A row that was no object stopped on a bare AttributeError ('int' object has no attribute 'get'); a number as
+    the question went on to the generated question file, which predict then refused naming that file instead."""
+    f = tmp_path / "objhal.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"objhal\.jsonl: {match}"):
+        chair.questions(argparse.Namespace(data=str(f)))
