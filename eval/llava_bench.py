@@ -90,7 +90,8 @@ def _judged_files(args) -> tuple[dict[str, str], dict[str, dict], dict]:
     d = Path(args.data)
     refs = {str(need(a, "question_id", f"{d / 'answers_gpt4.jsonl'}, line {n}")):
             need(a, "text", f"{d / 'answers_gpt4.jsonl'}, line {n}") for n, a in _jsonl(d / "answers_gpt4.jsonl")}
-    context = {need(c, "image", f"{d / 'context.jsonl'}, line {n}"): c for n, c in _jsonl(d / "context.jsonl")}
+    context = {need(c, "image", f"{d / 'context.jsonl'}, line {n}", text=True): c
+               for n, c in _jsonl(d / "context.jsonl")}
     return refs, context, read_json(args.llava_rule_file)
 
 
@@ -102,7 +103,7 @@ def questions(args) -> dict[str, list[dict]]:
     out = []
     for n, q in _jsonl(d / "questions.jsonl"):
         where = f"{d / 'questions.jsonl'}, line {n}"
-        row = {k: need(q, k, where, text=k in ("text", "category"))
+        row = {k: need(q, k, where, text=k != "question_id")
                for k in ("question_id", "image", "text", "category")}
         row["question_id"] = str(row["question_id"])
         if "llava_bench_" + row["category"] not in rules:

@@ -162,3 +162,17 @@ def test_an_objhal_question_row_that_is_no_object_or_no_text_names_its_row(tmp_p
     f.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=rf"objhal\.jsonl: {match}"):
         chair.questions(argparse.Namespace(data=str(f)))
+
+
+def test_a_llava_bench_image_that_is_not_a_file_name_names_its_line(tmp_path):
+    """A list as a question's or a context row's image stopped on a bare TypeError (unhashable type: 'list')."""
+    (tmp_path / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 1, "text": "ref"}) + "\n")
+    (tmp_path / "context.jsonl").write_text(json.dumps({"image": "001.jpg", "caption": "c"}) + "\n")
+    args = argparse.Namespace(data=str(tmp_path), llava_rule_file=str(llava_bench.RULES))
+    q = {"question_id": 1, "image": ["001.jpg"], "text": "q", "category": "conv"}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(q) + "\n")
+    with pytest.raises(ValueError, match=r"questions\.jsonl, line 1: field 'image': expected text, got list"):
+        llava_bench.questions(args)
+    (tmp_path / "context.jsonl").write_text(json.dumps({"image": ["001.jpg"], "caption": "c"}) + "\n")
+    with pytest.raises(ValueError, match=r"context\.jsonl, line 1: field 'image': expected text, got list"):
+        llava_bench.questions(args)
