@@ -62,7 +62,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
     else:
         rows = ((n, _json_line(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip())
     out, where = {}, {}
-    for n, r in rows:
+    for position, (n, r) in enumerate(rows):  # n: the row's index, or in JSON Lines its line
         if not isinstance(r, dict):
             raise ValueError(f"{path}, row {n}: a {type(r).__name__}, not an object (answer rows have question_id "
                              "and text)")
@@ -71,7 +71,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
         for k in (key, field):
             if k is not None and k not in r:
                 raise ValueError(f"{path}, row {n}: no '{k}' field (answer rows have question_id and text)")
-        qid, answer = str(n) if key is None else str(r[key]), r[field]
+        qid, answer = str(position) if key is None else str(r[key]), r[field]  # MMHal's: by position, from 0
         if not isinstance(answer, str):  # scoring reads it as text: a bare AttributeError there, naming no row
             raise ValueError(f"{path}, row {n}: field '{field}': expected text, got {type(answer).__name__}")
         if qid in out:

@@ -176,3 +176,13 @@ def test_a_llava_bench_image_that_is_not_a_file_name_names_its_line(tmp_path):
     (tmp_path / "context.jsonl").write_text(json.dumps({"image": ["001.jpg"], "caption": "c"}) + "\n")
     with pytest.raises(ValueError, match=r"context\.jsonl, line 1: field 'image': expected text, got list"):
         llava_bench.questions(args)
+
+
+def test_mmhal_answers_in_json_lines_are_keyed_by_position_as_in_a_list(tmp_path):
+    """MMHal's answers (model_answer) are keyed by their position, from 0 as its questions are; in a JSON Lines file
+    they were keyed by line number, from 1: every answer went to the next question, and the first had none."""
+    from eval.answers import read_answers
+    (tmp_path / "answers.jsonl").write_text('{"model_answer": "first"}\n\n{"model_answer": "second"}\n')
+    (tmp_path / "answers.json").write_text('[{"model_answer": "first"}, {"model_answer": "second"}]')
+    assert read_answers(tmp_path / "answers.jsonl") == read_answers(tmp_path / "answers.json") == {
+        "0": "first", "1": "second"}
