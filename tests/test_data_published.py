@@ -173,3 +173,13 @@ def test_a_published_text_field_that_is_not_text_is_named_as_published(tmp_path,
     does not have, and called a number in 'queries' a NoneType."""
     with pytest.raises(DataFormatError, match=f"row 0: field '{field}': expected text, got int"):
         read_opa(_opa_set(tmp_path / field, [_row(**{field: 3})]))
+
+
+def test_a_published_row_without_its_report_names_the_report(tmp_path):
+    """A row of the published set without AI_json_report was taken for an opa_pairs.json row and refused for a
+    missing 'image' (a field the published set does not have), with the hint to make the file with run_opa_dpo.sh."""
+    row = _row(image_bytes=base64.b64encode(_png()).decode())  # the set as JSON Lines: its image as base64 text
+    rows = [row, {k: v for k, v in row.items() if k != "AI_json_report"}]
+    (tmp_path / "opadpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match="row 1: field 'AI_json_report': missing"):
+        read_opa(str(tmp_path / "opadpo.jsonl"))

@@ -275,7 +275,8 @@ def read_opa(path: str) -> list[dict]:
     from training.data.readers import read_table
     rows = []
     for k, r in read_table(path):  # k: the row's index as every reader numbers it (JSON Lines: its line, minus one)
-        published = isinstance(r, dict) and "AI_json_report" in r  # the published set's; others opa_pairs'
+        # the published set's (its report or its query, which opa_pairs rows call question); others opa_pairs'
+        published = isinstance(r, dict) and ("AI_json_report" in r or "queries" in r)
         rows.append((k, _from_published(r, RowRef(str(path), k)) if published else r))
     for k, r in rows:
         problem = _field_problem(r)
