@@ -47,6 +47,8 @@ def test_a_user_configs_bf16_section_under_its_old_name_is_followed(tmp_path):
     ({"fp16": {"enabled": True}}, {}, "enables fp16, but --precision is fp32"),
     ({"bf16": {"enabled": True}}, {}, "enables bf16, but --precision is fp32"),
     ({"train_micro_batch_size_per_gpu": 16}, {}, "differs from the run's 4"),
+    # text, not a number: "4 differs from the run's 4" read as nonsense
+    ({"train_micro_batch_size_per_gpu": "4"}, {}, "train_micro_batch_size_per_gpu '4' differs from the run's 4"),
     # these two were overwritten without a word by the flags' values
     ({"train_batch_size": 64}, {}, "train_batch_size 64 differs from the run's 4"),
     ({"fp16": {"enabled": False}}, {"precision": "fp16"}, "disables fp16, but --precision is fp16"),

@@ -291,7 +291,7 @@ class Strategy:
                           ("gradient_accumulation_steps", o.gradient_accumulation_steps),
                           ("train_batch_size", o.per_device_train_batch_size * o.gradient_accumulation_steps * world)):
             if key in cfg and cfg[key] != ours:
-                raise SystemExit(f"{d.deepspeed_config}: {key} {cfg[key]} differs from the run's {ours}: set "
+                raise SystemExit(f"{d.deepspeed_config}: {key} {cfg[key]!r} differs from the run's {ours}: set "
                                  "batch sizes with --per_device_train_batch_size / --gradient_accumulation_steps")
         return cfg
 
