@@ -128,6 +128,8 @@ def test_option_bonus_follows_llava_rlhf():
     assert option_bonus("I think the correct option is B.", "b") == 1.0
     assert option_bonus("There is a blue star.", "A") == 0.0  # "a" inside words and as an article
     assert option_bonus("A. yes", "B") == 0.0
+    assert option_bonus("C. Not B.", "B") == 0.0  # "B." later in the text is not an answer of B
+    assert option_bonus("B. red", "B.") == 1.0 and option_bonus("No.", "No.") == 0.5  # a stated answer's "." drops
     # No-is-right yes/no questions: +0.5 for No, -0.5 for Yes; nothing when Yes is right
     assert (option_bonus("No, there is none.", "no"), option_bonus("Yes.", "No"), option_bonus("Maybe", "no")) == \
         (0.5, -0.5, 0.0)
