@@ -572,3 +572,24 @@ def test_training_from_a_reward_model_starts_from_its_head(world, tiny, tmp_path
     before, after = (load_file(str(p / "value_head.safetensors")) for p in (start, tmp_path / "more"))
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+
+
+def test_training_shuffles_each_rows_facts_anew_each_epoch(world, tiny, tmp_path, monkeypatch):
+    """The reward model trains on facts shuffled per (seed, epoch, row), as LLaVA-RLHF shuffles its captions. No
+    test read the block's order: no shuffle at all, the same order in every epoch, or training with the evaluation's
+    given order all passed."""
+    import training.rm.data as rm_data
+    seen, real = {}, rm_data.rm_messages
+
+    def spy(prompt, response, facts=None, factual=False, shuffle_seed=None):
+        out = real(prompt, response, facts, factual, shuffle_seed)
+        block = out[-1].content.split("\n")[1:]
+        assert sorted(block) == sorted(f.strip() for f in facts)  # the same facts, in some order
+        seen.setdefault((tuple(facts), response), []).append(tuple(block))
+        return out
+    monkeypatch.setattr(rm_data, "rm_messages", spy)
+    main(rm_args(world, tiny, tmp_path / "rm", "--max_steps", "8", "--per_device_train_batch_size", "4",
+                 "--eval_data_path", ""))  # 4 steps an epoch: every row read in 2 epochs
+    assert len(seen) >= 16 and all(len(orders) == 2 for orders in seen.values())
+    assert any(orders[0] != tuple(f.strip() for f in facts) for (facts, _), orders in seen.items())
+    assert any(orders[0] != orders[1] for orders in seen.values())
