@@ -99,3 +99,11 @@ def test_scorer_reads_a_response_spelling_the_image_placeholder_without_it(arch,
         text = f"one red circle {mark}."
         spelled, plain = scorer.score([PROMPT] * 2, [[_img(0)]] * 2, [text, text.replace(mark, "")])
         assert float(spelled) == float(plain)
+
+
+def test_last_token_index_with_right_and_left_padding():
+    """The reward is read at each row's last attended position, whichever side is padded (the model's doc says
+    both): the count of attended positions minus one passed every test, and is wrong for left padding."""
+    from training.rm.model import last_token_index
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 0]])
+    assert last_token_index(mask).tolist() == [2, 4, 4, 3]
