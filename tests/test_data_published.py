@@ -183,3 +183,26 @@ def test_a_published_row_without_its_report_names_the_report(tmp_path):
     (tmp_path / "opadpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataFormatError, match="row 1: field 'AI_json_report': missing"):
         read_opa(str(tmp_path / "opadpo.jsonl"))
+
+
+def test_a_negative_or_past_the_letters_choice_index_and_a_non_finite_margin_are_bad_rows(tmp_path):
+    """Only an index past the end of `choices` was tried: -1 (which Python reads as the last option) was taken for an
+    answer, as was a 27th option with no letter to name it; a margin of NaN or Infinity (JSON and parquet hold them)
+    went into the loss. Each is a bad row naming its field."""
+    from training.data.formats import read_preferences
+    (tmp_path / "a.png").write_bytes(_png())
+    turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "x"}]
+    rlhf = {"image": "a.png", "conversations": turns, "output_1": "a", "output_2": "b", "preference": 1}
+    trl = {"images": [], "prompt": [{"role": "user", "content": "Q"}], "chosen": "a", "rejected": "b"}
+    cases = [(read_preferences, dict(rlhf, choices=["p", "q"], correct_choice_idx=-1), "correct_choice_idx"),
+             (read_prompts, {"image": "a.png", "conversations": turns[:1], "choices": ["p", "q"],
+                             "correct_choice_idx": -2}, "correct_choice_idx"),
+             (read_prompts, {"image": "a.png", "conversations": turns[:1], "choices": [str(i) for i in range(30)],
+                             "correct_choice_idx": 26}, "correct_choice_idx"),
+             (read_preferences, dict(trl, margin=float("nan")), "margin"),
+             (read_preferences, dict(trl, margin=float("inf")), "margin")]
+    for i, (reader, row, field) in enumerate(cases):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps([row]))
+        with pytest.raises(BadRowError, match=f"row 0: field '{field}'"):
+            reader(str(path), str(tmp_path))
