@@ -77,3 +77,18 @@ def test_an_image_name_with_a_comma_that_is_a_file_is_one_image(tmp_path):
     assert one.images == [str(tmp_path / "x,1.png")]
     assert two.images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert [len(r.images) for r in read_prompts(str(data), None)] == [1, 2]  # root: the data file's folder
+
+
+def test_two_data_files_each_read_their_own_folders_image_of_one_name(tmp_path):
+    """Without --image_folder a file's images are in its own folder; the images checked are remembered by name for
+    the rows that reuse them. Remembering them by name alone (not with their folder) passed every test, and gave
+    the second file the first one's "a.png", another image, without a word."""
+    from PIL import Image
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."}]
+    paths = []
+    for name, colour in (("one", (255, 0, 0)), ("two", (0, 0, 255))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name / "a.png")
+        paths.append(_json(tmp_path / name / "d.json", [{"image": "a.png", "conversations": turns}]))
+    first, second = read_sft(paths, None)
+    assert (first.images, second.images) == ([str(tmp_path / "one" / "a.png")], [str(tmp_path / "two" / "a.png")])
