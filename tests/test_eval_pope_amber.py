@@ -234,3 +234,29 @@ def test_scoring_answers_made_for_other_questions_is_refused(tmp_path):
     with pytest.raises(AnswersMismatch, match="other questions"):
         bench_main(argv)  # the default suffix: LLaVA's
     assert bench_main([*argv, "--pope_suffix", ""])["details"]["prompt_suffix"] == ""
+
+
+def test_amber_uncovered_objects_repeated_nouns_other_nouns_and_the_printouts_denominators(tmp_path):
+    """The hand-worked set covers every truth object, has no noun outside the relation vocabulary, and equal
+    precision and recall: marking a repeated first truth object as the next one, starting every truth object
+    covered, keeping nouns outside the vocabulary, swapping precision and recall, or inference.py's printout
+    without its 0.001 starts (Hal; existence's F1 epsilon 0.001, the others' 0.0001) all passed."""
+    # "dog" twice covers dog only; grass stays uncovered; cat is never mentioned
+    assert score_generative(["dog", "dog"], ["dog", "grass"], ["cat"], {"dog": [], "grass": [], "cat": []},
+                            set()) == ([0, 0], [1, 0], [0])
+    d, relation, ann, responses = _amber(tmp_path)
+    vocab = set(relation) | {w for ws in relation.values() for w in ws}
+    responses[1] = "A woman and a man at a table."  # table: a noun, but not in relation.json
+    _, details, per = amber_metrics([{"id": i} for i in range(1, 7)], responses, ann, relation, {"sky"},
+                                    RuleNouns(vocab | {"table"}))
+    assert per[1]["nouns"] == ["woman", "man"]
+    existence = details["discriminative"]["existence"]  # answered No twice (one right); its one No found
+    assert (existence["precision"], existence["recall"]) == pytest.approx((0.5, 1.0))
+    one = [{"id": 1, "type": "generative", "truth": ["dog"], "hallu": []}]
+    _, details, _ = amber_metrics([{"id": 1}], ["Nothing here."], one, {"dog": []}, set(), RuleNouns({"dog"}))
+    assert details["reference_printout"]["generative"]["Hal"] == 0.1  # 100 - 1 / 1.001 * 100
+    truths, answers = ("yes", "yes", "no", "no"), ("No", "No", "Yes", "No")
+    ann = [{"id": i + 1, "type": "discriminative-hallucination", "truth": t} for i, t in enumerate(truths)]
+    _, details, _ = amber_metrics([{"id": a["id"]} for a in ann], list(answers), ann, {}, set(), RuleNouns(set()))
+    printout = details["reference_printout"]  # P 1/3, R 1/2: F1 .2 / (.833 + eps)
+    assert (printout["existence"]["F1"], printout["discriminative"]["F1"]) == (39.9, 40.0)
