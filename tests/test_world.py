@@ -211,3 +211,32 @@ def test_pope_popular_negatives_are_the_commonest_absent_kinds_of_the_images_ask
         neg = [r["object"] for r in rows if r["image"] == f"{s['id']}.png" and r["label"] == "no"]
         absent = sorted((k for k in KINDS if k not in pos), key=lambda k: (-freq[k], KINDS.index(k)))
         assert neg == absent[:len(pos[:3])], (pos, neg)
+
+
+def test_the_sft_answers_and_the_count_benchmark_state_each_scenes_truth(tmp_path):
+    """Only the descriptions were checked against the scenes: existence answers all "Yes", a count of at least one
+    for every kind, or "There are one circles." passed every test. Each answer is checked here against its scene."""
+    from eval.embedded import first_number
+    from training.world.scenes import PLURAL
+    meta = generate(tmp_path, WorldConfig(seed=4, **SMALL))
+    kinds = {s["id"]: [o["kind"] for o in s["objects"]] for part in ("sft", "heldout") for s in meta["scenes"][part]}
+    of_plural = {p: k for k, p in PLURAL.items()}
+    seen = {"Yes": 0, "No": 0, 1: 0, 2: 0}
+    for r in json.loads((tmp_path / "sft_train.json").read_text()):
+        objs, turns = kinds[r["id"].rsplit("-", 1)[0]], r["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            words, answer = q["value"].removeprefix("<image>\n").split(), a["value"]
+            if words[:3] == ["Is", "there", "a"]:
+                kind = words[3]
+                assert answer == (f"Yes, there is a {kind}." if kind in objs else f"No, there is no {kind}."), r
+                seen[answer.split(",")[0]] += 1
+            elif words[:2] == ["How", "many"]:
+                kind, n = of_plural[words[2]], objs.count(of_plural[words[2]])
+                assert first_number(answer) == n >= 1, r
+                assert answer.startswith("There is ") and answer.endswith(f" {kind}.") if n == 1 else \
+                    answer.startswith("There are ") and answer.endswith(f" {words[2]}."), r
+                seen[min(n, 2)] += 1
+    assert min(seen.values()) > 0  # both answers, one object and several
+    for line in (tmp_path / "bench_count.jsonl").read_text().splitlines():
+        q = json.loads(line)
+        assert q["count"] == kinds[q["question_id"].removesuffix("-count")].count(q["object"]) >= 1
