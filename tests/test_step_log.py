@@ -497,3 +497,32 @@ def test_a_metric_missing_from_some_steps_is_averaged_over_the_steps_that_have_i
     cut = Resumer()
     run_steps(cut, args(tmp_path / "cut", stop=3), range(1, 4))  # checkpoint at 3: one actor step in the window
     assert run_steps(cut, args(tmp_path / "cut", resume=True), range(4, 9)) == full
+
+
+def test_resumed_logs_drop_the_interrupted_runs_later_steps_and_a_fresh_run_starts_anew(tmp_path):
+    """Tensorboard's events past the resumed step are purged as metrics.jsonl's rows are (without it a step showed
+    twice), a fresh run does not append to an earlier run's metrics.jsonl, the last step saves no resumable
+    checkpoint (the stage saves its final model) and each rank draws its own random numbers: dropping any of them
+    passed every test."""
+    from sft_helpers import tb_scalars
+
+    from training.engine.loop import planned_steps, save_due
+    from training.engine.metrics import MetricsLogger, read_metrics
+    first = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, resume_step=2)
+    resumed.log(3, {"loss": 30.0})
+    resumed.close()
+    assert tb_scalars(tmp_path)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0),
+                                                                                          (3, 30.0)]
+    MetricsLogger(tmp_path).close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    run = SimpleNamespace(save_steps=3, stop_after_steps=0)
+    assert [s for s in range(1, 7) if save_due(s, 6, run)] == [3]
+    assert not save_due(6, 6, SimpleNamespace(save_steps=0, stop_after_steps=6))
+    plan = StepPlan.make(8, 2, 1, 2, 1.0, -1)
+    draws = [[torch.rand(1).item() for _ in planned_steps(plan, 0, 8, 2, 1, 2, rank, seed=3)] for rank in (0, 1)]
+    assert all(a != b for a, b in zip(*draws))
