@@ -125,3 +125,23 @@ def test_an_adapter_saved_with_a_relative_base_loads_from_another_working_folder
     monkeypatch.chdir(tmp_path / "elsewhere")
     torch.testing.assert_close(_loaded_logits(tmp_path / "repo" / "output" / "run"), _logits(model, processor),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_merge_is_saved_in_the_training_runs_precision_unless_told_another(llava, tmp_path, monkeypatch):
+    """merge_lora's --precision defaults to the run's (recorded beside the adapters); merging every run in fp32
+    passed every test, which train in fp32 only. A run recorded as bf16 merges to bf16 weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
+    from training.model.merge_lora import merge_lora
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    model, processor = _trained(llava)
+    save_model(model, processor, tmp_path / "run")
+    info_file = tmp_path / "run" / ADAPTER_SUBDIR / BUILD_INFO_FILE
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "precision": "bf16"}))
+    for name, precision, dtype in (("own", None, torch.bfloat16), ("told", "fp32", torch.float32)):
+        merge_lora(tmp_path / "run", tmp_path / name, precision)
+        weights = load_file(str(tmp_path / name / "model.safetensors"))
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {dtype}, name
