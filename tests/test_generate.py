@@ -335,3 +335,22 @@ def test_sampling_ignores_the_checkpoints_own_filters(world, tiny):
                            DecodeArgs(max_new_tokens=6, do_sample=True, temperature=1.0, num_return_sequences=6))
     assert len(set(texts[0])) > 1
     assert (model.generation_config.top_k, model.generation_config.top_p) == (1, 0.001)  # put back after it
+
+
+def test_an_unscored_answer_never_beats_negative_rewards_and_a_changed_image_is_a_changed_question():
+    """The reward of best-of-n is the best scored one: an unscored answer counted as 0 beat every negative reward and
+    passed the test above, whose rewards are positive. A question file rewritten with another image for a
+    question_id was resumed with the old answer: only a changed prompt was tested."""
+    from types import SimpleNamespace
+
+    from training.data.records import Message
+    from training.predict.main import answer_row, changed_questions, rewarded
+    rows, unscored = rewarded([None], [{"question_id": "x"}], torch.tensor([[-2.0, float("nan"), -1.5]]), 3,
+                              BadRowReport(), SimpleNamespace(factual=False))
+    assert rows == [{"question_id": "x", "reward": -1.5, "best_of_n": 3, "n_scored": 2}] and unscored == 1
+
+    def question(image):
+        return SimpleNamespace(id="q1", meta={}, images=[image], prompt=[Message("user", "<image>\nIs it red?")])
+    done = {"q1": answer_row(question("/data/a.png"), "Yes.", "m")}
+    assert changed_questions([question("/data/a.png")], done) == []
+    assert changed_questions([question("/data/b.png")], done) == ["q1"]
