@@ -237,3 +237,18 @@ def test_processes_given_one_gpu_index_are_refused_before_any_starts(monkeypatch
     monkeypatch.setattr(subprocess, "Popen", no_start)
     with pytest.raises(SystemExit, match="with 2 processes: each process answers on a GPU of its own"):
         parallel.run_chunks(["--model_path", "m", "--data_path", "q.jsonl", *device], 2)
+
+
+def test_sampled_answers_of_two_chunks_are_those_of_one_process(world, tiny, tmp_path):
+    """Each batch's samples are seeded by where its first question stands in the whole file, so chunks and a resumed
+    run sample as one process does; every test decoded greedily, and seeding by the batch's place in its chunk
+    passed them all."""
+    qfile = _questions(world, tmp_path / "q.jsonl", 6)
+    sample = ("--do_sample", "--temperature", "1.5", "--max_new_tokens", "8", "--seed", "7")
+    predict(parse(_argv(world, tiny, qfile, tmp_path / "one.jsonl", *sample)))
+    for idx in ("1", "0"):
+        predict(parse(_argv(world, tiny, qfile, tmp_path / "two.jsonl", *sample, "--num_chunks", "2",
+                            "--chunk_idx", idx)))
+    one, two = _rows(tmp_path / "one.jsonl"), _rows(tmp_path / "two.jsonl")
+    assert {q: r["text"] for q, r in two.items()} == {q: r["text"] for q, r in one.items()}
+    assert len({r["text"] for r in one.values()}) > 1  # sampled answers that differ: the seeds matter
