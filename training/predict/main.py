@@ -219,7 +219,7 @@ def predict(args: argparse.Namespace) -> Path:
     from training.data.formats import read_prompts
     from training.data.images import load_image
     from training.model.builder import inference_device, load_model_and_processor
-    from training.predict.generate import DecodeArgs, best_of_n, generate_batch
+    from training.predict.generate import DecodeArgs, best_of_n, generate_batch, sample_seed
     from training.templates.chat import ChatEncoder
 
     if args.best_of_n > 1 and not args.reward_model:
@@ -246,6 +246,7 @@ def predict(args: argparse.Namespace) -> Path:
                          "file to answer again")
     # chunks of the whole file, then what is answered: every process takes the same share whenever it starts
     mine = records[args.chunk_idx::args.num_chunks]
+    place = {_qid(r): k for k, r in enumerate(records)}  # a question's place in the file: what its samples' seed names
     todo = [r for r in mine if _qid(r) not in done]
     if not todo:  # a rerun after every question was answered: no model to load (minutes for a 7B one)
         print(f"{out}: every question of this share of {args.data_path} is answered")
@@ -268,9 +269,9 @@ def predict(args: argparse.Namespace) -> Path:
             chunk = [r for r in mine[i:i + args.batch_size] if _qid(r) not in done]
             if not chunk:
                 continue
-            # seeded by where the batch's first question stands in the file: a resumed run draws each batch's samples
-            # as one uninterrupted run of the same --batch_size and --num_chunks does (other batch sizes or chunks
-            # batch other questions together, so they sample them otherwise: one draw serves a whole batch)
+            # each question's samples are drawn from a generator of its own, seeded by --seed and its place in the
+            # file (generate_batch's seeds): whatever the batch size, chunks or resumption, the same samples. Beam
+            # search with sampling draws from torch's generator, seeded by where the batch's first question stands
             torch.manual_seed(args.seed * 1_000_003 + args.chunk_idx + i * args.num_chunks)
             images = [[load_image(s, image_root) for s in r.images] for r in chunk]
             n = len(chunk)
@@ -279,14 +280,15 @@ def predict(args: argparse.Namespace) -> Path:
             if not chunk:
                 continue
             prompts = [r.prompt for r in chunk]
+            seeds = [sample_seed(args.seed, place[_qid(r)]) for r in chunk]
             facts = [r.facts for r in chunk] if scorer is not None and scorer.factual else None
             rewards = None
             if args.best_of_n > 1:
                 texts, _, rewards = best_of_n(model, processor, encoder, arch.name, prompts, images, decode,
-                                              args.best_of_n, scorer, facts, device, encoded)
+                                              args.best_of_n, scorer, facts, device, encoded, seeds)
             else:
                 texts = [t[0] for t in generate_batch(model, processor, encoder, arch.name, prompts, images, decode,
-                                                      device, encoded)]
+                                                      device, encoded, seeds)]
                 if scorer is not None:
                     rewards = scorer.score(prompts, images, texts, facts)[:, None]
             rows = [answer_row(r, t, model_id) for r, t in zip(chunk, texts)]
