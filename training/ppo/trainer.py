@@ -225,38 +225,39 @@ class PPOTrainer:
         self.critic.train()
         stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "entropy", "ptx_loss")}
         t0, n_tok, update = time.time(), 0, 0
-        for epoch in range(p.ppo_epochs):
-            for idx in self._minibatches(len(ro.responses), epoch):
-                b = _select(ro.batch, idx, ro.vision_rows)
-                rm_ = exp["rmask"][idx]
-                if train_actor:
-                    lp, mask, ent = self._logprobs(self.actor, b, ro.suppressed, with_entropy=True)
-                    lp, _ = response_view(lp, mask, exp["R"])
-                    ent, _ = response_view(ent, mask, exp["R"])
-                    pl, clipfrac = ppo_policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], rm_, p.clip_eps)
-                    ent_mean = masked_mean(ent, rm_)
-                    loss = pl - p.entropy_coef * ent_mean
-                    if self.ptx is not None:
-                        ptx = self._ptx_loss(step, update)
-                        loss = loss + p.ptx_coef * ptx
-                        stats["ptx_loss"].append(float(ptx.detach()))
-                    update += 1
-                    _check_finite(self.s, step, ckpt, policy_loss=loss)
-                    self.actor.backward(loss)
-                    self.actor.step()
-                    stats["policy_loss"].append(float(pl.detach()))
-                    stats["clipfrac"].append(float(clipfrac.detach()))
-                    stats["entropy"].append(float(ent_mean.detach()))
-                # through the engine (as the actor): its forward advances ZeRO-3's micro-step count, without which
-                # each micro-batch's gradient replaced the one before under accumulation
-                v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
-                v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
-                vl = ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
-                _check_finite(self.s, step, ckpt, value_loss=vl)
-                self.critic.backward(p.vf_coef * vl)
-                self.critic.step()
-                stats["value_loss"].append(float(vl.detach()))  # unscaled, comparable across --vf_coef
-                n_tok += int(rm_.sum())
+        micro = [idx for epoch in range(p.ppo_epochs) for idx in self._minibatches(len(ro.responses), epoch)]
+        scale = self._token_shares(micro, exp["rmask"])
+        for idx, share in zip(micro, scale):
+            b = _select(ro.batch, idx, ro.vision_rows)
+            rm_ = exp["rmask"][idx]
+            if train_actor:
+                lp, mask, ent = self._logprobs(self.actor, b, ro.suppressed, with_entropy=True)
+                lp, _ = response_view(lp, mask, exp["R"])
+                ent, _ = response_view(ent, mask, exp["R"])
+                pl, clipfrac = ppo_policy_loss(lp, exp["old_lp"][idx], exp["adv"][idx], rm_, p.clip_eps)
+                ent_mean = masked_mean(ent, rm_)
+                loss = (pl - p.entropy_coef * ent_mean) * share
+                if self.ptx is not None:
+                    ptx = self._ptx_loss(step, update)
+                    loss = loss + p.ptx_coef * ptx
+                    stats["ptx_loss"].append(float(ptx.detach()))
+                update += 1
+                _check_finite(self.s, step, ckpt, policy_loss=loss)
+                self.actor.backward(loss)
+                self.actor.step()
+                stats["policy_loss"].append(float(pl.detach()))
+                stats["clipfrac"].append(float(clipfrac.detach()))
+                stats["entropy"].append(float(ent_mean.detach()))
+            # through the engine (as the actor): its forward advances ZeRO-3's micro-step count, without which
+            # each micro-batch's gradient replaced the one before under accumulation
+            v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
+            v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
+            vl = ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
+            _check_finite(self.s, step, ckpt, value_loss=vl)
+            self.critic.backward(p.vf_coef * vl * share)
+            self.critic.step()
+            stats["value_loss"].append(float(vl.detach()))  # unscaled, comparable across --vf_coef
+            n_tok += int(rm_.sum())
         for name, engine in (("actor", self.actor), ("critic", self.critic)):  # a finite loss can step to NaN
             if not self.s.weights_finite(engine):  # (the next rollout would fail inside sampling, unnamed)
                 raise NonFiniteError(f"non-finite weights in the {name} after PPO step {step}: stopping. The last "
@@ -280,6 +281,16 @@ class PPOTrainer:
         out.update(rank_means(self.s, stats))
         self.kl_ctl.update(out["kl"], p.rollout_batch_size * self.s.world_size)
         return out
+
+    def _token_shares(self, micro: list[list[int]], rmask: torch.Tensor) -> list[float]:
+        """Per micro-batch, the factor that turns its token-mean losses into its share of one mean over the
+        response tokens of its whole optimizer step (every micro-batch of every rank): its tokens over the step's,
+        times accumulation x ranks, which DeepSpeed divides its gradient by. A mean of each micro-batch's own mean
+        weighed a token of a short micro-batch more than one of a long micro-batch."""
+        accum, world = self.cfg["optim"].gradient_accumulation_steps, self.s.world_size
+        own = [float(rmask[idx].sum()) for idx in micro]
+        steps = self.s.all_reduce(torch.tensor([sum(own[i:i + accum]) for i in range(0, len(own), accum)]))
+        return [n * accum * world / max(float(steps[i // accum]), 1.0) for i, n in enumerate(own)]
 
     def _sum_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over ranks, in t's dtype and on its device (the `reduce` of whiten and explained_variance)."""
