@@ -50,3 +50,22 @@ def test_accumulation_over_responses_of_unequal_length_equals_one_batch(world, t
     assert len(set(lengths)) > 2, lengths
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_run_resumed_after_its_first_step_logs_and_ends_as_an_uninterrupted_one(world, tiny, rm, tmp_path):
+    """Three steps, cut after the first: the critic's AdamW state from step 1 shapes its step 2 update, whose values
+    are step 3's advantages; the adaptive KL coefficient and the reward statistics carry over too."""
+    common = ("--max_steps", "3", "--kl_target", "1", "--kl_horizon", "10", "--critic_learning_rate", "1e-2",
+              "--learning_rate", "1e-3")
+    main(ppo_args(world, tiny, rm, tmp_path / "full", *common))
+    main(ppo_args(world, tiny, rm, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "1"))
+    main(ppo_args(world, tiny, rm, tmp_path / "cut", *common, "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [r["step"] for r in full] == [1, 2, 3]
+    for x, y in zip(full, cut):
+        for k in x:
+            if not k.endswith("_per_s") and k not in ("time", "elapsed"):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
