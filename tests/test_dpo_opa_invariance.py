@@ -38,3 +38,25 @@ def test_opa_accumulation_equals_one_batch(world, tiny, tmp_path, form):
     for x, y in zip(*rows):
         for k in ("loss", "opa/margin2", "opa/margin4", "logps/chosen"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+
+
+def test_opa_resumed_run_logs_and_ends_as_an_uninterrupted_one(world, tiny, tmp_path):
+    """Rows read in twos (real and masked image) and their reference cache across a stop and --resume: the same
+    weights, AdamW state and learning-rate schedule, so the same metrics row for row."""
+    common = ("--loss_type", "opa", "--data_path", opa_pairs(world, tmp_path / "pairs.json"), "--max_steps", "4",
+              "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine",
+              "--num_warmup_steps", "1")
+    main(dpo_args(world, tiny, tmp_path / "full", *common))
+    assert main(dpo_args(world, tiny, tmp_path / "cut", *common, "--save_steps", "1", "--stop_after_steps", "3"))[
+        "interrupted"]
+    main(dpo_args(world, tiny, tmp_path / "cut", *common, "--resume"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    full, cut = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in
+                 ("full", "cut"))
+    assert [r["step"] for r in cut] == [r["step"] for r in full] == [1, 2, 3, 4]
+    for x, y in zip(full, cut):
+        for k in x:
+            if not k.endswith("_per_s") and k != "time":
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), (x["step"], k)
