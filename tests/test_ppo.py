@@ -495,3 +495,21 @@ def test_ptx_default_data_reads_the_worlds_images_beside_user_prompts(world, tmp
     d = SimpleNamespace(world_dir=str(world), image_folder=str(tmp_path), max_seq_len=160)
     ds = ptx_data(p, d, build_processor(), ARCHITECTURES["llava"], BadRowReport(), None)
     assert len(ds) == 2 * SMALL_WORLD.n_sft and ds[0] is not None
+
+
+@pytest.mark.parametrize("ptx_coef, ptx_data_path, made", [(0.1, "", True), (0.1, "mine.json", False),
+                                                           (0.0, "", False)])
+def test_ptx_default_data_makes_the_world_beside_user_prompts(tmp_path, monkeypatch, ptx_coef, ptx_data_path, made):
+    """With the user's own --data_path nothing made the embedded world, so --ptx_coef without --ptx_data_path
+    stopped on data/world/sft_train.json not found; rank 0 now makes it (the other ranks wait), as the defaults do."""
+    from types import SimpleNamespace
+
+    import training.world.generate as generate
+    from training.ppo.main import ensure_ptx_world
+    calls, waits = [], []
+    monkeypatch.setattr(generate, "ensure_world", lambda out, seed=0: calls.append((str(out), seed)))
+    p = SimpleNamespace(ptx_coef=ptx_coef, ptx_data_path=ptx_data_path)
+    d = SimpleNamespace(world_dir=str(tmp_path / "w"), world_seed=7)
+    ensure_ptx_world(p, d, SimpleNamespace(is_main=True, barrier=lambda: waits.append(1)))
+    assert calls == ([(str(tmp_path / "w"), 7)] if made else [])
+    assert waits == ([1] if made else [])

@@ -71,6 +71,17 @@ def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
     return SFTDataset(read_sft(path, root, report), encoder, root, report)
 
 
+def ensure_ptx_world(p: PPOArgs, d, strategy) -> None:
+    """--ptx_coef without --ptx_data_path reads the embedded world's SFT rows: rank 0 makes the world for them as the
+    defaults make it, also beside the user's own prompts (which do not make it; the run stopped on
+    data/world/sft_train.json not found, not saying it was the ptx term's default)."""
+    if p.ptx_coef > 0 and not p.ptx_data_path:
+        if strategy.is_main:
+            from training.world.generate import ensure_world
+            ensure_world(d.world_dir, d.world_seed)
+        strategy.barrier()
+
+
 def usable_prompts(records, encoder, image_root: str, report, factual: bool, progress: bool, rm_encoder=None,
                    room: int = 0) -> list:
     """The prompts a rollout can use, checked before training (a bad one found mid-run would stop every resume
@@ -131,6 +142,7 @@ def main(argv=None) -> dict:
         _need(m.from_checkpoint, "the SFT actor", "run `bash run_sft.sh` first")
     _need(p.reward_model, "the reward model", "run `bash run_rm_training.sh` first")
     resolve_defaults(m, d, strategy, "ppo_prompts.json")
+    ensure_ptx_world(p, d, strategy)
 
     import torch
     from training.data.bad_rows import BadRowReport
