@@ -513,3 +513,12 @@ def test_ptx_default_data_makes_the_world_beside_user_prompts(tmp_path, monkeypa
     ensure_ptx_world(p, d, SimpleNamespace(is_main=True, barrier=lambda: waits.append(1)))
     assert calls == ([(str(tmp_path / "w"), 7)] if made else [])
     assert waits == ([1] if made else [])
+
+
+def test_an_interrupted_ppo_run_says_how_to_continue(world, tiny, rm, tmp_path, capsys):
+    """SFT, the reward model and DPO say "stopped after N steps; continue with --resume" when --stop_after_steps
+    stops them; PPO exited with status 75 and no word of why or what next."""
+    r = main(ppo_args(world, tiny, rm, tmp_path / "cut", "--max_steps", "2", "--save_steps", "1",
+                      "--stop_after_steps", "1"))
+    assert r["interrupted"]
+    assert "stopped after 1 steps; continue with --resume" in capsys.readouterr().out

@@ -197,6 +197,8 @@ def main(argv=None) -> dict:
     history = trainer.train()
     if trainer.interrupted:
         strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
+        if strategy.is_main:
+            print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
         return {"history": history, "output_dir": str(out), "interrupted": True}
     strategy.save_hf(trainer.actor, processor, out)
     strategy.write_report(report, out)
