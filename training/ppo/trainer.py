@@ -69,8 +69,9 @@ class PPOTrainer:
             self.plan = StepPlan.make(len(records), self.p.rollout_batch_size, 1, strategy.world_size,
                                       o.num_train_epochs, o.max_steps)
         except ValueError:
-            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch "
-                             f"({self.p.rollout_batch_size * strategy.world_size})") from None
+            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch (--rollout_batch_size "
+                             f"{self.p.rollout_batch_size} x {strategy.world_size} ranks): give a smaller "
+                             "--rollout_batch_size, or more prompts") from None
         self.plan.shape.update(rollout_batch_size=self.p.rollout_batch_size, ppo_epochs=self.p.ppo_epochs)
         self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
