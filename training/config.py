@@ -265,14 +265,24 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
         raise SystemExit(f"{', '.join(odd)}: give a finite number")
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
-        warmup_steps(o, 1)
-        if o.max_steps <= 0 and not o.num_train_epochs > 0:  # it trained one step
-            raise SystemExit(f"--num_train_epochs {o.num_train_epochs}: give a number of epochs > 0, or --max_steps N")
+        check_optim_settings(o)
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
         check_step_counts(r)
     for a in (v for v in cfg.values() if isinstance(v, DPOArgs)):
         check_loss_settings(a)
     return cfg
+
+
+def check_optim_settings(o: OptimArgs) -> None:
+    """The optimisation settings that train at all: some epochs (0 trained one step), batch sizes of at least 1
+    (0 stopped the run on a division by zero after the model had loaded)."""
+    warmup_steps(o, 1)
+    if o.max_steps <= 0 and not o.num_train_epochs > 0:  # it trained one step
+        raise SystemExit(f"--num_train_epochs {o.num_train_epochs}: give a number of epochs > 0, or --max_steps N")
+    bad = [f"--{k} {getattr(o, k)}: give N >= 1" for k in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                                                           "gradient_accumulation_steps") if getattr(o, k) < 1]
+    if bad:
+        raise SystemExit("; ".join(bad))
 
 
 def check_loss_settings(a: DPOArgs) -> None:
