@@ -1,4 +1,6 @@
 """Options a user can mistype, refused as the command line is read (before any model loads), naming the option."""
+import re
+
 import pytest
 
 from training.config import parse_config
@@ -6,7 +8,7 @@ from training.sft.main import CONCEPTS as SFT
 
 
 def refused(concepts, argv: list[str], said: str) -> None:
-    with pytest.raises(SystemExit, match=said.replace(".", r"\.")):
+    with pytest.raises(SystemExit, match=re.escape(said)):
         parse_config(concepts, argv)
 
 
@@ -17,3 +19,12 @@ def test_batch_sizes_below_one_are_refused(flag, value):
     """0 stopped SFT, the reward model and DPO on a division by zero after the model had loaded (the eval batch
     size at the first evaluation, DPO's reference pass)."""
     refused(SFT, [f"--{flag}", value], f"--{flag} {value}: give N >= 1")
+
+
+@pytest.mark.parametrize("argv, said", [(["--num_warmup_steps", "-3"], "--num_warmup_steps -3: give N >= 0"),
+                                        (["--warmup_ratio", "-0.5"], "--warmup_ratio -0.5: give a share in [0, 1]"),
+                                        (["--warmup_ratio", "3"], "--warmup_ratio 3.0: give a share in [0, 1]")])
+def test_warm_up_outside_its_range_is_refused(argv, said):
+    """A negative --warmup_ratio ran without warm-up, a negative --num_warmup_steps started the cosine part way down,
+    a ratio above 1 never reached the peak learning rate: all without a word (transformers refuses them)."""
+    refused(SFT, ["--lr_scheduler_type", "cosine", *argv], said)

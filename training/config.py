@@ -310,7 +310,12 @@ def check_step_counts(run: RunArgs) -> None:
 
 def warmup_steps(o: OptimArgs, total: int) -> int:
     """The warm-up's length: num_warmup_steps, else warmup_ratio of `total` rounded up (as TrainingArguments);
-    "constant" takes none (refused: constant_with_warmup is that)."""
+    "constant" takes none (refused: constant_with_warmup is that). A negative count started the cosine part way
+    down, a negative ratio was none, one above 1 never reached the peak: refused, as transformers does."""
+    if o.num_warmup_steps < 0:
+        raise SystemExit(f"--num_warmup_steps {o.num_warmup_steps}: give N >= 0")
+    if not 0 <= o.warmup_ratio <= 1:
+        raise SystemExit(f"--warmup_ratio {o.warmup_ratio}: give a share in [0, 1] of all steps")
     if o.lr_scheduler_type == "constant" and (o.num_warmup_steps or o.warmup_ratio):
         raise SystemExit("--lr_scheduler_type constant takes no warm-up: use constant_with_warmup, or give "
                          "--num_warmup_steps 0 (and no --warmup_ratio)")
