@@ -28,3 +28,11 @@ def test_warm_up_outside_its_range_is_refused(argv, said):
     """A negative --warmup_ratio ran without warm-up, a negative --num_warmup_steps started the cosine part way down,
     a ratio above 1 never reached the peak learning rate: all without a word (transformers refuses them)."""
     refused(SFT, ["--lr_scheduler_type", "cosine", *argv], said)
+
+
+@pytest.mark.parametrize("flag", ["learning_rate", "weight_decay", "max_grad_norm"])
+def test_negative_optimizer_settings_are_refused(flag):
+    """A negative --weight_decay grew the weights and a negative --max_grad_norm turned clipping off (DeepSpeed clips
+    above 0 only), without a word; a negative --learning_rate stopped on torch's 'Invalid learning rate' after the
+    model had loaded."""
+    refused(SFT, [f"--{flag}", "-1"], f"--{flag} -1.0: give a value >= 0")

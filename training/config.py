@@ -275,12 +275,15 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
 
 def check_optim_settings(o: OptimArgs) -> None:
     """The optimisation settings that train at all: some epochs (0 trained one step), batch sizes of at least 1
-    (0 stopped the run on a division by zero after the model had loaded)."""
+    (0 stopped the run on a division by zero after the model had loaded); no negative learning rate, weight decay
+    (it grew the weights) or clipping norm (DeepSpeed clips above 0 only: clipping was off)."""
     warmup_steps(o, 1)
     if o.max_steps <= 0 and not o.num_train_epochs > 0:  # it trained one step
         raise SystemExit(f"--num_train_epochs {o.num_train_epochs}: give a number of epochs > 0, or --max_steps N")
     bad = [f"--{k} {getattr(o, k)}: give N >= 1" for k in ("per_device_train_batch_size", "per_device_eval_batch_size",
                                                            "gradient_accumulation_steps") if getattr(o, k) < 1]
+    bad += [f"--{k} {getattr(o, k)}: give a value >= 0" for k in ("learning_rate", "weight_decay", "max_grad_norm")
+            if getattr(o, k) < 0]
     if bad:
         raise SystemExit("; ".join(bad))
 
