@@ -36,3 +36,13 @@ def test_negative_optimizer_settings_are_refused(flag):
     above 0 only), without a word; a negative --learning_rate stopped on torch's 'Invalid learning rate' after the
     model had loaded."""
     refused(SFT, [f"--{flag}", "-1"], f"--{flag} -1.0: give a value >= 0")
+
+
+@pytest.mark.parametrize("argv, said", [(["--lora_r", "-1"], "--lora_r -1: give a rank >= 1, or 0"),
+                                        (["--lora_r", "4", "--lora_alpha", "0"], "--lora_alpha 0: give alpha > 0"),
+                                        (["--lora_r", "4", "--lora_dropout", "-0.1"], "--lora_dropout -0.1: give"),
+                                        (["--lora_r", "4", "--lora_dropout", "1.5"], "--lora_dropout 1.5: give")])
+def test_lora_settings_that_cannot_train_are_refused(argv, said):
+    """A negative --lora_r trained the whole model instead of adapters; --lora_alpha 0 scaled the adapters to 0 (no
+    gradient reaches them); a negative --lora_dropout was none; one above 1 stopped in torch after the model loaded."""
+    refused(SFT, argv, said)

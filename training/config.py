@@ -266,6 +266,8 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
         check_optim_settings(o)
+    for lora in (v for v in cfg.values() if isinstance(v, LoraArgs)):
+        check_lora_settings(lora)
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
         check_step_counts(r)
     for a in (v for v in cfg.values() if isinstance(v, DPOArgs)):
@@ -284,6 +286,19 @@ def check_optim_settings(o: OptimArgs) -> None:
                                                            "gradient_accumulation_steps") if getattr(o, k) < 1]
     bad += [f"--{k} {getattr(o, k)}: give a value >= 0" for k in ("learning_rate", "weight_decay", "max_grad_norm")
             if getattr(o, k) < 0]
+    if bad:
+        raise SystemExit("; ".join(bad))
+
+
+def check_lora_settings(a: LoraArgs) -> None:
+    """LoRA settings that train adapters: rank >= 1 (0: no LoRA; a negative rank trained the whole model instead),
+    alpha > 0 (the adapters' scale alpha / r: 0 left them out and untrained), dropout in [0, 1) (a negative one was
+    none, 1 or more stopped in torch after the model had loaded)."""
+    bad = [f"--lora_r {a.lora_r}: give a rank >= 1, or 0 for no LoRA"] if a.lora_r < 0 else []
+    if a.lora_r > 0 and not a.lora_alpha > 0:
+        bad.append(f"--lora_alpha {a.lora_alpha}: give alpha > 0 (the adapters are scaled by alpha / r)")
+    if a.lora_r > 0 and not 0 <= a.lora_dropout < 1:
+        bad.append(f"--lora_dropout {a.lora_dropout}: give a probability in [0, 1)")
     if bad:
         raise SystemExit("; ".join(bad))
 
