@@ -363,11 +363,14 @@ def test_missing_sft_model_stops_with_a_clear_message(tmp_path, monkeypatch):
                                         (["--loss_type", "cdpo", "--label_smoothing", "-0.1"],
                                          "--label_smoothing -0.1"),
                                         (["--sft_weight", "-1"], "--sft_weight -1.0"),
-                                        (["--loss_type", "orpo", "--orpo_lambda", "-1"], "--orpo_lambda -1.0")])
+                                        (["--loss_type", "orpo", "--orpo_lambda", "-1"], "--orpo_lambda -1.0"),
+                                        (["--loss_type", "opa", "--opa_c_ai", "-1"], "--opa_c_ai -1.0"),
+                                        (["--loss_type", "opa", "--opa_mask_ratio", "-0.1"], "--opa_mask_ratio -0.1"),
+                                        (["--loss_type", "opa", "--opa_mask_ratio", "1.5"], "--opa_mask_ratio 1.5")])
 def test_loss_settings_that_cannot_train_are_refused_as_the_options_are_read(tmp_path, monkeypatch, args, named):
     """IPO with --beta 0 stopped on 'float division by zero' after the model had loaded; a negative beta, a cDPO
-    label smoothing of 0.5 or more (rejected responses preferred) or a negative SFT or ORPO weight trained the
-    model away from the preferences without a word."""
+    label smoothing of 0.5 or more (rejected responses preferred) or a negative SFT, ORPO or OPA-DPO weight trained
+    the model away from the preferences without a word; an OPA-DPO mask ratio of -0.1 masked 90% of the pixels."""
     monkeypatch.chdir(tmp_path)  # no SFT model here: a run that got past the options would stop on that
     with pytest.raises(SystemExit, match=named.replace(".", r"\.")):
         main(args)

@@ -305,11 +305,15 @@ def check_lora_settings(a: LoraArgs) -> None:
 
 def check_loss_settings(a: DPOArgs) -> None:
     """The DPO family's settings that train at all: beta > 0 (IPO divides by it; a negative one prefers the rejected
-    responses), cDPO's flip probability in [0, 0.5), SFT and ORPO weights >= 0."""
+    responses), cDPO's flip probability in [0, 0.5), SFT, ORPO and OPA-DPO weights >= 0, OPA-DPO's masked share of
+    pixels in [0, 1] (-0.1 masked 90% of them, 1.5 all, without a word)."""
     bad = [f"--beta {a.beta}: give beta > 0"] if not a.beta > 0 else []
     if a.loss_type == "cdpo" and not 0 <= a.label_smoothing < 0.5:
         bad.append(f"--label_smoothing {a.label_smoothing}: cDPO's probability that a label is flipped is in [0, 0.5)")
-    bad += [f"--{k} {getattr(a, k)}: give a weight >= 0" for k in ("sft_weight", "orpo_lambda") if getattr(a, k) < 0]
+    bad += [f"--{k} {getattr(a, k)}: give a weight >= 0" for k in ("sft_weight", "orpo_lambda", "opa_c_std", "opa_c_ai")
+            if getattr(a, k) < 0]
+    if a.loss_type == "opa" and not 0 <= a.opa_mask_ratio <= 1:
+        bad.append(f"--opa_mask_ratio {a.opa_mask_ratio}: give a share of the pixels in [0, 1]")
     if bad:
         raise SystemExit("; ".join(bad))
 
