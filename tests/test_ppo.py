@@ -470,6 +470,11 @@ def test_a_negative_reward_clip_is_refused(world, tiny, rm, tmp_path):
     (["--clip_eps", "-0.2"], "--clip_eps -0.2: give a value >= 0"),  # every ratio clamped to 0.8, silently
     (["--kl_target", "-1"], "--kl_target -1.0: give a value >= 0"),
     (["--lam", "1.5"], "--lam 1.5: give a value in"),
+    (["--vf_coef", "-1"], "--vf_coef -1.0: give a value >= 0"),  # the critic trained away from the returns
+    (["--missing_eos_penalty", "-8"], "--missing_eos_penalty -8.0: give"),  # a response that never ended got +8
+    (["--ptx_coef", "-1"], "--ptx_coef -1.0: give a value >= 0"),  # no ptx term, silently
+    (["--critic_warmup_steps", "-1"], "--critic_warmup_steps -1: give"),  # no warm-up, silently
+    (["--critic_learning_rate", "-1"], "--critic_learning_rate -1.0: give"),  # torch's error, after the models loaded
 ])
 def test_counts_a_ppo_run_cannot_use_are_refused_before_models_load(world, tiny, rm, tmp_path, monkeypatch, flags,
                                                                      said):

@@ -50,7 +50,12 @@ def refuse_unusable_counts(p: PPOArgs) -> None:
         bad.append(f"--reward_norm_window {p.reward_norm_window}: give 0 (every score so far) or N >= 1")
     # a negative clip made clamp's lower bound its upper one (every ratio or value clipped to one number, silently);
     # a negative KL coefficient or target paid the policy for leaving the reference
-    bad += [f"--{k} {getattr(p, k)}: give a value >= 0" for k in ("clip_eps", "value_clip_eps", "kl_coef", "kl_target")
+    # a negative critic scale trained the critic away from the returns, a negative stop-token penalty paid a response
+    # for never ending, a negative ptx coefficient or critic warm-up was none (torch refused a negative critic
+    # learning rate, after the models had loaded)
+    bad += [f"--{k} {getattr(p, k)}: give a value >= 0" for k in ("clip_eps", "value_clip_eps", "kl_coef", "kl_target",
+                                                                  "vf_coef", "critic_learning_rate", "ptx_coef",
+                                                                  "missing_eos_penalty", "critic_warmup_steps")
             if getattr(p, k) < 0]
     bad += [f"--{k} {getattr(p, k)}: give a value in [0, 1]" for k in ("gamma", "lam") if not 0 <= getattr(p, k) <= 1]
     if bad:
