@@ -46,3 +46,9 @@ def test_lora_settings_that_cannot_train_are_refused(argv, said):
     """A negative --lora_r trained the whole model instead of adapters; --lora_alpha 0 scaled the adapters to 0 (no
     gradient reaches them); a negative --lora_dropout was none; one above 1 stopped in torch after the model loaded."""
     refused(SFT, argv, said)
+
+
+def test_a_negative_reward_centering_coefficient_is_refused():
+    """A negative --center_coef paid the reward model for moving its rewards' mean away from 0, without a word."""
+    from training.rm.main import CONCEPTS as RM
+    refused(RM, ["--center_coef", "-0.001"], "--center_coef -0.001: give a value >= 0")

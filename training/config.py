@@ -272,6 +272,9 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
         check_step_counts(r)
     for a in (v for v in cfg.values() if isinstance(v, DPOArgs)):
         check_loss_settings(a)
+    for rm in (v for v in cfg.values() if isinstance(v, RMArgs)):  # LLaVA-RLHF's centering: 0 is off
+        if rm.center_coef < 0:  # it paid the model for moving its rewards' mean away from 0
+            raise SystemExit(f"--center_coef {rm.center_coef}: give a value >= 0 (0: no centering)")
     return cfg
 
 
