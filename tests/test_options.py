@@ -52,3 +52,18 @@ def test_a_negative_reward_centering_coefficient_is_refused():
     """A negative --center_coef paid the reward model for moving its rewards' mean away from 0, without a word."""
     from training.rm.main import CONCEPTS as RM
     refused(RM, ["--center_coef", "-0.001"], "--center_coef -0.001: give a value >= 0")
+
+
+@pytest.mark.parametrize("argv, said", [(["--n_prompts", "-1"], "--n_prompts -1: give N >= 1"),
+                                        (["--n_prompts", "0"], "--n_prompts 0: give N >= 1"),
+                                        (["--rollout_batch_size", "0"], "--rollout_batch_size 0: give N >= 1"),
+                                        (["--max_new_tokens", "0"], "--max_new_tokens 0: give N >= 1"),
+                                        (["--max_pairs", "-1"], "--max_pairs -1: give N >= 0"),
+                                        (["--temperature", "0"], "--temperature 0.0: rollouts sample"),
+                                        (["--temperature", "nan"], "--temperature nan: rollouts sample")])
+def test_opa_dpo_counts_and_temperature_it_cannot_use_are_refused(argv, said):
+    """OPA-DPO's own options: a negative --n_prompts used every prompt of the file and a negative --max_pairs kept
+    no pairs, without a word; --rollout_batch_size 0 or a temperature of 0 stopped once the model had loaded."""
+    from training.dpo.opa.main import parse
+    with pytest.raises(SystemExit, match=re.escape(said)):
+        parse(argv)

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -87,7 +88,23 @@ def parse(argv=None) -> argparse.Namespace:
                    help="progress bars of the rollout and correction steps")
     p.add_argument("--in_process", action="store_true", help="run the SFT and DPO stages in this process "
                                                              "(one rank) instead of through their run_*.sh")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    refuse_unusable_settings(a)
+    return a
+
+
+def refuse_unusable_settings(a: argparse.Namespace) -> None:
+    """Counts and a temperature the steps cannot work with, refused before any model loads: a negative --n_prompts
+    used every prompt of the file and a negative --max_pairs kept no pairs, without a word; --rollout_batch_size 0
+    and a temperature of 0 stopped the rollout step once the model had loaded."""
+    bad = [f"--{k} {getattr(a, k)}: give N >= 1" for k in ("n_prompts", "rollout_batch_size", "max_new_tokens",
+                                                           "max_seq_len") if getattr(a, k) < 1]
+    if a.max_pairs < 0:
+        bad.append(f"--max_pairs {a.max_pairs}: give N >= 0 (0: all)")
+    if not 0 < a.temperature < math.inf:
+        bad.append(f"--temperature {a.temperature}: rollouts sample; give a finite temperature above 0")
+    if bad:
+        raise SystemExit("; ".join(bad))
 
 
 def _read_jsonl(path: Path) -> dict[str, dict]:
