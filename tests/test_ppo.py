@@ -487,6 +487,21 @@ def test_counts_a_ppo_run_cannot_use_are_refused_before_models_load(world, tiny,
         main(ppo_args(world, tiny, rm, tmp_path / "n", "--max_steps", "1", *flags))
 
 
+@pytest.mark.parametrize("flags, said", [(["--gradient_accumulation_steps", "4"], "--gradient_accumulation_steps 4"),
+                                         (["--reward_norm_window", "3"], "--reward_norm_window 3 is smaller")])
+def test_a_ppo_step_shape_it_cannot_use_is_refused_before_models_load(world, tiny, rm, tmp_path, monkeypatch, flags,
+                                                                      said):
+    """Both were found by the trainer only after the actor, reference, reward model and critic had loaded and every
+    prompt had been checked: minutes of a 7B run."""
+    import training.model.builder as builder
+
+    def no_load(*a, **k):
+        raise AssertionError("a model loaded before the options were checked")
+    monkeypatch.setattr(builder, "load_model_and_processor", no_load)
+    with pytest.raises(ValueError, match=said):
+        main(ppo_args(world, tiny, rm, tmp_path / "n", "--max_steps", "1", *flags))
+
+
 def test_ptx_default_data_reads_the_worlds_images_beside_user_prompts(world, tmp_path):
     """--ptx_coef without --ptx_data_path takes the embedded world's SFT rows; with the user's own prompts and
     --image_folder, those rows' images (sft00000.png, ...) were looked up in the user's folder: file not found."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
@@ -60,6 +61,24 @@ def refuse_unusable_counts(p: PPOArgs) -> None:
     bad += [f"--{k} {getattr(p, k)}: give a value in [0, 1]" for k in ("gamma", "lam") if not 0 <= getattr(p, k) <= 1]
     if bad:
         raise SystemExit("; ".join(bad))
+
+
+def refuse_unusable_step_shape(p: PPOArgs, o: OptimArgs, world_size: int) -> int:
+    """A PPO step's micro-batches (--ppo_epochs x its rollout batch's), checked before any model loads (the trainer
+    found these only after every model had loaded and every prompt had been checked): --gradient_accumulation_steps
+    must divide them (else a step's gradients spilled into the next), and a --reward_norm_window must hold at least
+    one step's scores (all ranks')."""
+    micro = p.ppo_epochs * math.ceil(p.rollout_batch_size / o.per_device_train_batch_size)
+    if micro % o.gradient_accumulation_steps:
+        raise ValueError(f"--gradient_accumulation_steps {o.gradient_accumulation_steps} must divide the micro-"
+                         f"batches of a PPO step: --ppo_epochs {p.ppo_epochs} x ceil(--rollout_batch_size "
+                         f"{p.rollout_batch_size} / --per_device_train_batch_size "
+                         f"{o.per_device_train_batch_size}) = {micro}")
+    if 0 < p.reward_norm_window < p.rollout_batch_size * world_size:  # a part of one step's scores
+        raise ValueError(f"--reward_norm_window {p.reward_norm_window} is smaller than one PPO step's "
+                         f"scores (--rollout_batch_size {p.rollout_batch_size} x {world_size} "
+                         "ranks): give 0 or at least that many")
+    return micro
 
 
 def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
@@ -142,6 +161,7 @@ def main(argv=None) -> dict:
                          "for none")
     refuse_unusable_counts(p)
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)
+    refuse_unusable_step_shape(p, cfg["optim"], strategy.world_size)
     from training.defaults import resolve_defaults
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
         _need(m.from_checkpoint, "the SFT actor", "run `bash run_sft.sh` first")

@@ -21,6 +21,7 @@ from training.data.images import load_image
 from training.logprobs import masked_mean, nll_sum, token_logprobs, token_logprobs_entropy
 from training.losses import ppo_policy_loss, ppo_value_loss
 from training.data.formats import ANSWER_FIELDS
+from training.ppo.main import refuse_unusable_step_shape
 from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
@@ -75,20 +76,9 @@ class PPOTrainer:
         self.plan.shape.update(rollout_batch_size=self.p.rollout_batch_size, ppo_epochs=self.p.ppo_epochs)
         self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
-        mb = math.ceil(self.p.rollout_batch_size / o.per_device_train_batch_size)
-        self.updates_per_step = math.ceil(self.p.ppo_epochs * mb / o.gradient_accumulation_steps)
-        self.micro_per_step = self.p.ppo_epochs * mb
-        if self.micro_per_step % o.gradient_accumulation_steps:  # else gradients would spill into the next step
-            raise ValueError(f"--gradient_accumulation_steps {o.gradient_accumulation_steps} must divide the micro-"
-                             f"batches of a PPO step: --ppo_epochs {self.p.ppo_epochs} x ceil(--rollout_batch_size "
-                             f"{self.p.rollout_batch_size} / --per_device_train_batch_size "
-                             f"{o.per_device_train_batch_size}) = {self.micro_per_step}")
+        self.micro_per_step = refuse_unusable_step_shape(self.p, o, strategy.world_size)
+        self.updates_per_step = math.ceil(self.micro_per_step / o.gradient_accumulation_steps)
         self.kl_ctl = AdaptiveKLController(self.p.kl_coef, self.p.kl_target or None, self.p.kl_horizon)
-        scores_per_step = self.p.rollout_batch_size * strategy.world_size
-        if 0 < self.p.reward_norm_window < scores_per_step:  # it would normalise with a part of one step's scores
-            raise ValueError(f"--reward_norm_window {self.p.reward_norm_window} is smaller than one PPO step's "
-                             f"scores (--rollout_batch_size {self.p.rollout_batch_size} x {strategy.world_size} "
-                             "ranks): give 0 or at least that many")
         self.moments = RunningMoments(self.p.reward_norm_window)
         # ZeRO-3 generation with per-module gathers: a rank that finished keeps joining them (synced_gpus)
         self.synced = strategy.ds.zero_stage == 3 and strategy.world_size > 1 and not self.p.gather_for_generation
