@@ -4,6 +4,7 @@ import re
 import pytest
 
 from training.config import parse_config
+from training.dpo.main import CONCEPTS as DPO
 from training.sft.main import CONCEPTS as SFT
 
 
@@ -67,3 +68,12 @@ def test_opa_dpo_counts_and_temperature_it_cannot_use_are_refused(argv, said):
     from training.dpo.opa.main import parse
     with pytest.raises(SystemExit, match=re.escape(said)):
         parse(argv)
+
+
+@pytest.mark.parametrize("argv, said", [(["--max_seq_len", "0"], "--max_seq_len 0: give N >= 1"),
+                                        (["--max_seq_len", "-5"], "--max_seq_len -5: give N >= 1"),
+                                        (["--encoded_cache_mb", "-1"], "--encoded_cache_mb -1: give N >= 0")])
+def test_data_sizes_below_their_range_are_refused(argv, said):
+    """A --max_seq_len below 1 made every row a bad row (found row by row after the model had loaded; with
+    --skip_bad_rows, 'none of the rows makes a batch'); a negative --encoded_cache_mb was read as 0, no cache."""
+    refused(DPO, argv, said)

@@ -266,6 +266,11 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     cfg = {name: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for name, cls in classes.items()}
     for o in (v for v in cfg.values() if isinstance(v, OptimArgs)):  # before any model loads
         check_optim_settings(o)
+    for d in (v for v in cfg.values() if isinstance(v, DataArgs)):  # below: every row a bad row; no cache, silently
+        bad = [f"--max_seq_len {d.max_seq_len}: give N >= 1 tokens"] if d.max_seq_len < 1 else []
+        bad += [f"--encoded_cache_mb {d.encoded_cache_mb}: give N >= 0 (0: off)"] if d.encoded_cache_mb < 0 else []
+        if bad:
+            raise SystemExit("; ".join(bad))
     for lora in (v for v in cfg.values() if isinstance(v, LoraArgs)):
         check_lora_settings(lora)
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
