@@ -118,12 +118,13 @@ def test_a_question_id_left_empty_is_the_rows_id_as_the_benchmarks_number_it(tmp
 @pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--rm_batch_size", "0"], ["--max_new_tokens", "0"],
                                  ["--num_beams", "0"], ["--max_seq_len", "0"], ["--best_of_n", "0"],
                                  ["--do_sample", "--temperature", "0"], ["--best_of_n", "2", "--top_p", "0"],
-                                 ["--do_sample", "--top_p", "1.5"]])
+                                 ["--do_sample", "--top_p", "1.5"], ["--do_sample", "--temperature", "inf"]])
 def test_predict_refuses_counts_below_one_and_sampling_it_cannot_do_as_it_reads_its_options(bad, capsys):
     """--batch_size 0 stopped the run after the model had loaded, on "range() arg 3 must not be zero"; --best_of_n 0
     answered greedily and printed "-4 sampled answers did not fit the reward model", writing best_of_n 0 in every
-    row; a temperature of 0 or a top_p outside (0, 1] stopped generation on transformers' error. Each is refused as
-    the options are read, naming the option."""
+    row; a temperature of 0 or a top_p outside (0, 1] stopped generation on transformers' error; an infinite
+    temperature answered every question with one word repeated. Each is refused as the options are read, naming the
+    option."""
     from training.predict.main import parse
 
     with pytest.raises(SystemExit):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def parse(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: need 1 or more")
     if args.do_sample or args.best_of_n > 1:  # what sampling reads
-        if not args.temperature > 0:
-            p.error(f"--temperature {args.temperature}: sampling needs a temperature above 0 (greedy: no --do_sample)")
+        if not 0 < args.temperature < math.inf:  # inf: logits / inf made every answer one repeated word
+            p.error(f"--temperature {args.temperature}: sampling needs a finite temperature above 0 (greedy: no "
+                    "--do_sample)")
         if not 0 < args.top_p <= 1:
             p.error(f"--top_p {args.top_p}: need 0 < top_p <= 1")
     return args
