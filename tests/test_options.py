@@ -77,3 +77,13 @@ def test_data_sizes_below_their_range_are_refused(argv, said):
     """A --max_seq_len below 1 made every row a bad row (found row by row after the model had loaded; with
     --skip_bad_rows, 'none of the rows makes a batch'); a negative --encoded_cache_mb was read as 0, no cache."""
     refused(DPO, argv, said)
+
+
+@pytest.mark.parametrize("name", ["/no/such/checkpoint", "./out/sft_typo", "output/runs/sft"])
+def test_a_missing_checkpoint_folder_is_named_as_one(name):
+    """A mistyped local --from_checkpoint (or --model_path) that no Hub id could be stopped on transformers' "Repo id
+    must be in the form 'repo_name' or 'namespace/repo_name'", which did not say the folder was missing."""
+    from training.config import ModelArgs
+    from training.model.builder import resolve_checkpoint
+    with pytest.raises(SystemExit, match=re.escape(f"{name}: no such checkpoint folder")):
+        resolve_checkpoint(ModelArgs(from_checkpoint=name))

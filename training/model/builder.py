@@ -110,7 +110,11 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
         return embedded_tiny_vlm()
     if Path(model_args.from_checkpoint).is_dir() and is_adapter_checkpoint(model_args.from_checkpoint):
         return made_once(lambda: merged_checkpoint(model_args.from_checkpoint, model_args.trust_remote_code))
-    return absolute_if_local(model_args.from_checkpoint)
+    name = model_args.from_checkpoint
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+        # no Hub id (name or namespace/name): transformers said "Repo id must be in the form ...", not that it is gone
+        raise SystemExit(f"{name}: no such checkpoint folder (nor a Hub id, which is NAME or NAMESPACE/NAME)")
+    return absolute_if_local(name)
 
 
 def absolute_if_local(path: str) -> str:
