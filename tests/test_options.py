@@ -87,3 +87,15 @@ def test_a_missing_checkpoint_folder_is_named_as_one(name):
     from training.model.builder import resolve_checkpoint
     with pytest.raises(SystemExit, match=re.escape(f"{name}: no such checkpoint folder")):
         resolve_checkpoint(ModelArgs(from_checkpoint=name))
+
+
+@pytest.mark.parametrize("seed", ["-1", "100000000000000", str(2**32)])
+def test_a_seed_outside_what_the_random_generators_take_is_refused(seed, capsys):
+    """--seed 1e14 stopped the first training step on torch's 'Overflow when unpacking long long' (the step's seed
+    is seed x 1,000,003 + ...) after the model had loaded, prediction's first batch too; a negative one
+    stopped OPA-DPO's image masking in numpy. Seeds are 0 .. 2**32 - 1, as transformers' set_seed takes them."""
+    refused(SFT, ["--seed", seed], f"--seed {seed}: give a seed in [0, 2**32)")
+    from training.predict.main import parse
+    with pytest.raises(SystemExit):
+        parse(["--model_path", "m", "--data_path", "q.jsonl", "--do_sample", "--seed", seed])
+    assert f"--seed {seed}: give a seed in [0, 2**32)" in capsys.readouterr().err

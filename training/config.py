@@ -283,6 +283,12 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     return cfg
 
 
+def seed_problem(seed: int) -> str:
+    """What is wrong with a --seed ("" when nothing): the project's per-step and per-sample seeds (seed x 1,000,003
+    + ...) overflowed torch's generator from ~1e13 on, after the model had loaded; numpy takes none below 0."""
+    return "" if 0 <= seed < 2**32 else f"--seed {seed}: give a seed in [0, 2**32)"
+
+
 def check_optim_settings(o: OptimArgs) -> None:
     """The optimisation settings that train at all: some epochs (0 trained one step), batch sizes of at least 1
     (0 stopped the run on a division by zero after the model had loaded); no negative learning rate, weight decay
@@ -294,6 +300,7 @@ def check_optim_settings(o: OptimArgs) -> None:
                                                            "gradient_accumulation_steps") if getattr(o, k) < 1]
     bad += [f"--{k} {getattr(o, k)}: give a value >= 0" for k in ("learning_rate", "weight_decay", "max_grad_norm")
             if getattr(o, k) < 0]
+    bad += [seed_problem(o.seed)] if seed_problem(o.seed) else []
     if bad:
         raise SystemExit("; ".join(bad))
 

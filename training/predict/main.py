@@ -62,6 +62,9 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("--captions_file gives a reward model its factual block: it needs --reward_model PATH")
     if args.captions_file and not Path(args.captions_file).is_file():
         p.error(f"--captions_file {args.captions_file}: no such file")
+    from training.config import seed_problem
+    if seed_problem(args.seed):
+        p.error(seed_problem(args.seed))
     for name in ("batch_size", "rm_batch_size", "max_new_tokens", "num_beams", "max_seq_len", "best_of_n"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: need 1 or more")
