@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
                              refuse_held_out)
 from training.engine.strategy import Strategy
-from training.ppo.args import PPOArgs
+from training.ppo.args import PPOArgs, refuse_unusable_counts, refuse_unusable_step_shape
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
             "ds": DeepSpeedArgs, "run": RunArgs, "ppo": PPOArgs}
@@ -34,51 +33,6 @@ PANELS = [("reward", ["reward/mean", "reward/shaped_mean"]), ("KL", ["kl"]), ("e
 def _need(path: str, what: str, how: str) -> None:
     if not Path(path).exists():
         raise SystemExit(f"{what} not found at {path}: {how}")
-
-
-def refuse_unusable_counts(p: PPOArgs) -> None:
-    """Counts a PPO run cannot work with, refused before any model loads: --ppo_epochs 0 trained nothing and saved
-    the starting actor as the result; --rollout_batch_size 0, and --kl_horizon 0 with a KL target, stopped on a
-    division by zero (the latter after the first step); --ptx_batch_size 0 was said to be data that did not fit;
-    a negative --reward_norm_window normalised with every score so far."""
-    bad = [f"--{k} {getattr(p, k)}: give N >= 1" for k in ("rollout_batch_size", "max_new_tokens", "ppo_epochs")
-           if getattr(p, k) < 1]
-    if p.kl_target and p.kl_horizon < 1:
-        bad.append(f"--kl_horizon {p.kl_horizon}: the adaptive KL controller (--kl_target {p.kl_target}) needs N >= 1")
-    if p.ptx_coef > 0 and p.ptx_batch_size < 1:
-        bad.append(f"--ptx_batch_size {p.ptx_batch_size}: the ptx term (--ptx_coef {p.ptx_coef}) needs N >= 1")
-    if p.reward_norm_window < 0:
-        bad.append(f"--reward_norm_window {p.reward_norm_window}: give 0 (every score so far) or N >= 1")
-    # a negative clip made clamp's lower bound its upper one (every ratio or value clipped to one number, silently);
-    # a negative KL coefficient or target paid the policy for leaving the reference
-    # a negative critic scale trained the critic away from the returns, a negative stop-token penalty paid a response
-    # for never ending, a negative ptx coefficient or critic warm-up was none (torch refused a negative critic
-    # learning rate, after the models had loaded)
-    bad += [f"--{k} {getattr(p, k)}: give a value >= 0" for k in ("clip_eps", "value_clip_eps", "kl_coef", "kl_target",
-                                                                  "vf_coef", "critic_learning_rate", "ptx_coef",
-                                                                  "missing_eos_penalty", "critic_warmup_steps")
-            if getattr(p, k) < 0]
-    bad += [f"--{k} {getattr(p, k)}: give a value in [0, 1]" for k in ("gamma", "lam") if not 0 <= getattr(p, k) <= 1]
-    if bad:
-        raise SystemExit("; ".join(bad))
-
-
-def refuse_unusable_step_shape(p: PPOArgs, o: OptimArgs, world_size: int) -> int:
-    """A PPO step's micro-batches (--ppo_epochs x its rollout batch's), checked before any model loads (the trainer
-    found these only after every model had loaded and every prompt had been checked): --gradient_accumulation_steps
-    must divide them (else a step's gradients spilled into the next), and a --reward_norm_window must hold at least
-    one step's scores (all ranks')."""
-    micro = p.ppo_epochs * math.ceil(p.rollout_batch_size / o.per_device_train_batch_size)
-    if micro % o.gradient_accumulation_steps:
-        raise ValueError(f"--gradient_accumulation_steps {o.gradient_accumulation_steps} must divide the micro-"
-                         f"batches of a PPO step: --ppo_epochs {p.ppo_epochs} x ceil(--rollout_batch_size "
-                         f"{p.rollout_batch_size} / --per_device_train_batch_size "
-                         f"{o.per_device_train_batch_size}) = {micro}")
-    if 0 < p.reward_norm_window < p.rollout_batch_size * world_size:  # a part of one step's scores
-        raise ValueError(f"--reward_norm_window {p.reward_norm_window} is smaller than one PPO step's "
-                         f"scores (--rollout_batch_size {p.rollout_batch_size} x {world_size} "
-                         "ranks): give 0 or at least that many")
-    return micro
 
 
 def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):
