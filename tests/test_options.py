@@ -61,7 +61,9 @@ def test_a_negative_reward_centering_coefficient_is_refused():
                                         (["--max_new_tokens", "0"], "--max_new_tokens 0: give N >= 1"),
                                         (["--max_pairs", "-1"], "--max_pairs -1: give N >= 0"),
                                         (["--temperature", "0"], "--temperature 0.0: rollouts sample"),
-                                        (["--temperature", "nan"], "--temperature nan: rollouts sample")])
+                                        (["--temperature", "nan"], "--temperature nan: rollouts sample"),
+                                        (["--seed", "-1"], "--seed -1: give a seed in [0, 2**32)"),
+                                        (["--seed", "100000000000000"], "give a seed in [0, 2**32)")])
 def test_opa_dpo_counts_and_temperature_it_cannot_use_are_refused(argv, said):
     """OPA-DPO's own options: a negative --n_prompts used every prompt of the file and a negative --max_pairs kept
     no pairs, without a word; --rollout_batch_size 0 or a temperature of 0 stopped once the model had loaded."""

@@ -111,7 +111,7 @@ class RunArgs:
     resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
     stop_after_steps: int = _f(0, "Save a resumable checkpoint and exit after this many steps, as if "
                                   "interrupted (0: run to the end). Continue with --resume.")
-    save_total_limit: int = _f(2, "Keep this many resumable checkpoints.")
+    save_total_limit: int = _f(2, "Keep this many resumable checkpoints (0 or less: keep every one, as transformers).")
     progress: bool = _f(True, "Show a progress bar.")
     figure_dir: str = _f("figure", "Plots of the run's metrics go here (named after output_dir).")
 

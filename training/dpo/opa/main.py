@@ -94,15 +94,18 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def refuse_unusable_settings(a: argparse.Namespace) -> None:
-    """Counts and a temperature the steps cannot work with, refused before any model loads: a negative --n_prompts
-    used every prompt of the file and a negative --max_pairs kept no pairs, without a word; --rollout_batch_size 0
-    and a temperature of 0 stopped the rollout step once the model had loaded."""
+    """Counts, a temperature and a seed the steps cannot work with, refused before any model loads: a negative
+    --n_prompts used every prompt of the file and a negative --max_pairs kept no pairs, without a word;
+    --rollout_batch_size 0, a temperature of 0 and a seed past 2**32 stopped the rollout step once the model had
+    loaded."""
     bad = [f"--{k} {getattr(a, k)}: give N >= 1" for k in ("n_prompts", "rollout_batch_size", "max_new_tokens",
                                                            "max_seq_len") if getattr(a, k) < 1]
     if a.max_pairs < 0:
         bad.append(f"--max_pairs {a.max_pairs}: give N >= 0 (0: all)")
     if not 0 < a.temperature < math.inf:
         bad.append(f"--temperature {a.temperature}: rollouts sample; give a finite temperature above 0")
+    from training.config import seed_problem
+    bad += [seed_problem(a.seed)] if seed_problem(a.seed) else []  # rollout batches are seeded seed + position
     if bad:
         raise SystemExit("; ".join(bad))
 
