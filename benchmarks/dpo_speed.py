@@ -92,24 +92,17 @@ def build_bench_vlm(out: Path, image_size: int, hidden: int, layers: int) -> Pat
 
 
 def make_data(work: Path, n_pairs: int) -> tuple[Path, Path]:
-    """The first n_pairs of the embedded world's preference pairs (data/world, else a small world here)."""
-    from training.world.generate import WorldConfig, generate
+    """The first n_pairs of the embedded world's preference pairs: data/world, made (or made again, as every stage
+    makes it) when missing. A small world made here when data/world was missing held other scenes and shorter
+    answers than the default's (20 response tokens against 28 and 32 for the first pair), so the figures depended on
+    whether the main job had run in this checkout."""
+    from training.world.generate import ensure_world
 
-    def pairs(world: Path) -> list:
-        f = world / "preference_train.json"
-        return json.loads(f.read_text()) if f.exists() else []
-
-    world = ROOT / "data" / "world"
-    rows = pairs(world)
-    if not rows:
-        world = work / "world"
-        rows = pairs(world)
-        if len(rows) < n_pairs:  # made here for a smaller --pairs: made anew
-            generate(world, WorldConfig(seed=0, n_sft=2, n_pref=n_pairs, n_ppo=1, n_heldout=1))
-            rows = pairs(world)
-    rows = rows[:n_pairs]
+    world = ensure_world(ROOT / "data" / "world")
+    rows = json.loads((world / "preference_train.json").read_text())[:n_pairs]
     if len(rows) < n_pairs:
         raise SystemExit(f"{world} holds {len(rows)} preference pairs, fewer than --pairs {n_pairs}")
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "pairs.json"
     path.write_text(json.dumps(rows))
     return path, world / "images"
