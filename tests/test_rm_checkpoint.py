@@ -62,3 +62,20 @@ def test_a_model_saved_over_a_reward_model_is_no_reward_model(tiny, tmp_path):
     assert not is_reward_model(tmp_path / "out") and not (tmp_path / "out" / "value_head.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="not a reward model checkpoint"):
         load_reward_model(tmp_path / "out")
+
+
+def test_a_bf16_reward_model_reloaded_scores_as_at_the_end_of_training(world, tiny, tmp_path):
+    """Trained at --precision bf16, the reward model's head ran in bf16 (DeepSpeed casts the whole model); reloaded
+    at bf16 for best-of-n, or for PPO at ZeRO 0-2 (no DeepSpeed engine around it), its head stayed fp32, so every
+    reward differed from the held-out rewards of the training run's final evaluation (by up to 4e-3 here) and from
+    those of a PPO run at ZeRO-3. The head now takes the backbone's precision as it loads."""
+    from test_rm import _scores, rm_args
+
+    from training.rm.main import main
+    out = tmp_path / "rm"
+    main(rm_args(world, tiny, out, "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate",
+                 "3e-3", "--precision", "bf16"))
+    saved = torch.tensor(json.loads((out / "eval_rewards.json").read_text())["ranked_rewards"], dtype=torch.float64)
+    rm, processor, arch = load_reward_model(out, ModelArgs(precision="bf16"))
+    assert rm.value_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_scores(rm, processor, arch, world).double(), saved.flatten(), rtol=0, atol=1e-6)

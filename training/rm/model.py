@@ -130,7 +130,7 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
     `load_model_and_processor`'s (the backbone is built partitioned; the small head is partitioned by DeepSpeed)."""
     from safetensors.torch import load_file
 
-    from training.model.builder import eval_mode, load_model_and_processor
+    from training.model.builder import eval_mode, load_model_and_processor, torch_dtype
 
     path = Path(path)
     info = reward_model_info(path)
@@ -147,6 +147,9 @@ def load_reward_model(path: str | Path, model_args: ModelArgs | None = None, lor
         raise ValueError(f"{head_path}: not a value head of this backbone (hidden size {rm.value_head.in_features}; "
                          f"the head was saved for {info.get('hidden_size')}): it needs {want}, the file holds {got}")
     rm.value_head.load_state_dict(head)
+    # the head computes in the backbone's precision, as in training (DeepSpeed cast it with the backbone): an fp32 head
+    # on a bf16 backbone gave other rewards than the training run's evaluation
+    rm.value_head.to(torch_dtype(margs.precision))
     if not for_training:
         rm.requires_grad_(False)
         eval_mode(rm)
