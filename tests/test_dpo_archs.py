@@ -6,12 +6,14 @@ import torch
 from PIL import Image
 
 from training.config import LoraArgs, ModelArgs
+from training.data.collate import collate_sft
 from training.data.records import Message
 from training.dpo.data import PREFIX_ARCHS, collate_groups, encode_group
 from training.dpo.forward import response_logps
 from training.logprobs import sequence_logprobs
 from training.model.builder import load_model_and_processor
 from training.model.tiny_archs import make_tiny_checkpoint
+from training.rm.model import RewardModel
 from training.templates.chat import ChatEncoder
 
 
@@ -65,3 +67,27 @@ def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
                    for f in (False, True))
     assert plain.abs().min() > 1.0
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+
+
+def test_an_mllama_text_only_pair_scores_as_alone_beside_pairs_with_images(tmp_path):
+    """transformers' Llama-3.2-Vision lets a text row that attends to no image attend to every vision token of
+    its sample (its cross-attention output is not masked, only the MLP's): a text-only pair batched with pairs
+    with images read the zero-padded images, its log-probs off by 0.0076 nats from the same pair alone."""
+    path = make_tiny_checkpoint("mllama", tmp_path / "mllama")
+    model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
+    enc = ChatEncoder(proc, spec, 4096)
+    items = [encode_group(enc, [Message("user", "<image>\nWhat is shown?")], ["A red circle.", "A cross."],
+                          [Image.new("RGB", (30, 64), (200, 20, 20))], 0),
+             encode_group(enc, [Message("user", "What is two plus two?")], ["four", "It is five, surely."], [], 1)]
+    batched = response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=False)).sum
+    alone = response_logps(model, collate_groups(items[1:], proc.tokenizer.pad_token_id, spec.name, fast=False)).sum
+    torch.testing.assert_close(batched[1], alone[0], rtol=0, atol=1e-5)
+    # the reward model and the critic call the inner model alone: its states are the same fix's
+    rm = RewardModel(model, factual=False)
+    rows = [enc.encode([Message("user", "<image>\nWhat is shown?"), Message("assistant", "A cross.")],
+                       [Image.new("RGB", (30, 64), (200, 20, 20))]),
+            enc.encode([Message("user", "What is two plus two?"), Message("assistant", "four")], [])]
+    scores = [rm.values(b.input_ids, b.attention_mask, **b.vision) for b in
+              (collate_sft(rows, proc.tokenizer.pad_token_id, spec.name), collate_sft(rows[1:], 0, spec.name))]
+    n = len(rows[1].input_ids)
+    torch.testing.assert_close(scores[0][1, :n], scores[1][0, :n], rtol=0, atol=1e-5)

@@ -23,6 +23,7 @@ from training.config import LoraArgs, ModelArgs
 from training.files import locked, umask_mode
 from training.model.architectures import ArchSpec, detect_architecture
 from training.model.cache import cache_dir
+from training.model.mllama_rows import mask_imageless_samples
 
 ADAPTER_SUBDIR = "adapter"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -300,6 +301,7 @@ def load_model_and_processor(model_args: ModelArgs, lora_args: LoraArgs, *, for_
     if lora_args.qlora:
         keep_4bit_weights_unpacked(model)
     cast_vision_inputs(model, spec)
+    mask_imageless_samples(model)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
 
     if not for_training:
