@@ -83,19 +83,26 @@ def test_adapters_on_an_output_layer_tied_to_the_input_embeddings_merge_into_it_
     torch.testing.assert_close(_loaded_logits(tmp_path / "run"), _logits(model, processor), rtol=1e-4, atol=1e-5)
 
 
+def _trained_in_a_repository(llava, tmp_path, monkeypatch):
+    """A LoRA run from output/sft in tmp_path/repo, as the stage scripts start one there, saved to output/run:
+    (model, processor, its adapter folder)."""
+    from training.model.builder import ADAPTER_SUBDIR
+    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(llava, tmp_path / "repo" / "output" / "sft")
+    monkeypatch.chdir(tmp_path / "repo")
+    model, processor = _trained("output/sft")
+    save_model(model, processor, "output/run")
+    return model, processor, tmp_path / "repo" / "output" / "run" / ADAPTER_SUBDIR
+
+
 def test_lora_trained_from_a_relative_path_loads_from_another_working_folder(llava, tmp_path, monkeypatch):
     """A LoRA run started from a relative --from_checkpoint (output/sft, as the stage scripts pass it) recorded that
     relative path as its adapters' base (build info and peft's adapter_config.json): loaded from another working
     folder (the Python API, a notebook) the base was looked for there, and the checkpoint failed to load."""
     import json
 
-    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
-    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(llava, tmp_path / "repo" / "output" / "sft")
-    monkeypatch.chdir(tmp_path / "repo")
-    model, processor = _trained("output/sft")
-    save_model(model, processor, "output/run")
-    adapter = tmp_path / "repo" / "output" / "run" / ADAPTER_SUBDIR
+    from training.model.builder import BUILD_INFO_FILE
+    model, processor, adapter = _trained_in_a_repository(llava, tmp_path, monkeypatch)
     for name, key in ((BUILD_INFO_FILE, "base"), ("adapter_config.json", "base_model_name_or_path")):
         assert json.loads((adapter / name).read_text())[key] == str(tmp_path / "repo" / "output" / "sft")
     (tmp_path / "elsewhere").mkdir()
@@ -110,13 +117,8 @@ def test_an_adapter_saved_with_a_relative_base_loads_from_another_working_folder
     import json
 
     import training.model.builder as builder
-    from training.model.builder import ADAPTER_SUBDIR, BUILD_INFO_FILE
-    monkeypatch.setenv("VLM_ALIGN_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(llava, tmp_path / "repo" / "output" / "sft")
-    monkeypatch.chdir(tmp_path / "repo")
-    model, processor = _trained("output/sft")
-    save_model(model, processor, "output/run")
-    adapter = tmp_path / "repo" / "output" / "run" / ADAPTER_SUBDIR
+    from training.model.builder import BUILD_INFO_FILE
+    model, processor, adapter = _trained_in_a_repository(llava, tmp_path, monkeypatch)
     for name, key in ((BUILD_INFO_FILE, "base"), ("adapter_config.json", "base_model_name_or_path")):  # as before
         record = json.loads((adapter / name).read_text())
         (adapter / name).write_text(json.dumps({**record, key: "output/sft"}))
