@@ -231,7 +231,7 @@ def test_truncation_cuts_the_response_never_the_image_tokens(arch, models):
 @multi_params
 def test_multi_image_conversations_batch_forward_and_backward(arch, ckpts, models):
     _, proc, spec = models(arch)
-    tok, a = proc.tokenizer, ARCH[arch]
+    tok = proc.tokenizer
     model, _, _ = load_model_and_processor(ModelArgs(from_checkpoint=ckpts[arch]), LoraArgs())  # trainable
     model.eval()  # no dropout: the batch must equal the samples alone
     enc = ChatEncoder(proc, spec, 512)
@@ -316,14 +316,10 @@ TEXT_ONLY = [Message("user", "What is a circle?"), Message("assistant", "A round
 
 
 @params
-def test_text_only_sample_batched_with_image_samples(arch, models, request):
-    """A text-only row (no pixel inputs at all) in a batch with image rows: per-sample losses unchanged."""
-    if arch == "mllama":
-        # transformers' MllamaCrossAttentionDecoderLayer masks only the MLP branch of a row that has no
-        # image (full_text_row_masked_out_mask); its cross-ATTENTION branch then attends uniformly to the
-        # batch's (zero-padded) image tiles, so a text-only row differs from the same row alone, where
-        # the cross-attention layers are skipped. Model behaviour, not the collator's.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="mllama: text-only row sees the batch's images"))
+def test_text_only_sample_batched_with_image_samples(arch, models):
+    """A text-only row (no pixel inputs at all) in a batch with image rows: per-sample losses unchanged. For mllama
+    this holds through training.model.mllama_rows (transformers' cross-attention layer masks only the MLP branch of
+    a row with no image, whose attention then read the batch's zero-padded image tiles; it was a strict xfail)."""
     model, proc, spec = models(arch)
     pad = proc.tokenizer.pad_token_id
     enc = ChatEncoder(proc, spec, 512)
