@@ -101,3 +101,11 @@ def test_a_seed_outside_what_the_random_generators_take_is_refused(seed, capsys)
     with pytest.raises(SystemExit):
         parse(["--model_path", "m", "--data_path", "q.jsonl", "--do_sample", "--seed", seed])
     assert f"--seed {seed}: give a seed in [0, 2**32)" in capsys.readouterr().err
+
+
+def test_an_image_folder_that_is_a_file_is_refused(tmp_path):
+    """--image_folder naming a file (the data file, say) made every row's image "file not found", row by row, after
+    the model had loaded."""
+    (tmp_path / "data.json").write_text("[]")
+    refused(SFT, ["--image_folder", str(tmp_path / "data.json")], f"--image_folder {tmp_path / 'data.json'}: a file")
+    parse_config(SFT, ["--image_folder", str(tmp_path)])  # a folder is read as given

@@ -269,6 +269,8 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     for d in (v for v in cfg.values() if isinstance(v, DataArgs)):  # below: every row a bad row; no cache, silently
         bad = [f"--max_seq_len {d.max_seq_len}: give N >= 1 tokens"] if d.max_seq_len < 1 else []
         bad += [f"--encoded_cache_mb {d.encoded_cache_mb}: give N >= 0 (0: off)"] if d.encoded_cache_mb < 0 else []
+        if d.image_folder and Path(d.image_folder).is_file():  # each row's image was "file not found" under it
+            bad.append(f"--image_folder {d.image_folder}: a file; give the folder the data's image paths are under")
         if bad:
             raise SystemExit("; ".join(bad))
     for lora in (v for v in cfg.values() if isinstance(v, LoraArgs)):
