@@ -142,14 +142,31 @@ def test_an_answer_reviewing_no_sentence_is_not_cached(tmp_path):
         server.shutdown()
 
 
+def _correct_step(world, tmp_path, server, rollouts: list[str], gts: list[str] | None = None):
+    """OPA-DPO's work folder under tmp_path/opa holding `rollouts` (keys p#0, p#1, ...; each ground truth "A red
+    star." unless `gts` says) of the world's first image, and the arguments of its correct step against `server`'s
+    chat endpoint -> (work folder, arguments)."""
+    image = json.loads((world / "preference_train.json").read_text())[0]["image"]
+    out = tmp_path / "opa"
+    work = out / "work"
+    work.mkdir(parents=True)
+    gts = gts or ["A red star."] * len(rollouts)
+    rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": gt,
+             "facts": [], "rollout": r} for i, (r, gt) in enumerate(zip(rollouts, gts))]
+    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return work, ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"),
+                  "--image_folder", str(world / "images"), "--output_dir", str(out), "--no-progress", "--step",
+                  "correct", "--expert", "chat", "--expert_url", f"http://127.0.0.1:{server.server_port}/v1",
+                  "--expert_api_key_env", "NO_SUCH_KEY"]
+
+
 def test_a_rollout_the_endpoint_never_answers_is_a_bad_row_with_skip_bad_rows(world, tmp_path, monkeypatch):
     """A request that failed after its retries (here HTTP 500 for one rollout) stopped the correct step with a bare
     ChatAPIError, --skip_bad_rows or not. It is now that rollout's bad row: named without the option, skipped and
     counted with it, and asked again on the next run, which reuses the answers of the rollouts that succeeded."""
     import training.dpo.opa.main as opa
     monkeypatch.setattr("training.chat_api.time.sleep", lambda s: None)
-    image = json.loads((world / "preference_train.json").read_text())[0]["image"]
-    out, failing, asked = tmp_path / "opa", [True], []
+    failing, asked = [True], []
 
     def answer(h):
         asked.append(h.body)
@@ -161,14 +178,7 @@ def test_a_rollout_the_endpoint_never_answers_is_a_bad_row_with_skip_bad_rows(wo
             _send(h, json.dumps([{"copied_content": copied, "score": 4, "error_type": "correct"}]))
 
     server = _serve(answer)
-    work = out / "work"
-    work.mkdir(parents=True)
-    rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": "A red star.",
-             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "Broken rollout."])]
-    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
-            str(world / "images"), "--output_dir", str(out), "--no-progress", "--step", "correct", "--expert", "chat",
-            "--expert_url", f"http://127.0.0.1:{server.server_port}/v1", "--expert_api_key_env", "NO_SUCH_KEY"]
+    work, args = _correct_step(world, tmp_path, server, ["A red star.", "Broken rollout."])
     try:
         with pytest.raises(ValueError, match=r"rollouts.jsonl: rollout p#1: expert .* no reply after 5 attempts "
                                              r"\(HTTP 500\) \(pass --skip_bad_rows"):
@@ -198,19 +208,11 @@ def test_a_report_whose_copied_content_is_not_in_the_rollout_is_a_bad_rollout(wo
     to go to: the correct step stored it and wrote its pairs, and the DPO step (after the SFT step's minutes) refused
     the row. The correct step now names the rollout, or with --skip_bad_rows skips and counts it."""
     import training.dpo.opa.main as opa
-    image = json.loads((world / "preference_train.json").read_text())[0]["image"]
-    out = tmp_path / "opa"
     server = _serve(lambda h: _send(h, json.dumps([
         {"copied_content": "There is a red star." if b"A red star." in h.body else "A blue square.", "score": 4}])))
-    work = out / "work"
-    work.mkdir(parents=True)
-    rows = [{"key": f"p#{i}", "id": "p", "image": image, "question": "Describe the image.", "gt": "A red star.",
-             "facts": [], "rollout": r} for i, r in enumerate(["A red star.", "A blue square.", "A blue square."])]
-    rows[2]["gt"] = " "  # no ground-truth answer: no pairs (printed alone, it was counted nowhere)
-    (work / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--from_checkpoint", str(tmp_path), "--data_path", str(world / "preference_train.json"), "--image_folder",
-            str(world / "images"), "--output_dir", str(out), "--no-progress", "--step", "correct", "--expert", "chat",
-            "--expert_url", f"http://127.0.0.1:{server.server_port}/v1", "--expert_api_key_env", "NO_SUCH_KEY"]
+    # the third has no ground-truth answer: no pairs (printed alone, it was counted nowhere)
+    work, args = _correct_step(world, tmp_path, server, ["A red star.", "A blue square.", "A blue square."],
+                               gts=["A red star.", "A red star.", " "])
     try:
         with pytest.raises(ValueError, match=r"rollout p#0: expert answer: copied_content 'There is a red star.' is "
                                              r"not in the rollout .* \(pass --skip_bad_rows"):
