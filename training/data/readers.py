@@ -142,7 +142,7 @@ def _read_json(path: str, bad_lines: bool, one_row: Callable[[dict], bool] | Non
         raise DataFormatError(f"{path}: expected a JSON list of rows or a dict of columns, "
                               f"got {type(data).__name__}")
     escaped = _SURROGATE_ESCAPE.search(text) is not None
-    yield from ((i, _checked_text(path, f"row {i}", text, r, bad_lines) if escaped else r) for i, r in enumerate(data))
+    yield from ((i, _checked_text(path, f"row {i}", r, bad_lines) if escaped else r) for i, r in enumerate(data))
 
 
 def _lone_surrogate(obj: Any, field: str = "") -> str | None:
@@ -159,9 +159,9 @@ def _lone_surrogate(obj: Any, field: str = "") -> str | None:
     return None
 
 
-def _checked_text(path: str, where: str, raw: str, row: Any, bad_lines: bool) -> Any:
+def _checked_text(path: str, where: str, row: Any, bad_lines: bool) -> Any:
     """`row`, or where a text in it holds a lone surrogate, its RowProblem (bad_lines) or an error."""
-    field = _lone_surrogate(row) if _SURROGATE_ESCAPE.search(raw) else None
+    field = _lone_surrogate(row)
     if field is None:
         return row
     reason = "text with a lone surrogate (a \\ud800-\\udfff escape without its pair): no Unicode character"
@@ -189,7 +189,8 @@ def _read_jsonl(path: str, bad_lines: bool) -> Iterator[tuple[int, Any]]:
                     raise DataFormatError(f"{path}: line {i + 1}: invalid JSON: {err.msg} "
                                           f"(column {err.colno})") from None
                 row = RowProblem("<row>", f"invalid JSON: {err.msg} (line {i + 1}, column {err.colno})")
-            yield i, _checked_text(path, f"line {i + 1}", line, row, bad_lines)
+            # (a line without a surrogate escape holds no lone surrogate: walked only when it has one)
+            yield i, _checked_text(path, f"line {i + 1}", row, bad_lines) if _SURROGATE_ESCAPE.search(line) else row
 
 
 def _read_parquet(path: str) -> Iterator[tuple[int, Any]]:
