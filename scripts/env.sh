@@ -11,7 +11,7 @@ fi
 PY="$ROOT/.venv/bin/python"
 if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.txt" -nt "$ROOT/.venv/.installed" ]; then
   echo "setting up $ROOT/.venv (first run: a few minutes)" >&2
-  python3 -m venv "$ROOT/.venv"
+  python3 -m venv "$(readlink -f "$ROOT/.venv")"  # .venv may be a link to elsewhere (.ci/run on a full disk)
   "$PY" -m pip install -q --no-cache-dir --upgrade pip
   "$PY" -m pip install -q --no-cache-dir -r "$ROOT/requirements.txt"
   touch "$ROOT/.venv/.installed"
