@@ -544,9 +544,14 @@ def test_an_interrupted_ppo_run_says_how_to_continue(world, tiny, rm, tmp_path, 
     assert "stopped after 1 steps; continue with --resume" in capsys.readouterr().out
 
 
-def test_fewer_prompts_than_a_rollout_batch_names_the_option(world, tiny, rm, tmp_path):
+def test_fewer_prompts_than_a_rollout_batch_names_the_option(world, tiny, rm, tmp_path, monkeypatch):
     """A user's small prompt file under the default --rollout_batch_size 32 stopped on "12 prompts are fewer than
-    one rollout batch (32)", naming no option to change."""
+    one rollout batch (32)", naming no option to change, and only after the four models had loaded."""
+    import training.model.builder as builder
+
+    def no_load(*a, **k):
+        raise AssertionError("a model loaded before the prompts were counted")
+    monkeypatch.setattr(builder, "load_model_and_processor", no_load)
     with pytest.raises(ValueError, match=r"one rollout batch \(--rollout_batch_size 1000 x 1 ranks\): give a "
                                          "smaller --rollout_batch_size"):
         main(ppo_args(world, tiny, rm, tmp_path / "big", "--max_steps", "1", "--rollout_batch_size", "1000"))

@@ -128,12 +128,17 @@ def main(argv=None) -> dict:
     from training.data.formats import read_prompts
     from training.engine.plots import plot_metrics
     from training.model.builder import disable_dropout, load_model_and_processor, set_chat_template
-    from training.ppo.trainer import PPOTrainer
+    from training.ppo.trainer import PPOTrainer, step_plan
     from training.rm.model import load_reward_model
     from training.templates.chat import ChatEncoder
 
     torch.manual_seed(cfg["optim"].seed)
     out = Path(run.output_dir)
+    # the prompts are read before any model loads: too few for one rollout batch is refused at once (checked again
+    # below on the prompts the models can use)
+    report = BadRowReport(skip=d.skip_bad_rows)
+    records = read_prompts(d.data_path, d.image_folder, report, p.captions_file or None)
+    step_plan(len(records), p, cfg["optim"], strategy.world_size)
     actor, processor, arch = load_model_and_processor(m, cfg["lora"], zero3=strategy.build_config())
     template = set_chat_template(processor, m.template)  # rollout prompts; saved with the actor
     ref = None
@@ -157,8 +162,6 @@ def main(argv=None) -> dict:
     if p.disable_dropout:
         disable_dropout(actor)
         disable_dropout(critic)
-    report = BadRowReport(skip=d.skip_bad_rows)
-    records = read_prompts(d.data_path, d.image_folder, report, p.captions_file or None)
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     rm_encoder = ChatEncoder(rm_processor, rm_arch, d.max_seq_len + p.max_new_tokens + 64)
     records = usable_prompts(records, encoder, d.image_folder, report,

@@ -51,6 +51,16 @@ def rank_means(strategy, stats: dict[str, list[float]]) -> dict[str, float]:
     return dict(zip(names, means.tolist()))
 
 
+def step_plan(n_prompts: int, p, o, world_size: int) -> StepPlan:
+    """PPO's steps over n_prompts: one rollout batch per rank per step; refused when there is not one whole step."""
+    try:
+        return StepPlan.make(n_prompts, p.rollout_batch_size, 1, world_size, o.num_train_epochs, o.max_steps)
+    except ValueError:
+        raise ValueError(f"{n_prompts} prompts are fewer than one rollout batch (--rollout_batch_size "
+                         f"{p.rollout_batch_size} x {world_size} ranks): give a smaller --rollout_batch_size, or "
+                         "more prompts") from None
+
+
 class PPOTrainer:
     report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
 
@@ -66,13 +76,7 @@ class PPOTrainer:
             self.ptx_order = torch.randperm(len(ptx), generator=torch.Generator().manual_seed(o.seed)).tolist()
         # a PPO step is one rollout batch per rank: the shared plan's rule (its prompts past the last whole step are
         # left out each epoch and said); what else fixes its steps, checked on resume, goes into the shape
-        try:
-            self.plan = StepPlan.make(len(records), self.p.rollout_batch_size, 1, strategy.world_size,
-                                      o.num_train_epochs, o.max_steps)
-        except ValueError:
-            raise ValueError(f"{len(records)} prompts are fewer than one rollout batch (--rollout_batch_size "
-                             f"{self.p.rollout_batch_size} x {strategy.world_size} ranks): give a smaller "
-                             "--rollout_batch_size, or more prompts") from None
+        self.plan = step_plan(len(records), self.p, o, strategy.world_size)
         self.plan.shape.update(rollout_batch_size=self.p.rollout_batch_size, ppo_epochs=self.p.ppo_epochs)
         self.steps_per_epoch, self.total_steps = self.plan.steps_per_epoch, self.plan.total_steps
         # optimizer updates per PPO step: the learning-rate schedule counts these, as does the ptx term
