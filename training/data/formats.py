@@ -89,9 +89,9 @@ def _answer_meta(row: dict) -> dict:
 
 
 def _llava_images(row: dict, ctx: dict) -> tuple[list, str]:
-    """LLaVA-style `image`: one source, a list, or Vision-LLM-Alignment's "a.jpg,b.jpg" (a name with a comma that
-    is a file in the image root, ctx["image_root"], is that one image)."""
-    field = "image" if row.get("image") is not None else "image_path"
+    """LLaVA-style `image` (else `image_path`, else `images`): one source, a list, or Vision-LLM-Alignment's
+    "a.jpg,b.jpg" (a name with a comma that is a file in the image root, ctx["image_root"], is that one image)."""
+    field = next((k for k in ("image", "image_path", "images") if row.get(k) is not None), "image_path")
     src = row.get(field)
     if src is None or (isinstance(src, str) and not src.strip()):
         return [], field
