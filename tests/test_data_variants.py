@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from training.data.formats import read_prompts
+from training.data.formats import read_preferences, read_prompts
 
 
 def _png(color=(255, 0, 0)) -> bytes:
@@ -48,3 +48,30 @@ def test_a_question_files_images_list_is_its_images(tmp_path, root):
     assert q.prompt[0].content == "<image>\n<image>\nWhich is red?"
     assert q.meta == {"question_id": 1}
 
+
+def _rlhf_row(image, **kw):
+    return {"id": "p0", "image": image, "preference": 2,
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": ""}],
+            "output_1": {"from": "llava", "value": "A car."}, "output_2": {"from": "llava", "value": "A bus."}, **kw}
+
+
+def test_captions_of_an_image_struct_are_looked_up_by_its_path(tmp_path, root):
+    """LLaVA-RLHF rows in parquet (or a saved / Hub dataset) hold the image as a {bytes, path} struct: its captions
+    were looked up by the struct's text (bytes and all), so every row was bad, its message the image's bytes."""
+    captions = _json(tmp_path / "image_to_caption.json", {"a.png": ["A red square."]})
+    path = _parquet(tmp_path / "pref.parquet", [_rlhf_row({"bytes": RED, "path": "a.png"})])
+    (rec,) = read_preferences(path, str(root), captions_file=captions)
+    assert (rec.responses, rec.facts, rec.images) == (["A bus.", "A car."], ["A red square."], [RED])
+    prompts = _parquet(tmp_path / "ppo.parquet", [{"id": "q", "image": {"bytes": RED, "path": "a.png"},
+                                                   "conversations": [{"from": "human", "value": "<image>\nQ?"}]}])
+    (p,) = read_prompts(prompts, str(root), captions_file=captions)
+    assert p.facts == ["A red square."]
+
+
+def test_an_image_without_a_name_has_no_captions_and_says_so_briefly(tmp_path, root):
+    from training.data.bad_rows import BadRowError
+    captions = _json(tmp_path / "image_to_caption.json", {"a.png": ["A red square."]})
+    path = _parquet(tmp_path / "pref.parquet", [_rlhf_row({"bytes": RED, "path": None})])
+    with pytest.raises(BadRowError, match=r"row 0: field 'image': .*no file name") as err:
+        read_preferences(path, str(root), captions_file=captions)
+    assert len(str(err.value)) < 400  # not the image's bytes

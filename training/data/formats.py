@@ -24,6 +24,7 @@ from typing import Any
 from training.data.bad_rows import BadRowReport
 from training.data.images import is_base64_text
 from training.data.readers import DataFormatError, Format, ParsedRow, RowProblem, read_records, read_table
+from training.data.captions import caption_facts
 from training.data.span_weights import span_weights
 from training.data.records import (IMAGE_PLACEHOLDER as PH, ConversationRecord, Message, PreferenceRecord,
                                    PromptRecord, RowRef)
@@ -366,22 +367,6 @@ def _output_text(row: dict, key: str) -> str:
     return _text(value.get("value") if isinstance(value, dict) else value, key, response=True)
 
 
-def _caption_facts(images: list, field: str, ctx: dict) -> list[str]:
-    """Fact-RLHF's captions of a row's (first) image from the captions file in ctx (none without one): looked up by
-    the image's path, file name or stem, as LLaVA-RLHF keys image_to_caption.json."""
-    captions = ctx.get("captions")
-    if captions is None or not images:
-        return []
-    key = str(images[0])
-    found = next((captions[k] for k in (key, Path(key).name, Path(key).stem) if k in captions), None)
-    if found is None:
-        raise RowProblem(field, f"no captions for image {key!r} in the captions file")
-    found = [found] if isinstance(found, str) else found
-    if not isinstance(found, list) or not all(isinstance(c, str) for c in found):
-        raise RowProblem(field, f"the captions file's entry for image {key!r} is not a caption or a list of captions")
-    return found
-
-
 def _answer_fact(row: dict) -> list[str]:
     """LLaVA-RLHF's factual line for a multiple-choice row, ["correct answer: <the option's text>"], else []."""
     answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
@@ -404,7 +389,7 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
     responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2")
     images, field = _llava_images(row, ctx)
-    facts = list(_facts(row) or []) + _caption_facts(images, field, ctx) + _answer_fact(row)
+    facts = list(_facts(row) or []) + caption_facts(images, field, ctx) + _answer_fact(row)
     return _pref(row, ref, prompt, responses, images, field, facts or None,
                  response_fields="output_1/output_2")
 
@@ -487,7 +472,7 @@ def _prompt_conversations(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     _place_images(prompt, len(images), "conversations")
     facts = _facts(row)
     if ctx.get("captions") is not None:  # Fact-RLHF's PPO: the same factual block as its reward model's training
-        facts = list(facts or []) + _caption_facts(images, field, ctx) + _answer_fact(row)
+        facts = list(facts or []) + caption_facts(images, field, ctx) + _answer_fact(row)
     record = PromptRecord(_row_id(row, ref, "id"), prompt, reference=reference, facts=facts or None,
                           meta=_answer_meta(row), source=ref, prompt_field="conversations")
     return ParsedRow(record, images, field)
