@@ -75,3 +75,14 @@ def test_an_image_without_a_name_has_no_captions_and_says_so_briefly(tmp_path, r
     with pytest.raises(BadRowError, match=r"row 0: field 'image': .*no file name") as err:
         read_preferences(path, str(root), captions_file=captions)
     assert len(str(err.value)) < 400  # not the image's bytes
+
+
+
+@pytest.mark.parametrize("preference", [1, 2])
+def test_a_bad_llava_rlhf_output_is_named_by_its_own_field(tmp_path, root, preference):
+    """A bad output of a LLaVA-RLHF row was named by its place in the ranked pair under both fields' names: the
+    output_2 of a row preferring it was 'output_1/output_2[0]', read as output_1."""
+    from training.data.bad_rows import BadRowError
+    row = _rlhf_row("a.png", preference=preference, output_2={"from": "llava", "value": "A <image> bus."})
+    with pytest.raises(BadRowError, match=r"row 0: field 'output_2': '<image>' in a response"):
+        read_preferences(_json(tmp_path / "pref.json", [row]), str(root))

@@ -234,13 +234,15 @@ def _place_images(messages: list[Message], n_images: int, field: str) -> None:
             raise RowProblem(where(i), "empty user message")
 
 
-def _responses(values: list, field: str) -> list[str]:
+def _responses(values: list, field: str, names: tuple | list = ()) -> list[str]:
+    """names: each response's own field, in the order of `values`, where [k] (the k-th best) would misname it."""
     if len(values) < 2:
         raise RowProblem(field, f"ranked list has {len(values)} response(s), needs at least 2")
-    out = [_text(v, f"{field}[{k}]", response=True) for k, v in enumerate(values)]
+    fields = list(names) or [f"{field}[{k}]" for k in range(len(values))]
+    out = [_text(v, fields[k], response=True) for k, v in enumerate(values)]
     for k, text in enumerate(out):
         if PH in text:
-            raise RowProblem(f"{field}[{k}]", f"'{PH}' in a response")
+            raise RowProblem(fields[k], f"'{PH}' in a response")
     if len({t.strip() for t in out}) < len(out):
         raise RowProblem(field, "identical responses: chosen and rejected must differ")
     return out
@@ -387,7 +389,8 @@ def _pref_llava_rlhf(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     if pref not in ("1", "2"):
         raise RowProblem("preference", f"expected 1 or 2, got {row.get('preference')!r}")
     outs = [_output_text(row, "output_1"), _output_text(row, "output_2")]
-    responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2")
+    names = ["output_1", "output_2"] if pref == "1" else ["output_2", "output_1"]
+    responses = _responses(outs if pref == "1" else outs[::-1], "output_1/output_2", names)
     images, field = _llava_images(row, ctx)
     facts = list(_facts(row) or []) + caption_facts(images, field, ctx) + _answer_fact(row)
     return _pref(row, ref, prompt, responses, images, field, facts or None,
