@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     if a.loss_type == "opa":
         from training.dpo.opa.data import OPADataset, read_opa
-        records = [r for p in paths for r in read_opa(p)]
+        records = [r for p in paths for r in read_opa(p, report)]
         dataset = OPADataset(records, encoder, d.image_folder, report, a.opa_mask_ratio, cfg["optim"].seed, paths[0])
         n_resp = 4
     else:

@@ -237,29 +237,28 @@ PUBLISHED_TEXT = ("queries", "standard_response", "original_generate_response") 
 def _from_published(row: dict, ref: RowRef) -> dict:
     """An opa_pairs.json row from a row of the published OPA-DPO set: question, ground truth, the rollout and the
     expert's per-sentence report (the revised answer and every weight come from the report, as
-    run_opa_dpo.sh's correct step makes them from its expert; AI_pseudo_response is that revision as text)."""
+    run_opa_dpo.sh's correct step makes them from its expert; AI_pseudo_response is that revision as text).
+    A bad field raises RowProblem."""
+    from training.data.readers import RowProblem
     from training.dpo.opa.expert import parse_report
 
     for k in PUBLISHED_FIELDS:
         if k not in row:
-            raise DataFormatError(f"{ref.file}: row {ref.row}: field '{k}': missing (the OPA-DPO set has "
-                                  f"{', '.join(PUBLISHED_FIELDS)})")
+            raise RowProblem(k, f"missing (the OPA-DPO set has {', '.join(PUBLISHED_FIELDS)})")
     for k in PUBLISHED_TEXT:  # named as the set names them: the pairs' fields they become are not in its rows
         if not isinstance(row[k], str):
-            raise DataFormatError(f"{ref.file}: row {ref.row}: field '{k}': expected text, got {type(row[k]).__name__}")
+            raise RowProblem(k, f"expected text, got {type(row[k]).__name__}")
     image = row["image_bytes"]
     image = image.get("bytes") if isinstance(image, dict) else image  # a datasets Image column: {bytes, path}
     if not isinstance(image, (bytes, bytearray, memoryview, str)):
-        raise DataFormatError(f"{ref.file}: row {ref.row}: field 'image_bytes': expected the image's bytes or "
-                              f"base64 text, got {type(image).__name__}")
+        raise RowProblem("image_bytes", f"expected the image's bytes or base64 text, got {type(image).__name__}")
     report = row["AI_json_report"]
     try:
         # the released set keeps base64 text (its make_opadpo_dataset.py encodes the bytes)
         image = image_field(decode_base64(image) if isinstance(image, str) else bytes(image), "")
         report = parse_report(report if isinstance(report, str) else json.dumps(report))
     except (ValueError, TypeError) as err:  # ImageError is a ValueError
-        field = "image_bytes" if isinstance(err, ImageError) else "AI_json_report"
-        raise DataFormatError(f"{ref.file}: row {ref.row}: field '{field}': {err}") from None
+        raise RowProblem("image_bytes" if isinstance(err, ImageError) else "AI_json_report", str(err)) from None
     revised, score_w, type_w = revised_with_weights(report)
     question = row["queries"].replace(IMAGE_PLACEHOLDER, "").strip()
     return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": question,
@@ -268,20 +267,29 @@ def _from_published(row: dict, ref: RowRef) -> dict:
             "revised_type_weights": type_w, "report": report}
 
 
-def read_opa(path: str) -> list[dict]:
+def read_opa(path: str, report=None) -> list[dict]:
     """The rows of run_opa_dpo.sh's opa_pairs.json, or of the published OPA-DPO set (rows with its expert report,
     PUBLISHED_FIELDS), from any table read_table reads (JSON, JSONL, parquet, a save_to_disk folder), each with
-    "_where" (its RowRef); a row with a field missing or of the wrong type is an error naming file, row and field."""
-    from training.data.readers import read_table
+    "_where" (its RowRef); a row with a field missing or of the wrong type is an error naming file, row and field,
+    or with a BadRowReport `report`, its bad row (skipped and counted when it skips)."""
+    from training.data.readers import RowProblem, read_table
     rows = []
-    for k, r in read_table(path):  # k: the row's index as every reader numbers it (JSON Lines: its line, minus one)
-        # the published set's (its report or its query, which opa_pairs rows call question); others opa_pairs'
-        published = isinstance(r, dict) and ("AI_json_report" in r or "queries" in r)
-        rows.append((k, _from_published(r, RowRef(str(path), k)) if published else r))
-    for k, r in rows:
-        problem = _field_problem(r)
-        if problem:
-            raise DataFormatError(f"{path}: row {k}: field '{problem[0]}': {problem[1]} (not an OPA-DPO pairs "
-                                  "file? make it with run_opa_dpo.sh)")
-        r["_where"] = RowRef(str(path), k)
-    return [r for _, r in rows]
+    for k, r in read_table(path, bad_lines=report is not None):  # k: the row's index as every reader numbers it
+        where = RowRef(str(path), k)
+        try:
+            if isinstance(r, RowProblem):  # a JSON Lines line that is no JSON (read so only with a report)
+                raise r
+            # the published set's (its report or its query, which opa_pairs rows call question); others opa_pairs'
+            published = isinstance(r, dict) and ("AI_json_report" in r or "queries" in r)
+            r = _from_published(r, where) if published else r
+            problem = _field_problem(r)
+            if problem:
+                raise RowProblem(problem[0], f"{problem[1]} (not an OPA-DPO pairs file? make it with run_opa_dpo.sh)")
+        except RowProblem as bad:
+            if report is None:
+                raise DataFormatError(f"{path}: row {k}: field '{bad.field}': {bad.reason}") from None
+            report.bad(where, bad.field, bad.reason)
+            continue
+        r["_where"] = where
+        rows.append(r)
+    return rows
