@@ -25,9 +25,10 @@ DEFAULTS = {"output_dir": "output/ppo", "from_checkpoint": "output/sft", "learni
             "kl_coef": 0.4, "length_bonus": 2.0,
             "per_device_train_batch_size": 16, "num_train_epochs": 3.0, "max_seq_len": 160,
             "lr_scheduler_type": "constant", "logging_steps": 1}
-PANELS = [("reward", ["reward/mean", "reward/shaped_mean"]), ("KL", ["kl"]), ("entropy", ["entropy"]),
-          ("losses", ["policy_loss", "value_loss", "ptx_loss"]), ("response length", ["response_length"]),
-          ("critic", ["explained_variance"])]
+PANELS = [("reward", ["reward/mean", "reward/std", "reward/shaped_mean"]), ("KL", ["kl"]), ("entropy", ["entropy"]),
+          ("clip fraction", ["clipfrac"]), ("losses", ["policy_loss", "value_loss", "ptx_loss"]),
+          ("response length", ["response_length"]), ("critic", ["explained_variance"]),
+          ("tokens / s", ["gen_tokens_per_s", "train_tokens_per_s"])]
 
 
 def _need(path: str, what: str, how: str) -> None:
