@@ -41,7 +41,8 @@ def make(logging_steps=2, save_steps=3, total=7, eval_steps=0):
 
 
 def test_rates_are_amounts_since_last_log_over_elapsed_time(monkeypatch):
-    clock = iter([0.0, 2.0, 6.0, 9.0, 10.0])  # start, log at step 2, its reset, log at step 4, its reset
+    # start, log at step 2, its reset, the checkpoint at step 3 (begun and done: no time), log at step 4, its reset
+    clock = iter([0.0, 2.0, 6.0, 7.0, 7.0, 9.0, 10.0])
     monkeypatch.setattr(loop.time, "time", lambda: next(clock))
     rec, log = make(total=4)
     for step, pairs in zip(range(1, 5), (8, 8, 4, 4)):

@@ -360,7 +360,7 @@ class StepLog:
         """rates: rate name -> amount done this step (e.g. {"pairs_per_s": 16}); evaluate: a function
         returning held-out metrics, called every run.eval_steps steps before the last (after the last the
         stage evaluates its saved model itself) and logged with this step's row when that is logged, else
-        on its own; its time is not in the rates."""
+        on its own; its time is not in the rates, nor is a resumable checkpoint's."""
         for k, v in rates.items():
             self._since[k] = self._since.get(k, 0.0) + v
         shown_now = dict(m)
@@ -386,7 +386,8 @@ class StepLog:
             self.bar.update(1)
             self.bar.set_postfix({label: fmt.format(shown[key]) for label, (key, fmt) in self.postfix.items()
                                   if key in shown})
-        if save_due(step, self.plan.total_steps, self.run):
+        if save_due(step, self.plan.total_steps, self.run):  # its time is not in the rates either, as evaluations'
+            t = time.time()
             if self.report is not None:  # the rows found so far, before the checkpoint a resumed run starts after
                 self.strategy.write_report(self.report, self.run.output_dir)
             client = {"step": step, "shape": run_shape(self.strategy, self.plan), "settings": self.settings,
@@ -394,6 +395,7 @@ class StepLog:
                       **(self.state.state_dict() if self.state is not None else {})}
             self.strategy.save_resume({self.ckpt / name: engine for name, engine in self.engines.items()}, step,
                                       client, self.run.save_total_limit)
+            self._t0 += time.time() - t
 
     def close(self, keep_logger: bool = False) -> None:
         """keep_logger: the stage logs more after the loop (the RM's final evaluation) and closes it."""
