@@ -108,6 +108,7 @@ class RMTrainer:
         # summed where computed, copied to the host once per step (a float() per micro-batch waited for the GPU)
         sums, rewards = torch.zeros(2, dtype=torch.float64, device=self.s.device), []
         tokens = sum(b.n_tokens for b in batches)  # counted before the first forward
+        lists = sum(len(b.sizes) for b in batches)  # those trained: a skipped bad row's list is not
         for b in batches:
             R, mask = self._rewards(b)
             margins = list_margins(b.margins, len(b.sizes), rm.margin)
@@ -122,9 +123,9 @@ class RMTrainer:
             stand = stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
             idle_micro_step(self.engine, lambda: self._rewards(stand)[0].sum())
         stats = sum((pair_stats(R, mask) for R, mask in rewards), torch.zeros(6, dtype=torch.float64))
-        red = self.s.all_reduce(torch.cat([sums.cpu(), torch.tensor([tokens], dtype=torch.float64), stats]))
+        red = self.s.all_reduce(torch.cat([sums.cpu(), torch.tensor([tokens, lists], dtype=torch.float64), stats]))
         loss = float(red[0]) / max(n_units, 1.0) + float(red[1]) / (accum * world)
-        return {"loss": loss, "tokens": float(red[2]), "lr": lr, **summarize(red[3:])}
+        return {"loss": loss, "tokens": float(red[2]), "lists": float(red[3]), "lr": lr, **summarize(red[4:])}
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,14 +183,13 @@ class RMTrainer:
                              {"loss": ("loss", "{:.3f}"), "acc": ("accuracy", "{:.2f}")},
                              report=self.report)
         self.logger = log.logger
-        lists = o.per_device_train_batch_size * o.gradient_accumulation_steps * self.s.world_size
         self.engine.train()
         for step, epoch, idx in planned_steps(self.plan, step, len(self.train_set), o.per_device_train_batch_size,
                                               o.gradient_accumulation_steps, self.s.world_size, self.s.rank, o.seed,
                                               c.stop_after_steps):
             self.train_set.epoch = epoch
             m = self._step([self._batch(self.train_set, i) for i in idx])
-            log.after(step, m, {"tokens_per_s": m.pop("tokens"), "lists_per_s": lists},
+            log.after(step, m, {"tokens_per_s": m.pop("tokens"), "lists_per_s": m.pop("lists")},
                       evaluate=(lambda: self.evaluate()[0]) if self.eval_set is not None else None)
         log.close(keep_logger=True)  # main logs the final evaluation after saving
         self.interrupted = step < self.plan.total_steps
