@@ -251,17 +251,21 @@ def test_explained_variance_by_hand_and_over_two_ranks():
     assert explained_variance(ret[:1], val[:1], mask[:1]) != pytest.approx(1 - 0.24 / 2.96)  # one rank's own
 
 
-def test_logged_update_statistics_are_the_mean_over_ranks():
+def test_logged_update_statistics_are_token_weighted_means_over_ranks():
+    """A micro-batch's token-mean loss weighs as many as its response tokens, as in the loss the update minimises
+    (one mean over the step's tokens): a mean of micro-batch means logged another number."""
     from training.ppo.trainer import rank_means
 
-    class TwoRanks:  # this rank's values plus the other rank's (policy_loss mean 3.0, entropy mean 1.0)
+    class TwoRanks:  # the other rank: policy_loss 3.0 over 4 tokens, entropy 1.0 over 4 tokens
         world_size = 2
 
         def all_reduce(self, t):
-            return t.double() + torch.tensor([3.0, 1.0], dtype=torch.float64)
+            return t.double() + torch.tensor([[12.0, 4.0], [4.0, 4.0]], dtype=torch.float64)
 
-    got = rank_means(TwoRanks(), {"policy_loss": [1.0, 2.0], "value_loss": [], "entropy": [0.5, 0.5]})
-    assert got == {"policy_loss": pytest.approx((1.5 + 3.0) / 2), "entropy": pytest.approx((0.5 + 1.0) / 2)}
+    got = rank_means(TwoRanks(), {"policy_loss": [(1.0, 3.0), (2.0, 1.0)], "value_loss": [],
+                                  "entropy": [(0.5, 2.0), (0.5, 2.0)]})
+    # policy loss: (1 x 3 + 2 x 1 + 3 x 4) / (3 + 1 + 4) = 17 / 8 (the mean of the three means: 2.0)
+    assert got == {"policy_loss": pytest.approx(17 / 8), "entropy": pytest.approx((0.5 * 4 + 1.0 * 4) / 8)}
 
 
 def test_the_stop_token_penalty_stays_out_of_the_reward_statistics():

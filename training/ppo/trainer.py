@@ -43,12 +43,16 @@ def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
                              f"is intact under {ckpt} (resume with --resume after fixing the cause)")
 
 
-def rank_means(strategy, stats: dict[str, list[float]]) -> dict[str, float]:
-    """The mean of each statistic's per-update values over every rank (each rank makes the same number of
-    updates, so that is the mean of the ranks' means); statistics with no values are left out."""
+def rank_means(strategy, stats: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Each statistic's mean over every rank's updates, an update's value weighed by its weight (value, weight): the
+    response tokens of its micro-batch for the token-mean losses, as the optimised loss is one mean over a step's
+    tokens (a mean of micro-batch means logged a policy loss the update did not minimise). Every rank makes the same
+    updates; statistics with no values are left out."""
     names = [k for k, v in stats.items() if v]
-    means = strategy.all_reduce(torch.tensor([sum(stats[k]) / len(stats[k]) for k in names])) / strategy.world_size
-    return dict(zip(names, means.tolist()))
+    sums = torch.tensor([[sum(v * w for v, w in stats[k]), sum(w for _, w in stats[k])] for k in names],
+                        dtype=torch.float64)
+    sums = strategy.all_reduce(sums)
+    return {k: float(s / n) if n > 0 else 0.0 for k, (s, n) in zip(names, sums.tolist())}
 
 
 def step_plan(n_prompts: int, p, o, world_size: int) -> StepPlan:
@@ -225,6 +229,7 @@ class PPOTrainer:
         for idx, share in zip(micro, scale):
             b = _select(ro.batch, idx, ro.vision_rows)
             rm_ = exp["rmask"][idx]
+            n_own = float(rm_.sum())  # this micro-batch's response tokens: its weight in the logged means
             if train_actor:
                 lp, mask, ent = self._logprobs(self.actor, b, ro.suppressed, with_entropy=True)
                 lp, _ = response_view(lp, mask, exp["R"])
@@ -235,14 +240,13 @@ class PPOTrainer:
                 if self.ptx is not None:
                     ptx = self._ptx_loss(step, update)
                     loss = loss + p.ptx_coef * ptx
-                    stats["ptx_loss"].append(float(ptx.detach()))
+                    stats["ptx_loss"].append((float(ptx.detach()), 1.0))  # a token mean of its own batch
                 update += 1
                 _check_finite(self.s, step, ckpt, policy_loss=loss)
                 self.actor.backward(loss)
                 self.actor.step()
-                stats["policy_loss"].append(float(pl.detach()))
-                stats["clipfrac"].append(float(clipfrac.detach()))
-                stats["entropy"].append(float(ent_mean.detach()))
+                for k, v in (("policy_loss", pl), ("clipfrac", clipfrac), ("entropy", ent_mean)):
+                    stats[k].append((float(v.detach()), n_own))
             # through the engine (as the actor): its forward advances ZeRO-3's micro-step count, without which
             # each micro-batch's gradient replaced the one before under accumulation
             v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
@@ -251,8 +255,8 @@ class PPOTrainer:
             _check_finite(self.s, step, ckpt, value_loss=vl)
             self.critic.backward(p.vf_coef * vl * share)
             self.critic.step()
-            stats["value_loss"].append(float(vl.detach()))  # unscaled, comparable across --vf_coef
-            n_tok += int(rm_.sum())
+            stats["value_loss"].append((float(vl.detach()), n_own))  # unscaled, comparable across --vf_coef
+            n_tok += int(n_own)
         for name, engine in (("actor", self.actor), ("critic", self.critic)):  # a finite loss can step to NaN
             if not self.s.weights_finite(engine):  # (the next rollout would fail inside sampling, unnamed)
                 raise NonFiniteError(f"non-finite weights in the {name} after PPO step {step}: stopping. The last "
