@@ -58,6 +58,11 @@ launch() {
     args+=(--hostfile "$HOSTFILE")
     if [ -n "${NUM_GPUS:-}" ]; then args+=(--num_gpus "$NUM_GPUS"); fi
     node_env_file
+    # pdsh's runner has each node's shell split the command line again: arguments a shell would change (a space, a
+    # quote, $, *, an empty one) go as one base64 word that training/engine/node_argv.py decodes on every rank
+    local word
+    word="$("$PY" -m training.engine.node_argv --encode "$@")" || return 2
+    if [ -n "$word" ]; then set -- "$module" "$word"; module=training.engine.node_argv; fi
   elif [ "${DS_ACCELERATOR:-}" = "cpu" ]; then
     args+=(--num_accelerators "${NUM_GPUS:-1}")
   elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
