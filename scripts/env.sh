@@ -57,6 +57,16 @@ launch() {
     # its slots say how many GPUs each node runs, whatever this (head) machine has: no CPU branch here
     args+=(--hostfile "$HOSTFILE")
     if [ -n "${NUM_GPUS:-}" ]; then args+=(--num_gpus "$NUM_GPUS"); fi
+    # pdsh's runner has each node run `cd FOLDER; PYTHON -m ...` with the launcher's working folder (the physical
+    # one) and interpreter unquoted: a space there made the cd fail and the ranks run from the home folder
+    local where
+    for where in "$(pwd -P)" "$(readlink -f "$ROOT/.venv")"; do
+      if ! [[ "$where" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+        echo "HOSTFILE: $where: the deepspeed launcher runs it unquoted on each node; it must hold no space or" \
+             "shell character (move it to a folder whose path has none)" >&2
+        return 2
+      fi
+    done
     node_env_file
     # pdsh's runner has each node's shell split the command line again: arguments a shell would change (a space, a
     # quote, $, *, an empty one) go as one base64 word that training/engine/node_argv.py decodes on every rank

@@ -73,3 +73,23 @@ def test_plain_arguments_go_as_they_are_and_odd_ones_run_the_same_on_one_host(tm
                        env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"})
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == ODD + ["--local_rank=0"]
+
+
+def test_a_repository_path_a_nodes_shell_would_split_is_refused_by_name(tmp_path):
+    """pdsh's runner has each node run `cd ROOT; PYTHON ...` unquoted: from a folder with a space the node's cd failed
+    (too many arguments) and its ranks ran from the home folder, relative paths (output/, data/) resolving there."""
+    link = tmp_path / "my repo"  # the nodes cd to the physical folder (os.getcwd()): a real one, its parts linked
+    link.mkdir()
+    for name in ("scripts", "training", ".venv", "requirements.txt"):
+        (link / name).symlink_to(ROOT / name)
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho reached\n')
+    (fake / "deepspeed").chmod(0o755)
+    script = f'source "{link}/scripts/env.sh"; export PATH="{fake}:$PATH"; launch training.sft.main --x 1'
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS")}
+    p = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(tmp_path / "hosts")})
+    assert p.returncode == 2 and "reached" not in p.stdout, p.stdout + p.stderr
+    assert f"{link}" in p.stderr and "no space" in p.stderr
