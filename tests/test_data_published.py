@@ -206,3 +206,9 @@ def test_a_negative_or_past_the_letters_choice_index_and_a_non_finite_margin_are
         path.write_text(json.dumps([row]))
         with pytest.raises(BadRowError, match=f"row 0: field '{field}'"):
             reader(str(path), str(tmp_path))
+
+
+def test_a_published_row_whose_idx_is_null_is_keyed_by_its_place(tmp_path):
+    """A null idx (a gap in the table's column) became the id "None", the same for every such row."""
+    rows = read_opa(_opa_set(tmp_path / "gaps", [_row(idx=None), _row(idx=None), _row(idx=5)]))
+    assert [r["id"] for r in rows] == ["0", "1", "5"]

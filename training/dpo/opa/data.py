@@ -261,7 +261,8 @@ def _from_published(row: dict, ref: RowRef) -> dict:
         raise RowProblem("image_bytes" if isinstance(err, ImageError) else "AI_json_report", str(err)) from None
     revised, score_w, type_w = revised_with_weights(report)
     question = row["queries"].replace(IMAGE_PLACEHOLDER, "").strip()
-    return {"id": str(row.get("idx", row.get("id", ref.row))), "image": image, "question": question,
+    key = next((row[k] for k in ("idx", "id") if row.get(k) is not None), ref.row)  # a null idx (a table's gap)
+    return {"id": str(key), "image": image, "question": question,
             "gt": row["standard_response"], "rollout": row["original_generate_response"], "revised": revised,
             "rollout_weights": rollout_weights(report), "revised_score_weights": score_w,
             "revised_type_weights": type_w, "report": report}
