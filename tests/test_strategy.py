@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from training.config import DeepSpeedArgs, OptimArgs
-from training.engine.strategy import Strategy, decayed_parameter_names
+from training.engine.optimizer import decayed_parameter_names
+from training.engine.strategy import Strategy
 
 
 def _strategy(tmp_path, user: dict | None, precision="fp32", **ds):
@@ -281,7 +282,7 @@ def test_weight_decay_spares_biases_and_norms_and_the_schedule_is_transformers(t
 def test_schedules_are_transformers_get_scheduler_at_every_step(kind, warmup, total):
     import transformers
 
-    from training.engine.strategy import schedule
+    from training.engine.optimizer import schedule
     ours_opt, hf_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
     o = OptimArgs(lr_scheduler_type=kind, num_warmup_steps=warmup)
     if kind == "constant" and warmup:  # transformers' constant ignores a warm-up; ours refuses it

@@ -123,7 +123,7 @@ def run_stage(main) -> None:
     """A stage's `__main__`: runs `main()` and exits with its status. A rank that stops on an error exit
     (SystemExit with a message or a non-zero code, as the stages raise on bad input) leaves at once: without
     this its exit handler waited up to two minutes for ranks that were waiting for it."""
-    from training.engine.strategy import note_failed_exit
+    from training.engine.distributed import note_failed_exit
     try:
         result = main()
     except SystemExit as e:
@@ -228,7 +228,7 @@ def finish_interrupted_commit(strategy, ckpt: Path, names: list[str]) -> None:
     files are pointed at it, as the kill kept them from being. Anything else is left for the checks that follow."""
     if len(names) < 2:
         return
-    from training.engine.strategy import RUN_RECORD
+    from training.engine.checkpoints import RUN_RECORD
     from training.files import write_text_atomic
     latest = {name: ckpt / name / "latest" for name in names}
     tags = {latest[n].read_text().strip() for n in names if latest[n].is_file()}
@@ -262,7 +262,7 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
     ckpt = out / "checkpoints"
     saved = None
     if run.resume:
-        from training.engine.strategy import saved_run_record
+        from training.engine.checkpoints import saved_run_record
         finish_interrupted_commit(strategy, ckpt, list(engines))
         for name in engines:  # before DeepSpeed loads: another ZeRO stage or world size fails inside it obscurely
             record = saved_run_record(ckpt / name)
