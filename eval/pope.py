@@ -90,7 +90,8 @@ def data_files(args) -> list[Path]:
 
 def questions(args) -> dict[str, list[dict]]:
     from eval.answers import need
-    from training.data.formats import question_id, read_table
+    from training.data.formats import read_table
+    from training.data.prompt_formats import question_id
 
     out = {}
     for split, path in split_files(args.data).items():

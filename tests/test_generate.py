@@ -104,7 +104,7 @@ def test_a_question_id_left_empty_is_the_rows_id_as_the_benchmarks_number_it(tmp
     scoring keys them (their id, else their row index). Predict keyed them "None": two such rows were refused as one
     question asked twice, and one row's answer joined no question."""
     from eval.answers import read_answers
-    from training.data.formats import question_id
+    from training.data.prompt_formats import question_id
     from training.predict.main import parse, predict
 
     rows = [{"question_id": None, "text": "Is there a circle?"}, {"question_id": None, "text": "Is there a cross?"},

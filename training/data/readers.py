@@ -6,7 +6,8 @@ Row indices are 0-based: the position in a JSON list, the line number minus one 
 
 `read_records` runs one format's row parser over every row and validates the images the parser
 found: decoded in a thread pool a chunk of rows at a time, then reported or kept in row order, so a
-bad row always surfaces with its file, row and field. What each format means is in `formats.py`.
+bad row always surfaces with its file, row and field. What each format means is in
+`sft_formats.py`, `preference_formats.py` and `prompt_formats.py`.
 """
 from __future__ import annotations
 

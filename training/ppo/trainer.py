@@ -20,7 +20,7 @@ from training.data.collate import collate_sft
 from training.data.images import load_image
 from training.logprobs import masked_mean, nll_sum, token_logprobs, token_logprobs_entropy
 from training.losses import ppo_policy_loss, ppo_value_loss
-from training.data.formats import ANSWER_FIELDS
+from training.data.row_parts import ANSWER_FIELDS
 from training.ppo.args import refuse_unusable_step_shape
 from training.ppo.rollout import generate_rollouts, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty

@@ -351,7 +351,7 @@ def _scorer(args, records, device: str, precision: str):
 
 def _qid(r) -> str:
     """The question's question_id, else its record id (a question file's id or row index: an empty question_id
-    counts as none, as `training.data.formats.question_id` and the benchmarks' scoring read it)."""
+    counts as none, as `training.data.prompt_formats.question_id` and the benchmarks' scoring read it)."""
     qid = r.meta.get("question_id")
     return str(qid if qid is not None else r.id)
 

@@ -43,7 +43,7 @@ def readable_response(text: str, encoder: ChatEncoder) -> str:
     a policy can spell from ordinary tokens (the special token's own id is removed from the decoded text or never
     sampled) and the encoder would take for the token itself: "<image>" for another image, "</s>" or "<|im_end|>"
     for an end of turn inside the answer. Training data with a placeholder is a bad row instead
-    (training.data.formats). Both image spellings go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the
+    (training.data.row_parts). Both image spellings go: the architecture's token (Qwen2-VL's "<|image_pad|>") and the
     messages' "<image>", which the template layer turns into an image of any architecture."""
     marks = encoder.spelled_marks  # (kept by the encoder: this runs for every sampled response)
     while any(t in text for t in marks):  # one pass could join a new one ("<ima<image>ge>")

@@ -175,7 +175,8 @@ def _is_preference_data(path: str) -> bool:
     """Whether the data's first row ranks responses (a preference file) rather than holding a prompt with an
     optional reference answer. The ranked-list format claims every `conversations` row, so a LLaVA prompt
     file is told apart by its last turn: one answer, not a list."""
-    from training.data.formats import KINDS, _is_ranked
+    from training.data.formats import KINDS
+    from training.data.row_parts import _is_ranked
     from training.data.readers import expand_paths, read_table
 
     rows = read_table(expand_paths([path])[0])
