@@ -212,3 +212,23 @@ def test_a_published_row_whose_idx_is_null_is_keyed_by_its_place(tmp_path):
     """A null idx (a gap in the table's column) became the id "None", the same for every such row."""
     rows = read_opa(_opa_set(tmp_path / "gaps", [_row(idx=None), _row(idx=None), _row(idx=5)]))
     assert [r["id"] for r in rows] == ["0", "1", "5"]
+
+
+def test_a_choice_index_read_as_a_float_is_its_number_and_a_boolean_is_none(tmp_path):
+    """correct_choice_idx 1.0 (a float column: parquet, pandas) was a bad row, and True was read as option B."""
+    from training.data.formats import read_preferences
+    (tmp_path / "a.png").write_bytes(_png())
+    turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "x"}]
+    row = {"image": "a.png", "conversations": turns, "output_1": "a", "output_2": "b", "preference": 1,
+           "choices": ["red", "green"]}
+    (tmp_path / "f.json").write_text(json.dumps([dict(row, correct_choice_idx=1.0)]))
+    (r,) = read_preferences([str(tmp_path / "f.json")], str(tmp_path))
+    assert r.facts == ["correct answer: green"]
+    prompts = [{"id": "p", "image": "a.png", "conversations": turns[:1], "choices": ["red", "green"],
+                "correct_choice_idx": 1.0}]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    assert read_prompts([str(tmp_path / "p.json")], str(tmp_path))[0].meta["correct_option"] == "B"
+    for bad, path in ((dict(row, correct_choice_idx=True), "t.json"), (dict(row, correct_choice_idx=1.5), "h.json")):
+        (tmp_path / path).write_text(json.dumps([bad]))
+        with pytest.raises(BadRowError, match="correct_choice_idx"):
+            read_preferences([str(tmp_path / path)], str(tmp_path))

@@ -60,15 +60,23 @@ def _facts(row: dict) -> list[str] | None:
     raise RowProblem("facts", "expected a list of strings")
 
 
+def _choice_index(row: dict, choices, limit: int) -> int:
+    """correct_choice_idx as an index into choices (below `limit`): a whole number, 1.0 as a float column holds it
+    too; True / False are no index."""
+    idx = row.get("correct_choice_idx")
+    whole = isinstance(idx, int) or (isinstance(idx, float) and idx.is_integer())
+    if isinstance(idx, bool) or not whole or not isinstance(choices, list) or not 0 <= idx < min(len(choices), limit):
+        raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
+    return int(idx)
+
+
 def _answer_meta(row: dict) -> dict:
     """A prompt row's multiple-choice ground truth (PPO's --correct_bonus reads it): its answer field, or
     for choices + correct_choice_idx the option's letter (the prompt lists the options as A., B., ...)."""
     meta = {k: row[k] for k in ANSWER_FIELDS if row.get(k) is not None}
     idx, choices = row.get("correct_choice_idx"), row.get("choices")
     if not meta and idx is not None:
-        if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < min(len(choices), 26)):
-            raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
-        meta["correct_option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[idx]
+        meta["correct_option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[_choice_index(row, choices, 26)]
     return meta
 
 
@@ -246,7 +254,5 @@ def _answer_fact(row: dict) -> list[str]:
     answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
     choices, idx = row.get("choices"), row.get("correct_choice_idx")
     if answer is None and idx is not None:
-        if not (isinstance(choices, list) and isinstance(idx, int) and 0 <= idx < len(choices)):
-            raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
-        answer = choices[idx]
+        answer = choices[_choice_index(row, choices, len(choices) if isinstance(choices, list) else 0)]
     return [] if answer is None else [f"correct answer: {answer}"]
