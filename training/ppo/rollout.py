@@ -28,6 +28,7 @@ class Rollout:
     gen_seconds: float  # this rank's generation time
     suppressed: list[int]  # token ids the sampler never draws: the trainer's log-probs leave them out too
     vision_rows: dict | None = None  # vision key -> rows of batch.vision[key] each rollout holds (vision_rows)
+    with_vision: list[bool] | None = None  # whether each rollout's prompt has vision inputs (images)
 
 
 def vision_rows(rows: list[Encoded], arch_name: str) -> dict[str, list[int]]:
@@ -69,7 +70,7 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
     batch = collate_sft(rows, tok.pad_token_id, arch_name).to(device)
     texts = tok.batch_decode([r.input_ids[r.prompt_len:] for r in rows], skip_special_tokens=True)
     return Rollout(batch, [t.strip() for t in texts], torch.tensor(lengths), torch.tensor(ended), dt, never,
-                   vision_rows(rows, arch_name))
+                   vision_rows(rows, arch_name), [bool(e.vision) for e in rows])
 
 
 def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

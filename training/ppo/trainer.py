@@ -227,7 +227,7 @@ class PPOTrainer:
         micro = [idx for epoch in range(p.ppo_epochs) for idx in self._minibatches(len(ro.responses), epoch)]
         scale = self._token_shares(micro, exp["rmask"])
         for idx, share in zip(micro, scale):
-            b = _select(ro.batch, idx, ro.vision_rows)
+            b = _select(ro.batch, idx, ro.vision_rows, ro.with_vision)
             rm_ = exp["rmask"][idx]
             n_own = float(rm_.sum())  # this micro-batch's response tokens: its weight in the logged means
             if train_actor:
@@ -326,13 +326,18 @@ class PPOTrainer:
         return log.history
 
 
-def _select(batch, idx: list[int], rows: dict[str, list[int]] | None = None):
+def _select(batch, idx: list[int], rows: dict[str, list[int]] | None = None, with_vision: list[bool] | None = None):
     """The rollouts `idx` of a rollout batch. rows (Rollout.vision_rows): how many rows of each vision input each
     rollout holds, so that prompts with several images, none (text-only) or Qwen2-VL's patches split too; without
-    it a vision input must hold one row per rollout."""
+    it a vision input must hold one row per rollout. with_vision (Rollout.with_vision): whether each rollout's prompt
+    has vision inputs; rollouts of text-only prompts alone get none, as collate_sft gives them (Idefics3 and mllama
+    collate one row per sample, zeros for a text-only one: Idefics3 read such a row alone as no image and stopped,
+    "cannot reshape tensor of 0 elements")."""
     from training.data.collate import SFTBatch
     if idx == list(range(batch.input_ids.shape[0])):  # the whole rollout: vision inputs of any layout as they are
         return batch
+    if with_vision is not None and not any(with_vision[i] for i in idx):
+        return SFTBatch(batch.input_ids[idx], batch.attention_mask[idx], batch.labels[idx], {})
     vision = {}
     for k, v in batch.vision.items():
         n = (rows or {}).get(k)
