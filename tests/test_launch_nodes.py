@@ -93,3 +93,17 @@ def test_a_repository_path_a_nodes_shell_would_split_is_refused_by_name(tmp_path
                        env={**base, "HOME": str(tmp_path), "HOSTFILE": str(tmp_path / "hosts")})
     assert p.returncode == 2 and "reached" not in p.stdout, p.stdout + p.stderr
     assert f"{link}" in p.stderr and "no space" in p.stderr
+
+
+@pytest.mark.parametrize("odd", ["a b", "it's", 'say"', "$HOME", "`id`", "*.json", "~/x", "a;b", "a&b", "a|b", "#c",
+                                 "two\nlines", "tab\there", "", "a\\b", "(x)", "<in", "a?", "[ab]", "{a,b}", "!x",
+                                 "ünï"])
+def test_each_argument_a_shell_would_change_is_encoded_alone(odd):
+    """ODD above mixes them, so one character wrongly taken for plain (a ~ or * added to node_argv.PLAIN) went
+    unnoticed: the word was made for the others. Each alone, among plain ones, must make the word, and decode back."""
+    from training.engine.node_argv import encode, stage_argv
+    args = ["--data_path", "data/a-b_c.json", "--x", odd]
+    word = encode(args)
+    assert word != ""
+    assert stage_argv(["mod", word, "--local_rank=0"]) == ("mod", args + ["--local_rank=0"])
+    assert encode(["--data_path", "data/a-b_c.json", "--lr=1e-5", "x@y%z+w:v,u"]) == ""
