@@ -9,3 +9,11 @@ def test_samples_left_out_count_every_ranks_share():
     assert (plan.steps_per_epoch, plan.unused_per_epoch) == (3, 1)
     plan = StepPlan.make(20, 2, 2, 2, 1.0, -1)  # 8 samples a step: 2 steps, 4 left out
     assert (plan.steps_per_epoch, plan.unused_per_epoch) == (2, 4)
+
+
+def test_max_steps_zero_is_no_limit():
+    """--max_steps 0 is read as no limit (training.config checks epochs for max_steps <= 0): 8 samples, micro-batch
+    2, 2 epochs are 8 steps, not 0."""
+    assert StepPlan.make(8, 2, 1, 1, 2.0, 0).total_steps == 8
+    assert StepPlan.make(8, 2, 1, 1, 2.0, -1).total_steps == 8
+    assert StepPlan.make(8, 2, 1, 1, 2.0, 3).total_steps == 3
