@@ -17,3 +17,22 @@ def test_max_steps_zero_is_no_limit():
     assert StepPlan.make(8, 2, 1, 1, 2.0, 0).total_steps == 8
     assert StepPlan.make(8, 2, 1, 1, 2.0, -1).total_steps == 8
     assert StepPlan.make(8, 2, 1, 1, 2.0, 3).total_steps == 3
+
+
+def _steps(plan, micro, accum, world=1, rank=0, start=0, stop_after=0):
+    return [(step, mbs) for step, _, mbs in planned_steps(plan, start, 12, micro, accum, world, rank, 5, stop_after)]
+
+
+def test_each_step_takes_its_own_accumulated_micro_batches_and_the_global_batch_is_the_same_on_more_ranks():
+    """12 samples: one rank with micro-batch 1 draws them in an order P. Micro-batch 2 x 2 accumulation makes step k
+    of P[4k-4:4k-2] and P[4k-2:4k] (the tests before ran accumulation 1 only: a step sliced mbs[j:(j+1)*accum]
+    went unnoticed); two ranks of micro-batch 1 x 2 accumulation share out the same 4 samples each step."""
+    order = [mbs[0][0] for _, mbs in _steps(StepPlan.make(12, 1, 1, 1, 1.0, -1), 1, 1)]
+    assert sorted(order) == list(range(12))
+    got = _steps(StepPlan.make(12, 2, 2, 1, 1.0, -1), 2, 2)
+    assert got == [(k, [order[4 * k - 4:4 * k - 2], order[4 * k - 2:4 * k]]) for k in (1, 2, 3)]
+    ranks = [_steps(StepPlan.make(12, 1, 2, 2, 1.0, -1), 1, 2, 2, r) for r in (0, 1)]
+    for k in (1, 2, 3):
+        steps = [dict(rows)[k] for rows in ranks]
+        assert all(len(mbs) == 2 and all(len(mb) == 1 for mb in mbs) for mbs in steps)
+        assert sorted(i for mbs in steps for mb in mbs for i in mb) == sorted(order[4 * k - 4:4 * k])
