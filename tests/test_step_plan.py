@@ -36,3 +36,15 @@ def test_each_step_takes_its_own_accumulated_micro_batches_and_the_global_batch_
         steps = [dict(rows)[k] for rows in ranks]
         assert all(len(mbs) == 2 and all(len(mb) == 1 for mb in mbs) for mbs in steps)
         assert sorted(i for mbs in steps for mb in mbs for i in mb) == sorted(order[4 * k - 4:4 * k])
+
+
+def test_an_interrupt_stops_after_its_step_within_an_epoch():
+    """12 samples, micro-batch 2 x 2: 3 steps an epoch, 6 in 2 epochs. --stop_after_steps 2 runs steps 1-2 (a
+    `step > end` check ran on to the epoch's step 3; the stop ignored ran all 6), resumed after 2 with a stop at 5
+    runs 3-5, and a stop past the end runs to the end."""
+    plan = StepPlan.make(12, 2, 2, 1, 2.0, -1)
+    assert plan.total_steps == 6
+    assert [s for s, _ in _steps(plan, 2, 2, stop_after=2)] == [1, 2]
+    assert [s for s, _ in _steps(plan, 2, 2, start=2, stop_after=5)] == [3, 4, 5]
+    assert [s for s, _ in _steps(plan, 2, 2, stop_after=9)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in _steps(plan, 2, 2, start=4)] == [5, 6]
