@@ -1,0 +1,33 @@
+"""Row pieces the format parsers share (training/data/row_parts.py), beyond tests/test_data_formats.py."""
+import json
+
+import pytest
+from PIL import Image
+
+from training.data.formats import read_prompts
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "images"
+    r.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "green")):
+        Image.new("RGB", (8, 8), colour).save(r / name)
+    return r
+
+
+def _json(path, rows):
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def _turns(*values):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+def test_a_rows_own_answer_field_wins_over_its_choice_index(tmp_path, root):
+    """A row with an answer field and choices + correct_choice_idx keeps the answer as given: the option's letter
+    was added beside it, and PPO's --correct_bonus (the first of ANSWER_FIELDS) read the letter, not the answer."""
+    rows = _json(tmp_path / "p.json", [{"id": "a", "image": "a.png", "conversations": _turns("<image>\nWhich?"),
+                                        "choices": ["cat", "dog"], "correct_choice_idx": 1, "gt_answer": "dog"}])
+    assert read_prompts(rows, str(root))[0].meta == {"gt_answer": "dog"}
