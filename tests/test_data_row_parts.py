@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from training.data.formats import read_prompts
+from training.data.formats import read_prompts, read_sft
 
 
 @pytest.fixture
@@ -31,3 +31,12 @@ def test_a_rows_own_answer_field_wins_over_its_choice_index(tmp_path, root):
     rows = _json(tmp_path / "p.json", [{"id": "a", "image": "a.png", "conversations": _turns("<image>\nWhich?"),
                                         "choices": ["cat", "dog"], "correct_choice_idx": 1, "gt_answer": "dog"}])
     assert read_prompts(rows, str(root))[0].meta == {"gt_answer": "dog"}
+
+
+def test_comma_separated_images_may_have_spaces_after_the_commas(tmp_path, root):
+    """Vision-LLM-Alignment's "a.png, b.png": each name without its spaces (" b.png" was no file)."""
+    rows = _json(tmp_path / "s.json", [{"id": "m", "image": "a.png, b.png",
+                                        "conversations": _turns("<image>\nQ?", "A.")}])
+    (r,) = read_sft(rows, str(root))
+    assert r.images == [str(root / "a.png"), str(root / "b.png")]
+    assert r.messages[0].content == "<image>\n<image>\nQ?"
