@@ -40,3 +40,14 @@ def test_comma_separated_images_may_have_spaces_after_the_commas(tmp_path, root)
     (r,) = read_sft(rows, str(root))
     assert r.images == [str(root / "a.png"), str(root / "b.png")]
     assert r.messages[0].content == "<image>\n<image>\nQ?"
+
+
+@pytest.mark.parametrize("key", ["image", "url", "path"])
+def test_trl_images_inline_in_the_content_count_where_the_images_column_is_empty(tmp_path, root, key):
+    """TRL messages whose image parts name their source ({"type": "image", "url": ...}, transformers' chat format)
+    and an empty images column: the parts' sources are the row's images (the empty column won: no image)."""
+    content = [{"type": "image", key: "b.png"}, {"type": "text", "text": "Colour?"}]
+    rows = _json(tmp_path / "t.json", [{"messages": [{"role": "user", "content": content},
+                                                     {"role": "assistant", "content": "Green."}], "images": []}])
+    (r,) = read_sft(rows, str(root))
+    assert r.images == [str(root / "b.png")] and r.messages[0].content == "<image>\nColour?"
