@@ -4,6 +4,7 @@ import json
 import pytest
 from PIL import Image
 
+from training.data.bad_rows import BadRowError
 from training.data.formats import read_prompts, read_sft
 
 
@@ -51,3 +52,11 @@ def test_trl_images_inline_in_the_content_count_where_the_images_column_is_empty
                                                      {"role": "assistant", "content": "Green."}], "images": []}])
     (r,) = read_sft(rows, str(root))
     assert r.images == [str(root / "b.png")] and r.messages[0].content == "<image>\nColour?"
+
+
+def test_a_trl_assistant_message_of_blanks_is_a_bad_row(tmp_path, root):
+    """An assistant message of white space alone has no response to train on: a bad row naming its content."""
+    rows = _json(tmp_path / "t.json", [{"messages": [{"role": "user", "content": "Hi?"},
+                                                     {"role": "assistant", "content": " \n "}], "images": []}])
+    with pytest.raises(BadRowError, match=r"messages\[1\]\.content.*empty response"):
+        read_sft(rows, None)
