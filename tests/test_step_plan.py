@@ -48,3 +48,21 @@ def test_an_interrupt_stops_after_its_step_within_an_epoch():
     assert [s for s, _ in _steps(plan, 2, 2, start=2, stop_after=5)] == [3, 4, 5]
     assert [s for s, _ in _steps(plan, 2, 2, stop_after=9)] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in _steps(plan, 2, 2, start=4)] == [5, 6]
+
+
+def test_no_held_out_evaluation_at_the_last_step_when_eval_steps_divides_it():
+    """6 steps, --eval_steps 3: an evaluation after step 3 only; the stage evaluates its saved model after the loop
+    (tests/test_step_log.py ran 7 steps, which 3 does not divide: evaluating at the last step went unnoticed)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from test_step_log import Recorder
+
+    from training.engine.loop import StepLog
+    rec, calls = Recorder(), []
+    run = SimpleNamespace(logging_steps=2, save_steps=0, stop_after_steps=0, save_total_limit=1, eval_steps=3)
+    log = StepLog(rec, {"": None}, run, StepPlan(6, 6), Path("ck"), rec, None, {})
+    for step in range(1, 7):
+        log.after(step, {"loss": 0.0}, {}, evaluate=lambda: calls.append(step) or {"eval/loss": 1.0})
+    assert calls == [3]
+    assert [s for s, m in rec.logged if "eval/loss" in m] == [3] and [s for s, _ in rec.logged] == [2, 3, 4, 6]
