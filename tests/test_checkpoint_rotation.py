@@ -1,0 +1,23 @@
+"""training/engine/checkpoints.py rotate_checkpoints: which resumable checkpoints a save keeps (save_total_limit)."""
+from training.engine.checkpoints import rotate_checkpoints
+
+
+def _root(tmp_path, steps, files=()):
+    root = tmp_path / "ck"
+    for k in steps:
+        (root / f"step{k}").mkdir(parents=True)
+    for name in files:
+        (root / name).write_text("x")
+    return root
+
+
+def _left(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_the_newest_are_kept_by_step_number_not_by_name(tmp_path):
+    """step9 < step10 < step11: keeping 2 after step 11 keeps step10 and step11 (by name, "step9" sorts last and
+    step10 / step11 were deleted)."""
+    root = _root(tmp_path, (1, 2, 9, 10, 11))
+    rotate_checkpoints(root, 11, 2)
+    assert _left(root) == ["step10", "step11"]
