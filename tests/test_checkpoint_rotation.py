@@ -1,4 +1,6 @@
 """training/engine/checkpoints.py rotate_checkpoints: which resumable checkpoints a save keeps (save_total_limit)."""
+import pytest
+
 from training.engine.checkpoints import rotate_checkpoints
 
 
@@ -21,3 +23,11 @@ def test_the_newest_are_kept_by_step_number_not_by_name(tmp_path):
     root = _root(tmp_path, (1, 2, 9, 10, 11))
     rotate_checkpoints(root, 11, 2)
     assert _left(root) == ["step10", "step11"]
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_a_limit_of_zero_or_less_keeps_every_one_up_to_the_step(tmp_path, keep):
+    """save_total_limit 0 or less keeps every checkpoint (as transformers), but never one after the step saved."""
+    root = _root(tmp_path, (1, 2, 9, 10, 11))
+    rotate_checkpoints(root, 9, keep)
+    assert _left(root) == ["step1", "step2", "step9"]
