@@ -31,3 +31,11 @@ def test_a_limit_of_zero_or_less_keeps_every_one_up_to_the_step(tmp_path, keep):
     root = _root(tmp_path, (1, 2, 9, 10, 11))
     rotate_checkpoints(root, 9, keep)
     assert _left(root) == ["step1", "step2", "step9"]
+
+
+def test_only_checkpoint_folders_count(tmp_path):
+    """A file named like a step (and `latest`) takes no place among the kept checkpoints and stays."""
+    root = _root(tmp_path, (1, 3), files=("step2", "latest"))
+    (root / "stepx").mkdir()
+    rotate_checkpoints(root, 3, 2)
+    assert _left(root) == ["latest", "step1", "step2", "step3", "stepx"]
