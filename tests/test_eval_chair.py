@@ -253,3 +253,12 @@ def test_an_object_list_the_judge_never_gives_names_the_question(tmp_path):
     answers = {"": {"q7": "A dog sits on a red mat in the sun."}}
     with pytest.raises(ValueError, match=r"question 'q7' \(image 42\): the judge's object list could not be parsed"):
         chair.score(args, {"": items}, answers, judge=Judge(), decoding={})
+
+
+@pytest.mark.parametrize("row, want", [({"image": "COCO_val2014_000000310196.jpg"}, 310196),
+                                       ({"image": "val2014/COCO_val2014_000000000042.png"}, 42),
+                                       ({"image_id": "17", "image": "COCO_val2014_000000310196.jpg"}, 17)])
+def test_the_image_id_is_the_number_ending_a_coco_file_name(row, want):
+    """The COCO image number is the one before the extension, not the first in the name (2014)."""
+    from eval.chair import image_id_of
+    assert image_id_of(row) == want
