@@ -13,3 +13,14 @@ def test_a_captions_file_that_cannot_be_opened_is_named(tmp_path, name):
     (tmp_path / "a_folder").mkdir()
     with pytest.raises(DataFormatError, match=rf"{name}: not a JSON file of captions \(\[Errno"):
         read_captions(str(tmp_path / name))
+
+
+def test_captions_are_looked_up_by_path_then_file_name_then_stem():
+    """A captions file keying both "COCO_1.jpg" and "COCO_1" gives the file name's entry for COCO_1.jpg; a path
+    key wins over both; a row of several images is looked up by its first."""
+    from training.data.captions import caption_facts
+    caps = {"images/COCO_1.jpg": ["by path"], "COCO_1.jpg": ["by name"], "COCO_1": ["by stem"], "COCO_2": ["two"]}
+    assert caption_facts(["images/COCO_1.jpg"], "image", {"captions": caps}) == ["by path"]
+    assert caption_facts(["other/COCO_1.jpg"], "image", {"captions": caps}) == ["by name"]
+    assert caption_facts(["other/COCO_2.png"], "image", {"captions": caps}) == ["two"]
+    assert caption_facts(["other/COCO_2.png", "images/COCO_1.jpg"], "image", {"captions": caps}) == ["two"]
