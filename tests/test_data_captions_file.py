@@ -24,3 +24,14 @@ def test_captions_are_looked_up_by_path_then_file_name_then_stem():
     assert caption_facts(["other/COCO_1.jpg"], "image", {"captions": caps}) == ["by name"]
     assert caption_facts(["other/COCO_2.png"], "image", {"captions": caps}) == ["two"]
     assert caption_facts(["other/COCO_2.png", "images/COCO_1.jpg"], "image", {"captions": caps}) == ["two"]
+
+
+def test_one_caption_as_text_is_a_list_of_one_and_an_empty_captions_file_has_none():
+    """An entry may be one caption (text) or a list; an empty captions file ({}) holds no image's captions: a bad
+    row, not a row without facts."""
+    from training.data.captions import caption_facts
+    from training.data.readers import RowProblem
+    assert caption_facts(["a.jpg"], "image", {"captions": {"a.jpg": "A bus."}}) == ["A bus."]
+    with pytest.raises(RowProblem, match="no captions for image 'a.jpg'"):
+        caption_facts(["a.jpg"], "image", {"captions": {}})
+    assert caption_facts(["a.jpg"], "image", {}) == []
