@@ -20,3 +20,13 @@ def test_a_trl_margin_of_true_or_false_is_a_bad_row(tmp_path, margin):
     with pytest.raises(BadRowError, match="row 0: field 'margin': expected a finite number, got " + str(margin)):
         read_preferences(_json(tmp_path / "p.json", [row]), None)
     assert read_preferences(_json(tmp_path / "q.json", [dict(row, margin=0.5)]), None)[0].margin == 0.5
+
+
+def test_a_prompt_rows_ranked_last_turn_gives_its_best_response_as_the_reference(tmp_path):
+    """PPO prompts read from preference data: the gpt turn's ranked list [best, ..., worst] gives its best."""
+    from training.data.formats import read_prompts
+    turns = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": ["best", "middle", "worst"]}]
+    (p,) = read_prompts(_json(tmp_path / "p.json", [{"id": "a", "conversations": turns}]), None)
+    assert p.reference == "best" and [(m.role, m.content) for m in p.prompt] == [("user", "Q?")]
+    blank = [turns[0], {"from": "gpt", "value": " \n"}]  # a blank reference is none
+    assert read_prompts(_json(tmp_path / "b.json", [{"id": "b", "conversations": blank}]), None)[0].reference is None
