@@ -30,3 +30,12 @@ def test_a_prompt_rows_ranked_last_turn_gives_its_best_response_as_the_reference
     assert p.reference == "best" and [(m.role, m.content) for m in p.prompt] == [("user", "Q?")]
     blank = [turns[0], {"from": "gpt", "value": " \n"}]  # a blank reference is none
     assert read_prompts(_json(tmp_path / "b.json", [{"id": "b", "conversations": blank}]), None)[0].reference is None
+
+
+def test_a_questions_id_is_its_question_id_before_its_id_and_its_facts_are_not_meta(tmp_path):
+    """A benchmark row holding both question_id and id (AMBER's id beside a converted file's question_id) is keyed by
+    its question_id, which its answers are written under; its facts are facts, every other field meta."""
+    from training.data.formats import read_prompts
+    row = {"question_id": 7, "id": "amber-3", "text": "Q?", "facts": ["A dog."], "category": "detail"}
+    (p,) = read_prompts(_json(tmp_path / "q.json", [row]), None)
+    assert (p.id, p.facts, p.meta) == ("7", ["A dog."], {"question_id": 7, "id": "amber-3", "category": "detail"})
