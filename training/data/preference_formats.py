@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import numbers
 
+from training.data.captions import caption_facts
 from training.data.readers import Format, ParsedRow, RowProblem
 from training.data.records import Message, PreferenceRecord, RowRef
-from training.data.captions import caption_facts
 from training.data.row_parts import (_answer_fact, _facts, _is_ranked, _llava_images,
                                      _llava_messages, _llava_turns, _need, _opa_images, _place_images, _responses,
                                      _row_id, _text, _trl_images, _trl_messages, _trl_response)
 from training.data.span_weights import span_weights
+
 
 def _pref(row: dict, ref: RowRef, prompt: list[Message], responses: list[str], images: list, field: str,
           facts: list[str] | None, id_keys=("id",), text_field: str = "conversations",

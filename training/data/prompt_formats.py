@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.data.captions import caption_facts
 from training.data.readers import Format, ParsedRow, RowProblem
 from training.data.records import Message, PromptRecord, RowRef
-from training.data.captions import caption_facts
 from training.data.row_parts import (_answer_fact, _answer_meta, _facts, _llava_images,
                                      _llava_messages, _llava_turns, _need, _opa_images, _place_images, _row_id,
                                      _text, _trl_images, _trl_messages)
+
 
 def _reference(value: Any, field: str) -> str | None:
     """A prompt's optional reference answer: text, or None when absent or blank; any other value is a bad row

@@ -7,6 +7,7 @@ from training.data.records import IMAGE_PLACEHOLDER as PH, ConversationRecord, M
 from training.data.row_parts import (_is_ranked, _llava_images, _llava_messages, _llava_turns, _need, _opa_images,
                                      _place_images, _row_id, _text, _trl_images, _trl_messages, _trl_response)
 
+
 def _sft_llava(row: dict, ref: RowRef, ctx: dict) -> ParsedRow:
     turns = _llava_turns(row)
     if any(isinstance(t.get("value"), list) for _, t in turns):
