@@ -44,6 +44,15 @@ node_env_file() {
     # at "=" and stopped at an empty one (a ValueError before any node started)
     if [ -f "$v" ]; then grep -v '^[[:space:]]*$' "$v" >> "$file" || true; fi
   done
+  # DeepSpeed's runners put each value in double quotes on the other nodes' command lines: a $, backquote, quote or
+  # backslash in one would be expanded or cut there (its name is said, not its value: it may be a secret)
+  local bad
+  bad="$(grep -m1 '^[^=]*=.*[$`"\\]' "$file" | cut -d= -f1 || true)"
+  if [ -n "$bad" ]; then
+    echo "HOSTFILE: the value of $bad (in the environment or a .deepspeed_env) holds a \$, \`, \" or \\, which" \
+         "each node's shell would change: set it without them" >&2
+    return 2
+  fi
   export DS_ENV_FILE="$file"
 }
 # Launch a stage module with the deepspeed launcher; NUM_GPUS (default: all; the first NUM_GPUS of
@@ -67,7 +76,7 @@ launch() {
         return 2
       fi
     done
-    node_env_file
+    node_env_file || return 2
     # pdsh's runner has each node's shell split the command line again: arguments a shell would change (a space, a
     # quote, $, *, an empty one) go as one base64 word that training/engine/node_argv.py decodes on every rank
     local word

@@ -142,3 +142,21 @@ def test_the_node_env_file_reads_as_deepspeed_reads_it(tmp_path, user_file):
     assert p.returncode == 0, p.stderr
     want = {line.replace("=", " ") for line in user_file.split("\n") if line.strip()}
     assert want <= set(p.stdout.splitlines())
+
+
+@pytest.mark.parametrize("name, value", [("VLM_ALIGN_CACHE", "/shared/$USER/cache"), ("GLOO_SOCKET_IFNAME", 'e"th0')])
+def test_a_node_variable_a_nodes_shell_would_change_is_refused_by_name(tmp_path, name, value):
+    """DeepSpeed's runners double-quote each DS_ENV_FILE value on the other nodes' command lines: $USER was expanded
+    there as the remote user's, a quote cut the command. Refused naming the variable, not its value."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=1\nnode2 slots=1\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho launched\n')
+    (fake / "deepspeed").chmod(0o755)
+    script = f'source scripts/env.sh; export PATH="{fake}:$PATH"; launch training.sft.main'
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", name)}
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), name: value})
+    assert p.returncode == 2 and "launched" not in p.stdout
+    assert f"the value of {name} " in p.stderr and value not in p.stderr
