@@ -1,6 +1,10 @@
 """Shared fixtures for stage tests: a small embedded world and the tiny VLM, built once per session."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -133,3 +137,22 @@ def tb_scalars(out: Path) -> dict:
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(driver: str, *args, timeout: int = 600) -> int:
+    """tests/<driver> on two CPU ranks through the deepspeed launcher (one thread each); asserts it exits 0 and returns
+    its master port."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port", str(port),
+           str(root / "tests" / driver), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return port

@@ -120,25 +120,32 @@ def test_a_num_gpus_that_is_no_rank_count_is_refused_by_name(value):
     assert p.returncode == 2 and "reached" not in p.stdout and f"NUM_GPUS={value}: expected" in p.stderr
 
 
+def _two_host_launch(tmp_path, deepspeed_body: str, env: dict) -> subprocess.CompletedProcess:
+    """scripts/env.sh's launch with a two-host HOSTFILE and a stand-in deepspeed running deepspeed_body (bash); HOME is
+    tmp_path (its .deepspeed_env the user's), env added to this process's environment."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=1\nnode2 slots=1\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text(f"#!/usr/bin/env bash\n{deepspeed_body}\n")
+    (fake / "deepspeed").chmod(0o755)
+    script = f'source scripts/env.sh; export PATH="{fake}:$PATH"; launch training.sft.main'
+    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", *env)}
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), **env})
+
+
 @pytest.mark.parametrize("user_file", ["GLOO_SOCKET_IFNAME=ib0\n", "A=1\n\nB=2\n  \n", "GLOO_SOCKET_IFNAME=ib0"])
 def test_the_node_env_file_reads_as_deepspeed_reads_it(tmp_path, user_file):
     """A user's .deepspeed_env ending in a newline (as editors write it) left an empty line in DS_ENV_FILE: DeepSpeed's
     launcher splits every line at "=" and stopped there (ValueError: not enough values to unpack) before any node
     started."""
-    hosts = tmp_path / "hosts"
-    hosts.write_text("node1 slots=1\nnode2 slots=1\n")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    # DeepSpeed 0.19.8's runner.py reading the file: `key, val = var.split('=', maxsplit=1)` for every line
-    (fake / "deepspeed").write_text('#!/usr/bin/env bash\npython3 -c "import os, sys\n'
-                                    'for var in open(os.environ[\'DS_ENV_FILE\']).readlines():\n'
-                                    '    key, val = var.split(\'=\', maxsplit=1)\n    print(key, val.strip())"\n')
-    (fake / "deepspeed").chmod(0o755)
     (tmp_path / ".deepspeed_env").write_text(user_file)
-    script = f'source scripts/env.sh; export PATH="{fake}:$PATH"; launch training.sft.main'
-    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS")}
-    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), "MASTER_PORT": "29999"})
+    # DeepSpeed 0.19.8's runner.py reading the file: `key, val = var.split('=', maxsplit=1)` for every line
+    p = _two_host_launch(tmp_path, 'python3 -c "import os, sys\n'
+                                   'for var in open(os.environ[\'DS_ENV_FILE\']).readlines():\n'
+                                   '    key, val = var.split(\'=\', maxsplit=1)\n    print(key, val.strip())"',
+                         {"MASTER_PORT": "29999"})
     assert p.returncode == 0, p.stderr
     want = {line.replace("=", " ") for line in user_file.split("\n") if line.strip()}
     assert want <= set(p.stdout.splitlines())
@@ -148,15 +155,6 @@ def test_the_node_env_file_reads_as_deepspeed_reads_it(tmp_path, user_file):
 def test_a_node_variable_a_nodes_shell_would_change_is_refused_by_name(tmp_path, name, value):
     """DeepSpeed's runners double-quote each DS_ENV_FILE value on the other nodes' command lines: $USER was expanded
     there as the remote user's, a quote cut the command. Refused naming the variable, not its value."""
-    hosts = tmp_path / "hosts"
-    hosts.write_text("node1 slots=1\nnode2 slots=1\n")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "deepspeed").write_text('#!/usr/bin/env bash\necho launched\n')
-    (fake / "deepspeed").chmod(0o755)
-    script = f'source scripts/env.sh; export PATH="{fake}:$PATH"; launch training.sft.main'
-    base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", name)}
-    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**base, "HOME": str(tmp_path), "HOSTFILE": str(hosts), name: value})
+    p = _two_host_launch(tmp_path, "echo launched", {name: value})
     assert p.returncode == 2 and "launched" not in p.stdout
     assert f"the value of {name} " in p.stderr and value not in p.stderr

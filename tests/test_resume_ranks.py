@@ -1,34 +1,17 @@
 """Resuming across ranks: a two-rank ZeRO-2 run interrupted and resumed on two ranks ends as the uninterrupted one;
 resumed on one rank it is refused, naming the ranks (the data order and each step's samples follow the rank count)."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from dist_resume_driver import COMMON
-from sft_helpers import sft_args, weights
+from sft_helpers import run_two_ranks, sft_args, weights
 
 from training.sft.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_two_rank_run_resumes_on_two_ranks_exactly_and_is_refused_on_one(world, tiny, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "dist_resume_driver.py"), str(world), str(tiny), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_resume_driver.py", world, tiny, tmp_path)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert set(a) == set(b)
     for k in a:

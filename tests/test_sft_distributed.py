@@ -1,34 +1,17 @@
 """SFT at ZeRO 0, 1, 2 and 3 on two CPU ranks equals one rank with the whole batch; QLoRA at ZeRO 3 too."""
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from dist_sft_driver import COMMON, QLORA
 from safetensors.torch import load_file
-from sft_helpers import sft_args, weights
+from sft_helpers import run_two_ranks, sft_args, weights
 
 from training.sft.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = _free_port()
-    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(port),
-           str(ROOT / "tests" / "dist_sft_driver.py"), str(world), str(tiny), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    port = run_two_ranks("dist_sft_driver.py", world, tiny, tmp_path)
     # DeepSpeed never unlinks its CPU all-reduce segments (66 MB per rank per run, in RAM); the strategy does
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     main(sft_args(world, tiny, tmp_path / "single", "--per_device_train_batch_size", "4", *COMMON))
