@@ -60,12 +60,13 @@ def _facts(row: dict) -> list[str] | None:
     raise RowProblem("facts", "expected a list of strings")
 
 
-def _choice_index(row: dict, choices, limit: int) -> int:
-    """correct_choice_idx as an index into choices (below `limit`): a whole number, 1.0 as a float column holds it
-    too; True / False are no index."""
+def _choice_index(row: dict, choices, letters: bool = False) -> int:
+    """correct_choice_idx as an index into choices (letters: one the options' letters A-Z name): a whole number,
+    1.0 as a float column holds it too; True / False are no index."""
     idx = row.get("correct_choice_idx")
     whole = isinstance(idx, int) or (isinstance(idx, float) and idx.is_integer())
-    if isinstance(idx, bool) or not whole or not isinstance(choices, list) or not 0 <= idx < min(len(choices), limit):
+    bound = (min(len(choices), 26) if letters else len(choices)) if isinstance(choices, list) else 0
+    if isinstance(idx, bool) or not whole or not 0 <= idx < bound:
         raise RowProblem("correct_choice_idx", f"{idx!r} is not an index into choices")
     return int(idx)
 
@@ -76,7 +77,7 @@ def _answer_meta(row: dict) -> dict:
     meta = {k: row[k] for k in ANSWER_FIELDS if row.get(k) is not None}
     idx, choices = row.get("correct_choice_idx"), row.get("choices")
     if not meta and idx is not None:
-        meta["correct_option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[_choice_index(row, choices, 26)]
+        meta["correct_option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[_choice_index(row, choices, letters=True)]
     return meta
 
 
@@ -254,5 +255,5 @@ def _answer_fact(row: dict) -> list[str]:
     answer = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
     choices, idx = row.get("choices"), row.get("correct_choice_idx")
     if answer is None and idx is not None:
-        answer = choices[_choice_index(row, choices, len(choices) if isinstance(choices, list) else 0)]
+        answer = choices[_choice_index(row, choices)]
     return [] if answer is None else [f"correct answer: {answer}"]
