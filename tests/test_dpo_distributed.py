@@ -1,27 +1,14 @@
 """DPO at ZeRO 0, 1, 2 and 3 on two CPU ranks (one deepspeed launch) equals one rank with the whole
 batch; LoRA and QLoRA under ZeRO-3 too (reference = the policy with adapters off, cached before step 1)."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from dist_dpo_driver import DIST_COMMON, QLORA, dpo_args, held_out_args
 from safetensors.torch import load_file
-from sft_helpers import weights
+from sft_helpers import run_two_ranks, weights
 
 from training.dpo.main import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single(world, tiny, out, *extra):
@@ -31,12 +18,7 @@ def _single(world, tiny, out, *extra):
 
 
 def test_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "dist_dpo_driver.py"), str(world), str(tiny), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_dpo_driver.py", world, tiny, tmp_path)
     _single(world, tiny, tmp_path / "single", *held_out_args(world, tmp_path))
     ref, init = weights(tmp_path / "single"), weights(tiny)
     # held-out pairs scored under ZeRO-3 over two ranks (one rank with a discarded batch) = one rank's scores

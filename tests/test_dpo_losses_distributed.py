@@ -2,19 +2,15 @@
 listwise DPO over lists of unequal size on two CPU ranks equal one rank with the whole batch, at the ZeRO stages
 of dist_dpo_losses_driver.py."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_dpo_driver import dpo_args
 from dist_dpo_losses_driver import SGD, STAGES, runs
-from sft_helpers import weights
+from sft_helpers import run_two_ranks, weights
 from test_dpo_opa_invariance import opa_pairs
 from test_rm import mixed_lists
-from test_sft_distributed import ROOT, _free_port
 
 from training.dpo.main import main
 
@@ -26,11 +22,7 @@ def _rows(out: Path) -> list[dict]:
 def test_dpo_losses_on_two_ranks_match_one_rank(world, tiny, tmp_path):
     opa_pairs(world, tmp_path / "pairs.json")
     mixed_lists(world, tmp_path / "mixed.json")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "dist_dpo_losses_driver.py"), str(world), str(tiny), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_dpo_losses_driver.py", world, tiny, tmp_path)
     init = weights(tiny)
     for name, args in runs(tmp_path):
         main(dpo_args(world, tiny, tmp_path / name, *args, *SGD, "--per_device_train_batch_size", "4"))

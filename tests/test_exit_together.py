@@ -7,7 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from test_sft_distributed import ROOT, _free_port
+from pathlib import Path
+
+from sft_helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RANK = textwrap.dedent("""
     import atexit, json, os, sys, time
@@ -25,7 +29,7 @@ RANK = textwrap.dedent("""
 
 
 def _two_ranks(script: str, tmp_path) -> list[subprocess.Popen]:
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",

@@ -3,22 +3,13 @@ generation gathers the whole actor on each rank, or with --no-gather_for_generat
 in the per-module gathers) and every stage saves an actor; at
 ZeRO-3 with the PPO-ptx term on; and LoRA and QLoRA actors at ZeRO-3, whose reference is the actor with adapters off."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from sft_helpers import make_reward_model
-from test_sft_distributed import ROOT, _free_port
+from sft_helpers import make_reward_model, run_two_ranks
 
 
 def test_ppo_zero_stages_on_two_ranks(world, tiny, tmp_path):
     rm = make_reward_model(tiny, tmp_path / "rm")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "dist_ppo_driver.py"), str(world), str(tiny), str(rm), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_ppo_driver.py", world, tiny, rm, tmp_path)
     for stage in range(4):
         out = tmp_path / f"zero{stage}"
         assert (out / "model.safetensors").exists(), stage

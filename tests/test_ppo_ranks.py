@@ -1,16 +1,12 @@
 """PPO on two CPU ranks at ZeRO 0, 1, 2 and 3, each rank with half of the rollout batch, equals one rank with all of
 it: the same rollouts, scores, advantages and actor update (responses of unequal lengths)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_ppo_ranks_driver import COMMON, greedy_cut_by_prompt
-from sft_helpers import make_reward_model, ppo_args, weights
-from test_sft_distributed import ROOT, _free_port
+from sft_helpers import make_reward_model, ppo_args, run_two_ranks, weights
 
 import training.ppo.trainer as trainer
 from training.ppo.main import main
@@ -22,12 +18,7 @@ def _rows(out: Path) -> list[dict]:
 
 def test_ppo_on_two_ranks_at_every_zero_stage_equals_one_rank(world, tiny, tmp_path, monkeypatch):
     rm = make_reward_model(tiny, tmp_path / "rm")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "dist_ppo_ranks_driver.py"), str(world), str(tiny), str(rm),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_ppo_ranks_driver.py", world, tiny, rm, tmp_path)
     monkeypatch.setattr(trainer, "generate_rollouts", trainer.generate_rollouts)  # put back after the test
     monkeypatch.setattr(trainer, "DecodeArgs", trainer.DecodeArgs)
     greedy_cut_by_prompt()

@@ -1,19 +1,14 @@
 """Reward-model training at ZeRO 0, 1, 2 and 3 on two CPU ranks equals one rank with the whole batch, on ranks that
 hold unequal numbers of pairs (test_rm.mixed_lists)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from sft_helpers import run_two_ranks
 from test_rm import DIST_ARGS, mixed_lists, rm_args
-from test_sft_distributed import _free_port
 
 from training.rm.main import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _weights(out: Path) -> dict:
@@ -21,13 +16,8 @@ def _weights(out: Path) -> dict:
 
 
 def test_rm_zero_stages_on_two_ranks_match_single_rank(world, tiny, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    deepspeed = Path(sys.executable).parent / "deepspeed"
     mixed = mixed_lists(world, tmp_path / "mixed.json")  # the driver trains on it too
-    cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "dist_rm_driver.py"), str(world), str(tiny), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_rm_driver.py", world, tiny, tmp_path)
     single = main(rm_args(world, tiny, tmp_path / "single", "--per_device_train_batch_size", "4", *DIST_ARGS, *mixed))
     ref = _weights(tmp_path / "single")
     init = load_file(str(Path(tiny) / "model.safetensors"))

@@ -2,9 +2,6 @@
 share of the weights from the start, and DeepSpeed never moves a whole model onto every device. Built so, every
 stage trains as a single rank with the whole batch does."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import deepspeed
@@ -13,16 +10,13 @@ import torch
 from dist_dpo_driver import DIST_COMMON, dpo_args
 from dist_partitioned_driver import LORA, RM, SFT
 from safetensors.torch import load_file
-from sft_helpers import sft_args, weights
+from sft_helpers import run_two_ranks, sft_args, weights
 from test_rm import rm_args
-from test_sft_distributed import _free_port
 
 from training.config import DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs
 from training.engine.strategy import Strategy
 from training.model.builder import load_model_and_processor
 from training.model.tiny_archs import SUPPORTED_TINY, make_tiny_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +75,7 @@ def test_the_tiny_vlm_is_built_whole_and_says_why(tiny, capsys):
 
 
 def test_every_stage_at_zero3_on_two_ranks_builds_partitioned_and_matches_one_rank(world, llava, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "dist_partitioned_driver.py"), str(world), str(llava), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks("dist_partitioned_driver.py", world, llava, tmp_path, timeout=900)
     for rank in (0, 1):
         loads = json.loads((tmp_path / f"loads_rank{rank}.json").read_text())
         # SFT, SFT-LoRA, DPO policy + reference, RM, PPO actor + reference + reward model + critic
