@@ -10,6 +10,7 @@ from pathlib import Path
 from training.config import (DataArgs, DeepSpeedArgs, DPOArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
                              refuse_held_out, require_held_out)
 from training.data.readers import split_paths
+from training.engine.loop import stopped_early
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -90,11 +91,7 @@ def main(argv=None) -> dict:
     history = trainer.train()
     timings = {"reference_s": t1 - t0, "train_s": time.time() - t1}
     if trainer.interrupted:
-        trainer.logger.close()
-        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
-        if strategy.is_main:
-            print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
-        return {"history": history, "output_dir": str(out), "interrupted": True}
+        return stopped_early(strategy, report, out, history, run, trainer.logger)
     strategy.save_hf(trainer.engine, processor, out)
     result = {"history": history, "output_dir": str(out), "timings": timings}
     if eval_set is not None:

@@ -119,6 +119,17 @@ def exit_status(result: dict) -> int:
     return INTERRUPTED if result.get("interrupted") else 0
 
 
+def stopped_early(strategy, report, out, history: list, run, logger=None) -> dict:
+    """What a stage returns when --stop_after_steps stopped it: its bad-row report so far written (the resumed run
+    adds to it) and a line saying how to continue; exit_status turns it into INTERRUPTED."""
+    if logger is not None:
+        logger.close()
+    strategy.write_report(report, out)
+    if strategy.is_main:
+        print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
+    return {"history": history, "output_dir": str(out), "interrupted": True}
+
+
 def run_stage(main) -> None:
     """A stage's `__main__`: runs `main()` and exits with its status. A rank that stops on an error exit
     (SystemExit with a message or a non-zero code, as the stages raise on bad input) leaves at once: without

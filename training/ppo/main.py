@@ -6,6 +6,7 @@ from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RunArgs, parse_config,
                              refuse_held_out)
+from training.engine.loop import stopped_early
 from training.engine.strategy import Strategy
 from training.ppo.args import PPOArgs, refuse_unusable_counts, refuse_unusable_step_shape
 
@@ -179,10 +180,7 @@ def main(argv=None) -> dict:
                                       learning_rate=p.critic_learning_rate)
     history = trainer.train()
     if trainer.interrupted:
-        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
-        if strategy.is_main:
-            print(f"stopped after {run.stop_after_steps} steps; continue with --resume")
-        return {"history": history, "output_dir": str(out), "interrupted": True}
+        return stopped_early(strategy, report, out, history, run)
     strategy.save_hf(trainer.actor, processor, out)
     strategy.write_report(report, out)
     if strategy.is_main:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from training.config import (DataArgs, DeepSpeedArgs, LoraArgs, ModelArgs, OptimArgs, RMArgs, RunArgs, parse_config,
                              require_held_out)
+from training.engine.loop import stopped_early
 from training.engine.strategy import Strategy
 
 CONCEPTS = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "optim": OptimArgs,
@@ -93,11 +94,7 @@ def main(argv=None) -> dict:
     trainer.engine = strategy.prepare(model, trainer.plan.total_steps)
     history = trainer.train()
     if trainer.interrupted:
-        trainer.logger.close()
-        strategy.write_report(report, out)  # what it found so far; the resumed run adds to it
-        if strategy.is_main:
-            print(f"stopped after {cfg['run'].stop_after_steps} steps; continue with --resume")
-        return {"history": history, "output_dir": str(out), "interrupted": True}
+        return stopped_early(strategy, report, out, history, cfg["run"], trainer.logger)
     strategy.save_hf(trainer.engine, processor, out)
     result = {"history": history, "output_dir": str(out), "loss": trainer.loss_kind}
     if eval_set is not None:
