@@ -109,3 +109,14 @@ def test_an_image_folder_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "data.json").write_text("[]")
     refused(SFT, ["--image_folder", str(tmp_path / "data.json")], f"--image_folder {tmp_path / 'data.json'}: a file")
     parse_config(SFT, ["--image_folder", str(tmp_path)])  # a folder is read as given
+
+
+@pytest.mark.parametrize("flag", ["output_dir", "figure_dir"])
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, flag, below):
+    """--output_dir naming an existing file (or a folder under one) stopped SFT on FileExistsError from pathlib, deep in
+    open_run, after the model had loaded; --figure_dir one stopped the run at its plots, after training."""
+    (tmp_path / "notes.txt").write_text("x")
+    path = tmp_path / "notes.txt" / below if below else tmp_path / "notes.txt"
+    refused(SFT, [f"--{flag}", str(path)], f"--{flag} {path}: {tmp_path / 'notes.txt'} is a file")
+    parse_config(SFT, [f"--{flag}", str(tmp_path / "new" / "run")])  # a folder still to make is fine

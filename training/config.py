@@ -338,7 +338,8 @@ def check_loss_settings(a: DPOArgs) -> None:
 
 def check_step_counts(run: RunArgs) -> None:
     """--logging_steps is at least 1 (0 stopped the run at its first step, on a division by zero, after the models
-    loaded); --eval_steps, --save_steps and --stop_after_steps are at least 0 (0: none)."""
+    loaded); --eval_steps, --save_steps and --stop_after_steps are at least 0 (0: none); --output_dir and
+    --figure_dir are folders or still to make."""
     if run.logging_steps < 1:
         raise SystemExit(f"--logging_steps {run.logging_steps}: log every N >= 1 optimizer steps (the last step is "
                          "logged either way)")
@@ -346,6 +347,20 @@ def check_step_counts(run: RunArgs) -> None:
            if (getattr(run, k) or 0) < 0]  # (None: a stage's default, filled in later: the reward model's eval_steps)
     if bad:
         raise SystemExit(f"{', '.join(bad)}: give N >= 0 (0: none)")
+    for flag in ("output_dir", "figure_dir"):  # a file there stopped the run on pathlib's FileExistsError, models loaded
+        file = file_in_the_way(getattr(run, flag))
+        if file:
+            raise SystemExit(f"--{flag} {getattr(run, flag)}: {file} is a file; give a folder (made when missing)")
+
+
+def file_in_the_way(folder: str) -> str:
+    """The path (folder itself, or a folder above it) that exists as something other than a folder, "" when none:
+    a folder there could not be made."""
+    path = Path(folder)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            return "" if p.is_dir() else str(p)
+    return ""
 
 
 def warmup_steps(o: OptimArgs, total: int) -> int:
