@@ -1,0 +1,34 @@
+"""A new user's mistakes at the stage scripts, refused with a message naming the option before any model loads."""
+import re
+import shutil
+
+import pytest
+
+from sft_helpers import ppo_args
+
+
+def no_model_loads(monkeypatch):
+    """Fails the test if a stage gets as far as loading a model."""
+    import training.model.builder as builder
+    import training.rm.model as rm_model
+
+    def loads(*a, **k):
+        raise AssertionError("a model was loaded before the mistake was refused")
+    monkeypatch.setattr(builder, "load_model_and_processor", loads)
+    monkeypatch.setattr(rm_model, "load_reward_model", loads)
+
+
+def fake_reward_model(tiny, folder):
+    """The tiny VLM's files with a reward model's record: what run_rm_training.sh's output looks like to a check."""
+    shutil.copytree(tiny, folder)
+    (folder / "reward_model.json").write_text('{"kind": "reward_model", "factual": true}')
+    return folder
+
+
+def test_ppo_refuses_an_actor_given_as_the_reward_model(world, tiny, tmp_path, monkeypatch):
+    """--reward_model naming the SFT actor stopped on a FileNotFoundError traceback from load_reward_model, after the
+    actor and its reference had loaded."""
+    from training.ppo.main import main
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit, match=re.escape(f"--reward_model {tiny}: not a reward model")):
+        main(ppo_args(world, tiny, tiny, tmp_path / "out", "--max_steps", "1"))
