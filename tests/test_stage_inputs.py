@@ -32,3 +32,28 @@ def test_ppo_refuses_an_actor_given_as_the_reward_model(world, tiny, tmp_path, m
     no_model_loads(monkeypatch)
     with pytest.raises(SystemExit, match=re.escape(f"--reward_model {tiny}: not a reward model")):
         main(ppo_args(world, tiny, tiny, tmp_path / "out", "--max_steps", "1"))
+
+
+@pytest.mark.parametrize("flag", ["from_checkpoint", "reference_model"])
+def test_ppo_refuses_a_reward_model_as_its_actor_or_reference(world, tiny, tmp_path, monkeypatch, flag):
+    """A reward model's folder (run_rm_training.sh's output: its backbone's weights beside reward_model.json) loads as
+    an ordinary VLM: given as PPO's actor (or its reference) it trained, without a word, from the reward model's
+    backbone instead of the SFT model."""
+    from training.ppo.main import main
+    rm = fake_reward_model(tiny, tmp_path / "rm")
+    argv = ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1")
+    argv += [f"--{flag}", str(rm)]
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit, match=re.escape(f"--{flag} {rm}: a reward model")):
+        main(argv)
+
+
+def test_dpo_refuses_a_reward_model_as_its_policy(world, tiny, tmp_path, monkeypatch):
+    """The same for DPO's --from_checkpoint: it trained the reward model's backbone as the policy."""
+    from training.dpo.main import main
+    rm = fake_reward_model(tiny, tmp_path / "rm")
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit, match=re.escape(f"--from_checkpoint {rm}: a reward model")):
+        main(["--from_checkpoint", str(rm), "--data_path", str(world / "preference_train.json"), "--image_folder",
+              str(world / "images"), "--output_dir", str(tmp_path / "out"), "--no-progress", "--max_steps", "1",
+              "--figure_dir", str(tmp_path / "fig")])

@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
             and not (Path(SFT_OUTPUT) / "adapter").exists():
         raise SystemExit(f"{SFT_OUTPUT} holds no SFT model: run `bash run_sft.sh` first "
                          "(or pass --from_checkpoint)")
+    from training.rm.model import refuse_reward_model_as_policy
+    refuse_reward_model_as_policy(m.from_checkpoint, "from_checkpoint")
     if a.loss_type == "opa" and a.opa_token_level and a.precompute_ref:
         raise SystemExit("--opa_token_level needs per-token reference log-probs: add --no-precompute_ref")
     strategy = Strategy(cfg["ds"], cfg["optim"], m.precision)

@@ -37,10 +37,13 @@ def _need(path: str, what: str, how: str) -> None:
         raise SystemExit(f"{what} not found at {path}: {how}")
 
 
-def refuse_model_roles(p: PPOArgs) -> None:
+def refuse_model_roles(actor: str, p: PPOArgs) -> None:
     """Each model where PPO reads it, before any loads: --reward_model (and --critic_init) a reward model folder (an
-    actor there stopped on a traceback once the actor and reference had loaded)."""
-    from training.rm.model import INFO_FILE, is_reward_model
+    actor there stopped on a traceback once the actor and reference had loaded), the actor and reference none (a
+    reward model there trained its backbone as the policy, silently)."""
+    from training.rm.model import INFO_FILE, is_reward_model, refuse_reward_model_as_policy
+    refuse_reward_model_as_policy(actor, "from_checkpoint")
+    refuse_reward_model_as_policy(p.reference_model, "reference_model")
     for flag, path in (("reward_model", p.reward_model), ("critic_init", p.critic_init)):
         if path and not is_reward_model(path):
             raise SystemExit(f"--{flag} {path}: not a reward model (no {INFO_FILE}); give the output of "
@@ -132,7 +135,7 @@ def main(argv=None) -> dict:
     if m.from_checkpoint == DEFAULTS["from_checkpoint"]:
         _need(m.from_checkpoint, "the SFT actor", "run `bash run_sft.sh` first")
     _need(p.reward_model, "the reward model", "run `bash run_rm_training.sh` first")
-    refuse_model_roles(p)
+    refuse_model_roles(m.from_checkpoint, p)
     resolve_defaults(m, d, strategy, "ppo_prompts.json")
     ensure_ptx_world(p, d, strategy)
 

@@ -101,6 +101,14 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / INFO_FILE).is_file()
 
 
+def refuse_reward_model_as_policy(path: str, flag: str) -> None:
+    """A reward model's folder holds its backbone as an ordinary VLM checkpoint: given where a stage wants the SFT
+    policy (its actor, reference) it loaded and trained without a word. Refused before any model loads."""
+    if path and is_reward_model(path):
+        raise SystemExit(f"--{flag} {path}: a reward model (it holds {INFO_FILE}); give the SFT model "
+                         "(run_sft.sh's output) here, and the reward model as PPO's --reward_model")
+
+
 def reward_model_info(path: str | Path) -> dict:
     """A reward model checkpoint's record (INFO_FILE: whether it is factual, its head's file, ...)."""
     path = Path(path)
