@@ -57,3 +57,20 @@ def test_dpo_refuses_a_reward_model_as_its_policy(world, tiny, tmp_path, monkeyp
         main(["--from_checkpoint", str(rm), "--data_path", str(world / "preference_train.json"), "--image_folder",
               str(world / "images"), "--output_dir", str(tmp_path / "out"), "--no-progress", "--max_steps", "1",
               "--figure_dir", str(tmp_path / "fig")])
+
+
+@pytest.mark.parametrize("keep, said", [(("config.json", "tokenizer.json"), "no weights (*.safetensors)"),
+                                        (("run_config.json",), "no config.json")])
+def test_a_checkpoint_folder_without_a_model_is_named_as_such(tiny, tmp_path, keep, said):
+    """A --from_checkpoint folder with a config and no weights (a copy left half done), or no model at all (an
+    interrupted run's output, its run_config.json and checkpoints/ only), stopped on an OSError traceback from deep in
+    transformers' from_pretrained."""
+    from training.config import ModelArgs
+    from training.model.builder import resolve_checkpoint
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in keep:
+        (folder / name).write_text((tiny / name).read_text() if (tiny / name).exists() else "{}")
+    with pytest.raises(SystemExit, match=re.escape(f"{folder}: {said}")):
+        resolve_checkpoint(ModelArgs(from_checkpoint=str(folder)))
+    assert resolve_checkpoint(ModelArgs(from_checkpoint=str(tiny))) == str(tiny)  # a whole one is as given

@@ -115,7 +115,24 @@ def resolve_checkpoint(model_args: ModelArgs) -> str:
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
         # no Hub id (name or namespace/name): transformers said "Repo id must be in the form ...", not that it is gone
         raise SystemExit(f"{name}: no such checkpoint folder (nor a Hub id, which is NAME or NAMESPACE/NAME)")
+    if Path(name).is_dir():
+        refuse_folder_without_model(Path(name))
     return absolute_if_local(name)
+
+
+def refuse_folder_without_model(folder: Path) -> None:
+    """A local checkpoint folder with no model to load stopped on an OSError traceback from deep in transformers'
+    from_pretrained: one without config.json (an interrupted run's output) or without safetensors weights."""
+    if not (folder / "config.json").is_file():
+        hint = (" (an interrupted run's output: continue it with --resume)" if (folder / "checkpoints").is_dir()
+                else "")
+        raise SystemExit(f"{folder}: no config.json, so no model to load here{hint}; give a folder a stage finished "
+                         "(its config.json and model.safetensors) or a Hub id")
+    # (pickled .bin weights alone are left to transformers, which refuses them: safetensors only)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")) \
+            and not (folder / "model.safetensors.index.json").is_file():
+        raise SystemExit(f"{folder}: no weights (*.safetensors) beside its config.json; give a folder that holds "
+                         "the model's weights")
 
 
 def absolute_if_local(path: str) -> str:
