@@ -74,3 +74,20 @@ def test_a_checkpoint_folder_without_a_model_is_named_as_such(tiny, tmp_path, ke
     with pytest.raises(SystemExit, match=re.escape(f"{folder}: {said}")):
         resolve_checkpoint(ModelArgs(from_checkpoint=str(folder)))
     assert resolve_checkpoint(ModelArgs(from_checkpoint=str(tiny))) == str(tiny)  # a whole one is as given
+
+
+def test_a_data_file_smaller_than_one_step_names_the_options_to_lower(world, tiny, tmp_path):
+    """A one-row data file (16 rows per step by default) stopped SFT on a ValueError traceback ('1 samples are fewer
+    than one optimizer step (16 x 1 x 1 ranks)') that named no option."""
+    import json
+
+    from sft_helpers import sft_args
+    from training.sft.main import main
+    rows = json.loads((world / "sft_train.json").read_text())
+    (tmp_path / "one.json").write_text(json.dumps(rows[:1]))
+    argv = sft_args(world, tiny, tmp_path / "out")
+    argv[argv.index("--data_path") + 1] = str(tmp_path / "one.json")
+    with pytest.raises(SystemExit, match=re.escape("1 samples are fewer than one optimizer step: "
+                                                   "--per_device_train_batch_size 16 x --gradient_accumulation_steps 1"
+                                                   " x 1 rank(s)")):
+        main(argv)

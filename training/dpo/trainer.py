@@ -14,7 +14,7 @@ import torch
 from training.dpo.data import collate_groups
 from training.dpo.forward import response_logps
 from training.dpo.objective import REFERENCE_FREE, metric_keys, objective
-from training.engine.loop import (StepPlan, idle_micro_step, open_run, planned_steps, rank_batches,
+from training.engine.loop import (batch_plan, idle_micro_step, open_run, planned_steps, rank_batches,
                                   stand_in_batch)
 from training.model.builder import eval_mode
 from training.model.reference import lora_reference
@@ -34,8 +34,7 @@ class DPOTrainer:
         self.ref_start = {}  # live reference with LoRA: the other trained weights' start (setup_reference)
         self.metric_keys = metric_keys(self.a)  # every rank reduces these, batch or none
         o = cfg["optim"]
-        self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
-                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+        self.plan = batch_plan(len(dataset), o, strategy.world_size)
 
     @property
     def needs_reference(self) -> bool:

@@ -32,6 +32,20 @@ class StepPlan:
                         unused_per_epoch=n - per_epoch * micro * accum * world)
 
 
+def batch_plan(n: int, o, world: int) -> StepPlan:
+    """StepPlan.make for a stage whose steps are batches of its rows (SFT, reward model, DPO), o: its OptimArgs. Data
+    smaller than one step (a user's small file under the default batch size) stopped on a ValueError traceback that
+    named no option: refused naming those that set a step's size."""
+    try:
+        return StepPlan.make(n, o.per_device_train_batch_size, o.gradient_accumulation_steps, world,
+                             o.num_train_epochs, o.max_steps)
+    except ValueError:
+        micro, accum = o.per_device_train_batch_size, o.gradient_accumulation_steps
+        raise SystemExit(f"{n} samples are fewer than one optimizer step: --per_device_train_batch_size {micro} x "
+                         f"--gradient_accumulation_steps {accum} x {world} rank(s); lower them or give more data") \
+            from None
+
+
 def total_steps(per_epoch: int, epochs: float, max_steps: int) -> int:
     """A run's optimizer steps: max_steps when given (> 0), else `epochs` epochs of steps, a part step rounded up
     (transformers' Trainer: ceil(epochs x steps per epoch)). The product is rounded to 9 decimals first: in binary

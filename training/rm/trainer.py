@@ -11,7 +11,7 @@ import torch
 
 from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
-from training.engine.loop import StepPlan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
+from training.engine.loop import batch_plan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
 
 
@@ -72,8 +72,7 @@ class RMTrainer:
         self.train_set, self.eval_set, self.arch_name = train_set, eval_set, arch_name
         self.pad_id = processor.tokenizer.pad_token_id
         o, rm = cfg["optim"], cfg["rm"]
-        self.plan = StepPlan.make(len(train_set), o.per_device_train_batch_size, o.gradient_accumulation_steps,
-                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+        self.plan = batch_plan(len(train_set), o, strategy.world_size)
         self.loss_kind = resolve_rank_loss(rm.rank_loss, [len(r.responses) for r in train_set.records])
         if rm.margin and self.loss_kind == "plackett_luce":  # it has no margin term: the flag did nothing
             raise SystemExit(f"--margin {rm.margin} is a Bradley-Terry margin; the Plackett-Luce loss (ranked lists "

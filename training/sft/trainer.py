@@ -10,7 +10,7 @@ import torch
 
 from training.data.collate import collate_sft
 from training.data.images import load_image
-from training.engine.loop import StepPlan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
+from training.engine.loop import batch_plan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.logprobs import nll_sum
 from training.model.builder import eval_mode
 from training.templates.chat import ChatEncoder, RowNotEncodable
@@ -48,8 +48,7 @@ class SFTTrainer:
         self.arch_name = arch_name
         self.pad_id = processor.tokenizer.pad_token_id
         o = cfg["optim"]
-        self.plan = StepPlan.make(len(dataset), o.per_device_train_batch_size, o.gradient_accumulation_steps,
-                                  strategy.world_size, o.num_train_epochs, o.max_steps)
+        self.plan = batch_plan(len(dataset), o, strategy.world_size)
 
     def _batch(self, idx: list[int], dataset=None):
         ds = self.dataset if dataset is None else dataset
