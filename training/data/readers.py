@@ -346,8 +346,13 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
             fmt, chunk, n_rows = None, [], 0
             ctx = {**context, "image_root": root}  # the formats' read context (_check_context: `context`'s keys)
             pending: list = []  # objects read before the file's format is known (a bad first row does not decide it)
+            # what else the file's first object row reads as, when it is bad (a later bad row of a good file may
+            # well read as a looser kind: a broken ranking as a prompt with its reference answer)
+            others, first = [(k, f) for k, fs in kinds.items() if k != kind for f in fs], None
             for i, row in read_table(path, bad_lines=True, one_row=_one_row(kinds[kind], path, ctx)):
                 n_rows += 1
+                if first is None and isinstance(row, dict):
+                    first = i
                 if fmt is None and isinstance(row, dict):
                     fmt = next((f for f in kinds[kind] if f.detect(row)), None)
                     if fmt is None:
@@ -356,10 +361,12 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
                             _detect(path, *pending[0], kind, kinds)
                         continue
                     _check_context(path, fmt, context, kinds[kind])
-                    chunk = sorted(chunk + [_parse_row(fmt, RowRef(path, j), r, ctx) for j, r in pending],
+                    chunk = sorted(chunk + [_parse_row(fmt, RowRef(path, j), r, ctx, others if j == first else ())
+                                            for j, r in pending],
                                    key=lambda x: x[0].row)  # in file order: the first bad row is the one named
                     pending = []
-                chunk.append(_parse_row(fmt, RowRef(path, i), row, ctx))  # fmt None: a row that is no object
+                # fmt None: a row that is no object
+                chunk.append(_parse_row(fmt, RowRef(path, i), row, ctx, others if i == first else ()))
                 if len(chunk) >= _CHUNK:
                     _flush(chunk, root, report, out, pool, cache)
             if pending:  # no object of the file is of a known format: name the first
@@ -370,8 +377,10 @@ def read_records(kinds: dict[str, list[Format]], kind: str, paths, image_root: s
     return out
 
 
-def _parse_row(fmt: Format | None, ref: RowRef, row, context: dict) -> tuple:
-    """(ref, the parsed row or its RowProblem)."""
+def _parse_row(fmt: Format | None, ref: RowRef, row, context: dict, others: list = ()) -> tuple:
+    """(ref, the parsed row or its RowProblem). A bad first row that another kind's format reads whole says so: SFT
+    conversations given to DPO failed as "expected a ranked list" and the message offered --skip_bad_rows, which
+    would have skipped every row of the wrong file."""
     if isinstance(row, RowProblem):  # an invalid JSON Lines line
         return ref, row
     if not isinstance(row, dict):
@@ -379,4 +388,15 @@ def _parse_row(fmt: Format | None, ref: RowRef, row, context: dict) -> tuple:
     try:
         return ref, fmt.parse(row, ref, context)
     except RowProblem as problem:
+        other = next((k for k, f in others if _reads(f, row, ref, context)), None)
+        if other is not None:
+            problem = RowProblem(problem.field, f"{problem.reason}; the row reads whole as {other} data: is this "
+                                 "the file this stage wants?")
         return ref, problem
+
+
+def _reads(fmt: Format, row: dict, ref: RowRef, context: dict) -> bool:
+    try:
+        return fmt.detect(row) and fmt.parse(row, ref, context) is not None
+    except Exception:  # only a hint: a format that cannot read the row says nothing
+        return False
