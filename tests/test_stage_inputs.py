@@ -91,3 +91,25 @@ def test_a_data_file_smaller_than_one_step_names_the_options_to_lower(world, tin
                                                    "--per_device_train_batch_size 16 x --gradient_accumulation_steps 1"
                                                    " x 1 rank(s)")):
         main(argv)
+
+
+def test_a_data_error_is_its_message_without_a_traceback(world, tiny, tmp_path):
+    """A data file's error (DataFormatError, BadRowError) printed a Python traceback through the stage's internals
+    before its message, unlike the stages' own refusals (SystemExit)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sft_helpers import sft_args
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"foo": 1}]')
+    argv = sft_args(world, tiny, tmp_path / "out")
+    argv[argv.index("--data_path") + 1] = str(bad)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "training.sft.main", *argv], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"error: {bad}: row 0 has fields ['foo'], which match no known SFT format" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -147,7 +147,10 @@ def stopped_early(strategy, report, out, history: list, run, logger=None) -> dic
 def run_stage(main) -> None:
     """A stage's `__main__`: runs `main()` and exits with its status. A rank that stops on an error exit
     (SystemExit with a message or a non-zero code, as the stages raise on bad input) leaves at once: without
-    this its exit handler waited up to two minutes for ranks that were waiting for it."""
+    this its exit handler waited up to two minutes for ranks that were waiting for it. A data file's error (its
+    format, a bad row) is that message alone, as the stages' own refusals are, without a Python traceback."""
+    from training.data.bad_rows import BadRowError
+    from training.data.readers import DataFormatError
     from training.engine.distributed import note_failed_exit
     try:
         result = main()
@@ -155,6 +158,9 @@ def run_stage(main) -> None:
         if e.code not in (None, 0, INTERRUPTED):
             note_failed_exit()
         raise
+    except (DataFormatError, BadRowError) as e:  # the data's fault, named in the message: no traceback
+        note_failed_exit()
+        raise SystemExit(f"error: {e}") from None
     raise SystemExit(exit_status(result))
 
 
