@@ -101,15 +101,51 @@ def test_a_data_error_is_its_message_without_a_traceback(world, tiny, tmp_path):
     import sys
     from pathlib import Path
 
-    from sft_helpers import sft_args
+    from sft_helpers import free_port, sft_args
     bad = tmp_path / "bad.json"
     bad.write_text('[{"foo": 1}]')
     argv = sft_args(world, tiny, tmp_path / "out")
     argv[argv.index("--data_path") + 1] = str(bad)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-m", "training.sft.main", *argv], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"error: {bad}: row 0 has fields ['foo'], which match no known SFT format" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_predict_refuses_a_reward_model_that_is_none(tiny, tmp_path, capsys):
+    """run_predict.sh --reward_model naming the SFT model stopped on a FileNotFoundError traceback once the policy
+    had loaded."""
+    from training.predict.main import parse
+    with pytest.raises(SystemExit):
+        parse(["--model_path", str(tiny), "--data_path", str(tmp_path / "q.jsonl"), "--best_of_n", "2",
+               "--reward_model", str(tiny)])
+    assert f"--reward_model {tiny}: not a reward model (no reward_model.json)" in capsys.readouterr().err
+
+
+def test_a_world_of_one_takes_a_free_port(tmp_path):
+    """A stage run with plain `python -m` took port 29500 + pid % 1000 for its process group's store: a second run
+    (or any service) on that port stopped it on EADDRINUSE before anything else (seen in this file's own test)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import os, socket
+        held = socket.socket()
+        held.bind(("127.0.0.1", 29500 + os.getpid() % 1000))  # the port the pid chose
+        held.listen()
+        from training.engine.distributed import start_distributed
+        start_distributed()
+        print("joined on", os.environ["MASTER_PORT"])
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "joined on" in proc.stdout, proc.stderr[-3000:]

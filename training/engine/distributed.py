@@ -73,6 +73,16 @@ def release_shm_names() -> None:
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a world of one's store: 29500 + pid % 1000 before, which a run started
+    beside another (or beside a service on that port) could share, failing on EADDRINUSE."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_distributed() -> None:
     """Join this process to the process group (a world of one under plain `python -m`) unless it has: its rank on its
     own device, the exit handlers in place (`close_distributed`, and `note_failed_exit` on an uncaught exception),
@@ -84,7 +94,7 @@ def start_distributed() -> None:
         return
     if "RANK" not in os.environ:  # plain `python -m`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + os.getpid() % 1000)))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     # each rank on its own device before anything is placed (bitsandbytes loads a 4-bit model onto the
     # current device: without this every rank's went to GPU 0)
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
