@@ -1,0 +1,107 @@
+"""PPO's update step (PPOTrainer.train_on) on small hand-made tensors, with stand-ins for the engines and the ranks:
+what the actor's and the critic's backward receive, and what the step logs and hands the KL controller. Each test
+names the plausible bug (a mutation of the trainer) that every other test let through."""
+import types
+from types import SimpleNamespace
+
+import torch
+
+from training.advantages import AdaptiveKLController, RunningMoments
+from training.logprobs import masked_mean
+from training.losses import ppo_policy_loss
+from training.ppo.trainer import PPOTrainer
+
+
+class _Engine:
+    """An engine stand-in: records the losses handed to backward (and backpropagates them)."""
+
+    def __init__(self, out=None):
+        self.out, self.losses = out, []
+
+    def __call__(self, *a, **k):
+        return self.out
+
+    def train(self):
+        pass
+
+    def backward(self, loss):
+        self.losses.append(loss.detach().clone())
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+class _Ranks:
+    """`world` ranks that all hold the same rollouts: a sum over ranks is world x this rank's, a max is its own."""
+
+    def __init__(self, world):
+        self.world_size, self.rank, self.device = world, 0, "cpu"
+
+    def all_reduce(self, x, op="sum"):
+        t = torch.as_tensor(x, dtype=torch.float64).detach().clone()
+        return t if op == "max" else t * self.world_size
+
+    def gather(self, x):
+        return torch.cat([x.detach().float()] * self.world_size)
+
+    def weights_finite(self, engine):
+        return True
+
+
+def _trainer(world=1, entropy_coef=0.5, vf_coef=0.25, kl_target=None):
+    """A PPOTrainer's state for train_on: two rollouts of a 2-token prompt, responses of 3 and 1 tokens."""
+    torch.manual_seed(0)
+    B, T = 2, 6
+    labels = torch.full((B, T), -100)
+    labels[0, 2:5], labels[1, 2] = torch.tensor([5, 6, 7]), 8
+    batch = SimpleNamespace(input_ids=torch.ones(B, T, dtype=torch.long), attention_mask=torch.ones(B, T),
+                            labels=labels, vision={})
+    mask = labels[:, 1:] != -100  # (B, T-1): positions 1-3 of row 0, position 1 of row 1
+    lp = (torch.randn(B, T - 1) * 0.3 - 1).requires_grad_(True)  # the actor's token log-probs now
+    ent = (torch.rand(B, T - 1) + 0.5).requires_grad_(True)  # and entropies
+    v_now = torch.randn(B, T).requires_grad_(True)  # the critic's per-token values now
+    rmask = torch.tensor([[True, True, True], [True, False, False]])
+    exp = {"rollout": SimpleNamespace(batch=batch, responses=["a b c", "a"], lengths=torch.tensor([3, 1]),
+                                      ended=torch.tensor([True, False]), gen_seconds=1.0, suppressed=[],
+                                      vision_rows=None, with_vision=None),
+           "mask": mask, "rmask": rmask, "R": 3,
+           "old_lp": torch.tensor([[-1.2, -0.8, -1.0], [-0.9, 0.0, 0.0]]),
+           "adv": torch.tensor([[1.0, -0.5, 2.0], [-1.5, 0.0, 0.0]]),
+           "values": torch.tensor([[0.2, 0.4, -0.3], [0.1, 0.0, 0.0]]),
+           "ret": torch.tensor([[1.0, 0.5, 2.0], [-2.0, 0.0, 0.0]]),
+           "raw": torch.tensor([1.5, -0.5]), "score": torch.tensor([1.0, -1.0]),
+           "kl": torch.tensor([[0.3, 0.2, 0.1], [0.4, 0.0, 0.0]])}
+    p = SimpleNamespace(critic_warmup_steps=0, ppo_epochs=1, clip_eps=0.2, value_clip_eps=0.2, rollout_batch_size=B,
+                        entropy_coef=entropy_coef, vf_coef=vf_coef, temperature=1.0)
+    t = SimpleNamespace(p=p, s=_Ranks(world), actor=_Engine(), critic=_Engine(v_now), ptx=None, _step=0,
+                        cfg={"optim": SimpleNamespace(gradient_accumulation_steps=1, per_device_train_batch_size=B,
+                                                      seed=0)},
+                        kl_ctl=AdaptiveKLController(0.1, kl_target, 10), moments=RunningMoments())
+    for name in ("_minibatches", "_token_shares", "_mean", "_sum_ranks"):
+        setattr(t, name, types.MethodType(getattr(PPOTrainer, name), t))
+    t._logprobs = lambda model, b, suppressed, with_entropy=False: (lp, mask, ent)
+    return t, exp, SimpleNamespace(lp=lp, ent=ent, v_now=v_now)
+
+
+def _view(x, exp):
+    """Rows' response positions of a shifted (B, T-1) tensor, laid out (B, R) as the rollout's."""
+    from training.ppo.rollout import response_view
+    return response_view(x, exp["mask"], exp["R"])[0]
+
+
+def test_the_actor_minimises_the_policy_loss_minus_the_entropy_bonus():
+    """One micro-batch of both rollouts on one rank (its share 1): the actor's loss is the clipped surrogate minus
+    entropy_coef x the token-mean entropy. `pl + entropy_coef * ent` (an entropy penalty) passed every test: the one
+    that looked only checked that entropy_coef changed the update."""
+    t, exp, x = _trainer(entropy_coef=0.5)
+    PPOTrainer.train_on(t, exp, step=1, ckpt=None)
+    pl, _ = ppo_policy_loss(_view(x.lp, exp), exp["old_lp"], exp["adv"], exp["rmask"], 0.2)
+    ent = masked_mean(_view(x.ent, exp), exp["rmask"]).detach()
+    assert len(t.actor.losses) == 1
+    torch.testing.assert_close(t.actor.losses[0], (pl - 0.5 * ent).detach())
+    assert float(ent) > 0.5  # the two signs differ by far
+    # the entropy's gradient pushes it up: d loss / d ent_t = -coef / (response tokens) on each response token
+    want = torch.zeros_like(x.ent)
+    want[exp["mask"]] = -0.5 / 4
+    torch.testing.assert_close(x.ent.grad, want)
