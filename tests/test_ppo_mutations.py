@@ -8,7 +8,7 @@ import torch
 
 from training.advantages import AdaptiveKLController, RunningMoments
 from training.logprobs import masked_mean
-from training.losses import ppo_policy_loss
+from training.losses import ppo_policy_loss, ppo_value_loss
 from training.ppo.trainer import PPOTrainer
 
 
@@ -105,3 +105,15 @@ def test_the_actor_minimises_the_policy_loss_minus_the_entropy_bonus():
     want = torch.zeros_like(x.ent)
     want[exp["mask"]] = -0.5 / 4
     torch.testing.assert_close(x.ent.grad, want)
+
+
+def test_the_critic_minimises_vf_coef_times_the_value_loss_at_the_rollouts_positions():
+    """The critic's loss is vf_coef x the clipped value loss of its values now (read one position before each
+    response token, as the old values were) against the returns. Ignoring --vf_coef passed every test."""
+    t, exp, x = _trainer(vf_coef=0.25)
+    PPOTrainer.train_on(t, exp, step=1, ckpt=None)
+    v = _view(x.v_now.detach()[:, :-1], exp)
+    vl = ppo_value_loss(v, exp["values"], exp["ret"], exp["rmask"], 0.2)
+    assert len(t.critic.losses) == 1 and float(vl) > 0.1
+    torch.testing.assert_close(t.critic.losses[0], 0.25 * vl)
+    assert torch.equal(x.v_now.grad[:, -1], torch.zeros(2))  # the last position reads no response token
