@@ -4,6 +4,7 @@ names the plausible bug (a mutation of the trainer) that every other test let th
 import types
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from training.advantages import AdaptiveKLController, RunningMoments
@@ -117,3 +118,13 @@ def test_the_critic_minimises_vf_coef_times_the_value_loss_at_the_rollouts_posit
     assert len(t.critic.losses) == 1 and float(vl) > 0.1
     torch.testing.assert_close(t.critic.losses[0], 0.25 * vl)
     assert torch.equal(x.v_now.grad[:, -1], torch.zeros(2))  # the last position reads no response token
+
+
+def test_the_kl_controller_counts_every_ranks_rollouts():
+    """Two ranks of 2 rollouts: the adaptive coefficient moves by clip(KL / target - 1) x 4 / horizon, the step's
+    rollouts on every rank (TRL's batch_size x processes). Counting one rank's passed every test (the two-rank test
+    keeps the coefficient fixed)."""
+    t, exp, _ = _trainer(world=2, kl_target=1.0)
+    out = PPOTrainer.train_on(t, exp, step=1, ckpt=None)
+    assert out["kl"] == pytest.approx((0.6 + 0.4) / 2)  # each rollout's summed KL, averaged
+    assert t.kl_ctl.value == pytest.approx(0.1 * (1 - 0.2 * 4 / 10))  # KL / target - 1 = -.5, clipped to -.2
