@@ -128,3 +128,18 @@ def test_the_kl_controller_counts_every_ranks_rollouts():
     out = PPOTrainer.train_on(t, exp, step=1, ckpt=None)
     assert out["kl"] == pytest.approx((0.6 + 0.4) / 2)  # each rollout's summed KL, averaged
     assert t.kl_ctl.value == pytest.approx(0.1 * (1 - 0.2 * 4 / 10))  # KL / target - 1 = -.5, clipped to -.2
+
+
+def test_the_steps_logged_figures_by_hand():
+    """Two ranks holding the same two rollouts. explained_variance = 1 - Var(ret - V) / Var(ret) over the response
+    tokens: ret 1, .5, 2, -2 (mean .375, var 2.171875), ret - V .8, .1, 2.3, -2.1 (mean .275, var 2.511875); with
+    ret and V swapped (Var(V) .065) it was -37.6 and every test passed, as with the EOS rate of the responses that
+    did not emit EOS. reward/std is the sample std of every rank's scores: 1.5, -.5, 1.5, -.5 -> sqrt(4 / 3)."""
+    t, exp, _ = _trainer(world=2)
+    exp["rollout"].ended = torch.tensor([True, True])
+    out = PPOTrainer.train_on(t, exp, step=1, ckpt=None)
+    assert out["explained_variance"] == pytest.approx(1 - 2.511875 / 2.171875, rel=1e-5)
+    assert out["eos_rate"] == 1.0 and out["response_length"] == 2.0 and out["actor_trained"] == 1.0
+    assert out["reward/mean"] == pytest.approx(0.5) and out["reward/shaped_mean"] == pytest.approx(0.0)
+    assert out["reward/std"] == pytest.approx((4 / 3) ** 0.5)
+    assert out["kl"] == pytest.approx(0.5) and out["kl_coef"] == 0.1
