@@ -143,3 +143,19 @@ def test_the_steps_logged_figures_by_hand():
     assert out["reward/mean"] == pytest.approx(0.5) and out["reward/shaped_mean"] == pytest.approx(0.0)
     assert out["reward/std"] == pytest.approx((4 / 3) ** 0.5)
     assert out["kl"] == pytest.approx(0.5) and out["kl_coef"] == 0.1
+
+
+def test_each_ppo_epoch_and_step_draws_its_own_minibatches():
+    """8 rollouts in minibatches of 2: each (step, epoch) splits them in its own order, each a partition of all 8.
+    The same order in every epoch (or step) passed every test."""
+    t = SimpleNamespace(cfg={"optim": SimpleNamespace(per_device_train_batch_size=2, seed=0)}, _step=0)
+    orders = {}
+    for step in (0, 1):
+        for epoch in (0, 1):
+            t._step = step
+            mbs = PPOTrainer._minibatches(t, 8, epoch)
+            assert [len(m) for m in mbs] == [2] * 4 and sorted(sum(mbs, [])) == list(range(8))
+            orders[step, epoch] = mbs
+    assert len({str(v) for v in orders.values()}) == 4
+    t._step = 1
+    assert PPOTrainer._minibatches(t, 8, 1) == orders[1, 1]  # fixed by (seed, step, epoch): a resumed run's own
