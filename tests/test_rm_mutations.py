@@ -3,6 +3,7 @@ mutation of training/rm/trainer.py) that every other test let through."""
 import pytest
 import torch
 
+from training.losses import ranked_pairs
 from training.rm.trainer import pair_stats, resolve_rank_loss, summarize
 
 
@@ -77,3 +78,19 @@ def test_each_micro_batchs_loss_is_its_share_of_the_mean_over_the_steps_pairs():
     _, engine, _, _ = _rm_step(center_coef=0.0)
     list_sum, pair_sum = 2 * _bt(2.0) + _bt(4.0), _bt(2.0)
     assert engine.losses == pytest.approx([float(list_sum * 2 / 4), float(pair_sum * 2 / 4)], rel=1e-6)
+
+
+def test_the_centering_term_trains_and_is_logged_as_a_mean_over_micro_batches():
+    """Centering 0.1 |mean(r_w + r_l)| per micro-batch: 0.1 x (6 + 4 + 2) / 3 = .4 for the list, 0.1 x 2 = .2 for
+    the pair; the logged loss is the mean over the 4 pairs plus the mean of the two terms, .3. The term detached
+    (no gradient: no centering at all) or logged summed over micro-batches (.6) passed every test."""
+    _, engine, out, R = _rm_step(center_coef=0.1)
+    list_sum, pair_sum = 2 * _bt(2.0) + _bt(4.0), _bt(2.0)
+    assert engine.losses == pytest.approx([float(list_sum / 2 + 0.4), float(pair_sum / 2 + 0.2)], rel=1e-6)
+    assert out["loss"] == pytest.approx(float((list_sum + pair_sum) / 4) + 0.3, rel=1e-6)
+    for r in R:  # the gradient of loss_sum / 2 + centering, by autograd on fresh leaves
+        x = r.detach().clone().requires_grad_(True)
+        i, j = ranked_pairs(x.shape[1])
+        b, w = x[0, i], x[0, j]
+        (torch.nn.functional.softplus(-(b - w)).sum() / 2 + 0.1 * (b + w).mean().abs()).backward()
+        torch.testing.assert_close(r.grad, x.grad)
