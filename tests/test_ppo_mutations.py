@@ -159,3 +159,13 @@ def test_each_ppo_epoch_and_step_draws_its_own_minibatches():
     assert len({str(v) for v in orders.values()}) == 4
     t._step = 1
     assert PPOTrainer._minibatches(t, 8, 1) == orders[1, 1]  # fixed by (seed, step, epoch): a resumed run's own
+
+
+def test_token_shares_divide_by_the_tokens_of_their_own_optimizer_step():
+    """4 micro-batches of 1, 2, 3 and 4 response tokens, accumulation 2, two ranks holding the same: the steps hold
+    2 x 3 and 2 x 7 tokens, so the shares are n x 2 x 2 / (2 x 3) for the first two and n x 2 x 2 / (2 x 7) for the
+    last two. Dividing by another step's tokens (the accumulation only tested with one step per PPO step) passed."""
+    t = SimpleNamespace(s=_Ranks(2), cfg={"optim": SimpleNamespace(gradient_accumulation_steps=2)})
+    rmask = torch.arange(4)[None] < torch.tensor([1, 2, 3, 4])[:, None]
+    shares = PPOTrainer._token_shares(t, [[0], [1], [2], [3]], rmask)
+    assert shares == pytest.approx([1 * 2 / 3, 2 * 2 / 3, 3 * 2 / 7, 4 * 2 / 7])
