@@ -1,6 +1,7 @@
 """PPO's update step (PPOTrainer.train_on) on small hand-made tensors, with stand-ins for the engines and the ranks:
-what the actor's and the critic's backward receive, and what the step logs and hands the KL controller. Each test
-names the plausible bug (a mutation of the trainer) that every other test let through."""
+what the actor's and the critic's backward receive, and what the step logs and hands the KL controller; its
+minibatches, token shares and rollouts' EOS. Each test names the plausible bug (a mutation) that every other test
+let through."""
 import types
 from types import SimpleNamespace
 
@@ -169,3 +170,34 @@ def test_token_shares_divide_by_the_tokens_of_their_own_optimizer_step():
     rmask = torch.arange(4)[None] < torch.tensor([1, 2, 3, 4])[:, None]
     shares = PPOTrainer._token_shares(t, [[0], [1], [2], [3]], rmask)
     assert shares == pytest.approx([1 * 2 / 3, 2 * 2 / 3, 3 * 2 / 7, 4 * 2 / 7])
+
+
+def test_a_rollouts_response_ends_with_its_eos_token(world, tiny):
+    """A response that emitted EOS holds it (labels, length) and nothing after it; one cut at --max_new_tokens holds
+    every token and did not end. Cutting before the EOS (the actor then never trained on stopping) passed every
+    test."""
+    from training.config import LoraArgs, ModelArgs
+    from training.data.bad_rows import BadRowReport
+    from training.data.formats import read_prompts
+    from training.data.images import load_image
+    from training.model.builder import load_model_and_processor
+    from training.ppo.rollout import generate_rollouts
+    from training.predict.generate import DecodeArgs, stop_and_never
+    from training.templates.chat import ChatEncoder
+
+    model, processor, arch = load_model_and_processor(ModelArgs(from_checkpoint=str(tiny)), LoraArgs(),
+                                                      for_training=False)
+    records = read_prompts([str(world / "ppo_prompts.json")], str(world / "images"), BadRowReport())[:2]
+    images = [[load_image(src, str(world / "images")) for src in r.images] for r in records]
+    encoder = ChatEncoder(processor, arch, 160)
+    tok = processor.tokenizer
+    eos_ids, never = stop_and_never(model, tok, encoder.end_of_turn_id)
+    a, b, c = [i for i in range(len(tok)) if i not in eos_ids and i not in never][5:8]
+    new = torch.tensor([[a, b, eos_ids[0], tok.pad_token_id, tok.pad_token_id], [a, b, c, a, b]])
+    model.generate = lambda **kw: torch.cat([kw["input_ids"], new], 1)
+    ro = generate_rollouts(model, processor, encoder, arch.name, [r.prompt for r in records], images,
+                           DecodeArgs(max_new_tokens=5), "cpu")
+    assert ro.lengths.tolist() == [3, 5] and ro.ended.tolist() == [True, False]
+    labels = ro.batch.labels
+    assert labels[0][labels[0] != -100].tolist() == [a, b, eos_ids[0]]
+    assert labels[1][labels[1] != -100].tolist() == [a, b, c, a, b]
