@@ -149,3 +149,22 @@ def test_a_world_of_one_takes_a_free_port(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "joined on" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_stage_refuses_to_replace_another_stages_model(world, tiny, tmp_path, monkeypatch):
+    """DPO given --output_dir output/sft (the SFT run's folder) removed the SFT model at its start, the one the later
+    stages load; another stage's finished folder is refused before any model loads. The same stage's is not."""
+    import json
+
+    from dist_dpo_driver import dpo_args
+    from training.config import parse_config
+    from training.dpo.main import main
+    from training.sft.main import CONCEPTS as SFT
+    sft_out = tmp_path / "sft"
+    shutil.copytree(tiny, sft_out)  # a finished model's weights
+    (sft_out / "run_config.json").write_text(json.dumps({k: {} for k in SFT}))
+    no_model_loads(monkeypatch)
+    with pytest.raises(SystemExit, match=re.escape(f"--output_dir {sft_out}: holds a finished SFT run's model")):
+        main(dpo_args(world, tiny, sft_out, "--max_steps", "1"))
+    assert (sft_out / "model.safetensors").is_file()
+    parse_config(SFT, ["--output_dir", str(sft_out)])  # SFT again there: it replaces its own model, as before

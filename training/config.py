@@ -278,12 +278,36 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
         check_lora_settings(lora)
     for r in (v for v in cfg.values() if isinstance(v, RunArgs)):
         check_step_counts(r)
+        refuse_another_stages_model(r.output_dir, set(cfg))
     for a in (v for v in cfg.values() if isinstance(v, DPOArgs)):
         check_loss_settings(a)
     for rm in (v for v in cfg.values() if isinstance(v, RMArgs)):  # LLaVA-RLHF's centering: 0 is off
         if rm.center_coef < 0:  # it paid the model for moving its rewards' mean away from 0
             raise SystemExit(f"--center_coef {rm.center_coef}: give a value >= 0 (0: no centering)")
     return cfg
+
+
+STAGE_NAMES = (("ppo", "PPO"), ("rm", "reward-model"), ("dpo", "DPO"))  # a run_config.json's sections -> its stage
+
+
+def stage_of(sections) -> str:
+    return next((name for key, name in STAGE_NAMES if key in sections), "SFT")
+
+
+def refuse_another_stages_model(output_dir: str, sections: set) -> None:
+    """An --output_dir holding another stage's finished model (its run_config.json of another stage beside its
+    weights): a fresh run there removed that model at its start (DPO pointed at output/sft deleted the SFT model the
+    later stages load). Refused before any model loads; a rerun of the same stage there replaces its model, as before."""
+    out = Path(output_dir)
+    try:
+        earlier = stage_of(set(json.loads((out / "run_config.json").read_text())))
+    except (OSError, ValueError, TypeError):
+        return
+    from training.model.builder import saved_model_files
+    if earlier == stage_of(sections) or not saved_model_files(out):
+        return
+    raise SystemExit(f"--output_dir {out}: holds a finished {earlier} run's model (its run_config.json and weights), "
+                     "which this run would remove; give another --output_dir, or remove that folder first")
 
 
 def seed_problem(seed: int) -> str:
