@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from training.engine.distributed import free_port  # noqa: F401  (the tests' two-rank launches take one too)
 from training.model.tiny import ensure_tiny_vlm
 from training.world.generate import WorldConfig, generate
 
@@ -137,12 +137,6 @@ def tb_scalars(out: Path) -> dict:
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_ranks(driver: str, *args, timeout: int = 600) -> int:
