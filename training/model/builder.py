@@ -129,8 +129,7 @@ def refuse_folder_without_model(folder: Path) -> None:
         raise SystemExit(f"{folder}: no config.json, so no model to load here{hint}; give a folder a stage finished "
                          "(its config.json and model.safetensors) or a Hub id")
     # (pickled .bin weights alone are left to transformers, which refuses them: safetensors only)
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")) \
-            and not (folder / "model.safetensors.index.json").is_file():
+    if not saved_model_files(folder, adapter=False) and not any(folder.glob("*.bin")):
         raise SystemExit(f"{folder}: no weights (*.safetensors) beside its config.json; give a folder that holds "
                          "the model's weights")
 
