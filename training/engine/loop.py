@@ -36,14 +36,11 @@ def batch_plan(n: int, o, world: int) -> StepPlan:
     """StepPlan.make for a stage whose steps are batches of its rows (SFT, reward model, DPO), o: its OptimArgs. Data
     smaller than one step (a user's small file under the default batch size) stopped on a ValueError traceback that
     named no option: refused naming those that set a step's size."""
-    try:
-        return StepPlan.make(n, o.per_device_train_batch_size, o.gradient_accumulation_steps, world,
-                             o.num_train_epochs, o.max_steps)
-    except ValueError:
-        micro, accum = o.per_device_train_batch_size, o.gradient_accumulation_steps
+    micro, accum = o.per_device_train_batch_size, o.gradient_accumulation_steps
+    if n < micro * accum * world:
         raise SystemExit(f"{n} samples are fewer than one optimizer step: --per_device_train_batch_size {micro} x "
-                         f"--gradient_accumulation_steps {accum} x {world} rank(s); lower them or give more data") \
-            from None
+                         f"--gradient_accumulation_steps {accum} x {world} rank(s); lower them or give more data")
+    return StepPlan.make(n, micro, accum, world, o.num_train_epochs, o.max_steps)
 
 
 def total_steps(per_epoch: int, epochs: float, max_steps: int) -> int:
