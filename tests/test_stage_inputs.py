@@ -115,14 +115,14 @@ def test_a_data_error_is_its_message_without_a_traceback(world, tiny, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_predict_refuses_a_reward_model_that_is_none(tiny, tmp_path, capsys):
+def test_predict_refuses_a_reward_model_that_is_none(tiny, tmp_path):
     """run_predict.sh --reward_model naming the SFT model stopped on a FileNotFoundError traceback once the policy
     had loaded."""
     from training.predict.main import parse
-    with pytest.raises(SystemExit):
+    said = f"--reward_model {tiny}: not a reward model (no reward_model.json)"
+    with pytest.raises(SystemExit, match=re.escape(said)):
         parse(["--model_path", str(tiny), "--data_path", str(tmp_path / "q.jsonl"), "--best_of_n", "2",
                "--reward_model", str(tiny)])
-    assert f"--reward_model {tiny}: not a reward model (no reward_model.json)" in capsys.readouterr().err
 
 
 def test_a_world_of_one_takes_a_free_port(tmp_path):

@@ -41,13 +41,11 @@ def refuse_model_roles(actor: str, p: PPOArgs) -> None:
     """Each model where PPO reads it, before any loads: --reward_model (and --critic_init) a reward model folder (an
     actor there stopped on a traceback once the actor and reference had loaded), the actor and reference none (a
     reward model there trained its backbone as the policy, silently)."""
-    from training.rm.model import INFO_FILE, is_reward_model, refuse_reward_model_as_policy
+    from training.rm.model import refuse_non_reward_model, refuse_reward_model_as_policy
     refuse_reward_model_as_policy(actor, "from_checkpoint")
     refuse_reward_model_as_policy(p.reference_model, "reference_model")
-    for flag, path in (("reward_model", p.reward_model), ("critic_init", p.critic_init)):
-        if path and not is_reward_model(path):
-            raise SystemExit(f"--{flag} {path}: not a reward model (no {INFO_FILE}); give the output of "
-                             "`bash run_rm_training.sh` (the SFT model is --from_checkpoint, the actor)")
+    refuse_non_reward_model(p.reward_model, "reward_model")
+    refuse_non_reward_model(p.critic_init, "critic_init")
 
 
 def ptx_data(p: PPOArgs, d, processor, arch, report, template: str | None):

@@ -62,11 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
         p.error("--captions_file gives a reward model its factual block: it needs --reward_model PATH")
     if args.captions_file and not Path(args.captions_file).is_file():
         p.error(f"--captions_file {args.captions_file}: no such file")
-    if args.reward_model:  # (not one: a FileNotFoundError traceback once the policy had loaded)
-        from training.rm.model import INFO_FILE, is_reward_model
-        if not is_reward_model(args.reward_model):
-            p.error(f"--reward_model {args.reward_model}: not a reward model (no {INFO_FILE}); give the output of "
-                    "`bash run_rm_training.sh`")
+    from training.rm.model import refuse_non_reward_model
+    refuse_non_reward_model(args.reward_model, "reward_model")
     from training.config import seed_problem
     if seed_problem(args.seed):
         p.error(seed_problem(args.seed))

@@ -101,6 +101,15 @@ def is_reward_model(path: str | Path) -> bool:
     return (Path(path) / INFO_FILE).is_file()
 
 
+def refuse_non_reward_model(path: str, flag: str) -> None:
+    """A folder given where a reward model is read (PPO's --reward_model / --critic_init, predict's --reward_model)
+    that is none (the SFT model, say): a FileNotFoundError traceback from reward_model_info once the policy had
+    loaded. Refused before any model loads."""
+    if path and not is_reward_model(path):
+        raise SystemExit(f"--{flag} {path}: not a reward model (no {INFO_FILE}); give the output of "
+                         "`bash run_rm_training.sh`")
+
+
 def refuse_reward_model_as_policy(path: str, flag: str) -> None:
     """A reward model's folder holds its backbone as an ordinary VLM checkpoint: given where a stage wants the SFT
     policy (its actor, reference) it loaded and trained without a word. Refused before any model loads."""
