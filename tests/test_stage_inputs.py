@@ -60,6 +60,7 @@ def test_dpo_refuses_a_reward_model_as_its_policy(world, tiny, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("keep, said", [(("config.json", "tokenizer.json"), "no weights (*.safetensors)"),
+                                        (("config.json", "value_head.safetensors"), "no weights (*.safetensors)"),
                                         (("run_config.json",), "no config.json")])
 def test_a_checkpoint_folder_without_a_model_is_named_as_such(tiny, tmp_path, keep, said):
     """A --from_checkpoint folder with a config and no weights (a copy left half done), or no model at all (an
