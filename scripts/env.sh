@@ -16,7 +16,9 @@ if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.
   "$PY" -m pip install -q --no-cache-dir -r "$ROOT/requirements.txt"
   touch "$ROOT/.venv/.installed"
 fi
-export PATH="$ROOT/.venv/bin:$PATH"
+# by its real path when .venv is a link: the console scripts (deepspeed) start the real path's python, and
+# DeepSpeed's ops compiled by a process of the other path were compiled again (their sources' paths differ)
+export PATH="$(readlink -f "$ROOT/.venv")/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR=cpu
