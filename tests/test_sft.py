@@ -73,6 +73,15 @@ def test_resumed_run_equals_uninterrupted(world, tiny, tmp_path):
     assert (tmp_path / "full" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_resume_with_nothing_to_resume_says_it_starts_afresh(world, tiny, tmp_path, capsys):
+    """--resume in an empty folder (a requeued job that never reached its first checkpoint) trained from step 0
+    without a word: indistinguishable in the log from a resume."""
+    main(sft_args(world, tiny, tmp_path / "new", "--max_steps", "1", "--per_device_train_batch_size", "2", "--resume"))
+    assert f"--resume: no checkpoint under {tmp_path / 'new' / 'checkpoints'} yet: training from the start" in \
+        capsys.readouterr().out
+    assert (tmp_path / "new" / "model.safetensors").exists()
+
+
 def test_resume_with_other_options_is_refused_and_keeps_the_runs_config(world, tiny, tmp_path):
     """Only the shape (batch, accumulation, seed, data size) was checked: a resume with another --learning_rate ran
     on at the checkpoint's (DeepSpeed restores the optimizer and schedule), another --max_steps stretched the

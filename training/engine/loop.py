@@ -322,6 +322,8 @@ def open_run(strategy, engine, cfg: dict, plan: StepPlan, desc: str, postfix: di
         if saved_model_files(out):  # a finished run: retraining would replace its model
             raise SystemExit(f"--resume: {out} holds a finished run's model and no checkpoint to resume from; run "
                              "without --resume to train it afresh (which replaces that model)")
+        if strategy.is_main:  # (a job requeued with --resume always on starts so; said, not silent)
+            print(f"--resume: no checkpoint under {ckpt} yet: training from the start")
     if strategy.is_main:
         save_config(cfg, out / "run_config.json")
         if plan.unused_per_epoch:  # nothing left out without a word
