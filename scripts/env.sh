@@ -3,10 +3,18 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-if [ -n "${NUM_GPUS:-}" ] && ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
-  echo "NUM_GPUS=$NUM_GPUS: expected a whole number of ranks per node, at least 1 (unset: every GPU, or one" \
-       "CPU rank)" >&2
-  exit 2
+# require_count NAME VALUE WHAT UNSET: stop unless VALUE (of variable NAME) is a whole number of WHAT, at least 1
+# (bash's -gt on another value said "integer expression expected" and went on)
+require_count() {
+  if ! [[ "$2" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$1=$2: expected a whole number of $3, at least 1 (unset: $4)" >&2
+    exit 2
+  fi
+}
+# core_share N: the threads each of N processes sharing this machine's cores gets (at least 1)
+core_share() { echo $(( $(nproc) > $1 ? $(nproc) / $1 : 1 )); }
+if [ -n "${NUM_GPUS:-}" ]; then
+  require_count NUM_GPUS "$NUM_GPUS" "ranks per node" "every GPU, or one CPU rank"
 fi
 PY="$ROOT/.venv/bin/python"
 if [ ! -x "$PY" ] || [ ! -f "$ROOT/.venv/.installed" ] || [ "$ROOT/requirements.txt" -nt "$ROOT/.venv/.installed" ]; then
@@ -24,8 +32,7 @@ if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)
   export DS_ACCELERATOR=cpu
   # each of the NUM_GPUS ranks (processes) a share of the cores: ranks running a thread per core each spin against
   # one another (two SFT ranks on two cores: 7.2 s a step instead of 0.3)
-  ranks="${NUM_GPUS:-1}"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > ranks ? $(nproc) / ranks : 1 ))}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(core_share "${NUM_GPUS:-1}")}"
 fi
 export TOKENIZERS_PARALLELISM=false
 # The deepspeed launcher starts other nodes' ranks over pdsh / ssh with only PYTHON* (and on a GPU head NCCL*)
