@@ -17,8 +17,8 @@ for arg in "$@"; do  # every later stage reads output/sft and data/world: SFT mu
       exit 0;;
   esac
 done
-# --output_dir, --world_dir, --world_seed (or argparse's prefixes of them: --out, --world_s=1), on the command line
-# or in a --config profile: SFT would write or read elsewhere, and exit 2
+# --output_dir, --world_dir, --world_seed (--name VALUE or --name=VALUE: no command takes an abbreviation), on the
+# command line or in a --config profile: SFT would write or read elsewhere, and exit 2
 python -m training.pipeline check -- "$@" || exit $?
 python -m training.pipeline prepare
 stage output/sft -- run_sft.sh "$@"

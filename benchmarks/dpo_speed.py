@@ -300,7 +300,8 @@ def report(ours: dict, trl: dict, model: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ref_batch", type=int, default=0, help="pairs per batch of our reference pass "

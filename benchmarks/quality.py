@@ -85,7 +85,8 @@ def meets_target(r: dict, sft: dict, dpo: dict | None = None, pair_share: float 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--sft", default="output/sft")
     p.add_argument("--world", default="data/world")
     p.add_argument("--reuse", action="store_true", help="score existing outputs; train only what is missing")

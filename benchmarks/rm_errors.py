@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--reward_model", default="output/rm")
     p.add_argument("--world", default="data/world")
     p.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,8 @@ from training.model.builder import add_inference_args
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", default="output/sft")
     p.add_argument("--data", default="data/world/ppo_prompts.json")
     p.add_argument("--image_folder", default="data/world/images")

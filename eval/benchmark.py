@@ -42,7 +42,8 @@ def module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--benchmark", required=True, choices=list(MODULES))
     p.add_argument("--model_path", default="", help="checkpoint to generate with (not needed with --answers)")
     p.add_argument("--model_name", default="", help="label in tables (default: the model folder's name)")

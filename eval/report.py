@@ -173,7 +173,8 @@ def figures(results: list[dict], figure_dir: str | Path, order=None) -> list[Pat
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--results", nargs="+", required=True, help="results files (eval_*.json)")
     p.add_argument("--table_file", default="", help="also write the table here")
     p.add_argument("--figure_dir", default="figure")

@@ -43,7 +43,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--world", default="data/world")
     p.add_argument("--batch_size", type=int, default=64)

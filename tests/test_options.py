@@ -120,3 +120,33 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, flag, below):
     path = tmp_path / "notes.txt" / below if below else tmp_path / "notes.txt"
     refused(SFT, [f"--{flag}", str(path)], f"--{flag} {path}: {tmp_path / 'notes.txt'} is a file")
     parse_config(SFT, [f"--{flag}", str(tmp_path / "new" / "run")])  # a folder still to make is fine
+
+
+@pytest.mark.parametrize("argv", [["--learning_rat", "1e-4"], ["--conf", "profile.json"], ["--fig=plots"],
+                                  ["--stop_after", "2"]])
+def test_an_abbreviated_option_is_refused(argv, capsys):
+    """argparse took any unambiguous prefix: --learning_rat trained with it as --learning_rate, and a prefix that
+    a later option made ambiguous would have broken a saved command; run_pipeline.sh had to read prefixes as the
+    stages did to fingerprint its runs."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(SFT, argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(argv)}" in capsys.readouterr().err
+
+
+def test_every_command_line_parser_refuses_abbreviations():
+    """Each argparse parser of the project's commands (stages, predict, eval, benchmarks, tools) is built with
+    allow_abbrev=False (a parser without it reads --out as --output_dir)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found, lax = 0, []
+    for path in sorted(p for d in ("training", "eval", "benchmarks", "scripts") for p in (root / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(name, "attr", getattr(name, "id", "")) == "ArgumentParser":
+                found += 1
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("allow_abbrev"), ast.Constant) and kw["allow_abbrev"].value is False):
+                    lax.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found >= 15 and not lax, lax

@@ -219,26 +219,25 @@ def test_a_refused_command_leaves_the_finished_run_kept(tmp_path, monkeypatch):
     assert pipeline.begin(out, ["s"], [], root) == "fresh"
 
 
-def test_fingerprint_reads_abbreviated_options_as_the_stage_does(tmp_path):
-    """argparse takes an unambiguous prefix of an option (run_pipeline.sh passes its arguments to SFT): --fig DIR
-    is --figure_dir DIR, whose plot entered the fingerprint (retrained on every rerun); --conf FILE is --config FILE,
-    whose data did not (kept after it changed); --stop_after N is --stop_after_steps N (a rerun without it trained
-    anew instead of resuming)."""
+def test_fingerprint_reads_options_as_the_stage_does(tmp_path):
+    """run_pipeline.sh passes its arguments to SFT: --figure_dir DIR's plot must not enter the fingerprint (it
+    retrained on every rerun); --config FILE's data must (kept after it changed); --stop_after_steps N must not (a
+    rerun without it trained anew instead of resuming). Each as --name VALUE and --name=VALUE."""
     root = fake_project(tmp_path / "proj")
     figures, data, profile = tmp_path / "figs", tmp_path / "pairs.json", tmp_path / "profile.json"
     figures.mkdir()
     data.write_text("[]")
     profile.write_text(json.dumps({"data_path": str(data)}))
-    for cmd in (["run_sft.sh", "--fig", str(figures)], ["run_sft.sh", f"--figure_d={figures}"]):
+    for cmd in (["run_sft.sh", "--figure_dir", str(figures)], ["run_sft.sh", f"--figure_dir={figures}"]):
         base = pipeline.fingerprint(cmd, [], root)
         (figures / "sft_metrics.png").write_bytes(b"png" * len(cmd[-1]))
         assert pipeline.fingerprint(cmd, [], root) == base, cmd
-    for cmd in (["run_sft.sh", "--conf", str(profile)], ["run_sft.sh", f"--confi={profile}"]):
+    for cmd in (["run_sft.sh", "--config", str(profile)], ["run_sft.sh", f"--config={profile}"]):
         base = pipeline.fingerprint(cmd, [], root)
         data.write_text(data.read_text() + " ")
         assert pipeline.fingerprint(cmd, [], root) != base, cmd
     plain = pipeline.fingerprint(["run_sft.sh", "--lr", "1"], [], root)
-    for stop in (["--stop_after", "2"], ["--stop_after=2"], ["--stop_after_steps", "2"]):
+    for stop in (["--stop_after_steps=2"], ["--stop_after_steps", "2"]):
         assert pipeline.fingerprint(["run_sft.sh", *stop, "--lr", "1"], [], root) == plain, stop
 
 
@@ -351,8 +350,7 @@ def test_stage_function_without_separator_stops(tmp_path):
     assert p.returncode == 2 and "usage: stage OUT" in p.stderr and "went on" not in p.stdout
 
 
-@pytest.mark.parametrize("arg", ["--output_dir", "--output_dir=x", "--world_seed", "--world_dir=w",
-                                 "--out", "--world_s=1", "--world_d"])  # (argparse takes unambiguous prefixes)
+@pytest.mark.parametrize("arg", ["--output_dir", "--output_dir=x", "--world_seed", "--world_dir=w"])
 def test_the_pipeline_refuses_sft_options_the_later_stages_would_not_follow(arg):
     """run_pipeline.sh passes its arguments to SFT: --output_dir X trained into X while RM, DPO, ORPO and PPO
     loaded output/sft; another world seed or folder made SFT train on another world than the benchmarks'."""
@@ -366,7 +364,7 @@ def test_the_pipeline_refuses_them_in_a_profile(tmp_path, key):
     """The same options set by a --config profile went to SFT unchecked."""
     profile = tmp_path / "p.json"
     profile.write_text(json.dumps({"learning_rate": 1e-3, key: 1 if key == "world_seed" else "elsewhere"}))
-    for args in (["--config", str(profile)], [f"--conf={profile}"]):
+    for args in (["--config", str(profile)], [f"--config={profile}"]):
         proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh"), *args], capture_output=True, text=True,
                               timeout=60, cwd=ROOT)
         assert proc.returncode == 2 and f"{profile}: {key} is not a pipeline option" in proc.stderr, proc.stderr

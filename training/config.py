@@ -240,7 +240,7 @@ def read_profile(path: str) -> dict:
 def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = None,
                  description: str = "") -> dict:
     """Parse argv into {name: dataclass instance}. `defaults` overrides dataclass defaults per stage."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", default="", help="JSON file of argument values (a profile in configs/); "
                                                      "command-line arguments override it")
     for cls in classes.values():

@@ -103,9 +103,9 @@ def _stats_digest(files: list[Path], out: Path) -> str:
 
 
 def names_option(name: str, option: str) -> bool:
-    """Whether --name is --option as a stage's argparse reads it: the option or an abbreviation of it (argparse takes
-    any unambiguous prefix: --fig for --figure_dir, --conf for --config; an ambiguous one stops the stage)."""
-    return bool(name) and option.startswith(name)
+    """Whether --name is --option as a stage's argparse reads it: the option's whole name (the stages' parsers take
+    no abbreviation: allow_abbrev=False, so --fig stops the stage rather than standing for --figure_dir)."""
+    return name == option
 
 
 def option_values(args: list[str]) -> list[tuple[str, str]]:
@@ -228,7 +228,7 @@ def code_files(command: list[str], root: Path = ROOT) -> list[str]:
 
 def refused_options(args: list[str], root: Path = ROOT) -> list[str]:
     """What in run_pipeline.sh's arguments (given to SFT) sets a PIPELINE_FIXED option: an option as argparse reads
-    it (an abbreviation too), or a key of a --config profile they name."""
+    it, or a key of a --config profile they name."""
     found = [a.partition("=")[0] for a in args
              if a.startswith("--") and any(names_option(a[2:].partition("=")[0], o) for o in PIPELINE_FIXED)]
     return found + [f"{name}: {k}" for name, profile in profiles(option_values(args), root) for k in profile
@@ -242,7 +242,7 @@ def read_record(out: Path) -> dict | None:
 
 def without_stop_point(command: list[str]) -> list[str]:
     """The command less `--stop_after_steps N` (how far one run goes, not what the stage computes; also as
-    --stop_after_steps=N or an abbreviation: names_option): a stage stopped there (exit status 75) is resumed by a
+    --stop_after_steps=N): a stage stopped there (exit status 75) is resumed by a
     rerun with or without it."""
     out, i = [], 0
     while i < len(command):
@@ -358,7 +358,8 @@ def _write(out: Path, rec: dict) -> None:
 
 
 def main(argv=None) -> str | None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("action", choices=["prepare", "check", "begin", "end"])
     p.add_argument("out", nargs="?")
     p.add_argument("--after", nargs="*", default=[])

@@ -123,7 +123,8 @@ def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, preci
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--adapter_dir", required=True, help="A LoRA run's output dir (or its adapter/ subdir).")
     ap.add_argument("--output_dir", required=True, help="Where the merged checkpoint goes.")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],

@@ -21,7 +21,8 @@ from training.model.builder import add_inference_args
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model_path", required=True)
     p.add_argument("--data_path", required=True, help="question file (JSONL/JSON/parquet; LLaVA-style fields)")
     p.add_argument("--image_folder", default="", help="image root (default: images/ beside the data file)")

@@ -206,7 +206,8 @@ def report(acc: dict, hal: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--sft", default="output/sft")
     p.add_argument("--out", default="output/rm_quality")
     p.add_argument("--world", default="data/world")

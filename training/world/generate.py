@@ -213,7 +213,8 @@ def ensure_world(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out", default="data/world")
     for k, v in asdict(WorldConfig()).items():
         p.add_argument(f"--{k}", type=type(v), default=v)

@@ -41,7 +41,8 @@ STEPS = ("rollout", "correct", "sft", "dpo")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--step", default="all", choices=("all",) + STEPS)
     p.add_argument("--force", action="store_true", help="redo the named step (all: every step) even if its output "
                                                          "exists")
