@@ -118,8 +118,8 @@ def test_a_stage_whose_data_changed_is_made_again(world, tmp_path, monkeypatch):
 
 
 def test_the_dpo_step_trains_its_epochs_unless_dpo_args_say_otherwise(world, tmp_path, monkeypatch):
-    """The OPA-DPO step runs DPO_EPOCHS epochs without the DPO stage's added SFT term; --dpo_args come after both,
-    so they override them (argparse keeps an option's last value)."""
+    """The OPA-DPO step runs DPO_EPOCHS epochs with SFT_WEIGHT's added SFT term; --dpo_args come after both, so they
+    override them (argparse keeps an option's last value)."""
     import training.dpo.opa.main as opa
     from training.config import parse_config
     from training.dpo.main import CONCEPTS
@@ -129,8 +129,8 @@ def test_the_dpo_step_trains_its_epochs_unless_dpo_args_say_otherwise(world, tmp
     out = tmp_path / "opa"
     (out / "work").mkdir(parents=True)
     (out / "work" / "opa_pairs.json").write_text("[1]")
-    for extra, epochs, sft_weight in (([], opa.DPO_EPOCHS, 0.0),
-                                      (["--dpo_args", "--num_train_epochs 1 --sft_weight 0.5"], 1, 0.5)):
+    for extra, epochs, sft_weight in (([], opa.DPO_EPOCHS, opa.SFT_WEIGHT),
+                                      (["--dpo_args", "--num_train_epochs 1 --sft_weight 0"], 1, 0.0)):
         opa.main(_opa_main_args(world, out, "--step", "dpo", "--force", *extra))
         cfg = parse_config(CONCEPTS, seen[-1])
         assert (cfg["optim"].num_train_epochs, cfg["dpo"].sft_weight) == (epochs, sft_weight)
