@@ -3,8 +3,6 @@ with all of them unchanged finds the same key. tests/test_dpo.py runs whole DPO 
 import os
 from types import SimpleNamespace
 
-import pytest
-
 from training.dpo.refcache import cache_key
 
 
@@ -44,34 +42,3 @@ def test_the_cache_key_follows_the_model_data_images_and_settings(tmp_path):
     base = key()
     (model / "model.safetensors").write_text("retrained")  # the model retrained in place
     assert key() != base
-
-
-def test_reference_batches_are_made_one_ahead_in_order():
-    """The reference pass encodes batch i+1 (tokenising, image processing) in a worker thread while batch i runs
-    through the model: results come in the jobs' order, the next job starts before the caller is done with the
-    current one, and a job's error reaches the caller."""
-    import threading
-
-    from training.dpo.refcache import made_ahead
-
-    started = [threading.Event() for _ in range(3)]
-
-    def make(i):
-        started[i].set()
-        return i * 10
-
-    got = []
-    for i, x in enumerate(made_ahead(make, [0, 1, 2])):
-        got.append(x)
-        assert i + 1 == 3 or started[i + 1].wait(10), f"job {i + 1} not started while job {i}'s result was in use"
-    assert got == [0, 10, 20] and list(made_ahead(make, [])) == []
-
-    def bad(i):
-        if i == 1:
-            raise ValueError("row 1: no image")
-        return i
-
-    it = made_ahead(bad, [0, 1, 2])
-    assert next(it) == 0
-    with pytest.raises(ValueError, match="row 1: no image"):
-        next(it)

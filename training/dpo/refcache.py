@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -68,18 +67,6 @@ def default_cache_dir(data_paths: list[str], output_dir: str) -> Path:
     if first.exists() and os.access(first.parent, os.W_OK):
         return first.parent / REF_CACHE_FOLDER
     return Path(output_dir) / REF_CACHE_FOLDER
-
-
-def made_ahead(make, jobs: list):
-    """make(job) for each job, in order, each made in a worker thread while the caller uses the one before it: the
-    reference pass tokenises and processes the images of batch i+1 while batch i runs through the model (each
-    sample is encoded once, here, and kept for the epochs)."""
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(make, jobs[0]) if jobs else None
-        for i in range(len(jobs)):
-            made = ahead.result()
-            ahead = pool.submit(make, jobs[i + 1]) if i + 1 < len(jobs) else None
-            yield made
 
 
 class RefCache:
@@ -146,13 +133,12 @@ class RefCache:
         from tqdm import tqdm
         bar = tqdm(total=len(batches), desc="reference log-probs", unit="batch", disable=not progress,
                    dynamic_ncols=True)
-
-        def make(idx):  # (batch, whether it is a stand-in: run to keep the collective forward count equal)
-            batch = make_batch(idx) if idx else None
-            return (batch, False) if batch is not None else (stand_in_batch(make_batch, n_items // rows_per_item), True)
-
         with torch.no_grad(), adapters_disabled(engine):
-            for batch, fill in made_ahead(make, batches):
+            for idx in batches:
+                batch = make_batch(idx) if idx else None
+                fill = batch is None
+                if fill:  # keep the collective forward count equal across ranks
+                    batch = stand_in_batch(make_batch, n_items // rows_per_item)
                 r = response_logps(engine, batch)
                 if not fill:
                     k = r.sum.shape[1]
