@@ -128,7 +128,12 @@ def test_opa_pipeline_end_to_end_and_resumable(world, tiny, tmp_path, capsys):
     assert {p.name for p in (out / "fig").iterdir()} >= {"opa_sft_metrics.png", "opa_metrics.png"}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["loss"] == pytest.approx(6.4 * np.log(2), rel=1e-4)  # policy == reference at step 1
+    # policy == reference at step 1: each pair's loss and the anchor at log 2, plus the default added SFT term (weight 1:
+    # the ground-truth answer's negative log-prob)
+    from training.dpo.opa.main import SFT_WEIGHT
+    assert json.loads((out / "run_config.json").read_text())["dpo"]["sft_weight"] == SFT_WEIGHT == 1.0
+    assert rows[0]["sft_loss"] > 0
+    assert rows[0]["loss"] == pytest.approx(6.4 * np.log(2) + rows[0]["sft_loss"], rel=1e-4)
     for k in ("rewards/chosen", "opa/margin3", "opa/margin4"):
         assert k in rows[0]
     assert (out / "model.safetensors").exists()
