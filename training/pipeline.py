@@ -102,12 +102,6 @@ def _stats_digest(files: list[Path], out: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def names_option(name: str, option: str) -> bool:
-    """Whether --name is --option as a stage's argparse reads it: the option's whole name (the stages' parsers take
-    no abbreviation: allow_abbrev=False, so --fig stops the stage rather than standing for --figure_dir)."""
-    return name == option
-
-
 def option_values(args: list[str]) -> list[tuple[str, str]]:
     """(option, value) for each value in a command's arguments: --name=VALUE, or VALUE after --name ("" for none)."""
     out = []
@@ -128,14 +122,14 @@ def arg_values(command: list[str], root: Path = ROOT) -> list[str]:
     the stage writes (WRITTEN: what it writes there is no input of it)."""
     pairs = option_values(command[1:])
     pairs += [(k, v) for _, profile in profiles(pairs, root) for k, v in profile.items() if isinstance(v, str)]
-    return [v for k, v in pairs if not any(names_option(k, w) for w in WRITTEN)]
+    return [v for k, v in pairs if k not in WRITTEN]
 
 
 def profiles(pairs: list[tuple[str, str]], root: Path = ROOT) -> list[tuple[str, dict]]:
     """(name, values) of each --config profile among (option, value) pairs that reads as a JSON object (the stage
     says what is wrong with one that does not)."""
     out = []
-    for name in [v for k, v in pairs if names_option(k, "config")]:
+    for name in [v for k, v in pairs if k == "config"]:
         try:
             loaded = json.loads((root / name).read_text())
         except (OSError, ValueError):
@@ -227,10 +221,10 @@ def code_files(command: list[str], root: Path = ROOT) -> list[str]:
 
 
 def refused_options(args: list[str], root: Path = ROOT) -> list[str]:
-    """What in run_pipeline.sh's arguments (given to SFT) sets a PIPELINE_FIXED option: an option as argparse reads
-    it, or a key of a --config profile they name."""
+    """What in run_pipeline.sh's arguments (given to SFT) sets a PIPELINE_FIXED option: the option by its whole name
+    (the stages take no abbreviation: allow_abbrev=False), or a key of a --config profile they name."""
     found = [a.partition("=")[0] for a in args
-             if a.startswith("--") and any(names_option(a[2:].partition("=")[0], o) for o in PIPELINE_FIXED)]
+             if a.startswith("--") and a[2:].partition("=")[0] in PIPELINE_FIXED]
     return found + [f"{name}: {k}" for name, profile in profiles(option_values(args), root) for k in profile
                     if k in PIPELINE_FIXED]
 
@@ -247,7 +241,7 @@ def without_stop_point(command: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(command):
         name, eq, _ = command[i][2:].partition("=") if command[i].startswith("--") else ("", "", "")
-        if names_option(name, "stop_after_steps"):
+        if name == "stop_after_steps":
             i += 1 if eq else 2
             continue
         out.append(command[i])
