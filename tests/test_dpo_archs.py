@@ -63,10 +63,17 @@ def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
     items = [encode_group(enc, [Message("user", q)], resp, [image], i) for i, (q, resp) in enumerate(
         [("<image>\nWhat is shown?", ["A red circle.", "A big blue square is here."]),
          ("<image>\nDescribe the image in a lot of detail, please.", ["Two green stars.", "A cross."])])]
-    plain, fast = (response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=f)).sum
-                   for f in (False, True))
+    params = list(model.parameters())
+    (plain, g_plain), (fast, g_fast) = (
+        (lp.detach(), torch.autograd.grad(lp.sum(), params, allow_unused=True)) for lp in
+        (response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=f)).sum
+         for f in (False, True)))
     assert plain.abs().min() > 1.0
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    for a, b in zip(g_fast, g_plain):  # the backward too (the packed layout's padding slots get no gradient out)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_an_mllama_text_only_pair_scores_as_alone_beside_pairs_with_images(tmp_path):
