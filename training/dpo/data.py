@@ -177,9 +177,8 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
         offset += L
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     q, kv = seg[:, :, None], seg[:, None, :]
-    mask = causal & (q >= 0) & (kv >= 0) & ((kv == 0) | (kv == q))
-    mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves alone: no empty rows, and
-    # no gradient out of them (training.dpo.packed.Moved)
+    mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
+    mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
     positions = torch.cat(pos)[gather]  # (N, T) each slot's position id (padding: any), for sliding windows
     layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None], "positions": positions}
     vision = collate_vision([it.vision for it in items], arch_name, lengths)

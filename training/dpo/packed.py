@@ -39,31 +39,13 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
         pos = prefix_layout["positions"]
         mask = mask & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
     # packed (1, H, S, D) -> per item (N, H, T, D): attention alone sees the items side by side
-    q, k, v = (Moved.apply(x[0], 1, gather, scatter).view(x.shape[1], n, t, dim).transpose(0, 1)
-               for x in (query, key, value))
+    q, k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (query, key, value))
     if softcap:
         out = softcapped_attention(q, k, v, mask, dropout, dim ** -0.5 if scaling is None else scaling, softcap)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    out = Moved.apply(out.transpose(1, 2).reshape(n * t, heads, dim), 0, scatter, gather)  # back to the packed tokens
+    out = out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, scatter)  # back to the packed tokens
     return out[None], None
-
-
-class Moved(torch.autograd.Function):
-    """x.index_select(dim, index) between the packed row and the item slots, whose gradient is one index_select
-    back (`back`), not index_select's own (a zeroed tensor and an index_add_: on the CPU the slowest kernel of
-    the packed forward and backward). Exact for this layout: gather and scatter are inverse on the real tokens,
-    and a padding slot (gather points it at token 0) is seen only by itself under the items' masks and dropped by
-    scatter, so its gradient is zero where it is left out and stays in padding slots where it is read back."""
-
-    @staticmethod
-    def forward(ctx, x, dim: int, index, back):
-        ctx.dim, ctx.back = dim, back
-        return x.index_select(dim, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.index_select(ctx.dim, ctx.back), None, None, None
 
 
 def softcapped_attention(q, k, v, mask, dropout: float, scaling: float, softcap: float):
