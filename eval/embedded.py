@@ -121,7 +121,25 @@ def questions(args) -> dict[str, list[dict]]:
     return out
 
 
+def question_record(bench: str, q: dict, text: str) -> dict:
+    """One answer as its benchmark scored it (the .per_question.jsonl row): for objhal the kinds it names, those
+    not in the scene (every hallucinated mention, repeats kept) and the scene's kinds it left out."""
+    row = {"bench": bench, "question_id": q["question_id"], "answer": text}
+    if bench == "objhal":
+        every, truth = mentions(text), q["gt_objects"]
+        named = mentioned_kinds(text)
+        return {**row, "gt_objects": list(truth), "mentioned": named,
+                "hallucinated": [k for k in every if k not in truth],
+                "missed": [k for k in dict.fromkeys(truth) if k not in named]}
+    if bench.startswith("pope"):
+        return {**row, "label": q["label"], "pred": parse_yes_no(text)}
+    if bench == "count":
+        return {**row, "count": q["count"], "pred": first_number(text)}
+    raise ValueError(f"unknown embedded benchmark {bench!r}")
+
+
 def score(args, qs, answers, judge=None, decoding=None):
     results = {b: score_rows(b, qs[b], answers[b]) for b in qs}
     metrics = {f"{b}/{m}": v for b, r in results.items() for m, v in r.items() if m != "n"}
-    return metrics, {"results": results}, []
+    per = [question_record(b, q, answers[b][str(q["question_id"])]) for b in qs for q in qs[b]]
+    return metrics, {"results": results}, per

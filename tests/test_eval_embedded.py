@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from eval.embedded import chair, first_number, mentioned_kinds, score_answers, score_rows
+from eval.embedded import chair, first_number, mentioned_kinds, question_record, score_answers, score_rows
 from eval.pope import parse_yes_no, pope_metrics
 
 
@@ -34,6 +34,16 @@ def test_chair_hand_worked():
     # every mention counts for CHAIR_i (benchmarks.md; eval.chair), distinct kinds for CHAIR_s and recall
     m = chair(["one red circle and one blue star. The star is big. Another star."], [["circle"]])
     assert m["CHAIRi"] == pytest.approx(3 / 4) and m["CHAIRs"] == 1 and m["recall"] == 1
+
+
+def test_question_records_hand_worked():
+    """The per-question rows (eval_embedded.per_question.jsonl was written empty): what each answer was scored as."""
+    r = question_record("objhal", {"question_id": "7", "gt_objects": ["circle", "square"]},
+                        "Two stars and a circle. The star is big.")
+    assert r["mentioned"] == ["star", "circle"] and r["hallucinated"] == ["star", "star"]
+    assert r["missed"] == ["square"] and r["answer"].startswith("Two stars")
+    assert question_record("pope_random", {"question_id": "1", "label": "no"}, "Yes, there is.")["pred"] == "yes"
+    assert question_record("count", {"question_id": "2", "count": 3}, "There are two.")["pred"] == 2
 
 
 def test_pope_parsing_rule():
@@ -79,3 +89,8 @@ def test_a_subset_run_keeps_the_all_benchmark_results(world, tiny, tmp_path):
     main(["--models", str(model), "--world", str(world), "--benches", "count", "--no-progress"])
     assert full.read_text() == '{"stand-in": "the all-benchmark results"}'
     assert json.loads((model / "eval_embedded_count.json").read_text())["details"]["results"].keys() == {"count"}
+    per = [json.loads(x) for x in (model / "eval_embedded_count.per_question.jsonl").read_text().splitlines()]
+    questions = [json.loads(x) for x in (world / "bench_count.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in per] == [str(q["question_id"]) for q in questions]
+    right = sum(r["pred"] == r["count"] for r in per) / len(per)
+    assert right == pytest.approx(json.loads((model / "eval_embedded_count.json").read_text())["metrics"]["count/accuracy"])
