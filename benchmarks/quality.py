@@ -75,6 +75,12 @@ def mean_sd(rows: list[dict]) -> tuple[dict, dict]:
     return mean, sd
 
 
+def per_seed_line(method: str, rows: list[dict], seed_flag: str, first_seed: int) -> str:
+    seeds = ", ".join(str(first_seed + k) for k in range(len(rows)))
+    return (f"{method} per seed ({seed_flag} {seeds}), CHAIR_i / recall: "
+            + ", ".join(f"{r['CHAIRi']:.3f} / {r['recall']:.3f}" for r in rows))
+
+
 def meets_target(r: dict, sft: dict, dpo: dict | None = None, pair_share: float = 0.0) -> bool:
     """The issues' target for one model's scores r: CHAIR_i at most half of SFT's (dpo given: at most DPO's, with
     at most a third of its pairs) and recall at most 0.03 below SFT's (compared without dividing or subtracting
@@ -112,7 +118,7 @@ def main(argv=None) -> dict:
         train("run_rm_training.sh", "output/rm", "--from_checkpoint", a.sft)
     # the training seed: OptimArgs.seed (default 1234) for the stages; OPA's own --seed (rollouts, default 0)
     seed_of = {m: ("--seed", 0 if m == "opa_dpo" else 1234) for m in methods}
-    results, spread = {"sft": score(a.sft, a.world)}, {"sft": None}
+    results, spread, seeds_of = {"sft": score(a.sft, a.world)}, {"sft": None}, {}
     for m in methods:
         script, out, args = runs[m]
         per_seed = []
@@ -120,6 +126,7 @@ def main(argv=None) -> dict:
             if not (a.reuse and trained_after(k_out, a.sft, *(["output/rm"] if m == "ppo" else []))):
                 train(script, k_out, *k_args)
             per_seed.append(score(k_out, a.world))
+        seeds_of[m] = per_seed
         results[m], spread[m] = mean_sd([{k: r[k] for k in ("CHAIRi", "CHAIRs", "recall")} for r in per_seed])
     base = results["sft"]
 
@@ -146,6 +153,8 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | {r['CHAIRi']:.3f}{sd(name, 'CHAIRi')} | {r['CHAIRs']:.3f} | "
                      f"{r['recall']:.3f}{sd(name, 'recall')} | {ratio:.2f} | "
                      f"{drop:+.3f} | {n_pairs} | {verdict} |")
+    if a.seeds > 1:  # each seed's own figures: a mean near a target can hide seeds on both sides of it
+        lines += ["", *(per_seed_line(m, rs, *seed_of[m]) for m, rs in seeds_of.items())]
     table = "\n".join(lines)
     print("\nObject hallucination on the embedded world's held-out scenes (bench_objhal, greedy):\n" + table)
     print("targets: CHAIR_i <= 0.5 x SFT, recall >= SFT - 0.03; OPA-DPO: CHAIR_i <= DPO's with <= 1/3 of its pairs")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import mean_sd, seed_runs
+from benchmarks.quality import mean_sd, per_seed_line, seed_runs
 
 
 def test_seed_runs_first_is_the_default_then_named_seeds():
@@ -19,6 +19,13 @@ def test_mean_and_sample_sd_over_seeds():
     assert mean == pytest.approx({"recall": 0.95, "CHAIRi": 0.03})
     assert sd["recall"] == pytest.approx(0.02 / 2 ** 0.5)  # sample sd of two values: |a - b| / sqrt(2)
     assert mean_sd([{"recall": 0.9}])[1] == {"recall": 0.0}
+
+
+def test_each_seed_is_printed_with_its_seed():
+    """With --seeds only the means and sds were printed: the seeds behind a mean near a target had to be dug out."""
+    rows = [{"CHAIRi": 0.0601, "recall": 0.948}, {"CHAIRi": 0.056, "recall": 0.9372}, {"CHAIRi": 0.044, "recall": 0.91}]
+    assert per_seed_line("ppo", rows, "--seed", 1234) == (
+        "ppo per seed (--seed 1234, 1235, 1236), CHAIR_i / recall: 0.060 / 0.948, 0.056 / 0.937, 0.044 / 0.910")
 
 
 def test_a_model_is_reused_only_if_trained_after_the_models_it_starts_from(tmp_path):
