@@ -49,20 +49,20 @@ def main(argv=None) -> dict:
                          [facts(scenes[i]) for i in keep])
         margin = good[keep] - r
         rows[error] = {"scenes": len(keep), "faithful_preferred": float((margin > 0).float().mean()),
-                       "mean_margin": float(margin.mean()), "score_quartiles": quartiles(r)}
+                       "mean_margin": float(margin.mean()), "score_percentiles": percentiles(r)}
     print(f"reward model {a.reward_model} ({'factual' if scorer.factual else 'non-factual'}), "
           f"{len(scenes)} held-out scenes: share ranking the faithful description first")
     print("| error | scenes | faithful preferred | mean margin | scores: 10th, 25th, 50th, 75th, 90th percentile |")
     print("|---|---|---|---|---|")
-    print(f"| (none: faithful) | {len(scenes)} | - | - | {fmt(quartiles(good))} |")
+    print(f"| (none: faithful) | {len(scenes)} | - | - | {fmt(percentiles(good))} |")
     for e, r in rows.items():
         print(f"| {e} | {r['scenes']} | {r['faithful_preferred']:.3f} | {r['mean_margin']:+.3f} | "
-              f"{fmt(r['score_quartiles'])} |")
+              f"{fmt(r['score_percentiles'])} |")
     print("(raw scores, as PPO's --reward_clip clips them before normalising)")
-    return {**rows, "faithful": {"scenes": len(scenes), "score_quartiles": quartiles(good)}}
+    return {**rows, "faithful": {"scenes": len(scenes), "score_percentiles": percentiles(good)}}
 
 
-def quartiles(scores) -> list[float]:
+def percentiles(scores) -> list[float]:
     """The 10th, 25th, 50th, 75th and 90th percentiles of a reward model's raw scores."""
     import torch
     return torch.quantile(scores.float(), torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()

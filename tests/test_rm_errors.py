@@ -4,11 +4,11 @@ import pytest
 import torch
 from sft_helpers import make_reward_model
 
-from benchmarks.rm_errors import main, quartiles
+from benchmarks.rm_errors import main, percentiles
 
 
 def test_percentiles_hand_worked():
-    assert quartiles(torch.arange(11.0)) == pytest.approx([1.0, 2.5, 5.0, 7.5, 9.0])  # linear interpolation
+    assert percentiles(torch.arange(11.0)) == pytest.approx([1.0, 2.5, 5.0, 7.5, 9.0])  # linear interpolation
 
 
 def test_rm_errors_end_to_end(world, tiny, tmp_path, capsys):
@@ -17,6 +17,6 @@ def test_rm_errors_end_to_end(world, tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| (none: faithful) |" in out and "--reward_clip" in out
     for name in ("faithful", "add", "swap", "count", "omit"):
-        q = rows[name]["score_quartiles"]
+        q = rows[name]["score_percentiles"]
         assert len(q) == 5 and q == sorted(q), name
     assert 0 <= rows["add"]["faithful_preferred"] <= 1 and rows["add"]["scenes"] == rows["faithful"]["scenes"]
