@@ -31,19 +31,31 @@ def mentioned_kinds(text: str) -> list[str]:
     return list(dict.fromkeys(mentions(text)))
 
 
-def chair(responses: list[str], gt: list[list[str]]) -> dict:
-    n_mention = n_hal = n_resp_hal = n_correct = n_gt = n_resp_mention = 0
-    for text, truth in zip(responses, gt):
-        every, ks = mentions(text), mentioned_kinds(text)
-        n_mention += len(every)
-        n_hal += sum(k not in truth for k in every)
-        n_resp_hal += any(k not in truth for k in ks)
-        n_resp_mention += bool(ks)
-        n_correct += len(set(ks) & set(truth))
-        n_gt += len(set(truth))
-    n = max(len(responses), 1)
+def objhal_fields(text: str, truth: list[str]) -> dict:
+    """What CHAIR counts in one answer: every object mention (n_mentions), the distinct kinds named, every mention of
+    a kind not in the scene (repeats kept) and the scene's kinds left out."""
+    every = mentions(text)
+    named = list(dict.fromkeys(every))
+    return {"gt_objects": list(truth), "n_mentions": len(every), "mentioned": named,
+            "hallucinated": [k for k in every if k not in truth],
+            "missed": [k for k in dict.fromkeys(truth) if k not in named]}
+
+
+def chair_of(records: list[dict]) -> dict:
+    """CHAIR over answers' objhal_fields."""
+    n_gt = sum(len(set(r["gt_objects"])) for r in records)
+    n_correct = n_gt - sum(len(r["missed"]) for r in records)
+    n_hal = sum(len(r["hallucinated"]) for r in records)
+    n_resp_hal = sum(bool(r["hallucinated"]) for r in records)
+    n_resp_mention = sum(bool(r["mentioned"]) for r in records)
+    n = max(len(records), 1)
     return {"CHAIRs": n_resp_hal / n, "CHAIRs_refine": n_resp_hal / max(n_resp_mention, 1),
-            "CHAIRi": n_hal / max(n_mention, 1), "recall": n_correct / max(n_gt, 1), "n": len(responses)}
+            "CHAIRi": n_hal / max(sum(r["n_mentions"] for r in records), 1), "recall": n_correct / max(n_gt, 1),
+            "n": len(records)}
+
+
+def chair(responses: list[str], gt: list[list[str]]) -> dict:
+    return chair_of([objhal_fields(text, truth) for text, truth in zip(responses, gt)])
 
 
 def first_number(text: str) -> int | None:
@@ -59,17 +71,38 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def question_record(bench: str, q: dict, text: str) -> dict:
+    """One answer as its benchmark scores it (also its .per_question.jsonl row): objhal_fields for objhal, the
+    parsed prediction for POPE and count questions."""
+    row = {"bench": bench, "question_id": q["question_id"], "answer": text}
+    if bench == "objhal":
+        return {**row, **objhal_fields(text, q["gt_objects"])}
+    if bench.startswith("pope"):
+        return {**row, "label": q["label"], "pred": parse_yes_no(text)}
+    if bench == "count":
+        return {**row, "count": q["count"], "pred": first_number(text)}
+    raise ValueError(f"unknown embedded benchmark {bench!r}")
+
+
+def records_of(bench: str, rows: list[dict], answers: dict[str, str]) -> list[dict]:
+    return [question_record(bench, q, answers[str(q["question_id"])]) for q in rows]
+
+
+def metrics_of(bench: str, records: list[dict]) -> dict:
+    """Metrics of one embedded benchmark from its question records."""
+    if bench == "objhal":
+        return chair_of(records)
+    if bench.startswith("pope"):
+        return pope_metrics([r["pred"] for r in records], [r["label"] for r in records])
+    if bench == "count":
+        right = sum(r["pred"] == r["count"] for r in records)
+        return {"accuracy": right / len(records) if records else 0.0, "n": len(records)}
+    raise ValueError(f"unknown embedded benchmark {bench!r}")
+
+
 def score_rows(bench: str, rows: list[dict], answers: dict[str, str]) -> dict:
     """Metrics of one embedded benchmark: its question rows and question_id -> answer text."""
-    texts = [answers[str(q["question_id"])] for q in rows]
-    if bench == "objhal":
-        return chair(texts, [q["gt_objects"] for q in rows])
-    if bench.startswith("pope"):
-        return pope_metrics([parse_yes_no(t) for t in texts], [q["label"] for q in rows])
-    if bench == "count":
-        right = sum(first_number(t) == q["count"] for t, q in zip(texts, rows))
-        return {"accuracy": right / len(rows) if rows else 0.0, "n": len(rows)}
-    raise ValueError(f"unknown embedded benchmark {bench!r}")
+    return metrics_of(bench, records_of(bench, rows, answers))
 
 
 def score_answers(bench: str, questions: Path, answers: Path) -> dict:
@@ -121,25 +154,8 @@ def questions(args) -> dict[str, list[dict]]:
     return out
 
 
-def question_record(bench: str, q: dict, text: str) -> dict:
-    """One answer as its benchmark scored it (the .per_question.jsonl row): for objhal the kinds it names, those
-    not in the scene (every hallucinated mention, repeats kept) and the scene's kinds it left out."""
-    row = {"bench": bench, "question_id": q["question_id"], "answer": text}
-    if bench == "objhal":
-        every, truth = mentions(text), q["gt_objects"]
-        named = mentioned_kinds(text)
-        return {**row, "gt_objects": list(truth), "mentioned": named,
-                "hallucinated": [k for k in every if k not in truth],
-                "missed": [k for k in dict.fromkeys(truth) if k not in named]}
-    if bench.startswith("pope"):
-        return {**row, "label": q["label"], "pred": parse_yes_no(text)}
-    if bench == "count":
-        return {**row, "count": q["count"], "pred": first_number(text)}
-    raise ValueError(f"unknown embedded benchmark {bench!r}")
-
-
 def score(args, qs, answers, judge=None, decoding=None):
-    results = {b: score_rows(b, qs[b], answers[b]) for b in qs}
+    per = {b: records_of(b, qs[b], answers[b]) for b in qs}
+    results = {b: metrics_of(b, per[b]) for b in qs}
     metrics = {f"{b}/{m}": v for b, r in results.items() for m, v in r.items() if m != "n"}
-    per = [question_record(b, q, answers[b][str(q["question_id"])]) for b in qs for q in qs[b]]
-    return metrics, {"results": results}, per
+    return metrics, {"results": results}, [r for b in qs for r in per[b]]

@@ -41,7 +41,7 @@ def test_question_records_hand_worked():
     r = question_record("objhal", {"question_id": "7", "gt_objects": ["circle", "square"]},
                         "Two stars and a circle. The star is big.")
     assert r["mentioned"] == ["star", "circle"] and r["hallucinated"] == ["star", "star"]
-    assert r["missed"] == ["square"] and r["answer"].startswith("Two stars")
+    assert r["missed"] == ["square"] and r["n_mentions"] == 3 and r["answer"].startswith("Two stars")
     assert question_record("pope_random", {"question_id": "1", "label": "no"}, "Yes, there is.")["pred"] == "yes"
     assert question_record("count", {"question_id": "2", "count": 3}, "There are two.")["pred"] == 2
 

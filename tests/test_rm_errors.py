@@ -12,11 +12,29 @@ def test_percentiles_hand_worked():
 
 
 def test_rm_errors_end_to_end(world, tiny, tmp_path, capsys):
+    """The faithful row's percentiles are those of the reward model's own scores of the faithful descriptions (scored
+    here apart), and the printed table holds the returned figures."""
+    import json
+
+    from training.data.images import load_image
+    from training.data.records import Message
+    from training.rm.data import RewardScorer
+    from training.rm.model import load_reward_model
+    from training.rm.quality import _scene
+    from training.world.generate import DESCRIBE
+    from training.world.scenes import describe, facts
+
     rm = make_reward_model(tiny, tmp_path / "rm")
     rows = main(["--reward_model", str(rm), "--world", str(world)])
     out = capsys.readouterr().out
-    assert "| (none: faithful) |" in out and "--reward_clip" in out
-    for name in ("faithful", "add", "swap", "count", "omit"):
-        q = rows[name]["score_percentiles"]
-        assert len(q) == 5 and q == sorted(q), name
-    assert 0 <= rows["add"]["faithful_preferred"] <= 1 and rows["add"]["scenes"] == rows["faithful"]["scenes"]
+    scenes = [_scene(s) for s in json.loads((world / "world.json").read_text())["scenes"]["heldout"]]
+    model, processor, arch = load_reward_model(str(rm))
+    good = RewardScorer(model, processor, arch, 512, 64).score(
+        [[Message("user", "<image>\n" + DESCRIBE)]] * len(scenes),
+        [[load_image(f"{s.id}.png", str(world / "images"))] for s in scenes],
+        [describe(s) for s in scenes], [facts(s) for s in scenes])
+    assert rows["faithful"]["score_percentiles"] == pytest.approx(percentiles(good), abs=1e-4)
+    assert rows["faithful"]["scenes"] == len(scenes) == rows["add"]["scenes"]
+    for name in ("add", "swap", "count", "omit"):
+        r = rows[name]
+        assert f"| {name} | {r['scenes']} | {r['faithful_preferred']:.3f} | {r['mean_margin']:+.3f} |" in out
