@@ -20,7 +20,8 @@ whole batches: pairs past an epoch's last whole batch are left out on both sides
         for vision datasets and padding_free is disabled, so it runs a reference copy each step;
         gradient checkpointing off (its default is on: slower).
 
-Printed for both: pairs/s over the run (ours including its reference pass), peak memory (CUDA:
+Printed for both: pairs/s over the run (ours including its reference pass), the part of that time spent encoding
+the pairs (tokenising, image processing: ours once per pair, within its reference pass; TRL's collator, every batch), peak memory (CUDA:
 max allocated; CPU: the process's peak RSS above its RSS before training), and the chosen/rejected
 log-probs of the first batch (the first `batch` pairs of the file, at initialisation); then ratios.
 Each side runs --repeats times (default 3), alternating ours / TRL, and the run with the median pairs/s
@@ -154,7 +155,8 @@ def worker_ours(a) -> dict:
     t = r["timings"]
     n = sum(h["pairs"] for h in r["history"])
     return {"pairs": n, "seconds": t["reference_s"] + t["train_s"], "reference_s": t["reference_s"],
-            "train_s": t["train_s"], "wall_incl_save_s": total, "peak_mb": mem.peak_mb(), "first_batch": fb}
+            "train_s": t["train_s"], "encode_s": t["encode_s"], "wall_incl_save_s": total, "peak_mb": mem.peak_mb(),
+            "first_batch": fb}
 
 
 def trl_config(a, cuda: bool):
@@ -213,11 +215,21 @@ def worker_trl(a) -> dict:
     for m in trainer._metrics.values():
         m.clear()
 
+    collate, encode = trainer.data_collator, [0.0]  # its tokenising and image processing, timed (in-process)
+
+    def timed_collate(examples):
+        t = time.perf_counter()
+        try:
+            return collate(examples)
+        finally:
+            encode[0] += time.perf_counter() - t
+    trainer.data_collator = timed_collate  # the train dataloader reads it when train() builds it
     mem = Memory()
     t0 = time.time()
     out = trainer.train()
     seconds = time.time() - t0
-    return {"pairs": out.global_step * a.batch, "seconds": seconds, "peak_mb": mem.peak_mb(), "first_batch": fb}
+    return {"pairs": out.global_step * a.batch, "seconds": seconds, "encode_s": encode[0], "peak_mb": mem.peak_mb(),
+            "first_batch": fb}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -284,6 +296,7 @@ def report(ours: dict, trl: dict, model: Path) -> str:
         fb = r["first_batch"]
         lines.append(f"{name:5s} pairs/s {r['pairs'] / r['seconds']:8.2f}  ({r['pairs']} pairs in {r['seconds']:.1f} s"
                      + (f"; reference pass {r['reference_s']:.1f} s" if "reference_s" in r else "")
+                     + (f"; encoding {r['encode_s']:.2f} s" if r.get("encode_s") is not None else "")
                      + f")  peak memory {r['peak_mb']:8.1f} MiB  first batch logps chosen "
                      f"{st.mean(fb['chosen']):.4f} rejected {st.mean(fb['rejected']):.4f}")
     dc = max(abs(x - y) for x, y in zip(fb_o["chosen"], fb_t["chosen"]))

@@ -43,6 +43,26 @@ def test_encoded_cache_keeps_items_within_its_budget(world, tiny):
     assert cache[2] is not first[2] and torch.equal(cache[2].prompt_ids, first[2].prompt_ids)
     assert len(cache) == len(ds) and cache.n_responses == ds.n_responses  # the dataset's attributes
 
+
+def test_encoded_cache_times_encoding_alone():
+    """encode_seconds adds up the wrapped dataset's encodes: a kept item read again adds nothing."""
+    import time
+
+    from training.data.encoded_cache import EncodedCache
+
+    class Slow:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return torch.zeros(4)
+
+    cache = EncodedCache(Slow(), budget_mb=1)
+    for i in (0, 1, 0, 1, 0):
+        cache[i]
+    assert 0.1 <= cache.encode_seconds < 0.15  # two encodes, three reads from memory
+
 def test_a_too_long_item_is_counted_once_over_several_passes(world, tiny):
     from training.data.bad_rows import BadRowReport
 

@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
         setup_reference(trainer, cfg, records, paths, arch.name, template, n_resp)
     t1 = time.time()
     history = trainer.train()
-    timings = {"reference_s": t1 - t0, "train_s": time.time() - t1}
+    timings = {"reference_s": t1 - t0, "train_s": time.time() - t1,
+               "encode_s": getattr(dataset, "encode_seconds", None)}  # within the two (with --encoded_cache_mb)
     if trainer.interrupted:
         return stopped_early(strategy, report, out, history, run, trainer.logger)
     strategy.save_hf(trainer.engine, processor, out)
