@@ -54,6 +54,9 @@ class PPOArgs:
                                      "and values then come from the same function.")
     entropy_coef: float = _f(0.0, "Entropy bonus.")
     critic_warmup_steps: int = _f(0, "Steps that train only the critic before the actor moves.")
+    critic_facts: bool = _f(False, "Asymmetric critic: the critic reads each prompt with its facts (the reward model's "
+                                   "factual block) before the response, so its per-token values can tell a mentioned "
+                                   "object that the facts hold from one they do not; the actor never sees them.")
     ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): + ptx_coef * the token-mean NLL of a batch of SFT data in "
                             "every actor update, against the alignment tax (0: off).")
     ptx_data_path: str = _f("", "SFT data of the ptx term (default: the embedded world's sft_train.json).")

@@ -146,6 +146,12 @@ def main(argv=None) -> dict:
     report = BadRowReport(skip=d.skip_bad_rows)
     records = read_prompts(d.data_path, d.image_folder, report, p.captions_file or None)
     step_plan(len(records), p, cfg["optim"], strategy.world_size)
+    if p.critic_facts:
+        from training.rm.factual import has_facts
+        lacking = next((r for r in records if not has_facts(r.facts)), None)
+        if lacking is not None:
+            raise SystemExit(f"--critic_facts: the critic reads each prompt's facts, and {lacking.source} has none "
+                             "(--captions_file gives LLaVA-RLHF prompts theirs)")
     actor, processor, arch = load_model_and_processor(m, cfg["lora"], zero3=strategy.build_config())
     template = set_chat_template(processor, m.template)  # rollout prompts; saved with the actor
     ref = None
@@ -174,8 +180,12 @@ def main(argv=None) -> dict:
     records = usable_prompts(records, encoder, d.image_folder, report,
                              p.factual and getattr(getattr(rm, "module", rm), "factual", False),
                              strategy.is_main and run.progress, rm_encoder, p.max_new_tokens)
+    critic_encoder = None
+    if p.critic_facts:  # the critic reads prompt, facts and response: as long as the reward model's reading
+        critic_encoder = ChatEncoder(processor, arch, rm_encoder.max_seq_len, template)
     trainer = PPOTrainer(strategy, None, None, ref, rm, processor, rm_processor, encoder, rm_encoder, arch.name,
-                         rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template))
+                         rm_arch.name, records, d.image_folder, cfg, ptx_data(p, d, processor, arch, report, template),
+                         critic_encoder)
     trainer.report = report
     # schedules count optimizer updates: updates_per_step of them per PPO step, the actor's after the warm-up
     actor_steps = trainer.total_steps - min(p.critic_warmup_steps, trainer.total_steps)

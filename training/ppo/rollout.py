@@ -73,6 +73,30 @@ def generate_rollouts(model, processor, encoder: ChatEncoder, arch_name: str, pr
                    vision_rows(rows, arch_name), [bool(e.vision) for e in rows])
 
 
+@dataclass
+class Relaid:
+    """A rollout batch's responses after other prompts (Rollout's fields of the same names)."""
+    batch: SFTBatch
+    vision_rows: dict | None
+    with_vision: list[bool]
+
+
+def relay(ro: Rollout, encoder: ChatEncoder, arch_name: str, prompts: list, images: list, pad_id: int,
+          device) -> Relaid:
+    """Each rollout's response tokens (EOS included), the very ids sampled, after prompts[i] encoded for generation
+    (another reader's view of the same rollout: the asymmetric critic's prompt with facts). Labels mark the response
+    tokens, as in the rollout batch, so response_view aligns the two."""
+    labels = ro.batch.labels.cpu()
+    rows = []
+    for i, (p, im) in enumerate(zip(prompts, images)):
+        resp = labels[i][labels[i] != IGNORE]
+        e = encoder.encode(p, im, add_generation_prompt=True)
+        rows.append(Encoded(torch.cat([e.input_ids, resp]), torch.cat([torch.full_like(e.input_ids, IGNORE), resp]),
+                            e.vision, prompt_len=len(e.input_ids)))
+    return Relaid(collate_sft(rows, pad_id, arch_name).to(device), vision_rows(rows, arch_name),
+                  [bool(e.vision) for e in rows])
+
+
 def response_view(x: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather each row's contiguous response positions of a shifted (B, T-1) tensor into (B, R)."""
     start = mask.long().argmax(-1)  # (B,) first response position

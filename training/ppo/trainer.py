@@ -7,6 +7,7 @@ over minibatches (clipped policy loss for the actor, clipped value loss for the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -22,15 +23,16 @@ from training.logprobs import masked_mean, nll_sum, token_logprobs, token_logpro
 from training.losses import ppo_policy_loss, ppo_value_loss
 from training.data.row_parts import ANSWER_FIELDS
 from training.ppo.args import refuse_unusable_step_shape
-from training.ppo.rollout import generate_rollouts, response_view
+from training.ppo.rollout import generate_rollouts, relay, response_view
 from training.ppo.shaping import option_bonus, stop_token_penalty
 from training.predict.generate import DecodeArgs
 from training.rm.data import encode_for_rm, readable_response
+from training.rm.factual import factual_block
 from training.engine.loop import StepPlan, open_run, planned_steps
 from training.engine.strategy import NonFiniteError
 from training.model.builder import eval_mode
 from training.model.reference import lora_reference, snapshot
-from training.templates.chat import PromptTooLong
+from training.templates.chat import IGNORE, PromptTooLong
 
 
 def _check_finite(strategy, step: int, ckpt: Path, **tensors) -> None:
@@ -69,12 +71,13 @@ class PPOTrainer:
     report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
 
     def __init__(self, strategy, actor, critic, ref, rm, processor, rm_processor, encoder, rm_encoder,
-                 arch_name: str, rm_arch_name: str, records, image_root: str, cfg, ptx=None):
+                 arch_name: str, rm_arch_name: str, records, image_root: str, cfg, ptx=None, critic_encoder=None):
         self.s, self.actor, self.critic, self.ref, self.rm = strategy, actor, critic, ref, rm
         self.processor, self.rm_processor, self.encoder, self.rm_encoder = processor, rm_processor, encoder, rm_encoder
         self.arch_name, self.rm_arch_name = arch_name, rm_arch_name
         self.records, self.image_root, self.cfg = records, image_root, cfg
         self.ptx = ptx  # SFT rows of the PPO-ptx term (an SFTDataset), or None
+        self.critic_encoder = critic_encoder  # --critic_facts: the critic's prompts, with facts (else the actor's)
         self.p, o = cfg["ppo"], cfg["optim"]
         if ptx is not None:  # the rows' order, fixed by the seed: a resumed run reads the same rows
             self.ptx_order = torch.randperm(len(ptx), generator=torch.Generator().manual_seed(o.seed)).tolist()
@@ -184,16 +187,17 @@ class PPOTrainer:
             ro = generate_rollouts(whole, self.processor, self.encoder, self.arch_name, [r.prompt for r in records],
                                    images, decode, self.s.device, synced_gpus=self.synced)
         R = int(ro.lengths.max())
+        view = self._critic_view(records, images, ro) if self.critic_encoder is not None else None
+        cb = view.batch if view is not None else ro.batch
         with torch.no_grad():
             lp, mask, _ = self._logprobs(actor, ro.batch, ro.suppressed)
             with self._ref_context():
                 ref_lp, _, _ = self._logprobs(self._module(self.ref) if self.ref is not None else actor, ro.batch,
                                               ro.suppressed)
-            values = self._module(self.critic)(ro.batch.input_ids, ro.batch.attention_mask, per_token=True,
-                                               **ro.batch.vision)
+            values = self._module(self.critic)(cb.input_ids, cb.attention_mask, per_token=True, **cb.vision)
         old_lp, rmask = response_view(lp, mask, R)
         ref_lp, _ = response_view(ref_lp, mask, R)
-        values, _ = response_view(values[:, :-1], mask, R)
+        values, _ = response_view(values[:, :-1], cb.labels[:, 1:] != IGNORE, R)
         raw = self._scores(records, images, ro.responses, step)
         kl = kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
         # the critic's values by name: a non-finite one was first seen as a "non-finite policy_loss" (value_loss in
@@ -204,8 +208,28 @@ class PPOTrainer:
         adv, ret = gae(rewards, values, rmask.float(), p.gamma, p.lam)
         if p.whiten_advantages:
             adv = whiten(adv, rmask.float(), reduce=self._sum_ranks)
-        return {"rollout": ro, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp, "values": values,
-                "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
+        return {"rollout": ro, "critic_view": view, "mask": mask, "rmask": rmask, "R": R, "old_lp": old_lp,
+                "values": values, "adv": adv, "ret": ret, "raw": raw, "score": score, "kl": kl}
+
+    def _critic_view(self, records, images, ro):
+        """--critic_facts: the rollouts as the critic reads them, each prompt's last user turn followed by the factual
+        block (facts in row order) and then the sampled response; a prompt it cannot read with the response stops the
+        run on every rank, naming the row."""
+        prompts, bad = [], ""
+        for r in records:
+            last = max(i for i, m in enumerate(r.prompt) if m.role == "user")
+            turn = dataclasses.replace(r.prompt[last], content=r.prompt[last].content + "\n" + factual_block(r.facts))
+            prompts.append([*r.prompt[:last], turn, *r.prompt[last + 1:]])
+        try:
+            view = relay(ro, self.critic_encoder, self.arch_name, prompts, images,
+                         self.processor.tokenizer.pad_token_id, self.s.device)
+        except PromptTooLong as e:
+            view, bad = None, f"{e}"
+        if float(self.s.all_reduce(float(bool(bad)))) > 0:
+            raise ValueError(f"--critic_facts: {bad or 'a prompt on another rank'}: the critic reads at most "
+                             f"{self.critic_encoder.max_seq_len} tokens of prompt, facts and response; raise "
+                             "--max_seq_len or shorten the rows' facts")
+        return view
 
     def _minibatches(self, n: int, epoch: int):
         """This PPO epoch's minibatches: a fresh order every epoch, fixed by (seed, step, epoch); one minibatch of
@@ -249,8 +273,10 @@ class PPOTrainer:
                     stats[k].append((float(v.detach()), n_own))
             # through the engine (as the actor): its forward advances ZeRO-3's micro-step count, without which
             # each micro-batch's gradient replaced the one before under accumulation
-            v = self.critic(b.input_ids, b.attention_mask, per_token=True, **b.vision)
-            v, _ = response_view(v[:, :-1], b.labels[:, 1:] != -100, exp["R"])
+            view = exp["critic_view"]
+            bc = b if view is None else _select(view.batch, idx, view.vision_rows, view.with_vision)
+            v = self.critic(bc.input_ids, bc.attention_mask, per_token=True, **bc.vision)
+            v, _ = response_view(v[:, :-1], bc.labels[:, 1:] != IGNORE, exp["R"])
             vl = ppo_value_loss(v, exp["values"][idx], exp["ret"][idx], rm_, p.value_clip_eps)
             _check_finite(self.s, step, ckpt, value_loss=vl)
             self.critic.backward(p.vf_coef * vl * share)
