@@ -67,7 +67,7 @@ def _trainer(world=1, entropy_coef=0.5, vf_coef=0.25, kl_target=None):
     exp = {"rollout": SimpleNamespace(batch=batch, responses=["a b c", "a"], lengths=torch.tensor([3, 1]),
                                       ended=torch.tensor([True, False]), gen_seconds=1.0, suppressed=[],
                                       vision_rows=None, with_vision=None),
-           "mask": mask, "rmask": rmask, "R": 3,
+           "critic_view": None, "mask": mask, "rmask": rmask, "R": 3,  # the critic reads the actor's rows
            "old_lp": torch.tensor([[-1.2, -0.8, -1.0], [-0.9, 0.0, 0.0]]),
            "adv": torch.tensor([[1.0, -0.5, 2.0], [-1.5, 0.0, 0.0]]),
            "values": torch.tensor([[0.2, 0.4, -0.3], [0.1, 0.0, 0.0]]),
