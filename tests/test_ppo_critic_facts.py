@@ -74,3 +74,23 @@ def test_prompts_without_facts_are_refused_before_models_load(world, tiny, rm, t
     args[args.index("--data_path") + 1] = str(data)
     with pytest.raises(SystemExit, match=rf"--critic_facts: .*{data.name}.* has none"):
         main(args)
+
+
+def test_a_prompt_the_critic_cannot_read_is_named():
+    """relay names the row whose prompt (with facts) leaves the critic's encoder no room."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from training.data.records import Message
+    from training.model.architectures import ARCHITECTURES
+    from training.model.tiny import build_processor
+    from training.ppo.rollout import relay
+    from training.templates.chat import ChatEncoder, PromptTooLong
+
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6]])
+    ro = SimpleNamespace(batch=SimpleNamespace(labels=labels))
+    enc = ChatEncoder(build_processor(), ARCHITECTURES["llava"], 24)  # fewer than the image's tokens
+    prompt = [Message("user", "<image>\ndescribe the image. " + "the image contains one red star. " * 4)]
+    with pytest.raises(PromptTooLong, match=r"^ppo_prompts.json row 7: "):
+        relay(ro, enc, "llava", [prompt], [[Image.new("RGB", (32, 32))]], 0, "cpu", ["ppo_prompts.json row 7"])

@@ -16,7 +16,7 @@ import torch
 
 from training.data.collate import SFTBatch, collate_sft
 from training.predict.generate import DecodeArgs, sampling_as_asked, stop_and_never
-from training.templates.chat import IGNORE, PER_SAMPLE_VISION, TOKEN_ALIGNED, ChatEncoder, Encoded
+from training.templates.chat import IGNORE, PER_SAMPLE_VISION, TOKEN_ALIGNED, ChatEncoder, Encoded, PromptTooLong
 
 
 @dataclass
@@ -82,15 +82,19 @@ class Relaid:
 
 
 def relay(ro: Rollout, encoder: ChatEncoder, arch_name: str, prompts: list, images: list, pad_id: int,
-          device) -> Relaid:
+          device, names: list | None = None) -> Relaid:
     """Each rollout's response tokens (EOS included), the very ids sampled, after prompts[i] encoded for generation
     (another reader's view of the same rollout: the asymmetric critic's prompt with facts). Labels mark the response
-    tokens, as in the rollout batch, so response_view aligns the two."""
+    tokens, as in the rollout batch, so response_view aligns the two. A prompt too long for the encoder raises
+    PromptTooLong naming names[i] (its row)."""
     labels = ro.batch.labels.cpu()
     rows = []
     for i, (p, im) in enumerate(zip(prompts, images)):
         resp = labels[i][labels[i] != IGNORE]
-        e = encoder.encode(p, im, add_generation_prompt=True)
+        try:
+            e = encoder.encode(p, im, add_generation_prompt=True)
+        except PromptTooLong as err:
+            raise PromptTooLong(f"{names[i]}: {err}" if names else str(err)) from None
         rows.append(Encoded(torch.cat([e.input_ids, resp]), torch.cat([torch.full_like(e.input_ids, IGNORE), resp]),
                             e.vision, prompt_len=len(e.input_ids)))
     return Relaid(collate_sft(rows, pad_id, arch_name).to(device), vision_rows(rows, arch_name),

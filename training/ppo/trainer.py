@@ -222,7 +222,7 @@ class PPOTrainer:
             prompts.append([*r.prompt[:last], turn, *r.prompt[last + 1:]])
         try:
             view = relay(ro, self.critic_encoder, self.arch_name, prompts, images,
-                         self.processor.tokenizer.pad_token_id, self.s.device)
+                         self.processor.tokenizer.pad_token_id, self.s.device, [str(r.source) for r in records])
         except PromptTooLong as e:
             view, bad = None, f"{e}"
         if float(self.s.all_reduce(float(bool(bad)))) > 0:
