@@ -65,7 +65,13 @@ def test_the_critic_reads_facts_then_the_sampled_response(world, tiny, rm, tmp_p
     assert all(v.batch.input_ids.shape[1] > a.input_ids.shape[1] for v, a in zip(views, actor_batches))
 
 
-def test_prompts_without_facts_are_refused_before_models_load(world, tiny, rm, tmp_path):
+def test_prompts_without_facts_are_refused_before_models_load(world, tiny, rm, tmp_path, monkeypatch):
+    import training.model.builder as builder
+
+    def no_load(*a, **k):
+        raise AssertionError("a model loaded before the prompts were checked")
+
+    monkeypatch.setattr(builder, "load_model_and_processor", no_load)
     rows = json.loads((world / "ppo_prompts.json").read_text())
     rows[1].pop("facts")
     data = tmp_path / "prompts.json"
