@@ -10,7 +10,8 @@ process over --epochs epochs (sigmoid DPO, beta 0.1, AdamW, no gradient checkpoi
 whole batches: pairs past an epoch's last whole batch are left out on both sides):
 
   ours  training.dpo.main: reference log-probs precomputed once (counted in its time), image and
-        prompt computed once per pair (shared-prefix layout), no reference model in memory, each
+        prompt computed once per pair (shared-prefix layout), the last layer run whole only where
+        logits are taken (training.dpo.last_layer), no reference model in memory, each
         sample tokenised and its image processed once (kept in memory for the epochs after the
         reference pass: --encoded_cache_mb; that memory is in its peak).
         On the CPU our stages keep freed tensor memory for reuse (training.engine.cpu_memory: glibc's
@@ -262,29 +263,39 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["pairs"] / r["seconds"])[len(runs) // 2]
 
 
-def madd_bound(model_dir: Path, prompt: int, responses: list[int]) -> tuple[float, float]:
+def madd_bound(model_dir: Path, prompt: int, responses: list[int]) -> tuple[float, float, float]:
     """The one-epoch ratio of multiply-adds per pair, TRL / ours, from parameter counts (attention's
-    quadratic part aside) -> (whole model, language model alone). Both sides run the policy forward and
-    backward and one reference forward per pair. TRL: the image through the vision tower and projector
-    twice, 2(P+R) tokens through the language model and its head. Ours: the image once, P+2R tokens
-    through the language model, the head on the 2R response tokens only."""
+    quadratic part aside) -> (whole model, whole model from sharing the prompt alone, language model from sharing
+    alone). Both sides run the policy forward and backward and one reference forward per pair. TRL: the image
+    through the vision tower and projector twice, 2(P+R) tokens through the language model and its head. Ours: the
+    image once, P+2R tokens through the language model, the head on the 2R response tokens only, and the last layer
+    (training.dpo.last_layer) whole on the 2R+1 live tokens alone, its key and value projections on all P+2R."""
     import math
+    import re
 
     from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())["vision_config"]
     n_patches = (cfg["image_size"] // cfg["patch_size"]) ** 2
     size = {"vision": 0, "projector": 0, "lm": 0, "head": 0, None: 0}
+    layers: dict[int, dict[str, int]] = {}  # the language model's layers: key/value projections, the rest
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         for k in f.keys():
             part = ("vision" if "vision_tower" in k else "projector" if "multi_modal_projector" in k
                     else "head" if "lm_head" in k else None if "embed_tokens" in k else "lm")  # embeddings: lookups
-            size[part] += math.prod(f.get_slice(k).get_shape())
+            n = math.prod(f.get_slice(k).get_shape())
+            size[part] += n
+            layer = re.search(r"language_model\.(?:model\.)?layers\.(\d+)\.", k)
+            if part == "lm" and layer:
+                kv = "kv" if re.search(r"self_attn\.[kv]_proj\.", k) else "rest"
+                layers.setdefault(int(layer[1]), {"kv": 0, "rest": 0})[kv] += n
     p, r = prompt, sum(responses)
     image = size["vision"] * (n_patches + 1) + size["projector"] * n_patches  # +1: the class token
     trl = 2 * image + (size["lm"] + size["head"]) * (2 * p + r)
-    ours = image + size["lm"] * (p + r) + size["head"] * r
-    return trl / ours, (2 * p + r) / (p + r)
+    shared = image + size["lm"] * (p + r) + size["head"] * r
+    last = layers[max(layers)]["rest"] if layers else 0
+    ours = shared - last * (p - 1)  # the last layer's rest on the live tokens alone: p + r - (r + 1)
+    return trl / ours, trl / shared, (2 * p + r) / (p + r)
 
 
 def report(ours: dict, trl: dict, model: Path) -> str:
@@ -306,9 +317,10 @@ def report(ours: dict, trl: dict, model: Path) -> str:
                  f"   first-batch per-pair |logp diff| max chosen {dc:.2e} rejected {dr:.2e}")
     lines.append(f"tokens per pair: prompt {fb_o['prompt_tokens']} (ours) / {fb_t['prompt_tokens']} (TRL), "
                  f"responses {fb_o['response_tokens']} / {fb_t['response_tokens']}")
-    whole, lm = madd_bound(model, fb_o["prompt_tokens"], fb_o["response_tokens"])
-    lines.append(f"one-epoch bound from sharing the prompt (multiply-adds per pair, TRL / ours, first pair's "
-                 f"tokens, attention's quadratic part aside): {whole:.2f}x ({lm:.2f}x in the language model)")
+    whole, shared, lm = madd_bound(model, fb_o["prompt_tokens"], fb_o["response_tokens"])
+    lines.append(f"one-epoch bound (multiply-adds per pair, TRL / ours, first pair's tokens, attention's quadratic "
+                 f"part aside): {whole:.2f}x; from sharing the prompt alone {shared:.2f}x ({lm:.2f}x in the language "
+                 f"model), the rest from the last layer on the live tokens alone")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from training.data.collate import collate_sft
 from training.data.records import Message
 from training.dpo.data import PREFIX_ARCHS, collate_groups, encode_group
 from training.dpo.forward import response_logps
+from training.dpo.last_layer import last_decoder_layer
 from training.logprobs import sequence_logprobs
 from training.model.builder import load_model_and_processor
 from training.model.tiny_archs import make_tiny_checkpoint
@@ -40,11 +41,13 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
     assert (spec.name in PREFIX_ARCHS) == (arch == "llava_next")
 
 
-@pytest.mark.parametrize("lm", ["gemma2", "mistral"])
+@pytest.mark.parametrize("lm", ["gemma2", "mistral", "qwen2"])
 def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
     """A LLaVA checkpoint holds any causal LM (built from parts). The packed layout computed plain causal SDPA for
     every layer: Mistral's and Gemma 2's sliding windows (6 tokens here, shorter than the rows) and Gemma 2's
-    soft-capped attention logits (its eager attention) were lost: the log-probs differed by nats."""
+    soft-capped attention logits (its eager attention) were lost: the log-probs differed by nats. Mistral's and
+    Qwen2's last layers run whole at the live positions alone (training.dpo.last_layer), under their windows (Qwen2's
+    on its last layer only); Gemma 2's runs whole everywhere."""
     import transformers
 
     path = make_tiny_checkpoint("llava", tmp_path / "llava")
@@ -52,8 +55,10 @@ def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
     cfg = transformers.AutoConfig.from_pretrained(path)
     common = dict(vocab_size=cfg.text_config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.5)
-    cfg.text_config = (transformers.Gemma2Config(**common, head_dim=8, attn_logit_softcapping=1.0) if lm == "gemma2"
-                       else transformers.MistralConfig(**common))
+    cfg.text_config = {"gemma2": lambda: transformers.Gemma2Config(**common, head_dim=8, attn_logit_softcapping=1.0),
+                       "mistral": lambda: transformers.MistralConfig(**common),
+                       "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=True,
+                                                                 max_window_layers=1)}[lm]()
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     if lm == "gemma2":
@@ -70,6 +75,9 @@ def test_packed_layout_keeps_sliding_windows_and_soft_capping(lm, tmp_path):
          for f in (False, True)))
     assert plain.abs().min() > 1.0
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    layer = type(last_decoder_layer(model)).__name__
+    assert layer == {"gemma2": "Gemma2DecoderLayer", "mistral": "LiveMistralDecoderLayer",
+                     "qwen2": "LiveQwen2DecoderLayer"}[lm]
     for a, b in zip(g_fast, g_plain):  # the backward too (the packed layout's padding slots get no gradient out)
         assert (a is None) == (b is None)
         if a is not None:

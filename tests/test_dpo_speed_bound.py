@@ -9,18 +9,23 @@ from benchmarks.dpo_speed import madd_bound
 
 
 def test_bound_counts_each_part_as_each_side_runs_it(tmp_path):
-    # 16/8 -> 4 patches (+1 class token in the tower); vision 10, projector 2, language model 3, head 1 weights;
-    # embeddings (lookups) do not count
+    # 16/8 -> 4 patches (+1 class token in the tower); vision 10, projector 2, language model 12 (layer 0: 3; the
+    # last, layer 1: key and value projections 2 + 2, the rest 5), head 1 weights; embeddings (lookups) do not count
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 16, "patch_size": 8}}))
+    lm = "model.language_model.layers."
     save_file({"model.vision_tower.w": torch.zeros(2, 5), "model.multi_modal_projector.w": torch.zeros(2),
-               "model.language_model.layers.0.w": torch.zeros(3), "lm_head.weight": torch.zeros(1),
+               lm + "0.w": torch.zeros(3), lm + "1.self_attn.k_proj.weight": torch.zeros(2),
+               lm + "1.self_attn.v_proj.weight": torch.zeros(2), lm + "1.mlp.w": torch.zeros(5),
+               "lm_head.weight": torch.zeros(1),
                "model.language_model.embed_tokens.weight": torch.zeros(100)}, str(tmp_path / "model.safetensors"))
-    whole, lm = madd_bound(tmp_path, 10, [1, 2])  # P = 10, R = 3 over both responses
+    whole, shared, lm_only = madd_bound(tmp_path, 10, [1, 2])  # P = 10, R = 3 over both responses
     image = 10 * 5 + 2 * 4
-    trl = 2 * image + (3 + 1) * (2 * 10 + 3)  # 208
-    ours = image + 3 * (10 + 3) + 1 * 3  # 100
-    assert abs(whole - trl / ours) < 1e-12 and abs(whole - 2.08) < 1e-12
-    assert abs(lm - 23 / 13) < 1e-12
+    trl = 2 * image + (12 + 1) * (2 * 10 + 3)  # 415
+    sharing = image + 12 * (10 + 3) + 1 * 3  # 217
+    ours = image + (3 + 2 + 2) * (10 + 3) + 5 * (3 + 1) + 1 * 3  # 172: the last layer's rest on R + 1 tokens
+    assert abs(whole - trl / ours) < 1e-12 and abs(whole - 415 / 172) < 1e-12
+    assert abs(shared - trl / sharing) < 1e-12 and abs(shared - 415 / 217) < 1e-12
+    assert abs(lm_only - 23 / 13) < 1e-12
 
 
 def test_trl_takes_the_optimizer_steps_ours_takes(tmp_path):

@@ -10,12 +10,14 @@ Two batch layouts give the same per-response log-probs (tested to 1e-4):
                after the prompt, so every response sees exactly what it sees in the plain layout.
                The image is encoded once, the prompt (image tokens + question) computed once, the
                projections and MLPs see no padding (only attention lays the items side by side), and
-               logits are built only where a response token is predicted (`logits_to_keep`).
+               logits are built only where a response token is predicted (`logits_to_keep`), so the
+               last layer runs whole only there (training.dpo.last_layer).
 
 Shapes (N items, K responses, T row length, L label length):
   PrefixBatch.input_ids / position_ids (1, sum of item lengths); layout: gather (N*T,) / scatter
   (sum of item lengths,) indices between the packed row and N item slots of T, the items' masks
-  (N, 1, T, T) for attention and their slots' positions (N, T); keep (1, N*K*(Rmax+1)) positions whose
+  (N, 1, T, T) for attention and their slots' positions (N, T), and the same for the live positions alone
+  (`live_queries`); keep (1, N*K*(Rmax+1)) positions whose
   logits predict labels; labels, weights (N*K, Rmax+1) aligned with the logits taken at `keep`
   (labels[:, 0] is IGNORE: token_logprobs shifts by one).
   PlainBatch.input_ids / attention_mask / labels / weights (N*K, T).
@@ -117,7 +119,8 @@ def _weights(item: GroupItem, k: int) -> torch.Tensor:
 class PrefixBatch:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    layout: dict  # gather (N*T,), scatter (sum T_i,), mask (N, 1, T, T), positions (N, T): training.dpo.packed
+    layout: dict  # gather (N*T,), scatter (sum T_i,), mask (N, 1, T, T), positions (N, T): training.dpo.packed;
+    # live_*: the positions whose logits are taken (live_queries), for training.dpo.last_layer
     keep: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
@@ -166,7 +169,7 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
             pos.append(torch.arange(P, P + R))
             seg[n, start:start + R] = k + 1
             # logits at P-1 predict the response's first token, at start+j its token j+1
-            keep[n, k, :] = offset  # unused slots (label IGNORE) point at a real position
+            keep[n, k, :] = offset + P - 1  # unused slots (label IGNORE) point at a live position
             keep[n, k, 0] = offset + P - 1
             keep[n, k, 1:R + 1] = offset + torch.arange(start, start + R)
             labels[n, k, 1:R + 1] = tgt
@@ -180,10 +183,33 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
     mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))
     mask |= torch.eye(T, dtype=torch.bool) & (q < 0)  # padding slots see themselves: no empty rows
     positions = torch.cat(pos)[gather]  # (N, T) each slot's position id (padding: any), for sliding windows
-    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None], "positions": positions}
+    layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None], "positions": positions,
+              **live_queries(items, lengths, gather, mask, positions)}
     vision = collate_vision([it.vision for it in items], arch_name, lengths)
     return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
                        labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])
+
+
+def live_queries(items: list[GroupItem], lengths: list[int], gather: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor) -> dict:
+    """The live positions of a packed batch: each item's last prompt token and its responses, the only positions
+    whose logits are taken (training.dpo.last_layer runs the last layer there alone). live_rows (S_live,): their
+    packed positions, item after item; per item, its live slots side by side, (N, Q) with Q the most of any item:
+    live_gather (N*Q,) index into live_rows (an item's spare slots repeat its last), live_mask (N, 1, Q, T) their
+    rows of the items' masks, live_positions (N, Q) their position ids; live_scatter (S_live,) index into the
+    N*Q slots, back to live_rows' order."""
+    first = torch.tensor([len(it.prompt_ids) - 1 for it in items])  # the slot predicting the first response token
+    counts = torch.tensor(lengths) - first
+    N, Q = len(items), int(counts.max())
+    j = torch.arange(Q)
+    slots = torch.minimum(first[:, None] + j, first[:, None] + counts[:, None] - 1)  # (N, Q) item slots
+    starts = torch.cumsum(counts, 0) - counts  # where each item's live rows begin in live_rows
+    real = j < counts[:, None]
+    return {"live_rows": gather.view(N, -1).gather(1, slots)[real],
+            "live_gather": (starts[:, None] + torch.minimum(j, counts[:, None] - 1)).view(-1),
+            "live_scatter": (torch.arange(N)[:, None] * Q + j)[real],
+            "live_mask": mask[torch.arange(N)[:, None], slots][:, None],
+            "live_positions": positions.gather(1, slots)}
 
 
 @dataclass

@@ -22,7 +22,9 @@ NAME = "sdpa_prefix"
 
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     prefix_layout=None, **kwargs):
+                     prefix_layout=None, live: bool = False, **kwargs):
+    """live: the queries are those of the layout's live positions alone (training.dpo.last_layer), (1, H, S_live, D);
+    the keys and values those of every packed position."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if prefix_layout is None:
@@ -31,20 +33,23 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: one key/value head per group
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    gather, scatter, mask = prefix_layout["gather"], prefix_layout["scatter"], prefix_layout["mask"]
-    n, t = mask.shape[0], mask.shape[-1]
+    side = "live_" if live else ""  # the queries' slots: every position's, or the live positions' alone
+    gather, q_gather, q_scatter, mask = (prefix_layout[k] for k in ("gather", side + "gather", side + "scatter",
+                                                                    side + "mask"))
+    n, tq, t = mask.shape[0], mask.shape[2], mask.shape[3]
     heads, dim = query.shape[1], query.shape[-1]
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if window:  # keys less than `window` positions back, as the plain layout's sliding-window mask (by index)
-        pos = prefix_layout["positions"]
-        mask = mask & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
+        pos, q_pos = prefix_layout["positions"], prefix_layout[side + "positions"]
+        mask = mask & ((q_pos[:, :, None] - pos[:, None, :]) < window)[:, None]
     # packed (1, H, S, D) -> per item (N, H, T, D): attention alone sees the items side by side
-    q, k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (query, key, value))
+    q = query[0].index_select(1, q_gather).view(heads, n, tq, dim).transpose(0, 1)
+    k, v = (x[0].index_select(1, gather).view(x.shape[1], n, t, dim).transpose(0, 1) for x in (key, value))
     if softcap:
         out = softcapped_attention(q, k, v, mask, dropout, dim ** -0.5 if scaling is None else scaling, softcap)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    out = out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, scatter)  # back to the packed tokens
+    out = out.transpose(1, 2).reshape(n * tq, heads, dim).index_select(0, q_scatter)  # back to the packed tokens
     return out[None], None
 
 
@@ -74,13 +79,15 @@ def text_config(model):
 
 
 def use_prefix_attention(model) -> None:
-    """Switch the language model to sdpa_prefix (idempotent). Only from SDPA or eager attention: both
-    compute what the per-item SDPA computes."""
+    """Switch the language model to sdpa_prefix and its last layer to training.dpo.last_layer's (idempotent). Only
+    from SDPA or eager attention: both compute what the per-item SDPA computes."""
+    from training.dpo.last_layer import run_last_layer_live
+
     cfg = text_config(model)
-    if cfg._attn_implementation == NAME:
-        return
-    if cfg._attn_implementation not in ("sdpa", "eager", None):
-        raise ValueError(f"the packed DPO layout needs SDPA or eager attention in the language model, not "
-                         f"{cfg._attn_implementation}: pass --no-fast_path")
-    _register()
-    cfg._attn_implementation = NAME
+    if cfg._attn_implementation != NAME:
+        if cfg._attn_implementation not in ("sdpa", "eager", None):
+            raise ValueError(f"the packed DPO layout needs SDPA or eager attention in the language model, not "
+                             f"{cfg._attn_implementation}: pass --no-fast_path")
+        _register()
+        cfg._attn_implementation = NAME
+    run_last_layer_live(model)
