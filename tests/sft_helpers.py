@@ -59,6 +59,16 @@ def ppo_args(world: Path, tiny: Path, rm: Path, out: Path, *extra: str) -> list[
             "--logging_steps", "1", "--figure_dir", str(out / "figure"), *extra]
 
 
+def ppo_args_with_prompts(rows: list[dict], path: Path, world: Path, tiny: Path, rm: Path, out: Path,
+                          *extra: str) -> list[str]:
+    """ppo_args reading other prompt rows, written to `path` as a JSON list."""
+    import json
+    path.write_text(json.dumps(rows))
+    args = ppo_args(world, tiny, rm, out, *extra)
+    args[args.index("--data_path") + 1] = str(path)
+    return args
+
+
 def on_reference_logprobs(monkeypatch, change) -> None:
     """Routes the log-probs a PPOTrainer computes for its reference (inside its _ref_context) through
     change(trainer, (log-probs, mask, entropy), batch, suppressed) -> what the trainer gets instead."""

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from sft_helpers import SMALL_WORLD, make_reward_model, ppo_args, split_rows, weights
+from sft_helpers import SMALL_WORLD, make_reward_model, ppo_args, ppo_args_with_prompts, split_rows, weights
 
 from training.data.records import Message
 from training.ppo.main import main
@@ -129,10 +129,7 @@ def test_a_prompt_whose_facts_leave_the_reward_model_no_room_is_a_bad_row_before
 
     rows = json.loads((world / "ppo_prompts.json").read_text())[:9]
     rows[3]["facts"] = rows[3]["facts"] * 40
-    data = tmp_path / "prompts.json"
-    data.write_text(json.dumps(rows))
-    args = ppo_args(world, tiny, rm, tmp_path / "out", "--max_steps", "1")
-    args[args.index("--data_path") + 1] = str(data)
+    args = ppo_args_with_prompts(rows, tmp_path / "prompts.json", world, tiny, rm, tmp_path / "out", "--max_steps", "1")
     with pytest.raises(BadRowError, match=r"prompts.json: row 3: field .facts.: .*factual block exceed"):
         main(args)
     main(args + ["--skip_bad_rows"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from sft_helpers import make_reward_model, ppo_args
+from sft_helpers import make_reward_model, ppo_args, ppo_args_with_prompts
 
 from training.ppo.main import main
 from training.rm.factual import FACTUAL_PREFIX
@@ -74,11 +74,9 @@ def test_prompts_without_facts_are_refused_before_models_load(world, tiny, rm, t
     monkeypatch.setattr(builder, "load_model_and_processor", no_load)
     rows = json.loads((world / "ppo_prompts.json").read_text())
     rows[1].pop("facts")
-    data = tmp_path / "prompts.json"
-    data.write_text(json.dumps(rows))
-    args = ppo_args(world, tiny, rm, tmp_path / "out", "--critic_facts", "--no-factual")
-    args[args.index("--data_path") + 1] = str(data)
-    with pytest.raises(SystemExit, match=rf"--critic_facts: .*{data.name}.* has none"):
+    args = ppo_args_with_prompts(rows, tmp_path / "prompts.json", world, tiny, rm, tmp_path / "out", "--critic_facts",
+                                 "--no-factual")
+    with pytest.raises(SystemExit, match=r"--critic_facts: .*prompts\.json.* has none"):
         main(args)
 
 
