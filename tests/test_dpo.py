@@ -249,13 +249,21 @@ def test_reference_cache_fingerprints(tmp_path):
     assert len(got) == 1 and got[0][0] == str((tmp_path / "i.png").resolve())
 
 
-def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path):
+def test_lora_reference_is_the_policy_with_adapters_off(world, tiny, tmp_path, monkeypatch):
     """LoRA: cached and live references (both the starting policy, no second model) give the same run, with
-    only adapters training and with the projector and vision tower training too."""
+    only adapters training and with the projector and vision tower training too. One model is loaded per run
+    (a full fine-tune's live reference loads a second: the count can tell)."""
+    import training.model.builder as builder
+    loads, load = [], builder.load_model_and_processor
+    monkeypatch.setattr(builder, "load_model_and_processor", lambda *a, **k: (loads.append(1), load(*a, **k))[1])
     lora = ["--lora_r", "4", "--lora_dropout", "0", *SGD, "--per_device_train_batch_size", "4",
             "--freeze_vision_tower", "--freeze_projector"]
     main(dpo_args(world, tiny, tmp_path / "a", *lora))
+    assert len(loads) == 1
     main(dpo_args(world, tiny, tmp_path / "b", *lora, "--no-precompute_ref"))
+    assert len(loads) == 2
+    main(dpo_args(world, tiny, tmp_path / "full", *SGD, "--max_steps", "1", "--no-precompute_ref"))
+    assert len(loads) == 4  # the policy and a frozen reference
     la, lb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     for k in ("loss", "rewards/margins", "logps/chosen"):
         assert [r[k] for r in la] == pytest.approx([r[k] for r in lb], rel=1e-5, abs=1e-6), k

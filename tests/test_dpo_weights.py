@@ -207,3 +207,28 @@ def test_weights_that_cannot_be_placed_on_their_answer_are_a_bad_row(world, tmp_
         return
     assert ds[0] is None and ds[0] is None
     assert [(s["row"], s["field"]) for s in report.skipped] == [(0, "rejected_weights")]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "listwise"])
+def test_weighted_sums_are_what_the_objectives_compare(loss_type):
+    """The DPO family's objectives read the weighted log-prob sums (policy and reference), not the plain sums, by
+    hand: chosen tokens -1, -2, -3 weighted 1, 0.5, 2 (-8; plain -6); rejected -2, -1 weighted 2, 1 (-5; plain -3);
+    reference weighted sums -7, -6 (plain -4, -4). h = (-8 + 7) - (-5 + 6) = -2 (from the plain sums: -3)."""
+    import math
+
+    from training.config import DPOArgs
+    from training.dpo.forward import ResponseLogps
+    from training.dpo.objective import objective
+
+    lp = torch.tensor([[[-1.0, -2.0, -3.0], [-2.0, -1.0, 0.0]]])
+    mask = torch.tensor([[[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]])
+    w = torch.tensor([[[1.0, 0.5, 2.0], [2.0, 1.0, 0.0]]])
+    pol = ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask, w)
+    ref = (torch.tensor([[-4.0, -4.0]]), torch.tensor([[3.0, 2.0]]), torch.tensor([[-7.0, -6.0]]))
+    out = objective(pol, ref, DPOArgs(loss_type=loss_type, beta=0.1, ipo_average=False, sft_weight=0.0))
+    want = {"sigmoid": math.log1p(math.exp(0.2)), "ipo": (-2 - 1 / (2 * 0.1)) ** 2,
+            "listwise": math.log1p(math.exp(0.2))}[loss_type]  # two candidates: Plackett-Luce is sigmoid DPO
+    assert float(out["pair_loss_sum"]) == pytest.approx(want, rel=1e-6)
+    m = out["metrics"]
+    assert float(m["rewards/margins"]) == pytest.approx(-0.2, rel=1e-6)
+    assert float(m["logps/chosen"]) == -8.0 and float(m["logps/rejected"]) == -5.0
