@@ -345,3 +345,22 @@ def test_opa_metrics_compare_the_ground_truth_with_the_rollout():
     assert (m["rewards/chosen"], m["rewards/rejected"], m["rewards/margins"], m["rewards/accuracies"]) == \
         (2.0, -2.0, 4.0, 1.0)
     assert (m["logps/chosen"], m["logps/rejected"], m["opa/margin1"]) == (-1.0, -5.0, 4.0)
+
+
+def test_cdpo_equals_trls_own_label_smoothed_loss_pair_by_pair():
+    """TRL 1.16 writes cDPO's label-smoothed loss, -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h), in its
+    "aot" loss, which first sorts the batch's log-ratios: on one pair the sort changes nothing, so TRL's own formula
+    is compared pair by pair (the composed check above builds it from TRL's sigmoid loss instead)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, beta, eps = 5, 7, 0.1, 0.2
+    mask = (torch.rand(2 * B, T, generator=g) < 0.8).float()
+    mask[:, 0] = 1
+    pi_tok = -torch.rand(2 * B, T, generator=g) * 3 * mask
+    ref_w, ref_l = -torch.rand(B, generator=g) * 10, -torch.rand(B, generator=g) * 10
+    pi = L.weighted_logps(pi_tok, mask)
+    ours = L.sigmoid_dpo_loss(L.dpo_margin(pi[:B], pi[B:], ref_w, ref_l), beta, eps)
+    for i in range(B):
+        rows = [i, B + i]
+        trl_loss, _ = _trl_dpo("aot", beta, eps, pi_tok[rows], ref_w[i:i + 1], ref_l[i:i + 1], mask[rows])
+        torch.testing.assert_close(ours[i], trl_loss, rtol=1e-6, atol=1e-6)
+    assert (ours - L.sigmoid_dpo_loss(L.dpo_margin(pi[:B], pi[B:], ref_w, ref_l), beta, 0.0)).abs().min() > 1e-3
