@@ -484,8 +484,9 @@ def test_held_out_pairs_over_two_ranks_count_each_pair_once(world, tiny):
     one, r0, r1 = res
     assert (one["eval/n"], r0["eval/n"], r1["eval/n"]) == (5, 3, 2)
     for k in ("eval/logps/chosen", "eval/logps/rejected", "eval/log_odds_ratio", "eval/rewards/margins"):
-        # abs: the margin (0.0025 here) is a difference of two mean log-probs near -3, so float32 rounding of
-        # batches of other shapes moves it by ~1e-7; a pair counted twice or lost moves it by ~5e-4
+        # abs: the margins' sum (0.0025 here) is small against the log-probs it is made of, and float32 rounding in
+        # batches of other shapes moved it by 6e-8; a pair counted twice or lost moves it by its own margin, 2.2e-4
+        # or more for these five pairs (their margins -1.2e-3 to 2.6e-3, from response_logps on each)
         assert 3 * r0[k] + 2 * r1[k] == pytest.approx(5 * one[k], rel=1e-5, abs=1e-6), k
 
     class FirstIsBad:  # pair 0 a bad row skipped at encoding (e.g. a prompt too long): rank 1's stand-in
