@@ -152,3 +152,32 @@ def test_the_trainers_loss_and_figures_of_a_ragged_batch_by_hand():
     assert summarize(pair_stats(R, mask)) == {"accuracy": 1.0, "reward_chosen": 3.0,
                                               "reward_rejected": pytest.approx(2 / 3),
                                               "reward_margin": pytest.approx(3 - 2 / 3)}
+
+
+def test_pearson_hand_derived():
+    """x = (1, 2, 3), y = (2, 4, 7): centred (-1, 0, 1) and (-7/3, -1/3, 8/3); sum of products 7/3 + 8/3 = 5;
+    norms sqrt(2) and sqrt(114)/3: rho = 15 / sqrt(228) = 0.9933992678. A constant: 0 (undefined)."""
+    from training.losses import pearson
+    assert pearson(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 7])).item() == pytest.approx(0.9933992678, abs=1e-6)
+    assert pearson(torch.tensor([2.0, 4, 7]), torch.tensor([1.0, 2, 3])).item() == pytest.approx(0.9933992678, abs=1e-6)
+    assert pearson(torch.tensor([1.0, 2, 3]), torch.tensor([-2.0, -4, -7])).item() == pytest.approx(-0.9933992678,
+                                                                                                   abs=1e-6)
+    assert pearson(torch.tensor([5.0, 5, 5]), torch.tensor([1.0, 2, 3])).item() == 0.0
+
+
+def test_odin_loss_hand_derived():
+    """lengths L = (1, 2, 3), centred (-1, 0, 1), norm sqrt(2).
+    quality r_Q = (3, 1, 2): centred (1, -1, 0), sum of products with L's -1, norm sqrt(2): rho -0.5, |rho| 0.5.
+    length head r_L = (1, 2, 4): centred (-4/3, -1/3, 5/3), sum of products 3, norm sqrt(42)/3: rho = 9 / sqrt(84)
+    = 0.9819805061. Weights w_Q = (1, 2), w_L = (3, -1): w_Q . w_L = 1.
+        length_coef 1, orthogonal_coef 0.5: (0.5 - 0.9819805061) + 0.5 * 1 = 0.0180194939
+        length_coef 2, orthogonal_coef 0:   2 * (0.5 - 0.9819805061)     = -0.9639610122
+    Sign checks: a quality head that follows length is penalised, a length head that follows it is paid."""
+    from training.losses import odin_loss
+    q, lr, L = torch.tensor([3.0, 1, 2]), torch.tensor([1.0, 2, 4]), torch.tensor([1.0, 2, 3])
+    dot = torch.tensor([1.0, 2]) @ torch.tensor([3.0, -1])
+    assert odin_loss(q, lr, L, dot, 1.0, 0.5).item() == pytest.approx(0.0180194939, abs=1e-6)
+    assert odin_loss(q, lr, L, dot, 2.0, 0.0).item() == pytest.approx(-0.9639610122, abs=1e-6)
+    # the two heads swapped: the quality head now follows length (|0.98|), the length head does not (-(-0.5))
+    assert odin_loss(lr, q, L, dot, 1.0, 0.0).item() == pytest.approx(0.9819805061 + 0.5, abs=1e-6)
+    assert odin_loss(q, lr, L, -dot, 0.0, 1.0).item() == pytest.approx(1.0)  # |w_Q . w_L|

@@ -151,6 +151,13 @@ class RMArgs:
     margin: float = _f(0.0, "Bradley-Terry margin: r_chosen should exceed r_rejected by this much (a TRL-format "
                             "row's `margin` column replaces it for that row, as TRL's RewardTrainer reads it).")
     center_coef: float = _f(1e-3, "LLaVA-RLHF reward centering: + coef * |mean(r_chosen + r_rejected)| (0: off).")
+    length_head: bool = _f(False, "ODIN (arXiv 2402.07319): a second linear head, trained to carry the reward's "
+                                  "correlation with response length, beside the quality head, which is trained to carry "
+                                  "none; the ranking loss sees their sum, and everything that reads the reward model "
+                                  "afterwards (PPO, its critic, best-of-n, evaluation) reads the quality head alone.")
+    length_coef: float = _f(1.0, "ODIN: weight of |rho(r_quality, length)| - rho(r_length, length) (Pearson over "
+                                 "each micro-batch's responses).")
+    orthogonal_coef: float = _f(1.0, "ODIN: weight of |w_quality . w_length|, the two heads' weights kept orthogonal.")
 
 
 @dataclass
@@ -284,6 +291,10 @@ def parse_config(classes: dict[str, type], argv=None, defaults: dict | None = No
     for rm in (v for v in cfg.values() if isinstance(v, RMArgs)):  # LLaVA-RLHF's centering: 0 is off
         if rm.center_coef < 0:  # it paid the model for moving its rewards' mean away from 0
             raise SystemExit(f"--center_coef {rm.center_coef}: give a value >= 0 (0: no centering)")
+        for flag in ("length_coef", "orthogonal_coef"):  # a negative one pays for the very correlation it removes
+            if getattr(rm, flag) < 0:
+                raise SystemExit(f"--{flag} {getattr(rm, flag)}: give a value >= 0 (it weighs an ODIN term of "
+                                 "--length_head)")
     return cfg
 
 

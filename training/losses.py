@@ -34,6 +34,28 @@ def reward_centering(chosen: torch.Tensor, rejected: torch.Tensor, coef: float) 
     return coef * (chosen.float() + rejected.float()).mean().abs()
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two (n,) tensors, in float32; 0 where either is constant (it is then undefined)."""
+    xc, yc = x.float() - x.float().mean(), y.float() - y.float().mean()
+    denom = xc.norm() * yc.norm()
+    return torch.where(denom > 0, (xc * yc).sum() / denom.clamp_min(1e-12), denom.new_zeros(()))
+
+
+def odin_loss(quality: torch.Tensor, length_reward: torch.Tensor, lengths: torch.Tensor, heads_dot: torch.Tensor,
+              length_coef: float = 1.0, orthogonal_coef: float = 1.0) -> torch.Tensor:
+    """ODIN's disentangling terms (Chen et al., ICML 2024, arXiv 2402.07319), added to the ranking loss of the sum
+    r = r_Q + r_L of a reward model's two heads over a batch of n responses:
+
+        length_coef * (|rho(r_Q, L)| - rho(r_L, L)) + orthogonal_coef * |w_Q . w_L|
+
+    rho the Pearson correlation over the batch, L the responses' lengths in tokens, w_Q and w_L the two linear heads'
+    weights (heads_dot: w_Q . w_L, computed where the weights are gathered: the reward model's forward). The quality
+    head is pushed to carry no linear trace of length, the length head to carry all of it, and the two to read
+    orthogonal directions of the shared features; RL then reads r_Q alone."""
+    decorrelate = pearson(quality, lengths).abs() - pearson(length_reward, lengths)
+    return length_coef * decorrelate + orthogonal_coef * heads_dot.float().abs()
+
+
 def plackett_luce_loss(rewards: torch.Tensor, mask: torch.Tensor | None = None,
                        reduction: str = "mean") -> torch.Tensor:
     """Plackett-Luce loss of N ranked candidates (Vision-LLM-Alignment's ranked-list reward model).

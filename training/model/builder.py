@@ -523,13 +523,13 @@ def save_model(model, processor, out_dir: str | Path, state_dict: dict | None = 
     parameters."""
     from safetensors.torch import save_file
 
-    from training.rm.model import HEAD_FILE, INFO_FILE
+    from training.rm.model import HEAD_FILE, INFO_FILE, LENGTH_HEAD_FILE
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a reward model saved here before: its head and record would make this model read as one (a reward model's
     # save_pretrained writes them anew after its backbone)
-    remove_paths([out_dir / INFO_FILE, out_dir / HEAD_FILE])
+    remove_paths([out_dir / INFO_FILE, out_dir / HEAD_FILE, out_dir / LENGTH_HEAD_FILE])
     lora = hasattr(model, "peft_config")
     base = (getattr(model, "_vlm_build_info", None) or {}).get("base")
     own = lora and base and Path(base).resolve() == out_dir.resolve()  # adapters beside their own base keep it

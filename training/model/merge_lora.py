@@ -111,9 +111,9 @@ def merge_lora(adapter_dir_or_checkpoint: str | Path, out_dir: str | Path, preci
     if Path(out_dir).resolve() in (run_dir.resolve(), _adapter_dir(adapter_dir_or_checkpoint).resolve()):
         raise SystemExit(f"merge_lora: --output_dir {out_dir} is the adapters' own folder, which the merged model "
                          "would replace: give another folder")
-    from training.rm.model import INFO_FILE, head_file, is_reward_model
-    rm_files = [INFO_FILE, head_file(run_dir, json.loads((run_dir / INFO_FILE).read_text()))] \
-        if is_reward_model(run_dir) else []  # a reward model's record and head go with its merged backbone
+    from training.rm.model import INFO_FILE, head_files, is_reward_model
+    rm_files = [INFO_FILE, *head_files(run_dir, json.loads((run_dir / INFO_FILE).read_text()))] \
+        if is_reward_model(run_dir) else []  # a reward model's record and heads go with its merged backbone
     model, processor, _ = load_merged(adapter_dir_or_checkpoint, precision, trust_remote_code, original_base)
     saved = save_model(model, processor, out_dir)
     import shutil

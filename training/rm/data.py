@@ -57,9 +57,11 @@ class RankedBatch:
     seqs: SFTBatch
     sizes: list[int]
     margins: list[float | None] | None = None  # per list: its row's margin column (None: none given)
+    lengths: torch.Tensor | None = None  # (S,) each response's tokens (ODIN's training)
 
     def to(self, device) -> "RankedBatch":
-        return RankedBatch(self.seqs.to(device), self.sizes, self.margins)
+        return RankedBatch(self.seqs.to(device), self.sizes, self.margins,
+                           None if self.lengths is None else self.lengths.to(device))
 
     @property
     def n_tokens(self) -> int:
@@ -77,9 +79,11 @@ class RankedBatch:
         return out, mask
 
 
-def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str, margins=None) -> RankedBatch:
+def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str, margins=None,
+                   lengths: list[list[int]] | None = None) -> RankedBatch:
     flat = [e for cands in items for e in cands]
-    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items], margins)
+    flat_lengths = None if lengths is None else torch.tensor([n for ns in lengths for n in ns], dtype=torch.float32)
+    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items], margins, flat_lengths)
 
 
 class RMDataset(torch.utils.data.Dataset):

@@ -21,7 +21,8 @@ DEFAULTS = {"from_checkpoint": SFT_OUTPUT, "output_dir": "output/rm", "learning_
             "num_warmup_steps": 20, "max_seq_len": 256, "eval_steps": None, "logging_steps": 10}
 EVAL_STEPS = 250  # the default --eval_steps where there are held-out pairs
 PANELS = [("loss", ["loss", "eval/loss"]), ("pairwise accuracy", ["accuracy", "eval/accuracy"]),
-          ("rewards", ["reward_chosen", "reward_rejected", "eval/reward_chosen", "eval/reward_rejected"])]
+          ("rewards", ["reward_chosen", "reward_rejected", "eval/reward_chosen", "eval/reward_rejected"]),
+          ("reward vs length (held out)", ["eval/length_corr"]), ("ODIN terms", ["odin_loss"])]
 
 
 def require_checkpoint(model: ModelArgs) -> None:
@@ -66,11 +67,11 @@ def main(argv=None) -> dict:
     start = cfg["model"].from_checkpoint
     if start and is_reward_model(start):  # more training of a reward model: its head too, not a new one
         model, processor, arch = load_reward_model(start, cfg["model"], cfg["lora"], for_training=True,
-                                                   zero3=strategy.build_config())
+                                                   zero3=strategy.build_config(), length_head=rmc.length_head)
         model.factual = rmc.factual
     else:
         backbone, processor, arch = load_model_and_processor(cfg["model"], cfg["lora"], zero3=strategy.build_config())
-        model = RewardModel(backbone, factual=rmc.factual)
+        model = RewardModel(backbone, factual=rmc.factual, length_head=rmc.length_head)
     template = set_chat_template(processor, cfg["model"].template)  # saved with the model: generation renders alike
     encoder = ChatEncoder(processor, arch, d.max_seq_len, template)
     report = BadRowReport(skip=d.skip_bad_rows)
@@ -110,8 +111,9 @@ def main(argv=None) -> dict:
         plot_metrics(out / "metrics.jsonl", Path(cfg["run"].figure_dir) / f"{out.name}_metrics.png",
                      f"reward model: {out}", PANELS)
         if "eval" in result:
-            print(f"held-out pairwise accuracy {result['eval']['eval/accuracy']:.4f} "
-                  f"({result['eval']['eval/n']} lists, factual={rmc.factual}) -> {out}")
+            print(f"held-out pairwise accuracy {result['eval']['eval/accuracy']:.4f}, reward-length correlation "
+                  f"{result['eval']['eval/length_corr']:+.3f} ({result['eval']['eval/n']} lists, "
+                  f"factual={rmc.factual}{', the quality head' if rmc.length_head else ''}) -> {out}")
     strategy.barrier()
     return result
 

@@ -3,13 +3,14 @@
 An optimizer step's ranking loss is the mean over ALL its units (pairs for Bradley-Terry, lists for
 Plackett-Luce) on every micro-batch of every rank, so batch 4 x accumulation 1, 1 x 4 and 2 ranks
 x 2 give the same update. The centering term is per micro-batch (as in LLaVA-RLHF) and averaged
-over the step's micro-batches, so with centering on that invariance holds only up to that term.
+over the step's micro-batches, so with centering on that invariance holds only up to that term. So are ODIN's
+terms (--length_head): correlations over each micro-batch's responses, averaged over the step's micro-batches.
 """
 from __future__ import annotations
 
 import torch
 
-from training.losses import bradley_terry_loss, plackett_luce_loss, ranked_pairs, reward_centering
+from training.losses import bradley_terry_loss, odin_loss, pearson, plackett_luce_loss, ranked_pairs, reward_centering
 from training.rm.data import RankedBatch, RMDataset, collate_ranked
 from training.engine.loop import batch_plan, idle_micro_step, open_run, planned_steps, rank_batches, stand_in_batch
 from training.model.builder import eval_mode
@@ -63,14 +64,28 @@ def summarize(stats: torch.Tensor, prefix: str = "") -> dict:
             f"{prefix}reward_rejected": rejected, f"{prefix}reward_margin": chosen - rejected}
 
 
+def response_tokens(tokenizer, responses: list[str]) -> list[int]:
+    """Each response's length in tokens (its text alone, as the tokenizer splits it): ODIN's length."""
+    return [len(ids) for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+
+
+def length_corr(tokenizer, records, kept: torch.Tensor, R: torch.Tensor) -> float:
+    """Pearson correlation of the held-out rewards (kept rows' (n, N), NaN: padding) with their responses' lengths in
+    tokens: how much of the reward is length (ODIN's measure of it)."""
+    lengths = [n for i in kept.nonzero().flatten().tolist() for n in response_tokens(tokenizer, records[i].responses)]
+    rewards = R[~torch.isnan(R)]
+    return float(pearson(rewards, torch.tensor(lengths, dtype=torch.float64))) if len(lengths) > 1 else float("nan")
+
+
 class RMTrainer:
     report = None  # the run's BadRowReport (set by main): written with each resumable checkpoint
+    odin = False  # --length_head (set from the config)
 
     def __init__(self, strategy, engine, processor, train_set: RMDataset, eval_set: RMDataset | None, cfg,
                  arch_name: str):
         self.s, self.engine, self.processor, self.cfg = strategy, engine, processor, cfg
         self.train_set, self.eval_set, self.arch_name = train_set, eval_set, arch_name
-        self.pad_id = processor.tokenizer.pad_token_id
+        self.pad_id, self.tokenizer = processor.tokenizer.pad_token_id, processor.tokenizer
         o, rm = cfg["optim"], cfg["rm"]
         self.plan = batch_plan(len(train_set), o, strategy.world_size)
         self.loss_kind = resolve_rank_loss(rm.rank_loss, [len(r.responses) for r in train_set.records])
@@ -84,16 +99,28 @@ class RMTrainer:
             raise SystemExit(f"{with_margin.source}: a margin column is a Bradley-Terry margin; the Plackett-Luce "
                              "loss (ranked lists longer than two, or --rank_loss plackett_luce) has none: drop the "
                              "column or use --rank_loss bradley_terry")
+        self.odin = rm.length_head
         self.interrupted = False
 
     def _batch(self, dataset: RMDataset, idx: list[int]) -> RankedBatch | None:
         got = [(i, x) for i in idx if (x := dataset[i]) is not None]
         margins = [dataset.records[i].margin for i, _ in got]
-        return (collate_ranked([x for _, x in got], self.pad_id, self.arch_name, margins).to(self.s.device)
+        lengths = [response_tokens(self.tokenizer, dataset.records[i].responses) for i, _ in got] if self.odin else None
+        return (collate_ranked([x for _, x in got], self.pad_id, self.arch_name, margins, lengths).to(self.s.device)
                 if got else None)
 
     def _rewards(self, b: RankedBatch):
+        """(B, N) rewards and mask: the reward model's reward (an ODIN model's quality head)."""
         return b.as_matrix(self.engine(**b.seqs.model_inputs()))
+
+    def _train_rewards(self, b: RankedBatch):
+        """(B, N) rewards the ranking loss sees, their mask, and the ODIN term (0 without --length_head): with it
+        the rewards are the sum of the quality and length heads'."""
+        if not self.odin:
+            return *self._rewards(b), 0.0
+        (heads, dot), rm = self.engine(**b.seqs.model_inputs(), with_length=True), self.cfg["rm"]
+        R, mask = b.as_matrix(heads.sum(-1))
+        return R, mask, odin_loss(heads[:, 0], heads[:, 1], b.lengths, dot, rm.length_coef, rm.orthogonal_coef)
 
     def _units(self, b: RankedBatch) -> int:
         return len(b.sizes) if self.loss_kind == "plackett_luce" else sum(n * (n - 1) // 2 for n in b.sizes)
@@ -105,26 +132,28 @@ class RMTrainer:
         lr = self.engine.get_lr()[0]  # this step's rate (the scheduler moves on at its last micro-step)
         n_units = float(self.s.all_reduce(sum(self._units(b) for b in batches)))
         # summed where computed, copied to the host once per step (a float() per micro-batch waited for the GPU)
-        sums, rewards = torch.zeros(2, dtype=torch.float64, device=self.s.device), []
+        sums, rewards = torch.zeros(3, dtype=torch.float64, device=self.s.device), []
         tokens = sum(b.n_tokens for b in batches)  # counted before the first forward
         lists = sum(len(b.sizes) for b in batches)  # those trained: a skipped bad row's list is not
         for b in batches:
-            R, mask = self._rewards(b)
+            R, mask, odin = self._train_rewards(b)
             margins = list_margins(b.margins, len(b.sizes), rm.margin)
             loss_sum, _, center = rank_loss(R, mask, self.loss_kind, margins, rm.center_coef)
             # DeepSpeed divides by `accum` and averages ranks: the ranking term becomes a mean over
-            # the step's units, the centering term a mean over its micro-batches
-            self.engine.backward(loss_sum * accum * world / max(n_units, 1.0) + center)
+            # the step's units, the centering and ODIN terms means over its micro-batches
+            self.engine.backward(loss_sum * accum * world / max(n_units, 1.0) + center + odin)
             self.engine.step()
-            sums += torch.stack([torch.as_tensor(x, device=sums.device).detach().double() for x in (loss_sum, center)])
+            sums += torch.stack([torch.as_tensor(x, device=sums.device).detach().double()
+                                 for x in (loss_sum, center, odin)])
             rewards.append((R.detach(), mask))
         for _ in range(accum - len(batches)):  # all rows of a micro-batch skipped: keep the count in sync
             stand = stand_in_batch(lambda i: self._batch(self.train_set, i), len(self.train_set))
-            idle_micro_step(self.engine, lambda: self._rewards(stand)[0].sum())
+            idle_micro_step(self.engine, lambda: self._train_rewards(stand)[0].sum())
         stats = sum((pair_stats(R, mask) for R, mask in rewards), torch.zeros(6, dtype=torch.float64))
         red = self.s.all_reduce(torch.cat([sums.cpu(), torch.tensor([tokens, lists], dtype=torch.float64), stats]))
-        loss = float(red[0]) / max(n_units, 1.0) + float(red[1]) / (accum * world)
-        return {"loss": loss, "tokens": float(red[2]), "lists": float(red[3]), "lr": lr, **summarize(red[4:])}
+        loss = float(red[0]) / max(n_units, 1.0) + float(red[1] + red[2]) / (accum * world)
+        odin = {"odin_loss": float(red[2]) / (accum * world)} if self.odin else {}
+        return {"loss": loss, "tokens": float(red[3]), "lists": float(red[4]), "lr": lr, **odin, **summarize(red[5:])}
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,7 +197,8 @@ class RMTrainer:
                                self.cfg["rm"].margin)
         loss, units, center = rank_loss(Rf, mask, self.loss_kind, margins, self.cfg["rm"].center_coef)
         metrics = {"eval/loss": float(loss) / max(units, 1) + float(center), "eval/n": int(kept.sum()),
-                   **summarize(pair_stats(Rf, mask), "eval/")}
+                   **summarize(pair_stats(Rf, mask), "eval/"),
+                   "eval/length_corr": length_corr(self.tokenizer, ds.records, kept, R)}
         if not kept.any():  # every held-out row a bad row (skipped): no figures, rather than an accuracy of 0
             metrics = {k: v if k == "eval/n" else float("nan") for k, v in metrics.items()}
             if self.s.is_main:
