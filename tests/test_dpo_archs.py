@@ -1,6 +1,8 @@
 """Per-response log-probs of the DPO batch layouts on other VLM families equal one full forward per
-response: the shared-prefix layout on LLaVA-NeXT, the plain layout on Llama-3.2-Vision (mllama,
-cross-attention mask re-fitted per row), Qwen2-VL and Idefics3."""
+response: the shared-prefix layout on LLaVA-NeXT and Idefics3 / SmolVLM, the plain layout on Llama-3.2-Vision
+(mllama, cross-attention mask re-fitted per row) and Qwen2-VL."""
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -38,7 +40,44 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
             labels[:e.prompt_len] = -100  # the last assistant turn only
             want = sequence_logprobs(out.logits, labels[None])[0]
             torch.testing.assert_close(got.sum[n, k], want, rtol=0, atol=1e-4, msg=f"{arch} item {n} response {k}")
-    assert (spec.name in PREFIX_ARCHS) == (arch == "llava_next")
+    assert (spec.name in PREFIX_ARCHS) == (arch in ("llava_next", "idefics3"))
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "idefics3"])
+def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
+    """On the other shared-prefix families the packed layout's gradients equal the plain layout's too, and the
+    language model's last layer runs at the live positions alone (Idefics3's is a Llama layer). Idefics3 splits
+    each image into tiles as SmolVLM does (5 and 3 here, and a text-only item between them: pixel_values (3, 5, ...),
+    zero-padded), and the tiles' features go into the one packed row in order."""
+    path = make_tiny_checkpoint(arch, tmp_path / arch)
+    model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
+    if arch == "idefics3":
+        ip = proc.image_processor  # images resized to 64 px on the long side, cut into 32 px tiles + the whole
+        ip.do_image_splitting, ip.size, ip.max_image_size = True, {"longest_edge": 64}, {"longest_edge": 32}
+    enc = ChatEncoder(proc, spec, 4096)
+    items = [encode_group(enc, [Message("user", q)], resp, [Image.new("RGB", size, color)] if size else [], i)
+             for i, (q, resp, size, color) in enumerate(
+                 [("<image>\nWhat is shown?", ["A red circle.", "A big blue square is here."], (40, 30), (200, 20, 20)),
+                  ("What is a star?", ["A shape.", "A bright red cross."], None, None),  # text only, between
+                  ("<image>\nDescribe it.", ["Two green stars.", "A cross."], (30, 64), (20, 200, 20))])]
+    params = [p.requires_grad_(True) for p in model.parameters()]
+    (plain, g_plain), (fast, g_fast) = (
+        (lp.detach(), torch.autograd.grad(lp.sum(), params, allow_unused=True)) for lp in
+        (response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=f)).sum
+         for f in (False, True)))
+    if arch == "idefics3":
+        assert [it.vision["pixel_values"].shape[1] if it.vision else 0 for it in items] == [5, 0, 3]
+    assert plain.abs().min() > 1.0
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+    assert type(last_decoder_layer(model)).__name__ == {"llava_next": "LiveMistralDecoderLayer",
+                                                        "idefics3": "LiveLlamaDecoderLayer"}[arch]
+    n_grads = 0
+    for a, b in zip(g_fast, g_plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            n_grads += 1
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert n_grads > 10
 
 
 @pytest.mark.parametrize("lm", ["gemma2", "mistral", "qwen2"])
@@ -106,3 +145,25 @@ def test_an_mllama_text_only_pair_scores_as_alone_beside_pairs_with_images(tmp_p
               (collate_sft(rows, proc.tokenizer.pad_token_id, spec.name), collate_sft(rows[1:], 0, spec.name))]
     n = len(rows[1].input_ids)
     torch.testing.assert_close(scores[0][1, :n], scores[1][0, :n], rtol=0, atol=1e-5)
+
+
+def test_idefics3_stage_fast_and_plain_paths_train_alike(world, tmp_path):
+    """The DPO stage on a tiny Idefics3 / SmolVLM: batch 4 in the shared-prefix layout (reference cached) == batch 1 x
+    accumulation 4 in the plain layout (reference recomputed each step): one SGD step is the gradient, so the losses
+    and the weights agree."""
+    from dist_dpo_driver import dpo_args
+    from sft_helpers import weights
+
+    from training.dpo.main import main
+
+    tiny = make_tiny_checkpoint("idefics3", tmp_path / "idefics3")
+    sgd = ["--optimizer", "sgd", "--learning_rate", "2.0", "--max_steps", "2"]
+    main(dpo_args(world, tiny, tmp_path / "a", *sgd, "--per_device_train_batch_size", "4"))
+    main(dpo_args(world, tiny, tmp_path / "b", *sgd, "--per_device_train_batch_size", "1",
+                  "--gradient_accumulation_steps", "4", "--no-fast_path", "--no-precompute_ref"))
+    a, b, init = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tiny)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert len(rows[0]) == 2 and rows[0] == pytest.approx(rows[1], rel=1e-4)

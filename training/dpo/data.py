@@ -34,9 +34,10 @@ from training.data.images import load_image
 from training.data.records import Message
 from training.templates.chat import IGNORE, ChatEncoder, RowNotEncodable
 
-# Architectures whose language model takes plain 1D positions and image placeholders, so a custom
-# 4D mask + position_ids reproduce the plain forward. Others (M-RoPE, cross-attention) use PlainBatch.
-PREFIX_ARCHS = {"llava", "llava_next"}
+# Architectures whose language model takes plain 1D positions and image placeholders filled in order
+# (LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, its tiles included), so a custom 4D mask + position_ids
+# reproduce the plain forward. Others (Qwen2-VL's M-RoPE, mllama's cross-attention) use PlainBatch.
+PREFIX_ARCHS = {"llava", "llava_next", "idefics3"}
 
 
 @dataclass
