@@ -1,6 +1,6 @@
 """Per-response log-probs of the DPO batch layouts on other VLM families equal one full forward per
-response: the shared-prefix layout on LLaVA-NeXT and Idefics3 / SmolVLM, the plain layout on Llama-3.2-Vision
-(mllama, cross-attention mask re-fitted per row) and Qwen2-VL."""
+response: the shared-prefix layout on LLaVA-NeXT, Idefics3 / SmolVLM and Qwen2-VL / 2.5-VL (multimodal positions
+from each prompt alone), the plain layout on Llama-3.2-Vision (mllama, cross-attention mask re-fitted per row)."""
 import json
 
 import pytest
@@ -20,7 +20,7 @@ from training.rm.model import RewardModel
 from training.templates.chat import ChatEncoder
 
 
-@pytest.mark.parametrize("arch", ["llava_next", "mllama", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("arch", ["llava_next", "mllama", "qwen2_vl", "qwen2_5_vl", "idefics3"])
 def test_layout_equals_one_forward_per_response(arch, tmp_path):
     path = make_tiny_checkpoint(arch, tmp_path / arch)
     model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
@@ -40,13 +40,15 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
             labels[:e.prompt_len] = -100  # the last assistant turn only
             want = sequence_logprobs(out.logits, labels[None])[0]
             torch.testing.assert_close(got.sum[n, k], want, rtol=0, atol=1e-4, msg=f"{arch} item {n} response {k}")
-    assert (spec.name in PREFIX_ARCHS) == (arch in ("llava_next", "idefics3"))
+    assert (spec.name in PREFIX_ARCHS) == (arch != "mllama")
 
 
-@pytest.mark.parametrize("arch", ["llava_next", "idefics3"])
+@pytest.mark.parametrize("arch", ["llava_next", "idefics3", "qwen2_vl", "qwen2_5_vl"])
 def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
     """On the other shared-prefix families the packed layout's gradients equal the plain layout's too, and the
-    language model's last layer runs at the live positions alone (Idefics3's is a Llama layer). Idefics3 splits
+    language model's last layer runs at the live positions alone (Idefics3's is a Llama layer) where it has a live
+    path. Qwen2-VL's images of two sizes have grids of their own, and each item's multimodal positions restart
+    in the packed row. Idefics3 splits
     each image into tiles as SmolVLM does (5 and 3 here, and a text-only item between them: pixel_values (3, 5, ...),
     zero-padded), and the tiles' features go into the one packed row in order."""
     path = make_tiny_checkpoint(arch, tmp_path / arch)
@@ -69,8 +71,9 @@ def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
         assert [it.vision["pixel_values"].shape[1] if it.vision else 0 for it in items] == [5, 0, 3]
     assert plain.abs().min() > 1.0
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    assert type(last_decoder_layer(model)).__name__ == {"llava_next": "LiveMistralDecoderLayer",
-                                                        "idefics3": "LiveLlamaDecoderLayer"}[arch]
+    assert type(last_decoder_layer(model)).__name__ == {  # Qwen2-VL's layer (M-RoPE) has no live path: runs whole
+        "llava_next": "LiveMistralDecoderLayer", "idefics3": "LiveLlamaDecoderLayer",
+        "qwen2_vl": "Qwen2VLDecoderLayer", "qwen2_5_vl": "Qwen2_5_VLDecoderLayer"}[arch]
     n_grads = 0
     for a, b in zip(g_fast, g_plain):
         assert (a is None) == (b is None)
@@ -147,8 +150,9 @@ def test_an_mllama_text_only_pair_scores_as_alone_beside_pairs_with_images(tmp_p
     torch.testing.assert_close(scores[0][1, :n], scores[1][0, :n], rtol=0, atol=1e-5)
 
 
-def test_idefics3_stage_fast_and_plain_paths_train_alike(world, tmp_path):
-    """The DPO stage on a tiny Idefics3 / SmolVLM: batch 4 in the shared-prefix layout (reference cached) == batch 1 x
+@pytest.mark.parametrize("arch", ["idefics3", "qwen2_vl"])
+def test_stage_fast_and_plain_paths_train_alike(arch, world, tmp_path):
+    """The DPO stage on a tiny Idefics3 / SmolVLM and Qwen2-VL: batch 4 in the shared-prefix layout (reference cached) == batch 1 x
     accumulation 4 in the plain layout (reference recomputed each step): one SGD step is the gradient, so the losses
     and the weights agree."""
     from dist_dpo_driver import dpo_args
@@ -156,7 +160,7 @@ def test_idefics3_stage_fast_and_plain_paths_train_alike(world, tmp_path):
 
     from training.dpo.main import main
 
-    tiny = make_tiny_checkpoint("idefics3", tmp_path / "idefics3")
+    tiny = make_tiny_checkpoint(arch, tmp_path / arch)
     sgd = ["--optimizer", "sgd", "--learning_rate", "2.0", "--max_steps", "2"]
     main(dpo_args(world, tiny, tmp_path / "a", *sgd, "--per_device_train_batch_size", "4"))
     main(dpo_args(world, tiny, tmp_path / "b", *sgd, "--per_device_train_batch_size", "1",

@@ -34,10 +34,12 @@ from training.data.images import load_image
 from training.data.records import Message
 from training.templates.chat import IGNORE, ChatEncoder, RowNotEncodable
 
-# Architectures whose language model takes plain 1D positions and image placeholders filled in order
-# (LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, its tiles included), so a custom 4D mask + position_ids
-# reproduce the plain forward. Others (Qwen2-VL's M-RoPE, mllama's cross-attention) use PlainBatch.
-PREFIX_ARCHS = {"llava", "llava_next", "idefics3"}
+# Architectures whose image features fill their image tokens in order (LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, its
+# tiles included; Qwen2-VL / 2.5-VL), so a custom 4D mask + position_ids reproduce the plain forward. The language
+# model takes plain 1D positions, or for MROPE_ARCHS multimodal ones, each prompt's from the model's own
+# get_rope_index (training.dpo.forward). mllama (cross-attention) uses PlainBatch.
+MROPE_ARCHS = {"qwen2_vl", "qwen2_5_vl"}
+PREFIX_ARCHS = {"llava", "llava_next", "idefics3"} | MROPE_ARCHS
 
 
 @dataclass
@@ -129,12 +131,14 @@ class PrefixBatch:
     n_items: int
     n_responses: int
     indices: list[int]
+    rope: dict | None = None  # MROPE_ARCHS: the inputs of each prompt's multimodal positions (mrope_inputs)
 
     def to(self, device) -> "PrefixBatch":
         t = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "keep", "labels", "weights")}
-        return PrefixBatch(**t, layout={k: v.to(device) for k, v in self.layout.items()},
-                           vision={k: v.to(device) for k, v in self.vision.items()}, n_items=self.n_items,
-                           n_responses=self.n_responses, indices=self.indices)
+        moved = [None if d is None else {k: v.to(device) for k, v in d.items()}
+                 for d in (self.layout, self.vision, self.rope)]
+        return PrefixBatch(**t, layout=moved[0], vision=moved[1], n_items=self.n_items, n_responses=self.n_responses,
+                           indices=self.indices, rope=moved[2])
 
     def model_inputs(self) -> dict:
         # a ready 4D mask is passed through untouched; training.dpo.packed's attention ignores it and
@@ -187,8 +191,32 @@ def collate_prefix(items: list[GroupItem], pad_id: int, arch_name: str) -> Prefi
     layout = {"gather": gather.view(-1), "scatter": torch.cat(scatter), "mask": mask[:, None], "positions": positions,
               **live_queries(items, lengths, gather, mask, positions)}
     vision = collate_vision([it.vision for it in items], arch_name, lengths)
+    rope = mrope_inputs(items, lengths, vision) if arch_name in MROPE_ARCHS else None
     return PrefixBatch(torch.cat(ids)[None], torch.cat(pos)[None], layout, keep.view(1, -1),
-                       labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items])
+                       labels.view(N * K, -1), weights.view(N * K, -1), vision, N, K, [it.index for it in items], rope)
+
+
+def mrope_inputs(items: list[GroupItem], lengths: list[int], vision: dict) -> dict:
+    """What the model's get_rope_index needs for each item's prompt alone, right-padded (N, P): input_ids,
+    mm_token_type_ids (taken out of `vision`: the packed row's positions are built from these), attention_mask and
+    the images' grids; and where the results go in the packed row: prompt_rows (sum P,) the prompts' packed
+    positions, prompt_src (sum P,) their index into (N*P), token_item (S,) each packed token's item. A response
+    token's positions are its 1D position plus its item's M-RoPE offset, as in a plain forward."""
+    types = vision.pop("mm_token_type_ids", None)
+    P = torch.tensor([len(it.prompt_ids) for it in items])
+    N, Pmax = len(items), int(P.max())
+    valid = torch.arange(Pmax)[None] < P[:, None]
+    ids = torch.zeros((N, Pmax), dtype=torch.long)
+    ids[valid] = torch.cat([it.prompt_ids for it in items])
+    kinds = torch.zeros((N, Pmax), dtype=torch.long) if types is None else types[:, :Pmax].long() * valid
+    starts = torch.cumsum(torch.tensor(lengths), 0) - torch.tensor(lengths)  # each item's first packed position
+    out = {"input_ids": ids, "mm_token_type_ids": kinds, "attention_mask": valid.long(),
+           "prompt_rows": (starts[:, None] + torch.arange(Pmax))[valid],
+           "prompt_src": (torch.arange(N)[:, None] * Pmax + torch.arange(Pmax))[valid],
+           "token_item": torch.repeat_interleave(torch.arange(N), torch.tensor(lengths))}
+    if "image_grid_thw" in vision:
+        out["image_grid_thw"] = vision["image_grid_thw"]
+    return out
 
 
 def live_queries(items: list[GroupItem], lengths: list[int], gather: torch.Tensor, mask: torch.Tensor,

@@ -28,9 +28,12 @@ class ResponseLogps:
 
 def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     N, K = batch.n_items, batch.n_responses
+    inputs = batch.model_inputs()
     if isinstance(batch, PrefixBatch):
         use_prefix_attention(model)
-    logits = model(**batch.model_inputs()).logits
+        if batch.rope is not None:
+            inputs["position_ids"] = mrope_position_ids(model, batch)
+    logits = model(**inputs).logits
     if isinstance(batch, PrefixBatch):  # (1, N*K*(Rmax+1), V) taken at `keep` -> one row per response
         logits = logits.reshape(N * K, -1, logits.shape[-1])
     lp, mask = token_logprobs(logits, batch.labels)  # (N*K, L)
@@ -38,6 +41,21 @@ def response_logps(model, batch: PrefixBatch | PlainBatch) -> ResponseLogps:
     mask = mask.to(lp.dtype)
     lp, mask, w = (x.view(N, K, -1) for x in (lp, mask, w))
     return ResponseLogps(lp.sum(-1), mask.sum(-1), (lp * w).sum(-1), lp, mask, w)
+
+
+def mrope_position_ids(model, batch: PrefixBatch) -> torch.Tensor:
+    """(3, 1, S) multimodal positions of a packed batch (Qwen2-VL / 2.5-VL): each prompt's from the model's
+    get_rope_index over the prompt alone; a response token's are its 1D position plus its item's offset, the
+    positions a plain forward of [prompt | response] gives it (the prompt ends in text)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "get_base_model", lambda: inner)()
+    r = batch.rope
+    grid = {"image_grid_thw": r["image_grid_thw"]} if "image_grid_thw" in r else {}
+    prompt, offset = inner.model.get_rope_index(r["input_ids"], r["mm_token_type_ids"],
+                                                attention_mask=r["attention_mask"], **grid)
+    out = (batch.position_ids[0] + offset[:, 0].to(batch.position_ids.device)[r["token_item"]]).expand(3, -1).clone()
+    out[:, r["prompt_rows"]] = prompt.flatten(1)[:, r["prompt_src"]].to(out.dtype)
+    return out[:, None]
 
 
 def target_counts(batch: PrefixBatch | PlainBatch) -> torch.Tensor:
