@@ -171,3 +171,20 @@ def test_stage_fast_and_plain_paths_train_alike(arch, world, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     rows = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
     assert len(rows[0]) == 2 and rows[0] == pytest.approx(rows[1], rel=1e-4)
+
+
+def test_qwen2_vl_packed_positions_reach_the_model_through_lora_and_deepspeed(world, tmp_path):
+    """The multimodal positions come from the model's get_rope_index, found beneath the DeepSpeed engine and peft's
+    wrapper: a LoRA run's first log-probs on the fast path equal the plain path's (its first loss is log 2 on
+    both: the policy is its reference)."""
+    from dist_dpo_driver import dpo_args
+
+    from training.dpo.main import main
+
+    tiny = make_tiny_checkpoint("qwen2_vl", tmp_path / "qwen2_vl")
+    lora = ["--lora_r", "4", "--lora_dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "4"]
+    main(dpo_args(world, tiny, tmp_path / "a", *lora))
+    main(dpo_args(world, tiny, tmp_path / "b", *lora, "--no-fast_path"))
+    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in "ab"]
+    for key in ("logps/chosen", "logps/rejected"):
+        assert first[0][key] == pytest.approx(first[1][key], rel=1e-5) and first[0][key] < -1.0
