@@ -188,3 +188,20 @@ def test_qwen2_vl_packed_positions_reach_the_model_through_lora_and_deepspeed(wo
     first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in "ab"]
     for key in ("logps/chosen", "logps/rejected"):
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-5) and first[0][key] < -1.0
+
+
+def test_qwen2_vl_items_with_two_images_and_one(tmp_path):
+    """get_rope_index takes the batch's image grids in order: an item with two images of other sizes before an item
+    with one gets each image's grid in the packed layout as in its own plain forward."""
+    path = make_tiny_checkpoint("qwen2_vl", tmp_path / "qwen2_vl")
+    model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
+    enc = ChatEncoder(proc, spec, 4096)
+    items = [encode_group(enc, [Message("user", "<image>\n<image>\nWhat differs?")], ["The colour.", "Nothing at all."],
+                          [Image.new("RGB", (64, 32), (200, 20, 20)), Image.new("RGB", (32, 96), (20, 20, 200))], 0),
+             encode_group(enc, [Message("user", "<image>\nWhat is shown?")], ["A cross.", "Two green stars."],
+                          [Image.new("RGB", (48, 48), (20, 200, 20))], 1)]
+    assert [len(it.vision["image_grid_thw"]) for it in items] == [2, 1]
+    fast, plain = (response_logps(model, collate_groups(items, proc.tokenizer.pad_token_id, spec.name, fast=f)).sum
+                   for f in (True, False))
+    assert plain.abs().min() > 1.0
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
