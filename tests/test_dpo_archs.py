@@ -46,8 +46,8 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["llava_next", "idefics3", "qwen2_vl", "qwen2_5_vl"])
 def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
     """On the other shared-prefix families the packed layout's gradients equal the plain layout's too, and the
-    language model's last layer runs at the live positions alone (Idefics3's is a Llama layer) where it has a live
-    path. Qwen2-VL's images of two sizes have grids of their own, and each item's multimodal positions restart
+    language model's last layer runs at the live positions alone (Idefics3's is a Llama layer, Qwen2-VL's a Qwen2
+    one with multimodal rotary tables). Qwen2-VL's images of two sizes have grids of their own, and each item's multimodal positions restart
     in the packed row. Idefics3 splits
     each image into tiles as SmolVLM does (5 and 3 here, and a text-only item between them: pixel_values (3, 5, ...),
     zero-padded), and the tiles' features go into the one packed row in order."""
@@ -71,9 +71,9 @@ def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
         assert [it.vision["pixel_values"].shape[1] if it.vision else 0 for it in items] == [5, 0, 3]
     assert plain.abs().min() > 1.0
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    assert type(last_decoder_layer(model)).__name__ == {  # Qwen2-VL's layer (M-RoPE) has no live path: runs whole
+    assert type(last_decoder_layer(model)).__name__ == {
         "llava_next": "LiveMistralDecoderLayer", "idefics3": "LiveLlamaDecoderLayer",
-        "qwen2_vl": "Qwen2VLDecoderLayer", "qwen2_5_vl": "Qwen2_5_VLDecoderLayer"}[arch]
+        "qwen2_vl": "LiveQwen2VLDecoderLayer", "qwen2_5_vl": "LiveQwen2_5_VLDecoderLayer"}[arch]
     n_grads = 0
     for a, b in zip(g_fast, g_plain):
         assert (a is None) == (b is None)

@@ -28,6 +28,9 @@ LAYERS = {
     "LlamaDecoderLayer": lambda attn: None,
     "MistralDecoderLayer": lambda attn: getattr(attn.config, "sliding_window", None),
     "Qwen2DecoderLayer": lambda attn: attn.sliding_window,
+    # Qwen2-VL / 2.5-VL: a Qwen2 layer whose rotary tables arrive merged from the multimodal sections
+    "Qwen2VLDecoderLayer": lambda attn: attn.sliding_window,
+    "Qwen2_5_VLDecoderLayer": lambda attn: attn.sliding_window,
 }
 _LIVE_CLASSES: dict[type, type] = {}
 
