@@ -158,6 +158,9 @@ class RMArgs:
     length_coef: float = _f(1.0, "ODIN: weight of |rho(r_quality, length)| - rho(r_length, length) (Pearson over "
                                  "each micro-batch's responses).")
     orthogonal_coef: float = _f(1.0, "ODIN: weight of |w_quality . w_length|, the two heads' weights kept orthogonal.")
+    fast_path: bool = _f(True, "One row per ranked list: image and prompt computed once for all its candidates "
+                               "(DPO's shared-prefix layout, on the families it covers); --no-fast_path runs one "
+                               "full sequence per candidate.")
 
 
 @dataclass

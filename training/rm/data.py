@@ -3,6 +3,10 @@
     RankedBatch.seqs   SFTBatch (S, T): every candidate of every list, list by list, best first,
                        right-padded (the reward is read at each row's last non-pad token)
     RankedBatch.sizes  (B,) candidates per list (2 for a chosen/rejected pair)
+    RankedBatch.packed fast path (families of training.dpo.data.PREFIX_ARCHS): instead of seqs, every list in
+                       one packed row, [shared prefix | candidate 1's rest | ...] (training.dpo.data.collate_prefix:
+                       the image and the tokens all candidates share computed once); read_at (S,) the packed
+                       position of each candidate's last token, where its reward is read
 
 `RewardScorer` is the one place a reward model's input is built at scoring time (held-out
 evaluation, best-of-n, PPO rewards), with the same `rm_messages` as at training time.
@@ -16,6 +20,7 @@ import torch
 from training.data.bad_rows import alike_reason, cut_alike
 from training.data.collate import SFTBatch, collate_sft
 from training.data.images import load_image
+from training.dpo.data import PREFIX_ARCHS, GroupItem, PrefixBatch, collate_prefix
 from training.rm.factual import MissingFacts, has_facts, rm_messages, with_facts
 from training.templates.chat import ChatEncoder, Encoded, PromptTooLong, RowNotEncodable
 
@@ -54,18 +59,23 @@ def readable_response(text: str, encoder: ChatEncoder) -> str:
 
 @dataclass
 class RankedBatch:
-    seqs: SFTBatch
+    seqs: SFTBatch | None  # None on the fast path (packed)
     sizes: list[int]
     margins: list[float | None] | None = None  # per list: its row's margin column (None: none given)
     lengths: torch.Tensor | None = None  # (S,) each response's tokens (ODIN's training)
+    packed: PrefixBatch | None = None
+    read_at: torch.Tensor | None = None  # (S,) with packed
+    n_tokens: int = 0  # every candidate's whole length, summed (the plain layout's tokens, either way)
 
     def to(self, device) -> "RankedBatch":
-        return RankedBatch(self.seqs.to(device), self.sizes, self.margins,
-                           None if self.lengths is None else self.lengths.to(device))
+        def move(x):
+            return None if x is None else x.to(device)
+        return RankedBatch(move(self.seqs), self.sizes, self.margins, move(self.lengths), move(self.packed),
+                           move(self.read_at), self.n_tokens)
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.seqs.attention_mask.sum())
+    def model_inputs(self) -> dict:
+        """The reward model's forward arguments: the padded rows, or the packed row and where to read it."""
+        return self.seqs.model_inputs() if self.packed is None else {"packed": self.packed, "read_at": self.read_at}
 
     def as_matrix(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S,) rewards -> (B, N) rewards and (B, N) bool mask, N = longest list; padding holds 0."""
@@ -80,10 +90,37 @@ class RankedBatch:
 
 
 def collate_ranked(items: list[list[Encoded]], pad_id: int, arch_name: str, margins=None,
-                   lengths: list[list[int]] | None = None) -> RankedBatch:
+                   lengths: list[list[int]] | None = None, fast: bool = False) -> RankedBatch:
     flat = [e for cands in items for e in cands]
     flat_lengths = None if lengths is None else torch.tensor([n for ns in lengths for n in ns], dtype=torch.float32)
-    return RankedBatch(collate_sft(flat, pad_id, arch_name), [len(c) for c in items], margins, flat_lengths)
+    sizes, n_tokens = [len(c) for c in items], sum(len(e.input_ids) for e in flat)
+    if fast and arch_name in PREFIX_ARCHS:
+        packed, read_at = pack_lists(items, pad_id, arch_name)
+        return RankedBatch(None, sizes, margins, flat_lengths, packed, read_at, n_tokens)
+    return RankedBatch(collate_sft(flat, pad_id, arch_name), sizes, margins, flat_lengths, n_tokens=n_tokens)
+
+
+def _shared(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens two id sequences share."""
+    n = min(len(a), len(b))
+    first = (a[:n] != b[:n]).nonzero()
+    return int(first[0]) if len(first) else n
+
+
+def pack_lists(items: list[list[Encoded]], pad_id: int, arch_name: str) -> tuple[PrefixBatch, torch.Tensor]:
+    """Each list as a GroupItem: the token ids all its candidates share (image and prompt, and in factual mode the
+    start of the block that holds the response), then each candidate's rest (at least its last token); packed by
+    training.dpo.data.collate_prefix. Returns the batch and each candidate's last packed position."""
+    groups = []
+    for i, cands in enumerate(items):
+        ids = [e.input_ids for e in cands]
+        P = min([min(len(x) for x in ids) - 1] + [_shared(ids[0], x) for x in ids[1:]])
+        rest = [x[P:] for x in ids]
+        groups.append(GroupItem(i, ids[0][:P], cands[0].vision, rest, rest, [None] * len(rest)))
+    packed = collate_prefix(groups, pad_id, arch_name)
+    keep = packed.keep.view(len(groups), packed.n_responses, -1)
+    read_at = torch.stack([keep[n, k, len(r)] for n, g in enumerate(groups) for k, r in enumerate(g.responses)])
+    return packed, read_at
 
 
 class RMDataset(torch.utils.data.Dataset):

@@ -79,24 +79,44 @@ class RewardModel(torch.nn.Module):
         h = self.hidden_states(input_ids, attention_mask, **vision)
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids, attention_mask, per_token: bool = False, with_length: bool = False,
-                **vision) -> torch.Tensor:
+    def packed_states(self, packed, read_at: torch.Tensor) -> torch.Tensor:
+        """(S, H) final decoder states at `read_at` of a packed batch (training.dpo.data.PrefixBatch: DPO's
+        shared-prefix layout, one row, each list's prefix computed once; training.rm.data.pack_lists)."""
+        from training.dpo.forward import mrope_position_ids
+        from training.dpo.packed import use_prefix_attention
+
+        use_prefix_attention(self.backbone)
+        inputs = packed.model_inputs()
+        inputs.pop("logits_to_keep")  # the decoder alone runs: no logits
+        if packed.rope is not None:
+            inputs["position_ids"] = mrope_position_ids(self.backbone, packed)
+        return base_model(self.backbone).model(**inputs).last_hidden_state[0].index_select(0, read_at)
+
+    def forward(self, input_ids=None, attention_mask=None, per_token: bool = False, with_length: bool = False,
+                packed=None, read_at=None, **vision) -> torch.Tensor:
         """(B,) float32 rewards, read at each row's last non-pad token; per_token: the (B, T) values (the critic's);
         with_length: ((B, 2), ()) the quality head's reward and the length head's, and the dot product of their
-        weights (ODIN's training).
+        weights (ODIN's training). packed, read_at (training.rm.data.RankedBatch's fast path): the rewards read at
+        `read_at` of the packed row instead.
         Through forward, not `values`, under ZeRO-3: DeepSpeed starts each step of its parameter prefetching at the
         model's forward, and a critic called by `values` never got past recording (no prefetch)."""
-        if with_length:
-            if self.length_head is None:
-                raise ValueError("with_length: this reward model has no length head (--length_head)")
+        if with_length and self.length_head is None:
+            raise ValueError("with_length: this reward model has no length head (--length_head)")
+        if per_token:
+            if packed is not None:
+                raise ValueError("per_token values are read from padded rows, not a packed batch")
+            return self.values(input_ids, attention_mask, **vision)
+        if packed is not None:
+            h = self.packed_states(packed, read_at)
+        else:
             h = self.hidden_states(input_ids, attention_mask, **vision)
             h = h.gather(1, last_token_index(attention_mask)[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)
-            h = h.to(self.value_head.weight.dtype)
+        h = h.to(self.value_head.weight.dtype)
+        if with_length:
             # the heads' weights read here, in this module's forward: ZeRO-3 gathers them for it
             dot = self.value_head.weight.float().flatten() @ self.length_head.weight.float().flatten()
             return torch.cat([self.value_head(h), self.length_head(h)], -1).float(), dot
-        v = self.values(input_ids, attention_mask, **vision)
-        return v if per_token else v.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+        return self.value_head(h).squeeze(-1).float()
 
     # ---- checkpoint --------------------------------------------------------------------------
     def save_pretrained(self, out_dir, safe_serialization: bool = True, state_dict: dict | None = None, **_) -> None:

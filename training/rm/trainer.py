@@ -106,19 +106,19 @@ class RMTrainer:
         got = [(i, x) for i in idx if (x := dataset[i]) is not None]
         margins = [dataset.records[i].margin for i, _ in got]
         lengths = [response_tokens(self.tokenizer, dataset.records[i].responses) for i, _ in got] if self.odin else None
-        return (collate_ranked([x for _, x in got], self.pad_id, self.arch_name, margins, lengths).to(self.s.device)
-                if got else None)
+        return (collate_ranked([x for _, x in got], self.pad_id, self.arch_name, margins, lengths,
+                               self.cfg["rm"].fast_path).to(self.s.device) if got else None)
 
     def _rewards(self, b: RankedBatch):
         """(B, N) rewards and mask: the reward model's reward (an ODIN model's quality head)."""
-        return b.as_matrix(self.engine(**b.seqs.model_inputs()))
+        return b.as_matrix(self.engine(**b.model_inputs()))
 
     def _train_rewards(self, b: RankedBatch):
         """(B, N) rewards the ranking loss sees, their mask, and the ODIN term (0 without --length_head): with it
         the rewards are the sum of the quality and length heads'."""
         if not self.odin:
             return *self._rewards(b), 0.0
-        (heads, dot), rm = self.engine(**b.seqs.model_inputs(), with_length=True), self.cfg["rm"]
+        (heads, dot), rm = self.engine(**b.model_inputs(), with_length=True), self.cfg["rm"]
         R, mask = b.as_matrix(heads.sum(-1))
         return R, mask, odin_loss(heads[:, 0], heads[:, 1], b.lengths, dot, rm.length_coef, rm.orthogonal_coef)
 
@@ -175,7 +175,8 @@ class RMTrainer:
                 self._rewards(stand_in_batch(lambda i: self._batch(ds, i), n,
                                              fallback=(lambda i: self._batch(self.train_set, i), len(self.train_set))))
                 continue
-            R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name).to(self.s.device))
+            R, mask = self._rewards(collate_ranked([x for _, x in got], self.pad_id, self.arch_name,
+                                                   fast=self.cfg["rm"].fast_path).to(self.s.device))
             R, mask = R.double().cpu(), mask.cpu()
             nonfinite += float((~torch.isfinite(R) & mask).sum())
             R = R.masked_fill(~mask, float("nan"))
