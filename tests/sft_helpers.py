@@ -37,6 +37,17 @@ def weights(out: Path) -> dict:
     return load_file(str(Path(out) / "model.safetensors"))
 
 
+def assert_same_grads(got, want) -> None:
+    """Two torch.autograd.grad results (allow_unused) agree: the same parameters reached, the same gradients."""
+    n = 0
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            n += 1
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert n > 10
+
+
 def make_reward_model(tiny: Path, out: Path, factual: bool = True, seed: int = 0) -> Path:
     """An untrained reward model on the tiny VLM (random head): enough to drive PPO plumbing."""
     import torch
