@@ -48,10 +48,10 @@ def test_layout_equals_one_forward_per_response(arch, tmp_path):
 def test_shared_prefix_gradients_and_live_last_layer(arch, tmp_path):
     """On the other shared-prefix families the packed layout's gradients equal the plain layout's too, and the
     language model's last layer runs at the live positions alone (Idefics3's is a Llama layer, Qwen2-VL's a Qwen2
-    one with multimodal rotary tables). Qwen2-VL's images of two sizes have grids of their own, and each item's multimodal positions restart
-    in the packed row. Idefics3 splits
-    each image into tiles as SmolVLM does (5 and 3 here, and a text-only item between them: pixel_values (3, 5, ...),
-    zero-padded), and the tiles' features go into the one packed row in order."""
+    one with multimodal rotary tables). Qwen2-VL's images of two sizes have grids of their own, and each item's
+    multimodal positions restart in the packed row. Idefics3 splits each image into tiles as SmolVLM does (5 and 3
+    here, and a text-only item between them: pixel_values (3, 5, ...), zero-padded), and the tiles' features go
+    into the one packed row in order."""
     path = make_tiny_checkpoint(arch, tmp_path / arch)
     model, proc, spec = load_model_and_processor(ModelArgs(from_checkpoint=path), LoraArgs(), for_training=False)
     if arch == "idefics3":
@@ -147,9 +147,9 @@ def test_an_mllama_text_only_pair_scores_as_alone_beside_pairs_with_images(tmp_p
 
 @pytest.mark.parametrize("arch", ["idefics3", "qwen2_vl"])
 def test_stage_fast_and_plain_paths_train_alike(arch, world, tmp_path):
-    """The DPO stage on a tiny Idefics3 / SmolVLM and Qwen2-VL: batch 4 in the shared-prefix layout (reference cached) == batch 1 x
-    accumulation 4 in the plain layout (reference recomputed each step): one SGD step is the gradient, so the losses
-    and the weights agree."""
+    """The DPO stage on a tiny Idefics3 / SmolVLM and Qwen2-VL: batch 4 in the shared-prefix layout (reference
+    cached) == batch 1 x accumulation 4 in the plain layout (reference recomputed each step): one SGD step is the
+    gradient, so the losses and the weights agree."""
     from dist_dpo_driver import dpo_args
     from sft_helpers import weights
 

@@ -180,7 +180,8 @@ class DPOArgs:
                                 "data, else in output_dir).")
     fast_path: bool = _f(True, "One row per pair: image and prompt computed once for chosen and rejected "
                                "(shared-prefix mask; LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM and Qwen2-VL / 2.5-VL; "
-                               "Llama-3.2-Vision always runs the plain layout); --no-fast_path runs one full sequence per response.")
+                               "Llama-3.2-Vision always runs the plain layout); --no-fast_path runs one full "
+                               "sequence per response.")
     disable_dropout: bool = _f(True, "Turn dropout off in the policy (the log-ratios are then deterministic).")
     opa_c_std: float = _f(1.0, "OPA-DPO: weight of the ground-truth pairs (1 and 3).")
     opa_c_ai: float = _f(1.0, "OPA-DPO: weight of the expert-revised pairs (2 and 4).")

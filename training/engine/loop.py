@@ -210,7 +210,8 @@ def run_shape(strategy, plan: StepPlan) -> dict:
 FREE_ON_RESUME = {("data", "eval_data_path"), ("data", "encoded_cache_mb"), ("optim", "per_device_eval_batch_size"),
                   ("ds", "local_rank"), ("model", "gradient_checkpointing"), ("ppo", "gather_for_generation"),
                   ("dpo", "ref_cache_dir"), ("dpo", "precompute_ref"), ("dpo", "fast_path"),
-                  ("rm", "fast_path"), ("data", "skip_bad_rows")}  # the last: the remedy after a run stopped on a bad row
+                  ("rm", "fast_path"),
+                  ("data", "skip_bad_rows")}  # the last: the remedy after a run stopped on a bad row
 
 
 def run_settings(cfg: dict) -> dict:
