@@ -94,7 +94,7 @@ def run_family(arch: str, work: Path, data: Path, images: Path, batch: int, repe
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--archs", nargs="+", default=list(ARCHS))
     p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
