@@ -13,7 +13,8 @@ Trains each method with its stage script's defaults (bash run_dpo_training.sh ..
 greedy descriptions of the held-out scenes (bench_objhal) and scores CHAIR_i (share of object
 mentions that name an absent kind) and object recall against the SFT model. Targets: CHAIR_i at most
 half of SFT's; recall at most 0.03 below SFT's; OPA-DPO reaches DPO's CHAIR_i with at most a third
-of DPO's preference pairs.
+of DPO's preference pairs. After the table: the first seeds' paired bootstrap intervals (eval.bootstrap) against
+SFT and OPA-DPO's against DPO, which say how large a difference the 300 scenes resolve.
 """
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def score(model: str, world: str) -> dict:
         pred.unlink()  # always score the model as it is now
     # its own run name: the model's eval_embedded.json (POPE, counts: what eval.report reads) is kept
     return evaluate(model, world, benches=["objhal"], run_name="quality")["results"]["objhal"]
+
+
+def intervals(sft: str, first_seed: dict[str, str]) -> list[str]:
+    """How much of each difference the scenes resolve: eval.bootstrap's paired intervals for the first seed of each
+    method against SFT and, with OPA-DPO, of OPA-DPO against DPO (its target)."""
+    from eval.bootstrap import table
+    out = ["", "First seeds, paired bootstrap over the scenes (`python -m eval.bootstrap --run_name quality`):", "",
+           table(sft, list(first_seed.values()), "quality")]
+    if "opa_dpo" in first_seed and "dpo" in first_seed:
+        out += ["", table(first_seed["dpo"], [first_seed["opa_dpo"]], "quality")]
+    return out
 
 
 def trained_after(out: str, *inputs: str) -> bool:
@@ -155,6 +167,7 @@ def main(argv=None) -> dict:
                      f"{drop:+.3f} | {n_pairs} | {verdict} |")
     if a.seeds > 1:  # each seed's own figures: a mean near a target can hide seeds on both sides of it
         lines += ["", *(per_seed_line(m, rs, *seed_of[m]) for m, rs in seeds_of.items())]
+    lines += intervals(a.sft, {m: runs[m][1] for m in methods})
     table = "\n".join(lines)
     print("\nObject hallucination on the embedded world's held-out scenes (bench_objhal, greedy):\n" + table)
     print("targets: CHAIR_i <= 0.5 x SFT, recall >= SFT - 0.03; OPA-DPO: CHAIR_i <= DPO's with <= 1/3 of its pairs")

@@ -1,4 +1,5 @@
 """benchmarks.quality's seed handling (the training runs themselves are the benchmark, not a test)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def _stand_ins(monkeypatch, tmp_path, scores):
     monkeypatch.setattr(quality, "train", lambda script, out, *args: None)
     monkeypatch.setattr(quality, "trained_after", lambda out, *inputs: True)
     monkeypatch.setattr(quality, "score", lambda model, world: dict(scores[Path(model).name]))
+    monkeypatch.setattr(quality, "intervals", lambda sft, first_seed: [])  # tested below, on written records
     monkeypatch.setattr(quality, "pairs_used", lambda out: {"dpo": 2000, "opa_dpo": 600}.get(Path(out).name, 2000))
     return sft
 
@@ -111,3 +113,25 @@ def test_opa_dpo_is_trained_anew_like_the_other_methods(tmp_path, monkeypatch):
     quality.main(["--sft", str(sft), "--methods", "dpo", "--with_opa"])
     assert [s for s, _ in calls] == ["run_dpo_training.sh", "run_opa_dpo.sh"]
     assert "--force" in calls[1][1] and "--force" not in calls[0][1]
+
+
+def test_the_benchmark_prints_the_first_seeds_intervals_against_sft_and_opa_dpo_against_dpo(tmp_path):
+    from benchmarks.quality import intervals
+
+    def write(name, n_hal):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"bench": "objhal", "question_id": str(i), "hallucinated": ["star"] if i < n_hal else [],
+                 "n_mentions": 2, "gt_objects": ["circle"], "missed": []} for i in range(10)]
+        (d / "eval_embedded_quality.per_question.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    sft, dpo, opa = write("sft", 6), write("dpo", 1), write("opa_dpo", 2)
+    text = "\n".join(intervals(sft, {"dpo": dpo, "opa_dpo": opa}))
+    assert text.count("Paired bootstrap over 10 scenes") == 2
+    assert f"differences are model - {sft}" in text and f"differences are model - {dpo}" in text
+    dpo_vs_sft = next(line for line in text.splitlines() if line.startswith(f"| {dpo} "))
+    assert dpo_vs_sft.split(" | ")[1].startswith("0.050 [") and dpo_vs_sft.split(" | ")[2].startswith("-0.250 [")
+    opa_vs_dpo = [line for line in text.splitlines() if line.startswith(f"| {opa} ")]
+    assert len(opa_vs_dpo) == 2 and opa_vs_dpo[1].split(" | ")[2].startswith("+0.050 [")
+    assert "opa_dpo" not in "\n".join(intervals(sft, {"dpo": dpo}))
