@@ -48,7 +48,7 @@ def intervals(sft: str, first_seed: dict[str, str]) -> list[str]:
     method against SFT and, with OPA-DPO, of OPA-DPO against DPO (its target)."""
     from eval.bootstrap import table
     out = ["", "First seeds, paired bootstrap over the scenes (`python -m eval.bootstrap --run_name quality`):", "",
-           table(sft, list(first_seed.values()), "quality")]
+           table(sft, list(first_seed.values()), "quality", figure="figure/quality_intervals.png")]
     if "opa_dpo" in first_seed and "dpo" in first_seed:
         out += ["", table(first_seed["dpo"], [first_seed["opa_dpo"]], "quality")]
     return out

@@ -93,28 +93,65 @@ def aligned(base: tuple[Path, dict], other: tuple[Path, dict]) -> list[dict]:
     return [ro[q] for q in rb]
 
 
-def table(baseline: str, models: list[str], run_name: str = "", resamples: int = 2000, level: float = 0.95,
-          seed: int = 0) -> str:
-    """The markdown table main prints: each model's metrics and its differences from `baseline`, with intervals."""
+def comparisons(baseline: str, models: list[str], run_name: str = "", resamples: int = 2000, level: float = 0.95,
+                seed: int = 0) -> tuple[int, dict[str, dict[str, dict]]]:
+    """The number of scenes, and model -> metric -> compare() against `baseline` (one resample draw for all)."""
     if resamples < 1 or not 0 < level < 1:
         raise SystemExit(f"--resamples {resamples} --level {level}: give at least 1 resample and a level in (0, 1)")
     base = read_records(baseline, run_name)
     base_rows = list(base[1].values())
     idx = resample_indices(len(base_rows), resamples, seed)
+    out = {}
+    for m in models:
+        other = aligned(base, read_records(m, run_name))
+        out[m] = {metric: compare(base_rows, other, metric, idx, level) for metric in PARTS}
+    return len(base_rows), out
+
+
+def table(baseline: str, models: list[str], run_name: str = "", resamples: int = 2000, level: float = 0.95,
+          seed: int = 0, figure: str = "") -> str:
+    """The markdown table main prints: each model's metrics and its differences from `baseline`, with intervals;
+    with `figure`, the differences drawn there too."""
+    n_scenes, rows = comparisons(baseline, models, run_name, resamples, level, seed)
     pct = f"{level:.0%}"
-    lines = [f"Paired bootstrap over {len(base_rows)} scenes ({resamples} resamples, {pct} percentile intervals); "
+    lines = [f"Paired bootstrap over {n_scenes} scenes ({resamples} resamples, {pct} percentile intervals); "
              f"differences are model - {baseline}", "",
              "| model | " + " | ".join(f"{m} [{pct}] | {m} - baseline [{pct}]" for m in PARTS) + " |",
              "|---|" + "---|---|" * len(PARTS)]
-    for m in models:
-        other = aligned(base, read_records(m, run_name))
+    for m, cs in rows.items():
         cells = []
-        for metric in PARTS:
-            c = compare(base_rows, other, metric, idx, level)
+        for c in cs.values():
             cells += [f"{c['value']:.3f} [{c['value_ci'][0]:.3f}, {c['value_ci'][1]:.3f}]",
                       f"{c['diff']:+.3f} [{c['diff_ci'][0]:+.3f}, {c['diff_ci'][1]:+.3f}]"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if figure:
+        lines += ["", f"plotted to {plot(rows, baseline, f'{n_scenes} scenes, {pct} intervals', Path(figure))}"]
     return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[str, dict]], baseline: str, what: str, out: Path) -> Path:
+    """One panel per metric: each model's difference from the baseline with its interval, and the zero line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(1, len(PARTS), figsize=(4 * len(PARTS), 1.2 + 0.45 * len(names)), sharey=True)
+    for ax, metric in zip(axes, PARTS):
+        diffs = [rows[m][metric]["diff"] for m in names]
+        lo = [d - rows[m][metric]["diff_ci"][0] for d, m in zip(diffs, names)]
+        hi = [rows[m][metric]["diff_ci"][1] - d for d, m in zip(diffs, names)]
+        ax.errorbar(diffs, range(len(names)), xerr=[lo, hi], fmt="o", color="black", capsize=3)
+        ax.axvline(0.0, color="0.5", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"{metric} - baseline ({'lower' if metric.startswith('CHAIR') else 'higher'} is better)")
+    axes[0].set_yticks(range(len(names)), [Path(m).name or m for m in names])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Differences from {baseline}, paired bootstrap over {what}", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def main(argv=None) -> str:
@@ -127,8 +164,9 @@ def main(argv=None) -> str:
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--level", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", default="", help="also draw the differences with their intervals to this PNG")
     a = p.parse_args(argv)
-    out = table(a.baseline, a.models, a.run_name, a.resamples, a.level, a.seed)
+    out = table(a.baseline, a.models, a.run_name, a.resamples, a.level, a.seed, a.figure)
     print(out)
     return out
 

@@ -70,8 +70,10 @@ def test_the_command_prints_each_model_against_the_baseline(tmp_path, capsys):
     other = [rec(str(i), hallucinated=["star"] if i < 4 else [], n_mentions=2) for i in range(20)]
     write(tmp_path / "base", base + [{"bench": "count", "question_id": "c0"}])  # other benchmarks' rows are skipped
     write(tmp_path / "other", list(reversed(other)))  # paired by question id, not by order
+    figure = tmp_path / "figs" / "intervals.png"
     out = bootstrap.main(["--baseline", str(tmp_path / "base"), "--models", str(tmp_path / "other"),
-                          "--run_name", "quality", "--resamples", "300"])
+                          "--run_name", "quality", "--resamples", "300", "--figure", str(figure)])
+    assert out.endswith(f"plotted to {figure}") and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = [line for line in out.splitlines() if line.startswith(f"| {tmp_path / 'other'} ")][0]
     assert "0.100 [" in row and "+0.100 [" in row  # 4 of 40 mentions
     assert "over 20 scenes" in out

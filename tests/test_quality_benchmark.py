@@ -115,8 +115,9 @@ def test_opa_dpo_is_trained_anew_like_the_other_methods(tmp_path, monkeypatch):
     assert "--force" in calls[1][1] and "--force" not in calls[0][1]
 
 
-def test_the_benchmark_prints_the_first_seeds_intervals_against_sft_and_opa_dpo_against_dpo(tmp_path):
+def test_the_benchmark_prints_the_first_seeds_intervals_against_sft_and_opa_dpo_against_dpo(tmp_path, monkeypatch):
     from benchmarks.quality import intervals
+    monkeypatch.chdir(tmp_path)  # the figure goes to figure/ under the working folder
 
     def write(name, n_hal):
         d = tmp_path / name
@@ -135,3 +136,5 @@ def test_the_benchmark_prints_the_first_seeds_intervals_against_sft_and_opa_dpo_
     opa_vs_dpo = [line for line in text.splitlines() if line.startswith(f"| {opa} ")]
     assert len(opa_vs_dpo) == 2 and opa_vs_dpo[1].split(" | ")[2].startswith("+0.050 [")
     assert "opa_dpo" not in "\n".join(intervals(sft, {"dpo": dpo}))
+    assert "plotted to figure/quality_intervals.png" in text
+    assert (tmp_path / "figure" / "quality_intervals.png").stat().st_size > 0
