@@ -70,12 +70,17 @@ def read_records(model: str, run_name: str) -> tuple[Path, dict[str, dict]]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}, line {i}: not JSON ({e.msg})") from None
         if r.get("bench") != "objhal":
             continue
         missing = [k for k in ("question_id", "hallucinated", "n_mentions", "gt_objects", "missed") if k not in r]
         if missing:
             raise SystemExit(f"{path}, line {i}: an objhal record without {', '.join(missing)}")
+        if str(r["question_id"]) in rows:  # a second answer to one scene would count it twice, or hide one
+            raise SystemExit(f"{path}, line {i}: question_id {r['question_id']} again")
         rows[str(r["question_id"])] = r
     if not rows:
         raise SystemExit(f"{path}: no objhal records (the run scored other benchmarks: --benches objhal)")

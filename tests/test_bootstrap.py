@@ -97,6 +97,15 @@ def test_bad_inputs_name_the_file_and_what_is_wrong(tmp_path):
     with pytest.raises(SystemExit, match=rf"{bad}, line 2: an objhal record without hallucinated, gt_objects, "):
         bootstrap.main(["--baseline", str(tmp_path / "bad"), "--models", str(tmp_path / "other"),
                         "--run_name", "quality"])
+    broken = write(tmp_path / "broken", [rec("a")])
+    broken.write_text(broken.read_text() + '{"bench": "objhal", \n')
+    with pytest.raises(SystemExit, match=rf"{broken}, line 2: not JSON"):
+        bootstrap.main(["--baseline", str(tmp_path / "broken"), "--models", str(tmp_path / "other"),
+                        "--run_name", "quality"])
+    twice = write(tmp_path / "twice", [rec("a"), rec("b"), rec("a")])
+    with pytest.raises(SystemExit, match=rf"{twice}, line 3: question_id a again"):
+        bootstrap.main(["--baseline", str(tmp_path / "twice"), "--models", str(tmp_path / "other"),
+                        "--run_name", "quality"])
     with pytest.raises(SystemExit, match="at least 1 resample"):
         bootstrap.main(["--baseline", str(tmp_path / "base"), "--models", str(tmp_path / "base"),
                         "--run_name", "quality", "--resamples", "0"])
