@@ -83,10 +83,8 @@ def table(settings: list[Setting], sft: tuple[float, float], chair_factor: float
 
 
 def plot(settings: list[Setting], sft: tuple[float, float], chair_factor: float, max_drop: float, out: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from training.engine.plots import pyplot, save_figure
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     chair_max, recall_min = chair_factor * sft[0], sft[1] - max_drop
     from matplotlib.patches import Rectangle
@@ -109,11 +107,7 @@ def plot(settings: list[Setting], sft: tuple[float, float], chair_factor: float,
     ax.set_title("PPO on the validation world: seeds (small) and means (large);\n"
                  f"both targets (shaded): CHAIR_i <= {chair_factor:g} x SFT's, recall >= SFT's - {max_drop:g}")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> dict:

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-# metric -> (numerator, denominator) of one scene's objhal record; a metric is sum(num) / sum(den) over scenes
-PARTS = {
-    "CHAIRi": lambda r: (len(r["hallucinated"]), r["n_mentions"]),
-    "CHAIRs": lambda r: (int(bool(r["hallucinated"])), 1),
-    "recall": lambda r: (len(set(r["gt_objects"])) - len(r["missed"]), len(set(r["gt_objects"]))),
-}
+from eval.embedded import RATIOS
+from training.engine.plots import pyplot, save_figure
+
+PARTS = {m: RATIOS[m] for m in ("CHAIRi", "CHAIRs", "recall")}  # the metrics reported, as the benchmark sums them
 
 
 def scene_parts(records: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-scene numerators and denominators of `metric` (see PARTS)."""
+    """Per-scene numerators and denominators of `metric` (eval.embedded.RATIOS)."""
     parts = np.array([PARTS[metric](r) for r in records], dtype=np.float64).reshape(-1, 2)
     return parts[:, 0], parts[:, 1]
 
@@ -136,10 +134,7 @@ def table(baseline: str, models: list[str], run_name: str = "", resamples: int =
 
 def plot(rows: dict[str, dict[str, dict]], baseline: str, what: str, out: Path) -> Path:
     """One panel per metric: each model's difference from the baseline with its interval, and the zero line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows)
     fig, axes = plt.subplots(1, len(PARTS), figsize=(4 * len(PARTS), 1.2 + 0.45 * len(names)), sharey=True)
     for ax, metric in zip(axes, PARTS):
@@ -152,11 +147,7 @@ def plot(rows: dict[str, dict[str, dict]], baseline: str, what: str, out: Path) 
     axes[0].set_yticks(range(len(names)), [Path(m).name or m for m in names])
     axes[0].invert_yaxis()
     fig.suptitle(f"Differences from {baseline}, paired bootstrap over {what}", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> str:

@@ -41,17 +41,23 @@ def objhal_fields(text: str, truth: list[str]) -> dict:
             "missed": [k for k in dict.fromkeys(truth) if k not in named]}
 
 
+# Each objhal metric is sum(numerator) / sum(denominator) over the answers (0 when the denominator is 0): one
+# answer's (numerator, denominator) of objhal_fields. chair_of and eval.bootstrap's resamples both sum these.
+RATIOS = {
+    "CHAIRs": lambda r: (int(bool(r["hallucinated"])), 1),
+    "CHAIRs_refine": lambda r: (int(bool(r["hallucinated"])), int(bool(r["mentioned"]))),
+    "CHAIRi": lambda r: (len(r["hallucinated"]), r["n_mentions"]),
+    "recall": lambda r: (len(set(r["gt_objects"])) - len(r["missed"]), len(set(r["gt_objects"]))),
+}
+
+
 def chair_of(records: list[dict]) -> dict:
     """CHAIR over answers' objhal_fields."""
-    n_gt = sum(len(set(r["gt_objects"])) for r in records)
-    n_correct = n_gt - sum(len(r["missed"]) for r in records)
-    n_hal = sum(len(r["hallucinated"]) for r in records)
-    n_resp_hal = sum(bool(r["hallucinated"]) for r in records)
-    n_resp_mention = sum(bool(r["mentioned"]) for r in records)
-    n = max(len(records), 1)
-    return {"CHAIRs": n_resp_hal / n, "CHAIRs_refine": n_resp_hal / max(n_resp_mention, 1),
-            "CHAIRi": n_hal / max(sum(r["n_mentions"] for r in records), 1), "recall": n_correct / max(n_gt, 1),
-            "n": len(records)}
+    out = {}
+    for name, parts in RATIOS.items():
+        num, den = (sum(x) for x in zip(*(parts(r) for r in records))) if records else (0, 0)
+        out[name] = num / den if den else 0.0
+    return {**out, "n": len(records)}
 
 
 def chair(responses: list[str], gt: list[list[str]]) -> dict:

@@ -141,9 +141,8 @@ def table(results: list[dict], order=None) -> str:
 
 
 def figures(results: list[dict], figure_dir: str | Path, order=None) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.engine.plots import pyplot, save_figure
+    plt = pyplot()
 
     models, benches, cells, _ = _grid(results, order)
     figure_dir = Path(figure_dir)
@@ -164,11 +163,7 @@ def figures(results: list[dict], figure_dir: str | Path, order=None) -> list[Pat
         ax.set_title(TITLES[b])
         ax.set_ylabel("percent" if all(s == 100 for _, _, s, _ in heads) else "value")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = figure_dir / f"{b}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        out.append(path)
+        out.append(save_figure(fig, figure_dir / f"{b}.png", dpi=120))
     return out
 
 

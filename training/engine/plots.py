@@ -6,13 +6,28 @@ from pathlib import Path
 from training.engine.metrics import read_metrics
 
 
-def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str,
-                 panels: list[tuple[str, list[str]]]) -> Path | None:
-    """panels: [(panel title, [metric keys])]; keys absent from the run are left out."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported only where a figure is drawn)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_figure(fig, out: str | Path, dpi: int = 100) -> Path:
+    """Lay the figure out, write it to `out` (its folder made) and close it."""
+    out = Path(out)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
+    return out
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str,
+                 panels: list[tuple[str, list[str]]]) -> Path | None:
+    """panels: [(panel title, [metric keys])]; keys absent from the run are left out."""
+    plt = pyplot()
     rows = read_metrics(metrics_path)
     panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in panels]
     panels = [(t, ks) for t, ks in panels if ks]
@@ -28,9 +43,4 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str,
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)

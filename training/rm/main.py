@@ -121,9 +121,8 @@ def main(argv=None) -> dict:
 def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: bool, records) -> Path:
     """eval_metrics.json + eval_rewards.json in out (each held-out list's rewards, best first, with its file and
     row; null for a skipped row); the chosen-vs-rejected histogram in figure_dir."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.engine.plots import pyplot, save_figure
+    plt = pyplot()
 
     (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
     rows = [[None if v != v else v for v in r] for r in rewards.tolist()]  # NaN -> null
@@ -141,12 +140,7 @@ def write_eval(out: Path, figure_dir: Path, metrics: dict, rewards, factual: boo
     ax.set_title(f"{out.name}: pairwise accuracy {metrics['eval/accuracy']:.3f} "
                  f"({'factual' if factual else 'non-factual'})")
     ax.legend()
-    figure_dir.mkdir(parents=True, exist_ok=True)
-    path = figure_dir / f"{out.name}_rewards.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, figure_dir / f"{out.name}_rewards.png")
 
 
 if __name__ == "__main__":
