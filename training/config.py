@@ -158,6 +158,10 @@ class RMArgs:
     length_coef: float = _f(1.0, "ODIN: weight of |rho(r_quality, length)| - rho(r_length, length) (Pearson over "
                                  "each micro-batch's responses).")
     orthogonal_coef: float = _f(1.0, "ODIN: weight of |w_quality . w_length|, the two heads' weights kept orthogonal.")
+    mismatched_pairs: float = _f(0.0, "Add, for this fraction of the training lists, a pair: the list's best response "
+                                      "above another list's best response to the same prompt, both read with this "
+                                      "list's image and facts (training.rm.mismatch), so that only checking a "
+                                      "response against the image and facts ranks it (0: off).")
     fast_path: bool = _f(True, "One row per ranked list: image and prompt computed once for all its candidates "
                                "(DPO's shared-prefix layout, on the families it covers); --no-fast_path runs one "
                                "full sequence per candidate.")

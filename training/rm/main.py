@@ -43,6 +43,9 @@ def resolve_eval_steps(data: DataArgs, run: RunArgs) -> None:
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     require_checkpoint(cfg["model"])
+    if not 0 <= cfg["rm"].mismatched_pairs <= 1:
+        raise SystemExit(f"--mismatched_pairs {cfg['rm'].mismatched_pairs}: give a fraction of the training lists "
+                         "in [0, 1]")
     strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
     d, rmc, out = cfg["data"], cfg["rm"], Path(cfg["run"].output_dir)
     from training.defaults import resolve_defaults
@@ -59,6 +62,7 @@ def main(argv=None) -> dict:
     from training.data.span_weights import weights_note
     from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
+    from training.rm.mismatch import mismatched_pairs
     from training.rm.model import RewardModel, is_reward_model, load_reward_model
     from training.rm.trainer import RMTrainer
     from training.templates.chat import ChatEncoder
@@ -79,11 +83,22 @@ def main(argv=None) -> dict:
 
     def dataset(path: str, train: bool) -> RMDataset:
         records = read_preferences(path, d.image_folder, report, captions)  # "a.json, b.json": spaces allowed
+        if train and rmc.mismatched_pairs:
+            records = with_mismatched_pairs(records)
         note = weights_note(records, "the reward model")
         if note and train and strategy.is_main:
             print(note)
         return RMDataset(records, encoder, d.image_folder, report, rmc.factual, shuffle_facts=train,
                          seed=cfg["optim"].seed)
+
+    def with_mismatched_pairs(records: list) -> list:
+        pairs, unmatched = mismatched_pairs(records, rmc.mismatched_pairs, cfg["optim"].seed)
+        if strategy.is_main:
+            none = (f"; {unmatched} chosen lists got none: no other list has the same prompt and another best "
+                    "response" if unmatched else "")
+            print(f"--mismatched_pairs {rmc.mismatched_pairs}: {len(pairs)} mismatched pairs added to "
+                  f"{len(records)} training lists{none}")
+        return records + pairs
 
     train_set = dataset(d.data_path, True)
     eval_set = dataset(d.eval_data_path, False) if d.eval_data_path else None
