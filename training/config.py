@@ -161,7 +161,10 @@ class RMArgs:
     mismatched_pairs: float = _f(0.0, "Add, for this fraction of the training lists, a pair: the list's best response "
                                       "above another list's best response to the same prompt, both read with this "
                                       "list's image and facts (training.rm.mismatch), so that only checking a "
-                                      "response against the image and facts ranks it (0: off).")
+                                      "response against the image and facts ranks it (0: off). On the embedded "
+                                      "world it mends benchmarks.rm_errors' omit and swap rows but ranks the SFT "
+                                      "model's own answers worse, and PPO from it cuts hallucinations less "
+                                      "(benchmarks/results_history.md, stop 39).")
     fast_path: bool = _f(True, "One row per ranked list: image and prompt computed once for all its candidates "
                                "(DPO's shared-prefix layout, on the families it covers); --no-fast_path runs one "
                                "full sequence per candidate.")
