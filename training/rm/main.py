@@ -43,9 +43,8 @@ def resolve_eval_steps(data: DataArgs, run: RunArgs) -> None:
 def main(argv=None) -> dict:
     cfg = parse_config(CONCEPTS, argv, DEFAULTS, description=__doc__)
     require_checkpoint(cfg["model"])
-    if not 0 <= cfg["rm"].mismatched_pairs <= 1:
-        raise SystemExit(f"--mismatched_pairs {cfg['rm'].mismatched_pairs}: give a fraction of the training lists "
-                         "in [0, 1]")
+    from training.rm.mismatch import mismatched_pairs, require_fraction
+    require_fraction(cfg["rm"].mismatched_pairs)
     strategy = Strategy(cfg["ds"], cfg["optim"], cfg["model"].precision)
     d, rmc, out = cfg["data"], cfg["rm"], Path(cfg["run"].output_dir)
     from training.defaults import resolve_defaults
@@ -62,7 +61,6 @@ def main(argv=None) -> dict:
     from training.data.span_weights import weights_note
     from training.model.builder import load_model_and_processor, set_chat_template
     from training.rm.data import RMDataset
-    from training.rm.mismatch import mismatched_pairs
     from training.rm.model import RewardModel, is_reward_model, load_reward_model
     from training.rm.trainer import RMTrainer
     from training.templates.chat import ChatEncoder

@@ -20,12 +20,17 @@ def prompt_key(r: PreferenceRecord) -> tuple:
     return tuple((m.role, m.content) for m in r.prompt)
 
 
+def require_fraction(fraction: float) -> None:
+    """--mismatched_pairs is a fraction of the training lists (the stage checks it before any model loads)."""
+    if not 0 <= fraction <= 1:
+        raise SystemExit(f"--mismatched_pairs {fraction}: give a fraction of the training lists in [0, 1]")
+
+
 def mismatched_pairs(records: list[PreferenceRecord], fraction: float, seed: int) -> tuple[list, int]:
     """For each of `fraction` of the lists (chosen at random from `seed`), one pair: its best response above the
     best response of another list, chosen at random among those with the same prompt and a different best
     response. Returns the new pairs and how many chosen lists had no such other list (no pair made for them)."""
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"--mismatched_pairs {fraction}: give a fraction of the training lists in [0, 1]")
+    require_fraction(fraction)
     rng = random.Random(f"mismatched-{seed}")
     by_prompt: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
