@@ -77,3 +77,7 @@ def test_files_of_two_runs_or_a_missing_step_are_refused(world, tmp_path):
     (work / "opa_pairs.json").write_text(json.dumps(pairs))
     with pytest.raises(SystemExit, match=r"opa_pairs.json: row 0: field 'revised': missing or not text"):
         expert_pairs(work)
+    with (work / "rollouts.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"rollouts.jsonl: line 2: invalid JSON"):
+        expert_pairs(work)

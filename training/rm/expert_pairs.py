@@ -18,20 +18,18 @@ import argparse
 import json
 from pathlib import Path
 
+from training.data.readers import read_table
 from training.files import write_text_atomic
 
 ROLE = {"user": "human", "assistant": "gpt"}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise SystemExit(f"{path}: line {n}: not JSON ({err})") from None
+def _rows(path: Path) -> list[dict]:
+    """The rows of a work file (training.data.readers.read_table: a bad line is an error naming the file and line)."""
+    rows = [row for _, row in read_table(path)]
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise SystemExit(f"{path}: row {bad}: expected a JSON object, got {str(rows[bad])[:80]!r}")
     return rows
 
 
@@ -56,11 +54,8 @@ def expert_pairs(work: str | Path) -> tuple[list[dict], int]:
         if not p.is_file():
             raise SystemExit(f"{p}: not found: run `bash run_opa_dpo.sh --step rollout` and `--step correct` "
                              f"with --output_dir {work.parent} first")
-    rollouts = {r["key"]: r for r in _read_jsonl(rollouts_file)}
-    try:
-        pairs = json.loads(pairs_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"{pairs_file}: not JSON ({err})") from None
+    rollouts = {r.get("key"): r for r in _rows(rollouts_file)}
+    pairs = _rows(pairs_file)
     rows, unchanged = [], 0
     for n, p in enumerate(pairs):
         where = f"{pairs_file}: row {n}"
@@ -70,15 +65,17 @@ def expert_pairs(work: str | Path) -> tuple[list[dict], int]:
         r = rollouts.get(p["key"])
         if r is None:
             raise SystemExit(f"{where}: field 'key': {p['key']!r} is not in {rollouts_file}")
-        if r["rollout"] != p["rollout"]:
+        if r.get("rollout") != p["rollout"]:
             raise SystemExit(f"{where}: field 'rollout' differs from {rollouts_file}'s for {p['key']!r} "
                              "(the two files come from different runs)")
         if not p["revised"].strip() or p["revised"].strip() == p["rollout"].strip():
             unchanged += 1
             continue
-        conv = _conversation(r["prompt"], f"{rollouts_file}: key {p['key']!r}")
-        row = {"id": p["key"], "image": r["image"], "conversations": conv + [
+        conv = _conversation(r.get("prompt") or [], f"{rollouts_file}: key {p['key']!r}")
+        row = {"id": p["key"], "image": r.get("image"), "conversations": conv + [
             {"from": "gpt", "value": [p["revised"], p["rollout"]]}]}
+        if row["image"] is None:  # a text-only prompt
+            del row["image"]
         if r.get("facts"):
             row["facts"] = r["facts"]
         rows.append(row)
