@@ -43,7 +43,8 @@ ci_place_venv() {
   exec 9>"$CI_VENV/.lock"
   flock 9
   trap 'rm -rf "$CI_VENV"; rm -f .venv' EXIT
-  echo "$(ci_gb "$(ci_free_kb .)") free on this disk (the environment needs ${CI_VENV_NEED_GB:-7} GB):" \
-       "it goes to $CI_VENV (memory), removed when this run ends" >&2
+  local why="$(ci_gb "$(ci_free_kb .)") free on this disk (the environment needs ${CI_VENV_NEED_GB:-7} GB)"
+  if [ "${CI_VENV_IN_SHM:-0}" = 1 ]; then why="CI_VENV_IN_SHM=1"; fi
+  echo "$why: the environment goes to $CI_VENV (memory), removed when this run ends" >&2
   ln -sfn "$CI_VENV" .venv
 }

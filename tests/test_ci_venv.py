@@ -49,7 +49,8 @@ def test_an_environment_in_memory_lives_as_long_as_its_run(tmp_path):
     assert p.returncode == 0, p.stderr
     link, listed = p.stdout.split()
     assert Path(link).parent == shm and Path(link).name.startswith("vlm_align_venv.") and listed == link
-    assert "(memory), removed when this run ends" in p.stderr and "removing" not in p.stderr
+    assert "CI_VENV_IN_SHM=1: the environment goes to" in p.stderr and "(memory), removed when this run ends" in p.stderr
+    assert "removing" not in p.stderr
     assert list(shm.iterdir()) == [] and not os.path.lexists(clone / ".venv")
 
 
