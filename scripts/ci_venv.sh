@@ -2,9 +2,9 @@
 # The install needs about 6 GB (torch's CUDA build). On a disk with too little room for it, beside a /dev/shm (memory)
 # with room, the environment goes to /dev/shm and .venv links to it (a CI machine once had 4 GB free: pip failed with
 # "No space left on device" before any test ran). An environment in memory is memory the tests don't have: each run
-# holds a lock on its own while it lives and removes it when it exits, and a run finds and removes the ones that runs
-# killed before their exit left behind (two such, 12.6 GB, once left the tests 4 GB: they stalled until CI's time
-# limit, 90 minutes).
+# holds a lock on its own while it lives and removes it when it exits, and a run finds and removes the ones left
+# behind by runs that ended without removing theirs (killed ones, or runs of an earlier .ci/run: two such, 12.6 GB,
+# once left a CI run's tests 4 GB of memory, and they stalled until CI's time limit, 90 minutes).
 CI_SHM_DIR="${CI_SHM_DIR:-/dev/shm}"
 ci_need_kb=$(( ${CI_VENV_NEED_GB:-7} * 1024 * 1024 ))
 ci_tests_kb=$(( ${CI_TESTS_NEED_GB:-8} * 1024 * 1024 ))  # what the test workers take at most, beside the environment
