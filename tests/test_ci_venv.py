@@ -4,6 +4,7 @@ disk nor in memory is told so before anything installs (a CI run once stalled fo
 earlier runs left in /dev/shm had taken 12.6 GB of its memory)."""
 import os
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_environments_of_ended_runs_are_removed_and_a_live_runs_kept(tmp_path):
         for _ in range(100):  # until flock holds it
             if subprocess.run(["flock", "-n", str(shm / "vlm_align_venv.alive" / ".lock"), "true"]).returncode:
                 break
-            subprocess.run(["sleep", "0.05"])
+            time.sleep(0.05)
         p = bash("ci_sweep_stale_venvs", tmp_path, shm)
         assert p.returncode == 0, p.stderr
         assert sorted(d.name for d in shm.iterdir()) == ["someone_else.x", "vlm_align_venv.alive"]
