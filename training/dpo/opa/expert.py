@@ -79,14 +79,32 @@ def _stated_counts(sentence: str) -> dict[str, int]:
     return out
 
 
+REVISIONS = ("reference", "minimal")
+
+
 class GroundTruthReviser:
     """Reviews a rollout against the ground truth: a sentence naming an absent kind scores 1 (object
     hallucination), a wrong count 2, a faithful sentence 4; a faithful response that leaves out present
-    kinds gets its last sentence scored 3. Bad sentences are rewritten from the reference answer."""
+    kinds gets its last sentence scored 3.
+
+    revision "reference" (the default): the first bad sentence is rewritten as the reference answer and later bad
+    ones are dropped. "minimal" (the paper's expert keeps what is right): each bad sentence is corrected in place
+    where every sentence naming an object reads as a list of objects and the facts give each kind's phrase
+    (training.dpo.opa.gt_edit; wrong colours then score 2 as well), else as "reference". On a validation world
+    "minimal" gave the higher CHAIR_i (benchmarks/results_history.md, "Stop 42")."""
+
+    def __init__(self, revision: str = "reference"):
+        if revision not in REVISIONS:
+            raise ValueError(f"revision must be one of {REVISIONS}, not {revision!r}")
+        self.revision = revision
 
     def review(self, response: str, reference: str, facts: list[str] | None, **_) -> list[dict]:
         from eval.embedded import mentioned_kinds
         kinds, counts = _truth(facts or [], reference)
+        if self.revision == "minimal":
+            report = _minimal_report(response, kinds, facts or [])
+            if report is not None:
+                return report
         report, used_reference = [], False
         for s in split_sentences(response):
             hall = [k for k in mentioned_kinds(s) if k not in kinds]
@@ -112,6 +130,40 @@ class GroundTruthReviser:
                 if r["score"] == 4:
                     r.update(score=3, rewritten_content="", reason="restated by the rewrite")
         return report
+
+
+def _entry(sentence: str, score: int, obj: str, rewrite: str, reason: str) -> dict:
+    return {"copied_content": sentence, "score": score, "error_type": "correct" if score == 4 else
+            "image_recognition_error", "object": obj, "rewritten_content": rewrite, "reason": reason}
+
+
+def _minimal_report(response: str, kinds: set[str], facts: list[str]) -> list[dict] | None:
+    """The report with each bad sentence corrected in place (gt_edit); kinds the response never names are added
+    to its last listing sentence. None when a sentence naming an object does not read as a list."""
+    from eval.embedded import mentioned_kinds
+    from training.dpo.opa.gt_edit import correct_sentence, fact_phrases, read_items
+    from training.world.scenes import KINDS
+    phrases = fact_phrases(facts)
+    if not phrases:
+        return None
+    sentences = split_sentences(response)
+    missing = sorted(kinds - set(mentioned_kinds(response)), key=lambda k: KINDS.index(k) if k in KINDS else 99)
+    last = max((i for i, s in enumerate(sentences) if read_items(s) is not None), default=None)
+    if missing and last is None:
+        return None
+    fixed = [correct_sentence(s, kinds, phrases, add=missing if i == last else ()) for i, s in enumerate(sentences)]
+    report = []
+    for s, f in zip(sentences, fixed):
+        if f is None:
+            if mentioned_kinds(s):
+                return None
+            report.append(_entry(s, 4, "", s, "names no object"))
+        elif not f[1]:
+            report.append(_entry(s, 4, "", s, "supported by the image"))
+        else:
+            score, obj, _ = min(f[1], key=lambda e: e[0])
+            report.append(_entry(s, score, obj, f[0], "; ".join(e[2] for e in f[1])))
+    return report
 
 
 # ---- any OpenAI-compatible chat endpoint -------------------------------------------------------
