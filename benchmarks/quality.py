@@ -19,8 +19,10 @@ SFT and OPA-DPO's against DPO, which say how large a difference the 300 scenes r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,23 +36,34 @@ def train(script: str, out: str, *args: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def run_name_for(world: str) -> str:
+    """The run name a world's scores are kept under in each model folder: "quality" for the reported benchmark
+    (data/world), another per world (--world /tmp/valworld wrote its scores over the reported ones)."""
+    path = Path(world).resolve()
+    if path == (ROOT / "data" / "world").resolve():
+        return "quality"
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", path.name).strip("-") or "world"
+    return f"quality_{tag}_{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
+
+
 def score(model: str, world: str) -> dict:
     from eval.run_embedded import evaluate
-    pred = Path(model) / "predictions" / "embedded_quality_objhal.jsonl"
+    run_name = run_name_for(world)
+    pred = Path(model) / "predictions" / f"embedded_{run_name}_objhal.jsonl"
     if pred.exists():
         pred.unlink()  # always score the model as it is now
     # its own run name: the model's eval_embedded.json (POPE, counts: what eval.report reads) is kept
-    return evaluate(model, world, benches=["objhal"], run_name="quality")["results"]["objhal"]
+    return evaluate(model, world, benches=["objhal"], run_name=run_name)["results"]["objhal"]
 
 
-def intervals(sft: str, first_seed: dict[str, str]) -> list[str]:
+def intervals(sft: str, first_seed: dict[str, str], run_name: str = "quality") -> list[str]:
     """How much of each difference the scenes resolve: eval.bootstrap's paired intervals for the first seed of each
     method against SFT and, with OPA-DPO, of OPA-DPO against DPO (its target)."""
     from eval.bootstrap import table
-    out = ["", "First seeds, paired bootstrap over the scenes (`python -m eval.bootstrap --run_name quality`):", "",
-           table(sft, list(first_seed.values()), "quality", figure="figure/quality_intervals.png")]
+    out = ["", f"First seeds, paired bootstrap over the scenes (`python -m eval.bootstrap --run_name {run_name}`):",
+           "", table(sft, list(first_seed.values()), run_name, figure="figure/quality_intervals.png")]
     if "opa_dpo" in first_seed and "dpo" in first_seed:
-        out += ["", table(first_seed["dpo"], [first_seed["opa_dpo"]], "quality")]
+        out += ["", table(first_seed["dpo"], [first_seed["opa_dpo"]], run_name)]
     return out
 
 
@@ -167,7 +180,7 @@ def main(argv=None) -> dict:
                      f"{drop:+.3f} | {n_pairs} | {verdict} |")
     if a.seeds > 1:  # each seed's own figures: a mean near a target can hide seeds on both sides of it
         lines += ["", *(per_seed_line(m, rs, *seed_of[m]) for m, rs in seeds_of.items())]
-    lines += intervals(a.sft, {m: runs[m][1] for m in methods})
+    lines += intervals(a.sft, {m: runs[m][1] for m in methods}, run_name_for(a.world))
     table = "\n".join(lines)
     print("\nObject hallucination on the embedded world's held-out scenes (bench_objhal, greedy):\n" + table)
     print("targets: CHAIR_i <= 0.5 x SFT, recall >= SFT - 0.03; OPA-DPO: CHAIR_i <= DPO's with <= 1/3 of its pairs")

@@ -85,10 +85,11 @@ def test_run_embedded_table(tmp_path, world, tiny, capsys):
     assert saved["benchmark"] == "embedded" and "objhal/CHAIRi" in saved["metrics"]
     # benchmarks.quality scores objhal alone under its own run name: the model's eval_embedded.json (what
     # eval.report reads) keeps its count results (it was rewritten with objhal only)
-    from benchmarks.quality import score
+    from benchmarks.quality import run_name_for, score
     assert "CHAIRi" in score(str(model), str(world))
     assert "count/accuracy" in json.loads((model / "eval_embedded.json").read_text())["metrics"]
-    assert (model / "eval_embedded_quality.json").is_file()
+    assert (model / f"eval_embedded_{run_name_for(str(world))}.json").is_file()
+    assert not (model / "eval_embedded_quality.json").exists()  # the reported benchmark's name: data/world's alone
 
 
 def test_run_predict_sh_dispatches(tmp_path):

@@ -73,7 +73,7 @@ def _stand_ins(monkeypatch, tmp_path, scores):
     monkeypatch.setattr(quality, "train", lambda script, out, *args: None)
     monkeypatch.setattr(quality, "trained_after", lambda out, *inputs: True)
     monkeypatch.setattr(quality, "score", lambda model, world: dict(scores[Path(model).name]))
-    monkeypatch.setattr(quality, "intervals", lambda sft, first_seed: [])  # tested below, on written records
+    monkeypatch.setattr(quality, "intervals", lambda sft, first_seed, run_name: [])  # tested below
     monkeypatch.setattr(quality, "pairs_used", lambda out: {"dpo": 2000, "opa_dpo": 600}.get(Path(out).name, 2000))
     return sft
 
@@ -138,3 +138,13 @@ def test_the_benchmark_prints_the_first_seeds_intervals_against_sft_and_opa_dpo_
     assert "opa_dpo" not in "\n".join(intervals(sft, {"dpo": dpo}))
     assert "plotted to figure/quality_intervals.png" in text
     assert (tmp_path / "figure" / "quality_intervals.png").stat().st_size > 0
+
+
+def test_each_world_keeps_its_scores_under_its_own_run_name(tmp_path):
+    """`--world /tmp/valworld` wrote its scores as eval_embedded_quality.json, over the reported benchmark's: a later
+    `python -m eval.bootstrap --run_name quality` read the other world's answers under the reported one's name."""
+    from benchmarks.quality import ROOT, run_name_for
+    assert run_name_for(str(ROOT / "data" / "world")) == "quality"
+    a, b = tmp_path / "a" / "valworld", tmp_path / "b" / "valworld"
+    assert run_name_for(str(a)).startswith("quality_valworld_") and run_name_for(str(a)) != run_name_for(str(b))
+    assert run_name_for(str(a)) == run_name_for(str(a / ".." / "valworld"))  # one world, one name
