@@ -72,8 +72,10 @@ def test_a_response_that_is_no_list_gets_the_reference_answer():
     assert revise(g.review(bare, GT, [])) == GT  # no facts: nothing to correct against
 
 
-def test_the_revision_is_part_of_the_experts_identity():
-    from training.dpo.opa.main import expert_identity, parse
+def test_the_revision_is_part_of_the_experts_identity(tmp_path):
+    from training.dpo.opa.main import expert_identity, make_expert, parse
     base = ["--from_checkpoint", "x"]
+    assert make_expert(parse(base), tmp_path).revision == "reference"
+    assert make_expert(parse(base + ["--revision", "minimal"]), tmp_path).revision == "minimal"
     assert expert_identity(parse(base)) != expert_identity(parse(base + ["--revision", "minimal"]))
     assert expert_identity(parse(base)) == ["ground_truth"]  # the default's: earlier work folders' reports stay valid
