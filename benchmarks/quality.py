@@ -39,8 +39,9 @@ def train(script: str, out: str, *args: str) -> None:
 def run_name_for(world: str) -> str:
     """The run name a world's scores are kept under in each model folder: "quality" for the reported benchmark
     (data/world), another per world (--world /tmp/valworld wrote its scores over the reported ones)."""
+    from eval.embedded import DEFAULT_DATA
     path = Path(world).resolve()
-    if path == (ROOT / "data" / "world").resolve():
+    if path == (ROOT / DEFAULT_DATA).resolve():
         return "quality"
     tag = re.sub(r"[^A-Za-z0-9]+", "-", path.name).strip("-") or "world"
     return f"quality_{tag}_{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"

@@ -17,13 +17,13 @@ from eval.nouns import tokenize
 from eval.pope import parse_yes_no, pope_metrics
 from training.world.scenes import KINDS, NUMBERS, PLURAL
 
-_NOUNS = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
+NOUN_KIND = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}  # "crosses" -> "cross"
 
 
 def mentions(text: str) -> list[str]:
     """The kind of every object noun in the text, in order, repeats kept; words as the reference scorer's
     tokenizer splits them (eval.nouns), so "star-shaped" names no star."""
-    return [_NOUNS[w] for w in tokenize(text.lower()) if w in _NOUNS]
+    return [NOUN_KIND[w] for w in tokenize(text.lower()) if w in NOUN_KIND]
 
 
 def mentioned_kinds(text: str) -> list[str]:

@@ -6,11 +6,12 @@ from training.dpo.opa.gt_edit import attributes, correct_sentence, fact_phrases,
 GT = "The image shows one blue circle and three crosses (red and blue) on a cyan background."
 FACTS = ["The image contains one blue circle.", "The image contains three crosses (red and blue).",
          "The image contains no squares."]
-PHRASES = {"circle": "one blue circle", "cross": "three crosses (red and blue)"}
+PHRASES = fact_phrases(FACTS)
 
 
 def test_fact_phrases_read_each_present_kind():
-    assert fact_phrases(FACTS) == PHRASES
+    assert {k: (i.count, i.text) for k, i in PHRASES.items()} == {"circle": (1, "one blue circle"),
+                                                                   "cross": (3, "three crosses (red and blue)")}
     assert fact_phrases(["The image contains no stars.", "Something else."]) == {}
 
 

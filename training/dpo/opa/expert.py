@@ -67,8 +67,8 @@ def _stated_counts(sentence: str) -> dict[str, int]:
     """{kind: n} for each "<number> [colour] <kind>" in the sentence; words as the scorer splits them
     (eval.nouns), so "two star-shaped crosses" counts crosses, not stars."""
     from eval.nouns import tokenize
-    from training.world.scenes import KINDS, NUMBERS, PLURAL
-    nouns = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
+    from eval.embedded import NOUN_KIND as nouns
+    from training.world.scenes import NUMBERS
     words = tokenize(sentence.lower())
     out = {}
     for i, w in enumerate(words):
@@ -147,7 +147,7 @@ def _minimal_report(response: str, kinds: set[str], facts: list[str]) -> list[di
     if not phrases:
         return None
     sentences = split_sentences(response)
-    missing = sorted(kinds - set(mentioned_kinds(response)), key=lambda k: KINDS.index(k) if k in KINDS else 99)
+    missing = sorted(kinds - set(mentioned_kinds(response)), key=KINDS.index)
     last = max((i for i, s in enumerate(sentences) if read_items(s) is not None), default=None)
     if missing and last is None:
         return None

@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from training.world.scenes import KINDS, NUMBERS, PLURAL
+from eval.embedded import NOUN_KIND
+from training.world.scenes import NUMBERS, PLURAL
 
-_NOUN = {**{k: k for k in KINDS}, **{p: k for k, p in PLURAL.items()}}
 _ITEM = re.compile(r"\b(?P<num>" + "|".join(NUMBERS) + r"|\d+)\s+(?:[a-z-]+\s+){0,2}?(?P<noun>"
-                   + "|".join(sorted(_NOUN, key=len, reverse=True)) + r")\b(?:\s*\([^()]*\))?", re.I)
+                   + "|".join(sorted(NOUN_KIND, key=len, reverse=True)) + r")\b(?:\s*\([^()]*\))?", re.I)
 _SEP = re.compile(r"\s*(?:,\s*(?:and\s+)?|and\s+)", re.I)
 _FACT = re.compile(r"\bcontains\s+(?P<phrase>.+?)\s*\.?\s*$", re.I)
 
@@ -33,17 +33,17 @@ class Item:
     text: str
 
 
-def fact_phrases(facts: list[str]) -> dict[str, str]:
-    """{kind: phrase} from the facts that state one ("The image contains three crosses (red and blue)."); the
+def fact_phrases(facts: list[str]) -> dict[str, Item]:
+    """{kind: its item} from the facts that state one ("The image contains three crosses (red and blue)."); the
     facts of absent kinds ("... contains no squares.") state none."""
     out = {}
     for f in facts or []:
         m = _FACT.search(f)
         if not m or re.search(r"\bno\b", m["phrase"], re.I):
             continue
-        items = read_items(m["phrase"])
-        if items and len(items[1]) == 1 and not items[0] and not items[2]:
-            out[items[1][0].kind] = items[1][0].text
+        read = read_items(m["phrase"])
+        if read and len(read[1]) == 1 and not read[0] and not read[2]:
+            out[read[1][0].kind] = read[1][0]
     return out
 
 
@@ -59,7 +59,7 @@ def read_items(sentence: str) -> tuple[str, list[Item], str] | None:
     for a, b in zip(found, found[1:]):
         if not _SEP.fullmatch(sentence[a.end():b.start()]):
             return None
-    items = [Item(_NOUN[m["noun"].lower()], _number(m["num"]), m.group(0)) for m in found]
+    items = [Item(NOUN_KIND[m["noun"].lower()], _number(m["num"]), m.group(0)) for m in found]
     if len({i.kind for i in items}) < len(items):
         return None
     return sentence[:found[0].start()], items, sentence[found[-1].end():]
@@ -68,14 +68,14 @@ def read_items(sentence: str) -> tuple[str, list[Item], str] | None:
 def attributes(text: str) -> list[str]:
     """The item's words other than its number, its noun and "and": its colours, in order."""
     words = re.findall(r"[a-z-]+", text.lower())
-    return [w for w in words if w not in NUMBERS and w not in _NOUN and w != "and"]
+    return [w for w in words if w not in NUMBERS and w not in NOUN_KIND and w != "and"]
 
 
 def join_items(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def correct_sentence(sentence: str, kinds: set[str], phrases: dict[str, str], add: list[str] = ()
+def correct_sentence(sentence: str, kinds: set[str], phrases: dict[str, Item], add: list[str] = ()
                      ) -> tuple[str, list[tuple[int, str, str]]] | None:
     """The sentence with its errors corrected and the kinds in `add` listed, and its errors as (score, kind,
     reason): 1 a kind not in the image, 2 a wrong count or wrong colours, 3 a kind left out. None when it does not
@@ -92,24 +92,22 @@ def correct_sentence(sentence: str, kinds: set[str], phrases: dict[str, str], ad
         if it.kind not in kinds:
             errors.append((1, it.kind, f"{it.kind} is not in the image"))
             continue
-        want = phrases.get(it.kind)
-        if want is None:
+        truth = phrases.get(it.kind)
+        if truth is None:
             kept.append(it.text)
-            continue
-        truth = read_items(want)[1][0]
-        if it.count != truth.count:
+        elif it.count != truth.count:
             errors.append((2, it.kind, f"the image holds {truth.count} {it.kind}(s)"))
-            kept.append(want)
-        elif sorted(attributes(it.text)) != sorted(attributes(want)):
-            errors.append((2, it.kind, f"the {PLURAL[it.kind]} are {' and '.join(attributes(want))}"))
-            kept.append(want)
+            kept.append(truth.text)
+        elif sorted(attributes(it.text)) != sorted(attributes(truth.text)):
+            errors.append((2, it.kind, f"the {PLURAL[it.kind]} are {' and '.join(attributes(truth.text))}"))
+            kept.append(truth.text)
         else:
             kept.append(it.text)
     for k in add:
         if k not in phrases:
             return None
         errors.append((3, k, f"leaves out {k}"))
-        kept.append(phrases[k])
+        kept.append(phrases[k].text)
     if not kept:
         return None
     return lead + join_items(kept) + tail, errors
